@@ -1,0 +1,40 @@
+# The two commands of the README: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint types unit bench proto clean
+
+# Create the virtual environment when it is missing or pyproject.toml changed.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/gateway demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+types: $(STAMP)
+	$(BIN)/mypy gateway security_server registry certs gateway_cli gateway_demo tests
+
+unit: $(STAMP)
+	$(BIN)/pytest tests/unit
+
+test: lint types $(STAMP)
+	$(BIN)/pytest
+
+bench: $(STAMP)
+	$(BIN)/gateway bench
+
+# Regenerate the committed protobuf modules from proto/ (tests check they match).
+proto: $(STAMP)
+	$(BIN)/python scripts/genproto.py
+
+clean:
+	rm -rf var build *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,58 @@
+"""Canonical JSON: the one byte encoding of everything the gateway signs or chains.
+
+Objects are encoded with sorted keys, no insignificant whitespace, UTF-8, and only
+strings, integers, booleans, null, lists and objects (no floats: their text form is not
+unique). `decode` accepts only bytes that are already canonical, so that two parties can
+never disagree about what a signature covers. Never sign a protobuf serialisation: it is
+not deterministic across implementations.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+JsonValue = Any
+
+
+class NotCanonicalError(ValueError):
+    """The bytes are not valid canonical JSON."""
+
+
+def _reject_floats(text: str) -> float:
+    raise NotCanonicalError(f"floating-point number {text} is not allowed")
+
+
+def _reject_duplicates(pairs: list[tuple[str, JsonValue]]) -> dict[str, JsonValue]:
+    out: dict[str, JsonValue] = {}
+    for key, value in pairs:
+        if key in out:
+            raise NotCanonicalError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def encode(value: JsonValue) -> bytes:
+    """The canonical bytes of a JSON value."""
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode("utf-8")
+
+
+def decode(data: bytes) -> JsonValue:
+    """Parse canonical JSON; raise `NotCanonicalError` for anything else."""
+    try:
+        text = data.decode("utf-8")
+        value = json.loads(
+            text,
+            object_pairs_hook=_reject_duplicates,
+            parse_float=_reject_floats,
+            parse_constant=_reject_floats,
+        )
+    except NotCanonicalError:
+        raise
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise NotCanonicalError(f"not valid JSON: {exc}") from None
+    if encode(value) != data:
+        raise NotCanonicalError("JSON is valid but not in canonical form")
+    return value

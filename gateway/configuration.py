@@ -1,0 +1,292 @@
+"""The signed global configuration of an instance, and the anchor that verifies it.
+
+The registry publishes the configuration as canonical JSON (`content`) signed with its
+configuration-signing key. A security server is installed with the instance's *anchor*
+(instance code, configuration-signing certificates, registry addresses) and accepts a
+configuration only when it is signed by one of the anchor's certificates, names the
+anchor's instance and parses completely. Expiry is checked separately
+(`GlobalConfiguration.check_current`) so that a server can keep the last good copy and
+say clearly that it expired.
+
+Building blocks only: this module never reads the clock, files or the network.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from gateway import canonical
+from gateway.agreements import Agreement, AgreementIndex
+from gateway.errors import Code, ConfigurationError, GatewayError, TrustError
+from gateway.identifiers import MemberId, SecurityServerId, ServiceId, SubsystemId
+from gateway.signing import Signer, TrustStore, verify_signature
+from gateway.timeutil import format_time, parse_time
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Member:
+    id: MemberId
+    name: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SecurityServer:
+    id: SecurityServerId
+    # host:port of the provider endpoint (mutual TLS)
+    address: str
+    # DER of the registered authentication (TLS) certificate
+    auth_certificate: bytes
+    # subsystems whose services and clients this server hosts
+    subsystems: tuple[SubsystemId, ...]
+
+    @property
+    def auth_certificate_sha256(self) -> str:
+        return hashlib.sha256(self.auth_certificate).hexdigest()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Service:
+    id: ServiceId
+    description: str
+    # full gRPC method paths this service consists of; empty means any method
+    methods: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GlobalConfiguration:
+    """One verified version of an instance's configuration, indexed for look-ups."""
+
+    instance: str
+    version: int
+    generated_at: datetime
+    expires_at: datetime
+    ca_certificates: tuple[bytes, ...]
+    members: Mapping[MemberId, Member]
+    servers: Mapping[SecurityServerId, SecurityServer]
+    services: Mapping[ServiceId, Service]
+    agreements: AgreementIndex
+    trust: TrustStore = field(compare=False)
+    servers_by_auth_sha256: Mapping[str, SecurityServer] = field(compare=False)
+    servers_by_subsystem: Mapping[SubsystemId, tuple[SecurityServer, ...]] = field(compare=False)
+
+    def check_current(self, now: datetime) -> None:
+        """Raise `ConfigurationError(CONFIGURATION_EXPIRED)` once the configuration expired."""
+        if now >= self.expires_at:
+            raise ConfigurationError(
+                f"the global configuration of {self.instance} (version {self.version}) expired "
+                f"at {format_time(self.expires_at)} and the registry could not be reached since; "
+                "calls resume as soon as a fresh configuration arrives",
+                code=Code.CONFIGURATION_EXPIRED,
+            )
+
+    def servers_hosting(self, subsystem: SubsystemId) -> tuple[SecurityServer, ...]:
+        return self.servers_by_subsystem.get(subsystem, ())
+
+    def subsystem_known(self, subsystem: SubsystemId) -> bool:
+        return subsystem in self.servers_by_subsystem
+
+
+# ---- encoding -------------------------------------------------------------------------
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def build_content(
+    *,
+    instance: str,
+    version: int,
+    generated_at: datetime,
+    expires_at: datetime,
+    ca_certificates: Iterable[bytes],
+    members: Iterable[Member],
+    servers: Iterable[SecurityServer],
+    services: Iterable[Service],
+    agreements: Iterable[Agreement],
+) -> bytes:
+    """The canonical content bytes of a configuration (what the registry signs)."""
+    return canonical.encode(
+        {
+            "format": FORMAT_VERSION,
+            "instance": instance,
+            "version": version,
+            "generated_at": format_time(generated_at),
+            "expires_at": format_time(expires_at),
+            "ca_certificates": sorted(_b64(c) for c in ca_certificates),
+            "members": sorted(
+                ({"id": str(m.id), "name": m.name} for m in members), key=lambda d: d["id"]
+            ),
+            "security_servers": sorted(
+                (
+                    {
+                        "id": str(s.id),
+                        "address": s.address,
+                        "auth_certificate": _b64(s.auth_certificate),
+                        "subsystems": sorted(str(x) for x in s.subsystems),
+                    }
+                    for s in servers
+                ),
+                key=lambda d: str(d["id"]),
+            ),
+            "services": sorted(
+                (
+                    {"id": str(s.id), "description": s.description, "methods": sorted(s.methods)}
+                    for s in services
+                ),
+                key=lambda d: str(d["id"]),
+            ),
+            "agreements": sorted((a.to_json() for a in agreements), key=lambda d: str(d["id"])),
+        }
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SignedConfiguration:
+    content: bytes
+    signature: bytes
+    signer_certificate: bytes
+
+
+def sign_configuration(content: bytes, signer: Signer) -> SignedConfiguration:
+    return SignedConfiguration(
+        content=content, signature=signer.sign(content), signer_certificate=signer.certificate_der
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Anchor:
+    """What a security server is installed with to trust one instance's configuration."""
+
+    instance: str
+    signing_certificates: tuple[bytes, ...]
+    addresses: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "instance": self.instance,
+            "configuration_signing_certificates": [
+                x509.load_der_x509_certificate(c).public_bytes(serialization.Encoding.PEM).decode()
+                for c in self.signing_certificates
+            ],
+            "addresses": list(self.addresses),
+        }
+
+    @classmethod
+    def from_json(cls, value: Any) -> Anchor:
+        try:
+            certs = tuple(
+                x509.load_pem_x509_certificate(p.encode()).public_bytes(serialization.Encoding.DER)
+                for p in value["configuration_signing_certificates"]
+            )
+            anchor = cls(
+                instance=str(value["instance"]),
+                signing_certificates=certs,
+                addresses=tuple(str(a) for a in value["addresses"]),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ConfigurationError(
+                f"anchor is malformed: {exc}", code=Code.CONFIGURATION_INVALID
+            ) from None
+        if not anchor.signing_certificates:
+            raise ConfigurationError(
+                "anchor lists no signing certificate", code=Code.CONFIGURATION_INVALID
+            )
+        return anchor
+
+
+def _invalid(why: str) -> ConfigurationError:
+    return ConfigurationError(
+        f"global configuration rejected: {why}", code=Code.CONFIGURATION_INVALID
+    )
+
+
+def verify_configuration(signed: SignedConfiguration, anchor: Anchor) -> GlobalConfiguration:
+    """Verify a signed configuration against the anchor and parse it completely."""
+    if signed.signer_certificate not in anchor.signing_certificates:
+        raise _invalid("signed by a certificate that is not in the instance anchor")
+    try:
+        verify_signature(
+            x509.load_der_x509_certificate(signed.signer_certificate),
+            signed.content,
+            signed.signature,
+        )
+    except (TrustError, ValueError):
+        raise _invalid("the signature does not verify with the anchor's certificate") from None
+    config = parse_content(signed.content)
+    if config.instance != anchor.instance:
+        raise _invalid(
+            f"it is for instance {config.instance!r}, the anchor for {anchor.instance!r}"
+        )
+    return config
+
+
+def parse_content(content: bytes) -> GlobalConfiguration:
+    """Parse canonical configuration content (already verified) into its indexed model."""
+    try:
+        doc = canonical.decode(content)
+        if doc["format"] != FORMAT_VERSION:
+            raise _invalid(f"format {doc['format']!r} is not supported")
+        cas = tuple(base64.b64decode(c, validate=True) for c in doc["ca_certificates"])
+        members = {
+            m.id: m
+            for m in (
+                Member(id=MemberId.parse(d["id"]), name=str(d["name"])) for d in doc["members"]
+            )
+        }
+        servers: dict[SecurityServerId, SecurityServer] = {}
+        for d in doc["security_servers"]:
+            server = SecurityServer(
+                id=SecurityServerId.parse(d["id"]),
+                address=str(d["address"]),
+                auth_certificate=base64.b64decode(d["auth_certificate"], validate=True),
+                subsystems=tuple(SubsystemId.parse(x) for x in d["subsystems"]),
+            )
+            if server.id.owner not in members:
+                raise _invalid(f"server {server.id} belongs to an unknown member")
+            servers[server.id] = server
+        services = {
+            s.id: s
+            for s in (
+                Service(
+                    id=ServiceId.parse(d["id"]),
+                    description=str(d["description"]),
+                    methods=tuple(str(x) for x in d["methods"]),
+                )
+                for d in doc["services"]
+            )
+        }
+        agreements = [Agreement.from_json(d) for d in doc["agreements"]]
+        trust = TrustStore(tuple(x509.load_der_x509_certificate(c) for c in cas))
+        by_subsystem: dict[SubsystemId, list[SecurityServer]] = {}
+        for server in servers.values():
+            for sub in server.subsystems:
+                by_subsystem.setdefault(sub, []).append(server)
+        return GlobalConfiguration(
+            instance=str(doc["instance"]),
+            version=int(doc["version"]),
+            generated_at=parse_time(doc["generated_at"]),
+            expires_at=parse_time(doc["expires_at"]),
+            ca_certificates=cas,
+            members=members,
+            servers=servers,
+            services=services,
+            agreements=AgreementIndex(agreements),
+            trust=trust,
+            servers_by_auth_sha256={s.auth_certificate_sha256: s for s in servers.values()},
+            servers_by_subsystem={k: tuple(v) for k, v in by_subsystem.items()},
+        )
+    except ConfigurationError:
+        raise
+    except (GatewayError, canonical.NotCanonicalError, KeyError, TypeError, ValueError) as exc:
+        raise _invalid(f"content is malformed ({type(exc).__name__}: {exc})") from None

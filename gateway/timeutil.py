@@ -1,0 +1,27 @@
+"""Timestamps as they appear in signed documents: RFC 3339, UTC, microseconds, 'Z'.
+
+Time is always timezone-aware UTC and is passed in; this module never reads the clock.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
+
+
+def format_time(moment: datetime) -> str:
+    """The canonical text of an aware datetime."""
+    if moment.tzinfo is None:
+        raise ValueError("naive datetime: every time in the gateway is timezone-aware UTC")
+    return moment.astimezone(UTC).strftime(_FORMAT)
+
+
+def parse_time(text: str) -> datetime:
+    """Parse the canonical text form; raise ValueError for any other form."""
+    if not isinstance(text, str):
+        raise ValueError(f"timestamp must be a string, not {type(text).__name__}")
+    moment = datetime.strptime(text, _FORMAT).replace(tzinfo=UTC)
+    if format_time(moment) != text:
+        raise ValueError(f"timestamp {text!r} is not in canonical form")
+    return moment

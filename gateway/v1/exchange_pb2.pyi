@@ -1,0 +1,40 @@
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Frame(_message.Message):
+    __slots__ = ("correlation_id", "request", "response", "refusal")
+    CORRELATION_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    REFUSAL_FIELD_NUMBER: _ClassVar[int]
+    correlation_id: int
+    request: SignedEnvelope
+    response: SignedEnvelope
+    refusal: Refusal
+    def __init__(self, correlation_id: _Optional[int] = ..., request: _Optional[_Union[SignedEnvelope, _Mapping]] = ..., response: _Optional[_Union[SignedEnvelope, _Mapping]] = ..., refusal: _Optional[_Union[Refusal, _Mapping]] = ...) -> None: ...
+
+class SignedEnvelope(_message.Message):
+    __slots__ = ("header", "body", "signature", "signer_certificate")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    BODY_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    SIGNER_CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    header: bytes
+    body: bytes
+    signature: bytes
+    signer_certificate: bytes
+    def __init__(self, header: _Optional[bytes] = ..., body: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., signer_certificate: _Optional[bytes] = ...) -> None: ...
+
+class Refusal(_message.Message):
+    __slots__ = ("code", "message", "message_id")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    message: str
+    message_id: str
+    def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ..., message_id: _Optional[str] = ...) -> None: ...
