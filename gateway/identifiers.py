@@ -14,6 +14,7 @@ whitespace, because identifiers are compared byte for byte in agreements and log
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from typing import Self
@@ -164,3 +165,12 @@ class SecurityServerId:
 
     def __str__(self) -> str:
         return f"{self.owner}/{self.code}"
+
+
+def server_dns_name(server: SecurityServerId) -> str:
+    """The DNS name in a security server's authentication certificate.
+
+    Identifiers contain '/' and may contain '.', so they cannot be host names; a digest of
+    the identifier gives every server a unique name that TLS host-name checks can match.
+    """
+    return f"s-{hashlib.sha256(str(server).encode()).hexdigest()[:40]}.server.gateway.invalid"

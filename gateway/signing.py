@@ -66,6 +66,13 @@ def load_certificate(pem: bytes) -> x509.Certificate:
     return x509.load_pem_x509_certificate(pem)
 
 
+def pem_bundle(ders: tuple[bytes, ...] | list[bytes]) -> bytes:
+    """Concatenated PEM of DER certificates (the form TLS libraries take as roots)."""
+    return b"".join(
+        x509.load_der_x509_certificate(d).public_bytes(serialization.Encoding.PEM) for d in ders
+    )
+
+
 def certificate_sha256(der: bytes) -> str:
     """The fingerprint that identifies a certificate in the configuration and the log."""
     return hashlib.sha256(der).hexdigest()

@@ -6,16 +6,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Frame(_message.Message):
-    __slots__ = ("correlation_id", "request", "response", "refusal")
+    __slots__ = ("correlation_id", "request", "response", "refusal", "timeout_ms", "provider_micros", "backend_micros")
     CORRELATION_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_FIELD_NUMBER: _ClassVar[int]
     REFUSAL_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_MICROS_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_MICROS_FIELD_NUMBER: _ClassVar[int]
     correlation_id: int
     request: SignedEnvelope
     response: SignedEnvelope
     refusal: Refusal
-    def __init__(self, correlation_id: _Optional[int] = ..., request: _Optional[_Union[SignedEnvelope, _Mapping]] = ..., response: _Optional[_Union[SignedEnvelope, _Mapping]] = ..., refusal: _Optional[_Union[Refusal, _Mapping]] = ...) -> None: ...
+    timeout_ms: int
+    provider_micros: int
+    backend_micros: int
+    def __init__(self, correlation_id: _Optional[int] = ..., request: _Optional[_Union[SignedEnvelope, _Mapping]] = ..., response: _Optional[_Union[SignedEnvelope, _Mapping]] = ..., refusal: _Optional[_Union[Refusal, _Mapping]] = ..., timeout_ms: _Optional[int] = ..., provider_micros: _Optional[int] = ..., backend_micros: _Optional[int] = ...) -> None: ...
 
 class SignedEnvelope(_message.Message):
     __slots__ = ("header", "body", "signature", "signer_certificate")

@@ -1,0 +1,230 @@
+"""Development PKI: `gateway pki init`.
+
+Layout of the folder it writes (keys are 0600; the folder is meant to be git-ignored):
+
+    ca.crt, ca.key                          instance CA (ECDSA P-256)
+    configuration-signing.crt/.key          the registry's configuration-signing certificate
+    anchor.json                             the instance anchor security servers install
+    auth/<SERVER>.crt/.key                  TLS certificate per security server
+    sign/<MEMBER>.crt/.key                  signing certificate per member
+
+where <SERVER> and <MEMBER> are identifiers with '/' replaced by '_'.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from gateway.configuration import Anchor
+from gateway.identifiers import MemberId, SecurityServerId, server_dns_name
+
+
+def slug(identifier: object) -> str:
+    """A file name for an identifier."""
+    return str(identifier).replace("/", "_")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Issued:
+    key: ec.EllipticCurvePrivateKey
+    certificate: x509.Certificate
+
+
+def _name(common_name: str, organisation: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, organisation),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
+
+
+def issue(
+    *,
+    common_name: str,
+    issuer: Issued | None,
+    now: datetime,
+    days: int,
+    kind: str,
+    organisation: str = "Interoperability gateway (development)",
+    hosts: tuple[str, ...] = (),
+) -> Issued:
+    """Issue a certificate of `kind` ('ca', 'auth', 'sign', 'config') signed by `issuer`.
+
+    With `issuer=None` the certificate is self-signed (a root CA).
+    """
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = _name(common_name, organisation)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer.certificate.subject if issuer else subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=days))
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+    )
+    if issuer is not None:
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key()),
+            critical=False,
+        )
+    usage = dict.fromkeys(
+        (
+            "digital_signature",
+            "content_commitment",
+            "key_encipherment",
+            "data_encipherment",
+            "key_agreement",
+            "key_cert_sign",
+            "crl_sign",
+            "encipher_only",
+            "decipher_only",
+        ),
+        False,
+    )
+    if kind == "ca":
+        builder = builder.add_extension(
+            x509.BasicConstraints(ca=True, path_length=0), critical=True
+        )
+        usage.update(key_cert_sign=True, crl_sign=True, digital_signature=True)
+    else:
+        builder = builder.add_extension(
+            x509.BasicConstraints(ca=False, path_length=None), critical=True
+        )
+    if kind in ("sign", "config"):
+        usage.update(digital_signature=True, content_commitment=True)
+    if kind == "auth":
+        usage.update(digital_signature=True)
+        builder = builder.add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+        names: list[x509.GeneralName] = []
+        for host in hosts:
+            try:
+                names.append(x509.IPAddress(ipaddress.ip_address(host)))
+            except ValueError:
+                names.append(x509.DNSName(host))
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    builder = builder.add_extension(x509.KeyUsage(**usage), critical=True)
+    signing_key = issuer.key if issuer else key
+    return Issued(key=key, certificate=builder.sign(signing_key, hashes.SHA256()))
+
+
+def write_pair(folder: Path, stem: str, issued: Issued) -> tuple[Path, Path]:
+    """Write `stem.crt` and `stem.key` (mode 0600) atomically into `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    crt, key = folder / f"{stem}.crt", folder / f"{stem}.key"
+    _atomic_write(crt, issued.certificate.public_bytes(serialization.Encoding.PEM), 0o644)
+    _atomic_write(
+        key,
+        issued.key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+        0o600,
+    )
+    return crt, key
+
+
+def _atomic_write(path: Path, data: bytes, mode: int) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_issued(folder: Path, stem: str) -> Issued:
+    key = serialization.load_pem_private_key((folder / f"{stem}.key").read_bytes(), password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{folder / stem}.key is not an EC key")
+    cert = x509.load_pem_x509_certificate((folder / f"{stem}.crt").read_bytes())
+    return Issued(key=key, certificate=cert)
+
+
+def init_pki(
+    folder: Path,
+    *,
+    instance: str,
+    members: list[MemberId],
+    servers: list[SecurityServerId],
+    registry_addresses: list[str],
+    now: datetime,
+    days: int = 365,
+    hosts: tuple[str, ...] = ("127.0.0.1", "localhost"),
+) -> Anchor:
+    """Create (or complete) a development PKI in `folder`; return the instance anchor.
+
+    An existing CA is kept, so re-running adds missing certificates without invalidating
+    those already installed.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    os.chmod(folder, 0o700)
+    if (folder / "ca.crt").exists():
+        ca = load_issued(folder, "ca")
+    else:
+        ca = issue(
+            common_name=f"{instance} development CA", issuer=None, now=now, days=days * 2, kind="ca"
+        )
+        write_pair(folder, "ca", ca)
+    if not (folder / "configuration-signing.crt").exists():
+        write_pair(
+            folder,
+            "configuration-signing",
+            issue(
+                common_name=f"{instance} configuration signing",
+                issuer=ca,
+                now=now,
+                days=days,
+                kind="config",
+            ),
+        )
+    for member in members:
+        if not (folder / "sign" / f"{slug(member)}.crt").exists():
+            write_pair(
+                folder / "sign",
+                slug(member),
+                issue(common_name=str(member), issuer=ca, now=now, days=days, kind="sign"),
+            )
+    for server in servers:
+        if not (folder / "auth" / f"{slug(server)}.crt").exists():
+            write_pair(
+                folder / "auth",
+                slug(server),
+                issue(
+                    common_name=str(server),
+                    issuer=ca,
+                    now=now,
+                    days=days,
+                    kind="auth",
+                    hosts=(server_dns_name(server), *hosts),
+                ),
+            )
+    config_cert = x509.load_pem_x509_certificate(
+        (folder / "configuration-signing.crt").read_bytes()
+    )
+    anchor = Anchor(
+        instance=instance,
+        signing_certificates=(config_cert.public_bytes(serialization.Encoding.DER),),
+        addresses=tuple(registry_addresses),
+    )
+    _atomic_write(folder / "anchor.json", json.dumps(anchor.to_json(), indent=2).encode(), 0o644)
+    return anchor

@@ -1,0 +1,239 @@
+"""`gateway`: the command line of the interoperability gateway.
+
+    gateway pki init        create a development PKI for a topology
+    gateway registry serve  run a registry
+    gateway server serve    run a security server
+    gateway audit verify    verify a security server's message log
+    gateway demo            run the demonstration (make demo)
+    gateway bench           measure throughput and latency (make bench)
+
+Exit status: 0 on success, 1 when a verification fails, 2 for bad usage or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+from gateway.errors import ConfigFileError, GatewayError
+
+
+def _pki_init(ns: argparse.Namespace) -> int:
+    from certs.pki import init_pki
+    from registry.topology import load_topology_ids
+
+    instance, members, servers = load_topology_ids(ns.topology)
+    anchor = init_pki(
+        ns.dir,
+        instance=ns.instance or instance,
+        members=members,
+        servers=servers,
+        registry_addresses=ns.registry_address,
+        now=datetime.now(UTC),
+        days=ns.days,
+    )
+    print(f"development PKI for instance {anchor.instance} written to {ns.dir}")
+    print(
+        f"  {len(members)} member signing certificate(s), {len(servers)} server TLS certificate(s)"
+    )
+    print(f"  anchor: {ns.dir / 'anchor.json'}")
+    return 0
+
+
+def _registry_serve(ns: argparse.Namespace) -> int:
+    from gateway_cli.runtime import read_settings, ready_writer, run, signal_events
+    from registry.main import RegistrySettings, serve
+
+    settings = read_settings(RegistrySettings, ns.config)
+
+    async def main() -> None:
+        stop, reload = signal_events()
+        await serve(
+            settings,
+            base=ns.config.resolve().parent,
+            stop=stop,
+            reload=reload,
+            on_ready=ready_writer(ns.ready_file),
+        )
+
+    run(main)
+    return 0
+
+
+def _server_serve(ns: argparse.Namespace) -> int:
+    from gateway_cli.runtime import read_settings, ready_writer, run, signal_events
+    from security_server.main import serve
+    from security_server.settings import ServerSettings
+
+    settings = read_settings(ServerSettings, ns.config)
+
+    async def main() -> None:
+        stop, _ = signal_events()
+        await serve(
+            settings,
+            base=ns.config.resolve().parent,
+            stop=stop,
+            on_ready=ready_writer(ns.ready_file),
+        )
+
+    run(main)
+    return 0
+
+
+def _audit_verify(ns: argparse.Namespace) -> int:
+    from gateway.audit import ChainBrokenError
+    from gateway.settings import database_url
+    from gateway_cli.runtime import run
+    from security_server.audit import verify_log
+
+    url = database_url(ns.db, base=Path.cwd())
+    if "://" not in ns.db and not Path(ns.db).exists():
+        print(f"error: no message log at {ns.db}", file=sys.stderr)
+        return 2
+    show = sys.stderr.isatty() and not ns.quiet
+
+    def progress(done: int, total: int) -> None:
+        if show and total:
+            width = 30
+            filled = width * done // total
+            print(
+                f"\rverifying [{'#' * filled}{'.' * (width - filled)}] {done}/{total}",
+                end="",
+                file=sys.stderr,
+            )
+
+    try:
+        head = run(lambda: verify_log(url, progress))
+    except ChainBrokenError as exc:
+        if show:
+            print(file=sys.stderr)
+        print(f"FAILED: {exc}")
+        return 1
+    if show:
+        print(file=sys.stderr)
+    print(f"OK: {head.next_seq - 1} record(s) verified; chain head {head.last_hash.hex()}")
+    return 0
+
+
+def _demo(ns: argparse.Namespace) -> int:
+    from gateway_demo.demo import run_demo
+
+    return run_demo(workdir=ns.workdir, keep_running=ns.keep_running)
+
+
+def _bench(ns: argparse.Namespace) -> int:
+    from gateway_demo.bench import run_bench
+
+    return run_bench(
+        workdir=ns.workdir,
+        concurrency=ns.concurrency,
+        seconds=ns.seconds,
+        repeats=ns.repeats,
+        body_bytes=ns.body_bytes,
+    )
+
+
+def _backend(ns: argparse.Namespace) -> int:
+    from gateway_demo.backends import serve_backend
+
+    from gateway_cli.runtime import ready_writer, run, signal_events
+
+    async def main() -> None:
+        stop, _ = signal_events()
+        await serve_backend(ns.name, ns.listen, stop=stop, on_ready=ready_writer(ns.ready_file))
+
+    run(main)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gateway", description="The interoperability gateway.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    pki = commands.add_parser("pki", help="development PKI").add_subparsers(
+        dest="action", required=True
+    )
+    p = pki.add_parser("init", help="create a CA and every certificate a topology needs")
+    p.add_argument(
+        "--dir", type=Path, default=Path("var/pki"), help="output folder (default var/pki)"
+    )
+    p.add_argument(
+        "--topology", type=Path, required=True, help="topology TOML naming members and servers"
+    )
+    p.add_argument("--instance", help="instance code (default: from the topology)")
+    p.add_argument(
+        "--registry-address", action="append", default=[], help="registry host:port for the anchor"
+    )
+    p.add_argument("--days", type=int, default=365, help="validity of the certificates")
+    p.set_defaults(func=_pki_init)
+
+    reg = commands.add_parser("registry", help="the registry").add_subparsers(
+        dest="action", required=True
+    )
+    p = reg.add_parser("serve", help="serve the signed configuration")
+    p.add_argument("--config", type=Path, required=True, help="registry settings TOML")
+    p.add_argument("--ready-file", type=Path, help="write JSON here once listening")
+    p.set_defaults(func=_registry_serve)
+
+    srv = commands.add_parser("server", help="a security server").add_subparsers(
+        dest="action", required=True
+    )
+    p = srv.add_parser("serve", help="run a security server")
+    p.add_argument("--config", type=Path, required=True, help="security server settings TOML")
+    p.add_argument("--ready-file", type=Path, help="write JSON here once listening")
+    p.set_defaults(func=_server_serve)
+
+    aud = commands.add_parser("audit", help="auditor tools").add_subparsers(
+        dest="action", required=True
+    )
+    p = aud.add_parser("verify", help="verify the hash chain of a message log")
+    p.add_argument("--db", required=True, help="message log: SQLite file or database URL")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_audit_verify)
+
+    p = commands.add_parser("demo", help="run the demonstration topology")
+    p.add_argument(
+        "--workdir", type=Path, default=Path("var/demo"), help="folder for keys, logs, databases"
+    )
+    p.add_argument(
+        "--keep-running", action="store_true", help="leave the topology running until Ctrl-C"
+    )
+    p.set_defaults(func=_demo)
+
+    p = commands.add_parser("bench", help="benchmark gateway calls against direct calls")
+    p.add_argument("--workdir", type=Path, default=Path("var/bench"))
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--seconds", type=float, default=5.0, help="duration of each measurement")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--body-bytes", type=int, default=1024)
+    p.set_defaults(func=_bench)
+
+    p = commands.add_parser("demo-backend", help="run one of the demo's sample backends")
+    p.add_argument("name", choices=["population", "vaccination"])
+    p.add_argument("--listen", default="127.0.0.1:0")
+    p.add_argument("--ready-file", type=Path)
+    p.set_defaults(func=_backend)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from gateway_cli.runtime import configure_logging
+
+    ns = build_parser().parse_args(argv)
+    configure_logging()
+    try:
+        return int(ns.func(ns))
+    except ConfigFileError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    except GatewayError as exc:
+        print(f"error [{exc.code.value}]: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Process plumbing shared by the long-running commands: logging, event loop, signals,
+ready files and settings files."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import tomllib
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import structlog
+
+from gateway.errors import ConfigFileError
+from gateway.settings import load_settings
+
+T = TypeVar("T")
+
+
+def configure_logging(json_lines: bool | None = None) -> None:
+    """Structured logs on stderr: JSON lines when not a terminal, readable otherwise."""
+    if json_lines is None:
+        json_lines = not sys.stderr.isatty()
+    renderer: Any = (
+        structlog.processors.JSONRenderer() if json_lines else structlog.dev.ConsoleRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+
+
+def run(main: Callable[[], Awaitable[T]]) -> T:
+    """Run a coroutine on uvloop when it is installed, else on asyncio's loop."""
+    try:
+        import uvloop
+
+        factory: Any = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        factory = None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main())  # type: ignore[arg-type]
+
+
+def signal_events() -> tuple[asyncio.Event, asyncio.Event]:
+    """(stop, reload): set by SIGTERM/SIGINT and SIGHUP respectively."""
+    stop, reload = asyncio.Event(), asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload.set)
+    return stop, reload
+
+
+def ready_writer(path: Path | None) -> Callable[[dict[str, Any]], None]:
+    """A callback that writes the ready document atomically (for supervisors and tests)."""
+
+    def write(info: dict[str, Any]) -> None:
+        if path is None:
+            return
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({**info, "pid": os.getpid()}))
+        os.replace(tmp, path)
+
+    return write
+
+
+def read_settings(cls: type[T], path: Path) -> T:
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigFileError(f"{path}: {exc}") from None
+    try:
+        return load_settings(cls, doc, base=path.resolve().parent, env=os.environ)
+    except ConfigFileError as exc:
+        raise ConfigFileError(f"{path}: {exc}") from None

@@ -1,0 +1,113 @@
+"""Sample backends of the demo, each with its own `.proto` (gateway_demo/protos/):
+
+- population: a population registry answering identity look-ups (`GetPerson`), and an
+  `Echo` method used by the benchmark;
+- vaccination: a health ministry's vaccination register (`GetRecord`).
+
+They know nothing of the gateway: they are ordinary gRPC services.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from gateway_demo.generated import population_pb2 as population
+from gateway_demo.generated import vaccination_pb2 as vaccination
+
+PEOPLE = {
+    "1.234.567-8": population.Person(
+        national_id="1.234.567-8",
+        given_name="Ana",
+        family_name="Pereira",
+        birth_date="1984-03-12",
+        alive=True,
+    ),
+    "4.321.765-2": population.Person(
+        national_id="4.321.765-2",
+        given_name="Jorge",
+        family_name="Silva",
+        birth_date="1950-11-02",
+        alive=True,
+    ),
+}
+
+RECORDS = {
+    "1.234.567-8": vaccination.VaccinationRecord(
+        national_id="1.234.567-8",
+        vaccinations=[
+            vaccination.Vaccination(vaccine="measles-mumps-rubella", date="1985-04-01"),
+            vaccination.Vaccination(vaccine="influenza-2026", date="2026-05-20"),
+        ],
+    )
+}
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+async def get_person(request: population.GetPersonRequest, context: Context) -> population.Person:
+    person = PEOPLE.get(request.national_id)
+    if person is None:
+        await context.abort(
+            grpc.StatusCode.NOT_FOUND, f"no person with national id {request.national_id}"
+        )
+    assert person is not None
+    return person
+
+
+async def echo(request: population.EchoMessage, context: Context) -> population.EchoMessage:
+    return request
+
+
+async def get_record(
+    request: vaccination.GetRecordRequest, context: Context
+) -> vaccination.VaccinationRecord:
+    record = RECORDS.get(request.national_id)
+    if record is None:
+        await context.abort(
+            grpc.StatusCode.NOT_FOUND, f"no record for national id {request.national_id}"
+        )
+    assert record is not None
+    return record
+
+
+def _unary(fn: Any, request_type: Any, response_type: Any) -> Any:
+    return grpc.unary_unary_rpc_method_handler(
+        fn,
+        request_deserializer=request_type.FromString,
+        response_serializer=response_type.SerializeToString,
+    )
+
+
+HANDLERS: dict[str, Any] = {
+    "population": grpc.method_handlers_generic_handler(
+        "demo.population.v1.PopulationRegistry",
+        {
+            "GetPerson": _unary(get_person, population.GetPersonRequest, population.Person),
+            "Echo": _unary(echo, population.EchoMessage, population.EchoMessage),
+        },
+    ),
+    "vaccination": grpc.method_handlers_generic_handler(
+        "demo.vaccination.v1.VaccinationRegister",
+        {
+            "GetRecord": _unary(
+                get_record, vaccination.GetRecordRequest, vaccination.VaccinationRecord
+            )
+        },
+    ),
+}
+
+
+async def serve_backend(
+    name: str, listen: str, *, stop: asyncio.Event, on_ready: Callable[[dict[str, Any]], None]
+) -> None:
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((HANDLERS[name],))
+    port = server.add_insecure_port(listen)
+    await server.start()
+    on_ready({"backend": name, "listen": f"{listen.rsplit(':', 1)[0]}:{port}"})
+    await stop.wait()
+    await server.stop(grace=1.0)

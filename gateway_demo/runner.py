@@ -1,0 +1,270 @@
+"""Start a whole topology as real processes on loopback: the registry, the security
+servers and the sample backends, each with its own settings file, log file and ready
+file. Used by `gateway demo`, `gateway bench` and the integration tests.
+
+Each process writes a ready file once it listens; the runner waits on that signal (or on
+the process's exit, reporting the end of its log) instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from certs.pki import init_pki, slug
+from gateway.identifiers import MemberId, SecurityServerId
+
+REPO_DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "demo"
+TEMPLATE = REPO_DEPLOY / "topology.toml"
+
+# which sample backend implements which service of the demo topology
+DEMO_BACKENDS = {
+    "UY/GOV/DNIC/identity/population/v1": "population",
+    "UY/GOV/MSP/clinics/vaccination/v1": "vaccination",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Process:
+    name: str
+    args: list[str]
+    log_path: Path
+    ready_path: Path
+    popen: subprocess.Popen[bytes] | None = None
+    ready: dict[str, Any] = field(default_factory=dict)
+
+    def peak_memory_kib(self) -> int | None:
+        if self.popen is None:
+            return None
+        try:
+            for line in Path(f"/proc/{self.popen.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+        except OSError:
+            return None
+        return None
+
+
+class Runner:
+    """A topology in `workdir`, from a topology template."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        template: Path = TEMPLATE,
+        validity_seconds: float = 600.0,
+        refresh_seconds: float = 60.0,
+        limits: dict[str, Any] | None = None,
+    ) -> None:
+        self.workdir = workdir.resolve()
+        self.template = template
+        self.validity_seconds = validity_seconds
+        self.refresh_seconds = refresh_seconds
+        self.limits = limits or {}
+        self.processes: dict[str, Process] = {}
+        self.topology: dict[str, Any] = {}
+        self.registry_address = ""
+        self.consumers: dict[str, str] = {}  # server id -> consumer host:port
+        self.providers: dict[str, str] = {}  # server id -> provider host:port
+        self.backends: dict[str, str] = {}  # backend name -> host:port
+        self.server_names: dict[str, str] = {}  # server id -> process name
+
+    # ---- preparation -----------------------------------------------------------------
+
+    @property
+    def pki(self) -> Path:
+        return self.workdir / "pki"
+
+    def prepare(self) -> None:
+        """Write the PKI, the topology and every settings file into the workdir."""
+        for sub in ("run", "logs", "state"):
+            (self.workdir / sub).mkdir(parents=True, exist_ok=True)
+        topology = tomllib.loads(self.template.read_text())
+        self.registry_address = f"127.0.0.1:{free_port()}"
+        for server in topology.get("servers", []):
+            self.providers[server["id"]] = server["address"] = f"127.0.0.1:{free_port()}"
+            self.consumers[server["id"]] = f"127.0.0.1:{free_port()}"
+            self.server_names[server["id"]] = "ss-" + server["id"].split("/")[2].lower()
+        for name in sorted(set(DEMO_BACKENDS.values())):
+            self.backends[name] = f"127.0.0.1:{free_port()}"
+        self.topology = topology
+        self.write_topology()
+        instance = topology["members"][0]["id"].split("/")[0]
+        init_pki(
+            self.pki,
+            instance=instance,
+            members=[MemberId.parse(m["id"]) for m in topology["members"]],
+            servers=[SecurityServerId.parse(s["id"]) for s in topology["servers"]],
+            registry_addresses=[self.registry_address],
+            now=datetime.now(UTC),
+        )
+        self._write_registry(instance)
+        for server in topology["servers"]:
+            self._write_server(server)
+        for name, address in self.backends.items():
+            self.processes[f"backend-{name}"] = self._process(
+                f"backend-{name}", ["demo-backend", name, "--listen", address]
+            )
+
+    def write_topology(self) -> None:
+        """Write the current topology for the registry (re-read on SIGHUP: see `reload_registry`)."""
+        path = self.workdir / "topology.toml"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(tomli_w.dumps(self.topology))
+        os.replace(tmp, path)
+
+    def _write_registry(self, instance: str) -> None:
+        settings = {
+            "instance": instance,
+            "listen": self.registry_address,
+            "database": str(self.workdir / "state" / "registry.db"),
+            "topology": str(self.workdir / "topology.toml"),
+            "ca_certificates": [str(self.pki / "ca.crt")],
+            "signing_certificate": str(self.pki / "configuration-signing.crt"),
+            "signing_key": str(self.pki / "configuration-signing.key"),
+            "validity_seconds": self.validity_seconds,
+            "refresh_seconds": self.refresh_seconds,
+        }
+        (self.workdir / "registry.toml").write_text(tomli_w.dumps(settings))
+        self.processes["registry"] = self._process(
+            "registry", ["registry", "serve", "--config", str(self.workdir / "registry.toml")]
+        )
+
+    def _write_server(self, server: dict[str, Any]) -> None:
+        sid = server["id"]
+        name = self.server_names[sid]
+        owner = "/".join(sid.split("/")[:3])
+        state = self.workdir / "state" / name
+        settings: dict[str, Any] = {
+            "server": {"id": sid, "anchor": str(self.pki / "anchor.json"), "state_dir": str(state)},
+            "consumer": {"listen": self.consumers[sid]},
+            "provider": {
+                "listen": self.providers[sid],
+                "tls_certificate": str(self.pki / "auth" / f"{slug(sid)}.crt"),
+                "tls_key": str(self.pki / "auth" / f"{slug(sid)}.key"),
+            },
+            "signing": {
+                owner: {
+                    "certificate": str(self.pki / "sign" / f"{slug(owner)}.crt"),
+                    "key": str(self.pki / "sign" / f"{slug(owner)}.key"),
+                }
+            },
+            "log": {"database": str(state / "messagelog.db")},
+            "limits": dict(self.limits),
+            "backends": {
+                service: self.backends[backend]
+                for service, backend in DEMO_BACKENDS.items()
+                if "/".join(service.split("/")[:4]) in server["subsystems"]
+            },
+        }
+        path = self.workdir / f"{name}.toml"
+        path.write_text(tomli_w.dumps(settings))
+        self.processes[name] = self._process(name, ["server", "serve", "--config", str(path)])
+
+    def _process(self, name: str, args: list[str]) -> Process:
+        return Process(
+            name=name,
+            args=args,
+            log_path=self.workdir / "logs" / f"{name}.log",
+            ready_path=self.workdir / "run" / f"{name}.ready.json",
+        )
+
+    def log_db(self, server_id: str) -> Path:
+        return self.workdir / "state" / self.server_names[server_id] / "messagelog.db"
+
+    # ---- processes -------------------------------------------------------------------
+
+    def start(self, name: str, timeout: float = 30.0) -> dict[str, Any]:
+        """Start one process and wait until it is ready."""
+        proc = self.processes[name]
+        proc.ready_path.unlink(missing_ok=True)
+        log = open(proc.log_path, "ab")  # noqa: SIM115 - owned by the child from now on
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        proc.popen = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "gateway_cli.main",
+                *proc.args,
+                "--ready-file",
+                str(proc.ready_path),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while not proc.ready_path.exists():
+            if proc.popen.poll() is not None:
+                raise RuntimeError(
+                    f"{name} exited with {proc.popen.returncode}:\n{self.tail(name)}"
+                )
+            if time.monotonic() > deadline:
+                self.stop(name, kill=True)
+                raise RuntimeError(f"{name} was not ready after {timeout} s:\n{self.tail(name)}")
+            time.sleep(0.02)
+        proc.ready = json.loads(proc.ready_path.read_text())
+        return proc.ready
+
+    def start_all(self) -> None:
+        order = [n for n in self.processes if n.startswith("backend-")]
+        order += ["registry"] + [n for n in self.processes if n.startswith("ss-")]
+        for name in order:
+            self.start(name)
+
+    def stop(self, name: str, *, kill: bool = False, timeout: float = 10.0) -> None:
+        proc = self.processes[name]
+        if proc.popen is None or proc.popen.poll() is not None:
+            return
+        proc.popen.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+        try:
+            proc.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.popen.kill()
+            proc.popen.wait()
+
+    def reload_registry(self) -> None:
+        """Ask the registry to re-import the topology file and publish at once."""
+        proc = self.processes["registry"]
+        if proc.popen is not None:
+            proc.popen.send_signal(signal.SIGHUP)
+
+    def close(self) -> None:
+        for name in reversed(list(self.processes)):
+            self.stop(name)
+
+    def tail(self, name: str, lines: int = 30) -> str:
+        try:
+            return "\n".join(
+                self.processes[name].log_path.read_text(errors="replace").splitlines()[-lines:]
+            )
+        except OSError:
+            return "(no log)"
+
+    def __enter__(self) -> Runner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,172 @@
+"""`gateway registry serve`: the registry process.
+
+Imports the topology file into the store, publishes the signed configuration, and serves
+it over gRPC (`gateway.v1.Configuration`: Fetch, Watch). SIGHUP re-imports the topology
+and publishes at once. Settings are described by `RegistrySettings`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import grpc
+import structlog
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from gateway.configuration import SignedConfiguration
+from gateway.settings import database_url
+from gateway.signing import EcdsaSigner, load_certificate, load_private_key
+from gateway.v1 import configuration_pb2 as pb
+from registry.publisher import Publisher
+from registry.store import RegistryStore
+from registry.topology import load_topology
+
+log = structlog.get_logger("registry")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RegistrySettings:
+    """The registry's configuration file (TOML, top-level keys)."""
+
+    # the instance code, e.g. "UY"
+    instance: str
+    # host:port of the gRPC configuration service
+    listen: str = "127.0.0.1:7000"
+    # SQLite file path or database URL
+    database: str = "registry.db"
+    # topology file imported at start-up and on SIGHUP
+    topology: Path | None = None
+    # PEM files of the CAs the instance trusts
+    ca_certificates: tuple[Path, ...] = ()
+    # the configuration-signing certificate and key (PEM)
+    signing_certificate: Path
+    signing_key: Path
+    # how long a published configuration stays valid, and how often a new one is published
+    validity_seconds: float = 600.0
+    refresh_seconds: float = 60.0
+
+
+def _to_pb(signed: SignedConfiguration) -> pb.SignedConfiguration:
+    return pb.SignedConfiguration(
+        content=signed.content,
+        signature=signed.signature,
+        signer_certificate=signed.signer_certificate,
+    )
+
+
+class ConfigurationService:
+    def __init__(self, publisher: Publisher, instance: str) -> None:
+        self.publisher = publisher
+        self.instance = instance
+
+    async def _check_instance(
+        self, instance: str, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        if instance and instance != self.instance:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"this registry serves instance {self.instance}, not {instance}",
+            )
+
+    async def fetch(
+        self, request: pb.FetchRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.SignedConfiguration:
+        await self._check_instance(request.instance, context)
+        assert self.publisher.current is not None
+        return _to_pb(self.publisher.current)
+
+    async def watch(
+        self, request: pb.WatchRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.SignedConfiguration]:
+        await self._check_instance(request.instance, context)
+        known = request.known_version
+        if self.publisher.version > known and self.publisher.current is not None:
+            known = self.publisher.version
+            yield _to_pb(self.publisher.current)
+        while True:
+            signed = await self.publisher.wait_newer(known)
+            known = self.publisher.version
+            yield _to_pb(signed)
+
+    def handler(self) -> grpc.GenericRpcHandler[Any, Any]:
+        return grpc.method_handlers_generic_handler(
+            "gateway.v1.Configuration",
+            {
+                "Fetch": grpc.unary_unary_rpc_method_handler(
+                    self.fetch,
+                    request_deserializer=pb.FetchRequest.FromString,
+                    response_serializer=pb.SignedConfiguration.SerializeToString,
+                ),
+                "Watch": grpc.unary_stream_rpc_method_handler(
+                    self.watch,
+                    request_deserializer=pb.WatchRequest.FromString,
+                    response_serializer=pb.SignedConfiguration.SerializeToString,
+                ),
+            },
+        )
+
+
+async def serve(
+    settings: RegistrySettings,
+    *,
+    base: Path,
+    stop: asyncio.Event,
+    reload: asyncio.Event,
+    on_ready: Callable[[dict[str, Any]], None],
+) -> None:
+    store = await RegistryStore.open(database_url(settings.database, base=base))
+    try:
+        if settings.topology is not None:
+            await store.replace_topology(load_topology(settings.topology))
+        cert = load_certificate(settings.signing_certificate.read_bytes())
+        signer = EcdsaSigner(load_private_key(settings.signing_key.read_bytes()), cert)
+        cas = tuple(
+            x509.load_pem_x509_certificate(p.read_bytes()).public_bytes(serialization.Encoding.DER)
+            for p in settings.ca_certificates
+        )
+        publisher = Publisher(
+            store=store,
+            instance=settings.instance,
+            signer=signer,
+            ca_certificates=cas,
+            validity=timedelta(seconds=settings.validity_seconds),
+            clock=lambda: datetime.now(UTC),
+        )
+        await publisher.publish()
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers(
+            (ConfigurationService(publisher, settings.instance).handler(),)
+        )
+        port = server.add_insecure_port(settings.listen)
+        await server.start()
+        host = settings.listen.rsplit(":", 1)[0]
+        log.info("registry_started", instance=settings.instance, listen=f"{host}:{port}")
+        on_ready({"listen": f"{host}:{port}", "version": publisher.version})
+        try:
+            while not stop.is_set():
+                waiters = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(reload.wait())}
+                _, pending = await asyncio.wait(
+                    waiters, timeout=settings.refresh_seconds, return_when=asyncio.FIRST_COMPLETED
+                )
+                for w in pending:
+                    w.cancel()
+                if stop.is_set():
+                    break
+                if reload.is_set():
+                    reload.clear()
+                    if settings.topology is not None:
+                        try:
+                            await store.replace_topology(load_topology(settings.topology))
+                        except Exception as exc:  # keep serving the last good content
+                            log.error("topology_reload_failed", error=str(exc))
+                await publisher.publish()
+        finally:
+            await server.stop(grace=1.0)
+    finally:
+        await store.close()

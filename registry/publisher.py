@@ -1,0 +1,76 @@
+"""Builds, signs, stores and pushes the global configuration.
+
+A new version is published at start-up, every `refresh_seconds`, and whenever the
+content changes (`publish` is called); each one is valid for `validity_seconds`. Every
+watcher (a security server's Watch stream) receives each new version at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from datetime import datetime, timedelta
+
+import structlog
+
+from gateway.configuration import SignedConfiguration, build_content, sign_configuration
+from gateway.signing import Signer
+from registry.store import RegistryStore
+
+log = structlog.get_logger("registry.publisher")
+
+
+class Publisher:
+    def __init__(
+        self,
+        *,
+        store: RegistryStore,
+        instance: str,
+        signer: Signer,
+        ca_certificates: tuple[bytes, ...],
+        validity: timedelta,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self.store = store
+        self.instance = instance
+        self.signer = signer
+        self.ca_certificates = ca_certificates
+        self.validity = validity
+        self.clock = clock
+        self.current: SignedConfiguration | None = None
+        self.version = 0
+        self._changed = asyncio.Condition()
+        self._lock = asyncio.Lock()
+
+    async def publish(self) -> SignedConfiguration:
+        """Publish a new version from the store's current content."""
+        async with self._lock:
+            topology = await self.store.load_topology()
+            version = max(self.version, await self.store.last_version()) + 1
+            now = self.clock()
+            content = build_content(
+                instance=self.instance,
+                version=version,
+                generated_at=now,
+                expires_at=now + self.validity,
+                ca_certificates=self.ca_certificates,
+                members=topology.members,
+                servers=topology.servers,
+                services=topology.services,
+                agreements=topology.agreements,
+            )
+            signed = sign_configuration(content, self.signer)
+            await self.store.save_configuration(version, signed)
+            self.version = version
+            self.current = signed
+        async with self._changed:
+            self._changed.notify_all()
+        log.info("configuration_published", instance=self.instance, version=version)
+        return signed
+
+    async def wait_newer(self, version: int) -> SignedConfiguration:
+        """Wait until a version newer than `version` is published, and return it."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.version > version)
+            assert self.current is not None
+            return self.current

@@ -1,0 +1,139 @@
+"""The TOML topology file: the registry's seed content at this stage.
+
+    [[members]]      id, name
+    [[servers]]      id, address, auth_certificate (PEM path), subsystems
+    [[services]]     id, description, methods
+    [[agreements]]   id, client, service, purposes, valid_from, valid_until (optional)
+
+Relative certificate paths resolve against the topology file's folder. Times are TOML
+datetimes with a timezone (or RFC 3339 strings). Every error names the entry and key.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from gateway.agreements import Agreement
+from gateway.configuration import Member, SecurityServer, Service
+from gateway.envelope import check_method, check_purpose
+from gateway.errors import ConfigFileError, GatewayError
+from gateway.identifiers import MemberId, SecurityServerId, ServiceId, SubsystemId
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Topology:
+    members: tuple[Member, ...]
+    servers: tuple[SecurityServer, ...]
+    services: tuple[Service, ...]
+    agreements: tuple[Agreement, ...]
+
+
+_KEYS = {
+    "members": {"id", "name"},
+    "servers": {"id", "address", "auth_certificate", "subsystems"},
+    "services": {"id", "description", "methods"},
+    "agreements": {"id", "client", "service", "purposes", "valid_from", "valid_until"},
+}
+
+
+def _time(value: Any, where: str) -> datetime:
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    if not isinstance(value, datetime) or value.tzinfo is None:
+        raise ConfigFileError(f"{where}: expected a date-time with a time zone")
+    return value.astimezone(UTC)
+
+
+def load_topology(path: Path) -> Topology:
+    """Parse and check a topology file."""
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigFileError(f"{path}: {exc}") from None
+    unknown = set(doc) - set(_KEYS)
+    if unknown:
+        raise ConfigFileError(f"{path}: unknown section(s) {sorted(unknown)}")
+    for section, keys in _KEYS.items():
+        for i, entry in enumerate(doc.get(section, [])):
+            extra = set(entry) - keys
+            if extra:
+                raise ConfigFileError(f"{path}: {section}[{i}]: unknown key(s) {sorted(extra)}")
+    base = path.parent
+    where = ""
+    try:
+        members = []
+        for i, m in enumerate(doc.get("members", [])):
+            where = f"members[{i}]"
+            members.append(Member(id=MemberId.parse(m["id"]), name=str(m["name"])))
+        servers = []
+        for i, s in enumerate(doc.get("servers", [])):
+            where = f"servers[{i}]"
+            cert_path = Path(s["auth_certificate"])
+            cert_path = cert_path if cert_path.is_absolute() else base / cert_path
+            cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+            servers.append(
+                SecurityServer(
+                    id=SecurityServerId.parse(s["id"]),
+                    address=str(s["address"]),
+                    auth_certificate=cert.public_bytes(serialization.Encoding.DER),
+                    subsystems=tuple(SubsystemId.parse(x) for x in s["subsystems"]),
+                )
+            )
+        services = []
+        for i, s in enumerate(doc.get("services", [])):
+            where = f"services[{i}]"
+            services.append(
+                Service(
+                    id=ServiceId.parse(s["id"]),
+                    description=str(s.get("description", "")),
+                    methods=tuple(check_method(m) for m in s.get("methods", [])),
+                )
+            )
+        agreements = []
+        for i, a in enumerate(doc.get("agreements", [])):
+            where = f"agreements[{i}]"
+            until = a.get("valid_until")
+            agreements.append(
+                Agreement(
+                    id=str(a["id"]),
+                    client=SubsystemId.parse(a["client"]),
+                    service=ServiceId.parse(a["service"]),
+                    purposes=frozenset(check_purpose(p) for p in a["purposes"]),
+                    valid_from=_time(a["valid_from"], f"{where}.valid_from"),
+                    valid_until=None if until is None else _time(until, f"{where}.valid_until"),
+                )
+            )
+    except KeyError as exc:
+        raise ConfigFileError(f"{path}: {where}: missing key {exc}") from None
+    except (GatewayError, OSError, ValueError, TypeError) as exc:
+        raise ConfigFileError(f"{path}: {where}: {exc}") from None
+    known_members = {m.id for m in members}
+    for s in servers:
+        if s.id.owner not in known_members:
+            raise ConfigFileError(f"{path}: server {s.id} belongs to an unknown member")
+    return Topology(
+        members=tuple(members),
+        servers=tuple(servers),
+        services=tuple(services),
+        agreements=tuple(agreements),
+    )
+
+
+def load_topology_ids(path: Path) -> tuple[str, list[MemberId], list[SecurityServerId]]:
+    """(instance, members, servers) named in a topology, without reading certificates."""
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+        members = [MemberId.parse(m["id"]) for m in doc.get("members", [])]
+        servers = [SecurityServerId.parse(s["id"]) for s in doc.get("servers", [])]
+    except (OSError, tomllib.TOMLDecodeError, KeyError, GatewayError) as exc:
+        raise ConfigFileError(f"{path}: {exc}") from None
+    if not members:
+        raise ConfigFileError(f"{path}: names no member")
+    return members[0].instance, members, servers

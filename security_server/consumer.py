@@ -1,0 +1,290 @@
+"""Consumer endpoint: where the agency's own backends call peer services.
+
+Any gRPC method is accepted and forwarded as opaque bytes, routed by request metadata:
+
+    gateway-client    client subsystem id (required)
+    gateway-service   service id (required)
+    gateway-purpose   purpose of the call (required)
+    gateway-user-id   end user on whose behalf the call is made (optional)
+    gateway-subject   data subject the call is about (optional; logged as a pseudonym)
+    gateway-id        message id (optional; generated when absent)
+
+The message id is always returned in trailing metadata `gateway-id`, with timings
+(`gateway-total-us`, `gateway-provider-us`, `gateway-backend-us`); a refusal carries
+its stable code in `gateway-error`. A backend's own error status is passed through.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import grpc
+import structlog
+
+from gateway.audit import RecordKind, Role
+from gateway.envelope import (
+    RequestHeader,
+    check_body,
+    check_free_text,
+    check_message_id,
+    check_method,
+    check_purpose,
+    decode_response,
+    sha256_hex,
+)
+from gateway.errors import Code, GatewayError, RequestError, TrustError
+from gateway.identifiers import ServiceId, SubsystemId
+from gateway.signing import certificate_sha256, verify_signature
+from gateway.v1 import exchange_pb2 as pb
+from security_server.node import Node
+from security_server.peers import PeerPool
+from security_server.records import record
+from security_server.status import ID_KEY, abort
+
+log = structlog.get_logger("security_server.consumer")
+
+REQUIRED = ("gateway-client", "gateway-service", "gateway-purpose")
+
+
+class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
+    def __init__(self, node: Node, peers: PeerPool) -> None:
+        self.node = node
+        self.peers = peers
+        self._handlers: dict[str, Any] = {}
+
+    # grpc.GenericRpcHandler: one unary handler per method path, bytes in and out
+    def service(self, handler_call_details: Any) -> Any:
+        method = handler_call_details.method
+        handler = self._handlers.get(method)
+        if handler is None:
+
+            async def handle(body: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+                return await self.call(method, body, context)
+
+            handler = grpc.unary_unary_rpc_method_handler(handle)
+            if len(self._handlers) < 10_000:
+                self._handlers[method] = handler
+        return handler
+
+    async def call(
+        self, method: str, body: bytes, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> bytes:
+        node = self.node
+        started = time.perf_counter()
+        metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+        message_id = metadata.get("gateway-id") or uuid.uuid4().hex
+        now = node.clock()
+        facts: dict[str, Any] = {
+            "message_id": message_id[:128],
+            "client": metadata.get("gateway-client"),
+            "service": metadata.get("gateway-service"),
+            "method": method,
+            "purpose": metadata.get("gateway-purpose"),
+            "user_id": metadata.get("gateway-user-id"),
+            "subject_ref": node.pseudonym(metadata.get("gateway-subject")),
+        }
+        try:
+            missing = [k for k in REQUIRED if not metadata.get(k)]
+            if missing:
+                raise RequestError(
+                    f"request metadata {', '.join(missing)} is missing; every call needs "
+                    "gateway-client, gateway-service and gateway-purpose",
+                    code=Code.MISSING_METADATA,
+                )
+            check_message_id(message_id)
+            client = SubsystemId.parse(metadata["gateway-client"])
+            service_id = ServiceId.parse(metadata["gateway-service"])
+            purpose = check_purpose(metadata["gateway-purpose"])
+            check_method(method)
+            user_id = metadata.get("gateway-user-id")
+            subject = metadata.get("gateway-subject")
+            if user_id is not None:
+                check_free_text("gateway-user-id", user_id)
+            if subject is not None:
+                check_free_text("gateway-subject", subject)
+            if len(body) > node.limits.max_message_bytes:
+                raise RequestError(
+                    f"the request body has {len(body)} bytes, over this server's limit of "
+                    f"{node.limits.max_message_bytes}",
+                    code=Code.BODY_TOO_LARGE,
+                )
+            config = node.config.require(now)
+            if not node.hosts(config, client):
+                raise GatewayError(
+                    f"client {client} is not a subsystem served by security server {node.server_id}",
+                    code=Code.CLIENT_NOT_SERVED,
+                )
+            service = config.services.get(service_id)
+            providers = config.servers_hosting(service_id.subsystem)
+            if service is None or not providers:
+                raise GatewayError(
+                    f"service {service_id} is not in the global configuration of {config.instance}",
+                    code=Code.UNKNOWN_SERVICE,
+                )
+            if service.methods and method not in service.methods:
+                raise GatewayError(
+                    f"method {method} is not part of service {service_id}; it offers "
+                    f"{', '.join(service.methods)}",
+                    code=Code.UNKNOWN_METHOD,
+                )
+            config.agreements.decide(client, service_id, purpose, now)
+            signer = node.signer_for(client.member)
+            provider = providers[0]
+            header = RequestHeader(
+                message_id=message_id,
+                client=client,
+                service=service_id,
+                method=method,
+                purpose=purpose,
+                sender=node.server_id,
+                created_at=now,
+                body_sha256=sha256_hex(body),
+                user_id=user_id,
+                subject=subject,
+            )
+            header_bytes = header.encode()
+            signature = signer.sign(header_bytes)
+        except GatewayError as err:
+            return await self._refuse(context, err, facts)
+
+        facts["peer"] = str(provider.id)
+        try:
+            await node.log.append(
+                record(
+                    kind=RecordKind.REQUEST,
+                    role=Role.CONSUMER,
+                    logged_at=now,
+                    header=header_bytes,
+                    signature=signature,
+                    signer_certificate_sha256=certificate_sha256(signer.certificate_der),
+                    body_sha256=header.body_sha256,
+                    **facts,
+                )
+            )
+        except GatewayError as err:
+            return await self._abort(context, err, message_id)
+
+        remaining = context.time_remaining()
+        wait = min(remaining if remaining is not None else 1e9, node.limits.deadline_seconds)
+        try:
+            frame = await self.peers.link(provider, config).exchange(
+                pb.SignedEnvelope(
+                    header=header_bytes,
+                    body=body,
+                    signature=signature,
+                    signer_certificate=signer.certificate_der,
+                ),
+                wait,
+            )
+            if frame.HasField("refusal"):
+                try:
+                    code = Code(frame.refusal.code)
+                except ValueError:
+                    code = Code.INTERNAL
+                raise GatewayError(frame.refusal.message, code=code)
+            response = self._check_response(frame, header, header_bytes, provider.id, config)
+        except GatewayError as err:
+            return await self._refuse(context, err, facts)
+
+        env = frame.response
+        try:
+            await node.log.append(
+                record(
+                    kind=RecordKind.RESPONSE,
+                    role=Role.CONSUMER,
+                    logged_at=node.clock(),
+                    header=env.header,
+                    signature=env.signature,
+                    signer_certificate_sha256=certificate_sha256(env.signer_certificate),
+                    body_sha256=response.body_sha256,
+                    status="ok" if response.grpc_status == 0 else "backend_error",
+                    error_message=response.grpc_message or None,
+                    **facts,
+                )
+            )
+        except GatewayError as err:
+            return await self._abort(context, err, message_id)
+        trailing = (
+            (ID_KEY, message_id),
+            ("gateway-total-us", str(int((time.perf_counter() - started) * 1e6))),
+            ("gateway-provider-us", str(frame.provider_micros)),
+            ("gateway-backend-us", str(frame.backend_micros)),
+        )
+        if response.grpc_status != 0:
+            await context.abort(
+                grpc.StatusCode[_STATUS_NAMES[response.grpc_status]],
+                response.grpc_message,
+                trailing_metadata=trailing,
+            )
+        context.set_trailing_metadata(trailing)
+        return bytes(env.body)
+
+    def _check_response(
+        self,
+        frame: pb.Frame,
+        request: RequestHeader,
+        request_bytes: bytes,
+        provider: Any,
+        config: Any,
+    ) -> Any:
+        if not frame.HasField("response"):
+            raise TrustError(
+                "the provider sent neither a response nor a refusal", code=Code.MALFORMED_ENVELOPE
+            )
+        env = frame.response
+        response = decode_response(env.header)
+        if (
+            response.message_id != request.message_id
+            or response.request_sha256 != sha256_hex(request_bytes)
+            or response.service != request.service
+            or response.sender != provider
+        ):
+            raise TrustError(
+                "the provider's response does not answer this request", code=Code.RESPONSE_MISMATCH
+            )
+        certificate, member = config.trust.signing_member(env.signer_certificate, self.node.clock())
+        if member != request.service.member:
+            raise TrustError(
+                f"the response is signed by {member}, not by the service's member",
+                code=Code.UNTRUSTED_SIGNER,
+            )
+        verify_signature(certificate, env.header, env.signature)
+        check_body(response.body_sha256, env.body)
+        return response
+
+    async def _refuse(
+        self, context: grpc.aio.ServicerContext[Any, Any], err: GatewayError, facts: dict[str, Any]
+    ) -> bytes:
+        log.info(
+            "call_refused",
+            code=err.code.value,
+            message_id=facts["message_id"],
+            client=facts["client"],
+        )
+        try:
+            await self.node.log.append(
+                record(
+                    kind=RecordKind.REFUSAL,
+                    role=Role.CONSUMER,
+                    logged_at=self.node.clock(),
+                    status="refused",
+                    error_code=err.code.value,
+                    error_message=err.message,
+                    **facts,
+                )
+            )
+        except GatewayError:
+            log.error("refusal_not_logged", code=err.code.value)
+        return await self._abort(context, err, facts["message_id"])
+
+    @staticmethod
+    async def _abort(
+        context: grpc.aio.ServicerContext[Any, Any], err: GatewayError, message_id: str
+    ) -> bytes:
+        await abort(context, err.code, err.message, message_id)
+        return b""  # not reached: abort raises
+
+
+_STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}

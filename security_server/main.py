@@ -1,0 +1,176 @@
+"""`gateway server serve`: the security server process.
+
+Start-up order: load keys and the anchor, open the message log, load the cached
+configuration (or wait for the registry), then open the provider endpoint (mutual TLS)
+and the consumer endpoint. On stop, both endpoints drain, then the log is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import grpc
+import structlog
+
+from gateway.configuration import Anchor, GlobalConfiguration
+from gateway.identifiers import MemberId, SecurityServerId
+from gateway.replay import ReplayGuard
+from gateway.settings import database_url
+from gateway.signing import EcdsaSigner, load_certificate, load_private_key, pem_bundle
+from security_server.config_client import ConfigurationClient
+from security_server.consumer import ConsumerService
+from security_server.message_log import MessageLog
+from security_server.node import Node, load_subject_secret
+from security_server.peers import PeerPool
+from security_server.provider import BackendClient, ProviderService
+from security_server.settings import ServerSettings
+
+log = structlog.get_logger("security_server")
+
+# room for the envelope around a body at the size limit
+_FRAME_OVERHEAD = 64 * 1024
+
+
+def _clock() -> datetime:
+    return datetime.now(UTC)
+
+
+def _ca_pem(config: GlobalConfiguration) -> bytes:
+    return pem_bundle(config.ca_certificates)
+
+
+class TlsRoots:
+    """Server credentials whose client-CA list follows the current configuration."""
+
+    def __init__(self, config: ConfigurationClient, certificate: bytes, key: bytes) -> None:
+        self.config = config
+        self.certificate = certificate
+        self.key = key
+        self._served: bytes | None = None
+
+    def current(self) -> Any:
+        assert self.config.current is not None
+        roots = _ca_pem(self.config.current)
+        self._served = roots
+        return grpc.ssl_server_certificate_configuration(
+            [(self.key, self.certificate)], root_certificates=roots
+        )
+
+    def fetch(self) -> Any:
+        # called by gRPC before each handshake: None keeps the current credentials
+        if self.config.current is None or _ca_pem(self.config.current) == self._served:
+            return None
+        return self.current()
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.dynamic_ssl_server_credentials(
+            self.current(), self.fetch, require_client_authentication=True
+        )
+
+
+async def serve(
+    settings: ServerSettings,
+    *,
+    base: Path,
+    stop: asyncio.Event,
+    on_ready: Callable[[dict[str, Any]], None],
+) -> None:
+    server_id = SecurityServerId.parse(settings.server.id)
+    anchor = Anchor.from_json(json.loads(settings.server.anchor.read_text()))
+    signers = {
+        MemberId.parse(member): EcdsaSigner(
+            load_private_key(paths.key.read_bytes()),
+            load_certificate(paths.certificate.read_bytes()),
+        )
+        for member, paths in settings.signing.items()
+    }
+    state_dir = settings.server.state_dir
+    state_dir.mkdir(parents=True, exist_ok=True)
+    config = ConfigurationClient(
+        anchor=anchor, cache_file=state_dir / "configuration.json", clock=_clock
+    )
+    config.load_cached()
+    message_log = await MessageLog.open(
+        database_url(settings.log.database, base=base), max_batch=settings.log.max_batch
+    )
+    replay = ReplayGuard(window=timedelta(seconds=settings.limits.clock_skew_seconds))
+    node = Node(
+        server_id=server_id,
+        signers=signers,
+        config=config,
+        log=message_log,
+        limits=settings.limits,
+        replay=replay,
+        subject_secret=load_subject_secret(state_dir),
+        clock=_clock,
+    )
+    now = _clock()
+    replay.preload(await message_log.recent_message_ids(now - 2 * node.skew, "provider"), now)
+    watcher = asyncio.create_task(config.run(), name="configuration-watch")
+    max_frame = settings.limits.max_message_bytes + _FRAME_OVERHEAD
+    tls_cert = settings.provider.tls_certificate.read_bytes()
+    tls_key = settings.provider.tls_key.read_bytes()
+    peers = PeerPool(tls_certificate=tls_cert, tls_key=tls_key, max_bytes=max_frame)
+    backends = BackendClient(dict(settings.backends), max_frame)
+    servers: list[grpc.aio.Server] = []
+    try:
+        if config.current is None:
+            log.info("waiting_for_configuration", registry=list(anchor.addresses))
+            waiting = asyncio.ensure_future(stop.wait())
+            await asyncio.wait(
+                {waiting, asyncio.ensure_future(config.available.wait())},
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            waiting.cancel()
+            if stop.is_set():
+                return
+        provider = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", max_frame),
+                ("grpc.max_send_message_length", max_frame),
+            ]
+        )
+        provider.add_generic_rpc_handlers((ProviderService(node, backends).handler(),))
+        provider_port = provider.add_secure_port(
+            settings.provider.listen, TlsRoots(config, tls_cert, tls_key).credentials()
+        )
+        # bodies up to twice the limit reach our code, which refuses and logs them with
+        # body_too_large; larger ones are cut off by gRPC itself
+        consumer_max = max(
+            2 * settings.limits.max_message_bytes, settings.limits.max_message_bytes + (1 << 20)
+        )
+        consumer = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", consumer_max),
+                ("grpc.max_send_message_length", max_frame),
+            ],
+            maximum_concurrent_rpcs=settings.limits.max_concurrent_calls,
+        )
+        consumer.add_generic_rpc_handlers((ConsumerService(node, peers),))
+        consumer_port = consumer.add_insecure_port(settings.consumer.listen)
+        for s in (provider, consumer):
+            await s.start()
+            servers.append(s)
+        ready = {
+            "server": str(server_id),
+            "provider": f"{settings.provider.listen.rsplit(':', 1)[0]}:{provider_port}",
+            "consumer": f"{settings.consumer.listen.rsplit(':', 1)[0]}:{consumer_port}",
+        }
+        log.info("security_server_started", **ready)
+        on_ready(ready)
+        await stop.wait()
+    finally:
+        for s in servers:
+            await s.stop(grace=2.0)
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        await peers.close()
+        await backends.close()
+        await message_log.close()

@@ -1,0 +1,196 @@
+"""The message log: one durable, hash-chained record per request, response and refusal.
+
+`append` returns only when the record is committed (fail closed: the caller forwards or
+answers nothing before). Durability at speed comes from group commit: one writer task
+takes every record queued while the previous transaction was committing, chains them in
+order and writes them in one transaction (one fsync). SQLite runs in WAL mode with
+`synchronous=FULL`.
+
+Database errors are translated here into `UnavailableError(LOG_UNAVAILABLE)`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+import structlog
+from sqlalchemy import event
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from gateway.audit import RECORD_FIELDS, ChainedRecord, ChainHead, FieldValue
+from gateway.errors import Code, UnavailableError
+from gateway.timeutil import format_time
+
+log = structlog.get_logger("security_server.message_log")
+
+metadata = sa.MetaData()
+
+_BINARY = {"header", "signature"}
+
+message_log = sa.Table(
+    "message_log",
+    metadata,
+    sa.Column("seq", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("prev_hash", sa.LargeBinary(32), nullable=False),
+    sa.Column("hash", sa.LargeBinary(32), nullable=False),
+    *(
+        sa.Column(name, sa.LargeBinary if name in _BINARY else sa.Text, nullable=True)
+        for name in RECORD_FIELDS
+    ),
+    sa.Index("ix_message_log_message_id", "message_id"),
+    sa.Index("ix_message_log_logged_at", "logged_at"),
+)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.close()
+
+
+def _row_to_record(row: Any) -> ChainedRecord:
+    m = row._mapping
+    return ChainedRecord(
+        seq=int(m["seq"]),
+        prev_hash=bytes(m["prev_hash"]),
+        hash=bytes(m["hash"]),
+        fields={
+            name: (bytes(m[name]) if isinstance(m[name], bytes | memoryview) else m[name])
+            for name in RECORD_FIELDS
+        },
+    )
+
+
+class MessageLog:
+    def __init__(self, engine: AsyncEngine, head: ChainHead, max_batch: int) -> None:
+        self.engine = engine
+        self.head = head
+        self.max_batch = max_batch
+        self._pending: list[tuple[Mapping[str, FieldValue], asyncio.Future[int]]] = []
+        self._wake = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._closing = False
+        self.batches_written = 0
+        self.records_written = 0
+
+    @classmethod
+    async def open(cls, url: str, *, max_batch: int = 512) -> MessageLog:
+        engine = create_async_engine(url)
+        if engine.dialect.name == "sqlite":
+            event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        async with engine.begin() as conn:
+            await conn.run_sync(metadata.create_all)
+            row = (
+                await conn.execute(
+                    sa.select(message_log.c.seq, message_log.c.hash)
+                    .order_by(message_log.c.seq.desc())
+                    .limit(1)
+                )
+            ).first()
+        head = (
+            ChainHead()
+            if row is None
+            else ChainHead(next_seq=int(row.seq) + 1, last_hash=bytes(row.hash))
+        )
+        self = cls(engine, head, max_batch)
+        self._writer = asyncio.create_task(self._write_loop(), name="message-log-writer")
+        return self
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            # the writer drains what is queued, then stops
+            self._closing = True
+            self._wake.set()
+            await self._writer
+        await self.engine.dispose()
+
+    async def append(self, fields: Mapping[str, FieldValue]) -> int:
+        """Append one record; return its sequence number once it is durable."""
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._pending.append((fields, future))
+        self._wake.set()
+        return await future
+
+    async def _write_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                batch = self._pending[: self.max_batch]
+                del self._pending[: self.max_batch]
+                await self._write_batch(batch)
+            if self._closing:
+                return
+
+    async def _write_batch(
+        self, batch: list[tuple[Mapping[str, FieldValue], asyncio.Future[int]]]
+    ) -> None:
+        saved = ChainHead(self.head.next_seq, self.head.last_hash)
+        records = [self.head.link(fields) for fields, _ in batch]
+        rows = [
+            {"seq": r.seq, "prev_hash": r.prev_hash, "hash": r.hash, **r.fields} for r in records
+        ]
+        try:
+            async with self.engine.begin() as conn:
+                await conn.execute(message_log.insert(), rows)
+        except (SQLAlchemyError, OSError) as exc:
+            self.head = saved
+            log.error("message_log_write_failed", error=str(exc), records=len(batch))
+            error = UnavailableError(
+                "the message log cannot be written; the call was not forwarded",
+                code=Code.LOG_UNAVAILABLE,
+            )
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+            return
+        self.batches_written += 1
+        self.records_written += len(batch)
+        for record, (_, future) in zip(records, batch, strict=True):
+            if not future.done():
+                future.set_result(record.seq)
+
+    async def recent_message_ids(self, since: datetime, role: str) -> set[str]:
+        """Message ids of requests accepted in this role since a moment (for replay checks)."""
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                sa.select(message_log.c.message_id).where(
+                    message_log.c.role == role,
+                    message_log.c.kind == "request",
+                    message_log.c.logged_at >= format_time(since),
+                )
+            )
+            return {r.message_id for r in rows}
+
+    async def records(self, *, message_id: str | None = None) -> list[ChainedRecord]:
+        query = sa.select(message_log).order_by(message_log.c.seq)
+        if message_id is not None:
+            query = query.where(message_log.c.message_id == message_id)
+        async with self.engine.connect() as conn:
+            return [_row_to_record(r) for r in await conn.execute(query)]
+
+
+async def iterate_records(engine: AsyncEngine, batch: int = 5000) -> AsyncIterator[ChainedRecord]:
+    """Every record in sequence order, read in batches (for verification of large logs)."""
+    after = 0
+    while True:
+        async with engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    sa.select(message_log)
+                    .where(message_log.c.seq > after)
+                    .order_by(message_log.c.seq)
+                    .limit(batch)
+                )
+            ).all()
+        if not rows:
+            return
+        for row in rows:
+            yield _row_to_record(row)
+        after = int(rows[-1].seq)

@@ -1,0 +1,68 @@
+"""What both endpoints of one security server share: identity, keys, configuration, log."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from gateway.configuration import GlobalConfiguration
+from gateway.errors import Code, GatewayError
+from gateway.identifiers import MemberId, SecurityServerId, SubsystemId
+from gateway.pseudonym import subject_pseudonym
+from gateway.replay import ReplayGuard
+from gateway.signing import EcdsaSigner
+from security_server.config_client import ConfigurationClient
+from security_server.message_log import MessageLog
+from security_server.settings import LimitsSection
+
+
+@dataclass(slots=True, kw_only=True)
+class Node:
+    server_id: SecurityServerId
+    signers: dict[MemberId, EcdsaSigner]
+    config: ConfigurationClient
+    log: MessageLog
+    limits: LimitsSection
+    replay: ReplayGuard
+    subject_secret: bytes
+    clock: Callable[[], datetime]
+
+    def signer_for(self, member: MemberId) -> EcdsaSigner:
+        signer = self.signers.get(member)
+        if signer is None:
+            raise GatewayError(
+                f"security server {self.server_id} holds no signing key for member {member}",
+                code=Code.CLIENT_NOT_SERVED,
+            )
+        return signer
+
+    def pseudonym(self, subject: str | None) -> str | None:
+        return None if subject is None else subject_pseudonym(self.subject_secret, subject)
+
+    def hosts(self, config: GlobalConfiguration, subsystem: SubsystemId) -> bool:
+        return any(s.id == self.server_id for s in config.servers_hosting(subsystem))
+
+    @property
+    def skew(self) -> timedelta:
+        return timedelta(seconds=self.limits.clock_skew_seconds)
+
+
+def load_subject_secret(state_dir: Path) -> bytes:
+    """The per-server secret of subject pseudonyms, created on first start (mode 0600)."""
+    path = state_dir / "subject-pseudonym.key"
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        pass
+    state_dir.mkdir(parents=True, exist_ok=True)
+    secret = secrets.token_bytes(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(secret)
+        f.flush()
+        os.fsync(f.fileno())
+    return secret

@@ -1,0 +1,421 @@
+"""Provider endpoint: the mutual-TLS side that peer security servers call.
+
+For every stream it checks that the TLS peer's certificate is the authentication
+certificate registered for a security server in the global configuration; for every
+request on it, that the peer is a server of the client's member, that the envelope is
+well formed, signed by the client member's signing certificate from a trusted CA, fresh
+and not replayed, that the service is provided here, and that an agreement in force
+covers (client, service, purpose). Only then is the request logged durably and passed to
+the backend; the backend's answer is signed, logged and returned. Every refusal is logged
+and answered with a stable code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import structlog
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from gateway.audit import RecordKind, Role
+from gateway.configuration import GlobalConfiguration, SecurityServer
+from gateway.envelope import (
+    RequestHeader,
+    ResponseHeader,
+    check_body,
+    decode_request,
+    sha256_hex,
+)
+from gateway.errors import Code, GatewayError, TrustError, UnavailableError
+from gateway.signing import certificate_sha256, verify_signature
+from gateway.v1 import exchange_pb2 as pb
+from security_server.node import Node
+from security_server.records import record
+from security_server.status import abort
+
+log = structlog.get_logger("security_server.provider")
+
+
+def peer_certificate_sha256(context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
+    """SHA-256 of the DER of the TLS peer's certificate, or None without one."""
+    pems = context.auth_context().get("x509_pem_cert")
+    if not pems:
+        return None
+    der = x509.load_pem_x509_certificate(next(iter(pems))).public_bytes(serialization.Encoding.DER)
+    return hashlib.sha256(der).hexdigest()
+
+
+def registered_peer(config: GlobalConfiguration, fingerprint: str | None) -> SecurityServer:
+    server = config.servers_by_auth_sha256.get(fingerprint or "")
+    if server is None:
+        raise TrustError(
+            "the TLS client certificate is not the authentication certificate of any "
+            "security server registered in the global configuration",
+            code=Code.PEER_NOT_REGISTERED,
+        )
+    return server
+
+
+class BackendClient:
+    """Plain gRPC calls to the provider's backends, forwarding opaque bytes."""
+
+    def __init__(self, addresses: dict[str, str], max_bytes: int) -> None:
+        self.addresses = addresses
+        self.max_bytes = max_bytes
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._methods: dict[tuple[str, str], Any] = {}
+
+    def _method(self, address: str, method: str) -> Any:
+        key = (address, method)
+        callable_ = self._methods.get(key)
+        if callable_ is None:
+            channel = self._channels.get(address)
+            if channel is None:
+                channel = grpc.aio.insecure_channel(
+                    address,
+                    options=[
+                        ("grpc.max_send_message_length", self.max_bytes),
+                        ("grpc.max_receive_message_length", self.max_bytes),
+                    ],
+                )
+                self._channels[address] = channel
+            callable_ = channel.unary_unary(method, None, None)
+            if len(self._methods) < 10_000:
+                self._methods[key] = callable_
+        return callable_
+
+    async def call(
+        self, service: str, method: str, body: bytes, wait_seconds: float
+    ) -> tuple[int, str, bytes]:
+        """(gRPC status number, message, response bytes) of the backend's answer."""
+        address = self.addresses[service]
+        try:
+            answer = await self._method(address, method)(body, timeout=wait_seconds)
+            return 0, "", bytes(answer)
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            if code == grpc.StatusCode.UNAVAILABLE:
+                raise UnavailableError(
+                    f"the provider's backend for {service} is unavailable; retry later",
+                    code=Code.BACKEND_UNAVAILABLE,
+                ) from None
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise GatewayError(
+                    f"the provider's backend for {service} did not answer within the deadline",
+                    code=Code.DEADLINE_EXCEEDED,
+                ) from None
+            return int(code.value[0]), str(exc.details() or ""), b""
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close(None)
+
+
+class ProviderService:
+    def __init__(self, node: Node, backends: BackendClient) -> None:
+        self.node = node
+        self.backends = backends
+        self.slots = asyncio.Semaphore(node.limits.max_concurrent_calls)
+
+    def handler(self) -> grpc.GenericRpcHandler[Any, Any]:
+        return grpc.method_handlers_generic_handler(
+            "gateway.v1.Exchange",
+            {
+                "Exchange": grpc.stream_stream_rpc_method_handler(
+                    self.exchange,
+                    request_deserializer=pb.Frame.FromString,
+                    response_serializer=pb.Frame.SerializeToString,
+                )
+            },
+        )
+
+    async def exchange(
+        self, frames: AsyncIterator[pb.Frame], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.Frame]:
+        node = self.node
+        fingerprint = peer_certificate_sha256(context)
+        now = node.clock()
+        try:
+            peer = registered_peer(node.config.require(now), fingerprint)
+        except GatewayError as err:
+            log.warning(
+                "peer_refused",
+                code=err.code.value,
+                peer_certificate=fingerprint,
+                peer=context.peer(),
+            )
+            await node.log.append(
+                record(
+                    kind=RecordKind.REFUSAL,
+                    role=Role.PROVIDER,
+                    logged_at=now,
+                    message_id=None,
+                    peer=f"certificate:{fingerprint}",
+                    status="refused",
+                    error_code=err.code.value,
+                    error_message=err.message,
+                )
+            )
+            await abort(context, err.code, err.message, None)
+            return
+        log.info("peer_stream_opened", peer=str(peer.id))
+        out: asyncio.Queue[pb.Frame | None] = asyncio.Queue()
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def pump() -> None:
+            try:
+                async for frame in frames:
+                    await self.slots.acquire()
+                    task = asyncio.create_task(self._handle(frame, fingerprint, out))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                    task.add_done_callback(lambda _: self.slots.release())
+            except (grpc.aio.AioRpcError, asyncio.CancelledError):
+                pass
+            finally:
+                if tasks:
+                    await asyncio.gather(*tasks, return_exceptions=True)
+                out.put_nowait(None)
+
+        pumping = asyncio.create_task(pump())
+        try:
+            while (frame := await out.get()) is not None:
+                yield frame
+        finally:
+            pumping.cancel()
+
+    async def _handle(
+        self, frame: pb.Frame, fingerprint: str | None, out: asyncio.Queue[pb.Frame | None]
+    ) -> None:
+        started = time.perf_counter()
+        try:
+            out.put_nowait(await self._process(frame, fingerprint, started))
+        except Exception:  # never let one message take the stream down
+            log.exception("provider_internal_error")
+            out.put_nowait(
+                pb.Frame(
+                    correlation_id=frame.correlation_id,
+                    refusal=pb.Refusal(
+                        code=Code.INTERNAL.value, message="internal error in the provider's server"
+                    ),
+                )
+            )
+
+    async def _process(self, frame: pb.Frame, fingerprint: str | None, started: float) -> pb.Frame:
+        node = self.node
+        env = frame.request
+        now = node.clock()
+        header: RequestHeader | None = None
+        peer_name = f"certificate:{fingerprint}"
+        signer_sha = certificate_sha256(env.signer_certificate) if env.signer_certificate else None
+        try:
+            config = node.config.require(now)
+            peer = registered_peer(config, fingerprint)
+            peer_name = str(peer.id)
+            if not frame.HasField("request"):
+                raise TrustError("expected a request frame", code=Code.MALFORMED_ENVELOPE)
+            if len(env.body) > node.limits.max_message_bytes:
+                raise GatewayError(
+                    f"the request body has {len(env.body)} bytes, over the limit of "
+                    f"{node.limits.max_message_bytes}",
+                    code=Code.BODY_TOO_LARGE,
+                )
+            header = decode_request(env.header)
+            if header.sender != peer.id or header.client.member != peer.id.owner:
+                raise TrustError(
+                    f"the TLS peer {peer.id} is not a security server of the client's member "
+                    f"{header.client.member}",
+                    code=Code.PEER_MEMBER_MISMATCH,
+                )
+            certificate, member = config.trust.signing_member(env.signer_certificate, now)
+            if member != header.client.member:
+                raise TrustError(
+                    f"the request is signed by member {member}, not by the client's member",
+                    code=Code.UNTRUSTED_SIGNER,
+                )
+            verify_signature(certificate, env.header, env.signature)
+            check_body(header.body_sha256, env.body)
+            node.replay.check_fresh(header.created_at, now)
+            node.replay.remember(header.message_id, now)
+            service = config.services.get(header.service)
+            if service is None or not node.hosts(config, header.service.subsystem):
+                raise GatewayError(
+                    f"service {header.service} is not provided by this security server",
+                    code=Code.UNKNOWN_SERVICE,
+                )
+            if service.methods and header.method not in service.methods:
+                raise GatewayError(
+                    f"method {header.method} is not part of service {header.service}",
+                    code=Code.UNKNOWN_METHOD,
+                )
+            config.agreements.decide(header.client, header.service, header.purpose, now)
+            if str(header.service) not in self.backends.addresses:
+                raise UnavailableError(
+                    f"no backend is configured for {header.service} on this server",
+                    code=Code.BACKEND_UNAVAILABLE,
+                )
+            signer = node.signer_for(header.service.member)
+        except GatewayError as err:
+            return await self._refuse(frame, err, header, peer_name, signer_sha, started)
+
+        common: dict[str, Any] = {
+            "message_id": header.message_id,
+            "client": str(header.client),
+            "service": str(header.service),
+            "method": header.method,
+            "purpose": header.purpose,
+            "user_id": header.user_id,
+            "subject_ref": node.pseudonym(header.subject),
+            "peer": peer_name,
+        }
+        try:
+            await node.log.append(
+                record(
+                    kind=RecordKind.REQUEST,
+                    role=Role.PROVIDER,
+                    logged_at=now,
+                    header=env.header,
+                    signature=env.signature,
+                    signer_certificate_sha256=signer_sha,
+                    body_sha256=header.body_sha256,
+                    **common,
+                )
+            )
+        except GatewayError as err:
+            return self._refusal(frame, err, header.message_id, started, 0)
+
+        wait = min(
+            frame.timeout_ms / 1000 if frame.timeout_ms else 1e9, node.limits.deadline_seconds
+        )
+        backend_started = time.perf_counter()
+        try:
+            status, message, body = await self.backends.call(
+                str(header.service), header.method, env.body, wait
+            )
+        except GatewayError as err:
+            backend_micros = int((time.perf_counter() - backend_started) * 1e6)
+            await self._log_failure(RecordKind.RESPONSE, err, now, common)
+            return self._refusal(frame, err, header.message_id, started, backend_micros)
+        backend_micros = int((time.perf_counter() - backend_started) * 1e6)
+
+        response = ResponseHeader(
+            message_id=header.message_id,
+            request_sha256=sha256_hex(env.header),
+            service=header.service,
+            sender=node.server_id,
+            created_at=node.clock(),
+            body_sha256=sha256_hex(body),
+            grpc_status=status,
+            grpc_message=message[:1024],
+        )
+        response_bytes = response.encode()
+        signature = signer.sign(response_bytes)
+        try:
+            await node.log.append(
+                record(
+                    kind=RecordKind.RESPONSE,
+                    role=Role.PROVIDER,
+                    logged_at=response.created_at,
+                    header=response_bytes,
+                    signature=signature,
+                    signer_certificate_sha256=certificate_sha256(signer.certificate_der),
+                    body_sha256=response.body_sha256,
+                    status="ok" if status == 0 else "backend_error",
+                    error_message=message or None,
+                    **common,
+                )
+            )
+        except GatewayError as err:
+            return self._refusal(frame, err, header.message_id, started, backend_micros)
+        return pb.Frame(
+            correlation_id=frame.correlation_id,
+            response=pb.SignedEnvelope(
+                header=response_bytes,
+                body=body,
+                signature=signature,
+                signer_certificate=signer.certificate_der,
+            ),
+            provider_micros=int((time.perf_counter() - started) * 1e6),
+            backend_micros=backend_micros,
+        )
+
+    async def _log_failure(
+        self, kind: RecordKind, err: GatewayError, now: Any, common: dict[str, Any]
+    ) -> None:
+        try:
+            await self.node.log.append(
+                record(
+                    kind=kind,
+                    role=Role.PROVIDER,
+                    logged_at=now,
+                    status="error",
+                    error_code=err.code.value,
+                    error_message=err.message,
+                    **common,
+                )
+            )
+        except GatewayError:
+            log.error("refusal_not_logged", code=err.code.value)
+
+    async def _refuse(
+        self,
+        frame: pb.Frame,
+        err: GatewayError,
+        header: RequestHeader | None,
+        peer_name: str,
+        signer_sha: str | None,
+        started: float,
+    ) -> pb.Frame:
+        env = frame.request
+        node = self.node
+        message_id = header.message_id if header else None
+        log.warning("request_refused", code=err.code.value, peer=peer_name, message_id=message_id)
+        try:
+            await node.log.append(
+                record(
+                    kind=RecordKind.REFUSAL,
+                    role=Role.PROVIDER,
+                    logged_at=node.clock(),
+                    message_id=message_id,
+                    client=str(header.client) if header else None,
+                    service=str(header.service) if header else None,
+                    method=header.method if header else None,
+                    purpose=header.purpose if header else None,
+                    user_id=header.user_id if header else None,
+                    subject_ref=node.pseudonym(header.subject) if header else None,
+                    peer=peer_name,
+                    header=env.header or None,
+                    signature=env.signature or None,
+                    signer_certificate_sha256=signer_sha,
+                    body_sha256=sha256_hex(env.body),
+                    status="refused",
+                    error_code=err.code.value,
+                    error_message=err.message,
+                )
+            )
+        except GatewayError:
+            log.error("refusal_not_logged", code=err.code.value)
+        return self._refusal(frame, err, message_id, started, 0)
+
+    @staticmethod
+    def _refusal(
+        frame: pb.Frame,
+        err: GatewayError,
+        message_id: str | None,
+        started: float,
+        backend_micros: int,
+    ) -> pb.Frame:
+        return pb.Frame(
+            correlation_id=frame.correlation_id,
+            refusal=pb.Refusal(
+                code=err.code.value, message=err.message, message_id=message_id or ""
+            ),
+            provider_micros=int((time.perf_counter() - started) * 1e6),
+            backend_micros=backend_micros,
+        )

@@ -1,0 +1,59 @@
+"""The fields of message log records, built in one place for both endpoints."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from gateway.audit import RECORD_FIELDS, FieldValue, RecordKind, Role
+from gateway.timeutil import format_time
+
+_MAX_TEXT = 256
+
+
+def _clip(value: str | None) -> str | None:
+    return None if value is None else value[:_MAX_TEXT]
+
+
+def record(
+    *,
+    kind: RecordKind,
+    role: Role,
+    logged_at: datetime,
+    message_id: str | None,
+    client: str | None = None,
+    service: str | None = None,
+    method: str | None = None,
+    purpose: str | None = None,
+    user_id: str | None = None,
+    subject_ref: str | None = None,
+    peer: str | None = None,
+    header: bytes | None = None,
+    signature: bytes | None = None,
+    signer_certificate_sha256: str | None = None,
+    body_sha256: str | None = None,
+    status: str = "ok",
+    error_code: str | None = None,
+    error_message: str | None = None,
+) -> dict[str, FieldValue]:
+    fields: dict[str, FieldValue] = {
+        "logged_at": format_time(logged_at),
+        "message_id": _clip(message_id),
+        "kind": kind.value,
+        "role": role.value,
+        "client": _clip(client),
+        "service": _clip(service),
+        "method": _clip(method),
+        "purpose": _clip(purpose),
+        "user_id": _clip(user_id),
+        "subject_ref": subject_ref,
+        "peer": _clip(peer),
+        "header": header,
+        "signature": signature,
+        "signer_certificate_sha256": signer_certificate_sha256,
+        "body_sha256": body_sha256,
+        "status": status,
+        "error_code": error_code,
+        "error_message": _clip(error_message),
+    }
+    assert tuple(fields) == RECORD_FIELDS
+    return fields

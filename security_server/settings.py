@@ -1,0 +1,74 @@
+"""The security server's configuration file (TOML), parsed once at start-up.
+
+Every key is documented here and in the README; unknown keys are rejected with their
+path, and any value can be overridden by `GATEWAY_<SECTION>_<KEY>`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServerSection:
+    # this server's identifier, INSTANCE/CLASS/CODE/SERVERCODE
+    id: str
+    # the instance anchor (JSON) the configuration is verified against
+    anchor: Path
+    # folder for the cached configuration and the pseudonym secret
+    state_dir: Path
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConsumerSection:
+    # host:port where local backends call (plain gRPC: bind it to loopback or a private network)
+    listen: str = "127.0.0.1:8080"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProviderSection:
+    # host:port of the mutual-TLS endpoint that peer security servers call
+    listen: str = "0.0.0.0:5500"
+    # this server's authentication (TLS) certificate and key, PEM
+    tls_certificate: Path
+    tls_key: Path
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SigningKey:
+    certificate: Path
+    key: Path
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LogSection:
+    # SQLite file path (relative to the config file) or a database URL
+    database: str = "messagelog.db"
+    # largest number of records written in one transaction (group commit)
+    max_batch: int = 512
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LimitsSection:
+    # largest request or response body, in bytes
+    max_message_bytes: int = 4 * 1024 * 1024
+    # deadline for a call when the caller sets none, in seconds
+    deadline_seconds: float = 30.0
+    # calls handled at once on each endpoint; more wait
+    max_concurrent_calls: int = 1000
+    # how far a peer's clock may differ; also how long message ids are remembered for replays
+    clock_skew_seconds: float = 300.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServerSettings:
+    server: ServerSection
+    provider: ProviderSection
+    # signing key and certificate per member whose subsystems this server hosts
+    signing: dict[str, SigningKey]
+    consumer: ConsumerSection = field(default_factory=ConsumerSection)
+    log: LogSection = field(default_factory=LogSection)
+    limits: LimitsSection = field(default_factory=LimitsSection)
+    # backend address (host:port, plain gRPC) per service id this server provides
+    backends: dict[str, str] = field(default_factory=dict)
