@@ -63,8 +63,9 @@ def record_hash(seq: int, prev_hash: bytes, fields: Mapping[str, FieldValue]) ->
     """The chain hash of record `seq` with these fields, following `prev_hash`."""
     if set(fields) != set(RECORD_FIELDS):
         raise ValueError(f"record fields must be exactly {RECORD_FIELDS}")
+    # bytes are tagged so that a text value can never stand for a binary one
     encoded = {
-        k: base64.b64encode(v).decode("ascii") if isinstance(v, bytes) else v
+        k: {"b64": base64.b64encode(v).decode("ascii")} if isinstance(v, bytes) else v
         for k, v in fields.items()
     }
     h = hashlib.sha256(_TAG)

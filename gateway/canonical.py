@@ -32,8 +32,20 @@ def _reject_duplicates(pairs: list[tuple[str, JsonValue]]) -> dict[str, JsonValu
     return out
 
 
+def _check_encodable(value: JsonValue) -> None:
+    if isinstance(value, float):
+        raise NotCanonicalError(f"floating-point number {value!r} is not allowed")
+    if isinstance(value, dict):
+        for item in value.values():
+            _check_encodable(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            _check_encodable(item)
+
+
 def encode(value: JsonValue) -> bytes:
-    """The canonical bytes of a JSON value."""
+    """The canonical bytes of a JSON value; `NotCanonicalError` for floats."""
+    _check_encodable(value)
     return json.dumps(
         value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
     ).encode("utf-8")
@@ -49,10 +61,12 @@ def decode(data: bytes) -> JsonValue:
             parse_float=_reject_floats,
             parse_constant=_reject_floats,
         )
+        canonical = encode(value)
     except NotCanonicalError:
         raise
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:
+        # JSONDecodeError, UnicodeError (lone surrogates), the integer digit limit
         raise NotCanonicalError(f"not valid JSON: {exc}") from None
-    if encode(value) != data:
+    if canonical != data:
         raise NotCanonicalError("JSON is valid but not in canonical form")
     return value

@@ -150,7 +150,8 @@ def _fields(data: bytes, kind: str, keys: set[str]) -> dict[str, Any]:
         raise _malformed("not a JSON object")
     if set(value) != keys:
         raise _malformed(f"fields {sorted(value)} differ from {sorted(keys)}")
-    if value["v"] != PROTOCOL_VERSION or value["type"] != kind:
+    version = value["v"]
+    if type(version) is not int or version != PROTOCOL_VERSION or value["type"] != kind:
         raise _malformed(f"not a version {PROTOCOL_VERSION} {kind} header")
     return value
 

@@ -14,7 +14,7 @@ def format_time(moment: datetime) -> str:
     """The canonical text of an aware datetime."""
     if moment.tzinfo is None:
         raise ValueError("naive datetime: every time in the gateway is timezone-aware UTC")
-    return moment.astimezone(UTC).strftime(_FORMAT)
+    return moment.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def parse_time(text: str) -> datetime:

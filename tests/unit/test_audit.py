@@ -290,3 +290,13 @@ def test_appending_after_a_verified_head_extends_the_chain() -> None:
     more = [head.link(fields_for(i)) for i in range(N + 1, N + 4)]
     assert [r.seq for r in more] == [21, 22, 23]
     assert verify_chain(records + more).next_seq == 24
+
+
+def test_binary_field_cannot_be_replaced_by_its_base64_text() -> None:
+    """A bytes field and the base64 text of the same bytes hash differently."""
+    import base64
+
+    fields = fields_for(1)
+    fields["header"] = b"\x00\x01"
+    as_text = {**fields, "header": base64.b64encode(b"\x00\x01").decode()}
+    assert record_hash(1, GENESIS, fields) != record_hash(1, GENESIS, as_text)

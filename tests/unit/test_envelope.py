@@ -198,11 +198,6 @@ def test_decode_request_names_the_malformed_client() -> None:
     assert "malformed" in err.message
 
 
-@pytest.mark.xfail(
-    reason="BUG: envelope._fields checks `value['v'] != PROTOCOL_VERSION`, and True == 1 in "
-    'Python, so a header with "v":true is accepted (and decoded.encode() != the signed bytes)',
-    strict=True,
-)
 @pytest.mark.parametrize(
     ("make", "decode"),
     [
@@ -394,13 +389,6 @@ def test_property_decode_fuzzed_headers_raises_only_gateway_errors(data: st.Data
     assert codes in ([], [Code.MALFORMED_ENVELOPE])
 
 
-@pytest.mark.xfail(
-    reason="BUG: canonical.decode raises UnicodeEncodeError / plain ValueError (not "
-    "NotCanonicalError) for a lone-surrogate escape or an integer over 4300 digits, and "
-    "envelope._fields only catches NotCanonicalError, so a peer's bytes escape as a non-"
-    "GatewayError",
-    strict=True,
-)
 @pytest.mark.parametrize(
     "data", [b'"\\ud800"', b'{"message_id":"\\udfff"}', b"9" * 5000], ids=["hi", "lo", "bigint"]
 )
