@@ -54,7 +54,7 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def _row_to_record(row: Any) -> ChainedRecord:
+def row_to_record(row: Any) -> ChainedRecord:
     m = row._mapping
     return ChainedRecord(
         seq=int(m["seq"]),
@@ -173,7 +173,7 @@ class MessageLog:
         if message_id is not None:
             query = query.where(message_log.c.message_id == message_id)
         async with self.engine.connect() as conn:
-            return [_row_to_record(r) for r in await conn.execute(query)]
+            return [row_to_record(r) for r in await conn.execute(query)]
 
 
 async def iterate_records(engine: AsyncEngine, batch: int = 5000) -> AsyncIterator[ChainedRecord]:
@@ -192,5 +192,5 @@ async def iterate_records(engine: AsyncEngine, batch: int = 5000) -> AsyncIterat
         if not rows:
             return
         for row in rows:
-            yield _row_to_record(row)
+            yield row_to_record(row)
         after = int(rows[-1].seq)

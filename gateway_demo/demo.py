@@ -1,0 +1,245 @@
+"""`gateway demo` (`make demo`): the whole product on one machine, as real processes.
+
+Generates a development PKI, starts the registry, two security servers and two sample
+backends, then shows: an allowed call, a call refused for want of an agreement, a call
+refused for a purpose the agreement does not cover, the log records of both sides for
+the allowed call, and both logs verified by the auditor's command. With
+`--keep-running`, it leaves the topology up and describes it in `WORKDIR/topology.json`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from gateway.settings import database_url
+from gateway_demo.client import Outcome, call_raw, routing_metadata
+from gateway_demo.generated import population_pb2 as population
+from gateway_demo.generated import vaccination_pb2 as vaccination
+from gateway_demo.runner import DEMO_BACKENDS, Runner
+from security_server.audit import read_records
+
+PROTOS = Path(__file__).resolve().parent / "protos"
+MSP, DNIC = "UY/GOV/MSP/ss1", "UY/GOV/DNIC/ss1"
+CLINICS, IDENTITY = "UY/GOV/MSP/clinics", "UY/GOV/DNIC/identity"
+POPULATION, VACCINATION = "UY/GOV/DNIC/identity/population/v1", "UY/GOV/MSP/clinics/vaccination/v1"
+GET_PERSON = "/demo.population.v1.PopulationRegistry/GetPerson"
+GET_RECORD = "/demo.vaccination.v1.VaccinationRegister/GetRecord"
+
+EXAMPLES: dict[str, tuple[str, dict[str, Any]]] = {
+    GET_PERSON: ("population.proto", {"national_id": "1.234.567-8"}),
+    "/demo.population.v1.PopulationRegistry/Echo": ("population.proto", {"payload": "aGVsbG8="}),
+    GET_RECORD: ("vaccination.proto", {"national_id": "1.234.567-8"}),
+}
+
+
+def _title(text: str) -> None:
+    print(f"\n== {text}")
+
+
+def _show(outcome: Outcome) -> None:
+    if outcome.ok:
+        print(f"   status OK, message id {outcome.message_id}")
+    else:
+        print(f"   refused: {outcome.code.name} [{outcome.error}] {outcome.details}")
+        print(f"   message id {outcome.message_id}")
+
+
+async def _calls(runner: Runner) -> tuple[Outcome, Outcome, Outcome]:
+    async with (
+        grpc.aio.insecure_channel(runner.consumers[MSP]) as msp,
+        grpc.aio.insecure_channel(runner.consumers[DNIC]) as dnic,
+    ):
+        person_request = population.GetPersonRequest(national_id="1.234.567-8").SerializeToString()
+        _title("1. A clinic verifies a patient's identity at the population registry (allowed)")
+        print(f"   {CLINICS} -> {POPULATION}  purpose=healthcare-identification")
+        allowed = await call_raw(
+            msp,
+            GET_PERSON,
+            person_request,
+            routing_metadata(
+                client=CLINICS,
+                service=POPULATION,
+                purpose="healthcare-identification",
+                user_id="dr.rodriguez",
+                subject="1.234.567-8",
+            ),
+        )
+        _show(allowed)
+        if allowed.ok and allowed.body is not None:
+            person = population.Person.FromString(allowed.body)
+            print(f"   answer: {person.given_name} {person.family_name}, born {person.birth_date}")
+            print(
+                f"   timings: total {allowed.trailing.get('gateway-total-us')} us, provider "
+                f"{allowed.trailing.get('gateway-provider-us')} us, backend {allowed.trailing.get('gateway-backend-us')} us"
+            )
+
+        _title("2. The population registry reads the vaccination register (no agreement)")
+        print(f"   {IDENTITY} -> {VACCINATION}  purpose=identity-check")
+        no_agreement = await call_raw(
+            dnic,
+            GET_RECORD,
+            vaccination.GetRecordRequest(national_id="1.234.567-8").SerializeToString(),
+            routing_metadata(client=IDENTITY, service=VACCINATION, purpose="identity-check"),
+        )
+        _show(no_agreement)
+
+        _title("3. The clinic asks the population registry for marketing (purpose not covered)")
+        print(f"   {CLINICS} -> {POPULATION}  purpose=marketing")
+        wrong_purpose = await call_raw(
+            msp,
+            GET_PERSON,
+            person_request,
+            routing_metadata(client=CLINICS, service=POPULATION, purpose="marketing"),
+        )
+        _show(wrong_purpose)
+    return allowed, no_agreement, wrong_purpose
+
+
+async def _print_records(runner: Runner, message_id: str) -> None:
+    for server in (MSP, DNIC):
+        url = database_url(str(runner.log_db(server)), base=Path.cwd())
+        print(f"   {server} ({runner.log_db(server)})")
+        for r in await read_records(url, message_id):
+            f = {k: v.decode() if isinstance(v, bytes) else v for k, v in r.fields.items()}
+            print(
+                f"     #{r.seq:<3} {f['kind']:<8} {f['role']:<8} {f['logged_at']}  status={f['status']}  "
+                f"purpose={f['purpose']}  user={f['user_id']}  hash={r.hash.hex()[:16]}…"
+            )
+
+
+def _verify(runner: Runner) -> bool:
+    ok = True
+    for server in (MSP, DNIC):
+        cmd = [
+            sys.executable,
+            "-m",
+            "gateway_cli.main",
+            "audit",
+            "verify",
+            "--quiet",
+            "--db",
+            str(runner.log_db(server)),
+        ]
+        result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        print(f"   $ gateway audit verify --db {runner.log_db(server)}")
+        print(f"     {result.stdout.strip() or result.stderr.strip()}")
+        ok = ok and result.returncode == 0
+    return ok
+
+
+def describe(runner: Runner) -> dict[str, Any]:
+    """The content of `topology.json`: what a local client needs to call the demo."""
+    topology = tomllib.loads((runner.workdir / "topology.toml").read_text())
+    services = []
+    for s in topology["services"]:
+        methods = []
+        for m in s["methods"]:
+            _, example = EXAMPLES[m]
+            methods.append({"method": m, "example_request": example})
+        proto_file = EXAMPLES[s["methods"][0]][0]
+        provider = next(
+            x["id"]
+            for x in topology["servers"]
+            if "/".join(s["id"].split("/")[:4]) in x["subsystems"]
+        )
+        services.append(
+            {
+                "id": s["id"],
+                "description": s["description"],
+                "proto": str(PROTOS / proto_file),
+                "provider_server": provider,
+                "backend": runner.backends[DEMO_BACKENDS[s["id"]]],
+                "methods": methods,
+            }
+        )
+    return {
+        "instance": topology["members"][0]["id"].split("/")[0],
+        "registry": runner.registry_address,
+        "consumer_endpoints": [
+            {
+                "server": s["id"],
+                "address": runner.consumers[s["id"]],
+                "clients": s["subsystems"],
+                "tls": None,
+                "metadata": ["gateway-client", "gateway-service", "gateway-purpose"],
+            }
+            for s in topology["servers"]
+        ],
+        "services": services,
+        "agreements": [
+            {
+                "id": a["id"],
+                "client": a["client"],
+                "service": a["service"],
+                "purposes": a["purposes"],
+                "valid_from": str(a["valid_from"]),
+                "valid_until": str(a.get("valid_until")) if a.get("valid_until") else None,
+            }
+            for a in topology.get("agreements", [])
+        ],
+        "message_logs": {s["id"]: str(runner.log_db(s["id"])) for s in topology["servers"]},
+    }
+
+
+def run_demo(*, workdir: Path, keep_running: bool) -> int:
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    runner = Runner(workdir)
+    print(f"Interoperability gateway demo (workdir {runner.workdir})")
+    _title("Generating a development PKI and starting the registry, 2 security servers, 2 backends")
+    runner.prepare()
+    try:
+        runner.start_all()
+        for name, proc in runner.processes.items():
+            print(f"   {name:<20} pid {proc.ready.get('pid')}  {_addresses(proc.ready)}")
+        allowed, no_agreement, wrong_purpose = asyncio.run(_calls(runner))
+        _title(
+            "4. The message logs of both security servers for the allowed call (same message id)"
+        )
+        if allowed.message_id:
+            asyncio.run(_print_records(runner, allowed.message_id))
+        _title("5. Auditors verify both logs")
+        verified = _verify(runner)
+        expected = (
+            allowed.ok
+            and no_agreement.error == "no_agreement"
+            and wrong_purpose.error == "purpose_not_covered"
+            and verified
+        )
+        if keep_running:
+            path = runner.workdir / "topology.json"
+            path.write_text(json.dumps(describe(runner), indent=2))
+            _title(f"The topology keeps running; it is described in {path}. Press Ctrl-C to stop.")
+            try:
+                while all(
+                    p.popen is not None and p.popen.poll() is None
+                    for p in runner.processes.values()
+                ):
+                    time.sleep(1.0)
+                print("   a process stopped by itself; see the logs in", runner.workdir / "logs")
+            except KeyboardInterrupt:
+                pass
+        _title("Stopping every process")
+    finally:
+        runner.close()
+    print(
+        "\ndemo "
+        + ("succeeded" if expected else "FAILED: an outcome differed from the expected one")
+    )
+    return 0 if expected else 1
+
+
+def _addresses(ready: dict[str, Any]) -> str:
+    return "  ".join(
+        f"{k}={v}" for k, v in ready.items() if k in ("listen", "provider", "consumer")
+    )
