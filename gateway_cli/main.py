@@ -136,9 +136,8 @@ def _bench(ns: argparse.Namespace) -> int:
 
 
 def _backend(ns: argparse.Namespace) -> int:
-    from gateway_demo.backends import serve_backend
-
     from gateway_cli.runtime import ready_writer, run, signal_events
+    from gateway_demo.backends import serve_backend
 
     async def main() -> None:
         stop, _ = signal_events()

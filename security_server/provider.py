@@ -220,13 +220,13 @@ class ProviderService:
             peer_name = str(peer.id)
             if not frame.HasField("request"):
                 raise TrustError("expected a request frame", code=Code.MALFORMED_ENVELOPE)
+            header = decode_request(env.header)
             if len(env.body) > node.limits.max_message_bytes:
                 raise GatewayError(
                     f"the request body has {len(env.body)} bytes, over the limit of "
                     f"{node.limits.max_message_bytes}",
                     code=Code.BODY_TOO_LARGE,
                 )
-            header = decode_request(env.header)
             if header.sender != peer.id or header.client.member != peer.id.owner:
                 raise TrustError(
                     f"the TLS peer {peer.id} is not a security server of the client's member "

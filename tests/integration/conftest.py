@@ -1,0 +1,84 @@
+"""Fixtures that start real topologies (processes on loopback, real mTLS, real SQLite)."""
+
+from __future__ import annotations
+
+import sqlite3
+import tomllib
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tomli_w
+
+from gateway_demo.runner import TEMPLATE, Runner
+
+MSP, DNIC = "UY/GOV/MSP/ss1", "UY/GOV/DNIC/ss1"
+CLINICS, IDENTITY = "UY/GOV/MSP/clinics", "UY/GOV/DNIC/identity"
+POPULATION = "UY/GOV/DNIC/identity/population/v1"
+VACCINATION = "UY/GOV/MSP/clinics/vaccination/v1"
+GET_PERSON = "/demo.population.v1.PopulationRegistry/GetPerson"
+GET_RECORD = "/demo.vaccination.v1.VaccinationRegister/GetRecord"
+ECHO = "/demo.population.v1.PopulationRegistry/Echo"
+
+
+def template_with(tmp: Path, extra_agreements: list[dict[str, Any]]) -> Path:
+    """The demo topology with extra agreements, written to a new template file."""
+    doc = tomllib.loads(TEMPLATE.read_text())
+    doc["agreements"] = [*doc.get("agreements", []), *extra_agreements]
+    path = tmp / "template.toml"
+    path.write_text(tomli_w.dumps(doc))
+    return path
+
+
+def timed_agreements() -> list[dict[str, Any]]:
+    """Agreements for IDENTITY -> POPULATION: one not yet valid, one expired."""
+    now = datetime.now(UTC)
+    return [
+        {
+            "id": "AGR-FUTURE",
+            "client": IDENTITY,
+            "service": POPULATION,
+            "purposes": ["future-study"],
+            "valid_from": now + timedelta(days=30),
+        },
+        {
+            "id": "AGR-EXPIRED",
+            "client": IDENTITY,
+            "service": POPULATION,
+            "purposes": ["old-study"],
+            "valid_from": now - timedelta(days=60),
+            "valid_until": now - timedelta(days=1),
+        },
+    ]
+
+
+@pytest.fixture(scope="module")
+def make_runner(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Runner]]:
+    """Build and start topologies; every one is stopped at the end of the module."""
+    runners: list[Runner] = []
+
+    def make(**kwargs: Any) -> Runner:
+        workdir = tmp_path_factory.mktemp("topology")
+        if "extra_agreements" in kwargs:
+            kwargs["template"] = template_with(workdir, kwargs.pop("extra_agreements"))
+        runner = Runner(workdir / "run", **kwargs)
+        runners.append(runner)
+        runner.prepare()
+        runner.start_all()
+        return runner
+
+    yield make
+    for runner in runners:
+        runner.close()
+
+
+def log_rows(db: Path, message_id: str) -> list[dict[str, Any]]:
+    """The message log rows of one message id, in order."""
+    with sqlite3.connect(db) as conn:
+        conn.row_factory = sqlite3.Row
+        rows = conn.execute(
+            "SELECT * FROM message_log WHERE message_id = ? ORDER BY seq", (message_id,)
+        )
+        return [dict(r) for r in rows]

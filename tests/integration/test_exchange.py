@@ -1,0 +1,255 @@
+"""One call through two security servers, and every refusal the consumer side can give."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+import pytest
+
+from gateway_demo.client import call_raw, routing_metadata
+from gateway_demo.generated import population_pb2 as population
+from gateway_demo.runner import Runner
+
+from .conftest import (
+    CLINICS,
+    DNIC,
+    GET_PERSON,
+    GET_RECORD,
+    IDENTITY,
+    MSP,
+    POPULATION,
+    VACCINATION,
+    log_rows,
+    timed_agreements,
+)
+
+PERSON = population.GetPersonRequest(national_id="1.234.567-8").SerializeToString()
+
+
+@pytest.fixture(scope="module")
+def runner(make_runner: Callable[..., Runner]) -> Runner:
+    return make_runner(extra_agreements=timed_agreements())
+
+
+@pytest.fixture
+async def msp(runner: Runner) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(runner.consumers[MSP]) as channel:
+        yield channel
+
+
+@pytest.fixture
+async def dnic(runner: Runner) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(runner.consumers[DNIC]) as channel:
+        yield channel
+
+
+async def test_allowed_call_returns_backend_answer_byte_for_byte(
+    runner: Runner, msp: grpc.aio.Channel
+) -> None:
+    """The answer through both security servers equals the backend's direct answer."""
+    async with grpc.aio.insecure_channel(runner.backends["population"]) as direct:
+        expected = await call_raw(direct, GET_PERSON, PERSON, [])
+    outcome = await call_raw(
+        msp,
+        GET_PERSON,
+        PERSON,
+        routing_metadata(client=CLINICS, service=POPULATION, purpose="healthcare-identification"),
+    )
+    assert outcome.ok, outcome
+    assert expected.body and outcome.body == expected.body
+    assert population.Person.FromString(outcome.body).given_name == "Ana"
+    assert outcome.message_id and len(outcome.message_id) == 32
+    assert int(outcome.trailing["gateway-total-us"]) > 0
+
+
+async def test_both_logs_hold_matching_records(runner: Runner, msp: grpc.aio.Channel) -> None:
+    """Consumer and provider log the same signed request and response under one message id."""
+    message_id = f"test-{uuid.uuid4().hex}"
+    outcome = await call_raw(
+        msp,
+        GET_PERSON,
+        PERSON,
+        routing_metadata(
+            client=CLINICS,
+            service=POPULATION,
+            purpose="healthcare-identification",
+            user_id="dr.rodriguez",
+            subject="1.234.567-8",
+            message_id=message_id,
+        ),
+    )
+    assert outcome.ok and outcome.message_id == message_id
+    consumer = log_rows(runner.log_db(MSP), message_id)
+    provider = log_rows(runner.log_db(DNIC), message_id)
+    assert [(r["kind"], r["role"]) for r in consumer] == [
+        ("request", "consumer"),
+        ("response", "consumer"),
+    ]
+    assert [(r["kind"], r["role"]) for r in provider] == [
+        ("request", "provider"),
+        ("response", "provider"),
+    ]
+    for mine, theirs in zip(consumer, provider, strict=True):
+        assert mine["header"] == theirs["header"]
+        assert mine["signature"] == theirs["signature"]
+        assert mine["body_sha256"] == theirs["body_sha256"]
+        assert mine["user_id"] == "dr.rodriguez"
+    # the data subject is stored only as a keyed pseudonym
+    assert consumer[0]["subject_ref"] and "1.234.567-8" not in consumer[0]["subject_ref"]
+
+
+async def test_backend_error_status_is_passed_through(msp: grpc.aio.Channel) -> None:
+    """A backend's own NOT_FOUND reaches the caller unchanged, with the message id."""
+    outcome = await call_raw(
+        msp,
+        GET_PERSON,
+        population.GetPersonRequest(national_id="0.000.000-0").SerializeToString(),
+        routing_metadata(client=CLINICS, service=POPULATION, purpose="healthcare-identification"),
+    )
+    assert outcome.code == grpc.StatusCode.NOT_FOUND
+    assert "no person" in outcome.details
+    assert outcome.error is None and outcome.message_id
+
+
+@pytest.mark.parametrize(
+    ("metadata", "status", "code"),
+    [
+        pytest.param(
+            {"client": IDENTITY, "service": VACCINATION, "purpose": "identity-check"},
+            grpc.StatusCode.PERMISSION_DENIED,
+            "no_agreement",
+            id="no-agreement",
+        ),
+        pytest.param(
+            {"client": IDENTITY, "service": POPULATION, "purpose": "future-study"},
+            grpc.StatusCode.PERMISSION_DENIED,
+            "agreement_not_yet_valid",
+            id="not-yet-valid",
+        ),
+        pytest.param(
+            {"client": IDENTITY, "service": POPULATION, "purpose": "old-study"},
+            grpc.StatusCode.PERMISSION_DENIED,
+            "agreement_expired",
+            id="expired",
+        ),
+        pytest.param(
+            {
+                "client": IDENTITY,
+                "service": "UY/GOV/MSP/clinics/unknown/v1",
+                "purpose": "identity-check",
+            },
+            grpc.StatusCode.NOT_FOUND,
+            "unknown_service",
+            id="unknown-service",
+        ),
+        pytest.param(
+            {"client": "UY/GOV/MSP/clinics", "service": VACCINATION, "purpose": "identity-check"},
+            grpc.StatusCode.PERMISSION_DENIED,
+            "client_not_served",
+            id="client-of-another-server",
+        ),
+        pytest.param(
+            {"client": "uy/GOV/DNIC/identity", "service": VACCINATION, "purpose": "identity-check"},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "malformed_identifier",
+            id="malformed-client",
+        ),
+        pytest.param(
+            {"client": IDENTITY, "service": "UY/GOV/MSP/clinics", "purpose": "identity-check"},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "malformed_identifier",
+            id="malformed-service",
+        ),
+        pytest.param(
+            {"client": IDENTITY, "service": VACCINATION, "purpose": "a purpose with spaces"},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "malformed_identifier",
+            id="malformed-purpose",
+        ),
+        pytest.param(
+            {"client": IDENTITY, "service": VACCINATION, "purpose": None},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "missing_metadata",
+            id="missing-purpose",
+        ),
+        pytest.param(
+            {"client": None, "service": None, "purpose": None},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "missing_metadata",
+            id="no-metadata",
+        ),
+    ],
+)
+async def test_refusals_carry_their_own_code(
+    runner: Runner,
+    dnic: grpc.aio.Channel,
+    metadata: dict[str, str | None],
+    status: grpc.StatusCode,
+    code: str,
+) -> None:
+    """Each refusal has its stable code and status, and is logged by the consumer server."""
+    method = GET_PERSON if metadata["service"] == POPULATION else GET_RECORD
+    outcome = await call_raw(dnic, method, b"", routing_metadata(**metadata))
+    assert (outcome.code, outcome.error) == (status, code), outcome.details
+    assert outcome.details and outcome.message_id
+    rows = log_rows(runner.log_db(DNIC), outcome.message_id)
+    assert [(r["kind"], r["status"], r["error_code"]) for r in rows] == [
+        ("refusal", "refused", code)
+    ]
+
+
+async def test_purpose_not_covered(msp: grpc.aio.Channel) -> None:
+    """A purpose outside the agreement is refused and the message names the covered ones."""
+    outcome = await call_raw(
+        msp,
+        GET_PERSON,
+        PERSON,
+        routing_metadata(client=CLINICS, service=POPULATION, purpose="marketing"),
+    )
+    assert outcome.error == "purpose_not_covered"
+    assert "healthcare-identification" in outcome.details
+
+
+async def test_method_outside_the_service_is_refused(msp: grpc.aio.Channel) -> None:
+    """A method that is not part of the service is refused as unknown_method."""
+    outcome = await call_raw(
+        msp,
+        "/demo.population.v1.PopulationRegistry/DeletePerson",
+        PERSON,
+        routing_metadata(client=CLINICS, service=POPULATION, purpose="healthcare-identification"),
+    )
+    assert (outcome.code, outcome.error) == (grpc.StatusCode.UNIMPLEMENTED, "unknown_method")
+
+
+async def test_malformed_message_id_is_refused(msp: grpc.aio.Channel) -> None:
+    """A caller-supplied message id with forbidden characters is refused."""
+    outcome = await call_raw(
+        msp,
+        GET_PERSON,
+        PERSON,
+        routing_metadata(
+            client=CLINICS,
+            service=POPULATION,
+            purpose="healthcare-identification",
+            message_id="a b",
+        ),
+    )
+    assert outcome.error == "malformed_identifier"
+
+
+async def test_caller_reusing_a_message_id_is_refused_by_the_provider(
+    msp: grpc.aio.Channel,
+) -> None:
+    """The provider refuses a second message with an id it has already accepted."""
+    metadata = routing_metadata(
+        client=CLINICS,
+        service=POPULATION,
+        purpose="healthcare-identification",
+        message_id=uuid.uuid4().hex,
+    )
+    first = await call_raw(msp, GET_PERSON, PERSON, metadata)
+    second = await call_raw(msp, GET_PERSON, PERSON, metadata)
+    assert first.ok
+    assert (second.code, second.error) == (grpc.StatusCode.ALREADY_EXISTS, "replayed_message")
