@@ -112,18 +112,19 @@ def is_signing_certificate(certificate: x509.Certificate) -> bool:
 
 @dataclass(slots=True)
 class TrustStore:
-    """The CAs an instance trusts, with a cache of certificates already checked."""
+    """The CAs an instance trusts, with a cache of signing certificates already checked.
+
+    The CA's signature on a certificate is verified once per certificate; the validity
+    windows of the certificate and its CA are checked on every use.
+    """
 
     cas: tuple[x509.Certificate, ...]
-    _checked: dict[bytes, tuple[x509.Certificate, MemberId]] = field(default_factory=dict)
+    _checked: dict[bytes, tuple[x509.Certificate, MemberId, x509.Certificate]] = field(
+        default_factory=dict
+    )
 
-    def check_issued(self, certificate: x509.Certificate, at: datetime) -> None:
-        """Raise `TrustError(UNTRUSTED_SIGNER)` unless a trusted CA issued it and it is valid at `at`."""
-        if not certificate.not_valid_before_utc <= at <= certificate.not_valid_after_utc:
-            raise TrustError(
-                f"certificate {common_name(certificate)!r} is not valid at {at.isoformat()}",
-                code=Code.UNTRUSTED_SIGNER,
-            )
+    def issuer_of(self, certificate: x509.Certificate) -> x509.Certificate:
+        """The trusted CA that issued the certificate, or `TrustError(UNTRUSTED_SIGNER)`."""
         for ca in self.cas:
             if ca.subject != certificate.issuer:
                 continue
@@ -131,12 +132,24 @@ class TrustStore:
                 certificate.verify_directly_issued_by(ca)
             except (ValueError, TypeError, InvalidSignature):
                 continue
-            if ca.not_valid_before_utc <= at <= ca.not_valid_after_utc:
-                return
+            return ca
         raise TrustError(
             "certificate was not issued by a CA that the global configuration trusts",
             code=Code.UNTRUSTED_SIGNER,
         )
+
+    @staticmethod
+    def check_valid(certificate: x509.Certificate, ca: x509.Certificate, at: datetime) -> None:
+        for c in (certificate, ca):
+            if not c.not_valid_before_utc <= at <= c.not_valid_after_utc:
+                raise TrustError(
+                    f"certificate {common_name(c)!r} is not valid at {at.isoformat()}",
+                    code=Code.UNTRUSTED_SIGNER,
+                )
+
+    def check_issued(self, certificate: x509.Certificate, at: datetime) -> None:
+        """Raise `TrustError(UNTRUSTED_SIGNER)` unless a trusted CA issued it and both are valid at `at`."""
+        self.check_valid(certificate, self.issuer_of(certificate), at)
 
     def signing_member(self, der: bytes, at: datetime) -> tuple[x509.Certificate, MemberId]:
         """Check a member's signing certificate (DER) and return it with the member it names."""
@@ -159,9 +172,10 @@ class TrustStore:
                 raise TrustError(
                     "signing certificate does not name a member", code=Code.UNTRUSTED_SIGNER
                 ) from None
-            cached = (certificate, member)
+            cached = (certificate, member, self.issuer_of(certificate))
             if len(self._checked) > 10_000:
                 self._checked.clear()
-        self.check_issued(cached[0], at)
-        self._checked[der] = cached
-        return cached
+            self._checked[der] = cached
+        certificate, member, ca = cached
+        self.check_valid(certificate, ca, at)
+        return certificate, member
