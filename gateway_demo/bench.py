@@ -1,0 +1,398 @@
+"""`gateway bench` (`make bench`): throughput and latency of unary calls, directly to the
+sample backend and through both security servers, in the same run.
+
+The whole demo topology runs as real processes (see `Runner`). The load generator runs
+in a separate process of its own (`python -m gateway_demo.bench --load ...`), so its CPU
+use is the same for both targets: an asyncio gRPC client with one channel and a fixed
+number of concurrent callers, each calling `Echo` in a loop with a random body. Direct
+and gateway runs alternate; each is repeated, and the medians are compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ECHO = "/demo.population.v1.PopulationRegistry/Echo"
+CONSUMER_SERVER = "UY/GOV/MSP/ss1"
+CLIENT = "UY/GOV/MSP/clinics"
+SERVICE = "UY/GOV/DNIC/identity/population/v1"
+PURPOSE = "benchmark"
+WARMUP_SECONDS = 1.0
+CALL_TIMEOUT = 10.0
+
+
+# ---- load generator (runs in its own process) ------------------------------------------
+
+
+def _percentile(sorted_values: list[float], fraction: float) -> float:
+    """Nearest-rank percentile of an already sorted list (0.0 when empty)."""
+    if not sorted_values:
+        return 0.0
+    rank = max(0, min(len(sorted_values) - 1, round(fraction * len(sorted_values)) - 1))
+    return sorted_values[rank]
+
+
+def _own_peak_kib() -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+async def _load(
+    *,
+    target: str,
+    method: str,
+    metadata: list[tuple[str, str]],
+    concurrency: int,
+    seconds: float,
+    warmup: float,
+    body_bytes: int,
+) -> dict[str, Any]:
+    import grpc
+
+    from gateway_demo.generated import population_pb2 as population
+
+    body = population.EchoMessage(payload=os.urandom(body_bytes)).SerializeToString()
+    latencies: list[float] = []
+    errors: Counter[str] = Counter()
+    error_samples: dict[str, str] = {}
+    warm_errors = 0
+
+    async with grpc.aio.insecure_channel(target) as channel:
+        call: Any = channel.unary_unary(method, None, None)
+        await asyncio.wait_for(channel.channel_ready(), timeout=10.0)
+        start = time.perf_counter()
+        measure_from = start + warmup
+        stop_at = measure_from + seconds
+
+        async def worker() -> None:
+            nonlocal warm_errors
+            while True:
+                t0 = time.perf_counter()
+                if t0 >= stop_at:
+                    return
+                code = "OK"
+                details = ""
+                try:
+                    answer = await call(body, metadata=metadata, timeout=CALL_TIMEOUT)
+                    if len(answer) != len(body):
+                        code, details = "BAD_ANSWER", f"{len(answer)} bytes back"
+                except grpc.aio.AioRpcError as exc:
+                    code = exc.code().name
+                    trailing: Any = exc.trailing_metadata() or ()
+                    gateway_error = dict(trailing).get("gateway-error")
+                    if gateway_error:
+                        code = f"{code}[{gateway_error}]"
+                    details = str(exc.details())
+                t1 = time.perf_counter()
+                if t1 < measure_from:  # completed during the warm-up: not measured
+                    if code != "OK":
+                        warm_errors += 1
+                    continue
+                if t1 > stop_at:  # completed after the window: not measured either
+                    return
+                if code == "OK":
+                    latencies.append(t1 - t0)
+                else:
+                    errors[code] += 1
+                    error_samples.setdefault(code, details[:300])
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = seconds
+
+    latencies.sort()
+    count = len(latencies)
+    return {
+        "count": count,
+        "elapsed": elapsed,
+        "rps": count / elapsed if elapsed > 0 else 0.0,
+        "errors": sum(errors.values()),
+        "error_codes": dict(errors),
+        "error_samples": error_samples,
+        "warmup_errors": warm_errors,
+        "p50_ms": _percentile(latencies, 0.50) * 1000.0,
+        "p99_ms": _percentile(latencies, 0.99) * 1000.0,
+        "mean_ms": (statistics.fmean(latencies) * 1000.0) if latencies else 0.0,
+        "peak_kib": _own_peak_kib(),
+    }
+
+
+def _load_main(ns: argparse.Namespace) -> int:
+    metadata = [(str(k), str(v)) for k, v in json.loads(ns.metadata)]
+
+    async def main() -> dict[str, Any]:
+        return await _load(
+            target=ns.target,
+            method=ns.method,
+            metadata=metadata,
+            concurrency=ns.concurrency,
+            seconds=ns.seconds,
+            warmup=ns.warmup,
+            body_bytes=ns.body_bytes,
+        )
+
+    try:
+        import uvloop
+
+        factory: Any = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        factory = None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        result = runner.run(main())
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+def load_command(
+    *,
+    target: str,
+    metadata: list[tuple[str, str]],
+    concurrency: int,
+    seconds: float,
+    body_bytes: int,
+    method: str = ECHO,
+    warmup: float = WARMUP_SECONDS,
+) -> list[str]:
+    """The command line of one load-generator process (also used by profiling scripts)."""
+    return [
+        sys.executable,
+        "-m",
+        "gateway_demo.bench",
+        "--load",
+        "--target",
+        target,
+        "--method",
+        method,
+        "--metadata",
+        json.dumps(metadata),
+        "--concurrency",
+        str(concurrency),
+        "--seconds",
+        str(seconds),
+        "--warmup",
+        str(warmup),
+        "--body-bytes",
+        str(body_bytes),
+    ]
+
+
+def run_load(
+    command: list[str], *, seconds: float, warmup: float = WARMUP_SECONDS
+) -> dict[str, Any]:
+    """Run one load-generator process and return its JSON result."""
+    done = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=seconds + warmup + CALL_TIMEOUT + 60.0,
+        check=False,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(
+            f"load generator failed with {done.returncode}:\n{done.stderr[-3000:]}{done.stdout[-1000:]}"
+        )
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
+
+
+# ---- the benchmark -----------------------------------------------------------------------
+
+
+def _mib(kib: int | None) -> str:
+    return "n/a" if kib is None else f"{kib / 1024:.1f}"
+
+
+def _median(runs: list[dict[str, Any]], key: str) -> float:
+    return statistics.median(float(r[key]) for r in runs) if runs else 0.0
+
+
+def run_bench(
+    *, workdir: Path, concurrency: int, seconds: float, repeats: int, body_bytes: int
+) -> int:
+    from gateway_demo.client import routing_metadata
+    from gateway_demo.runner import Runner
+
+    if concurrency < 1 or seconds <= 0 or repeats < 1 or body_bytes < 0:
+        print("bench: concurrency and repeats must be >= 1, seconds > 0, body bytes >= 0")
+        return 2
+    cpus = os.cpu_count()
+    print("== gateway bench")
+    print(
+        f"   unary {ECHO} with {body_bytes}-byte bodies, {concurrency} concurrent calls, "
+        f"{seconds:g} s per run after a {WARMUP_SECONDS:g} s warm-up, {repeats} repeat(s)"
+    )
+    print("   direct : load generator -> population backend (plain gRPC)")
+    print(
+        "   gateway: load generator -> ss-msp consumer -> mTLS -> ss-dnic provider -> backend"
+        " (signed and logged on both sides)"
+    )
+    print(
+        f"   every process shares this machine's {cpus} CPU core(s): the results depend on "
+        "the core count (the gateway path has 4 busy processes, the direct path 2)"
+    )
+
+    workdir = workdir.resolve()
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
+
+    runner = Runner(workdir)
+    runs: list[dict[str, Any]] = []
+    peaks: dict[str, int | None] = {}
+    load_peak: int | None = None
+    try:
+        print("\n   starting the topology ...", flush=True)
+        runner.prepare()
+        runner.start_all()
+        targets = {
+            "direct": load_command(
+                target=runner.backends["population"],
+                metadata=[],
+                concurrency=concurrency,
+                seconds=seconds,
+                body_bytes=body_bytes,
+            ),
+            "gateway": load_command(
+                target=runner.consumers[CONSUMER_SERVER],
+                metadata=routing_metadata(client=CLIENT, service=SERVICE, purpose=PURPOSE),
+                concurrency=concurrency,
+                seconds=seconds,
+                body_bytes=body_bytes,
+            ),
+        }
+        print(f"\n{'run':>6}  {'target':<8} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
+        for repeat in range(1, repeats + 1):
+            for name, command in targets.items():
+                result = run_load(command, seconds=seconds)
+                result.update(run=repeat, target=name)
+                runs.append(result)
+                print(
+                    f"{repeat:>6}  {name:<8} {result['rps']:>9.1f} {result['p50_ms']:>8.2f} "
+                    f"{result['p99_ms']:>8.2f} {result['errors']:>7}",
+                    flush=True,
+                )
+                if result["errors"]:
+                    for code, n in result["error_codes"].items():
+                        print(f"        {n} x {code}: {result['error_samples'].get(code, '')}")
+                peak = result.get("peak_kib")
+                if isinstance(peak, int):
+                    load_peak = max(load_peak or 0, peak)
+        for name, proc in runner.processes.items():
+            peaks[name] = proc.peak_memory_kib()
+    finally:
+        runner.close()
+
+    by_target = {t: [r for r in runs if r["target"] == t] for t in ("direct", "gateway")}
+    medians = {
+        t: {
+            "rps": _median(rs, "rps"),
+            "p50_ms": _median(rs, "p50_ms"),
+            "p99_ms": _median(rs, "p99_ms"),
+            "errors": sum(int(r["errors"]) for r in rs),
+        }
+        for t, rs in by_target.items()
+    }
+    ratio = (
+        medians["gateway"]["rps"] / medians["direct"]["rps"] if medians["direct"]["rps"] else 0.0
+    )
+    per_repeat = [
+        g["rps"] / d["rps"] if d["rps"] else 0.0
+        for d, g in zip(by_target["direct"], by_target["gateway"], strict=True)
+    ]
+
+    print(f"\n{'median':>6}  {'target':<8} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
+    for t, m in medians.items():
+        print(
+            f"{'':>6}  {t:<8} {m['rps']:>9.1f} {m['p50_ms']:>8.2f} {m['p99_ms']:>8.2f} "
+            f"{m['errors']:>7}"
+        )
+    print(
+        f"\n   ratio gateway/direct (medians of req/s): {ratio:.3f}"
+        f"  (per repeat: {', '.join(f'{r:.3f}' for r in per_repeat)})"
+    )
+    if medians["direct"]["p50_ms"]:
+        slower = medians["gateway"]["p50_ms"] / medians["direct"]["p50_ms"]
+        print(f"   p50 latency gateway/direct: {slower:.2f}x")
+    print("\n   peak memory (VmHWM, MiB)")
+    for name, kib in peaks.items():
+        print(f"   {name:<20} {_mib(kib):>8}")
+    print(f"   {'load generator':<20} {_mib(load_peak):>8}")
+
+    document = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "method": ECHO,
+        "concurrency": concurrency,
+        "body_bytes": body_bytes,
+        "seconds": seconds,
+        "warmup_seconds": WARMUP_SECONDS,
+        "repeats": repeats,
+        "cpu_count": cpus,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "runs": runs,
+        "medians": medians,
+        "ratio_gateway_direct_rps": ratio,
+        "ratio_per_repeat": per_repeat,
+        "peak_memory_kib": {**peaks, "load-generator": load_peak},
+    }
+    results = workdir / "results.json"
+    results.write_text(json.dumps(document, indent=2) + "\n")
+    print(f"\n   results written to {results}")
+
+    gateway_errors = medians["gateway"]["errors"]
+    if gateway_errors:
+        print(f"FAILED: {gateway_errors} gateway call(s) failed")
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m gateway_demo.bench",
+        description="Load generator of `gateway bench` (or the benchmark itself without --load).",
+    )
+    parser.add_argument("--load", action="store_true", help="run as the load generator")
+    parser.add_argument("--target", help="host:port to call (with --load)")
+    parser.add_argument("--method", default=ECHO)
+    parser.add_argument("--metadata", default="[]", help="JSON list of [key, value] pairs")
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--warmup", type=float, default=WARMUP_SECONDS)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--body-bytes", type=int, default=1024)
+    parser.add_argument("--workdir", type=Path, default=Path("var/bench"))
+    ns = parser.parse_args(argv)
+    if ns.load:
+        if not ns.target:
+            parser.error("--load needs --target")
+        return _load_main(ns)
+    return run_bench(
+        workdir=ns.workdir,
+        concurrency=ns.concurrency,
+        seconds=ns.seconds,
+        repeats=ns.repeats,
+        body_bytes=ns.body_bytes,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
