@@ -38,6 +38,7 @@ class Code(StrEnum):
     MISSING_METADATA = "missing_metadata"
     MALFORMED_IDENTIFIER = "malformed_identifier"
     BODY_TOO_LARGE = "body_too_large"
+    OVERLOADED = "overloaded"
     # routing and authorisation
     CLIENT_NOT_SERVED = "client_not_served"
     UNKNOWN_SERVICE = "unknown_service"
@@ -74,6 +75,7 @@ STATUS_BY_CODE: dict[Code, Status] = {
     Code.MISSING_METADATA: Status.INVALID_ARGUMENT,
     Code.MALFORMED_IDENTIFIER: Status.INVALID_ARGUMENT,
     Code.BODY_TOO_LARGE: Status.RESOURCE_EXHAUSTED,
+    Code.OVERLOADED: Status.RESOURCE_EXHAUSTED,
     Code.CLIENT_NOT_SERVED: Status.PERMISSION_DENIED,
     Code.UNKNOWN_SERVICE: Status.NOT_FOUND,
     Code.UNKNOWN_METHOD: Status.UNIMPLEMENTED,

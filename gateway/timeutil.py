@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
-
 
 def format_time(moment: datetime) -> str:
     """The canonical text of an aware datetime."""
@@ -21,7 +19,9 @@ def parse_time(text: str) -> datetime:
     """Parse the canonical text form; raise ValueError for any other form."""
     if not isinstance(text, str):
         raise ValueError(f"timestamp must be a string, not {type(text).__name__}")
-    moment = datetime.strptime(text, _FORMAT).replace(tzinfo=UTC)
-    if format_time(moment) != text:
+    if len(text) < 27 or text[-1] != "Z" or text[-8] != ".":
+        raise ValueError(f"timestamp {text!r} is not in canonical form")
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is None or format_time(moment) != text:
         raise ValueError(f"timestamp {text!r} is not in canonical form")
     return moment

@@ -53,6 +53,7 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         self.node = node
         self.peers = peers
         self._handlers: dict[str, Any] = {}
+        self.in_flight = 0
 
     # grpc.GenericRpcHandler: one unary handler per method path, bytes in and out
     def service(self, handler_call_details: Any) -> Any:
@@ -71,6 +72,15 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
     async def call(
         self, method: str, body: bytes, context: grpc.aio.ServicerContext[Any, Any]
     ) -> bytes:
+        self.in_flight += 1
+        try:
+            return await self._call(method, body, context)
+        finally:
+            self.in_flight -= 1
+
+    async def _call(
+        self, method: str, body: bytes, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> bytes:
         node = self.node
         started = time.perf_counter()
         metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
@@ -86,6 +96,12 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             "subject_ref": node.pseudonym(metadata.get("gateway-subject")),
         }
         try:
+            if self.in_flight > node.limits.max_concurrent_calls:
+                raise GatewayError(
+                    f"this security server is handling its limit of {node.limits.max_concurrent_calls} "
+                    "calls at once; retry with backoff",
+                    code=Code.OVERLOADED,
+                )
             missing = [k for k in REQUIRED if not metadata.get(k)]
             if missing:
                 raise RequestError(

@@ -150,7 +150,11 @@ async def serve(
                 ("grpc.max_receive_message_length", consumer_max),
                 ("grpc.max_send_message_length", max_frame),
             ],
-            maximum_concurrent_rpcs=settings.limits.max_concurrent_calls,
+            # our own limit refuses (and logs) with `overloaded`; gRPC's is a backstop
+            maximum_concurrent_rpcs=max(
+                2 * settings.limits.max_concurrent_calls,
+                settings.limits.max_concurrent_calls + 1000,
+            ),
         )
         consumer.add_generic_rpc_handlers((ConsumerService(node, peers),))
         consumer_port = consumer.add_insecure_port(settings.consumer.listen)

@@ -148,10 +148,18 @@ class PeerPool:
         self.max_bytes = max_bytes
         self._links: dict[SecurityServerId, tuple[tuple[str, str], PeerLink]] = {}
         self._retired: list[PeerLink] = []
+        self._roots_of: tuple[GlobalConfiguration, bytes, str] | None = None
+
+    def _roots(self, config: GlobalConfiguration) -> tuple[bytes, str]:
+        """The PEM bundle of the configuration's CAs and its digest, computed once per version."""
+        if self._roots_of is None or self._roots_of[0] is not config:
+            roots = pem_bundle(config.ca_certificates)
+            self._roots_of = (config, roots, hashlib.sha256(roots).hexdigest())
+        return self._roots_of[1], self._roots_of[2]
 
     def link(self, server: SecurityServer, config: GlobalConfiguration) -> PeerLink:
-        roots = pem_bundle(config.ca_certificates)
-        key = (server.address, hashlib.sha256(roots).hexdigest())
+        roots, digest = self._roots(config)
+        key = (server.address, digest)
         entry = self._links.get(server.id)
         if entry is not None and entry[0] == key:
             return entry[1]

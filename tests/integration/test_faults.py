@@ -156,3 +156,19 @@ async def test_provider_killed_under_load_loses_nothing(make_runner: Callable[..
     for message_id in answered:
         kinds = [r["kind"] for r in log_rows(runner.log_db(DNIC), message_id)]
         assert kinds == ["request", "response"], message_id
+
+
+async def test_calls_over_the_concurrency_limit_are_refused_with_a_code(
+    make_runner: Callable[..., Runner],
+) -> None:
+    """Calls beyond limits.max_concurrent_calls get `overloaded`, a message id and a log record."""
+    runner = make_runner(limits={"max_concurrent_calls": 2})
+    outcomes = await asyncio.gather(*(person(runner) for _ in range(40)))
+    refused = [o for o in outcomes if not o.ok]
+    assert any(o.ok for o in outcomes)
+    assert refused, "40 concurrent calls never exceeded a limit of 2"
+    assert {(o.code, o.error) for o in refused} == {
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, "overloaded")
+    }
+    rows = log_rows(runner.log_db(MSP), refused[0].message_id or "")
+    assert [(r["kind"], r["error_code"]) for r in rows] == [("refusal", "overloaded")]
