@@ -27,6 +27,8 @@ from security_server.status import ERROR_KEY
 log = structlog.get_logger("security_server.peers")
 
 EXCHANGE_METHOD = "/gateway.v1.Exchange/Exchange"
+# most frames carried by one stream message
+MAX_FRAMES_PER_MESSAGE = 64
 
 
 def error_from_rpc(exc: grpc.aio.AioRpcError, server: SecurityServer) -> GatewayError:
@@ -63,43 +65,60 @@ class PeerLink:
         )
         self._open: Any = self.channel.stream_stream(
             EXCHANGE_METHOD,
-            request_serializer=pb.Frame.SerializeToString,
-            response_deserializer=pb.Frame.FromString,
+            request_serializer=pb.Frames.SerializeToString,
+            response_deserializer=pb.Frames.FromString,
         )
         self._call: Any = None
+        self._outbox: asyncio.Queue[pb.Frame] = asyncio.Queue()
         self._pending: dict[int, asyncio.Future[pb.Frame]] = {}
         self._ids = itertools.count(1)
-        self._write_lock = asyncio.Lock()
-        self._reader: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
 
-    def _stream(self) -> Any:
+    def _stream(self) -> asyncio.Queue[pb.Frame]:
+        """The outbox of the current stream, opening a stream (with its reader and writer) if needed."""
         if self._call is None:
             call = self._open()
             self._call = call
-            self._reader = asyncio.create_task(
-                self._read(call), name=f"peer-reader-{self.server.id}"
-            )
-        return self._call
+            self._outbox = asyncio.Queue()
+            for job in (self._read(call), self._write(call, self._outbox)):
+                task = asyncio.create_task(job, name=f"peer-{self.server.id}")
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        return self._outbox
+
+    async def _write(self, call: Any, outbox: asyncio.Queue[pb.Frame]) -> None:
+        """Send every frame queued at the moment in one stream message, until the stream ends."""
+        try:
+            while True:
+                frames = [await outbox.get()]
+                while len(frames) < MAX_FRAMES_PER_MESSAGE and not outbox.empty():
+                    frames.append(outbox.get_nowait())
+                await call.write(pb.Frames(frames=frames))
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError):
+            # the reader sees the stream's end and fails every waiting call
+            call.cancel()
 
     async def _read(self, call: Any) -> None:
         error: GatewayError
         try:
             while True:
-                frame = await call.read()
-                if frame is grpc.aio.EOF:  # type: ignore[attr-defined]
+                message = await call.read()
+                if message is grpc.aio.EOF:  # type: ignore[attr-defined]
                     error = UnavailableError(
                         f"the provider's security server {self.server.id} closed the stream",
                         code=Code.PROVIDER_UNAVAILABLE,
                     )
                     break
-                future = self._pending.get(frame.correlation_id)
-                if future is not None and not future.done():
-                    future.set_result(frame)
+                for frame in message.frames:
+                    future = self._pending.get(frame.correlation_id)
+                    if future is not None and not future.done():
+                        future.set_result(frame)
         except grpc.aio.AioRpcError as exc:
             error = error_from_rpc(exc, self.server)
             log.info("peer_stream_closed", peer=str(self.server.id), status=exc.code().name)
         if self._call is call:
             self._call = None
+        call.cancel()
         for future in list(self._pending.values()):
             if not future.done():
                 future.set_exception(error)
@@ -109,25 +128,15 @@ class PeerLink:
         correlation_id = next(self._ids)
         future: asyncio.Future[pb.Frame] = asyncio.get_running_loop().create_future()
         self._pending[correlation_id] = future
-        frame = pb.Frame(
-            correlation_id=correlation_id, request=envelope, timeout_ms=int(wait_seconds * 1000)
-        )
         try:
-            call = self._stream()
-            async with self._write_lock:
-                await call.write(frame)
+            self._stream().put_nowait(
+                pb.Frame(
+                    correlation_id=correlation_id,
+                    request=envelope,
+                    timeout_ms=int(wait_seconds * 1000),
+                )
+            )
             return await asyncio.wait_for(future, wait_seconds)
-        except grpc.aio.AioRpcError as exc:
-            if future.done() and future.exception() is not None:
-                raise future.exception() from None  # type: ignore[misc]
-            raise error_from_rpc(exc, self.server) from None
-        except (asyncio.InvalidStateError, grpc.aio.UsageError):
-            if future.done() and future.exception() is not None:
-                raise future.exception() from None  # type: ignore[misc]
-            raise UnavailableError(
-                f"the stream to {self.server.id} broke while sending; retry",
-                code=Code.PROVIDER_UNAVAILABLE,
-            ) from None
         except TimeoutError:
             raise GatewayError(
                 f"no answer from {self.server.id} within the deadline", code=Code.DEADLINE_EXCEEDED
@@ -137,6 +146,8 @@ class PeerLink:
 
     async def close(self) -> None:
         await self.channel.close(None)
+        for task in list(self._tasks):
+            task.cancel()
 
 
 class PeerPool:

@@ -36,6 +36,7 @@ from gateway.errors import Code, GatewayError, TrustError, UnavailableError
 from gateway.signing import certificate_sha256, verify_signature
 from gateway.v1 import exchange_pb2 as pb
 from security_server.node import Node
+from security_server.peers import MAX_FRAMES_PER_MESSAGE
 from security_server.records import record
 from security_server.status import abort
 
@@ -129,15 +130,15 @@ class ProviderService:
             {
                 "Exchange": grpc.stream_stream_rpc_method_handler(
                     self.exchange,
-                    request_deserializer=pb.Frame.FromString,
-                    response_serializer=pb.Frame.SerializeToString,
+                    request_deserializer=pb.Frames.FromString,
+                    response_serializer=pb.Frames.SerializeToString,
                 )
             },
         )
 
     async def exchange(
-        self, frames: AsyncIterator[pb.Frame], context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[pb.Frame]:
+        self, messages: AsyncIterator[pb.Frames], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.Frames]:
         node = self.node
         fingerprint = peer_certificate_sha256(context)
         now = node.clock()
@@ -170,12 +171,13 @@ class ProviderService:
 
         async def pump() -> None:
             try:
-                async for frame in frames:
-                    await self.slots.acquire()
-                    task = asyncio.create_task(self._handle(frame, fingerprint, out))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                    task.add_done_callback(lambda _: self.slots.release())
+                async for message in messages:
+                    for frame in message.frames:
+                        await self.slots.acquire()
+                        task = asyncio.create_task(self._handle(frame, fingerprint, out))
+                        tasks.add(task)
+                        task.add_done_callback(tasks.discard)
+                        task.add_done_callback(lambda _: self.slots.release())
             except (grpc.aio.AioRpcError, asyncio.CancelledError):
                 pass
             finally:
@@ -185,8 +187,19 @@ class ProviderService:
 
         pumping = asyncio.create_task(pump())
         try:
+            # every answer ready at the moment goes out in one stream message
             while (frame := await out.get()) is not None:
-                yield frame
+                batch = [frame]
+                done = False
+                while len(batch) < MAX_FRAMES_PER_MESSAGE and not out.empty():
+                    more = out.get_nowait()
+                    if more is None:
+                        done = True
+                        break
+                    batch.append(more)
+                yield pb.Frames(frames=batch)
+                if done:
+                    break
         finally:
             pumping.cancel()
 

@@ -50,11 +50,12 @@ class AttackStream:
         self.channel = channel
         open_call = channel.stream_stream(
             EXCHANGE_METHOD,
-            request_serializer=pb.Frame.SerializeToString,
-            response_deserializer=pb.Frame.FromString,
+            request_serializer=pb.Frames.SerializeToString,
+            response_deserializer=pb.Frames.FromString,
         )
         # no request iterator: frames are written one by one with `write`
         self._call: Any = open_call(None, timeout=timeout)
+        self._buffered: list[pb.Frame] = []
 
     async def _status(self) -> StreamError:
         call = self._call
@@ -68,7 +69,9 @@ class AttackStream:
         """Write `frame` and return the next frame the provider sends, or the stream's error."""
         call = self._call
         try:
-            await call.write(frame)
+            await call.write(pb.Frames(frames=[frame]))
+            if self._buffered:
+                return self._buffered.pop(0)
             answer = await asyncio.wait_for(call.read(), timeout)
         except grpc.aio.AioRpcError as exc:
             return StreamError(
@@ -81,8 +84,10 @@ class AttackStream:
             return await self._status()
         if answer is grpc.aio.EOF:  # type: ignore[attr-defined]
             return await self._status()
-        assert isinstance(answer, pb.Frame)
-        return answer
+        assert isinstance(answer, pb.Frames) and answer.frames
+        # a stream message may carry several answers: keep the rest for the next call
+        self._buffered.extend(answer.frames[1:])
+        return answer.frames[0]
 
     async def close(self) -> None:
         self._call.cancel()
