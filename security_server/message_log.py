@@ -139,9 +139,15 @@ class MessageLog:
         try:
             async with self.engine.begin() as conn:
                 await conn.execute(message_log.insert(), rows)
-        except (SQLAlchemyError, OSError) as exc:
+        except Exception as exc:  # any failure: refuse these calls, keep the writer alive
             self.head = saved
-            log.error("message_log_write_failed", error=str(exc), records=len(batch))
+            log.error(
+                "message_log_write_failed",
+                error=str(exc),
+                kind=type(exc).__name__,
+                database_error=isinstance(exc, SQLAlchemyError | OSError),
+                records=len(batch),
+            )
             error = UnavailableError(
                 "the message log cannot be written; the call was not forwarded",
                 code=Code.LOG_UNAVAILABLE,

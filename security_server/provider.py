@@ -16,6 +16,7 @@ import asyncio
 import hashlib
 import time
 from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Any
 
 import grpc
@@ -151,18 +152,21 @@ class ProviderService:
                 peer_certificate=fingerprint,
                 peer=context.peer(),
             )
-            await node.log.append(
-                record(
-                    kind=RecordKind.REFUSAL,
-                    role=Role.PROVIDER,
-                    logged_at=now,
-                    message_id=None,
-                    peer=f"certificate:{fingerprint}",
-                    status="refused",
-                    error_code=err.code.value,
-                    error_message=err.message,
+            try:
+                await node.log.append(
+                    record(
+                        kind=RecordKind.REFUSAL,
+                        role=Role.PROVIDER,
+                        logged_at=now,
+                        message_id=None,
+                        peer=f"certificate:{fingerprint}",
+                        status="refused",
+                        error_code=err.code.value,
+                        error_message=err.message,
+                    )
                 )
-            )
+            except GatewayError:
+                log.error("refusal_not_logged", code=err.code.value)
             await abort(context, err.code, err.message, None)
             return
         log.info("peer_stream_opened", peer=str(peer.id))
@@ -359,7 +363,7 @@ class ProviderService:
         )
 
     async def _log_failure(
-        self, kind: RecordKind, err: GatewayError, now: Any, common: dict[str, Any]
+        self, kind: RecordKind, err: GatewayError, now: datetime, common: dict[str, Any]
     ) -> None:
         try:
             await self.node.log.append(

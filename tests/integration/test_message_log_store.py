@@ -97,3 +97,22 @@ async def test_edited_row_is_detected(url: str) -> None:
     with pytest.raises(ChainBrokenError) as caught:
         await verify_log(url)
     assert caught.value.seq == 3
+
+
+async def test_unwritable_log_fails_closed_and_recovers(tmp_path: Path) -> None:
+    """When the log cannot be written, appends fail with log_unavailable; the writer survives."""
+    from gateway.errors import Code, UnavailableError
+    from security_server.message_log import metadata
+
+    url = database_url(str(tmp_path / "log.db"), base=tmp_path)
+    log = await MessageLog.open(url)
+    assert await log.append(fields(0)) == 1
+    async with log.engine.begin() as conn:
+        await conn.execute(sa.text("DROP TABLE message_log"))
+    with pytest.raises(UnavailableError) as caught:
+        await log.append(fields(1))
+    assert caught.value.code == Code.LOG_UNAVAILABLE
+    async with log.engine.begin() as conn:
+        await conn.run_sync(metadata.create_all)
+    assert await log.append(fields(2)) == 2  # the writer is still alive
+    await log.close()
