@@ -110,7 +110,7 @@ async def _print_records(runner: Runner, message_id: str) -> None:
         url = database_url(str(runner.log_db(server)), base=Path.cwd())
         print(f"   {server} ({runner.log_db(server)})")
         for r in await read_records(url, message_id):
-            f = {k: v.decode() if isinstance(v, bytes) else v for k, v in r.fields.items()}
+            f = {k: v for k, v in r.fields.items() if not isinstance(v, bytes)}
             print(
                 f"     #{r.seq:<3} {f['kind']:<8} {f['role']:<8} {f['logged_at']}  status={f['status']}  "
                 f"purpose={f['purpose']}  user={f['user_id']}  hash={r.hash.hex()[:16]}…"

@@ -1,0 +1,87 @@
+"""`gateway demo` as a user runs it: the script, and the topology it leaves running."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+
+from gateway_demo.client import Outcome, call_raw, routing_metadata
+from gateway_demo.generated import population_pb2 as population
+
+GATEWAY = [sys.executable, "-m", "gateway_cli.main"]
+
+
+async def call_once(
+    address: str, method: str, body: bytes, metadata: list[tuple[str, str]]
+) -> Outcome:
+    async with grpc.aio.insecure_channel(address) as channel:
+        return await call_raw(channel, method, body, metadata)
+
+
+def test_demo_runs_every_step_and_exits_0(tmp_path: Path) -> None:
+    """The demo makes the allowed call, both refusals, prints both logs and verifies them."""
+    result = subprocess.run(
+        [*GATEWAY, "demo", "--workdir", str(tmp_path / "demo")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "answer: Ana Pereira" in out
+    assert "[no_agreement]" in out
+    assert "[purpose_not_covered]" in out
+    assert out.count("request  consumer") == 1
+    assert out.count("request  provider") == 1
+    assert out.count("OK: ") == 2
+    assert "demo succeeded" in out
+
+
+def test_keep_running_describes_a_usable_topology(tmp_path: Path) -> None:
+    """--keep-running writes topology.json with what a client needs, and stops on Ctrl-C."""
+    workdir = tmp_path / "demo"
+    demo = subprocess.Popen(
+        [*GATEWAY, "demo", "--keep-running", "--workdir", str(workdir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        described = workdir / "topology.json"
+        deadline = time.monotonic() + 120
+        while not described.exists():
+            assert demo.poll() is None, demo.communicate()[0]
+            assert time.monotonic() < deadline, "topology.json was not written"
+            time.sleep(0.1)
+        topology = json.loads(described.read_text())
+        endpoint = next(
+            e for e in topology["consumer_endpoints"] if "UY/GOV/MSP/clinics" in e["clients"]
+        )
+        service = next(
+            s for s in topology["services"] if s["id"] == "UY/GOV/DNIC/identity/population/v1"
+        )
+        assert Path(service["proto"]).read_text().startswith("// Sample provider service")
+        method = next(m for m in service["methods"] if m["method"].endswith("/GetPerson"))
+        agreement = next(a for a in topology["agreements"] if a["service"] == service["id"])
+        assert set(topology["message_logs"]) == {"UY/GOV/MSP/ss1", "UY/GOV/DNIC/ss1"}
+        request = population.GetPersonRequest(**method["example_request"]).SerializeToString()
+        metadata = routing_metadata(
+            client=agreement["client"], service=service["id"], purpose=agreement["purposes"][0]
+        )
+        outcome = asyncio.run(call_once(endpoint["address"], method["method"], request, metadata))
+        assert outcome.ok, outcome
+        demo.send_signal(signal.SIGINT)
+        output, _ = demo.communicate(timeout=60)
+        assert demo.returncode == 0, output
+        assert "Stopping every process" in output
+    finally:
+        if demo.poll() is None:
+            demo.kill()
