@@ -32,12 +32,18 @@ def _reject_duplicates(pairs: list[tuple[str, JsonValue]]) -> dict[str, JsonValu
     return out
 
 
+_SCALARS = (str, int, bool, type(None))
+
+
 def _check_encodable(value: JsonValue) -> None:
+    if type(value) in _SCALARS:
+        return
     if isinstance(value, float):
         raise NotCanonicalError(f"floating-point number {value!r} is not allowed")
     if isinstance(value, dict):
         for item in value.values():
-            _check_encodable(item)
+            if type(item) not in _SCALARS:
+                _check_encodable(item)
     elif isinstance(value, list | tuple):
         for item in value:
             _check_encodable(item)

@@ -14,6 +14,7 @@ whitespace, because identifiers are compared byte for byte in agreements and log
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from dataclasses import dataclass
@@ -51,6 +52,32 @@ def _check(kind: str, part: str, value: str, text: str) -> str:
     return value
 
 
+@functools.lru_cache(maxsize=8192)
+def _parse_cached(cls: type[_Identifier], text: str) -> _Identifier:
+    return cls._parse(text)
+
+
+class _Identifier:
+    """What every identifier class offers: a strict, cached `parse`."""
+
+    __slots__ = ()
+
+    @classmethod
+    def _parse(cls, text: str) -> Self:
+        raise NotImplementedError
+
+    @classmethod
+    def parse(cls, text: str) -> Self:
+        """Parse the text form strictly; `IdentifierError` names what is wrong.
+
+        Identifiers are immutable values, so parses are cached: the same few identifiers
+        arrive on every message.
+        """
+        if not isinstance(text, str):
+            raise IdentifierError(f"identifier must be text, not {type(text).__name__}")
+        return _parse_cached(cls, text)  # type: ignore[arg-type,return-value]
+
+
 def _member(kind: str, parts: list[str], text: str) -> MemberId:
     return MemberId(
         instance=_check(kind, "instance", parts[0], text),
@@ -73,7 +100,7 @@ def _split(kind: str, text: str, form: str, counts: tuple[int, ...]) -> list[str
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, order=True)
-class MemberId:
+class MemberId(_Identifier):
     """An organisation registered in an instance."""
 
     instance: str
@@ -83,7 +110,7 @@ class MemberId:
     FORM = "INSTANCE/CLASS/CODE"
 
     @classmethod
-    def parse(cls, text: str) -> Self:
+    def _parse(cls, text: str) -> Self:
         kind = "member id"
         p = _split(kind, text, cls.FORM, (3,))
         m = _member(kind, p, text)
@@ -94,7 +121,7 @@ class MemberId:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, order=True)
-class SubsystemId:
+class SubsystemId(_Identifier):
     """The unit of a member that calls and provides services."""
 
     member: MemberId
@@ -103,7 +130,7 @@ class SubsystemId:
     FORM = "INSTANCE/CLASS/CODE/SUBSYSTEM"
 
     @classmethod
-    def parse(cls, text: str) -> Self:
+    def _parse(cls, text: str) -> Self:
         kind = "subsystem id"
         p = _split(kind, text, cls.FORM, (4,))
         member = _member(kind, p, text)
@@ -118,7 +145,7 @@ class SubsystemId:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, order=True)
-class ServiceId:
+class ServiceId(_Identifier):
     """A service offered by a subsystem, optionally versioned."""
 
     subsystem: SubsystemId
@@ -128,7 +155,7 @@ class ServiceId:
     FORM = "INSTANCE/CLASS/CODE/SUBSYSTEM/SERVICE[/VERSION]"
 
     @classmethod
-    def parse(cls, text: str) -> Self:
+    def _parse(cls, text: str) -> Self:
         kind = "service id"
         p = _split(kind, text, cls.FORM, (5, 6))
         member = _member(kind, p, text)
@@ -148,7 +175,7 @@ class ServiceId:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, order=True)
-class SecurityServerId:
+class SecurityServerId(_Identifier):
     """A security server, owned by one member."""
 
     owner: MemberId
@@ -157,7 +184,7 @@ class SecurityServerId:
     FORM = "INSTANCE/CLASS/CODE/SERVERCODE"
 
     @classmethod
-    def parse(cls, text: str) -> Self:
+    def _parse(cls, text: str) -> Self:
         kind = "security server id"
         p = _split(kind, text, cls.FORM, (4,))
         owner = _member(kind, p, text)

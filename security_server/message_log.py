@@ -76,6 +76,15 @@ class MessageLog:
         self._wake = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
+        # the insert, compiled once for this database's dialect: the hot path skips
+        # SQLAlchemy's per-execution compilation and parameter processing
+        compiled = message_log.insert().compile(dialect=engine.dialect)
+        self._insert_sql = str(compiled)
+        order = compiled.positiontup
+        if order is not None:
+            self._insert_params: Any = lambda rows: [tuple(row[k] for k in order) for row in rows]
+        else:
+            self._insert_params = lambda rows: rows
         self.batches_written = 0
         self.records_written = 0
 
@@ -138,7 +147,7 @@ class MessageLog:
         ]
         try:
             async with self.engine.begin() as conn:
-                await conn.execute(message_log.insert(), rows)
+                await conn.exec_driver_sql(self._insert_sql, self._insert_params(rows))
         except Exception as exc:  # any failure: refuse these calls, keep the writer alive
             self.head = saved
             log.error(
