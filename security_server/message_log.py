@@ -4,7 +4,10 @@
 answers nothing before). Durability at speed comes from group commit: one writer task
 takes every record queued while the previous transaction was committing, chains them in
 order and writes them in one transaction (one fsync). SQLite runs in WAL mode with
-`synchronous=FULL`.
+`synchronous=FULL`; its transactions run in one dedicated thread through a synchronous
+SQLAlchemy engine, one hand-off per batch (measured: 0.93 ms per single-record commit,
+against 1.6 ms through the async engine and aiosqlite, whose every statement is a
+hand-off). Reads, and every operation on other databases, use the async engine.
 
 Database errors are translated here into `UnavailableError(LOG_UNAVAILABLE)`.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
 
@@ -85,6 +89,18 @@ class MessageLog:
             self._insert_params: Any = lambda rows: [tuple(row[k] for k in order) for row in rows]
         else:
             self._insert_params = lambda rows: rows
+        # SQLite: one dedicated writer thread runs each batch's transaction in a single
+        # hand-off (half the commit latency of the async engine's several hand-offs);
+        # other databases: the async engine
+        self._sync_engine: sa.Engine | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        if engine.dialect.name == "sqlite":
+            self._sync_engine = sa.create_engine(
+                engine.url.set(drivername="sqlite"), poolclass=sa.pool.NullPool
+            )
+            event.listen(self._sync_engine, "connect", _sqlite_pragmas)
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="message-log-writer")
+            self._sync_conn: sa.Connection | None = None
         self.batches_written = 0
         self.records_written = 0
 
@@ -117,6 +133,11 @@ class MessageLog:
             self._closing = True
             self._wake.set()
             await self._writer
+        if self._executor is not None:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._close_sync)
+            self._executor.shutdown()
+        if self._sync_engine is not None:
+            self._sync_engine.dispose()
         await self.engine.dispose()
 
     async def append(self, fields: Mapping[str, FieldValue]) -> int:
@@ -137,6 +158,33 @@ class MessageLog:
             if self._closing:
                 return
 
+    async def _insert(self, params: Any) -> None:
+        if self._executor is None:
+            async with self.engine.begin() as conn:
+                await conn.exec_driver_sql(self._insert_sql, params)
+        else:
+            await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._insert_sync, params
+            )
+
+    def _insert_sync(self, params: Any) -> None:
+        """In the writer thread: one transaction on a connection kept open for it."""
+        assert self._sync_engine is not None
+        if self._sync_conn is None:
+            self._sync_conn = self._sync_engine.connect()
+        try:
+            with self._sync_conn.begin():
+                self._sync_conn.exec_driver_sql(self._insert_sql, params)
+        except Exception:
+            self._sync_conn.close()
+            self._sync_conn = None
+            raise
+
+    def _close_sync(self) -> None:
+        if self._sync_conn is not None:
+            self._sync_conn.close()
+            self._sync_conn = None
+
     async def _write_batch(
         self, batch: list[tuple[Mapping[str, FieldValue], asyncio.Future[int]]]
     ) -> None:
@@ -146,8 +194,7 @@ class MessageLog:
             {"seq": r.seq, "prev_hash": r.prev_hash, "hash": r.hash, **r.fields} for r in records
         ]
         try:
-            async with self.engine.begin() as conn:
-                await conn.exec_driver_sql(self._insert_sql, self._insert_params(rows))
+            await self._insert(self._insert_params(rows))
         except Exception as exc:  # any failure: refuse these calls, keep the writer alive
             self.head = saved
             log.error(
