@@ -7,6 +7,9 @@ Layout of the folder it writes (keys are 0600; the folder is meant to be git-ign
     anchor.json                             the instance anchor security servers install
     auth/<SERVER>.crt/.key                  TLS certificate per security server
     sign/<MEMBER>.crt/.key                  signing certificate per member
+    local/<SERVER>/ca.crt                   the agency-internal CA of a server's consumer endpoint
+    local/<SERVER>/consumer.crt/.key        the consumer endpoint's TLS certificate
+    local/<SERVER>/clients/<SUBSYSTEM>.crt  a local client's certificate (CN = subsystem id)
 
 where <SERVER> and <MEMBER> are identifiers with '/' replaced by '_'.
 """
@@ -26,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gateway.configuration import Anchor
-from gateway.identifiers import MemberId, SecurityServerId, server_dns_name
+from gateway.identifiers import MemberId, SecurityServerId, SubsystemId, server_dns_name
 
 
 def slug(identifier: object) -> str:
@@ -59,7 +62,11 @@ def issue(
     organisation: str = "Interoperability gateway (development)",
     hosts: tuple[str, ...] = (),
 ) -> Issued:
-    """Issue a certificate of `kind` ('ca', 'auth', 'sign', 'config') signed by `issuer`.
+    """Issue a certificate of `kind` signed by `issuer`.
+
+    Kinds: 'ca'; 'auth' (a security server's TLS certificate); 'sign' (a member's signing
+    certificate); 'config' (the registry's configuration signing); 'local-server' and
+    'local-client' (TLS between an agency's backends and its own security server).
 
     With `issuer=None` the certificate is self-signed (a root CA).
     """
@@ -105,6 +112,18 @@ def issue(
         )
     if kind in ("sign", "config"):
         usage.update(digital_signature=True, content_commitment=True)
+    if kind in ("local-server", "local-client"):
+        usage.update(digital_signature=True)
+        purpose = (
+            ExtendedKeyUsageOID.SERVER_AUTH
+            if kind == "local-server"
+            else ExtendedKeyUsageOID.CLIENT_AUTH
+        )
+        builder = builder.add_extension(x509.ExtendedKeyUsage([purpose]), critical=False)
+        if kind == "local-server":
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName(_general_names(hosts)), critical=False
+            )
     if kind == "auth":
         usage.update(digital_signature=True)
         builder = builder.add_extension(
@@ -113,16 +132,22 @@ def issue(
             ),
             critical=False,
         )
-        names: list[x509.GeneralName] = []
-        for host in hosts:
-            try:
-                names.append(x509.IPAddress(ipaddress.ip_address(host)))
-            except ValueError:
-                names.append(x509.DNSName(host))
-        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName(_general_names(hosts)), critical=False
+        )
     builder = builder.add_extension(x509.KeyUsage(**usage), critical=True)
     signing_key = issuer.key if issuer else key
     return Issued(key=key, certificate=builder.sign(signing_key, hashes.SHA256()))
+
+
+def _general_names(hosts: tuple[str, ...]) -> list[x509.GeneralName]:
+    names: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    return names
 
 
 def write_pair(folder: Path, stem: str, issued: Issued) -> tuple[Path, Path]:
@@ -170,6 +195,7 @@ def init_pki(
     now: datetime,
     days: int = 365,
     hosts: tuple[str, ...] = ("127.0.0.1", "localhost"),
+    local_clients: dict[SecurityServerId, list[SubsystemId]] | None = None,
 ) -> Anchor:
     """Create (or complete) a development PKI in `folder`; return the instance anchor.
 
@@ -218,6 +244,10 @@ def init_pki(
                     hosts=(server_dns_name(server), *hosts),
                 ),
             )
+    for server, subsystems in (local_clients or {}).items():
+        init_local_tls(
+            folder / "local" / slug(server), subsystems=subsystems, now=now, days=days, hosts=hosts
+        )
     config_cert = x509.load_pem_x509_certificate(
         (folder / "configuration-signing.crt").read_bytes()
     )
@@ -228,3 +258,49 @@ def init_pki(
     )
     _atomic_write(folder / "anchor.json", json.dumps(anchor.to_json(), indent=2).encode(), 0o644)
     return anchor
+
+
+def init_local_tls(
+    folder: Path,
+    *,
+    subsystems: list[SubsystemId],
+    now: datetime,
+    days: int = 365,
+    hosts: tuple[str, ...] = ("127.0.0.1", "localhost"),
+) -> None:
+    """TLS between an agency's backends and its own security server's consumer endpoint.
+
+    An agency-internal CA (`ca.crt`), the consumer endpoint's certificate
+    (`consumer.crt/.key`) and a client certificate per hosted subsystem
+    (`clients/<SUBSYSTEM>.crt/.key`, common name = the subsystem id).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    if (folder / "ca.crt").exists():
+        ca = load_issued(folder, "ca")
+    else:
+        ca = issue(
+            common_name=f"local CA of {folder.name}", issuer=None, now=now, days=days * 2, kind="ca"
+        )
+        write_pair(folder, "ca", ca)
+    if not (folder / "consumer.crt").exists():
+        write_pair(
+            folder,
+            "consumer",
+            issue(
+                common_name="consumer endpoint",
+                issuer=ca,
+                now=now,
+                days=days,
+                kind="local-server",
+                hosts=hosts,
+            ),
+        )
+    for subsystem in subsystems:
+        if not (folder / "clients" / f"{slug(subsystem)}.crt").exists():
+            write_pair(
+                folder / "clients",
+                slug(subsystem),
+                issue(
+                    common_name=str(subsystem), issuer=ca, now=now, days=days, kind="local-client"
+                ),
+            )

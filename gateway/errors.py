@@ -41,6 +41,7 @@ class Code(StrEnum):
     OVERLOADED = "overloaded"
     # routing and authorisation
     CLIENT_NOT_SERVED = "client_not_served"
+    CLIENT_NOT_AUTHENTICATED = "client_not_authenticated"
     UNKNOWN_SERVICE = "unknown_service"
     UNKNOWN_METHOD = "unknown_method"
     NO_AGREEMENT = "no_agreement"
@@ -77,6 +78,7 @@ STATUS_BY_CODE: dict[Code, Status] = {
     Code.BODY_TOO_LARGE: Status.RESOURCE_EXHAUSTED,
     Code.OVERLOADED: Status.RESOURCE_EXHAUSTED,
     Code.CLIENT_NOT_SERVED: Status.PERMISSION_DENIED,
+    Code.CLIENT_NOT_AUTHENTICATED: Status.UNAUTHENTICATED,
     Code.UNKNOWN_SERVICE: Status.NOT_FOUND,
     Code.UNKNOWN_METHOD: Status.UNIMPLEMENTED,
     Code.NO_AGREEMENT: Status.PERMISSION_DENIED,

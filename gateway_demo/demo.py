@@ -19,8 +19,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-import grpc
-
+from certs.pki import slug
 from gateway.settings import database_url
 from gateway_demo.client import Outcome, call_raw, routing_metadata
 from gateway_demo.generated import population_pb2 as population
@@ -56,11 +55,14 @@ def _show(outcome: Outcome) -> None:
 
 async def _calls(runner: Runner) -> tuple[Outcome, Outcome, Outcome]:
     async with (
-        grpc.aio.insecure_channel(runner.consumers[MSP]) as msp,
-        grpc.aio.insecure_channel(runner.consumers[DNIC]) as dnic,
+        runner.consumer_channel(MSP, CLINICS) as msp,
+        runner.consumer_channel(DNIC, IDENTITY) as dnic,
     ):
         person_request = population.GetPersonRequest(national_id="1.234.567-8").SerializeToString()
         _title("1. A clinic verifies a patient's identity at the population registry (allowed)")
+        print(
+            "   (the clinic's backend authenticates to its security server with a TLS client certificate)"
+        )
         print(f"   {CLINICS} -> {POPULATION}  purpose=healthcare-identification")
         allowed = await call_raw(
             msp,
@@ -170,7 +172,7 @@ def describe(runner: Runner) -> dict[str, Any]:
                 "server": s["id"],
                 "address": runner.consumers[s["id"]],
                 "clients": s["subsystems"],
-                "tls": None,
+                "tls": _tls_paths(runner, s["id"], s["subsystems"]),
                 "metadata": ["gateway-client", "gateway-service", "gateway-purpose"],
             }
             for s in topology["servers"]
@@ -191,10 +193,28 @@ def describe(runner: Runner) -> dict[str, Any]:
     }
 
 
+def _tls_paths(runner: Runner, server_id: str, clients: list[str]) -> dict[str, Any] | None:
+    folder = runner.local_tls(server_id)
+    if folder is None:
+        return None
+    return {
+        "ca": str(folder / "ca.crt"),
+        "clients": {
+            c: {
+                "certificate": str(folder / "clients" / f"{slug(c)}.crt"),
+                "key": str(folder / "clients" / f"{slug(c)}.key"),
+            }
+            for c in clients
+        },
+    }
+
+
 def run_demo(*, workdir: Path, keep_running: bool) -> int:
     if workdir.exists():
         shutil.rmtree(workdir)
-    runner = Runner(workdir)
+    # the Ministry of Health's backends authenticate to their security server with TLS
+    # client certificates; the other agency's endpoint is plain gRPC on loopback
+    runner = Runner(workdir, consumer_tls=frozenset({MSP}))
     print(f"Interoperability gateway demo (workdir {runner.workdir})")
     _title("Generating a development PKI and starting the registry, 2 security servers, 2 backends")
     runner.prepare()

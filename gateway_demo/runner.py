@@ -21,10 +21,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import grpc
 import tomli_w
 
 from certs.pki import init_pki, slug
-from gateway.identifiers import MemberId, SecurityServerId
+from gateway.identifiers import MemberId, SecurityServerId, SubsystemId
 
 REPO_DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "demo"
 TEMPLATE = REPO_DEPLOY / "topology.toml"
@@ -74,12 +75,15 @@ class Runner:
         validity_seconds: float = 600.0,
         refresh_seconds: float = 60.0,
         limits: dict[str, Any] | None = None,
+        consumer_tls: frozenset[str] = frozenset(),
     ) -> None:
         self.workdir = workdir.resolve()
         self.template = template
         self.validity_seconds = validity_seconds
         self.refresh_seconds = refresh_seconds
         self.limits = limits or {}
+        # servers whose consumer endpoint requires local clients' TLS certificates
+        self.consumer_tls = consumer_tls
         self.processes: dict[str, Process] = {}
         self.topology: dict[str, Any] = {}
         self.registry_address = ""
@@ -116,6 +120,11 @@ class Runner:
             servers=[SecurityServerId.parse(s["id"]) for s in topology["servers"]],
             registry_addresses=[self.registry_address],
             now=datetime.now(UTC),
+            local_clients={
+                SecurityServerId.parse(s["id"]): [SubsystemId.parse(x) for x in s["subsystems"]]
+                for s in topology["servers"]
+                if s["id"] in self.consumer_tls
+            },
         )
         self._write_registry(instance)
         for server in topology["servers"]:
@@ -156,7 +165,7 @@ class Runner:
         state = self.workdir / "state" / name
         settings: dict[str, Any] = {
             "server": {"id": sid, "anchor": str(self.pki / "anchor.json"), "state_dir": str(state)},
-            "consumer": {"listen": self.consumers[sid]},
+            "consumer": {"listen": self.consumers[sid], **self._consumer_tls_settings(sid)},
             "provider": {
                 "listen": self.providers[sid],
                 "tls_certificate": str(self.pki / "auth" / f"{slug(sid)}.crt"),
@@ -179,6 +188,36 @@ class Runner:
         path = self.workdir / f"{name}.toml"
         path.write_text(tomli_w.dumps(settings))
         self.processes[name] = self._process(name, ["server", "serve", "--config", str(path)])
+
+    def local_tls(self, server_id: str) -> Path | None:
+        """The folder of a server's local TLS material, if its consumer endpoint uses it."""
+        return self.pki / "local" / slug(server_id) if server_id in self.consumer_tls else None
+
+    def _consumer_tls_settings(self, server_id: str) -> dict[str, str]:
+        folder = self.local_tls(server_id)
+        if folder is None:
+            return {}
+        return {
+            "tls_certificate": str(folder / "consumer.crt"),
+            "tls_key": str(folder / "consumer.key"),
+            "client_ca": str(folder / "ca.crt"),
+        }
+
+    def consumer_channel(self, server_id: str, client: str | None = None) -> grpc.aio.Channel:
+        """A channel to a server's consumer endpoint, with `client`'s certificate when it uses TLS."""
+        folder = self.local_tls(server_id)
+        if folder is None:
+            return grpc.aio.insecure_channel(self.consumers[server_id])
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=(folder / "ca.crt").read_bytes(),
+            private_key=(folder / "clients" / f"{slug(client)}.key").read_bytes()
+            if client
+            else None,
+            certificate_chain=(folder / "clients" / f"{slug(client)}.crt").read_bytes()
+            if client
+            else None,
+        )
+        return grpc.aio.secure_channel(self.consumers[server_id], credentials)
 
     def _process(self, name: str, args: list[str]) -> Process:
         return Process(

@@ -126,12 +126,17 @@ def load_topology(path: Path) -> Topology:
     )
 
 
-def load_topology_ids(path: Path) -> tuple[str, list[MemberId], list[SecurityServerId]]:
-    """(instance, members, servers) named in a topology, without reading certificates."""
+def load_topology_ids(
+    path: Path,
+) -> tuple[str, list[MemberId], dict[SecurityServerId, list[SubsystemId]]]:
+    """(instance, members, servers with their subsystems) of a topology, without reading certificates."""
     try:
         doc = tomllib.loads(path.read_text(encoding="utf-8"))
         members = [MemberId.parse(m["id"]) for m in doc.get("members", [])]
-        servers = [SecurityServerId.parse(s["id"]) for s in doc.get("servers", [])]
+        servers = {
+            SecurityServerId.parse(s["id"]): [SubsystemId.parse(x) for x in s.get("subsystems", [])]
+            for s in doc.get("servers", [])
+        }
     except (OSError, tomllib.TOMLDecodeError, KeyError, GatewayError) as exc:
         raise ConfigFileError(f"{path}: {exc}") from None
     if not members:

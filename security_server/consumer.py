@@ -49,9 +49,10 @@ REQUIRED = ("gateway-client", "gateway-service", "gateway-purpose")
 
 
 class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
-    def __init__(self, node: Node, peers: PeerPool) -> None:
+    def __init__(self, node: Node, peers: PeerPool, *, authenticate_clients: bool = False) -> None:
         self.node = node
         self.peers = peers
+        self.authenticate_clients = authenticate_clients
         self._handlers: dict[str, Any] = {}
         self.in_flight = 0
 
@@ -111,6 +112,8 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                 )
             check_message_id(message_id)
             client = SubsystemId.parse(metadata["gateway-client"])
+            if self.authenticate_clients:
+                self._authenticate(context, client)
             service_id = ServiceId.parse(metadata["gateway-service"])
             purpose = check_purpose(metadata["gateway-purpose"])
             check_method(method)
@@ -236,6 +239,17 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             )
         context.set_trailing_metadata(trailing)
         return bytes(env.body)
+
+    @staticmethod
+    def _authenticate(context: grpc.aio.ServicerContext[Any, Any], client: SubsystemId) -> None:
+        """The caller's TLS certificate (from the local CA) must name the client subsystem."""
+        names = context.auth_context().get("x509_common_name") or []
+        if [n.decode() if isinstance(n, bytes) else str(n) for n in names] != [str(client)]:
+            raise GatewayError(
+                f"the caller's TLS certificate does not name client {client}: use the "
+                "client certificate issued for that subsystem",
+                code=Code.CLIENT_NOT_AUTHENTICATED,
+            )
 
     def _check_response(
         self,

@@ -19,6 +19,7 @@ import grpc
 import structlog
 
 from gateway.configuration import Anchor, GlobalConfiguration
+from gateway.errors import ConfigFileError
 from gateway.identifiers import MemberId, SecurityServerId
 from gateway.replay import ReplayGuard
 from gateway.settings import database_url
@@ -81,6 +82,13 @@ async def serve(
     stop: asyncio.Event,
     on_ready: Callable[[dict[str, Any]], None],
 ) -> None:
+    local = settings.consumer
+    if (local.tls_certificate is None) != (local.tls_key is None):
+        raise ConfigFileError("consumer.tls_certificate and consumer.tls_key go together")
+    if local.client_ca is not None and local.tls_certificate is None:
+        raise ConfigFileError(
+            "consumer.client_ca needs consumer.tls_certificate and consumer.tls_key"
+        )
     server_id = SecurityServerId.parse(settings.server.id)
     anchor = Anchor.from_json(json.loads(settings.server.anchor.read_text()))
     signers = {
@@ -156,8 +164,19 @@ async def serve(
                 settings.limits.max_concurrent_calls + 1000,
             ),
         )
-        consumer.add_generic_rpc_handlers((ConsumerService(node, peers),))
-        consumer_port = consumer.add_insecure_port(settings.consumer.listen)
+        local = settings.consumer
+        consumer.add_generic_rpc_handlers(
+            (ConsumerService(node, peers, authenticate_clients=local.client_ca is not None),)
+        )
+        if local.tls_certificate is not None and local.tls_key is not None:
+            credentials = grpc.ssl_server_credentials(
+                [(local.tls_key.read_bytes(), local.tls_certificate.read_bytes())],
+                root_certificates=local.client_ca.read_bytes() if local.client_ca else None,
+                require_client_auth=local.client_ca is not None,
+            )
+            consumer_port = consumer.add_secure_port(local.listen, credentials)
+        else:
+            consumer_port = consumer.add_insecure_port(local.listen)
         for s in (provider, consumer):
             await s.start()
             servers.append(s)

@@ -22,8 +22,15 @@ class ServerSection:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ConsumerSection:
-    # host:port where local backends call (plain gRPC: bind it to loopback or a private network)
+    # host:port where local backends call
     listen: str = "127.0.0.1:8080"
+    # TLS certificate and key (PEM) of the endpoint; without them it speaks plain gRPC
+    # (then bind it to loopback or a private network)
+    tls_certificate: Path | None = None
+    tls_key: Path | None = None
+    # CA (PEM) of local clients' certificates: when set, every caller must present one
+    # whose common name is the client subsystem it calls as (needs TLS)
+    client_ca: Path | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -18,10 +19,32 @@ from gateway_demo.generated import population_pb2 as population
 GATEWAY = [sys.executable, "-m", "gateway_cli.main"]
 
 
+def credentials_for(endpoint: dict[str, Any], client: str) -> grpc.ChannelCredentials | None:
+    """The TLS credentials topology.json says a local client needs, or None for plain gRPC."""
+    tls = endpoint["tls"]
+    if tls is None:
+        return None
+    paths = tls["clients"][client]
+    return grpc.ssl_channel_credentials(
+        Path(tls["ca"]).read_bytes(),
+        Path(paths["key"]).read_bytes(),
+        Path(paths["certificate"]).read_bytes(),
+    )
+
+
 async def call_once(
-    address: str, method: str, body: bytes, metadata: list[tuple[str, str]]
+    address: str,
+    credentials: grpc.ChannelCredentials | None,
+    method: str,
+    body: bytes,
+    metadata: list[tuple[str, str]],
 ) -> Outcome:
-    async with grpc.aio.insecure_channel(address) as channel:
+    channel = (
+        grpc.aio.insecure_channel(address)
+        if credentials is None
+        else grpc.aio.secure_channel(address, credentials)
+    )
+    async with channel:
         return await call_raw(channel, method, body, metadata)
 
 
@@ -76,7 +99,13 @@ def test_keep_running_describes_a_usable_topology(tmp_path: Path) -> None:
         metadata = routing_metadata(
             client=agreement["client"], service=service["id"], purpose=agreement["purposes"][0]
         )
-        outcome = asyncio.run(call_once(endpoint["address"], method["method"], request, metadata))
+        assert (
+            endpoint["tls"] is not None
+        )  # the demo's clinic endpoint requires client certificates
+        credentials = credentials_for(endpoint, agreement["client"])
+        outcome = asyncio.run(
+            call_once(endpoint["address"], credentials, method["method"], request, metadata)
+        )
         assert outcome.ok, outcome
         demo.send_signal(signal.SIGINT)
         output, _ = demo.communicate(timeout=60)
