@@ -1,0 +1,98 @@
+"""The registry's configuration service over real gRPC: Fetch, Watch, and what a server accepts."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import grpc
+import pytest
+
+from gateway.configuration import Anchor, SignedConfiguration, verify_configuration
+from gateway.errors import ConfigurationError
+from gateway.identifiers import ServiceId, SubsystemId
+from gateway.v1 import configuration_pb2 as pb
+from gateway_demo.runner import Runner
+
+from .conftest import CLINICS, POPULATION
+
+
+@pytest.fixture(scope="module")
+def runner(make_runner: Callable[..., Runner]) -> Runner:
+    return make_runner(refresh_seconds=0.5)
+
+
+def signed(message: pb.SignedConfiguration) -> SignedConfiguration:
+    return SignedConfiguration(
+        content=message.content,
+        signature=message.signature,
+        signer_certificate=message.signer_certificate,
+    )
+
+
+async def test_fetch_returns_a_configuration_that_verifies_against_the_anchor(
+    runner: Runner,
+) -> None:
+    """Fetch gives the signed configuration; it verifies and carries the topology's agreement."""
+    anchor = Anchor.from_json(json.loads((runner.pki / "anchor.json").read_text()))
+    async with grpc.aio.insecure_channel(runner.registry_address) as channel:
+        fetch = channel.unary_unary(
+            "/gateway.v1.Configuration/Fetch",
+            request_serializer=pb.FetchRequest.SerializeToString,
+            response_deserializer=pb.SignedConfiguration.FromString,
+        )
+        message = await fetch(pb.FetchRequest(instance="UY"))
+    config = verify_configuration(signed(message), anchor)
+    assert config.instance == "UY"
+    assert config.version >= 1
+    assert len(config.servers) == 2
+    decided = config.agreements.decide(
+        SubsystemId.parse(CLINICS),
+        ServiceId.parse(POPULATION),
+        "healthcare-identification",
+        config.generated_at,
+    )
+    assert decided.id == "AGR-2026-0001"
+    original = signed(message)
+    tampered = SignedConfiguration(
+        content=original.content.replace(
+            b"healthcare-identification", b"healthcare-identificatioN"
+        ),
+        signature=original.signature,
+        signer_certificate=original.signer_certificate,
+    )
+    with pytest.raises(ConfigurationError):
+        verify_configuration(tampered, anchor)
+
+
+async def test_fetch_for_another_instance_is_refused(runner: Runner) -> None:
+    """Asking this registry for another instance's configuration gets NOT_FOUND."""
+    async with grpc.aio.insecure_channel(runner.registry_address) as channel:
+        fetch = channel.unary_unary(
+            "/gateway.v1.Configuration/Fetch",
+            request_serializer=pb.FetchRequest.SerializeToString,
+            response_deserializer=pb.SignedConfiguration.FromString,
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await fetch(pb.FetchRequest(instance="AR"))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_watch_pushes_each_new_version(runner: Runner) -> None:
+    """Watch sends the current version at once, then every newer one as it is published."""
+    async with grpc.aio.insecure_channel(runner.registry_address) as channel:
+        watch = channel.unary_stream(
+            "/gateway.v1.Configuration/Watch",
+            request_serializer=pb.WatchRequest.SerializeToString,
+            response_deserializer=pb.SignedConfiguration.FromString,
+        )
+        call = watch(pb.WatchRequest(instance="UY", known_version=0))
+        anchor = Anchor.from_json(json.loads((runner.pki / "anchor.json").read_text()))
+        versions = []
+        async for message in call:
+            versions.append(verify_configuration(signed(message), anchor).version)
+            if len(versions) == 3:
+                break
+        call.cancel()
+    assert versions == sorted(versions)
+    assert len(set(versions)) == 3
