@@ -19,9 +19,11 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -185,6 +187,18 @@ def load_issued(folder: Path, stem: str) -> Issued:
     return Issued(key=key, certificate=cert)
 
 
+def ensure_pair(folder: Path, stem: str, make: Callable[[], Issued]) -> Issued:
+    """The key pair `stem` in `folder`, issued by `make` and written only if it is missing.
+
+    Re-running keeps what exists, so certificates already installed stay valid.
+    """
+    if (folder / f"{stem}.crt").exists():
+        return load_issued(folder, stem)
+    issued = make()
+    write_pair(folder, stem, issued)
+    return issued
+
+
 def init_pki(
     folder: Path,
     *,
@@ -197,110 +211,43 @@ def init_pki(
     hosts: tuple[str, ...] = ("127.0.0.1", "localhost"),
     local_clients: dict[SecurityServerId, list[SubsystemId]] | None = None,
 ) -> Anchor:
-    """Create (or complete) a development PKI in `folder`; return the instance anchor.
-
-    An existing CA is kept, so re-running adds missing certificates without invalidating
-    those already installed.
-    """
+    """Create (or complete) a development PKI in `folder`; return the instance anchor."""
     folder.mkdir(parents=True, exist_ok=True)
     os.chmod(folder, 0o700)
-    if (folder / "ca.crt").exists():
-        ca = load_issued(folder, "ca")
-    else:
-        ca = issue(
-            common_name=f"{instance} development CA", issuer=None, now=now, days=days * 2, kind="ca"
+
+    def make(
+        common_name: str, kind: str, issuer: Issued | None, **extra: Any
+    ) -> Callable[[], Issued]:
+        lifetime = days * 2 if kind == "ca" else days
+        return lambda: issue(
+            common_name=common_name, issuer=issuer, now=now, days=lifetime, kind=kind, **extra
         )
-        write_pair(folder, "ca", ca)
-    if not (folder / "configuration-signing.crt").exists():
-        write_pair(
-            folder,
-            "configuration-signing",
-            issue(
-                common_name=f"{instance} configuration signing",
-                issuer=ca,
-                now=now,
-                days=days,
-                kind="config",
-            ),
-        )
-    for member in members:
-        if not (folder / "sign" / f"{slug(member)}.crt").exists():
-            write_pair(
-                folder / "sign",
-                slug(member),
-                issue(common_name=str(member), issuer=ca, now=now, days=days, kind="sign"),
-            )
-    for server in servers:
-        if not (folder / "auth" / f"{slug(server)}.crt").exists():
-            write_pair(
-                folder / "auth",
-                slug(server),
-                issue(
-                    common_name=str(server),
-                    issuer=ca,
-                    now=now,
-                    days=days,
-                    kind="auth",
-                    hosts=(server_dns_name(server), *hosts),
-                ),
-            )
-    for server, subsystems in (local_clients or {}).items():
-        init_local_tls(
-            folder / "local" / slug(server), subsystems=subsystems, now=now, days=days, hosts=hosts
-        )
-    config_cert = x509.load_pem_x509_certificate(
-        (folder / "configuration-signing.crt").read_bytes()
+
+    ca = ensure_pair(folder, "ca", make(f"{instance} development CA", "ca", None))
+    config = ensure_pair(
+        folder, "configuration-signing", make(f"{instance} configuration signing", "config", ca)
     )
+    for member in members:
+        ensure_pair(folder / "sign", slug(member), make(str(member), "sign", ca))
+    for server in servers:
+        names = (server_dns_name(server), *hosts)
+        ensure_pair(folder / "auth", slug(server), make(str(server), "auth", ca, hosts=names))
+    for server, subsystems in (local_clients or {}).items():
+        # TLS between an agency's backends and its own server's consumer endpoint: an
+        # agency-internal CA, the endpoint's certificate, a client certificate per subsystem
+        local = folder / "local" / slug(server)
+        local_ca = ensure_pair(local, "ca", make(f"local CA of {server}", "ca", None))
+        ensure_pair(
+            local, "consumer", make("consumer endpoint", "local-server", local_ca, hosts=hosts)
+        )
+        for subsystem in subsystems:
+            ensure_pair(
+                local / "clients", slug(subsystem), make(str(subsystem), "local-client", local_ca)
+            )
     anchor = Anchor(
         instance=instance,
-        signing_certificates=(config_cert.public_bytes(serialization.Encoding.DER),),
+        signing_certificates=(config.certificate.public_bytes(serialization.Encoding.DER),),
         addresses=tuple(registry_addresses),
     )
     _atomic_write(folder / "anchor.json", json.dumps(anchor.to_json(), indent=2).encode(), 0o644)
     return anchor
-
-
-def init_local_tls(
-    folder: Path,
-    *,
-    subsystems: list[SubsystemId],
-    now: datetime,
-    days: int = 365,
-    hosts: tuple[str, ...] = ("127.0.0.1", "localhost"),
-) -> None:
-    """TLS between an agency's backends and its own security server's consumer endpoint.
-
-    An agency-internal CA (`ca.crt`), the consumer endpoint's certificate
-    (`consumer.crt/.key`) and a client certificate per hosted subsystem
-    (`clients/<SUBSYSTEM>.crt/.key`, common name = the subsystem id).
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    if (folder / "ca.crt").exists():
-        ca = load_issued(folder, "ca")
-    else:
-        ca = issue(
-            common_name=f"local CA of {folder.name}", issuer=None, now=now, days=days * 2, kind="ca"
-        )
-        write_pair(folder, "ca", ca)
-    if not (folder / "consumer.crt").exists():
-        write_pair(
-            folder,
-            "consumer",
-            issue(
-                common_name="consumer endpoint",
-                issuer=ca,
-                now=now,
-                days=days,
-                kind="local-server",
-                hosts=hosts,
-            ),
-        )
-    for subsystem in subsystems:
-        if not (folder / "clients" / f"{slug(subsystem)}.crt").exists():
-            write_pair(
-                folder / "clients",
-                slug(subsystem),
-                issue(
-                    common_name=str(subsystem), issuer=ca, now=now, days=days, kind="local-client"
-                ),
-            )

@@ -293,20 +293,17 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             message_id=facts["message_id"],
             client=facts["client"],
         )
-        try:
-            await self.node.log.append(
-                record(
-                    kind=RecordKind.REFUSAL,
-                    role=Role.CONSUMER,
-                    logged_at=self.node.clock(),
-                    status="refused",
-                    error_code=err.code.value,
-                    error_message=err.message,
-                    **facts,
-                )
+        await self.node.log_failure(
+            record(
+                kind=RecordKind.REFUSAL,
+                role=Role.CONSUMER,
+                logged_at=self.node.clock(),
+                status="refused",
+                error_code=err.code.value,
+                error_message=err.message,
+                **facts,
             )
-        except GatewayError:
-            log.error("refusal_not_logged", code=err.code.value)
+        )
         return await self._abort(context, err, facts["message_id"])
 
     @staticmethod

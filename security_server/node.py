@@ -9,6 +9,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import structlog
+
+from gateway.audit import FieldValue
 from gateway.configuration import GlobalConfiguration
 from gateway.errors import Code, GatewayError
 from gateway.identifiers import MemberId, SecurityServerId, SubsystemId
@@ -18,6 +21,8 @@ from gateway.signing import EcdsaSigner
 from security_server.config_client import ConfigurationClient
 from security_server.message_log import MessageLog
 from security_server.settings import LimitsSection
+
+log = structlog.get_logger("security_server")
 
 
 @dataclass(slots=True, kw_only=True)
@@ -45,6 +50,14 @@ class Node:
 
     def hosts(self, config: GlobalConfiguration, subsystem: SubsystemId) -> bool:
         return any(s.id == self.server_id for s in config.servers_hosting(subsystem))
+
+    async def log_failure(self, fields: dict[str, FieldValue]) -> None:
+        """Append the record of a refusal or failure; if even that fails, say so in the
+        process log (the caller is refused either way, so nothing is forwarded unlogged)."""
+        try:
+            await self.log.append(fields)
+        except GatewayError as err:
+            log.error("refusal_not_logged", code=fields.get("error_code"), error=err.message)
 
     @property
     def skew(self) -> timedelta:

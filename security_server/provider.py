@@ -152,21 +152,18 @@ class ProviderService:
                 peer_certificate=fingerprint,
                 peer=context.peer(),
             )
-            try:
-                await node.log.append(
-                    record(
-                        kind=RecordKind.REFUSAL,
-                        role=Role.PROVIDER,
-                        logged_at=now,
-                        message_id=None,
-                        peer=f"certificate:{fingerprint}",
-                        status="refused",
-                        error_code=err.code.value,
-                        error_message=err.message,
-                    )
+            await node.log_failure(
+                record(
+                    kind=RecordKind.REFUSAL,
+                    role=Role.PROVIDER,
+                    logged_at=now,
+                    message_id=None,
+                    peer=f"certificate:{fingerprint}",
+                    status="refused",
+                    error_code=err.code.value,
+                    error_message=err.message,
                 )
-            except GatewayError:
-                log.error("refusal_not_logged", code=err.code.value)
+            )
             await abort(context, err.code, err.message, None)
             return
         log.info("peer_stream_opened", peer=str(peer.id))
@@ -365,20 +362,17 @@ class ProviderService:
     async def _log_failure(
         self, kind: RecordKind, err: GatewayError, now: datetime, common: dict[str, Any]
     ) -> None:
-        try:
-            await self.node.log.append(
-                record(
-                    kind=kind,
-                    role=Role.PROVIDER,
-                    logged_at=now,
-                    status="error",
-                    error_code=err.code.value,
-                    error_message=err.message,
-                    **common,
-                )
+        await self.node.log_failure(
+            record(
+                kind=kind,
+                role=Role.PROVIDER,
+                logged_at=now,
+                status="error",
+                error_code=err.code.value,
+                error_message=err.message,
+                **common,
             )
-        except GatewayError:
-            log.error("refusal_not_logged", code=err.code.value)
+        )
 
     async def _refuse(
         self,
@@ -393,31 +387,28 @@ class ProviderService:
         node = self.node
         message_id = header.message_id if header else None
         log.warning("request_refused", code=err.code.value, peer=peer_name, message_id=message_id)
-        try:
-            await node.log.append(
-                record(
-                    kind=RecordKind.REFUSAL,
-                    role=Role.PROVIDER,
-                    logged_at=node.clock(),
-                    message_id=message_id,
-                    client=str(header.client) if header else None,
-                    service=str(header.service) if header else None,
-                    method=header.method if header else None,
-                    purpose=header.purpose if header else None,
-                    user_id=header.user_id if header else None,
-                    subject_ref=node.pseudonym(header.subject) if header else None,
-                    peer=peer_name,
-                    header=env.header or None,
-                    signature=env.signature or None,
-                    signer_certificate_sha256=signer_sha,
-                    body_sha256=sha256_hex(env.body),
-                    status="refused",
-                    error_code=err.code.value,
-                    error_message=err.message,
-                )
+        await node.log_failure(
+            record(
+                kind=RecordKind.REFUSAL,
+                role=Role.PROVIDER,
+                logged_at=node.clock(),
+                message_id=message_id,
+                client=str(header.client) if header else None,
+                service=str(header.service) if header else None,
+                method=header.method if header else None,
+                purpose=header.purpose if header else None,
+                user_id=header.user_id if header else None,
+                subject_ref=node.pseudonym(header.subject) if header else None,
+                peer=peer_name,
+                header=env.header or None,
+                signature=env.signature or None,
+                signer_certificate_sha256=signer_sha,
+                body_sha256=sha256_hex(env.body),
+                status="refused",
+                error_code=err.code.value,
+                error_message=err.message,
             )
-        except GatewayError:
-            log.error("refusal_not_logged", code=err.code.value)
+        )
         return self._refusal(frame, err, message_id, started, 0)
 
     @staticmethod

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
 import tomllib
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -82,3 +84,13 @@ def log_rows(db: Path, message_id: str) -> list[dict[str, Any]]:
             "SELECT * FROM message_log WHERE message_id = ? ORDER BY seq", (message_id,)
         )
         return [dict(r) for r in rows]
+
+
+def audit_verify(db: Path) -> subprocess.CompletedProcess[str]:
+    """Run `gateway audit verify` on a log as an auditor would."""
+    return subprocess.run(
+        [sys.executable, "-m", "gateway_cli.main", "audit", "verify", "--quiet", "--db", str(db)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )

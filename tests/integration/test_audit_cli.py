@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import shutil
 import sqlite3
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,16 +14,7 @@ from gateway_demo.client import call_raw, routing_metadata
 from gateway_demo.generated import population_pb2 as population
 from gateway_demo.runner import Runner
 
-from .conftest import CLINICS, GET_PERSON, MSP, POPULATION
-
-
-def verify(db: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gateway_cli.main", "audit", "verify", "--quiet", "--db", str(db)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+from .conftest import CLINICS, GET_PERSON, MSP, POPULATION, audit_verify
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +59,7 @@ def execute(db: Path, *statements: str) -> None:
 
 def test_intact_log_verifies(db: Path) -> None:
     """An untouched log verifies, exit status 0, with its record count."""
-    result = verify(db)
+    result = audit_verify(db)
     assert result.returncode == 0, result.stdout
     assert "OK: 10 record(s) verified" in result.stdout
 
@@ -78,7 +67,7 @@ def test_intact_log_verifies(db: Path) -> None:
 def test_edited_record_is_named(db: Path) -> None:
     """Changing the purpose of record 3 fails verification at record 3."""
     execute(db, "UPDATE message_log SET purpose = 'marketing' WHERE seq = 3")
-    result = verify(db)
+    result = audit_verify(db)
     assert result.returncode == 1
     assert "record 3" in result.stdout and "altered" in result.stdout
 
@@ -86,7 +75,7 @@ def test_edited_record_is_named(db: Path) -> None:
 def test_deleted_record_is_named(db: Path) -> None:
     """Deleting record 4 fails verification naming record 4 as missing."""
     execute(db, "DELETE FROM message_log WHERE seq = 4")
-    result = verify(db)
+    result = audit_verify(db)
     assert result.returncode == 1
     assert "record 4" in result.stdout and "missing" in result.stdout
 
@@ -99,7 +88,7 @@ def test_reordered_records_are_named(db: Path) -> None:
         "UPDATE message_log SET seq = 5 WHERE seq = 6",
         "UPDATE message_log SET seq = 6 WHERE seq = -5",
     )
-    result = verify(db)
+    result = audit_verify(db)
     assert result.returncode == 1
     assert "record 5" in result.stdout
 
@@ -117,13 +106,13 @@ def test_rehashed_edit_breaks_the_next_link(db: Path) -> None:
         conn.execute(
             "UPDATE message_log SET purpose = 'marketing', hash = ? WHERE seq = 2", (new_hash,)
         )
-    result = verify(db)
+    result = audit_verify(db)
     assert result.returncode == 1
     assert "record 3" in result.stdout and "link" in result.stdout
 
 
 def test_missing_log_is_a_usage_error(tmp_path: Path) -> None:
     """A path with no log exits 2 with a clear message."""
-    result = verify(tmp_path / "nothing.db")
+    result = audit_verify(tmp_path / "nothing.db")
     assert result.returncode == 2
     assert "no message log" in result.stderr

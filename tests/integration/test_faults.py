@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -15,7 +13,7 @@ from gateway_demo.client import Outcome, call_raw, routing_metadata
 from gateway_demo.generated import population_pb2 as population
 from gateway_demo.runner import Runner
 
-from .conftest import CLINICS, DNIC, GET_PERSON, MSP, POPULATION, log_rows
+from .conftest import CLINICS, DNIC, GET_PERSON, MSP, POPULATION, audit_verify, log_rows
 
 PERSON = population.GetPersonRequest(national_id="1.234.567-8").SerializeToString()
 
@@ -43,24 +41,6 @@ async def until(predicate: Callable[[Outcome], bool], runner: Runner, seconds: f
         if predicate(outcome) or time.monotonic() > deadline:
             return outcome
         await asyncio.sleep(0.2)
-
-
-def verify(runner: Runner, server: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "gateway_cli.main",
-            "audit",
-            "verify",
-            "--quiet",
-            "--db",
-            str(runner.log_db(server)),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
 
 
 async def test_backend_down_gives_unavailable_and_is_logged(
@@ -151,7 +131,7 @@ async def test_provider_killed_under_load_loses_nothing(make_runner: Callable[..
     await asyncio.gather(*workers)
     runner.start("ss-dnic")
     for server in (MSP, DNIC):
-        result = verify(runner, server)
+        result = audit_verify(runner.log_db(server))
         assert result.returncode == 0, result.stdout + result.stderr
     for message_id in answered:
         kinds = [r["kind"] for r in log_rows(runner.log_db(DNIC), message_id)]
