@@ -49,24 +49,26 @@ def _check_encodable(value: JsonValue) -> None:
             _check_encodable(item)
 
 
+# what json.dumps and json.loads would build on every call with these arguments, built once
+_ENCODER = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+)
+_DECODER = json.JSONDecoder(
+    object_pairs_hook=_reject_duplicates, parse_float=_reject_floats, parse_constant=_reject_floats
+)
+
+
 def encode(value: JsonValue) -> bytes:
     """The canonical bytes of a JSON value; `NotCanonicalError` for floats."""
     _check_encodable(value)
-    return json.dumps(
-        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    ).encode("utf-8")
+    return _ENCODER.encode(value).encode("utf-8")
 
 
 def decode(data: bytes) -> JsonValue:
     """Parse canonical JSON; raise `NotCanonicalError` for anything else."""
     try:
         text = data.decode("utf-8")
-        value = json.loads(
-            text,
-            object_pairs_hook=_reject_duplicates,
-            parse_float=_reject_floats,
-            parse_constant=_reject_floats,
-        )
+        value = _DECODER.decode(text)
         canonical = encode(value)
     except NotCanonicalError:
         raise

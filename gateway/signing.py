@@ -43,13 +43,14 @@ class EcdsaSigner:
     key: ec.EllipticCurvePrivateKey
     certificate: x509.Certificate
     certificate_der: bytes = field(init=False)
+    certificate_sha256: str = field(init=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.key.curve, ec.SECP256R1):
             raise ValueError("signing keys must be ECDSA P-256")
-        object.__setattr__(
-            self, "certificate_der", self.certificate.public_bytes(serialization.Encoding.DER)
-        )
+        der = self.certificate.public_bytes(serialization.Encoding.DER)
+        object.__setattr__(self, "certificate_der", der)
+        object.__setattr__(self, "certificate_sha256", certificate_sha256(der))
 
     def sign(self, data: bytes) -> bytes:
         return self.key.sign(data, _ECDSA)

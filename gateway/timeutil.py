@@ -10,6 +10,8 @@ from datetime import UTC, datetime
 
 def format_time(moment: datetime) -> str:
     """The canonical text of an aware datetime."""
+    if moment.tzinfo is UTC:
+        return moment.isoformat(timespec="microseconds")[:-6] + "Z"
     if moment.tzinfo is None:
         raise ValueError("naive datetime: every time in the gateway is timezone-aware UTC")
     return moment.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")

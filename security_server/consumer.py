@@ -177,7 +177,7 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                     logged_at=now,
                     header=header_bytes,
                     signature=signature,
-                    signer_certificate_sha256=certificate_sha256(signer.certificate_der),
+                    signer_certificate_sha256=signer.certificate_sha256,
                     body_sha256=header.body_sha256,
                     **facts,
                 )

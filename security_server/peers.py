@@ -126,8 +126,11 @@ class PeerLink:
     async def exchange(self, envelope: pb.SignedEnvelope, wait_seconds: float) -> pb.Frame:
         """Send one request envelope and wait for its response or refusal frame."""
         correlation_id = next(self._ids)
-        future: asyncio.Future[pb.Frame] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[pb.Frame] = loop.create_future()
         self._pending[correlation_id] = future
+        # a timer on the future itself: cheaper than asyncio.wait_for's extra task
+        timer = loop.call_later(wait_seconds, self._expire, future)
         try:
             self._stream().put_nowait(
                 pb.Frame(
@@ -136,13 +139,19 @@ class PeerLink:
                     timeout_ms=int(wait_seconds * 1000),
                 )
             )
-            return await asyncio.wait_for(future, wait_seconds)
-        except TimeoutError:
-            raise GatewayError(
-                f"no answer from {self.server.id} within the deadline", code=Code.DEADLINE_EXCEEDED
-            ) from None
+            return await future
         finally:
+            timer.cancel()
             self._pending.pop(correlation_id, None)
+
+    def _expire(self, future: asyncio.Future[pb.Frame]) -> None:
+        if not future.done():
+            future.set_exception(
+                GatewayError(
+                    f"no answer from {self.server.id} within the deadline",
+                    code=Code.DEADLINE_EXCEEDED,
+                )
+            )
 
     async def close(self) -> None:
         await self.channel.close(None)

@@ -338,7 +338,7 @@ class ProviderService:
                     logged_at=response.created_at,
                     header=response_bytes,
                     signature=signature,
-                    signer_certificate_sha256=certificate_sha256(signer.certificate_der),
+                    signer_certificate_sha256=signer.certificate_sha256,
                     body_sha256=response.body_sha256,
                     status="ok" if status == 0 else "backend_error",
                     error_message=message or None,
