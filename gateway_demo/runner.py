@@ -8,6 +8,7 @@ the process's exit, reporting the end of its log) instead of sleeping.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -35,6 +36,14 @@ DEMO_BACKENDS = {
     "UY/GOV/DNIC/identity/population/v1": "population",
     "UY/GOV/MSP/clinics/vaccination/v1": "vaccination",
 }
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to send SIGTERM when the runner dies, so that a
+    killed demo, benchmark or test never leaves a topology running."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def free_port() -> int:
@@ -252,6 +261,7 @@ class Runner:
             stdin=subprocess.DEVNULL,
             env=env,
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         log.close()
         deadline = time.monotonic() + timeout

@@ -113,4 +113,8 @@ def test_keep_running_describes_a_usable_topology(tmp_path: Path) -> None:
         assert "Stopping every process" in output
     finally:
         if demo.poll() is None:
-            demo.kill()
+            demo.send_signal(signal.SIGINT)  # lets the demo stop its topology
+            try:
+                demo.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                demo.kill()
