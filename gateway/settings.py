@@ -88,18 +88,20 @@ def _build(
     values: dict[str, Any] = {}
     for name, f in fields.items():
         key = f"{path}.{name}" if path else name
-        env_name = "GATEWAY_" + key.replace(".", "_").upper()
-        if env_name in env and not dataclasses.is_dataclass(hints[name]):
-            values[name] = _convert(env[env_name], hints[name], env_name, Path.cwd(), True)
-        elif name in doc:
-            values[name] = _convert(doc[name], hints[name], key, base, False)
-        elif dataclasses.is_dataclass(hints[name]):
-            values[name] = _build(hints[name], {}, key, base, env)
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            section = doc.get(name, {})
+            if not isinstance(section, Mapping):
+                raise ConfigFileError(f"{key}: expected a table")
+            values[name] = _build(hint, section, key, base, env)  # type: ignore[arg-type]
             continue
+        env_name = "GATEWAY_" + key.replace(".", "_").upper()
+        if env_name in env:
+            values[name] = _convert(env[env_name], hint, env_name, Path.cwd(), True)
+        elif name in doc:
+            values[name] = _convert(doc[name], hint, key, base, False)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigFileError(f"missing setting: {key}")
-        if dataclasses.is_dataclass(hints[name]) and name in doc:
-            values[name] = _build(hints[name], doc[name], key, base, env)
     return cls(**values)
 
 
