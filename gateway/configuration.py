@@ -27,7 +27,7 @@ from gateway import canonical
 from gateway.agreements import Agreement, AgreementIndex
 from gateway.errors import Code, ConfigurationError, GatewayError, TrustError
 from gateway.identifiers import MemberId, SecurityServerId, ServiceId, SubsystemId
-from gateway.signing import Signer, TrustStore, verify_signature
+from gateway.signing import Signer, TrustStore, pem_bundle, verify_signature
 from gateway.timeutil import format_time, parse_time
 
 FORMAT_VERSION = 1
@@ -61,6 +61,15 @@ class Service:
     # full gRPC method paths this service consists of; empty means any method
     methods: tuple[str, ...]
 
+    def check_method(self, method: str) -> None:
+        """Raise `GatewayError(UNKNOWN_METHOD)` unless the gRPC method belongs to this service."""
+        if self.methods and method not in self.methods:
+            raise GatewayError(
+                f"method {method} is not part of service {self.id}; it offers "
+                f"{', '.join(self.methods)}",
+                code=Code.UNKNOWN_METHOD,
+            )
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class GlobalConfiguration:
@@ -71,6 +80,8 @@ class GlobalConfiguration:
     generated_at: datetime
     expires_at: datetime
     ca_certificates: tuple[bytes, ...]
+    # the same CAs as one PEM bundle, the form TLS libraries take as roots
+    ca_pem: bytes = field(compare=False)
     members: Mapping[MemberId, Member]
     servers: Mapping[SecurityServerId, SecurityServer]
     services: Mapping[ServiceId, Service]
@@ -278,6 +289,7 @@ def parse_content(content: bytes) -> GlobalConfiguration:
             generated_at=parse_time(doc["generated_at"]),
             expires_at=parse_time(doc["expires_at"]),
             ca_certificates=cas,
+            ca_pem=pem_bundle(cas),
             members=members,
             servers=servers,
             services=services,

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from certs.pki import slug
+from gateway.identifiers import MemberId, ServiceId
 from gateway.settings import database_url
 from gateway_demo.client import Outcome, call_raw, routing_metadata
 from gateway_demo.generated import population_pb2 as population
@@ -152,7 +153,7 @@ def describe(runner: Runner) -> dict[str, Any]:
         provider = next(
             x["id"]
             for x in topology["servers"]
-            if "/".join(s["id"].split("/")[:4]) in x["subsystems"]
+            if str(ServiceId.parse(s["id"]).subsystem) in x["subsystems"]
         )
         services.append(
             {
@@ -165,7 +166,7 @@ def describe(runner: Runner) -> dict[str, Any]:
             }
         )
     return {
-        "instance": topology["members"][0]["id"].split("/")[0],
+        "instance": MemberId.parse(topology["members"][0]["id"]).instance,
         "registry": runner.registry_address,
         "consumer_endpoints": [
             {

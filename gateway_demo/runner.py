@@ -26,7 +26,7 @@ import grpc
 import tomli_w
 
 from certs.pki import init_pki, slug
-from gateway.identifiers import MemberId, SecurityServerId, SubsystemId
+from gateway.identifiers import MemberId, SecurityServerId, ServiceId, SubsystemId
 
 REPO_DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "demo"
 TEMPLATE = REPO_DEPLOY / "topology.toml"
@@ -116,12 +116,14 @@ class Runner:
         for server in topology.get("servers", []):
             self.providers[server["id"]] = server["address"] = f"127.0.0.1:{free_port()}"
             self.consumers[server["id"]] = f"127.0.0.1:{free_port()}"
-            self.server_names[server["id"]] = "ss-" + server["id"].split("/")[2].lower()
+            self.server_names[server["id"]] = (
+                "ss-" + SecurityServerId.parse(server["id"]).owner.code.lower()
+            )
         for name in sorted(set(DEMO_BACKENDS.values())):
             self.backends[name] = f"127.0.0.1:{free_port()}"
         self.topology = topology
         self.write_topology()
-        instance = topology["members"][0]["id"].split("/")[0]
+        instance = MemberId.parse(topology["members"][0]["id"]).instance
         init_pki(
             self.pki,
             instance=instance,
@@ -170,7 +172,7 @@ class Runner:
     def _write_server(self, server: dict[str, Any]) -> None:
         sid = server["id"]
         name = self.server_names[sid]
-        owner = "/".join(sid.split("/")[:3])
+        owner = str(SecurityServerId.parse(sid).owner)
         state = self.workdir / "state" / name
         settings: dict[str, Any] = {
             "server": {"id": sid, "anchor": str(self.pki / "anchor.json"), "state_dir": str(state)},
@@ -191,7 +193,7 @@ class Runner:
             "backends": {
                 service: self.backends[backend]
                 for service, backend in DEMO_BACKENDS.items()
-                if "/".join(service.split("/")[:4]) in server["subsystems"]
+                if str(ServiceId.parse(service).subsystem) in server["subsystems"]
             },
         }
         path = self.workdir / f"{name}.toml"

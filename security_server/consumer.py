@@ -142,12 +142,7 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                     f"service {service_id} is not in the global configuration of {config.instance}",
                     code=Code.UNKNOWN_SERVICE,
                 )
-            if service.methods and method not in service.methods:
-                raise GatewayError(
-                    f"method {method} is not part of service {service_id}; it offers "
-                    f"{', '.join(service.methods)}",
-                    code=Code.UNKNOWN_METHOD,
-                )
+            service.check_method(method)
             config.agreements.decide(client, service_id, purpose, now)
             signer = node.signer_for(client.member)
             provider = providers[0]

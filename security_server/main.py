@@ -18,12 +18,12 @@ from typing import Any
 import grpc
 import structlog
 
-from gateway.configuration import Anchor, GlobalConfiguration
+from gateway.configuration import Anchor
 from gateway.errors import ConfigFileError
 from gateway.identifiers import MemberId, SecurityServerId
 from gateway.replay import ReplayGuard
 from gateway.settings import database_url
-from gateway.signing import EcdsaSigner, load_certificate, load_private_key, pem_bundle
+from gateway.signing import EcdsaSigner, load_certificate, load_private_key
 from security_server.config_client import ConfigurationClient
 from security_server.consumer import ConsumerService
 from security_server.message_log import MessageLog
@@ -42,10 +42,6 @@ def _clock() -> datetime:
     return datetime.now(UTC)
 
 
-def _ca_pem(config: GlobalConfiguration) -> bytes:
-    return pem_bundle(config.ca_certificates)
-
-
 class TlsRoots:
     """Server credentials whose client-CA list follows the current configuration."""
 
@@ -57,15 +53,14 @@ class TlsRoots:
 
     def current(self) -> Any:
         assert self.config.current is not None
-        roots = _ca_pem(self.config.current)
-        self._served = roots
+        self._served = self.config.current.ca_pem
         return grpc.ssl_server_certificate_configuration(
-            [(self.key, self.certificate)], root_certificates=roots
+            [(self.key, self.certificate)], root_certificates=self._served
         )
 
     def fetch(self) -> Any:
         # called by gRPC before each handshake: None keeps the current credentials
-        if self.config.current is None or _ca_pem(self.config.current) == self._served:
+        if self.config.current is None or self.config.current.ca_pem == self._served:
             return None
         return self.current()
 
@@ -119,7 +114,8 @@ async def serve(
         clock=_clock,
     )
     now = _clock()
-    replay.preload(await message_log.recent_message_ids(now - 2 * node.skew, "provider"), now)
+    # ids the provider accepted recently, so that a restart does not reopen them to replay
+    replay.preload(await message_log.recent_message_ids(now - 2 * replay.window, "provider"), now)
     watcher = asyncio.create_task(config.run(), name="configuration-watch")
     max_frame = settings.limits.max_message_bytes + _FRAME_OVERHEAD
     tls_cert = settings.provider.tls_certificate.read_bytes()
@@ -164,7 +160,6 @@ async def serve(
                 settings.limits.max_concurrent_calls + 1000,
             ),
         )
-        local = settings.consumer
         consumer.add_generic_rpc_handlers(
             (ConsumerService(node, peers, authenticate_clients=local.client_ca is not None),)
         )
@@ -183,7 +178,7 @@ async def serve(
         ready = {
             "server": str(server_id),
             "provider": f"{settings.provider.listen.rsplit(':', 1)[0]}:{provider_port}",
-            "consumer": f"{settings.consumer.listen.rsplit(':', 1)[0]}:{consumer_port}",
+            "consumer": f"{local.listen.rsplit(':', 1)[0]}:{consumer_port}",
         }
         log.info("security_server_started", **ready)
         on_ready(ready)

@@ -93,6 +93,7 @@ class MessageLog:
         # hand-off (half the commit latency of the async engine's several hand-offs);
         # other databases: the async engine
         self._sync_engine: sa.Engine | None = None
+        self._sync_conn: sa.Connection | None = None
         self._executor: ThreadPoolExecutor | None = None
         if engine.dialect.name == "sqlite":
             self._sync_engine = sa.create_engine(
@@ -100,7 +101,6 @@ class MessageLog:
             )
             event.listen(self._sync_engine, "connect", _sqlite_pragmas)
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="message-log-writer")
-            self._sync_conn: sa.Connection | None = None
         self.batches_written = 0
         self.records_written = 0
 

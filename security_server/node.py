@@ -6,7 +6,7 @@ import os
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 
 import structlog
@@ -58,10 +58,6 @@ class Node:
             await self.log.append(fields)
         except GatewayError as err:
             log.error("refusal_not_logged", code=fields.get("error_code"), error=err.message)
-
-    @property
-    def skew(self) -> timedelta:
-        return timedelta(seconds=self.limits.clock_skew_seconds)
 
 
 def load_subject_secret(state_dir: Path) -> bytes:

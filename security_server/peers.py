@@ -10,7 +10,6 @@ checks ours against the registered certificate.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import itertools
 from typing import Any
 
@@ -20,7 +19,6 @@ import structlog
 from gateway.configuration import GlobalConfiguration, SecurityServer
 from gateway.errors import Code, GatewayError, UnavailableError
 from gateway.identifiers import SecurityServerId, server_dns_name
-from gateway.signing import pem_bundle
 from gateway.v1 import exchange_pb2 as pb
 from security_server.status import ERROR_KEY
 
@@ -166,20 +164,12 @@ class PeerPool:
         self.tls_certificate = tls_certificate
         self.tls_key = tls_key
         self.max_bytes = max_bytes
-        self._links: dict[SecurityServerId, tuple[tuple[str, str], PeerLink]] = {}
+        self._links: dict[SecurityServerId, tuple[tuple[str, bytes], PeerLink]] = {}
         self._retired: list[PeerLink] = []
-        self._roots_of: tuple[GlobalConfiguration, bytes, str] | None = None
-
-    def _roots(self, config: GlobalConfiguration) -> tuple[bytes, str]:
-        """The PEM bundle of the configuration's CAs and its digest, computed once per version."""
-        if self._roots_of is None or self._roots_of[0] is not config:
-            roots = pem_bundle(config.ca_certificates)
-            self._roots_of = (config, roots, hashlib.sha256(roots).hexdigest())
-        return self._roots_of[1], self._roots_of[2]
 
     def link(self, server: SecurityServer, config: GlobalConfiguration) -> PeerLink:
-        roots, digest = self._roots(config)
-        key = (server.address, digest)
+        roots = config.ca_pem
+        key = (server.address, roots)
         entry = self._links.get(server.id)
         if entry is not None and entry[0] == key:
             return entry[1]

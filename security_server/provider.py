@@ -263,11 +263,7 @@ class ProviderService:
                     f"service {header.service} is not provided by this security server",
                     code=Code.UNKNOWN_SERVICE,
                 )
-            if service.methods and header.method not in service.methods:
-                raise GatewayError(
-                    f"method {header.method} is not part of service {header.service}",
-                    code=Code.UNKNOWN_METHOD,
-                )
+            service.check_method(header.method)
             config.agreements.decide(header.client, header.service, header.purpose, now)
             if str(header.service) not in self.backends.addresses:
                 raise UnavailableError(
@@ -278,16 +274,7 @@ class ProviderService:
         except GatewayError as err:
             return await self._refuse(frame, err, header, peer_name, signer_sha, started)
 
-        common: dict[str, Any] = {
-            "message_id": header.message_id,
-            "client": str(header.client),
-            "service": str(header.service),
-            "method": header.method,
-            "purpose": header.purpose,
-            "user_id": header.user_id,
-            "subject_ref": node.pseudonym(header.subject),
-            "peer": peer_name,
-        }
+        common = self._facts(header, peer_name)
         try:
             await node.log.append(
                 record(
@@ -374,6 +361,21 @@ class ProviderService:
             )
         )
 
+    def _facts(self, header: RequestHeader | None, peer_name: str) -> dict[str, Any]:
+        """The request's facts for its log records (only the peer when the header is unreadable)."""
+        if header is None:
+            return {"message_id": None, "peer": peer_name}
+        return {
+            "message_id": header.message_id,
+            "client": str(header.client),
+            "service": str(header.service),
+            "method": header.method,
+            "purpose": header.purpose,
+            "user_id": header.user_id,
+            "subject_ref": self.node.pseudonym(header.subject),
+            "peer": peer_name,
+        }
+
     async def _refuse(
         self,
         frame: pb.Frame,
@@ -392,14 +394,7 @@ class ProviderService:
                 kind=RecordKind.REFUSAL,
                 role=Role.PROVIDER,
                 logged_at=node.clock(),
-                message_id=message_id,
-                client=str(header.client) if header else None,
-                service=str(header.service) if header else None,
-                method=header.method if header else None,
-                purpose=header.purpose if header else None,
-                user_id=header.user_id if header else None,
-                subject_ref=node.pseudonym(header.subject) if header else None,
-                peer=peer_name,
+                **self._facts(header, peer_name),
                 header=env.header or None,
                 signature=env.signature or None,
                 signer_certificate_sha256=signer_sha,
