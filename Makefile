@@ -31,6 +31,7 @@ test: lint types $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/gateway bench
+	$(BIN)/gateway bench --revocation --repeats 5 --workdir var/bench-revocation
 
 # Regenerate the committed protobuf modules from proto/ (tests check they match).
 proto: $(STAMP)

@@ -1,11 +1,16 @@
-"""The hash chain of the message log: append, and verify naming the first bad record.
+"""The hash chains of the message log and the admin log: append, and verify naming the first bad record.
 
 Each record's hash covers a domain tag, its sequence number, the previous record's hash
 and a length-prefixed, type-tagged encoding of all its fields, so any edit of a field, a deletion (a gap in
 the sequence or a broken link) or a reordering is detected by `verify_chain`, which
 names the first bad record. The chain starts from `GENESIS`.
 
-Pure functions: the store that holds the records lives in `security_server.message_log`.
+The message log (`MESSAGE_LOG`) and the registry's admin log (`ADMIN_LOG`) share this
+code; each has its own domain tag and field list (`ChainFormat`), so a record of one can
+never pass for a record of the other.
+
+Pure functions: the stores that hold the records live in `security_server.message_log`
+and `registry.store`.
 """
 
 from __future__ import annotations
@@ -18,7 +23,6 @@ from enum import StrEnum
 from gateway.errors import AuditError
 
 GENESIS = bytes(32)
-_TAG = b"gateway-message-log/2\n"
 
 FieldValue = str | int | bytes | None
 
@@ -57,6 +61,33 @@ RECORD_FIELDS: tuple[str, ...] = (
 )
 
 
+# The fields of an admin log entry: who did what to which record, from which state to which.
+ADMIN_FIELDS: tuple[str, ...] = (
+    "logged_at",
+    "actor",
+    "role",
+    "action",
+    "target",
+    "from_state",
+    "to_state",
+    "reason",
+    "details",
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ChainFormat:
+    """One kind of chain: its domain tag, its fields, and the field that names a record."""
+
+    tag: bytes
+    fields: tuple[str, ...]
+    label: str
+
+
+MESSAGE_LOG = ChainFormat(tag=b"gateway-message-log/2\n", fields=RECORD_FIELDS, label="message_id")
+ADMIN_LOG = ChainFormat(tag=b"gateway-admin-log/1\n", fields=ADMIN_FIELDS, label="target")
+
+
 def _encode_field(value: FieldValue) -> bytes:
     """Type tag, length and bytes of one field: unambiguous, and cheap on the hot path."""
     if value is None:
@@ -72,19 +103,25 @@ def _encode_field(value: FieldValue) -> bytes:
     return tag + len(data).to_bytes(4, "big") + data
 
 
-def record_hash(seq: int, prev_hash: bytes, fields: Mapping[str, FieldValue]) -> bytes:
+def record_hash(
+    seq: int,
+    prev_hash: bytes,
+    fields: Mapping[str, FieldValue],
+    fmt: ChainFormat = MESSAGE_LOG,
+) -> bytes:
     """The chain hash of record `seq` with these fields, following `prev_hash`.
 
-    SHA-256 over a domain tag, the sequence number, the previous hash and every field in
-    the order of `RECORD_FIELDS`, each as a type tag (None, bytes, text, integer), a
+    SHA-256 over the format's domain tag, the sequence number, the previous hash and every
+    field in the order of `fmt.fields`, each as a type tag (None, bytes, text, integer), a
     4-byte length and its bytes, so that no two different records encode alike.
     """
-    if len(fields) != len(RECORD_FIELDS) or any(k not in fields for k in RECORD_FIELDS):
-        raise ValueError(f"record fields must be exactly {RECORD_FIELDS}")
-    h = hashlib.sha256(_TAG)
+    names = fmt.fields
+    if len(fields) != len(names) or any(k not in fields for k in names):
+        raise ValueError(f"record fields must be exactly {names}")
+    h = hashlib.sha256(fmt.tag)
     h.update(seq.to_bytes(8, "big"))
     h.update(prev_hash)
-    h.update(b"".join([_encode_field(fields[k]) for k in RECORD_FIELDS]))
+    h.update(b"".join([_encode_field(fields[k]) for k in names]))
     return h.digest()
 
 
@@ -102,10 +139,11 @@ class ChainHead:
 
     next_seq: int = 1
     last_hash: bytes = GENESIS
+    fmt: ChainFormat = MESSAGE_LOG
 
     def link(self, fields: Mapping[str, FieldValue]) -> ChainedRecord:
         """Chain a new record after the head and advance the head."""
-        digest = record_hash(self.next_seq, self.last_hash, fields)
+        digest = record_hash(self.next_seq, self.last_hash, fields, self.fmt)
         record = ChainedRecord(
             seq=self.next_seq, prev_hash=self.last_hash, hash=digest, fields=fields
         )
@@ -117,8 +155,8 @@ class ChainHead:
 class ChainBrokenError(AuditError):
     """The chain does not verify; `seq` names the first bad record."""
 
-    def __init__(self, seq: int, message_id: str | None, why: str) -> None:
-        where = f"record {seq}" + (f" (message {message_id})" if message_id else "")
+    def __init__(self, seq: int, message_id: str | None, why: str, label: str = "message") -> None:
+        where = f"record {seq}" + (f" ({label} {message_id})" if message_id else "")
         super().__init__(f"{where}: {why}")
         self.seq = seq
         self.message_id = message_id
@@ -130,21 +168,25 @@ def verify_chain(records: Iterable[ChainedRecord], head: ChainHead | None = None
     Raises `ChainBrokenError` at the first record that is missing, out of order, unlinked
     or altered.
     """
-    head = ChainHead() if head is None else ChainHead(head.next_seq, head.last_hash)
+    head = ChainHead() if head is None else ChainHead(head.next_seq, head.last_hash, head.fmt)
+    fmt = head.fmt
+    label = fmt.label.removesuffix("_id")
     for r in records:
-        mid = r.fields.get("message_id")
+        mid = r.fields.get(fmt.label)
         mid_text = mid if isinstance(mid, str) else None
         if r.seq != head.next_seq:
             if r.seq > head.next_seq:
                 raise ChainBrokenError(
                     head.next_seq, None, f"is missing (the next record present is {r.seq})"
                 )
-            raise ChainBrokenError(r.seq, mid_text, f"is out of order (expected {head.next_seq})")
-        if r.prev_hash != head.last_hash:
-            raise ChainBrokenError(r.seq, mid_text, "does not link to the record before it")
-        if record_hash(r.seq, r.prev_hash, r.fields) != r.hash:
             raise ChainBrokenError(
-                r.seq, mid_text, "was altered: its content does not match its hash"
+                r.seq, mid_text, f"is out of order (expected {head.next_seq})", label
+            )
+        if r.prev_hash != head.last_hash:
+            raise ChainBrokenError(r.seq, mid_text, "does not link to the record before it", label)
+        if record_hash(r.seq, r.prev_hash, r.fields, fmt) != r.hash:
+            raise ChainBrokenError(
+                r.seq, mid_text, "was altered: its content does not match its hash", label
             )
         head.next_seq += 1
         head.last_hash = r.hash

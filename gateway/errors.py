@@ -48,6 +48,9 @@ class Code(StrEnum):
     PURPOSE_NOT_COVERED = "purpose_not_covered"
     AGREEMENT_NOT_YET_VALID = "agreement_not_yet_valid"
     AGREEMENT_EXPIRED = "agreement_expired"
+    AGREEMENT_SUSPENDED = "agreement_suspended"
+    AGREEMENT_REVOKED = "agreement_revoked"
+    RATE_LIMITED = "rate_limited"
     # peer authentication and message integrity
     PEER_NOT_REGISTERED = "peer_not_registered"
     PEER_MEMBER_MISMATCH = "peer_member_mismatch"
@@ -85,6 +88,9 @@ STATUS_BY_CODE: dict[Code, Status] = {
     Code.PURPOSE_NOT_COVERED: Status.PERMISSION_DENIED,
     Code.AGREEMENT_NOT_YET_VALID: Status.PERMISSION_DENIED,
     Code.AGREEMENT_EXPIRED: Status.PERMISSION_DENIED,
+    Code.AGREEMENT_SUSPENDED: Status.PERMISSION_DENIED,
+    Code.AGREEMENT_REVOKED: Status.PERMISSION_DENIED,
+    Code.RATE_LIMITED: Status.RESOURCE_EXHAUSTED,
     Code.PEER_NOT_REGISTERED: Status.UNAUTHENTICATED,
     Code.PEER_MEMBER_MISMATCH: Status.PERMISSION_DENIED,
     Code.UNTRUSTED_SIGNER: Status.UNAUTHENTICATED,

@@ -102,7 +102,10 @@ def _build(
             values[name] = _convert(doc[name], hint, key, base, False)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigFileError(f"missing setting: {key}")
-    return cls(**values)
+    try:
+        return cls(**values)
+    except (ValueError, TypeError) as exc:  # a settings class that checks itself
+        raise ConfigFileError(f"{path or 'settings'}: {exc}") from None
 
 
 def load_settings(cls: type[T], doc: Mapping[str, Any], *, base: Path, env: Mapping[str, str]) -> T:

@@ -63,6 +63,33 @@ def _registry_serve(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _registry_token(ns: argparse.Namespace) -> int:
+    from datetime import UTC, datetime, timedelta
+
+    from gateway.identifiers import MemberId, SecurityServerId
+    from gateway_cli.runtime import read_settings
+    from registry.auth import Role
+    from registry.main import RegistrySettings, token_issuer
+
+    settings = read_settings(RegistrySettings, ns.config)
+    issuer = token_issuer(settings, ns.config.resolve().parent)
+    ttl = ns.ttl if ns.ttl is not None else settings.api.token_ttl_seconds
+    try:
+        token = issuer.issue(
+            subject=ns.subject,
+            role=Role(ns.role),
+            member=None if ns.member is None else MemberId.parse(ns.member),
+            server=None if ns.server is None else SecurityServerId.parse(ns.server),
+            now=datetime.now(UTC),
+            ttl=timedelta(seconds=ttl),
+        )
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(token)
+    return 0
+
+
 def _server_serve(ns: argparse.Namespace) -> int:
     from gateway_cli.runtime import read_settings, ready_writer, run, signal_events
     from security_server.main import serve
@@ -127,6 +154,12 @@ def _demo(ns: argparse.Namespace) -> int:
 def _bench(ns: argparse.Namespace) -> int:
     from gateway_demo.bench import run_bench
 
+    if ns.revocation:
+        from gateway_demo.revocation import run_revocation_bench
+
+        return run_revocation_bench(
+            workdir=ns.workdir, repeats=ns.repeats, concurrency=min(ns.concurrency, 8)
+        )
     return run_bench(
         workdir=ns.workdir,
         concurrency=ns.concurrency,
@@ -176,6 +209,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, required=True, help="registry settings TOML")
     p.add_argument("--ready-file", type=Path, help="write JSON here once listening")
     p.set_defaults(func=_registry_serve)
+    p = reg.add_parser(
+        "token",
+        help="issue an admin API token",
+        description="Print a bearer token for the admin API, signed with the registry's "
+        "token key (read from, or created next to, the registry settings).",
+    )
+    p.add_argument("--config", type=Path, required=True, help="registry settings TOML")
+    p.add_argument(
+        "--role",
+        required=True,
+        choices=["registry-admin", "member-admin", "auditor", "security-server"],
+    )
+    p.add_argument("--subject", required=True, help="who the token is for (a person or system)")
+    p.add_argument("--member", help="member id: required for member-admin, optional for auditor")
+    p.add_argument("--server", help="security server id: required for security-server")
+    p.add_argument("--ttl", type=float, help="lifetime in seconds (default: api.token_ttl_seconds)")
+    p.set_defaults(func=_registry_token)
 
     srv = commands.add_parser("server", help="a security server").add_subparsers(
         dest="action", required=True
@@ -208,6 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=5.0, help="duration of each measurement")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--body-bytes", type=int, default=1024)
+    p.add_argument(
+        "--revocation",
+        action="store_true",
+        help="measure revoke-to-refusal time instead of throughput (concurrency capped at 8)",
+    )
     p.set_defaults(func=_bench)
 
     p = commands.add_parser("demo-backend", help="run one of the demo's sample backends")

@@ -18,7 +18,7 @@ import sys
 import time
 import tomllib
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ import tomli_w
 
 from certs.pki import init_pki, slug
 from gateway.identifiers import MemberId, SecurityServerId, ServiceId, SubsystemId
+from gateway_cli.runtime import read_settings
 
 REPO_DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "demo"
 TEMPLATE = REPO_DEPLOY / "topology.toml"
@@ -85,8 +86,10 @@ class Runner:
         refresh_seconds: float = 60.0,
         limits: dict[str, Any] | None = None,
         consumer_tls: frozenset[str] = frozenset(),
+        registry_approval_required: bool = True,
     ) -> None:
         self.workdir = workdir.resolve()
+        self.registry_approval_required = registry_approval_required
         self.template = template
         self.validity_seconds = validity_seconds
         self.refresh_seconds = refresh_seconds
@@ -96,6 +99,7 @@ class Runner:
         self.processes: dict[str, Process] = {}
         self.topology: dict[str, Any] = {}
         self.registry_address = ""
+        self.api_address = ""
         self.consumers: dict[str, str] = {}  # server id -> consumer host:port
         self.providers: dict[str, str] = {}  # server id -> provider host:port
         self.backends: dict[str, str] = {}  # backend name -> host:port
@@ -113,6 +117,7 @@ class Runner:
             (self.workdir / sub).mkdir(parents=True, exist_ok=True)
         topology = tomllib.loads(self.template.read_text())
         self.registry_address = f"127.0.0.1:{free_port()}"
+        self.api_address = f"127.0.0.1:{free_port()}"
         for server in topology.get("servers", []):
             self.providers[server["id"]] = server["address"] = f"127.0.0.1:{free_port()}"
             self.consumers[server["id"]] = f"127.0.0.1:{free_port()}"
@@ -163,6 +168,8 @@ class Runner:
             "signing_key": str(self.pki / "configuration-signing.key"),
             "validity_seconds": self.validity_seconds,
             "refresh_seconds": self.refresh_seconds,
+            "api": {"listen": self.api_address, "token_key": str(self.pki / "registry-token.key")},
+            "policy": {"registry_approval_required": self.registry_approval_required},
         }
         (self.workdir / "registry.toml").write_text(tomli_w.dumps(settings))
         self.processes["registry"] = self._process(
@@ -295,6 +302,35 @@ class Runner:
         except subprocess.TimeoutExpired:
             proc.popen.kill()
             proc.popen.wait()
+
+    @property
+    def api_url(self) -> str:
+        """The registry's admin API base URL."""
+        return f"http://{self.api_address}"
+
+    def token(
+        self,
+        role: str,
+        *,
+        member: str | None = None,
+        server: str | None = None,
+        subject: str | None = None,
+        ttl_seconds: float = 3600.0,
+    ) -> str:
+        """An admin API token, issued with the registry's key (as `gateway registry token`)."""
+        from registry.auth import Role
+        from registry.main import RegistrySettings, token_issuer
+
+        settings = read_settings(RegistrySettings, self.workdir / "registry.toml")
+        issuer = token_issuer(settings, self.workdir)
+        return issuer.issue(
+            subject=subject or f"{role}:{member or server or 'instance'}",
+            role=Role(role),
+            member=None if member is None else MemberId.parse(member),
+            server=None if server is None else SecurityServerId.parse(server),
+            now=datetime.now(UTC),
+            ttl=timedelta(seconds=ttl_seconds),
+        )
 
     def reload_registry(self) -> None:
         """Ask the registry to re-import the topology file and publish at once."""

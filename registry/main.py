@@ -1,21 +1,25 @@
 """`gateway registry serve`: the registry process.
 
-Imports the topology file into the store, publishes the signed configuration, and serves
-it over gRPC (`gateway.v1.Configuration`: Fetch, Watch). SIGHUP re-imports the topology
-and publishes at once. Settings are described by `RegistrySettings`.
+Migrates the store, imports what the topology file (the seed) holds and the store does
+not, publishes the signed configuration, serves it over gRPC (`gateway.v1.Configuration`:
+Fetch, Watch) and serves the admin REST API (`registry.api`). Every change made through
+the API publishes a new configuration at once, which Watch pushes to security servers.
+Every `refresh_seconds` it expires agreements whose validity ended and republishes.
+SIGHUP imports the topology file again. Settings are described by `RegistrySettings`.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import grpc
 import structlog
+from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
@@ -23,11 +27,39 @@ from gateway.configuration import SignedConfiguration
 from gateway.settings import database_url
 from gateway.signing import EcdsaSigner, load_certificate, load_private_key
 from gateway.v1 import configuration_pb2 as pb
+from gateway.workflow import Policy
+from registry.api import AdminApi
+from registry.auth import OidcSettings, TokenIssuer, TokenVerifier, load_or_create_token_key
+from registry.governance import Governance
 from registry.publisher import Publisher
 from registry.store import RegistryStore
 from registry.topology import load_topology
 
 log = structlog.get_logger("registry")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ApiSettings:
+    """The `[api]` table: the admin REST API and its tokens."""
+
+    # host:port of the admin REST API (HTTP; put a TLS-terminating proxy in front of it)
+    listen: str = "127.0.0.1:7080"
+    # largest request body accepted, in bytes
+    max_body_bytes: int = 65536
+    # the registry's token-signing key (P-256, PEM); created at first start when missing
+    token_key: Path | None = None
+    # how long `gateway registry token` tokens live unless told otherwise
+    token_ttl_seconds: float = 3600.0
+    # tokens of an external OpenID Connect provider, accepted alongside the registry's own
+    oidc: OidcSettings | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PolicySettings:
+    """The `[policy]` table: the instance's rules for agreements."""
+
+    # false: the provider's approval activates an agreement without a registry administrator
+    registry_approval_required: bool = True
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -50,6 +82,20 @@ class RegistrySettings:
     # how long a published configuration stays valid, and how often a new one is published
     validity_seconds: float = 600.0
     refresh_seconds: float = 60.0
+    api: ApiSettings = field(default_factory=ApiSettings)
+    policy: PolicySettings = field(default_factory=PolicySettings)
+
+    def token_key_path(self, base: Path) -> Path:
+        return self.api.token_key or base / "registry-token.key"
+
+
+def token_issuer(settings: RegistrySettings, base: Path) -> TokenIssuer:
+    """The registry's own token issuer (its key is created when missing)."""
+    return TokenIssuer(
+        load_or_create_token_key(settings.token_key_path(base)),
+        issuer=f"gateway-registry:{settings.instance}",
+        audience=f"gateway-registry:{settings.instance}",
+    )
 
 
 def _to_pb(signed: SignedConfiguration) -> pb.SignedConfiguration:
@@ -121,24 +167,59 @@ async def serve(
     on_ready: Callable[[dict[str, Any]], None],
 ) -> None:
     store = await RegistryStore.open(database_url(settings.database, base=base))
+    verifier: TokenVerifier | None = None
     try:
-        if settings.topology is not None:
-            await store.replace_topology(load_topology(settings.topology))
         cert = load_certificate(settings.signing_certificate.read_bytes())
         signer = EcdsaSigner(load_private_key(settings.signing_key.read_bytes()), cert)
         cas = tuple(
             x509.load_pem_x509_certificate(p.read_bytes()).public_bytes(serialization.Encoding.DER)
             for p in settings.ca_certificates
         )
+
+        def clock() -> datetime:
+            return datetime.now(UTC)
+
         publisher = Publisher(
             store=store,
             instance=settings.instance,
             signer=signer,
             ca_certificates=cas,
             validity=timedelta(seconds=settings.validity_seconds),
-            clock=lambda: datetime.now(UTC),
+            clock=clock,
         )
+        governance = Governance(
+            store,
+            instance=settings.instance,
+            policy=Policy(registry_approval_required=settings.policy.registry_approval_required),
+            clock=clock,
+            on_change=publisher.publish,
+        )
+
+        async def import_topology() -> None:
+            if settings.topology is not None:
+                added = await governance.seed(
+                    load_topology(settings.topology), settings.topology.name
+                )
+                log.info("topology_imported", file=str(settings.topology), added=added)
+
+        await import_topology()
+        await governance.expire_due()
         await publisher.publish()
+        issuer = token_issuer(settings, base)
+        verifier = TokenVerifier(issuer=issuer, oidc=settings.api.oidc)
+        api = AdminApi(
+            governance,
+            verifier,
+            issuer,
+            max_body_bytes=settings.api.max_body_bytes,
+            clock=clock,
+        )
+        runner = web.AppRunner(api.app(), access_log=None)
+        await runner.setup()
+        api_host, api_port = settings.api.listen.rsplit(":", 1)
+        site = web.TCPSite(runner, api_host, int(api_port))
+        await site.start()
+        api_bound = runner.addresses[0][1]
         server = grpc.aio.server()
         server.add_generic_rpc_handlers(
             (ConfigurationService(publisher, settings.instance).handler(),)
@@ -146,8 +227,19 @@ async def serve(
         port = server.add_insecure_port(settings.listen)
         await server.start()
         host = settings.listen.rsplit(":", 1)[0]
-        log.info("registry_started", instance=settings.instance, listen=f"{host}:{port}")
-        on_ready({"listen": f"{host}:{port}", "version": publisher.version})
+        log.info(
+            "registry_started",
+            instance=settings.instance,
+            listen=f"{host}:{port}",
+            api=f"http://{api_host}:{api_bound}",
+        )
+        on_ready(
+            {
+                "listen": f"{host}:{port}",
+                "api": f"http://{api_host}:{api_bound}",
+                "version": publisher.version,
+            }
+        )
         try:
             while not stop.is_set():
                 waiters = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(reload.wait())}
@@ -160,13 +252,16 @@ async def serve(
                     break
                 if reload.is_set():
                     reload.clear()
-                    if settings.topology is not None:
-                        try:
-                            await store.replace_topology(load_topology(settings.topology))
-                        except Exception as exc:  # keep serving the last good content
-                            log.error("topology_reload_failed", error=str(exc))
+                    try:
+                        await import_topology()
+                    except Exception as exc:  # keep serving the last good content
+                        log.error("topology_reload_failed", error=str(exc))
+                await governance.expire_due()
                 await publisher.publish()
         finally:
             await server.stop(grace=1.0)
+            await runner.cleanup()
     finally:
+        if verifier is not None:
+            await verifier.close()
         await store.close()

@@ -45,7 +45,7 @@ class Publisher:
     async def publish(self) -> SignedConfiguration:
         """Publish a new version from the store's current content."""
         async with self._lock:
-            topology = await self.store.load_topology()
+            topology = await self.store.content()
             version = max(self.version, await self.store.last_version()) + 1
             now = self.clock()
             content = build_content(

@@ -1,22 +1,42 @@
-"""The registry's store (SQLAlchemy Core; SQLite by default).
+"""The registry's store: tables, row conversions, serialised changes and the admin log.
 
-Holds members, security servers, services, agreements and the published configuration
-versions, so that versions keep increasing across restarts. At this stage its content
-is replaced from the topology file at start-up (`replace_topology`).
+SQLAlchemy Core over SQLite (the default) or PostgreSQL (by URL); the schema is created
+and upgraded by the alembic migrations in `registry/migrations`, never by `create_all`.
+
+Every change runs inside `RegistryStore.change()`, which serialises changes twice over:
+an asyncio lock inside one registry process, and on PostgreSQL a row lock on the admin
+log's head (`SELECT ... FOR UPDATE`), so that several registry processes over one
+database still apply changes one at a time, each reading the state the previous one left.
+The same transaction appends the change's entries to the hash-chained admin log, so a
+change and its log entry are committed together or not at all.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from gateway.agreements import Agreement
+from gateway.agreements import (
+    PUBLISHED_STATES,
+    Agreement,
+    AgreementState,
+    LegalBasis,
+    LegalBasisKind,
+    RateLimit,
+)
+from gateway.audit import ADMIN_FIELDS, ADMIN_LOG, ChainedRecord, ChainHead, FieldValue
 from gateway.configuration import Member, SecurityServer, Service, SignedConfiguration
 from gateway.identifiers import MemberId, SecurityServerId, ServiceId, SubsystemId
 from gateway.timeutil import format_time, parse_time
-from registry.topology import Topology
 
 metadata = sa.MetaData()
 
@@ -25,144 +45,306 @@ members = sa.Table(
     metadata,
     sa.Column("id", sa.String(200), primary_key=True),
     sa.Column("name", sa.String(500), nullable=False),
+    sa.Column("created_at", sa.String(40), nullable=False),
+)
+subsystems = sa.Table(
+    "subsystems",
+    metadata,
+    sa.Column("id", sa.String(300), primary_key=True),
+    sa.Column("member", sa.String(200), sa.ForeignKey("members.id"), nullable=False, index=True),
+    sa.Column("created_at", sa.String(40), nullable=False),
 )
 servers = sa.Table(
     "security_servers",
     metadata,
     sa.Column("id", sa.String(300), primary_key=True),
+    sa.Column("member", sa.String(200), sa.ForeignKey("members.id"), nullable=False, index=True),
     sa.Column("address", sa.String(300), nullable=False),
     sa.Column("auth_certificate", sa.LargeBinary, nullable=False),
     sa.Column("subsystems", sa.Text, nullable=False),  # JSON list
+    # pending until a registry administrator approves it; only approved servers are published
+    sa.Column("status", sa.String(20), nullable=False),
+    sa.Column("submitted_at", sa.String(40), nullable=False),
 )
 services = sa.Table(
     "services",
     metadata,
     sa.Column("id", sa.String(400), primary_key=True),
+    sa.Column("subsystem", sa.String(300), nullable=False, index=True),
+    sa.Column("member", sa.String(200), sa.ForeignKey("members.id"), nullable=False, index=True),
     sa.Column("description", sa.Text, nullable=False),
     sa.Column("methods", sa.Text, nullable=False),  # JSON list
+    sa.Column("interface", sa.Text, nullable=False),  # .proto source, may be empty
+    sa.Column("data_categories", sa.Text, nullable=False),  # JSON list
+    sa.Column("legal_basis", sa.Text, nullable=False),
+    sa.Column("contact", sa.String(500), nullable=False),
 )
 agreements = sa.Table(
     "agreements",
     metadata,
     sa.Column("id", sa.String(200), primary_key=True),
-    sa.Column("client", sa.String(300), nullable=False),
-    sa.Column("service", sa.String(400), nullable=False),
+    sa.Column("client", sa.String(300), nullable=False, index=True),
+    sa.Column("client_member", sa.String(200), nullable=False, index=True),
+    sa.Column("service", sa.String(400), nullable=False, index=True),
+    sa.Column("provider_member", sa.String(200), nullable=False, index=True),
     sa.Column("purposes", sa.Text, nullable=False),  # JSON list
+    sa.Column("legal_basis_kind", sa.String(20)),
+    sa.Column("legal_basis_reference", sa.Text),
+    sa.Column("data_categories", sa.Text, nullable=False),  # JSON list
     sa.Column("valid_from", sa.String(40), nullable=False),
     sa.Column("valid_until", sa.String(40)),
+    sa.Column("rate_limit_requests", sa.Integer),
+    sa.Column("rate_limit_per_seconds", sa.Integer),
+    sa.Column("state", sa.String(30), nullable=False, index=True),
+    # increases with every change: a guard against lost updates on top of the lock
+    sa.Column("revision", sa.Integer, nullable=False),
+    sa.Column("created_at", sa.String(40), nullable=False),
+    sa.Column("updated_at", sa.String(40), nullable=False),
+)
+admin_log = sa.Table(
+    "admin_log",
+    metadata,
+    sa.Column("seq", sa.BigInteger, primary_key=True, autoincrement=False),
+    *(sa.Column(name, sa.Text) for name in ADMIN_FIELDS),
+    # the members an entry concerns, space-separated, for scoped listing (not hashed)
+    sa.Column("members", sa.Text, nullable=False),
+    sa.Column("prev_hash", sa.LargeBinary, nullable=False),
+    sa.Column("hash", sa.LargeBinary, nullable=False),
+)
+# one row (id 1): the head of the admin log, locked by every change
+admin_head = sa.Table(
+    "admin_log_head",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("next_seq", sa.BigInteger, nullable=False),
+    sa.Column("last_hash", sa.LargeBinary, nullable=False),
 )
 configurations = sa.Table(
     "configurations",
     metadata,
-    sa.Column("version", sa.BigInteger, primary_key=True),
+    sa.Column("version", sa.BigInteger, primary_key=True, autoincrement=False),
     sa.Column("content", sa.LargeBinary, nullable=False),
     sa.Column("signature", sa.LargeBinary, nullable=False),
     sa.Column("signer_certificate", sa.LargeBinary, nullable=False),
 )
 
 
+class ServerStatus:
+    PENDING = "pending"
+    APPROVED = "approved"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Content:
+    """What the registry publishes: the approved servers and the enforceable agreements."""
+
+    members: tuple[Member, ...]
+    servers: tuple[SecurityServer, ...]
+    services: tuple[Service, ...]
+    agreements: tuple[Agreement, ...]
+
+
+def _json_list(text: str) -> list[str]:
+    value = json.loads(text)
+    assert isinstance(value, list)
+    return [str(v) for v in value]
+
+
+def agreement_from_row(r: Any) -> Agreement:
+    return Agreement(
+        id=r.id,
+        client=SubsystemId.parse(r.client),
+        service=ServiceId.parse(r.service),
+        purposes=frozenset(_json_list(r.purposes)),
+        valid_from=parse_time(r.valid_from),
+        valid_until=None if r.valid_until is None else parse_time(r.valid_until),
+        state=AgreementState(r.state),
+        legal_basis=None
+        if r.legal_basis_kind is None
+        else LegalBasis(kind=LegalBasisKind(r.legal_basis_kind), reference=r.legal_basis_reference),
+        data_categories=frozenset(_json_list(r.data_categories)),
+        rate_limit=None
+        if r.rate_limit_requests is None
+        else RateLimit(requests=r.rate_limit_requests, per_seconds=r.rate_limit_per_seconds),
+    )
+
+
+def agreement_values(a: Agreement) -> dict[str, Any]:
+    """The columns of an agreement's row that follow from its model."""
+    return {
+        "id": a.id,
+        "client": str(a.client),
+        "client_member": str(a.client.member),
+        "service": str(a.service),
+        "provider_member": str(a.service.subsystem.member),
+        "purposes": json.dumps(sorted(a.purposes)),
+        "legal_basis_kind": None if a.legal_basis is None else a.legal_basis.kind.value,
+        "legal_basis_reference": None if a.legal_basis is None else a.legal_basis.reference,
+        "data_categories": json.dumps(sorted(a.data_categories)),
+        "valid_from": format_time(a.valid_from),
+        "valid_until": None if a.valid_until is None else format_time(a.valid_until),
+        "rate_limit_requests": None if a.rate_limit is None else a.rate_limit.requests,
+        "rate_limit_per_seconds": None if a.rate_limit is None else a.rate_limit.per_seconds,
+        "state": a.state.value,
+    }
+
+
+def server_from_row(r: Any) -> SecurityServer:
+    return SecurityServer(
+        id=SecurityServerId.parse(r.id),
+        address=r.address,
+        auth_certificate=bytes(r.auth_certificate),
+        subsystems=tuple(SubsystemId.parse(x) for x in _json_list(r.subsystems)),
+    )
+
+
+def service_from_row(r: Any) -> Service:
+    return Service(
+        id=ServiceId.parse(r.id), description=r.description, methods=tuple(_json_list(r.methods))
+    )
+
+
+def admin_record(row: Any) -> ChainedRecord:
+    return ChainedRecord(
+        seq=int(row.seq),
+        prev_hash=bytes(row.prev_hash),
+        hash=bytes(row.hash),
+        fields={name: getattr(row, name) for name in ADMIN_FIELDS},
+    )
+
+
+class Change:
+    """One serialised change: its connection, and the admin log entries it appends."""
+
+    def __init__(self, conn: AsyncConnection, head: ChainHead) -> None:
+        self.conn = conn
+        self.head = head
+        self.entries: list[ChainedRecord] = []
+
+    async def log(
+        self,
+        *,
+        at: datetime,
+        actor: str,
+        role: str,
+        action: str,
+        target: str,
+        reason: str,
+        concerns: Iterable[MemberId],
+        from_state: str | None = None,
+        to_state: str | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> ChainedRecord:
+        """Append one entry to the admin log within this change."""
+        fields: dict[str, FieldValue] = {
+            "logged_at": format_time(at),
+            "actor": actor,
+            "role": role,
+            "action": action,
+            "target": target,
+            "from_state": from_state,
+            "to_state": to_state,
+            "reason": reason,
+            "details": json.dumps(details or {}, sort_keys=True, separators=(",", ":")),
+        }
+        record = self.head.link(fields)
+        await self.conn.execute(
+            admin_log.insert().values(
+                seq=record.seq,
+                prev_hash=record.prev_hash,
+                hash=record.hash,
+                members=" ".join(sorted({str(m) for m in concerns})),
+                **fields,
+            )
+        )
+        self.entries.append(record)
+        return record
+
+
 class RegistryStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
+        self._lock = asyncio.Lock()
+        self.is_postgres = engine.dialect.name == "postgresql"
 
     @classmethod
     async def open(cls, url: str) -> RegistryStore:
+        """Open the database and bring its schema to the newest migration."""
+        from registry.migrations import upgrade
+
+        if url.startswith("sqlite") and ":memory:" not in url:
+            Path(url.split("///", 1)[1]).parent.mkdir(parents=True, exist_ok=True)
         engine = create_async_engine(url)
         async with engine.begin() as conn:
-            await conn.run_sync(metadata.create_all)
+            await conn.run_sync(upgrade)
         return cls(engine)
 
     async def close(self) -> None:
         await self.engine.dispose()
 
-    async def replace_topology(self, topology: Topology) -> None:
-        async with self.engine.begin() as conn:
-            for table in (agreements, services, servers, members):
-                await conn.execute(table.delete())
-            if topology.members:
+    @asynccontextmanager
+    async def change(self) -> AsyncIterator[Change]:
+        """A transaction in which nothing else changes the registry, with its admin log head."""
+        async with self._lock, self.engine.begin() as conn:
+            query = sa.select(admin_head).where(admin_head.c.id == 1)
+            if self.is_postgres:
+                query = query.with_for_update()
+            row = (await conn.execute(query)).first()
+            if row is None:
+                raise RuntimeError("the admin log head is missing: run the migrations")
+            change = Change(conn, ChainHead(int(row.next_seq), bytes(row.last_hash), ADMIN_LOG))
+            yield change
+            if change.entries:
                 await conn.execute(
-                    members.insert(), [{"id": str(m.id), "name": m.name} for m in topology.members]
-                )
-            if topology.servers:
-                await conn.execute(
-                    servers.insert(),
-                    [
-                        {
-                            "id": str(s.id),
-                            "address": s.address,
-                            "auth_certificate": s.auth_certificate,
-                            "subsystems": json.dumps([str(x) for x in s.subsystems]),
-                        }
-                        for s in topology.servers
-                    ],
-                )
-            if topology.services:
-                await conn.execute(
-                    services.insert(),
-                    [
-                        {
-                            "id": str(s.id),
-                            "description": s.description,
-                            "methods": json.dumps(list(s.methods)),
-                        }
-                        for s in topology.services
-                    ],
-                )
-            if topology.agreements:
-                await conn.execute(
-                    agreements.insert(),
-                    [
-                        {
-                            "id": a.id,
-                            "client": str(a.client),
-                            "service": str(a.service),
-                            "purposes": json.dumps(sorted(a.purposes)),
-                            "valid_from": format_time(a.valid_from),
-                            "valid_until": None
-                            if a.valid_until is None
-                            else format_time(a.valid_until),
-                        }
-                        for a in topology.agreements
-                    ],
+                    admin_head.update()
+                    .where(admin_head.c.id == 1)
+                    .values(next_seq=change.head.next_seq, last_hash=change.head.last_hash)
                 )
 
-    async def load_topology(self) -> Topology:
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[AsyncConnection]:
         async with self.engine.connect() as conn:
-            m = (await conn.execute(sa.select(members))).all()
-            s = (await conn.execute(sa.select(servers))).all()
-            v = (await conn.execute(sa.select(services))).all()
-            a = (await conn.execute(sa.select(agreements))).all()
-        return Topology(
+            yield conn
+
+    async def content(self) -> Content:
+        """The publishable content: members, approved servers, services, enforceable agreements."""
+        async with self.engine.connect() as conn:
+            m = (await conn.execute(sa.select(members).order_by(members.c.id))).all()
+            s = (
+                await conn.execute(
+                    sa.select(servers)
+                    .where(servers.c.status == ServerStatus.APPROVED)
+                    .order_by(servers.c.id)
+                )
+            ).all()
+            v = (await conn.execute(sa.select(services).order_by(services.c.id))).all()
+            a = (
+                await conn.execute(
+                    sa.select(agreements)
+                    .where(agreements.c.state.in_([s.value for s in PUBLISHED_STATES]))
+                    .order_by(agreements.c.id)
+                )
+            ).all()
+        return Content(
             members=tuple(Member(id=MemberId.parse(r.id), name=r.name) for r in m),
-            servers=tuple(
-                SecurityServer(
-                    id=SecurityServerId.parse(r.id),
-                    address=r.address,
-                    auth_certificate=r.auth_certificate,
-                    subsystems=tuple(SubsystemId.parse(x) for x in json.loads(r.subsystems)),
-                )
-                for r in s
-            ),
-            services=tuple(
-                Service(
-                    id=ServiceId.parse(r.id),
-                    description=r.description,
-                    methods=tuple(json.loads(r.methods)),
-                )
-                for r in v
-            ),
-            agreements=tuple(
-                Agreement(
-                    id=r.id,
-                    client=SubsystemId.parse(r.client),
-                    service=ServiceId.parse(r.service),
-                    purposes=frozenset(json.loads(r.purposes)),
-                    valid_from=parse_time(r.valid_from),
-                    valid_until=None if r.valid_until is None else parse_time(r.valid_until),
-                )
-                for r in a
-            ),
+            servers=tuple(server_from_row(r) for r in s),
+            services=tuple(service_from_row(r) for r in v),
+            agreements=tuple(agreement_from_row(r) for r in a),
         )
+
+    async def admin_entries(
+        self, *, member: MemberId | None = None, after: int = 0, limit: int | None = None
+    ) -> Sequence[Any]:
+        """Admin log rows in order; only those concerning `member` when one is given."""
+        query = sa.select(admin_log).where(admin_log.c.seq > after).order_by(admin_log.c.seq)
+        if member is not None:
+            query = query.where(
+                sa.func.concat(" ", admin_log.c.members, " ").contains(f" {member} ")
+            )
+        if limit is not None:
+            query = query.limit(limit)
+        async with self.engine.connect() as conn:
+            return (await conn.execute(query)).all()
 
     async def last_version(self) -> int:
         async with self.engine.connect() as conn:

@@ -2,8 +2,10 @@
 
     [[members]]      id, name
     [[servers]]      id, address, auth_certificate (PEM path), subsystems
-    [[services]]     id, description, methods
-    [[agreements]]   id, client, service, purposes, valid_from, valid_until (optional)
+    [[services]]     id, description, methods, data_categories, legal_basis, contact
+    [[agreements]]   id, client, service, purposes, valid_from, valid_until (optional),
+                     legal_basis = {kind, reference}, data_categories,
+                     rate_limit = {requests, per_seconds} (optional)
 
 Relative certificate paths resolve against the topology file's folder. Times are TOML
 datetimes with a timezone (or RFC 3339 strings). Every error names the entry and key.
@@ -12,7 +14,7 @@ datetimes with a timezone (or RFC 3339 strings). Every error names the entry and
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from gateway.agreements import Agreement
+from gateway.agreements import Agreement, LegalBasis, LegalBasisKind, RateLimit
 from gateway.configuration import Member, SecurityServer, Service
 from gateway.envelope import check_method, check_purpose
 from gateway.errors import ConfigFileError, GatewayError
@@ -33,13 +35,25 @@ class Topology:
     servers: tuple[SecurityServer, ...]
     services: tuple[Service, ...]
     agreements: tuple[Agreement, ...]
+    # catalogue details of services that the configuration does not carry
+    service_details: dict[ServiceId, dict[str, Any]] = field(default_factory=dict)
 
 
 _KEYS = {
     "members": {"id", "name"},
     "servers": {"id", "address", "auth_certificate", "subsystems"},
-    "services": {"id", "description", "methods"},
-    "agreements": {"id", "client", "service", "purposes", "valid_from", "valid_until"},
+    "services": {"id", "description", "methods", "data_categories", "legal_basis", "contact"},
+    "agreements": {
+        "id",
+        "client",
+        "service",
+        "purposes",
+        "valid_from",
+        "valid_until",
+        "legal_basis",
+        "data_categories",
+        "rate_limit",
+    },
 }
 
 
@@ -87,19 +101,26 @@ def load_topology(path: Path) -> Topology:
                 )
             )
         services = []
+        service_details: dict[ServiceId, dict[str, Any]] = {}
         for i, s in enumerate(doc.get("services", [])):
             where = f"services[{i}]"
-            services.append(
-                Service(
-                    id=ServiceId.parse(s["id"]),
-                    description=str(s.get("description", "")),
-                    methods=tuple(check_method(m) for m in s.get("methods", [])),
-                )
+            service = Service(
+                id=ServiceId.parse(s["id"]),
+                description=str(s.get("description", "")),
+                methods=tuple(check_method(m) for m in s.get("methods", [])),
             )
+            services.append(service)
+            service_details[service.id] = {
+                "data_categories": [str(c) for c in s.get("data_categories", [])],
+                "legal_basis": str(s.get("legal_basis", "")),
+                "contact": str(s.get("contact", "")),
+            }
         agreements = []
         for i, a in enumerate(doc.get("agreements", [])):
             where = f"agreements[{i}]"
             until = a.get("valid_until")
+            basis = a.get("legal_basis")
+            limit = a.get("rate_limit")
             agreements.append(
                 Agreement(
                     id=str(a["id"]),
@@ -108,6 +129,17 @@ def load_topology(path: Path) -> Topology:
                     purposes=frozenset(check_purpose(p) for p in a["purposes"]),
                     valid_from=_time(a["valid_from"], f"{where}.valid_from"),
                     valid_until=None if until is None else _time(until, f"{where}.valid_until"),
+                    legal_basis=None
+                    if basis is None
+                    else LegalBasis(
+                        kind=LegalBasisKind(basis["kind"]), reference=str(basis["reference"])
+                    ),
+                    data_categories=frozenset(str(c) for c in a.get("data_categories", ())),
+                    rate_limit=None
+                    if limit is None
+                    else RateLimit(
+                        requests=int(limit["requests"]), per_seconds=int(limit["per_seconds"])
+                    ),
                 )
             )
     except KeyError as exc:
@@ -123,6 +155,7 @@ def load_topology(path: Path) -> Topology:
         servers=tuple(servers),
         services=tuple(services),
         agreements=tuple(agreements),
+        service_details=service_details,
     )
 
 

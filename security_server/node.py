@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 import structlog
 
+from gateway.agreements import RateLimiter
 from gateway.audit import FieldValue
 from gateway.configuration import GlobalConfiguration
 from gateway.errors import Code, GatewayError
@@ -35,6 +36,9 @@ class Node:
     replay: ReplayGuard
     subject_secret: bytes
     clock: Callable[[], datetime]
+    # the agreements' rate limits, enforced by the provider endpoint only (it is the
+    # authority for its own data, and counting on both sides would count every call twice)
+    rate_limiter: RateLimiter = field(default_factory=RateLimiter)
 
     def signer_for(self, member: MemberId) -> EcdsaSigner:
         signer = self.signers.get(member)

@@ -4,9 +4,11 @@ For every stream it checks that the TLS peer's certificate is the authentication
 certificate registered for a security server in the global configuration; for every
 request on it, that the peer is a server of the client's member, that the envelope is
 well formed, signed by the client member's signing certificate from a trusted CA, fresh
-and not replayed, that the service is provided here, and that an agreement in force
-covers (client, service, purpose). Only then is the request logged durably and passed to
-the backend; the backend's answer is signed, logged and returned. Every refusal is logged
+and not replayed, that the service is provided here, that an agreement in force covers
+(client, service, purpose), and that the call is within that agreement's rate limit
+(counted here only: the provider is the authority, and the consumer side does not count,
+so no call is counted twice). Only then is the request logged durably and passed to the
+backend; the backend's answer is signed, logged and returned. Every refusal is logged
 and answered with a stable code.
 """
 
@@ -264,7 +266,8 @@ class ProviderService:
                     code=Code.UNKNOWN_SERVICE,
                 )
             service.check_method(header.method)
-            config.agreements.decide(header.client, header.service, header.purpose, now)
+            agreement = config.agreements.decide(header.client, header.service, header.purpose, now)
+            node.rate_limiter.check(agreement, time.monotonic())
             if str(header.service) not in self.backends.addresses:
                 raise UnavailableError(
                     f"no backend is configured for {header.service} on this server",

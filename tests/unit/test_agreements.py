@@ -1,4 +1,5 @@
-"""Unit tests of gateway.agreements: the decision whether an agreement covers a call."""
+"""Unit tests of gateway.agreements: the decision whether an agreement covers a call, and
+the rate limiter."""
 
 from __future__ import annotations
 
@@ -6,8 +7,18 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from gateway.agreements import Agreement, AgreementIndex
+from gateway.agreements import (
+    Agreement,
+    AgreementIndex,
+    AgreementState,
+    LegalBasis,
+    LegalBasisKind,
+    RateLimit,
+    RateLimiter,
+)
 from gateway.errors import AuthorizationError, Code, Status
 from gateway.identifiers import ServiceId, SubsystemId
 
@@ -173,3 +184,222 @@ def test_agreement_json_round_trip(until: datetime | None) -> None:
     d = a.to_json()
     assert d["purposes"] == ["benefit-eligibility", "fraud-check"]
     assert Agreement.from_json(d) == a
+
+
+# ---- agreement states -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("state", "code"),
+    [
+        (AgreementState.SUSPENDED, Code.AGREEMENT_SUSPENDED),
+        (AgreementState.REVOKED, Code.AGREEMENT_REVOKED),
+        (AgreementState.EXPIRED, Code.AGREEMENT_EXPIRED),
+    ],
+)
+def test_agreement_not_active_is_refused_naming_it(state: AgreementState, code: Code) -> None:
+    """A suspended, revoked or expired agreement refuses calls in its window, naming its id."""
+    a = agreement(id="AGR-7", state=state)
+    assert a.in_force(NOW)
+    err = refused(AgreementIndex([a]), code)
+    assert "AGR-7" in err.message
+    assert str(CLIENT) in err.message
+    assert str(SERVICE) in err.message
+
+
+@pytest.mark.parametrize(
+    ("states", "code"),
+    [
+        ((AgreementState.SUSPENDED, AgreementState.REVOKED), Code.AGREEMENT_SUSPENDED),
+        ((AgreementState.SUSPENDED, AgreementState.EXPIRED), Code.AGREEMENT_SUSPENDED),
+        ((AgreementState.REVOKED, AgreementState.EXPIRED), Code.AGREEMENT_REVOKED),
+    ],
+)
+def test_most_specific_state_is_reported(
+    states: tuple[AgreementState, AgreementState], code: Code
+) -> None:
+    """Of several inactive agreements, the refusal names the one that can be acted on first."""
+    first = agreement(id="AGR-1", state=states[0])
+    second = agreement(id="AGR-2", state=states[1])
+    for order in ([first, second], [second, first]):
+        err = refused(AgreementIndex(order), code)
+        assert "AGR-1" in err.message
+        assert "AGR-2" not in err.message
+
+
+def test_active_agreement_wins_over_a_revoked_one() -> None:
+    """With a revoked and an active agreement for the same pair, the active one allows the call."""
+    revoked = agreement(id="AGR-old", state=AgreementState.REVOKED)
+    active = agreement(id="AGR-new")
+    assert AgreementIndex([revoked, active]).decide(CLIENT, SERVICE, "fraud-check", NOW) is active
+    assert AgreementIndex([active, revoked]).decide(CLIENT, SERVICE, "fraud-check", NOW) is active
+
+
+def test_inactive_agreement_for_another_purpose_is_purpose_not_covered() -> None:
+    """A suspended agreement does not change the answer for a purpose it does not cover."""
+    a = agreement(state=AgreementState.SUSPENDED)
+    refused(AgreementIndex([a]), Code.PURPOSE_NOT_COVERED, purpose="marketing")
+
+
+def test_agreement_json_round_trip_with_every_field() -> None:
+    """Every field, state, legal basis, data categories and rate limit included, survives JSON."""
+    a = agreement(
+        state=AgreementState.SUSPENDED,
+        legal_basis=LegalBasis(kind=LegalBasisKind.LAW, reference="Ley 18.331 art. 9"),
+        data_categories=frozenset({"identity", "address"}),
+        rate_limit=RateLimit(requests=3, per_seconds=60),
+    )
+    d = a.to_json()
+    assert d["state"] == "suspended"
+    assert d["legal_basis"] == {"kind": "law", "reference": "Ley 18.331 art. 9"}
+    assert d["data_categories"] == ["address", "identity"]
+    assert d["rate_limit"] == {"requests": 3, "per_seconds": 60}
+    assert Agreement.from_json(d) == a
+
+
+def test_agreement_from_json_without_the_new_keys() -> None:
+    """A first-release agreement (no state, basis, categories or limit) reads as active and unlimited."""
+    d = agreement().to_json()
+    for key in ("state", "legal_basis", "data_categories", "rate_limit"):
+        del d[key]
+    a = Agreement.from_json(d)
+    assert a == agreement()
+    assert a.state is AgreementState.ACTIVE
+    assert a.legal_basis is None
+    assert a.data_categories == frozenset()
+    assert a.rate_limit is None
+
+
+# ---- rate limit -----------------------------------------------------------------------
+
+
+def limited(requests: int, per_seconds: int, agreement_id: str = "A-1") -> Agreement:
+    return agreement(
+        id=agreement_id, rate_limit=RateLimit(requests=requests, per_seconds=per_seconds)
+    )
+
+
+def rate_limited(limiter: RateLimiter, a: Agreement, now: float) -> AuthorizationError:
+    with pytest.raises(AuthorizationError) as info:
+        limiter.check(a, now)
+    assert info.value.code is Code.RATE_LIMITED
+    assert info.value.status is Status.RESOURCE_EXHAUSTED
+    return info.value
+
+
+def test_burst_of_requests_then_rate_limited() -> None:
+    """`requests` calls at once are allowed; the next is RATE_LIMITED, saying the limit and when to retry."""
+    limiter = RateLimiter()
+    a = limited(3, 60, "AGR-9")
+    for _ in range(3):
+        limiter.check(a, 1000.0)
+    err = rate_limited(limiter, a, 1000.0)
+    assert "AGR-9" in err.message
+    assert "3 requests every 60 s" in err.message
+    assert "retry in 20.0 s" in err.message
+
+
+def test_refused_call_takes_no_token() -> None:
+    """Refused calls do not delay the refill: one token is back per_seconds/requests after the burst."""
+    limiter = RateLimiter()
+    a = limited(4, 2)  # one token every 0.5 s
+    for _ in range(4):
+        limiter.check(a, 10.0)
+    for t in (10.0, 10.1, 10.25, 10.4):
+        rate_limited(limiter, a, t)
+    limiter.check(a, 10.5)
+    rate_limited(limiter, a, 10.5)
+
+
+def test_bucket_refills_one_token_every_per_seconds_over_requests() -> None:
+    """After a burst, one call is allowed every per_seconds/requests seconds, and not sooner."""
+    limiter = RateLimiter()
+    a = limited(4, 2)  # one token every 0.5 s
+    for _ in range(4):
+        limiter.check(a, 0.0)
+    err = rate_limited(limiter, a, 0.25)
+    assert "retry in 0.2 s" in err.message
+    limiter.check(a, 0.5)
+    rate_limited(limiter, a, 0.75)
+    limiter.check(a, 1.0)
+
+
+def test_bucket_refills_to_at_most_requests() -> None:
+    """A long quiet period refills the bucket to `requests` tokens, no more."""
+    limiter = RateLimiter()
+    a = limited(3, 60)
+    limiter.check(a, 0.0)
+    for _ in range(3):
+        limiter.check(a, 10_000.0)
+    rate_limited(limiter, a, 10_000.0)
+
+
+def test_each_agreement_has_its_own_bucket() -> None:
+    """Exhausting one agreement's limit does not refuse calls under another agreement."""
+    limiter = RateLimiter()
+    first, second = limited(2, 60, "AGR-1"), limited(2, 60, "AGR-2")
+    limiter.check(first, 0.0)
+    limiter.check(first, 0.0)
+    rate_limited(limiter, first, 0.0)
+    limiter.check(second, 0.0)
+    limiter.check(second, 0.0)
+    rate_limited(limiter, second, 0.0)
+
+
+def test_changed_limit_starts_a_new_full_bucket() -> None:
+    """When an agreement's limit changes (a new configuration), its bucket starts full at the new size."""
+    limiter = RateLimiter()
+    before, after = limited(2, 60), limited(5, 60)
+    limiter.check(before, 0.0)
+    limiter.check(before, 0.0)
+    rate_limited(limiter, before, 0.0)
+    for _ in range(5):
+        limiter.check(after, 0.0)
+    rate_limited(limiter, after, 0.0)
+
+
+def test_agreement_without_limit_is_never_refused() -> None:
+    """Without a rate limit, any number of calls at the same moment is allowed."""
+    limiter = RateLimiter()
+    a = agreement()
+    for _ in range(10_000):
+        limiter.check(a, 0.0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    requests=st.integers(min_value=1, max_value=10),
+    per_seconds=st.integers(min_value=1, max_value=100),
+    steps=st.lists(st.floats(min_value=0.0, max_value=1.5), min_size=1, max_size=200),
+)
+def test_calls_in_any_window_stay_within_two_buckets(
+    requests: int, per_seconds: int, steps: list[float]
+) -> None:
+    """In any closed window of per_seconds at most 2*requests calls pass: a full bucket plus one refill.
+
+    Over a window [t, t + W], W = per_seconds, the n calls allowed each take one token; the
+    bucket holds at most `requests` tokens at t and gains at most rate*W = `requests` during
+    the window, and never goes negative, so n <= 2*requests. The bound is reached (a full
+    burst at t and another at t + W), so no smaller constant holds; more generally the calls
+    in [a, b] are at most requests + rate*(b - a).
+    """
+    limiter = RateLimiter()
+    a = limited(requests, per_seconds)
+    rate = requests / per_seconds
+    allowed: list[float] = []
+    refusals: set[Code] = set()
+    now = 0.0
+    for step in steps:
+        now += step * per_seconds / requests  # steps of up to 1.5 refill intervals
+        try:
+            limiter.check(a, now)
+        except AuthorizationError as err:
+            refusals.add(err.code)
+        else:
+            allowed.append(now)
+    assert refusals <= {Code.RATE_LIMITED}
+    for i, start in enumerate(allowed):
+        in_window = [t for t in allowed[i:] if t <= start + per_seconds]
+        assert len(in_window) <= 2 * requests
+        for j, end in enumerate(allowed[i:], start=1):
+            assert j <= requests + rate * (end - start) + 1e-9

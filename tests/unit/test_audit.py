@@ -1,4 +1,4 @@
-"""Unit tests of gateway.audit: the hash chain of the message log."""
+"""Unit tests of gateway.audit: the hash chains of the message log and the admin log."""
 
 from __future__ import annotations
 
@@ -9,10 +9,14 @@ import itertools
 import pytest
 
 from gateway.audit import (
+    ADMIN_FIELDS,
+    ADMIN_LOG,
     GENESIS,
+    MESSAGE_LOG,
     RECORD_FIELDS,
     ChainBrokenError,
     ChainedRecord,
+    ChainFormat,
     ChainHead,
     FieldValue,
     RecordKind,
@@ -300,3 +304,102 @@ def test_binary_field_cannot_be_replaced_by_its_base64_text() -> None:
     fields["header"] = b"\x00\x01"
     as_text = {**fields, "header": base64.b64encode(b"\x00\x01").decode()}
     assert record_hash(1, GENESIS, fields) != record_hash(1, GENESIS, as_text)
+
+
+# ---- the admin log --------------------------------------------------------------------
+
+
+def admin_fields_for(i: int) -> dict[str, FieldValue]:
+    """The fields of admin entry i: an agreement moved from one state to the next."""
+    return {
+        "logged_at": f"2025-06-01T12:00:{i:02d}.000000Z",
+        "actor": "admin@dnic.gub.uy",
+        "role": "provider",
+        "action": "approve",
+        "target": f"AGR-{i:04d}",
+        "from_state": "requested",
+        "to_state": "approved_by_provider",
+        "reason": None if i % 2 else f"reviewed in meeting {i}",
+        "details": '{"purposes":["healthcare-identification"]}',
+    }
+
+
+def build_admin_chain(n: int = N) -> list[ChainedRecord]:
+    head = ChainHead(fmt=ADMIN_LOG)
+    return [head.link(admin_fields_for(i)) for i in range(1, n + 1)]
+
+
+def test_admin_chain_links_and_verifies() -> None:
+    """An admin log chain numbers and links its entries and verifies from an admin-log head."""
+    records = build_admin_chain()
+    assert [r.seq for r in records] == list(range(1, N + 1))
+    assert records[0].prev_hash == GENESIS
+    for before, after in itertools.pairwise(records):
+        assert after.prev_hash == before.hash
+    assert all(r.hash == record_hash(r.seq, r.prev_hash, r.fields, ADMIN_LOG) for r in records)
+    head = verify_chain(records, ChainHead(fmt=ADMIN_LOG))
+    assert (head.next_seq, head.last_hash, head.fmt) == (N + 1, records[-1].hash, ADMIN_LOG)
+
+
+def test_admin_record_hash_matches_an_independent_computation() -> None:
+    """The admin hash is SHA-256 of its tag, seq, previous hash and each field tagged and length-prefixed."""
+    fields = admin_fields_for(1)
+    prev = hashlib.sha256(b"previous").digest()
+    encoded = b""
+    for name in ADMIN_FIELDS:
+        value = fields[name]
+        if value is None:
+            encoded += b"N"
+        else:
+            assert isinstance(value, str)
+            data = value.encode()
+            encoded += b"S" + len(data).to_bytes(4, "big") + data
+    expected = hashlib.sha256(b"gateway-admin-log/1\n" + (5).to_bytes(8, "big") + prev + encoded)
+    assert record_hash(5, prev, fields, ADMIN_LOG) == expected.digest()
+
+
+def test_message_and_admin_hashes_are_domain_separated() -> None:
+    """The same seq, previous hash and encoded fields hash differently as a message and as an admin record."""
+    assert MESSAGE_LOG.tag != ADMIN_LOG.tag
+    admin = admin_fields_for(3)
+    message = fields_for(3)
+    # the same field list under each tag, so that only the domain tag differs
+    admin_as_message = ChainFormat(tag=MESSAGE_LOG.tag, fields=ADMIN_FIELDS, label="target")
+    message_as_admin = ChainFormat(tag=ADMIN_LOG.tag, fields=RECORD_FIELDS, label="message_id")
+    assert record_hash(3, GENESIS, admin, ADMIN_LOG) != record_hash(
+        3, GENESIS, admin, admin_as_message
+    )
+    assert record_hash(3, GENESIS, message, MESSAGE_LOG) != record_hash(
+        3, GENESIS, message, message_as_admin
+    )
+
+
+def test_record_of_one_log_does_not_fit_the_other() -> None:
+    """An admin entry cannot be hashed as a message record, nor the reverse."""
+    with pytest.raises(ValueError, match="exactly"):
+        record_hash(1, GENESIS, admin_fields_for(1), MESSAGE_LOG)
+    with pytest.raises(ValueError, match="exactly"):
+        record_hash(1, GENESIS, fields_for(1), ADMIN_LOG)
+
+
+@pytest.mark.parametrize("key", ["to_state", "actor", "reason", "target"])
+def test_edited_admin_entry_is_named_by_seq_and_target(key: str) -> None:
+    """Editing admin entry 4 raises ChainBrokenError naming record 4 and its target."""
+    records = build_admin_chain()
+    r4 = records[3]
+    records[3] = dataclasses.replace(r4, fields={**r4.fields, key: "edited"})
+    err = broken_at(records, ChainHead(fmt=ADMIN_LOG))
+    target = "edited" if key == "target" else "AGR-0004"
+    assert err.seq == 4
+    assert err.message_id == target
+    assert f"record 4 (target {target})" in err.message
+    assert "altered" in err.message
+
+
+def test_deleted_admin_entry_is_detected() -> None:
+    """Deleting admin entry 4 is reported as record 4 missing."""
+    records = build_admin_chain()
+    del records[3]
+    err = broken_at(records, ChainHead(fmt=ADMIN_LOG))
+    assert err.seq == 4
+    assert "missing" in err.message

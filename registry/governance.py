@@ -1,0 +1,853 @@
+"""What administrators do to the registry: the catalogue, server approval and agreements.
+
+Every operation takes the acting `Principal`, checks that its role and scope allow the
+operation, applies it inside one serialised store change (`RegistryStore.change`), writes
+who, when, what and why to the hash-chained admin log in the same transaction, and then
+asks for a new signed configuration (`on_change`), which the registry pushes to every
+watching security server. The admin REST API and the topology seed both come through
+here, so a seeded registry and one built by hand through the API are alike.
+
+Errors are `AdminError`s that carry the HTTP status the API answers with: 400 invalid,
+403 not allowed to this principal, 404 unknown, 409 not possible in the current state.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from gateway.agreements import Agreement, AgreementState, LegalBasis, LegalBasisKind, RateLimit
+from gateway.audit import ADMIN_LOG as ADMIN_LOG_FORMAT
+from gateway.audit import ChainBrokenError, ChainHead, verify_chain
+from gateway.envelope import check_method, check_purpose
+from gateway.errors import GatewayError
+from gateway.identifiers import MemberId, SecurityServerId, ServiceId, SubsystemId
+from gateway.timeutil import format_time
+from gateway.workflow import Action, Party, Policy, TransitionError, apply
+from registry.auth import Principal, Role
+from registry.store import (
+    Change,
+    RegistryStore,
+    ServerStatus,
+    admin_record,
+    agreement_from_row,
+    agreement_values,
+    agreements,
+    members,
+    servers,
+    services,
+    subsystems,
+)
+from registry.topology import Topology
+
+
+class AdminError(Exception):
+    """An administrator's request cannot be carried out; `status` is the HTTP answer."""
+
+    status = 400
+    kind = "invalid_request"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidRequest(AdminError):
+    status = 400
+    kind = "invalid_request"
+
+
+class Forbidden(AdminError):
+    status = 403
+    kind = "forbidden"
+
+
+class NotFound(AdminError):
+    status = 404
+    kind = "not_found"
+
+
+class Conflict(AdminError):
+    status = 409
+    kind = "conflict"
+
+
+# The principal the topology seed and the expiry sweep act as.
+SYSTEM = Principal(
+    subject="registry", role=Role.REGISTRY_ADMIN, member=None, server=None, issuer="registry"
+)
+
+# Actions that must say why.
+_REASON_REQUIRED = {Action.REJECT, Action.SUSPEND, Action.REVOKE}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServiceEntry:
+    """A service as an administrator describes it in the catalogue."""
+
+    id: ServiceId
+    description: str
+    methods: tuple[str, ...] = ()
+    interface: str = ""
+    data_categories: tuple[str, ...] = ()
+    legal_basis: str = ""
+    contact: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AgreementRequest:
+    client: SubsystemId
+    service: ServiceId
+    purposes: tuple[str, ...]
+    legal_basis: LegalBasis
+    data_categories: tuple[str, ...] = ()
+    valid_from: datetime | None = None
+    valid_until: datetime | None = None
+    rate_limit: RateLimit | None = None
+    reason: str = ""
+
+
+def _role(actor: Principal) -> str:
+    scope = actor.server or actor.member
+    return actor.role.value + (f":{scope}" if scope else "")
+
+
+def _require_admin(actor: Principal, member: MemberId | None, what: str) -> None:
+    """Registry administrators, or the member administrator of `member`."""
+    if actor.role is Role.REGISTRY_ADMIN:
+        return
+    if actor.role is Role.MEMBER_ADMIN and member is not None and actor.member == member:
+        return
+    whose = f" of {member}" if member else ""
+    raise Forbidden(f"only a registry administrator or the member administrator{whose} may {what}")
+
+
+def _require_registry_admin(actor: Principal, what: str) -> None:
+    if actor.role is not Role.REGISTRY_ADMIN:
+        raise Forbidden(f"only a registry administrator may {what}")
+
+
+def _sees_everything(actor: Principal) -> bool:
+    return actor.role is Role.REGISTRY_ADMIN or (
+        actor.role is Role.AUDITOR and actor.member is None
+    )
+
+
+def _scope(actor: Principal) -> MemberId | None:
+    if actor.server is not None:
+        return actor.server.owner
+    return actor.member
+
+
+def agreement_json(row: Any) -> dict[str, Any]:
+    a = agreement_from_row(row)
+    doc = a.to_json()
+    doc.update(revision=row.revision, created_at=row.created_at, updated_at=row.updated_at)
+    return doc
+
+
+def service_json(row: Any) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "provider": row.subsystem,
+        "description": row.description,
+        "methods": json.loads(row.methods),
+        "interface": row.interface,
+        "data_categories": json.loads(row.data_categories),
+        "legal_basis": row.legal_basis,
+        "contact": row.contact,
+    }
+
+
+def server_json(row: Any) -> dict[str, Any]:
+    cert = x509.load_der_x509_certificate(bytes(row.auth_certificate))
+    return {
+        "id": row.id,
+        "address": row.address,
+        "subsystems": json.loads(row.subsystems),
+        "status": row.status,
+        "submitted_at": row.submitted_at,
+        "auth_certificate": cert.public_bytes(serialization.Encoding.PEM).decode("ascii"),
+        "auth_certificate_sha256": cert.fingerprint(cert.signature_hash_algorithm).hex()
+        if cert.signature_hash_algorithm
+        else "",
+    }
+
+
+def entry_json(row: Any) -> dict[str, Any]:
+    return {
+        "seq": int(row.seq),
+        "logged_at": row.logged_at,
+        "actor": row.actor,
+        "role": row.role,
+        "action": row.action,
+        "target": row.target,
+        "from_state": row.from_state,
+        "to_state": row.to_state,
+        "reason": row.reason,
+        "details": json.loads(row.details or "{}"),
+        "hash": bytes(row.hash).hex(),
+    }
+
+
+class Governance:
+    def __init__(
+        self,
+        store: RegistryStore,
+        *,
+        instance: str,
+        policy: Policy,
+        clock: Callable[[], datetime],
+        on_change: Callable[[], Awaitable[object]],
+    ) -> None:
+        self.store = store
+        self.instance = instance
+        self.policy = policy
+        self.clock = clock
+        self.on_change = on_change
+
+    def _check_instance(self, instance: str, what: str) -> None:
+        if instance != self.instance:
+            raise InvalidRequest(
+                f"{what} belongs to instance {instance}; this registry serves {self.instance}"
+            )
+
+    # ---- members and subsystems --------------------------------------------------------
+
+    async def add_member(self, actor: Principal, member: MemberId, name: str) -> dict[str, Any]:
+        _require_registry_admin(actor, "add members")
+        self._check_instance(member.instance, f"member {member}")
+        async with self.store.change() as ch:
+            await self._add_member(ch, actor, member, name, "")
+        await self.on_change()
+        return {"id": str(member), "name": name}
+
+    async def _add_member(
+        self, ch: Change, actor: Principal, member: MemberId, name: str, reason: str
+    ) -> None:
+        if not name.strip():
+            raise InvalidRequest("a member needs a name")
+        exists = await ch.conn.scalar(sa.select(members.c.id).where(members.c.id == str(member)))
+        if exists:
+            raise Conflict(f"member {member} is already registered")
+        now = self.clock()
+        await ch.conn.execute(
+            members.insert().values(id=str(member), name=name, created_at=format_time(now))
+        )
+        await ch.log(
+            at=now,
+            actor=actor.subject,
+            role=_role(actor),
+            action="add_member",
+            target=str(member),
+            reason=reason,
+            concerns=[member],
+            details={"name": name},
+        )
+
+    async def list_members(self, actor: Principal) -> list[dict[str, Any]]:
+        async with self.store.read() as conn:
+            rows = (await conn.execute(sa.select(members).order_by(members.c.id))).all()
+            subs = (await conn.execute(sa.select(subsystems).order_by(subsystems.c.id))).all()
+        by_member: dict[str, list[str]] = {}
+        for s in subs:
+            by_member.setdefault(s.member, []).append(s.id)
+        return [{"id": r.id, "name": r.name, "subsystems": by_member.get(r.id, [])} for r in rows]
+
+    async def add_subsystem(self, actor: Principal, subsystem: SubsystemId) -> dict[str, Any]:
+        _require_admin(actor, subsystem.member, f"add subsystems to {subsystem.member}")
+        async with self.store.change() as ch:
+            await self._add_subsystem(ch, actor, subsystem, "")
+        return {"id": str(subsystem), "member": str(subsystem.member)}
+
+    async def _add_subsystem(
+        self, ch: Change, actor: Principal, subsystem: SubsystemId, reason: str
+    ) -> None:
+        await self._require_member(ch, subsystem.member)
+        exists = await ch.conn.scalar(
+            sa.select(subsystems.c.id).where(subsystems.c.id == str(subsystem))
+        )
+        if exists:
+            raise Conflict(f"subsystem {subsystem} is already registered")
+        now = self.clock()
+        await ch.conn.execute(
+            subsystems.insert().values(
+                id=str(subsystem), member=str(subsystem.member), created_at=format_time(now)
+            )
+        )
+        await ch.log(
+            at=now,
+            actor=actor.subject,
+            role=_role(actor),
+            action="add_subsystem",
+            target=str(subsystem),
+            reason=reason,
+            concerns=[subsystem.member],
+        )
+
+    async def _require_member(self, ch: Change, member: MemberId) -> None:
+        self._check_instance(member.instance, f"member {member}")
+        if not await ch.conn.scalar(sa.select(members.c.id).where(members.c.id == str(member))):
+            raise NotFound(f"member {member} is not registered")
+
+    async def _require_subsystem(self, ch: Change, subsystem: SubsystemId) -> None:
+        self._check_instance(subsystem.instance, f"subsystem {subsystem}")
+        found = await ch.conn.scalar(
+            sa.select(subsystems.c.id).where(subsystems.c.id == str(subsystem))
+        )
+        if not found:
+            raise NotFound(f"subsystem {subsystem} is not registered")
+
+    # ---- security servers --------------------------------------------------------------
+
+    async def submit_server(
+        self,
+        actor: Principal,
+        *,
+        server: SecurityServerId,
+        address: str,
+        auth_certificate_pem: str,
+        subsystems_hosted: tuple[SubsystemId, ...],
+    ) -> dict[str, Any]:
+        """A server (or its member's administrator) asks to be registered; pending until approved."""
+        if actor.role is Role.SECURITY_SERVER:
+            if actor.server != server:
+                raise Forbidden(f"a token of {actor.server} cannot register {server}")
+        else:
+            _require_admin(actor, server.owner, f"register security servers of {server.owner}")
+        try:
+            cert = x509.load_pem_x509_certificate(auth_certificate_pem.encode("ascii"))
+        except (ValueError, UnicodeEncodeError):
+            raise InvalidRequest("auth_certificate is not a PEM X.509 certificate") from None
+        der = cert.public_bytes(serialization.Encoding.DER)
+        return await self._register_server(
+            actor, server, address, der, subsystems_hosted, approved=False, reason=""
+        )
+
+    async def _register_server(
+        self,
+        actor: Principal,
+        server: SecurityServerId,
+        address: str,
+        der: bytes,
+        hosted: tuple[SubsystemId, ...],
+        *,
+        approved: bool,
+        reason: str,
+        ch: Change | None = None,
+    ) -> dict[str, Any]:
+        if ch is None:
+            async with self.store.change() as new:
+                result = await self._register_server(
+                    actor, server, address, der, hosted, approved=approved, reason=reason, ch=new
+                )
+            if approved:
+                await self.on_change()
+            return result
+        await self._require_member(ch, server.owner)
+        for sub in hosted:
+            if sub.member != server.owner:
+                raise InvalidRequest(f"server {server} cannot host {sub} of another member")
+            await self._require_subsystem(ch, sub)
+        row = (await ch.conn.execute(sa.select(servers).where(servers.c.id == str(server)))).first()
+        if row is not None:
+            raise Conflict(f"security server {server} is already registered ({row.status})")
+        now = self.clock()
+        status = ServerStatus.APPROVED if approved else ServerStatus.PENDING
+        await ch.conn.execute(
+            servers.insert().values(
+                id=str(server),
+                member=str(server.owner),
+                address=address,
+                auth_certificate=der,
+                subsystems=json.dumps(sorted(str(s) for s in hosted)),
+                status=status,
+                submitted_at=format_time(now),
+            )
+        )
+        await ch.log(
+            at=now,
+            actor=actor.subject,
+            role=_role(actor),
+            action="register_server",
+            target=str(server),
+            reason=reason,
+            to_state=status,
+            concerns=[server.owner],
+            details={"address": address, "subsystems": sorted(str(s) for s in hosted)},
+        )
+        return {"id": str(server), "status": status}
+
+    async def approve_server(
+        self, actor: Principal, server: SecurityServerId, reason: str
+    ) -> dict[str, Any]:
+        _require_registry_admin(actor, "approve security servers")
+        async with self.store.change() as ch:
+            row = (
+                await ch.conn.execute(sa.select(servers).where(servers.c.id == str(server)))
+            ).first()
+            if row is None:
+                raise NotFound(f"security server {server} is not registered")
+            if row.status != ServerStatus.PENDING:
+                raise Conflict(f"security server {server} is {row.status}, not pending")
+            await ch.conn.execute(
+                servers.update()
+                .where(servers.c.id == str(server))
+                .values(status=ServerStatus.APPROVED)
+            )
+            await ch.log(
+                at=self.clock(),
+                actor=actor.subject,
+                role=_role(actor),
+                action="approve_server",
+                target=str(server),
+                reason=reason,
+                from_state=ServerStatus.PENDING,
+                to_state=ServerStatus.APPROVED,
+                concerns=[server.owner],
+            )
+        await self.on_change()
+        return {"id": str(server), "status": ServerStatus.APPROVED}
+
+    async def list_servers(self, actor: Principal) -> list[dict[str, Any]]:
+        async with self.store.read() as conn:
+            rows = (await conn.execute(sa.select(servers).order_by(servers.c.id))).all()
+        return [server_json(r) for r in rows]
+
+    # ---- services ----------------------------------------------------------------------
+
+    async def add_service(self, actor: Principal, entry: ServiceEntry) -> dict[str, Any]:
+        _require_admin(actor, entry.id.member, f"describe services of {entry.id.member}")
+        async with self.store.change() as ch:
+            await self._add_service(ch, actor, entry, "")
+        await self.on_change()
+        async with self.store.read() as conn:
+            row = (
+                await conn.execute(sa.select(services).where(services.c.id == str(entry.id)))
+            ).one()
+        return service_json(row)
+
+    async def _add_service(
+        self, ch: Change, actor: Principal, entry: ServiceEntry, reason: str
+    ) -> None:
+        await self._require_subsystem(ch, entry.id.subsystem)
+        try:
+            methods = tuple(check_method(m) for m in entry.methods)
+        except GatewayError as exc:
+            raise InvalidRequest(exc.message) from None
+        exists = await ch.conn.scalar(
+            sa.select(services.c.id).where(services.c.id == str(entry.id))
+        )
+        if exists:
+            raise Conflict(f"service {entry.id} is already in the catalogue")
+        await ch.conn.execute(
+            services.insert().values(
+                id=str(entry.id),
+                subsystem=str(entry.id.subsystem),
+                member=str(entry.id.member),
+                description=entry.description,
+                methods=json.dumps(sorted(methods)),
+                interface=entry.interface,
+                data_categories=json.dumps(sorted(set(entry.data_categories))),
+                legal_basis=entry.legal_basis,
+                contact=entry.contact,
+            )
+        )
+        await ch.log(
+            at=self.clock(),
+            actor=actor.subject,
+            role=_role(actor),
+            action="add_service",
+            target=str(entry.id),
+            reason=reason,
+            concerns=[entry.id.member],
+            details={"methods": sorted(methods), "data_categories": sorted(entry.data_categories)},
+        )
+
+    async def search_services(
+        self,
+        actor: Principal,
+        *,
+        text: str | None = None,
+        member: MemberId | None = None,
+        category: str | None = None,
+    ) -> list[dict[str, Any]]:
+        query = sa.select(services).order_by(services.c.id)
+        if member is not None:
+            query = query.where(services.c.member == str(member))
+        if text:
+            pattern = f"%{text.lower()}%"
+            query = query.where(
+                sa.or_(
+                    sa.func.lower(services.c.id).like(pattern),
+                    sa.func.lower(services.c.description).like(pattern),
+                    sa.func.lower(services.c.legal_basis).like(pattern),
+                )
+            )
+        async with self.store.read() as conn:
+            rows = (await conn.execute(query)).all()
+        result = [service_json(r) for r in rows]
+        if category:
+            result = [s for s in result if category in s["data_categories"]]
+        return result
+
+    # ---- agreements --------------------------------------------------------------------
+
+    async def request_agreement(
+        self, actor: Principal, req: AgreementRequest, *, agreement_id: str | None = None
+    ) -> dict[str, Any]:
+        """The consumer's administrator asks for an agreement; it starts as requested."""
+        _require_admin(actor, req.client.member, f"request agreements for {req.client}")
+        async with self.store.change() as ch:
+            row = await self._create_agreement(
+                ch, actor, req, AgreementState.REQUESTED, agreement_id, "request"
+            )
+        return agreement_json(row)
+
+    async def _create_agreement(
+        self,
+        ch: Change,
+        actor: Principal,
+        req: AgreementRequest,
+        state: AgreementState,
+        agreement_id: str | None,
+        action: str,
+    ) -> Any:
+        await self._require_subsystem(ch, req.client)
+        service_row = (
+            await ch.conn.execute(sa.select(services).where(services.c.id == str(req.service)))
+        ).first()
+        if service_row is None:
+            raise NotFound(f"service {req.service} is not in the catalogue")
+        if not req.purposes:
+            raise InvalidRequest("an agreement needs at least one purpose")
+        try:
+            purposes = frozenset(check_purpose(p) for p in req.purposes)
+        except GatewayError as exc:
+            raise InvalidRequest(exc.message) from None
+        offered = set(json.loads(service_row.data_categories))
+        extra = set(req.data_categories) - offered
+        if extra and offered:
+            raise InvalidRequest(
+                f"service {req.service} does not provide the data categories "
+                f"{', '.join(sorted(extra))}; it provides {', '.join(sorted(offered))}"
+            )
+        now = self.clock()
+        valid_from = req.valid_from or now
+        if req.valid_until is not None and req.valid_until <= valid_from:
+            raise InvalidRequest("valid_until must be later than valid_from")
+        if req.rate_limit is not None and (
+            req.rate_limit.requests < 1 or req.rate_limit.per_seconds < 1
+        ):
+            raise InvalidRequest("a rate limit needs at least 1 request per at least 1 second")
+        if agreement_id is None:
+            count = await ch.conn.scalar(sa.select(sa.func.count()).select_from(agreements))
+            agreement_id = f"AGR-{now.year}-{int(count or 0) + 1:04d}"
+        exists = await ch.conn.scalar(
+            sa.select(agreements.c.id).where(agreements.c.id == agreement_id)
+        )
+        if exists:
+            raise Conflict(f"agreement {agreement_id} already exists")
+        agreement = Agreement(
+            id=agreement_id,
+            client=req.client,
+            service=req.service,
+            purposes=purposes,
+            valid_from=valid_from,
+            valid_until=req.valid_until,
+            state=state,
+            legal_basis=req.legal_basis,
+            data_categories=frozenset(req.data_categories),
+            rate_limit=req.rate_limit,
+        )
+        stamp = format_time(now)
+        await ch.conn.execute(
+            agreements.insert().values(
+                **agreement_values(agreement), revision=1, created_at=stamp, updated_at=stamp
+            )
+        )
+        await ch.log(
+            at=now,
+            actor=actor.subject,
+            role=_role(actor),
+            action=action,
+            target=agreement_id,
+            reason=req.reason,
+            to_state=state.value,
+            concerns=[req.client.member, req.service.member],
+            details=agreement.to_json(),
+        )
+        return (
+            await ch.conn.execute(sa.select(agreements).where(agreements.c.id == agreement_id))
+        ).one()
+
+    def _parties(self, actor: Principal, row: Any) -> list[Party]:
+        if actor.role is Role.REGISTRY_ADMIN:
+            return [Party.REGISTRY]
+        if actor.role is not Role.MEMBER_ADMIN or actor.member is None:
+            raise Forbidden(f"a {actor.role.value} token cannot change agreements")
+        member = str(actor.member)
+        parties = []
+        if row.provider_member == member:
+            parties.append(Party.PROVIDER)
+        if row.client_member == member:
+            parties.append(Party.CONSUMER)
+        if not parties:
+            raise Forbidden(f"{actor.member} is neither the consumer nor the provider of {row.id}")
+        return parties
+
+    async def act(
+        self, actor: Principal, agreement_id: str, action: Action, reason: str
+    ) -> dict[str, Any]:
+        """Move an agreement through its workflow; see `gateway.workflow`."""
+        if action is Action.EXPIRE:
+            raise Forbidden("agreements expire by themselves at the end of their validity")
+        if action in _REASON_REQUIRED and not reason.strip():
+            raise InvalidRequest(f"say why: {action.value} needs a reason")
+        async with self.store.change() as ch:
+            row = await self._transition(ch, actor, agreement_id, action, reason, None)
+        await self.on_change()
+        return agreement_json(row)
+
+    async def _transition(
+        self,
+        ch: Change,
+        actor: Principal,
+        agreement_id: str,
+        action: Action,
+        reason: str,
+        parties: list[Party] | None,
+    ) -> Any:
+        row = (
+            await ch.conn.execute(sa.select(agreements).where(agreements.c.id == agreement_id))
+        ).first()
+        if row is None or (
+            parties is None and not _sees_everything(actor) and not self._is_party(actor, row)
+        ):
+            raise NotFound(f"agreement {agreement_id} does not exist")
+        if parties is None:
+            parties = self._parties(actor, row)
+        before = AgreementState(row.state)
+        try:
+            after = apply(before, action, parties, self.policy)
+        except TransitionError as exc:
+            raise (Conflict if exc.conflict else Forbidden)(
+                f"cannot {action.value} agreement {agreement_id}: {exc.message}"
+            ) from None
+        now = self.clock()
+        done = await ch.conn.execute(
+            agreements.update()
+            .where(agreements.c.id == agreement_id, agreements.c.revision == row.revision)
+            .values(state=after.value, revision=row.revision + 1, updated_at=format_time(now))
+        )
+        if done.rowcount != 1:  # pragma: no cover - the change lock makes this unreachable
+            raise Conflict(f"agreement {agreement_id} changed meanwhile; try again")
+        await ch.log(
+            at=now,
+            actor=actor.subject,
+            role=_role(actor),
+            action=action.value,
+            target=agreement_id,
+            reason=reason,
+            from_state=before.value,
+            to_state=after.value,
+            concerns=[MemberId.parse(row.client_member), MemberId.parse(row.provider_member)],
+            details={"as": sorted(p.value for p in parties), "revision": row.revision + 1},
+        )
+        return (
+            await ch.conn.execute(sa.select(agreements).where(agreements.c.id == agreement_id))
+        ).one()
+
+    def _is_party(self, actor: Principal, row: Any) -> bool:
+        scope = _scope(actor)
+        return scope is not None and str(scope) in (row.client_member, row.provider_member)
+
+    async def get_agreement(self, actor: Principal, agreement_id: str) -> dict[str, Any]:
+        async with self.store.read() as conn:
+            row = (
+                await conn.execute(sa.select(agreements).where(agreements.c.id == agreement_id))
+            ).first()
+        if row is None or not (_sees_everything(actor) or self._is_party(actor, row)):
+            raise NotFound(f"agreement {agreement_id} does not exist")
+        return agreement_json(row)
+
+    async def list_agreements(
+        self,
+        actor: Principal,
+        *,
+        state: AgreementState | None = None,
+        member: MemberId | None = None,
+    ) -> list[dict[str, Any]]:
+        query = sa.select(agreements).order_by(agreements.c.id)
+        if state is not None:
+            query = query.where(agreements.c.state == state.value)
+        scopes = [m for m in (member, None if _sees_everything(actor) else _scope(actor)) if m]
+        if not _sees_everything(actor) and not scopes:
+            return []
+        for scope in scopes:
+            query = query.where(
+                sa.or_(
+                    agreements.c.client_member == str(scope),
+                    agreements.c.provider_member == str(scope),
+                )
+            )
+        async with self.store.read() as conn:
+            rows = (await conn.execute(query)).all()
+        return [agreement_json(r) for r in rows]
+
+    async def expire_due(self) -> int:
+        """Mark agreements whose validity ended as expired; return how many."""
+        now = self.clock()
+        changed = 0
+        async with self.store.change() as ch:
+            rows = (
+                await ch.conn.execute(
+                    sa.select(agreements.c.id).where(
+                        agreements.c.valid_until.is_not(None),
+                        agreements.c.valid_until <= format_time(now),
+                        agreements.c.state.in_(
+                            [
+                                s.value
+                                for s in (
+                                    AgreementState.REQUESTED,
+                                    AgreementState.APPROVED_BY_PROVIDER,
+                                    AgreementState.APPROVED_BY_REGISTRY,
+                                    AgreementState.ACTIVE,
+                                    AgreementState.SUSPENDED,
+                                )
+                            ]
+                        ),
+                    )
+                )
+            ).all()
+            for r in rows:
+                await self._transition(
+                    ch, SYSTEM, r.id, Action.EXPIRE, "its validity ended", [Party.SYSTEM]
+                )
+                changed += 1
+        if changed:
+            await self.on_change()
+        return changed
+
+    # ---- the admin log -----------------------------------------------------------------
+
+    async def admin_log(
+        self, actor: Principal, *, after: int = 0, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        if actor.role is Role.SECURITY_SERVER:
+            raise Forbidden("a security-server token cannot read the admin log")
+        member = None if _sees_everything(actor) else _scope(actor)
+        rows = await self.store.admin_entries(member=member, after=after, limit=limit)
+        return [entry_json(r) for r in rows]
+
+    async def verify_admin_log(self, actor: Principal) -> dict[str, Any]:
+        """Verify the whole admin log chain and its head."""
+        if actor.role not in (Role.REGISTRY_ADMIN, Role.AUDITOR):
+            raise Forbidden("only registry administrators and auditors may verify the admin log")
+        head = ChainHead(fmt=ADMIN_LOG_FORMAT)
+        after = 0
+        try:
+            while True:
+                rows = await self.store.admin_entries(after=after, limit=1000)
+                if not rows:
+                    break
+                head = verify_chain([admin_record(r) for r in rows], head)
+                after = int(rows[-1].seq)
+        except ChainBrokenError as exc:
+            return {"verified": False, "entries": head.next_seq - 1, "error": str(exc)}
+        return {
+            "verified": True,
+            "entries": head.next_seq - 1,
+            "last_hash": head.last_hash.hex(),
+        }
+
+    # ---- the topology seed -------------------------------------------------------------
+
+    async def seed(self, topology: Topology, source: str) -> int:
+        """Import what the topology holds and the registry does not; return how many items.
+
+        The seed acts as the registry itself: servers are registered as approved and
+        agreements as active, each with an admin log entry naming the source file.
+        Items already in the registry are left as they are: after the first start, the
+        API owns them.
+        """
+        reason = f"imported from {source}"
+        added = 0
+        async with self.store.change() as ch:
+
+            async def missing(table: sa.Table, key: str) -> bool:
+                return not await ch.conn.scalar(sa.select(table.c.id).where(table.c.id == key))
+
+            for m in topology.members:
+                if await missing(members, str(m.id)):
+                    await self._add_member(ch, SYSTEM, m.id, m.name, reason)
+                    added += 1
+            wanted: set[SubsystemId] = {x for s in topology.servers for x in s.subsystems}
+            wanted |= {s.id.subsystem for s in topology.services}
+            wanted |= {a.client for a in topology.agreements}
+            for sub in sorted(wanted):
+                if await missing(subsystems, str(sub)):
+                    await self._add_subsystem(ch, SYSTEM, sub, reason)
+                    added += 1
+            for s in topology.servers:
+                if await missing(servers, str(s.id)):
+                    await self._register_server(
+                        SYSTEM,
+                        s.id,
+                        s.address,
+                        s.auth_certificate,
+                        s.subsystems,
+                        approved=True,
+                        reason=reason,
+                        ch=ch,
+                    )
+                    added += 1
+            for svc in topology.services:
+                if await missing(services, str(svc.id)):
+                    details = topology.service_details.get(svc.id, {})
+                    await self._add_service(
+                        ch,
+                        SYSTEM,
+                        ServiceEntry(
+                            id=svc.id,
+                            description=svc.description,
+                            methods=svc.methods,
+                            data_categories=tuple(details.get("data_categories", ())),
+                            legal_basis=str(details.get("legal_basis", "")),
+                            contact=str(details.get("contact", "")),
+                        ),
+                        reason,
+                    )
+                    added += 1
+            for a in topology.agreements:
+                if await missing(agreements, a.id):
+                    await self._create_agreement(
+                        ch,
+                        SYSTEM,
+                        AgreementRequest(
+                            client=a.client,
+                            service=a.service,
+                            purposes=tuple(sorted(a.purposes)),
+                            legal_basis=a.legal_basis
+                            or LegalBasis(kind=LegalBasisKind.LAW, reference=source),
+                            data_categories=tuple(sorted(a.data_categories)),
+                            valid_from=a.valid_from,
+                            valid_until=a.valid_until,
+                            rate_limit=a.rate_limit,
+                            reason=reason,
+                        ),
+                        AgreementState.ACTIVE,
+                        a.id,
+                        "import",
+                    )
+                    added += 1
+        if added:
+            await self.on_change()
+        return added
