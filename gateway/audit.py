@@ -162,13 +162,20 @@ class ChainBrokenError(AuditError):
         self.message_id = message_id
 
 
-def verify_chain(records: Iterable[ChainedRecord], head: ChainHead | None = None) -> ChainHead:
+def verify_chain(
+    records: Iterable[ChainedRecord],
+    head: ChainHead | None = None,
+    fmt: ChainFormat = MESSAGE_LOG,
+) -> ChainHead:
     """Verify records in sequence order from `head` (genesis by default); return the new head.
 
-    Raises `ChainBrokenError` at the first record that is missing, out of order, unlinked
+    Without a head the chain starts at genesis in format `fmt`; with one, the head's
+    format applies. Raises `ChainBrokenError` at the first record that is missing, out of order, unlinked
     or altered.
     """
-    head = ChainHead() if head is None else ChainHead(head.next_seq, head.last_hash, head.fmt)
+    head = (
+        ChainHead(fmt=fmt) if head is None else ChainHead(head.next_seq, head.last_hash, head.fmt)
+    )
     fmt = head.fmt
     label = fmt.label.removesuffix("_id")
     for r in records:
