@@ -243,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_audit_verify)
 
+    from gateway_cli.admin import add_admin_commands
+
+    add_admin_commands(commands)
+
     p = commands.add_parser("demo", help="run the demonstration topology")
     p.add_argument(
         "--workdir", type=Path, default=Path("var/demo"), help="folder for keys, logs, databases"

@@ -2,9 +2,11 @@
 
 Generates a development PKI, starts the registry, two security servers and two sample
 backends, then shows: an allowed call, a call refused for want of an agreement, a call
-refused for a purpose the agreement does not cover, the log records of both sides for
-the allowed call, and both logs verified by the auditor's command. With
-`--keep-running`, it leaves the topology up and describes it in `WORKDIR/topology.json`.
+refused for a purpose the agreement does not cover, a subscription requested, approved
+by both sides, used, revoked and refused again through the registry's admin API with the
+admin log of those steps, the log records of both sides for the allowed call, and both
+logs verified by the auditor's command. With `--keep-running`, it leaves the topology up
+and describes it in `WORKDIR/topology.json`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 from certs.pki import slug
 from gateway.identifiers import MemberId, ServiceId
 from gateway.settings import database_url
+from gateway_cli.admin import AdminClient
 from gateway_demo.client import Outcome, call_raw, routing_metadata
 from gateway_demo.generated import population_pb2 as population
 from gateway_demo.generated import vaccination_pb2 as vaccination
@@ -108,6 +111,81 @@ async def _calls(runner: Runner) -> tuple[Outcome, Outcome, Outcome]:
     return allowed, no_agreement, wrong_purpose
 
 
+async def _subscription(runner: Runner) -> bool:
+    """Step 4: a subscription requested, approved, used, revoked; True when all went as expected."""
+    url = runner.api_url
+    dnic_admin = AdminClient(
+        url, runner.token("member-admin", member="UY/GOV/DNIC", subject="lucia.silva@dnic")
+    )
+    msp_admin = AdminClient(
+        url, runner.token("member-admin", member="UY/GOV/MSP", subject="martin.garcia@msp")
+    )
+    registry_admin = AdminClient(url, runner.token("registry-admin", subject="ana.perez@agesic"))
+    record = vaccination.GetRecordRequest(national_id="1.234.567-8").SerializeToString()
+    metadata = routing_metadata(client=IDENTITY, service=VACCINATION, purpose="identity-check")
+    ok = True
+
+    def expect(condition: bool) -> None:
+        nonlocal ok
+        ok = ok and condition
+
+    async with runner.consumer_channel(DNIC, IDENTITY) as dnic:
+
+        async def call() -> Outcome:
+            return await call_raw(dnic, GET_RECORD, record, metadata)
+
+        async def until(predicate: Any) -> Outcome:
+            # the registry pushes the new configuration; a few round trips at most
+            for _ in range(100):
+                outcome = await call()
+                if predicate(outcome):
+                    break
+            return outcome
+
+        print(f"   {IDENTITY} -> {VACCINATION}  purpose=identity-check")
+        before = await call()
+        _show(before)
+        expect(before.error == "no_agreement")
+        print(
+            f"   admin API: {url}/openapi.json  (the same steps with `gateway admin agreements ...`)"
+        )
+        created = dnic_admin.request_agreement(
+            client=IDENTITY,
+            service=VACCINATION,
+            purposes=["identity-check"],
+            legal_basis_kind="law",
+            legal_basis_reference="Ley 18.331, art. 9 lit. C (demo)",
+            reason="check vaccination status when issuing identity documents",
+        )
+        agreement = str(created["id"])
+        print(f"   DNIC's administrator requests {agreement}: state {created['state']}")
+        state = msp_admin.act(agreement, "approve", reason="the register may be read for this")
+        print(f"   MSP's administrator (provider) approves: state {state['state']}")
+        state = registry_admin.act(agreement, "approve", reason="legal basis checked")
+        print(f"   the registry administrator approves: state {state['state']}")
+        expect(state["state"] == "active")
+        allowed = await until(lambda o: o.ok)
+        _show(allowed)
+        expect(allowed.ok)
+        state = msp_admin.act(agreement, "revoke", reason="end of the pilot")
+        print(f"   MSP's administrator revokes {agreement}: state {state['state']}")
+        refused = await until(lambda o: o.error == "agreement_revoked")
+        _show(refused)
+        expect(refused.error == "agreement_revoked")
+
+    print(f"   admin log of {agreement}:")
+    for e in registry_admin.admin_log(limit=1000):
+        if e["target"] == agreement:
+            print(
+                f"     #{e['seq']:<3} {e['logged_at']}  {e['actor']:<20} {e['action']:<8} "
+                f'{e["from_state"] or "-"} -> {e["to_state"]}  "{e["reason"]}"'
+            )
+    verdict = registry_admin.verify_admin_log()
+    print(f"   admin log verified: {verdict['verified']} ({verdict['entries']} entries)")
+    expect(bool(verdict["verified"]))
+    return ok
+
+
 async def _print_records(runner: Runner, message_id: str) -> None:
     for server in (MSP, DNIC):
         url = database_url(str(runner.log_db(server)), base=Path.cwd())
@@ -168,6 +246,7 @@ def describe(runner: Runner) -> dict[str, Any]:
     return {
         "instance": MemberId.parse(topology["members"][0]["id"]).instance,
         "registry": runner.registry_address,
+        "registry_api": runner.api_url,
         "consumer_endpoints": [
             {
                 "server": s["id"],
@@ -225,16 +304,22 @@ def run_demo(*, workdir: Path, keep_running: bool) -> int:
             print(f"   {name:<20} pid {proc.ready.get('pid')}  {_addresses(proc.ready)}")
         allowed, no_agreement, wrong_purpose = asyncio.run(_calls(runner))
         _title(
-            "4. The message logs of both security servers for the allowed call (same message id)"
+            "4. The population registry subscribes to the vaccination register, live: "
+            "refused, requested, approved by both sides, allowed, revoked, refused"
+        )
+        subscribed = asyncio.run(_subscription(runner))
+        _title(
+            "5. The message logs of both security servers for the allowed call (same message id)"
         )
         if allowed.message_id:
             asyncio.run(_print_records(runner, allowed.message_id))
-        _title("5. Auditors verify both logs")
+        _title("6. Auditors verify both logs")
         verified = _verify(runner)
         expected = (
             allowed.ok
             and no_agreement.error == "no_agreement"
             and wrong_purpose.error == "purpose_not_covered"
+            and subscribed
             and verified
         )
         if keep_running:

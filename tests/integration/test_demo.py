@@ -49,7 +49,7 @@ async def call_once(
 
 
 def test_demo_runs_every_step_and_exits_0(tmp_path: Path) -> None:
-    """The demo makes the allowed call, both refusals, prints both logs and verifies them."""
+    """The demo makes the allowed call, both refusals, the live subscription, prints both logs and verifies them."""
     result = subprocess.run(
         [*GATEWAY, "demo", "--workdir", str(tmp_path / "demo")],
         capture_output=True,
@@ -62,6 +62,17 @@ def test_demo_runs_every_step_and_exits_0(tmp_path: Path) -> None:
     assert "answer: Ana Pereira" in out
     assert "[no_agreement]" in out
     assert "[purpose_not_covered]" in out
+    # the live subscription: refused, requested, approved twice, allowed, revoked, refused
+    assert out.count("[no_agreement]") == 2
+    assert "state requested" in out
+    assert "approves: state approved_by_provider" in out
+    assert "approves: state active" in out
+    assert "[agreement_revoked]" in out
+    assert out.count("request  -> requested") + out.count("request  - -> requested") == 1
+    assert "approve  requested -> approved_by_provider" in out
+    assert "approve  approved_by_provider -> active" in out
+    assert "revoke   active -> revoked" in out
+    assert "admin log verified: True" in out
     assert out.count("request  consumer") == 1
     assert out.count("request  provider") == 1
     assert out.count("OK: ") == 2
