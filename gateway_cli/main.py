@@ -2,6 +2,8 @@
 
     gateway pki init        create a development PKI for a topology
     gateway registry serve  run a registry
+    gateway registry token  issue an admin API token
+    gateway admin ...       administer the registry over its admin API
     gateway server serve    run a security server
     gateway audit verify    verify a security server's message log
     gateway demo            run the demonstration (make demo)

@@ -181,7 +181,7 @@ async def _body(request: web.Request, schema: str) -> dict[str, Any]:
     raw = await request.read()
     try:
         doc = json.loads(raw) if raw else {}
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise InvalidRequest(f"the body is not valid JSON: {exc}") from None
     errors = sorted(_VALIDATORS[schema].iter_errors(doc), key=lambda e: list(e.absolute_path))
     if errors:
