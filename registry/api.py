@@ -184,6 +184,8 @@ async def _body(request: web.Request, schema: str) -> dict[str, Any]:
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise InvalidRequest(f"the body is not valid JSON: {exc}") from None
     errors = sorted(_VALIDATORS[schema].iter_errors(doc), key=lambda e: list(e.absolute_path))
+    if not errors:
+        _refuse_nul(doc, "body")
     if errors:
         first = errors[0]
         where = "body" + "".join(
@@ -192,6 +194,19 @@ async def _body(request: web.Request, schema: str) -> dict[str, Any]:
         raise InvalidRequest(f"{where}: {first.message}")
     assert isinstance(doc, dict)
     return doc
+
+
+def _refuse_nul(value: Any, where: str) -> None:
+    """Refuse NUL characters: no database stores them alike (PostgreSQL refuses them)."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise InvalidRequest(f"{where}: NUL characters are not allowed")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _refuse_nul(v, f"{where}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _refuse_nul(v, f"{where}[{i}]")
 
 
 def _parse(kind: Any, text: str, what: str) -> Any:
@@ -285,6 +300,8 @@ class AdminApi:
 
     @web.middleware
     async def _authenticate(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        for name, value in request.query.items():
+            _refuse_nul(value, f"query parameter {name}")
         if request.path.startswith("/v1/"):
             header = request.headers.get("Authorization", "")
             scheme, _, token = header.partition(" ")
@@ -564,7 +581,10 @@ def openapi_document() -> dict[str, Any]:
             "post": _op("request an agreement (consumer)", body="NewAgreement", ok=201),
         },
         "/v1/agreements/{id}": {
-            "get": {**_op("one agreement"), "parameters": [_p("id", "the agreement id")]}
+            "get": {
+                **_op("one agreement (404 also when outside the token's scope)"),
+                "parameters": [_p("id", "the agreement id")],
+            }
         },
         "/v1/admin-log": {
             "get": _op(

@@ -548,8 +548,7 @@ class Governance:
         ):
             raise InvalidRequest("a rate limit needs at least 1 request per at least 1 second")
         if agreement_id is None:
-            count = await ch.conn.scalar(sa.select(sa.func.count()).select_from(agreements))
-            agreement_id = f"AGR-{now.year}-{int(count or 0) + 1:04d}"
+            agreement_id = await self._next_agreement_id(ch, now.year)
         exists = await ch.conn.scalar(
             sa.select(agreements.c.id).where(agreements.c.id == agreement_id)
         )
@@ -587,6 +586,15 @@ class Governance:
         return (
             await ch.conn.execute(sa.select(agreements).where(agreements.c.id == agreement_id))
         ).one()
+
+    async def _next_agreement_id(self, ch: Change, year: int) -> str:
+        """`AGR-YEAR-NNNN`, one more than the highest number of that form this year."""
+        prefix = f"AGR-{year}-"
+        ids = await ch.conn.scalars(
+            sa.select(agreements.c.id).where(agreements.c.id.startswith(prefix))
+        )
+        numbers = [int(i[len(prefix) :]) for i in ids if i[len(prefix) :].isdigit()]
+        return f"{prefix}{max(numbers, default=0) + 1:04d}"
 
     def _parties(self, actor: Principal, row: Any) -> list[Party]:
         if actor.role is Role.REGISTRY_ADMIN:
@@ -761,7 +769,15 @@ class Governance:
                 head = verify_chain([admin_record(r) for r in rows], head)
                 after = int(rows[-1].seq)
         except ChainBrokenError as exc:
-            return {"verified": False, "entries": head.next_seq - 1, "error": str(exc)}
+            return {"verified": False, "entries": exc.seq - 1, "error": str(exc)}
+        recorded = await self.store.admin_head()
+        if (recorded.next_seq, recorded.last_hash) != (head.next_seq, head.last_hash):
+            return {
+                "verified": False,
+                "entries": head.next_seq - 1,
+                "error": f"the log ends at entry {head.next_seq - 1}, but its head records "
+                f"{recorded.next_seq - 1} entries: the newest entries were removed or replaced",
+            }
         return {
             "verified": True,
             "entries": head.next_seq - 1,

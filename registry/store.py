@@ -338,13 +338,19 @@ class RegistryStore:
         """Admin log rows in order; only those concerning `member` when one is given."""
         query = sa.select(admin_log).where(admin_log.c.seq > after).order_by(admin_log.c.seq)
         if member is not None:
-            query = query.where(
-                sa.func.concat(" ", admin_log.c.members, " ").contains(f" {member} ")
-            )
+            # `||` on both databases (SQLite has concat() only from 3.44)
+            padded = sa.literal(" ") + admin_log.c.members + sa.literal(" ")
+            query = query.where(padded.contains(f" {member} ", autoescape=True))
         if limit is not None:
             query = query.limit(limit)
         async with self.engine.connect() as conn:
             return (await conn.execute(query)).all()
+
+    async def admin_head(self) -> ChainHead:
+        """Where the admin log says it ends (updated with every change)."""
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(sa.select(admin_head).where(admin_head.c.id == 1))).one()
+        return ChainHead(int(row.next_seq), bytes(row.last_hash), ADMIN_LOG)
 
     async def last_version(self) -> int:
         async with self.engine.connect() as conn:

@@ -180,3 +180,26 @@ def test_an_unreachable_registry_exits_1_naming_the_url(runner: Runner) -> None:
     result = admin("log", "verify", url=url, token=runner.token("registry-admin"))
     assert result.returncode == 1
     assert result.stderr.startswith(f"error (unreachable): cannot reach the registry at {url}")
+
+
+def test_registry_token_command_issues_a_token_the_api_accepts(runner: Runner) -> None:
+    """`gateway registry token` prints a token the admin API accepts, scoped as asked."""
+    config = str(runner.workdir / "registry.toml")
+    base = [str(GATEWAY), "registry", "token", "--config", config, "--role", "member-admin"]
+    issued = subprocess.run(
+        [*base, "--member", "UY/GOV/MSP", "--subject", "carla@msp", "--ttl", "60"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert issued.returncode == 0, issued.stderr
+    listed = json.loads(
+        ok(admin("agreements", "list", "--json", url=runner.api_url, token=issued.stdout.strip()))
+    )
+    assert listed
+    assert all("UY/GOV/MSP/" in a["client"] + a["service"] for a in listed)
+    unscoped = subprocess.run(
+        [*base, "--subject", "nobody"], capture_output=True, text=True, check=False
+    )
+    assert unscoped.returncode == 2
+    assert "member" in unscoped.stderr

@@ -1,0 +1,658 @@
+"""The registry's store and governance in-process, on SQLite and PostgreSQL.
+
+Migrations, the topology seed, the agreement workflow and its admin log, changes that race
+each other (in one store, and on PostgreSQL in two stores as two registry processes would
+have) and tampering with the admin log. Each PostgreSQL test runs in a database of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tomllib
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from certs.pki import init_pki
+from gateway.agreements import AgreementState, LegalBasis, LegalBasisKind
+from gateway.identifiers import MemberId, SecurityServerId, ServiceId, SubsystemId
+from gateway.settings import database_url
+from gateway.timeutil import format_time
+from gateway.workflow import Action, Policy
+from gateway_demo.runner import TEMPLATE
+from registry.auth import Principal, Role
+from registry.governance import (
+    AgreementRequest,
+    Conflict,
+    Forbidden,
+    Governance,
+    InvalidRequest,
+    NotFound,
+)
+from registry.migrations import alembic_config
+from registry.store import RegistryStore, admin_head, admin_log, agreements, members, metadata
+from registry.topology import load_topology
+
+POSTGRES = os.environ.get("GATEWAY_TEST_POSTGRES_URL")
+NO_POSTGRES = "GATEWAY_TEST_POSTGRES_URL is not set: PostgreSQL registry store tests skipped"
+needs_postgres = pytest.mark.skipif(not POSTGRES, reason=NO_POSTGRES)
+
+MSP, DNIC = MemberId.parse("UY/GOV/MSP"), MemberId.parse("UY/GOV/DNIC")
+CLINICS = SubsystemId.parse("UY/GOV/MSP/clinics")
+POPULATION = ServiceId.parse("UY/GOV/DNIC/identity/population/v1")
+SEEDED_AGREEMENT = "AGR-2026-0001"
+START = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
+
+
+def admin(subject: str) -> Principal:
+    return Principal(
+        subject=subject, role=Role.REGISTRY_ADMIN, member=None, server=None, issuer="test"
+    )
+
+
+def member_admin(subject: str, member: MemberId) -> Principal:
+    return Principal(
+        subject=subject, role=Role.MEMBER_ADMIN, member=member, server=None, issuer="test"
+    )
+
+
+REGISTRY = admin("alice@registry")
+MSP_ADMIN = member_admin("carla@msp", MSP)
+DNIC_ADMIN = member_admin("diego@dnic", DNIC)
+AUDITOR = Principal(subject="audit", role=Role.AUDITOR, member=None, server=None, issuer="test")
+
+
+class FakeClock:
+    """The governance's clock: fixed until a test moves it."""
+
+    def __init__(self, start: datetime) -> None:
+        self.now = start
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, **delta: float) -> datetime:
+        self.now += timedelta(**delta)
+        return self.now
+
+
+class ChangeCounter:
+    """Counts the governance's requests to publish a new configuration."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def __call__(self) -> None:
+        self.calls += 1
+
+
+class Registry:
+    """A governance over a store, with its fake clock and publish counter."""
+
+    def __init__(self, store: RegistryStore, clock: FakeClock) -> None:
+        self.store = store
+        self.clock = clock
+        self.published = ChangeCounter()
+        self.gov = Governance(
+            store, instance="UY", policy=Policy(), clock=clock, on_change=self.published
+        )
+
+
+# ---- databases ---------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def fresh_postgres_database() -> AsyncIterator[str]:
+    """The async URL of a new, empty PostgreSQL database, dropped afterwards."""
+    assert POSTGRES is not None
+    server = make_url(database_url(POSTGRES, base=Path.cwd()))
+    name = f"registry_test_{uuid.uuid4().hex[:16]}"
+    engine = create_async_engine(server, isolation_level="AUTOCOMMIT")
+    async with engine.connect() as conn:
+        await conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield server.set(database=name).render_as_string(hide_password=False)
+    finally:
+        async with engine.connect() as conn:
+            await conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        await engine.dispose()
+
+
+@pytest.fixture(
+    params=["sqlite", pytest.param("postgresql", marks=[needs_postgres, pytest.mark.postgres])]
+)
+async def url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """A database URL: a new SQLite file, or a new PostgreSQL database."""
+    if request.param == "sqlite":
+        yield database_url(str(tmp_path / "registry.db"), base=tmp_path)
+        return
+    async with fresh_postgres_database() as pg:
+        yield pg
+
+
+@pytest.fixture
+async def pg_url() -> AsyncIterator[str]:
+    """A new PostgreSQL database (the test is skipped without GATEWAY_TEST_POSTGRES_URL)."""
+    if not POSTGRES:
+        pytest.skip(NO_POSTGRES)
+    async with fresh_postgres_database() as pg:
+        yield pg
+
+
+@pytest.fixture(scope="module")
+def topology_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo topology copied next to a PKI holding the certificates it names."""
+    folder = tmp_path_factory.mktemp("topology")
+    path = folder / "topology.toml"
+    shutil.copyfile(TEMPLATE, path)
+    doc = tomllib.loads(path.read_text())
+    init_pki(
+        folder / "pki",
+        instance="UY",
+        members=[MemberId.parse(m["id"]) for m in doc["members"]],
+        servers=[SecurityServerId.parse(s["id"]) for s in doc["servers"]],
+        registry_addresses=["127.0.0.1:7000"],
+        now=datetime.now(UTC),
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def numbered_topology(topology_file: Path) -> Path:
+    """The demo topology with its agreement named AGR-2026-0002, next to the same PKI."""
+    path = topology_file.with_name("numbered.toml")
+    text = topology_file.read_text()
+    path.write_text(text.replace(f'id = "{SEEDED_AGREEMENT}"', 'id = "AGR-2026-0002"'))
+    return path
+
+
+@asynccontextmanager
+async def opened(url: str) -> AsyncIterator[Registry]:
+    store = await RegistryStore.open(url)
+    try:
+        yield Registry(store, FakeClock(START))
+    finally:
+        await store.close()
+
+
+@pytest.fixture
+async def registry(url: str, topology_file: Path) -> AsyncIterator[Registry]:
+    """A registry seeded with the demo topology."""
+    async with opened(url) as reg:
+        await reg.gov.seed(load_topology(topology_file), topology_file.name)
+        yield reg
+
+
+# ---- helpers -----------------------------------------------------------------------------
+
+
+def at(minutes: int) -> str:
+    """The logged form of START plus `minutes`."""
+    return format_time(START + timedelta(minutes=minutes))
+
+
+def agreement_request(purpose: str, reason: str = "") -> AgreementRequest:
+    return AgreementRequest(
+        client=CLINICS,
+        service=POPULATION,
+        purposes=(purpose,),
+        legal_basis=LegalBasis(kind=LegalBasisKind.LAW, reference="Ley 18.331 art. 9"),
+        reason=reason,
+    )
+
+
+async def log_entries(reg: Registry, target: str | None = None) -> list[Any]:
+    rows = await reg.store.admin_entries()
+    return [r for r in rows if target is None or r.target == target]
+
+
+async def state_of(reg: Registry, agreement_id: str) -> tuple[str, int]:
+    async with reg.store.read() as conn:
+        row = (
+            await conn.execute(sa.select(agreements).where(agreements.c.id == agreement_id))
+        ).one()
+    return row.state, row.revision
+
+
+async def execute(reg: Registry, statement: str) -> None:
+    async with reg.store.engine.begin() as conn:
+        await conn.execute(sa.text(statement))
+
+
+def diff_schema(conn: sa.Connection) -> list[Any]:
+    context = MigrationContext.configure(
+        conn, opts={"compare_type": True, "compare_server_default": True}
+    )
+    return list(compare_metadata(context, metadata))
+
+
+def current_revision(conn: sa.Connection) -> str | None:
+    return MigrationContext.configure(conn).get_current_revision()
+
+
+# ---- migrations --------------------------------------------------------------------------
+
+
+async def test_migrations_yield_exactly_the_store_metadata(url: str) -> None:
+    """After the migrations, alembic finds no difference between the database and the tables."""
+    async with opened(url) as reg, reg.store.engine.connect() as conn:
+        assert await conn.run_sync(diff_schema) == []
+        head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+        assert await conn.run_sync(current_revision) == head
+
+
+async def test_reopening_an_existing_database_is_a_no_op_upgrade(url: str) -> None:
+    """Opening a migrated database again keeps its rows, its revision and its admin log head."""
+    async with opened(url) as reg:
+        await reg.gov.add_member(REGISTRY, MemberId.parse("UY/GOV/BPS"), "Banco de Previsión")
+        before = await log_entries(reg)
+    async with opened(url) as reg:
+        async with reg.store.engine.connect() as conn:
+            assert await conn.run_sync(diff_schema) == []
+            head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+            assert await conn.run_sync(current_revision) == head
+            assert (await conn.execute(sa.select(members.c.id))).scalars().all() == ["UY/GOV/BPS"]
+            heads = (await conn.execute(sa.select(admin_head))).all()
+        assert [(h.id, h.next_seq) for h in heads] == [(1, 2)]
+        assert [r.hash for r in await log_entries(reg)] == [r.hash for r in before]
+        assert (await reg.gov.verify_admin_log(AUDITOR))["verified"] is True
+
+
+# ---- the seed ----------------------------------------------------------------------------
+
+
+async def test_seed_imports_the_topology_once(url: str, topology_file: Path) -> None:
+    """The first seed imports every item with a log entry naming the file; a second adds nothing."""
+    topology = load_topology(topology_file)
+    async with opened(url) as reg:
+        # 2 members, 2 subsystems, 2 servers, 2 services, 1 agreement
+        assert await reg.gov.seed(topology, "topology.toml") == 9
+        assert reg.published.calls == 1
+        content = await reg.store.content()
+        assert {str(m.id) for m in content.members} == {str(MSP), str(DNIC)}
+        assert {str(s.id) for s in content.servers} == {"UY/GOV/MSP/ss1", "UY/GOV/DNIC/ss1"}
+        assert {s.auth_certificate for s in content.servers} == {
+            s.auth_certificate for s in topology.servers
+        }
+        assert {str(s.id) for s in content.services} == {
+            str(POPULATION),
+            "UY/GOV/MSP/clinics/vaccination/v1",
+        }
+        assert [(a.id, a.state) for a in content.agreements] == [
+            (SEEDED_AGREEMENT, AgreementState.ACTIVE)
+        ]
+        entries = await log_entries(reg)
+        assert [e.action for e in entries] == [
+            *["add_member"] * 2,
+            *["add_subsystem"] * 2,
+            *["register_server"] * 2,
+            *["add_service"] * 2,
+            "import",
+        ]
+        assert {(e.actor, e.reason) for e in entries} == {
+            ("registry", "imported from topology.toml")
+        }
+
+        assert await reg.gov.seed(topology, "topology.toml") == 0
+        assert reg.published.calls == 1
+        assert len(await log_entries(reg)) == 9
+        assert await reg.store.content() == content
+
+
+# ---- the agreement workflow --------------------------------------------------------------
+
+
+async def test_agreement_workflow_is_logged_with_who_when_why_and_states(
+    registry: Registry,
+) -> None:
+    """Request, both approvals, suspend, resume and revoke: each one admin log entry."""
+    reg, gov, clock = registry, registry.gov, registry.clock
+    published = reg.published.calls
+    requested = await gov.request_agreement(
+        MSP_ADMIN, agreement_request("fraud-check", "to confirm identities at the counter")
+    )
+    agreement_id = requested["id"]
+    assert (requested["state"], requested["revision"]) == ("requested", 1)
+    assert reg.published.calls == published  # a request changes nothing that is published
+
+    steps = [
+        (DNIC_ADMIN, Action.APPROVE, "", "approved_by_provider"),
+        (REGISTRY, Action.APPROVE, "legal basis checked", "active"),
+        (DNIC_ADMIN, Action.SUSPEND, "incident INC-42 under investigation", "suspended"),
+        (REGISTRY, Action.RESUME, "incident INC-42 closed", "active"),
+        (MSP_ADMIN, Action.REVOKE, "the counter service closed", "revoked"),
+    ]
+    times = []
+    for revision, (actor, action, reason, state) in enumerate(steps, start=2):
+        times.append(clock.advance(minutes=5))
+        doc = await gov.act(actor, agreement_id, action, reason)
+        assert (doc["state"], doc["revision"]) == (state, revision)
+        published_states = {a.id: a.state for a in (await reg.store.content()).agreements}
+        # security servers learn of it once active, and then of every later state
+        assert published_states.get(agreement_id) == (None if revision == 2 else state)
+    assert reg.published.calls == published + len(steps)
+
+    entries = [
+        (e.logged_at, e.actor, e.role, e.action, e.from_state, e.to_state, e.reason)
+        for e in await log_entries(reg, agreement_id)
+    ]
+    assert entries == [
+        (
+            at(0),
+            "carla@msp",
+            "member-admin:UY/GOV/MSP",
+            "request",
+            None,
+            "requested",
+            "to confirm identities at the counter",
+        ),
+        (
+            at(5),
+            "diego@dnic",
+            "member-admin:UY/GOV/DNIC",
+            "approve",
+            "requested",
+            "approved_by_provider",
+            "",
+        ),
+        (
+            at(10),
+            "alice@registry",
+            "registry-admin",
+            "approve",
+            "approved_by_provider",
+            "active",
+            "legal basis checked",
+        ),
+        (
+            at(15),
+            "diego@dnic",
+            "member-admin:UY/GOV/DNIC",
+            "suspend",
+            "active",
+            "suspended",
+            "incident INC-42 under investigation",
+        ),
+        (
+            at(20),
+            "alice@registry",
+            "registry-admin",
+            "resume",
+            "suspended",
+            "active",
+            "incident INC-42 closed",
+        ),
+        (
+            at(25),
+            "carla@msp",
+            "member-admin:UY/GOV/MSP",
+            "revoke",
+            "active",
+            "revoked",
+            "the counter service closed",
+        ),
+    ]
+    assert [format_time(t) for t in times] == [e[0] for e in entries[1:]]
+    assert (await gov.verify_admin_log(AUDITOR))["verified"] is True
+
+
+async def test_refused_transitions_change_and_log_nothing(registry: Registry) -> None:
+    """Wrong party, wrong state, missing reason or not a party: refused, no entry, no publish."""
+    reg, gov = registry, registry.gov
+    agreement_id = (await gov.request_agreement(MSP_ADMIN, agreement_request("study")))["id"]
+    await gov.act(DNIC_ADMIN, agreement_id, Action.APPROVE, "")
+    entries, published = len(await log_entries(reg)), reg.published.calls
+    bps_admin = member_admin("bea@bps", MemberId.parse("UY/GOV/BPS"))
+
+    with pytest.raises(Forbidden, match="only the provider or the registry may approve"):
+        await gov.act(MSP_ADMIN, agreement_id, Action.APPROVE, "")
+    with pytest.raises(Conflict, match="waiting for a registry administrator"):
+        await gov.act(DNIC_ADMIN, agreement_id, Action.APPROVE, "")
+    with pytest.raises(Conflict, match="revoke applies only to agreements that are"):
+        await gov.act(REGISTRY, agreement_id, Action.REVOKE, "changed our mind")
+    with pytest.raises(InvalidRequest, match="reject needs a reason"):
+        await gov.act(REGISTRY, agreement_id, Action.REJECT, "  ")
+    with pytest.raises(NotFound, match=f"agreement {agreement_id} does not exist"):
+        await gov.act(bps_admin, agreement_id, Action.REJECT, "not mine but still")
+    with pytest.raises(Forbidden, match="auditor token cannot change agreements"):
+        await gov.act(AUDITOR, agreement_id, Action.REJECT, "auditors only read")
+
+    assert await state_of(reg, agreement_id) == ("approved_by_provider", 2)
+    assert len(await log_entries(reg)) == entries
+    assert reg.published.calls == published
+
+
+async def test_requests_get_a_free_id_after_an_imported_one(
+    url: str, numbered_topology: Path
+) -> None:
+    """A seeded agreement named like the next generated id does not block new requests."""
+    async with opened(url) as reg:
+        await reg.gov.seed(load_topology(numbered_topology), numbered_topology.name)
+        doc = await reg.gov.request_agreement(MSP_ADMIN, agreement_request("after-import"))
+        assert doc["id"] != "AGR-2026-0002"
+
+
+# ---- races -------------------------------------------------------------------------------
+
+REVOKERS = [
+    admin("alice@registry"),
+    admin("bruno@registry"),
+    MSP_ADMIN,
+    DNIC_ADMIN,
+    admin("chen@registry"),
+    member_admin("other@msp", MSP),
+    member_admin("other@dnic", DNIC),
+    admin("dora@registry"),
+]
+
+
+async def race_revokes(govs: list[Governance], agreement_id: str) -> list[Any]:
+    """Every revoker revokes the agreement at once, through the governances in turn."""
+    results: list[Any] = await asyncio.gather(
+        *(
+            govs[i % len(govs)].act(p, agreement_id, Action.REVOKE, f"revoked by {p.subject}")
+            for i, p in enumerate(REVOKERS)
+        ),
+        return_exceptions=True,
+    )
+    return results
+
+
+async def check_one_revoke_won(reg: Registry, agreement_id: str, results: list[Any]) -> None:
+    won = [r for r in results if isinstance(r, dict)]
+    lost = [r for r in results if not isinstance(r, dict)]
+    assert len(won) == 1, results
+    assert all(isinstance(e, Conflict) for e in lost), lost
+    assert all("the agreement is revoked" in e.message for e in lost)
+    assert (won[0]["state"], won[0]["revision"]) == ("revoked", 2)
+    assert await state_of(reg, agreement_id) == ("revoked", 2)
+    revokes = [e for e in await log_entries(reg, agreement_id) if e.action == "revoke"]
+    assert len(revokes) == 1
+    assert (revokes[0].from_state, revokes[0].to_state) == ("active", "revoked")
+    assert revokes[0].reason == f"revoked by {revokes[0].actor}"
+
+
+async def race_approvals(govs: list[Governance], count: int) -> list[str]:
+    """`count` requested agreements, each approved by its provider and a registry admin at once."""
+    ids = [
+        (await govs[0].request_agreement(MSP_ADMIN, agreement_request(f"race-{i}")))["id"]
+        for i in range(count)
+    ]
+    calls = []
+    for i, agreement_id in enumerate(ids):
+        provider = govs[i % len(govs)].act(DNIC_ADMIN, agreement_id, Action.APPROVE, "")
+        registry = govs[(i + 1) % len(govs)].act(REGISTRY, agreement_id, Action.APPROVE, "ok")
+        calls += [provider, registry] if i % 2 else [registry, provider]
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    assert [r for r in results if not isinstance(r, dict)] == []
+    return ids
+
+
+async def check_both_approvals_counted(reg: Registry, ids: list[str]) -> None:
+    both_paths = {
+        (("requested", "approved_by_provider"), ("approved_by_provider", "active")),
+        (("requested", "approved_by_registry"), ("approved_by_registry", "active")),
+    }
+    for agreement_id in ids:
+        assert await state_of(reg, agreement_id) == ("active", 3)
+        approvals = [e for e in await log_entries(reg, agreement_id) if e.action == "approve"]
+        assert {e.actor for e in approvals} == {"diego@dnic", "alice@registry"}
+        assert tuple((e.from_state, e.to_state) for e in approvals) in both_paths
+
+
+async def test_concurrent_revokes_one_wins_the_others_conflict(registry: Registry) -> None:
+    """Eight revokes of one active agreement at once: one succeeds, seven get Conflict."""
+    published = registry.published.calls
+    results = await race_revokes([registry.gov], SEEDED_AGREEMENT)
+    await check_one_revoke_won(registry, SEEDED_AGREEMENT, results)
+    assert registry.published.calls == published + 1
+    assert (await registry.gov.verify_admin_log(AUDITOR))["verified"] is True
+
+
+async def test_concurrent_provider_and_registry_approvals_both_count(registry: Registry) -> None:
+    """Provider and registry approving at once, 20 times: every agreement active at revision 3."""
+    ids = await race_approvals([registry.gov], 20)
+    await check_both_approvals_counted(registry, ids)
+    log = await registry.gov.verify_admin_log(AUDITOR)
+    assert log["verified"] is True
+    assert log["entries"] == 9 + 20 * 3
+
+
+async def test_two_registry_processes_serialise_their_changes(
+    pg_url: str, topology_file: Path
+) -> None:
+    """Two stores (two engines) over one PostgreSQL database: the row lock orders every change."""
+    async with opened(pg_url) as one, opened(pg_url) as two:
+        await one.gov.seed(load_topology(topology_file), topology_file.name)
+        govs = [one.gov, two.gov]
+
+        results = await race_revokes(govs, SEEDED_AGREEMENT)
+        await check_one_revoke_won(one, SEEDED_AGREEMENT, results)
+        assert one.published.calls + two.published.calls == 2  # the seed and the revoke
+
+        ids = await race_approvals(govs, 20)
+        await check_both_approvals_counted(one, ids)
+
+        for reg in (one, two):
+            log = await reg.gov.verify_admin_log(AUDITOR)
+            assert (log["verified"], log["entries"]) == (True, 9 + 1 + 20 * 3)
+
+
+# ---- tampering with the admin log --------------------------------------------------------
+
+
+@pytest.fixture
+async def logged(registry: Registry) -> Registry:
+    """A seeded registry with one agreement taken through its whole approval."""
+    gov = registry.gov
+    agreement_id = (await gov.request_agreement(MSP_ADMIN, agreement_request("audit-trail")))["id"]
+    await gov.act(DNIC_ADMIN, agreement_id, Action.APPROVE, "")
+    await gov.act(REGISTRY, agreement_id, Action.APPROVE, "fine")
+    assert (await gov.verify_admin_log(AUDITOR))["verified"] is True
+    return registry
+
+
+async def test_edited_reason_is_detected(logged: Registry) -> None:
+    """An UPDATE of one entry's reason fails verification, naming its seq and its target."""
+    target = (await log_entries(logged))[4].target
+    await execute(logged, "UPDATE admin_log SET reason = 'nothing happened' WHERE seq = 5")
+    result = await logged.gov.verify_admin_log(AUDITOR)
+    assert result["verified"] is False
+    assert "record 5 " in result["error"] and target in result["error"]
+    assert "altered" in result["error"]
+
+
+async def test_deleted_middle_entry_is_detected(logged: Registry) -> None:
+    """Deleting one entry from the middle fails verification at the missing seq."""
+    await execute(logged, "DELETE FROM admin_log WHERE seq = 7")
+    result = await logged.gov.verify_admin_log(AUDITOR)
+    assert result["verified"] is False
+    assert result["error"].startswith("record 7: is missing")
+
+
+async def test_swapped_entries_are_detected(logged: Registry) -> None:
+    """Swapping the whole content (hashes included) of two entries fails verification."""
+    entries = {e.seq: e._asdict() for e in await log_entries(logged) if e.seq in (3, 4)}
+    async with logged.store.engine.begin() as conn:
+        for seq, other in ((3, 4), (4, 3)):
+            values = {k: v for k, v in entries[other].items() if k != "seq"}
+            await conn.execute(admin_log.update().where(admin_log.c.seq == seq).values(**values))
+    result = await logged.gov.verify_admin_log(AUDITOR)
+    assert result["verified"] is False
+    assert result["error"].startswith("record 3 ")
+    assert "does not link" in result["error"]
+
+
+async def test_deleted_newest_entry_is_detected(logged: Registry) -> None:
+    """Deleting the newest entry fails verification: the chain ends before the log's head."""
+    last = (await log_entries(logged))[-1].seq
+    await execute(logged, f"DELETE FROM admin_log WHERE seq = {last}")
+    result = await logged.gov.verify_admin_log(AUDITOR)
+    assert result["verified"] is False
+
+
+# ---- server approval and expiry -----------------------------------------------------------
+
+
+async def test_a_submitted_server_enters_the_configuration_only_once_approved(
+    registry: Registry, topology_file: Path
+) -> None:
+    """A pending server is not published; after a registry administrator approves it, it is."""
+    server = SecurityServerId.parse("UY/GOV/MSP/ss2")
+    pem = (topology_file.parent / "pki" / "auth" / "UY_GOV_MSP_ss1.crt").read_text()
+    submitted = await registry.gov.submit_server(
+        MSP_ADMIN,
+        server=server,
+        address="127.0.0.1:7999",
+        auth_certificate_pem=pem,
+        subsystems_hosted=(CLINICS,),
+    )
+    assert submitted["status"] == "pending"
+    assert server not in {s.id for s in (await registry.store.content()).servers}
+    with pytest.raises(Forbidden):
+        await registry.gov.approve_server(MSP_ADMIN, server, "approving my own server")
+    await registry.gov.approve_server(REGISTRY, server, "certificate fingerprint checked")
+    assert server in {s.id for s in (await registry.store.content()).servers}
+    with pytest.raises(Conflict, match="approved, not pending"):
+        await registry.gov.approve_server(REGISTRY, server, "again")
+    steps = [(r.action, r.to_state) for r in await log_entries(registry, str(server))]
+    assert steps == [("register_server", "pending"), ("approve_server", "approved")]
+
+
+async def test_agreements_past_their_validity_are_marked_expired_by_the_sweep(
+    registry: Registry,
+) -> None:
+    """expire_due marks ended agreements expired, as the registry itself, and publishes them."""
+    request = AgreementRequest(
+        client=CLINICS,
+        service=POPULATION,
+        purposes=("short-study",),
+        legal_basis=LegalBasis(kind=LegalBasisKind.CONSENT, reference="form 12"),
+        valid_until=START + timedelta(hours=1),
+    )
+    doc = await registry.gov.request_agreement(MSP_ADMIN, request)
+    await registry.gov.act(DNIC_ADMIN, doc["id"], Action.APPROVE, "")
+    await registry.gov.act(REGISTRY, doc["id"], Action.APPROVE, "")
+    assert await registry.gov.expire_due() == 0
+    registry.clock.advance(hours=2)
+    published = registry.published.calls
+    assert await registry.gov.expire_due() == 1
+    assert (await state_of(registry, doc["id"]))[0] == AgreementState.EXPIRED.value
+    assert registry.published.calls == published + 1
+    (entry,) = [r for r in await log_entries(registry, doc["id"]) if r.action == "expire"]
+    assert (entry.actor, entry.from_state, entry.to_state) == ("registry", "active", "expired")
+    published_states = {a.id: a.state for a in (await registry.store.content()).agreements}
+    assert published_states[doc["id"]] is AgreementState.EXPIRED
