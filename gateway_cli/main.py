@@ -85,7 +85,7 @@ def _registry_token(ns: argparse.Namespace) -> int:
             now=datetime.now(UTC),
             ttl=timedelta(seconds=ttl),
         )
-    except ValueError as exc:
+    except (ValueError, OverflowError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(token)

@@ -225,7 +225,10 @@ def _time(value: str | None, what: str) -> datetime | None:
         raise InvalidRequest(f"{what}: {value!r} is not an RFC 3339 date-time") from None
     if parsed.tzinfo is None:
         raise InvalidRequest(f"{what}: give a time zone, for example {value}Z")
-    return parsed.astimezone(UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:
+        raise InvalidRequest(f"{what}: {value!r} is out of range") from None
 
 
 def _query_int(request: web.Request, name: str, default: int, low: int, high: int) -> int:
@@ -300,6 +303,7 @@ class AdminApi:
 
     @web.middleware
     async def _authenticate(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        _refuse_nul(request.path, "path")
         for name, value in request.query.items():
             _refuse_nul(value, f"query parameter {name}")
         if request.path.startswith("/v1/"):

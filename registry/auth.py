@@ -507,7 +507,14 @@ class TokenVerifier:
 
         claims = _decode(token, key, alg, trust)
         self._check_times(claims, now)
-        return _principal(claims, trust)
+        principal = _principal(claims, trust)
+        if trust is not self._own and principal.role is Role.AUDITOR and principal.member is None:
+            # an instance-wide auditor is too much to grant because a claim is missing
+            raise AuthError(
+                f"auditor tokens of {trust.issuer} must name a member in "
+                f"{trust.member_claim!r}; instance-wide auditors use registry-issued tokens"
+            )
+        return principal
 
     @staticmethod
     def _check_algorithm(alg: str, trust: _Trust) -> None:
@@ -520,11 +527,12 @@ class TokenVerifier:
     def _check_times(self, claims: dict[str, Any], now: datetime) -> None:
         """Expiry, not-before and issued-at against `now`, with the leeway."""
         expires = _instant(claims, "exp")
-        if now >= expires + self._leeway:
+        # compare `now - leeway` rather than `expires + leeway`: no overflow near year 9999
+        if now - self._leeway >= expires:
             raise AuthError(f"token expired at {format_time(expires)}")
         if claims.get("nbf") is not None:
             not_before = _instant(claims, "nbf")
-            if now < not_before - self._leeway:
+            if now + self._leeway < not_before:
                 raise AuthError(f"token is not valid before {format_time(not_before)}")
         issued = _instant(claims, "iat")
         if issued > now + self._leeway:

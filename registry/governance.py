@@ -1,11 +1,12 @@
 """What administrators do to the registry: the catalogue, server approval and agreements.
 
 Every operation takes the acting `Principal`, checks that its role and scope allow the
-operation, applies it inside one serialised store change (`RegistryStore.change`), writes
-who, when, what and why to the hash-chained admin log in the same transaction, and then
-asks for a new signed configuration (`on_change`), which the registry pushes to every
-watching security server. The admin REST API and the topology seed both come through
-here, so a seeded registry and one built by hand through the API are alike.
+operation, applies it inside one serialised store change (`RegistryStore.change`), and
+writes who, when, what and why to the hash-chained admin log in the same transaction.
+When the change alters what is published (members, approved servers, services, agreement
+states) it then asks for a new signed configuration (`on_change`), which the registry
+pushes to every watching security server. The admin REST API and the topology seed both
+come through here, so a seeded registry and one built by hand through the API are alike.
 
 Errors are `AdminError`s that carry the HTTP status the API answers with: 400 invalid,
 403 not allowed to this principal, 404 unknown, 409 not possible in the current state.
@@ -13,7 +14,9 @@ Errors are `AdminError`s that carry the HTTP status the API answers with: 400 in
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -21,7 +24,9 @@ from typing import Any
 
 import sqlalchemy as sa
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from gateway.agreements import Agreement, AgreementState, LegalBasis, LegalBasisKind, RateLimit
 from gateway.audit import ADMIN_LOG as ADMIN_LOG_FORMAT
@@ -84,6 +89,8 @@ SYSTEM = Principal(
     subject="registry", role=Role.REGISTRY_ADMIN, member=None, server=None, issuer="registry"
 )
 
+_NUMBER = re.compile(r"[0-9]{1,9}")
+
 # Actions that must say why.
 _REASON_REQUIRED = {Action.REJECT, Action.SUSPEND, Action.REVOKE}
 
@@ -141,8 +148,12 @@ def _sees_everything(actor: Principal) -> bool:
 
 
 def _scope(actor: Principal) -> MemberId | None:
-    if actor.server is not None:
-        return actor.server.owner
+    """The member whose agreements and admin log entries this principal may read.
+
+    Security-server tokens read the catalogue only, never agreements or the admin log.
+    """
+    if actor.role is Role.SECURITY_SERVER:
+        return None
     return actor.member
 
 
@@ -167,18 +178,44 @@ def service_json(row: Any) -> dict[str, Any]:
 
 
 def server_json(row: Any) -> dict[str, Any]:
-    cert = x509.load_der_x509_certificate(bytes(row.auth_certificate))
+    der = bytes(row.auth_certificate)
+    pem = x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM)
     return {
         "id": row.id,
         "address": row.address,
         "subsystems": json.loads(row.subsystems),
         "status": row.status,
         "submitted_at": row.submitted_at,
-        "auth_certificate": cert.public_bytes(serialization.Encoding.PEM).decode("ascii"),
-        "auth_certificate_sha256": cert.fingerprint(cert.signature_hash_algorithm).hex()
-        if cert.signature_hash_algorithm
-        else "",
+        "auth_certificate": pem.decode("ascii"),
+        # the same fingerprint the configuration and the security servers use
+        "auth_certificate_sha256": hashlib.sha256(der).hexdigest(),
     }
+
+
+def _check_auth_certificate(pem: str, now: datetime) -> bytes:
+    """The DER of a submitted authentication certificate, or `InvalidRequest` saying why not."""
+    try:
+        cert = x509.load_pem_x509_certificate(pem.encode("ascii"))
+        cert.signature_hash_algorithm  # noqa: B018 - raises for an unknown signature algorithm
+        key = cert.public_key()
+        not_after = cert.not_valid_after_utc
+        not_before = cert.not_valid_before_utc
+    except (ValueError, UnicodeEncodeError, TypeError, UnsupportedAlgorithm) as exc:
+        raise InvalidRequest(f"auth_certificate is not a usable X.509 certificate: {exc}") from None
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        if key.curve.key_size < 256:
+            raise InvalidRequest("auth_certificate: an EC key must have at least 256 bits")
+    elif isinstance(key, rsa.RSAPublicKey):
+        if key.key_size < 2048:
+            raise InvalidRequest("auth_certificate: an RSA key must have at least 2048 bits")
+    else:
+        raise InvalidRequest("auth_certificate: the key must be EC (P-256 or larger) or RSA")
+    if not not_before <= now < not_after:
+        raise InvalidRequest(
+            f"auth_certificate is not valid now: it is valid from {format_time(not_before)} "
+            f"until {format_time(not_after)}"
+        )
+    return cert.public_bytes(serialization.Encoding.DER)
 
 
 def entry_json(row: Any) -> dict[str, Any]:
@@ -322,11 +359,7 @@ class Governance:
                 raise Forbidden(f"a token of {actor.server} cannot register {server}")
         else:
             _require_admin(actor, server.owner, f"register security servers of {server.owner}")
-        try:
-            cert = x509.load_pem_x509_certificate(auth_certificate_pem.encode("ascii"))
-        except (ValueError, UnicodeEncodeError):
-            raise InvalidRequest("auth_certificate is not a PEM X.509 certificate") from None
-        der = cert.public_bytes(serialization.Encoding.DER)
+        der = _check_auth_certificate(auth_certificate_pem, self.clock())
         return await self._register_server(
             actor, server, address, der, subsystems_hosted, approved=False, reason=""
         )
@@ -359,6 +392,14 @@ class Governance:
         row = (await ch.conn.execute(sa.select(servers).where(servers.c.id == str(server)))).first()
         if row is not None:
             raise Conflict(f"security server {server} is already registered ({row.status})")
+        holder = await ch.conn.scalar(
+            sa.select(servers.c.id).where(servers.c.auth_certificate == der)
+        )
+        if holder is not None:
+            raise Conflict(
+                f"that authentication certificate is already registered for {holder}; "
+                "each security server needs its own"
+            )
         now = self.clock()
         status = ServerStatus.APPROVED if approved else ServerStatus.PENDING
         await ch.conn.execute(
@@ -483,12 +524,12 @@ class Governance:
         if member is not None:
             query = query.where(services.c.member == str(member))
         if text:
-            pattern = f"%{text.lower()}%"
+            needle = text.lower()
             query = query.where(
                 sa.or_(
-                    sa.func.lower(services.c.id).like(pattern),
-                    sa.func.lower(services.c.description).like(pattern),
-                    sa.func.lower(services.c.legal_basis).like(pattern),
+                    sa.func.lower(services.c.id).contains(needle, autoescape=True),
+                    sa.func.lower(services.c.description).contains(needle, autoescape=True),
+                    sa.func.lower(services.c.legal_basis).contains(needle, autoescape=True),
                 )
             )
         async with self.store.read() as conn:
@@ -593,7 +634,7 @@ class Governance:
         ids = await ch.conn.scalars(
             sa.select(agreements.c.id).where(agreements.c.id.startswith(prefix))
         )
-        numbers = [int(i[len(prefix) :]) for i in ids if i[len(prefix) :].isdigit()]
+        numbers = [int(i[len(prefix) :]) for i in ids if _NUMBER.fullmatch(i[len(prefix) :])]
         return f"{prefix}{max(numbers, default=0) + 1:04d}"
 
     def _parties(self, actor: Principal, row: Any) -> list[Party]:
@@ -617,6 +658,8 @@ class Governance:
         """Move an agreement through its workflow; see `gateway.workflow`."""
         if action is Action.EXPIRE:
             raise Forbidden("agreements expire by themselves at the end of their validity")
+        if actor.role not in (Role.REGISTRY_ADMIN, Role.MEMBER_ADMIN):
+            raise Forbidden(f"a {actor.role.value} token cannot change agreements")
         if action in _REASON_REQUIRED and not reason.strip():
             raise InvalidRequest(f"say why: {action.value} needs a reason")
         async with self.store.change() as ch:
@@ -756,21 +799,29 @@ class Governance:
         return [entry_json(r) for r in rows]
 
     async def verify_admin_log(self, actor: Principal) -> dict[str, Any]:
-        """Verify the whole admin log chain and its head."""
-        if actor.role not in (Role.REGISTRY_ADMIN, Role.AUDITOR):
-            raise Forbidden("only registry administrators and auditors may verify the admin log")
+        """Verify the admin log chain up to its recorded head, and that nothing is missing."""
+        if not _sees_everything(actor):
+            raise Forbidden(
+                "only registry administrators and instance-wide auditors may verify the "
+                "admin log: the answer covers every member's entries"
+            )
+        # read the head first: entries appended meanwhile lie beyond it and are not judged
+        recorded = await self.store.admin_head()
         head = ChainHead(fmt=ADMIN_LOG_FORMAT)
         after = 0
         try:
-            while True:
-                rows = await self.store.admin_entries(after=after, limit=1000)
+            while after < recorded.next_seq - 1:
+                rows = [
+                    r
+                    for r in await self.store.admin_entries(after=after, limit=1000)
+                    if int(r.seq) < recorded.next_seq
+                ]
                 if not rows:
                     break
                 head = verify_chain([admin_record(r) for r in rows], head)
                 after = int(rows[-1].seq)
         except ChainBrokenError as exc:
             return {"verified": False, "entries": exc.seq - 1, "error": str(exc)}
-        recorded = await self.store.admin_head()
         if (recorded.next_seq, recorded.last_hash) != (head.next_seq, head.last_hash):
             return {
                 "verified": False,

@@ -256,8 +256,11 @@ async def serve(
                         await import_topology()
                     except Exception as exc:  # keep serving the last good content
                         log.error("topology_reload_failed", error=str(exc))
-                await governance.expire_due()
-                await publisher.publish()
+                try:
+                    await governance.expire_due()
+                    await publisher.publish()
+                except Exception:  # a database hiccup must not stop the registry
+                    log.exception("refresh_failed")
         finally:
             await server.stop(grace=1.0)
             await runner.cleanup()

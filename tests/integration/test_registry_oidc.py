@@ -154,6 +154,17 @@ async def test_security_server_token_of_provider_accepted(
     )
 
 
+async def test_oidc_auditor_without_member_refused(
+    endpoint: JwksEndpoint, verifier: TokenVerifier, key_a: rsa.RSAPrivateKey
+) -> None:
+    """An OIDC auditor token without a member claim is refused, not made instance-wide."""
+    token = oidc_token(key_a, "key-a", gw_role="auditor", gw_member=None)
+    with pytest.raises(AuthError, match="must name a member in 'gw_member'"):
+        await verifier.verify(token, now=NOW)
+    scoped = oidc_token(key_a, "key-a", gw_role="auditor", gw_member="UY/GOV/MSP")
+    assert (await verifier.verify(scoped, now=NOW)).member == MemberId.parse("UY/GOV/MSP")
+
+
 async def test_keys_are_cached(
     endpoint: JwksEndpoint, verifier: TokenVerifier, key_a: rsa.RSAPrivateKey
 ) -> None:

@@ -23,10 +23,11 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from cryptography.hazmat.primitives import serialization
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from certs.pki import init_pki
+from certs.pki import init_pki, issue, load_issued
 from gateway.agreements import AgreementState, LegalBasis, LegalBasisKind
 from gateway.identifiers import MemberId, SecurityServerId, ServiceId, SubsystemId
 from gateway.settings import database_url
@@ -612,7 +613,11 @@ async def test_a_submitted_server_enters_the_configuration_only_once_approved(
 ) -> None:
     """A pending server is not published; after a registry administrator approves it, it is."""
     server = SecurityServerId.parse("UY/GOV/MSP/ss2")
-    pem = (topology_file.parent / "pki" / "auth" / "UY_GOV_MSP_ss1.crt").read_text()
+    ca = load_issued(topology_file.parent / "pki", "ca")
+    cert = issue(
+        common_name=str(server), issuer=ca, now=START - timedelta(days=1), days=30, kind="auth"
+    ).certificate
+    pem = cert.public_bytes(serialization.Encoding.PEM).decode()
     submitted = await registry.gov.submit_server(
         MSP_ADMIN,
         server=server,
@@ -628,6 +633,25 @@ async def test_a_submitted_server_enters_the_configuration_only_once_approved(
     assert server in {s.id for s in (await registry.store.content()).servers}
     with pytest.raises(Conflict, match="approved, not pending"):
         await registry.gov.approve_server(REGISTRY, server, "again")
+    with pytest.raises(Conflict, match="already registered for UY/GOV/MSP/ss2"):
+        await registry.gov.submit_server(
+            MSP_ADMIN,
+            server=SecurityServerId.parse("UY/GOV/MSP/ss3"),
+            address="127.0.0.1:7998",
+            auth_certificate_pem=pem,
+            subsystems_hosted=(CLINICS,),
+        )
+    registry.clock.advance(days=40)
+    with pytest.raises(InvalidRequest, match="not valid now"):
+        await registry.gov.submit_server(
+            MSP_ADMIN,
+            server=SecurityServerId.parse("UY/GOV/MSP/ss4"),
+            address="127.0.0.1:7997",
+            auth_certificate_pem=issue(common_name="x", issuer=ca, now=START, days=30, kind="auth")
+            .certificate.public_bytes(serialization.Encoding.PEM)
+            .decode(),
+            subsystems_hosted=(CLINICS,),
+        )
     steps = [(r.action, r.to_state) for r in await log_entries(registry, str(server))]
     assert steps == [("register_server", "pending"), ("approve_server", "approved")]
 
