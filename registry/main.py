@@ -24,13 +24,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from gateway.configuration import SignedConfiguration
+from gateway.errors import ConfigFileError
 from gateway.settings import database_url
 from gateway.signing import EcdsaSigner, load_certificate, load_private_key
 from gateway.v1 import configuration_pb2 as pb
 from gateway.workflow import Policy
 from registry.api import AdminApi
 from registry.auth import OidcSettings, TokenIssuer, TokenVerifier, load_or_create_token_key
-from registry.governance import Governance
+from registry.governance import AdminError, Governance
 from registry.publisher import Publisher
 from registry.store import RegistryStore
 from registry.topology import load_topology
@@ -197,9 +198,12 @@ async def serve(
 
         async def import_topology() -> None:
             if settings.topology is not None:
-                added = await governance.seed(
-                    load_topology(settings.topology), settings.topology.name
-                )
+                try:
+                    added = await governance.seed(
+                        load_topology(settings.topology), settings.topology.name
+                    )
+                except AdminError as exc:  # the file asks for something the registry refuses
+                    raise ConfigFileError(f"{settings.topology}: {exc.message}") from None
                 log.info("topology_imported", file=str(settings.topology), added=added)
 
         await import_topology()
