@@ -27,6 +27,7 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.agreements import Agreement, AgreementState, LegalBasis, LegalBasisKind, RateLimit
 from gateway.audit import ADMIN_LOG as ADMIN_LOG_FORMAT
@@ -157,6 +158,15 @@ def _scope(actor: Principal) -> MemberId | None:
     return actor.member
 
 
+async def _row(conn: AsyncConnection, table: sa.Table, key: str) -> Any:
+    """The row of `table` whose id is `key`, or None."""
+    return (await conn.execute(sa.select(table).where(table.c.id == key))).first()
+
+
+async def _exists(conn: AsyncConnection, table: sa.Table, key: str) -> bool:
+    return bool(await conn.scalar(sa.select(table.c.id).where(table.c.id == key)))
+
+
 def agreement_json(row: Any) -> dict[str, Any]:
     a = agreement_from_row(row)
     doc = a.to_json()
@@ -271,8 +281,7 @@ class Governance:
     ) -> None:
         if not name.strip():
             raise InvalidRequest("a member needs a name")
-        exists = await ch.conn.scalar(sa.select(members.c.id).where(members.c.id == str(member)))
-        if exists:
+        if await _exists(ch.conn, members, str(member)):
             raise Conflict(f"member {member} is already registered")
         now = self.clock()
         await ch.conn.execute(
@@ -308,10 +317,7 @@ class Governance:
         self, ch: Change, actor: Principal, subsystem: SubsystemId, reason: str
     ) -> None:
         await self._require_member(ch, subsystem.member)
-        exists = await ch.conn.scalar(
-            sa.select(subsystems.c.id).where(subsystems.c.id == str(subsystem))
-        )
-        if exists:
+        if await _exists(ch.conn, subsystems, str(subsystem)):
             raise Conflict(f"subsystem {subsystem} is already registered")
         now = self.clock()
         await ch.conn.execute(
@@ -331,15 +337,12 @@ class Governance:
 
     async def _require_member(self, ch: Change, member: MemberId) -> None:
         self._check_instance(member.instance, f"member {member}")
-        if not await ch.conn.scalar(sa.select(members.c.id).where(members.c.id == str(member))):
+        if not await _exists(ch.conn, members, str(member)):
             raise NotFound(f"member {member} is not registered")
 
     async def _require_subsystem(self, ch: Change, subsystem: SubsystemId) -> None:
         self._check_instance(subsystem.instance, f"subsystem {subsystem}")
-        found = await ch.conn.scalar(
-            sa.select(subsystems.c.id).where(subsystems.c.id == str(subsystem))
-        )
-        if not found:
+        if not await _exists(ch.conn, subsystems, str(subsystem)):
             raise NotFound(f"subsystem {subsystem} is not registered")
 
     # ---- security servers --------------------------------------------------------------
@@ -389,7 +392,7 @@ class Governance:
             if sub.member != server.owner:
                 raise InvalidRequest(f"server {server} cannot host {sub} of another member")
             await self._require_subsystem(ch, sub)
-        row = (await ch.conn.execute(sa.select(servers).where(servers.c.id == str(server)))).first()
+        row = await _row(ch.conn, servers, str(server))
         if row is not None:
             raise Conflict(f"security server {server} is already registered ({row.status})")
         holder = await ch.conn.scalar(
@@ -431,9 +434,7 @@ class Governance:
     ) -> dict[str, Any]:
         _require_registry_admin(actor, "approve security servers")
         async with self.store.change() as ch:
-            row = (
-                await ch.conn.execute(sa.select(servers).where(servers.c.id == str(server)))
-            ).first()
+            row = await _row(ch.conn, servers, str(server))
             if row is None:
                 raise NotFound(f"security server {server} is not registered")
             if row.status != ServerStatus.PENDING:
@@ -470,9 +471,7 @@ class Governance:
             await self._add_service(ch, actor, entry, "")
         await self.on_change()
         async with self.store.read() as conn:
-            row = (
-                await conn.execute(sa.select(services).where(services.c.id == str(entry.id)))
-            ).one()
+            row = await _row(conn, services, str(entry.id))
         return service_json(row)
 
     async def _add_service(
@@ -483,10 +482,7 @@ class Governance:
             methods = tuple(check_method(m) for m in entry.methods)
         except GatewayError as exc:
             raise InvalidRequest(exc.message) from None
-        exists = await ch.conn.scalar(
-            sa.select(services.c.id).where(services.c.id == str(entry.id))
-        )
-        if exists:
+        if await _exists(ch.conn, services, str(entry.id)):
             raise Conflict(f"service {entry.id} is already in the catalogue")
         await ch.conn.execute(
             services.insert().values(
@@ -562,9 +558,7 @@ class Governance:
         action: str,
     ) -> Any:
         await self._require_subsystem(ch, req.client)
-        service_row = (
-            await ch.conn.execute(sa.select(services).where(services.c.id == str(req.service)))
-        ).first()
+        service_row = await _row(ch.conn, services, str(req.service))
         if service_row is None:
             raise NotFound(f"service {req.service} is not in the catalogue")
         if not req.purposes:
@@ -590,10 +584,7 @@ class Governance:
             raise InvalidRequest("a rate limit needs at least 1 request per at least 1 second")
         if agreement_id is None:
             agreement_id = await self._next_agreement_id(ch, now.year)
-        exists = await ch.conn.scalar(
-            sa.select(agreements.c.id).where(agreements.c.id == agreement_id)
-        )
-        if exists:
+        if await _exists(ch.conn, agreements, agreement_id):
             raise Conflict(f"agreement {agreement_id} already exists")
         agreement = Agreement(
             id=agreement_id,
@@ -624,9 +615,7 @@ class Governance:
             concerns=[req.client.member, req.service.member],
             details=agreement.to_json(),
         )
-        return (
-            await ch.conn.execute(sa.select(agreements).where(agreements.c.id == agreement_id))
-        ).one()
+        return await _row(ch.conn, agreements, agreement_id)
 
     async def _next_agreement_id(self, ch: Change, year: int) -> str:
         """`AGR-YEAR-NNNN`, one more than the highest number of that form this year."""
@@ -676,9 +665,7 @@ class Governance:
         reason: str,
         parties: list[Party] | None,
     ) -> Any:
-        row = (
-            await ch.conn.execute(sa.select(agreements).where(agreements.c.id == agreement_id))
-        ).first()
+        row = await _row(ch.conn, agreements, agreement_id)
         if row is None or (
             parties is None and not _sees_everything(actor) and not self._is_party(actor, row)
         ):
@@ -712,9 +699,7 @@ class Governance:
             concerns=[MemberId.parse(row.client_member), MemberId.parse(row.provider_member)],
             details={"as": sorted(p.value for p in parties), "revision": row.revision + 1},
         )
-        return (
-            await ch.conn.execute(sa.select(agreements).where(agreements.c.id == agreement_id))
-        ).one()
+        return await _row(ch.conn, agreements, agreement_id)
 
     def _is_party(self, actor: Principal, row: Any) -> bool:
         scope = _scope(actor)
@@ -722,9 +707,7 @@ class Governance:
 
     async def get_agreement(self, actor: Principal, agreement_id: str) -> dict[str, Any]:
         async with self.store.read() as conn:
-            row = (
-                await conn.execute(sa.select(agreements).where(agreements.c.id == agreement_id))
-            ).first()
+            row = await _row(conn, agreements, agreement_id)
         if row is None or not (_sees_everything(actor) or self._is_party(actor, row)):
             raise NotFound(f"agreement {agreement_id} does not exist")
         return agreement_json(row)
@@ -850,7 +833,7 @@ class Governance:
         async with self.store.change() as ch:
 
             async def missing(table: sa.Table, key: str) -> bool:
-                return not await ch.conn.scalar(sa.select(table.c.id).where(table.c.id == key))
+                return not await _exists(ch.conn, table, key)
 
             for m in topology.members:
                 if await missing(members, str(m.id)):
