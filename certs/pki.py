@@ -4,6 +4,8 @@ Layout of the folder it writes (keys are 0600; the folder is meant to be git-ign
 
     ca.crt, ca.key                          instance CA (ECDSA P-256)
     configuration-signing.crt/.key          the registry's configuration-signing certificate
+    tsa.crt/.key                            the development time-stamping authority (RFC 3161)
+    ocsp.crt/.key                           the development OCSP responder (RFC 6960)
     anchor.json                             the instance anchor security servers install
     auth/<SERVER>.crt/.key                  TLS certificate per security server
     sign/<MEMBER>.crt/.key                  signing certificate per member
@@ -68,7 +70,10 @@ def issue(
 
     Kinds: 'ca'; 'auth' (a security server's TLS certificate); 'sign' (a member's signing
     certificate); 'config' (the registry's configuration signing); 'local-server' and
-    'local-client' (TLS between an agency's backends and its own security server).
+    'local-client' (TLS between an agency's backends and its own security server); 'tsa'
+    (a time-stamping authority: critical timeStamping extended key usage, RFC 3161 2.3);
+    'ocsp' (a delegated OCSP responder: OCSPSigning extended key usage and id-pkix-ocsp-nocheck,
+    RFC 6960 4.2.2.2).
 
     With `issuer=None` the certificate is self-signed (a root CA).
     """
@@ -126,6 +131,16 @@ def issue(
             builder = builder.add_extension(
                 x509.SubjectAlternativeName(_general_names(hosts)), critical=False
             )
+    if kind == "tsa":
+        usage.update(digital_signature=True, content_commitment=True)
+        builder = builder.add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.TIME_STAMPING]), critical=True
+        )
+    if kind == "ocsp":
+        usage.update(digital_signature=True)
+        builder = builder.add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.OCSP_SIGNING]), critical=False
+        ).add_extension(x509.OCSPNoCheck(), critical=False)
     if kind == "auth":
         usage.update(digital_signature=True)
         builder = builder.add_extension(
@@ -227,6 +242,8 @@ def init_pki(
     config = ensure_pair(
         folder, "configuration-signing", make(f"{instance} configuration signing", "config", ca)
     )
+    ensure_pair(folder, "tsa", make(f"{instance} development time-stamping", "tsa", ca))
+    ensure_pair(folder, "ocsp", make(f"{instance} development OCSP responder", "ocsp", ca))
     for member in members:
         ensure_pair(folder / "sign", slug(member), make(str(member), "sign", ca))
     for server in servers:

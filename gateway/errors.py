@@ -61,6 +61,12 @@ class Code(StrEnum):
     RESPONSE_MISMATCH = "response_mismatch"
     REPLAYED_MESSAGE = "replayed_message"
     STALE_MESSAGE = "stale_message"
+    # certificate status (OCSP) and time-stamps
+    SIGNER_CERTIFICATE_REVOKED = "signer_certificate_revoked"
+    PEER_CERTIFICATE_REVOKED = "peer_certificate_revoked"
+    CERTIFICATE_STATUS_STALE = "certificate_status_stale"
+    CERTIFICATE_STATUS_INVALID = "certificate_status_invalid"
+    TIMESTAMP_INVALID = "timestamp_invalid"
     # configuration
     CONFIGURATION_UNAVAILABLE = "configuration_unavailable"
     CONFIGURATION_EXPIRED = "configuration_expired"
@@ -70,6 +76,7 @@ class Code(StrEnum):
     BACKEND_UNAVAILABLE = "backend_unavailable"
     DEADLINE_EXCEEDED = "deadline_exceeded"
     LOG_UNAVAILABLE = "log_unavailable"
+    TIMESTAMPING_UNAVAILABLE = "timestamping_unavailable"
     INTERNAL = "internal_error"
     # the audit chain
     AUDIT_CHAIN_BROKEN = "audit_chain_broken"
@@ -100,6 +107,11 @@ STATUS_BY_CODE: dict[Code, Status] = {
     Code.RESPONSE_MISMATCH: Status.UNAUTHENTICATED,
     Code.REPLAYED_MESSAGE: Status.ALREADY_EXISTS,
     Code.STALE_MESSAGE: Status.FAILED_PRECONDITION,
+    Code.SIGNER_CERTIFICATE_REVOKED: Status.UNAUTHENTICATED,
+    Code.PEER_CERTIFICATE_REVOKED: Status.UNAUTHENTICATED,
+    Code.CERTIFICATE_STATUS_STALE: Status.UNAUTHENTICATED,
+    Code.CERTIFICATE_STATUS_INVALID: Status.UNAUTHENTICATED,
+    Code.TIMESTAMP_INVALID: Status.INTERNAL,
     Code.CONFIGURATION_UNAVAILABLE: Status.UNAVAILABLE,
     Code.CONFIGURATION_EXPIRED: Status.UNAVAILABLE,
     Code.CONFIGURATION_INVALID: Status.FAILED_PRECONDITION,
@@ -107,6 +119,7 @@ STATUS_BY_CODE: dict[Code, Status] = {
     Code.BACKEND_UNAVAILABLE: Status.UNAVAILABLE,
     Code.DEADLINE_EXCEEDED: Status.DEADLINE_EXCEEDED,
     Code.LOG_UNAVAILABLE: Status.UNAVAILABLE,
+    Code.TIMESTAMPING_UNAVAILABLE: Status.UNAVAILABLE,
     Code.INTERNAL: Status.INTERNAL,
     Code.AUDIT_CHAIN_BROKEN: Status.INTERNAL,
 }
