@@ -54,6 +54,7 @@ RECORD_FIELDS: tuple[str, ...] = (
     "header",
     "signature",
     "signer_certificate_sha256",
+    "signer_ocsp_sha256",
     "body_sha256",
     "status",
     "error_code",
@@ -84,7 +85,7 @@ class ChainFormat:
     label: str
 
 
-MESSAGE_LOG = ChainFormat(tag=b"gateway-message-log/2\n", fields=RECORD_FIELDS, label="message_id")
+MESSAGE_LOG = ChainFormat(tag=b"gateway-message-log/3\n", fields=RECORD_FIELDS, label="message_id")
 ADMIN_LOG = ChainFormat(tag=b"gateway-admin-log/1\n", fields=ADMIN_FIELDS, label="target")
 
 
@@ -103,6 +104,25 @@ def _encode_field(value: FieldValue) -> bytes:
     return tag + len(data).to_bytes(4, "big") + data
 
 
+def record_preimage(
+    seq: int,
+    prev_hash: bytes,
+    fields: Mapping[str, FieldValue],
+    fmt: ChainFormat = MESSAGE_LOG,
+) -> bytes:
+    """The exact bytes whose SHA-256 is the chain hash of record `seq` (see `record_hash`).
+
+    The evidence bundle ships them, so that `openssl dgst -sha256` alone recomputes a
+    record's hash.
+    """
+    names = fmt.fields
+    if len(fields) != len(names) or any(k not in fields for k in names):
+        raise ValueError(f"record fields must be exactly {names}")
+    return b"".join(
+        [fmt.tag, seq.to_bytes(8, "big"), prev_hash, *[_encode_field(fields[k]) for k in names]]
+    )
+
+
 def record_hash(
     seq: int,
     prev_hash: bytes,
@@ -115,14 +135,37 @@ def record_hash(
     field in the order of `fmt.fields`, each as a type tag (None, bytes, text, integer), a
     4-byte length and its bytes, so that no two different records encode alike.
     """
-    names = fmt.fields
-    if len(fields) != len(names) or any(k not in fields for k in names):
-        raise ValueError(f"record fields must be exactly {names}")
-    h = hashlib.sha256(fmt.tag)
-    h.update(seq.to_bytes(8, "big"))
-    h.update(prev_hash)
-    h.update(b"".join([_encode_field(fields[k]) for k in names]))
-    return h.digest()
+    return hashlib.sha256(record_preimage(seq, prev_hash, fields, fmt)).digest()
+
+
+def parse_preimage(
+    data: bytes, fmt: ChainFormat = MESSAGE_LOG
+) -> tuple[int, bytes, dict[str, FieldValue]]:
+    """(seq, previous hash, fields) encoded in `record_preimage` bytes; `ValueError` if malformed."""
+    if not data.startswith(fmt.tag) or len(data) < len(fmt.tag) + 40:
+        raise ValueError("not a record of this log format")
+    at = len(fmt.tag)
+    seq = int.from_bytes(data[at : at + 8], "big")
+    prev = data[at + 8 : at + 40]
+    at += 40
+    fields: dict[str, FieldValue] = {}
+    for name in fmt.fields:
+        tag = data[at : at + 1]
+        at += 1
+        if tag == b"N":
+            fields[name] = None
+            continue
+        if tag not in (b"B", b"S", b"I") or at + 4 > len(data):
+            raise ValueError(f"field {name!r} is malformed")
+        size = int.from_bytes(data[at : at + 4], "big")
+        raw = data[at + 4 : at + 4 + size]
+        if len(raw) != size:
+            raise ValueError(f"field {name!r} is truncated")
+        at += 4 + size
+        fields[name] = raw if tag == b"B" else raw.decode() if tag == b"S" else int(raw)
+    if at != len(data):
+        raise ValueError("bytes follow the last field")
+    return seq, prev, fields
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

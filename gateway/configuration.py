@@ -48,6 +48,18 @@ class SecurityServer:
     auth_certificate: bytes
     # subsystems whose services and clients this server hosts
     subsystems: tuple[SubsystemId, ...]
+    # the parsed authentication certificate (to check the OCSP answers stapled for it)
+    auth_x509: x509.Certificate = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        try:
+            parsed = x509.load_der_x509_certificate(self.auth_certificate)
+        except ValueError:
+            raise ConfigurationError(
+                f"security server {self.id}: its authentication certificate is not valid DER",
+                code=Code.CONFIGURATION_INVALID,
+            ) from None
+        object.__setattr__(self, "auth_x509", parsed)
 
     @property
     def auth_certificate_sha256(self) -> str:

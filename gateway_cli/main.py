@@ -1,11 +1,15 @@
 """`gateway`: the command line of the interoperability gateway.
 
     gateway pki init        create a development PKI for a topology
+    gateway pki revoke      revoke a certificate of the development CA
+    gateway pki serve       run the development OCSP responder and time-stamping authority
     gateway registry serve  run a registry
     gateway registry token  issue an admin API token
     gateway admin ...       administer the registry over its admin API
     gateway server serve    run a security server
-    gateway audit verify    verify a security server's message log
+    gateway audit verify    verify a security server's message log and its time-stamps
+    gateway audit export    write the evidence bundle of one exchange
+    gateway audit verify-bundle  verify an evidence bundle offline
     gateway demo            run the demonstration (make demo)
     gateway bench           measure throughput and latency (make bench)
 
@@ -15,9 +19,11 @@ Exit status: 0 on success, 1 when a verification fails, 2 for bad usage or confi
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from gateway.errors import ConfigFileError, GatewayError
 
@@ -42,6 +48,108 @@ def _pki_init(ns: argparse.Namespace) -> int:
         f"  {len(members)} member signing certificate(s), {len(servers)} server TLS certificate(s)"
     )
     print(f"  anchor: {ns.dir / 'anchor.json'}")
+    return 0
+
+
+def _pki_revoke(ns: argparse.Namespace) -> int:
+    from cryptography import x509
+
+    from certs.ocsp_responder import issued_certificates, load_revoked, revoke
+
+    try:
+        if ns.certificate is not None:
+            certificate = x509.load_pem_x509_certificate(ns.certificate.read_bytes())
+        else:
+            found = issued_certificates(ns.dir).get(ns.serial)
+            if found is None:
+                print(
+                    f"error: no certificate with serial {ns.serial:x} in {ns.dir}", file=sys.stderr
+                )
+                return 2
+            certificate = found
+        previous = load_revoked(ns.dir).get(certificate.serial_number)
+        revoke(ns.dir, certificate, reason=x509.ReasonFlags(ns.reason), at=datetime.now(UTC))
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    serial_hex = format(certificate.serial_number, "x")
+    subject = certificate.subject.rfc4514_string()
+    if previous is not None:
+        print(f"already revoked: {subject} (serial {serial_hex}) at {previous[0].isoformat()}")
+    else:
+        print(f"revoked: {subject} (serial {serial_hex}), reason {ns.reason}")
+    return 0
+
+
+def _serial(text: str) -> int:
+    try:
+        return int(text.replace(":", ""), 16)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a hexadecimal number") from None
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
+    return host, int(port)
+
+
+def _pki_serve(ns: argparse.Namespace) -> int:
+    from aiohttp import web
+    from cryptography import x509
+
+    from certs.ocsp_responder import OcspResponder, ocsp_app
+    from certs.pki import load_issued
+    from gateway_cli.runtime import ready_writer, run, signal_events
+
+    if ns.ocsp is None and ns.tsa is None:
+        print("error: give --ocsp HOST:PORT, --tsa HOST:PORT or both", file=sys.stderr)
+        return 2
+
+    def clock() -> datetime:
+        return datetime.now(UTC)
+
+    apps: dict[str, tuple[web.Application, tuple[str, int]]] = {}
+    try:
+        if ns.ocsp is not None:
+            apps["ocsp"] = (ocsp_app(OcspResponder(pki_dir=ns.dir, clock=clock)), ns.ocsp)
+        if ns.tsa is not None:
+            from certs.tsa import TimeStampAuthority, tsa_app
+
+            ca = x509.load_pem_x509_certificate((ns.dir / "ca.crt").read_bytes())
+            tsa = load_issued(ns.dir, "tsa")
+            authority = TimeStampAuthority(
+                key=tsa.key, certificate=tsa.certificate, chain=(ca,), clock=clock
+            )
+            apps["tsa"] = (tsa_app(authority), ns.tsa)
+    except (OSError, ValueError) as exc:
+        print(f"error: cannot load the PKI in {ns.dir}: {exc}", file=sys.stderr)
+        return 2
+
+    async def main() -> None:
+        stop, _ = signal_events()
+        runners: list[web.AppRunner] = []
+        ready: dict[str, str] = {}
+        try:
+            for name, (app, (host, port)) in apps.items():
+                runner = web.AppRunner(app, access_log=None)
+                runners.append(runner)
+                await runner.setup()
+                await web.TCPSite(runner, host, port).start()
+                ready[name] = f"http://{host}:{runner.addresses[0][1]}/"
+            print(json.dumps(ready), flush=True)
+            ready_writer(ns.ready_file)(ready)
+            await stop.wait()
+        finally:
+            for runner in runners:
+                await runner.cleanup()
+
+    try:
+        run(main)
+    except OSError as exc:
+        print(f"error: cannot listen: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -135,15 +243,99 @@ def _audit_verify(ns: argparse.Namespace) -> int:
             )
 
     try:
-        head = run(lambda: verify_log(url, progress))
+        cas = _load_cas(ns.ca)
+        head, stamped = run(lambda: verify_log(url, progress, cas))
     except ChainBrokenError as exc:
         if show:
             print(file=sys.stderr)
         print(f"FAILED: {exc}")
         return 1
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if show:
         print(file=sys.stderr)
-    print(f"OK: {head.next_seq - 1} record(s) verified; chain head {head.last_hash.hex()}")
+    total = head.next_seq - 1
+    print(f"OK: {total} record(s) verified; chain head {head.last_hash.hex()}")
+    print(
+        f"time-stamps: {stamped} record(s) covered by verified tokens"
+        + (f"; the newest {total - stamped} are not stamped yet" if stamped < total else "")
+    )
+    return 0
+
+
+def _load_cas(paths: list[Path] | None) -> list[Any] | None:
+    """CA certificates from PEM files (`--ca`), or None when none are given."""
+    if not paths:
+        return None
+    from cryptography import x509
+
+    cas = []
+    for path in paths:
+        try:
+            cas += x509.load_pem_x509_certificates(path.read_bytes())
+        except ValueError:
+            raise ValueError(f"{path} holds no PEM certificate") from None
+    return cas
+
+
+def _audit_export(ns: argparse.Namespace) -> int:
+    from gateway.errors import AuditError
+    from gateway.settings import database_url
+    from gateway_cli.runtime import run
+    from security_server.evidence import export_bundle, write_zip
+
+    if "://" not in ns.db and not Path(ns.db).exists():
+        print(f"error: no message log at {ns.db}", file=sys.stderr)
+        return 2
+    url = database_url(ns.db, base=Path.cwd())
+    try:
+        files = run(lambda: export_bundle(url, ns.message_id))
+        write_zip(str(ns.out), files)
+    except AuditError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    records = json.loads(files["manifest.json"])["records"]
+    print(
+        f"wrote {ns.out}: {len(records)} record(s) of message {ns.message_id} ({', '.join(records)})"
+    )
+    return 0
+
+
+def _audit_verify_bundle(ns: argparse.Namespace) -> int:
+    import zipfile
+
+    from gateway.errors import AuditError
+    from gateway.evidence import BundleError, verify_bundle
+    from security_server.evidence import read_zip
+
+    try:
+        files = read_zip(str(ns.bundle))
+        cas = _load_cas(ns.ca)
+    except (OSError, ValueError, zipfile.BadZipFile, AuditError) as exc:
+        print(f"error: cannot read {ns.bundle}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        report = verify_bundle(files, trusted=cas)
+    except BundleError as exc:
+        print(f"FAILED: {exc.message}")
+        return 1
+    for r in report.records:
+        print(
+            f"{r.folder}: record {r.seq} signed by {r.signer}; OCSP {r.ocsp_status} "
+            f"(as of {r.ocsp_this_update.isoformat()}); time-stamped {r.stamped_at.isoformat()}"
+            + ("; body matches" if r.body else "; body not stored")
+        )
+    print(f"OK: the evidence of message {report.message_id} verifies")
+    if cas is None:
+        print(
+            "note: checked against the bundle's own ca.pem (SHA-256 "
+            + ", ".join(report.ca_fingerprints)
+            + "); pass --ca with your instance's CA to pin it"
+        )
     return 0
 
 
@@ -184,6 +376,8 @@ def _backend(ns: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from cryptography import x509
+
     parser = argparse.ArgumentParser(prog="gateway", description="The interoperability gateway.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -203,6 +397,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--days", type=int, default=365, help="validity of the certificates")
     p.set_defaults(func=_pki_init)
+    p = pki.add_parser(
+        "revoke",
+        help="revoke a certificate of the development CA",
+        description="Record the revocation in DIR/revoked.json; a running `gateway pki serve "
+        "--ocsp` answers 'revoked' from its next request.",
+    )
+    p.add_argument("--dir", type=Path, default=Path("var/pki"), help="PKI folder (default var/pki)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--certificate", type=Path, help="the certificate (PEM) to revoke")
+    which.add_argument(
+        "--serial", type=_serial, metavar="HEX", help="serial number of a certificate in DIR"
+    )
+    p.add_argument(
+        "--reason",
+        default="unspecified",
+        choices=[r.value for r in x509.ReasonFlags if r is not x509.ReasonFlags.remove_from_crl],
+        help="RFC 5280 revocation reason (default unspecified)",
+    )
+    p.set_defaults(func=_pki_revoke)
+    p = pki.add_parser(
+        "serve",
+        help="run the development OCSP responder and/or time-stamping authority",
+        description="Serve over HTTP until SIGTERM or SIGINT; once listening, print one JSON "
+        'line such as {"ocsp": "http://127.0.0.1:8888/"} (port 0 picks a free port).',
+    )
+    p.add_argument("--dir", type=Path, default=Path("var/pki"), help="PKI folder (default var/pki)")
+    p.add_argument("--ocsp", type=_host_port, metavar="HOST:PORT", help="OCSP responder (RFC 6960)")
+    p.add_argument("--tsa", type=_host_port, metavar="HOST:PORT", help="time-stamping (RFC 3161)")
+    p.add_argument("--ready-file", type=Path, help="also write the JSON line here once listening")
+    p.set_defaults(func=_pki_serve)
 
     reg = commands.add_parser("registry", help="the registry").add_subparsers(
         dest="action", required=True
@@ -243,7 +467,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = aud.add_parser("verify", help="verify the hash chain of a message log")
     p.add_argument("--db", required=True, help="message log: SQLite file or database URL")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--ca",
+        type=Path,
+        action="append",
+        help="CA certificates (PEM) to check time-stamp tokens against (default: the CAs "
+        "the server kept in its log)",
+    )
     p.set_defaults(func=_audit_verify)
+    p = aud.add_parser("export", help="write the evidence bundle of one exchange (zip)")
+    p.add_argument("--db", required=True, help="message log: SQLite file or database URL")
+    p.add_argument("--message-id", required=True, help="the exchange's message id")
+    p.add_argument("--out", type=Path, required=True, help="the zip file to write")
+    p.set_defaults(func=_audit_export)
+    p = aud.add_parser("verify-bundle", help="verify an evidence bundle offline")
+    p.add_argument("bundle", type=Path, help="the zip written by `gateway audit export`")
+    p.add_argument(
+        "--ca",
+        type=Path,
+        action="append",
+        help="the CA certificates (PEM) you trust; default: the bundle's own ca.pem",
+    )
+    p.set_defaults(func=_audit_verify_bundle)
 
     from gateway_cli.admin import add_admin_commands
 

@@ -87,6 +87,9 @@ class Runner:
         limits: dict[str, Any] | None = None,
         consumer_tls: frozenset[str] = frozenset(),
         registry_approval_required: bool = True,
+        timestamping: dict[str, Any] | None = None,
+        ocsp: dict[str, Any] | None = None,
+        store_bodies: bool = False,
     ) -> None:
         self.workdir = workdir.resolve()
         self.registry_approval_required = registry_approval_required
@@ -94,12 +97,19 @@ class Runner:
         self.validity_seconds = validity_seconds
         self.refresh_seconds = refresh_seconds
         self.limits = limits or {}
+        # overrides of the servers' [timestamping] and [ocsp] settings; timestamping
+        # {"enabled": False} runs the servers without a TSA
+        self.timestamping = dict(timestamping or {})
+        self.ocsp = dict(ocsp or {})
+        self.store_bodies = store_bodies
         # servers whose consumer endpoint requires local clients' TLS certificates
         self.consumer_tls = consumer_tls
         self.processes: dict[str, Process] = {}
         self.topology: dict[str, Any] = {}
         self.registry_address = ""
         self.api_address = ""
+        self.ocsp_address = ""
+        self.tsa_address = ""
         self.consumers: dict[str, str] = {}  # server id -> consumer host:port
         self.providers: dict[str, str] = {}  # server id -> provider host:port
         self.backends: dict[str, str] = {}  # backend name -> host:port
@@ -118,6 +128,8 @@ class Runner:
         topology = tomllib.loads(self.template.read_text())
         self.registry_address = f"127.0.0.1:{free_port()}"
         self.api_address = f"127.0.0.1:{free_port()}"
+        self.ocsp_address = f"127.0.0.1:{free_port()}"
+        self.tsa_address = f"127.0.0.1:{free_port()}"
         for server in topology.get("servers", []):
             self.providers[server["id"]] = server["address"] = f"127.0.0.1:{free_port()}"
             self.consumers[server["id"]] = f"127.0.0.1:{free_port()}"
@@ -143,6 +155,14 @@ class Runner:
             },
         )
         self._write_registry(instance)
+        # the CA's trust services: OCSP responder and time-stamping authority, one process each
+        for name, flag, address in (
+            ("ocsp", "--ocsp", self.ocsp_address),
+            ("tsa", "--tsa", self.tsa_address),
+        ):
+            self.processes[name] = self._process(
+                name, ["pki", "serve", "--dir", str(self.pki), flag, address]
+            )
         for server in topology["servers"]:
             self._write_server(server)
         for name, address in self.backends.items():
@@ -195,8 +215,10 @@ class Runner:
                     "key": str(self.pki / "sign" / f"{slug(owner)}.key"),
                 }
             },
-            "log": {"database": str(state / "messagelog.db")},
+            "log": {"database": str(state / "messagelog.db"), "store_bodies": self.store_bodies},
             "limits": dict(self.limits),
+            "ocsp": {"url": f"http://{self.ocsp_address}/", **self.ocsp},
+            "timestamping": self._timestamping_settings(),
             "backends": {
                 service: self.backends[backend]
                 for service, backend in DEMO_BACKENDS.items()
@@ -206,6 +228,12 @@ class Runner:
         path = self.workdir / f"{name}.toml"
         path.write_text(tomli_w.dumps(settings))
         self.processes[name] = self._process(name, ["server", "serve", "--config", str(path)])
+
+    def _timestamping_settings(self) -> dict[str, Any]:
+        extra = dict(self.timestamping)
+        if not extra.pop("enabled", True):
+            return {"urls": [], **extra}
+        return {"urls": [f"http://{self.tsa_address}/"], **extra}
 
     def local_tls(self, server_id: str) -> Path | None:
         """The folder of a server's local TLS material, if its consumer endpoint uses it."""
@@ -288,7 +316,7 @@ class Runner:
 
     def start_all(self) -> None:
         order = [n for n in self.processes if n.startswith("backend-")]
-        order += ["registry"] + [n for n in self.processes if n.startswith("ss-")]
+        order += ["ocsp", "tsa", "registry"] + [n for n in self.processes if n.startswith("ss-")]
         for name in order:
             self.start(name)
 
@@ -302,6 +330,10 @@ class Runner:
         except subprocess.TimeoutExpired:
             proc.popen.kill()
             proc.popen.wait()
+
+    @property
+    def ocsp_url(self) -> str:
+        return f"http://{self.ocsp_address}/"
 
     @property
     def api_url(self) -> str:

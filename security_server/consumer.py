@@ -22,10 +22,13 @@ from typing import Any
 
 import grpc
 import structlog
+from cryptography import x509
 
 from gateway.audit import RecordKind, Role
+from gateway.configuration import GlobalConfiguration, SecurityServer
 from gateway.envelope import (
     RequestHeader,
+    ResponseHeader,
     check_body,
     check_free_text,
     check_message_id,
@@ -39,7 +42,7 @@ from gateway.identifiers import ServiceId, SubsystemId
 from gateway.signing import certificate_sha256, verify_signature
 from gateway.v1 import exchange_pb2 as pb
 from security_server.node import Node
-from security_server.peers import PeerPool
+from security_server.peers import PeerLink, PeerPool
 from security_server.records import record
 from security_server.status import ID_KEY, abort
 
@@ -145,6 +148,13 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             service.check_method(method)
             config.agreements.decide(client, service_id, purpose, now)
             signer = node.signer_for(client.member)
+            # what the provider would refuse, refused here: our own certificates' status
+            staple = node.own_status.staple(signer.certificate_sha256)
+            node.status.signer(staple, signer.certificate, config, now)
+            node.status.peer(
+                node.own_status.staple(node.auth_sha256), node.auth_certificate, config, now
+            )
+            node.check_timestamping()
             provider = providers[0]
             header = RequestHeader(
                 message_id=message_id,
@@ -164,6 +174,14 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             return await self._refuse(context, err, facts)
 
         facts["peer"] = str(provider.id)
+        staple_sha, evidence = node.evidence(
+            signer.certificate,
+            signer.certificate_der,
+            signer.certificate_sha256,
+            staple,
+            body,
+            config,
+        )
         try:
             await node.log.append(
                 record(
@@ -173,9 +191,11 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                     header=header_bytes,
                     signature=signature,
                     signer_certificate_sha256=signer.certificate_sha256,
+                    signer_ocsp_sha256=staple_sha,
                     body_sha256=header.body_sha256,
                     **facts,
-                )
+                ),
+                evidence,
             )
         except GatewayError as err:
             return await self._abort(context, err, message_id)
@@ -183,12 +203,14 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         remaining = context.time_remaining()
         wait = min(remaining if remaining is not None else 1e9, node.limits.deadline_seconds)
         try:
-            frame = await self.peers.link(provider, config).exchange(
+            link = self.peers.link(provider, config)
+            frame = await link.exchange(
                 pb.SignedEnvelope(
                     header=header_bytes,
                     body=body,
                     signature=signature,
                     signer_certificate=signer.certificate_der,
+                    signer_ocsp=staple,
                 ),
                 wait,
             )
@@ -198,11 +220,22 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                 except ValueError:
                     code = Code.INTERNAL
                 raise GatewayError(frame.refusal.message, code=code)
-            response = self._check_response(frame, header, header_bytes, provider.id, config)
+            response, response_certificate = self._check_response(
+                frame, header, header_bytes, provider, link, config
+            )
         except GatewayError as err:
             return await self._refuse(context, err, facts)
 
         env = frame.response
+        response_signer = certificate_sha256(env.signer_certificate)
+        response_staple_sha, response_evidence = node.evidence(
+            response_certificate,
+            env.signer_certificate,
+            response_signer,
+            env.signer_ocsp,
+            env.body,
+            config,
+        )
         try:
             await node.log.append(
                 record(
@@ -211,12 +244,14 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                     logged_at=node.clock(),
                     header=env.header,
                     signature=env.signature,
-                    signer_certificate_sha256=certificate_sha256(env.signer_certificate),
+                    signer_certificate_sha256=response_signer,
+                    signer_ocsp_sha256=response_staple_sha,
                     body_sha256=response.body_sha256,
                     status="ok" if response.grpc_status == 0 else "backend_error",
                     error_message=response.grpc_message or None,
                     **facts,
-                )
+                ),
+                response_evidence,
             )
         except GatewayError as err:
             return await self._abort(context, err, message_id)
@@ -251,9 +286,10 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         frame: pb.Frame,
         request: RequestHeader,
         request_bytes: bytes,
-        provider: Any,
-        config: Any,
-    ) -> Any:
+        provider: SecurityServer,
+        link: PeerLink,
+        config: GlobalConfiguration,
+    ) -> tuple[ResponseHeader, x509.Certificate]:
         if not frame.HasField("response"):
             raise TrustError(
                 "the provider sent neither a response nor a refusal", code=Code.MALFORMED_ENVELOPE
@@ -264,12 +300,14 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             response.message_id != request.message_id
             or response.request_sha256 != sha256_hex(request_bytes)
             or response.service != request.service
-            or response.sender != provider
+            or response.sender != provider.id
         ):
             raise TrustError(
                 "the provider's response does not answer this request", code=Code.RESPONSE_MISMATCH
             )
-        certificate, member = config.trust.signing_member(env.signer_certificate, self.node.clock())
+        now = self.node.clock()
+        self.node.status.peer(link.peer_staple, provider.auth_x509, config, now)
+        certificate, member = config.trust.signing_member(env.signer_certificate, now)
         if member != request.service.member:
             raise TrustError(
                 f"the response is signed by {member}, not by the service's member",
@@ -277,7 +315,8 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             )
         verify_signature(certificate, env.header, env.signature)
         check_body(response.body_sha256, env.body)
-        return response
+        self.node.status.signer(env.signer_ocsp, certificate, config, now)
+        return response, certificate
 
     async def _refuse(
         self, context: grpc.aio.ServicerContext[Any, Any], err: GatewayError, facts: dict[str, Any]

@@ -24,6 +24,7 @@ from gateway.identifiers import MemberId, SecurityServerId
 from gateway.replay import ReplayGuard
 from gateway.settings import database_url
 from gateway.signing import EcdsaSigner, load_certificate, load_private_key
+from security_server.certificate_status import OwnStatus, StatusChecker, der_sha256
 from security_server.config_client import ConfigurationClient
 from security_server.consumer import ConsumerService
 from security_server.message_log import MessageLog
@@ -31,6 +32,7 @@ from security_server.node import Node, load_subject_secret
 from security_server.peers import PeerPool
 from security_server.provider import BackendClient, ProviderService
 from security_server.settings import ServerSettings
+from security_server.timestamper import Timestamper
 
 log = structlog.get_logger("security_server")
 
@@ -103,8 +105,33 @@ async def serve(
         database_url(settings.log.database, base=base), max_batch=settings.log.max_batch
     )
     replay = ReplayGuard(window=timedelta(seconds=settings.limits.clock_skew_seconds))
+    tls_cert = settings.provider.tls_certificate.read_bytes()
+    tls_key = settings.provider.tls_key.read_bytes()
+    auth_certificate = load_certificate(tls_cert)
+    own_status = OwnStatus(
+        settings=settings.ocsp,
+        certificates=[auth_certificate, *(s.certificate for s in signers.values())],
+        folder=state_dir / "ocsp",
+        config=lambda: config.current,
+        clock=_clock,
+    )
+    timestamper = (
+        Timestamper(
+            message_log,
+            settings.timestamping,
+            lambda: config.current.trust.cas if config.current else (),
+        )
+        if settings.timestamping.urls
+        else None
+    )
     node = Node(
         server_id=server_id,
+        auth_certificate=auth_certificate,
+        auth_sha256=der_sha256(auth_certificate),
+        own_status=own_status,
+        status=StatusChecker(settings.ocsp.freshness_seconds),
+        timestamper=timestamper,
+        store_bodies=settings.log.store_bodies,
         signers=signers,
         config=config,
         log=message_log,
@@ -117,10 +144,14 @@ async def serve(
     # ids the provider accepted recently, so that a restart does not reopen them to replay
     replay.preload(await message_log.recent_message_ids(now - 2 * replay.window, "provider"), now)
     watcher = asyncio.create_task(config.run(), name="configuration-watch")
+    background = [watcher]
     max_frame = settings.limits.max_message_bytes + _FRAME_OVERHEAD
-    tls_cert = settings.provider.tls_certificate.read_bytes()
-    tls_key = settings.provider.tls_key.read_bytes()
-    peers = PeerPool(tls_certificate=tls_cert, tls_key=tls_key, max_bytes=max_frame)
+    peers = PeerPool(
+        tls_certificate=tls_cert,
+        tls_key=tls_key,
+        max_bytes=max_frame,
+        staple=lambda: own_status.staple(node.auth_sha256),
+    )
     backends = BackendClient(dict(settings.backends), max_frame)
     servers: list[grpc.aio.Server] = []
     try:
@@ -134,6 +165,12 @@ async def serve(
             waiting.cancel()
             if stop.is_set():
                 return
+        # our certificates' OCSP status is fetched (or tried) before we take any call
+        fetched = asyncio.Event()
+        background.append(asyncio.create_task(own_status.run(fetched), name="ocsp-refresh"))
+        await fetched.wait()
+        if timestamper is not None:
+            background.append(asyncio.create_task(timestamper.run(), name="timestamper"))
         provider = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", max_frame),
@@ -186,9 +223,10 @@ async def serve(
     finally:
         for s in servers:
             await s.stop(grace=2.0)
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
+        for task in background:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await peers.close()
         await backends.close()
         await message_log.close()

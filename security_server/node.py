@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 from collections.abc import Callable
@@ -10,6 +11,7 @@ from datetime import datetime
 from pathlib import Path
 
 import structlog
+from cryptography import x509
 
 from gateway.agreements import RateLimiter
 from gateway.audit import FieldValue
@@ -19,9 +21,11 @@ from gateway.identifiers import MemberId, SecurityServerId, SubsystemId
 from gateway.pseudonym import subject_pseudonym
 from gateway.replay import ReplayGuard
 from gateway.signing import EcdsaSigner
+from security_server.certificate_status import OwnStatus, StatusChecker
 from security_server.config_client import ConfigurationClient
-from security_server.message_log import MessageLog
+from security_server.message_log import Evidence, MessageLog
 from security_server.settings import LimitsSection
+from security_server.timestamper import Timestamper
 
 log = structlog.get_logger("security_server")
 
@@ -29,6 +33,9 @@ log = structlog.get_logger("security_server")
 @dataclass(slots=True, kw_only=True)
 class Node:
     server_id: SecurityServerId
+    # this server's authentication (TLS) certificate and the SHA-256 of its DER
+    auth_certificate: x509.Certificate
+    auth_sha256: str
     signers: dict[MemberId, EcdsaSigner]
     config: ConfigurationClient
     log: MessageLog
@@ -39,6 +46,41 @@ class Node:
     # the agreements' rate limits, enforced by the provider endpoint only (it is the
     # authority for its own data, and counting on both sides would count every call twice)
     rate_limiter: RateLimiter = field(default_factory=RateLimiter)
+    # OCSP: the answers about our own certificates, and the checker of peers' staples
+    own_status: OwnStatus
+    status: StatusChecker
+    # batch time-stamps of the log (None when no TSA is configured)
+    timestamper: Timestamper | None = None
+    # keep bodies in the log's evidence (log.store_bodies)
+    store_bodies: bool = False
+
+    def check_timestamping(self) -> None:
+        if self.timestamper is not None:
+            self.timestamper.check()
+
+    def evidence(
+        self,
+        certificate: x509.Certificate,
+        certificate_der: bytes,
+        certificate_sha256: str,
+        staple: bytes,
+        body: bytes | None,
+        config: GlobalConfiguration,
+    ) -> tuple[str | None, Evidence]:
+        """(SHA-256 of the OCSP answer, the evidence to keep) for one signed message: the
+        signing certificate and its CA, the OCSP answer, and the body if bodies are kept."""
+        _, ca_sha, ca_der = self.status.issuer(certificate, config)
+        kept: dict[str, tuple[str, bytes]] = {
+            certificate_sha256: ("certificate", certificate_der),
+            ca_sha: ("ca", ca_der),
+        }
+        staple_sha = None
+        if staple:
+            staple_sha = hashlib.sha256(staple).hexdigest()
+            kept[staple_sha] = ("ocsp", staple)
+        if body is not None and self.store_bodies:
+            kept[hashlib.sha256(body).hexdigest()] = ("body", body)
+        return staple_sha, kept
 
     def signer_for(self, member: MemberId) -> EcdsaSigner:
         signer = self.signers.get(member)

@@ -4,13 +4,17 @@ Each request frame carries a correlation id; a reader task matches response fram
 waiting calls. When the stream breaks, every waiting call fails with a clear error and
 the next call opens a new stream. The provider's TLS certificate must chain to a CA of the
 global configuration and name the expected server (`server_dns_name`); the provider
-checks ours against the registered certificate.
+checks ours against the registered certificate. Each side staples the OCSP answer about
+its own authentication certificate to the first message of a stream, and again whenever
+it has a newer one (`Frames.ocsp_staple`); the consumer checks the provider's with every
+response.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -47,9 +51,16 @@ def error_from_rpc(exc: grpc.aio.AioRpcError, server: SecurityServer) -> Gateway
 
 class PeerLink:
     def __init__(
-        self, server: SecurityServer, credentials: grpc.ChannelCredentials, max_bytes: int
+        self,
+        server: SecurityServer,
+        credentials: grpc.ChannelCredentials,
+        max_bytes: int,
+        staple: Callable[[], bytes] = bytes,
     ) -> None:
         self.server = server
+        # our authentication certificate's current OCSP answer, and the provider's latest
+        self.staple = staple
+        self.peer_staple = b""
         self.channel = grpc.aio.secure_channel(
             server.address,
             credentials,
@@ -86,12 +97,18 @@ class PeerLink:
 
     async def _write(self, call: Any, outbox: asyncio.Queue[pb.Frame]) -> None:
         """Send every frame queued at the moment in one stream message, until the stream ends."""
+        stapled = b""
         try:
             while True:
                 frames = [await outbox.get()]
                 while len(frames) < MAX_FRAMES_PER_MESSAGE and not outbox.empty():
                     frames.append(outbox.get_nowait())
-                await call.write(pb.Frames(frames=frames))
+                staple = self.staple()
+                if staple != stapled:
+                    stapled = staple
+                    await call.write(pb.Frames(frames=frames, ocsp_staple=staple))
+                else:
+                    await call.write(pb.Frames(frames=frames))
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError):
             # the reader sees the stream's end and fails every waiting call
             call.cancel()
@@ -107,6 +124,8 @@ class PeerLink:
                         code=Code.PROVIDER_UNAVAILABLE,
                     )
                     break
+                if message.ocsp_staple:
+                    self.peer_staple = message.ocsp_staple
                 for frame in message.frames:
                     future = self._pending.get(frame.correlation_id)
                     if future is not None and not future.done():
@@ -160,7 +179,15 @@ class PeerLink:
 class PeerPool:
     """The links of this server to its providers, rebuilt when their trust settings change."""
 
-    def __init__(self, *, tls_certificate: bytes, tls_key: bytes, max_bytes: int) -> None:
+    def __init__(
+        self,
+        *,
+        tls_certificate: bytes,
+        tls_key: bytes,
+        max_bytes: int,
+        staple: Callable[[], bytes] = bytes,
+    ) -> None:
+        self.staple = staple
         self.tls_certificate = tls_certificate
         self.tls_key = tls_key
         self.max_bytes = max_bytes
@@ -181,7 +208,7 @@ class PeerPool:
             private_key=self.tls_key,
             certificate_chain=self.tls_certificate,
         )
-        link = PeerLink(server, credentials, self.max_bytes)
+        link = PeerLink(server, credentials, self.max_bytes, self.staple)
         self._links[server.id] = (key, link)
         return link
 

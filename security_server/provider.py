@@ -4,7 +4,8 @@ For every stream it checks that the TLS peer's certificate is the authentication
 certificate registered for a security server in the global configuration; for every
 request on it, that the peer is a server of the client's member, that the envelope is
 well formed, signed by the client member's signing certificate from a trusted CA, fresh
-and not replayed, that the service is provided here, that an agreement in force covers
+and not replayed, that the OCSP answers stapled for the peer's authentication certificate
+(to the stream) and for the signing certificate (to the envelope) are fresh and "good", that the service is provided here, that an agreement in force covers
 (client, service, purpose), and that the call is within that agreement's rate limit
 (counted here only: the provider is the authority, and the consumer side does not count,
 so no call is counted twice). Only then is the request logged durably and passed to the
@@ -46,13 +47,27 @@ from security_server.status import abort
 log = structlog.get_logger("security_server.provider")
 
 
-def peer_certificate_sha256(context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
-    """SHA-256 of the DER of the TLS peer's certificate, or None without one."""
+def peer_certificate(
+    context: grpc.aio.ServicerContext[Any, Any],
+) -> tuple[x509.Certificate | None, str | None]:
+    """The TLS peer's certificate and the SHA-256 of its DER, or (None, None) without one."""
     pems = context.auth_context().get("x509_pem_cert")
     if not pems:
-        return None
-    der = x509.load_pem_x509_certificate(next(iter(pems))).public_bytes(serialization.Encoding.DER)
-    return hashlib.sha256(der).hexdigest()
+        return None, None
+    certificate = x509.load_pem_x509_certificate(next(iter(pems)))
+    der = certificate.public_bytes(serialization.Encoding.DER)
+    return certificate, hashlib.sha256(der).hexdigest()
+
+
+class StreamState:
+    """What one exchange stream knows of its peer: its TLS certificate and latest staple."""
+
+    __slots__ = ("certificate", "fingerprint", "staple")
+
+    def __init__(self, certificate: x509.Certificate | None, fingerprint: str | None) -> None:
+        self.certificate = certificate
+        self.fingerprint = fingerprint
+        self.staple = b""
 
 
 def registered_peer(config: GlobalConfiguration, fingerprint: str | None) -> SecurityServer:
@@ -143,7 +158,8 @@ class ProviderService:
         self, messages: AsyncIterator[pb.Frames], context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.Frames]:
         node = self.node
-        fingerprint = peer_certificate_sha256(context)
+        certificate, fingerprint = peer_certificate(context)
+        stream = StreamState(certificate, fingerprint)
         now = node.clock()
         try:
             peer = registered_peer(node.config.require(now), fingerprint)
@@ -175,9 +191,11 @@ class ProviderService:
         async def pump() -> None:
             try:
                 async for message in messages:
+                    if message.ocsp_staple:
+                        stream.staple = message.ocsp_staple
                     for frame in message.frames:
                         await self.slots.acquire()
-                        task = asyncio.create_task(self._handle(frame, fingerprint, out))
+                        task = asyncio.create_task(self._handle(frame, stream, out))
                         tasks.add(task)
                         task.add_done_callback(tasks.discard)
                         task.add_done_callback(lambda _: self.slots.release())
@@ -189,8 +207,10 @@ class ProviderService:
                 out.put_nowait(None)
 
         pumping = asyncio.create_task(pump())
+        stapled = b""
         try:
-            # every answer ready at the moment goes out in one stream message
+            # every answer ready at the moment goes out in one stream message, with the OCSP
+            # answer about our authentication certificate when the peer has not had it yet
             while (frame := await out.get()) is not None:
                 batch = [frame]
                 done = False
@@ -200,18 +220,23 @@ class ProviderService:
                         done = True
                         break
                     batch.append(more)
-                yield pb.Frames(frames=batch)
+                staple = node.own_status.staple(node.auth_sha256)
+                if staple != stapled:
+                    stapled = staple
+                    yield pb.Frames(frames=batch, ocsp_staple=staple)
+                else:
+                    yield pb.Frames(frames=batch)
                 if done:
                     break
         finally:
             pumping.cancel()
 
     async def _handle(
-        self, frame: pb.Frame, fingerprint: str | None, out: asyncio.Queue[pb.Frame | None]
+        self, frame: pb.Frame, stream: StreamState, out: asyncio.Queue[pb.Frame | None]
     ) -> None:
         started = time.perf_counter()
         try:
-            out.put_nowait(await self._process(frame, fingerprint, started))
+            out.put_nowait(await self._process(frame, stream, started))
         except Exception:  # never let one message take the stream down
             log.exception("provider_internal_error")
             out.put_nowait(
@@ -223,17 +248,19 @@ class ProviderService:
                 )
             )
 
-    async def _process(self, frame: pb.Frame, fingerprint: str | None, started: float) -> pb.Frame:
+    async def _process(self, frame: pb.Frame, stream: StreamState, started: float) -> pb.Frame:
         node = self.node
         env = frame.request
         now = node.clock()
         header: RequestHeader | None = None
-        peer_name = f"certificate:{fingerprint}"
+        peer_name = f"certificate:{stream.fingerprint}"
         signer_sha = certificate_sha256(env.signer_certificate) if env.signer_certificate else None
         try:
             config = node.config.require(now)
-            peer = registered_peer(config, fingerprint)
+            peer = registered_peer(config, stream.fingerprint)
             peer_name = str(peer.id)
+            assert stream.certificate is not None  # a registered peer presented one
+            node.status.peer(stream.staple, stream.certificate, config, now)
             if not frame.HasField("request"):
                 raise TrustError("expected a request frame", code=Code.MALFORMED_ENVELOPE)
             header = decode_request(env.header)
@@ -257,6 +284,7 @@ class ProviderService:
                 )
             verify_signature(certificate, env.header, env.signature)
             check_body(header.body_sha256, env.body)
+            node.status.signer(env.signer_ocsp, certificate, config, now)
             node.replay.check_fresh(header.created_at, now)
             node.replay.remember(header.message_id, now)
             service = config.services.get(header.service)
@@ -274,10 +302,17 @@ class ProviderService:
                     code=Code.BACKEND_UNAVAILABLE,
                 )
             signer = node.signer_for(header.service.member)
+            own_staple = node.own_status.staple(signer.certificate_sha256)
+            node.status.signer(own_staple, signer.certificate, config, now)
+            node.check_timestamping()
         except GatewayError as err:
             return await self._refuse(frame, err, header, peer_name, signer_sha, started)
 
         common = self._facts(header, peer_name)
+        assert signer_sha is not None
+        staple_sha, evidence = node.evidence(
+            certificate, env.signer_certificate, signer_sha, env.signer_ocsp, env.body, config
+        )
         try:
             await node.log.append(
                 record(
@@ -287,9 +322,11 @@ class ProviderService:
                     header=env.header,
                     signature=env.signature,
                     signer_certificate_sha256=signer_sha,
+                    signer_ocsp_sha256=staple_sha,
                     body_sha256=header.body_sha256,
                     **common,
-                )
+                ),
+                evidence,
             )
         except GatewayError as err:
             return self._refusal(frame, err, header.message_id, started, 0)
@@ -320,6 +357,14 @@ class ProviderService:
         )
         response_bytes = response.encode()
         signature = signer.sign(response_bytes)
+        own_sha, own_evidence = node.evidence(
+            signer.certificate,
+            signer.certificate_der,
+            signer.certificate_sha256,
+            own_staple,
+            body,
+            config,
+        )
         try:
             await node.log.append(
                 record(
@@ -329,11 +374,13 @@ class ProviderService:
                     header=response_bytes,
                     signature=signature,
                     signer_certificate_sha256=signer.certificate_sha256,
+                    signer_ocsp_sha256=own_sha,
                     body_sha256=response.body_sha256,
                     status="ok" if status == 0 else "backend_error",
                     error_message=message or None,
                     **common,
-                )
+                ),
+                own_evidence,
             )
         except GatewayError as err:
             return self._refusal(frame, err, header.message_id, started, backend_micros)
@@ -344,6 +391,7 @@ class ProviderService:
                 body=body,
                 signature=signature,
                 signer_certificate=signer.certificate_der,
+                signer_ocsp=own_staple,
             ),
             provider_micros=int((time.perf_counter() - started) * 1e6),
             backend_micros=backend_micros,

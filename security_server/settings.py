@@ -54,6 +54,49 @@ class LogSection:
     database: str = "messagelog.db"
     # largest number of records written in one transaction (group commit)
     max_batch: int = 512
+    # keep request and response bodies beside their records (for evidence bundles); they
+    # hold personal data, so this is off unless the agency's rules require it
+    store_bodies: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TimestampingSection:
+    # RFC 3161 time-stamping authorities (HTTP URLs), tried in order; empty: no time-stamps
+    urls: tuple[str, ...] = ()
+    # how often the records logged since the last batch are stamped, in seconds
+    interval_seconds: float = 1.0
+    # how long every TSA may fail before new messages are refused, in seconds
+    failure_period_seconds: float = 600.0
+    # most records stamped by one token
+    max_batch: int = 100_000
+    # how long to wait for one TSA's answer, in seconds
+    timeout_seconds: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.interval_seconds <= 0 or self.max_batch < 1 or self.failure_period_seconds <= 0:
+            raise ValueError(
+                "timestamping.interval_seconds, failure_period_seconds and max_batch must be positive"
+            )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OcspSection:
+    # the OCSP responder (HTTP URL) answering for this server's certificates; empty: none,
+    # and then this server refuses to send, as its peers would refuse what it sends
+    url: str = ""
+    # how often the status of this server's own certificates is fetched, in seconds
+    refresh_seconds: float = 60.0
+    # oldest OCSP answer accepted (stapled by a peer, or held for our own), in seconds
+    freshness_seconds: float = 600.0
+    # how long to wait for the responder's answer, in seconds
+    timeout_seconds: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.refresh_seconds < self.freshness_seconds:
+            raise ValueError(
+                "ocsp.refresh_seconds must be positive and below ocsp.freshness_seconds, "
+                "or stapled answers go stale between two refreshes"
+            )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -76,6 +119,8 @@ class ServerSettings:
     signing: dict[str, SigningKey]
     consumer: ConsumerSection = field(default_factory=ConsumerSection)
     log: LogSection = field(default_factory=LogSection)
+    timestamping: TimestampingSection = field(default_factory=TimestampingSection)
+    ocsp: OcspSection = field(default_factory=OcspSection)
     limits: LimitsSection = field(default_factory=LimitsSection)
     # backend address (host:port, plain gRPC) per service id this server provides
     backends: dict[str, str] = field(default_factory=dict)

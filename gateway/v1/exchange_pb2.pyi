@@ -7,10 +7,12 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Frames(_message.Message):
-    __slots__ = ("frames",)
+    __slots__ = ("frames", "ocsp_staple")
     FRAMES_FIELD_NUMBER: _ClassVar[int]
+    OCSP_STAPLE_FIELD_NUMBER: _ClassVar[int]
     frames: _containers.RepeatedCompositeFieldContainer[Frame]
-    def __init__(self, frames: _Optional[_Iterable[_Union[Frame, _Mapping]]] = ...) -> None: ...
+    ocsp_staple: bytes
+    def __init__(self, frames: _Optional[_Iterable[_Union[Frame, _Mapping]]] = ..., ocsp_staple: _Optional[bytes] = ...) -> None: ...
 
 class Frame(_message.Message):
     __slots__ = ("correlation_id", "request", "response", "refusal", "timeout_ms", "provider_micros", "backend_micros")
@@ -31,16 +33,18 @@ class Frame(_message.Message):
     def __init__(self, correlation_id: _Optional[int] = ..., request: _Optional[_Union[SignedEnvelope, _Mapping]] = ..., response: _Optional[_Union[SignedEnvelope, _Mapping]] = ..., refusal: _Optional[_Union[Refusal, _Mapping]] = ..., timeout_ms: _Optional[int] = ..., provider_micros: _Optional[int] = ..., backend_micros: _Optional[int] = ...) -> None: ...
 
 class SignedEnvelope(_message.Message):
-    __slots__ = ("header", "body", "signature", "signer_certificate")
+    __slots__ = ("header", "body", "signature", "signer_certificate", "signer_ocsp")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     BODY_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     SIGNER_CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    SIGNER_OCSP_FIELD_NUMBER: _ClassVar[int]
     header: bytes
     body: bytes
     signature: bytes
     signer_certificate: bytes
-    def __init__(self, header: _Optional[bytes] = ..., body: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., signer_certificate: _Optional[bytes] = ...) -> None: ...
+    signer_ocsp: bytes
+    def __init__(self, header: _Optional[bytes] = ..., body: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., signer_certificate: _Optional[bytes] = ..., signer_ocsp: _Optional[bytes] = ...) -> None: ...
 
 class Refusal(_message.Message):
     __slots__ = ("code", "message", "message_id")

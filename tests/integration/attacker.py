@@ -9,15 +9,18 @@ never checks anything itself; the tests decide what the provider should have don
 from __future__ import annotations
 
 import asyncio
+import urllib.request
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import TracebackType
 from typing import Any
 
 import grpc
+from cryptography import x509
 
 from gateway.envelope import RequestHeader, sha256_hex
 from gateway.identifiers import SecurityServerId, ServiceId, SubsystemId, server_dns_name
+from gateway.ocsp import build_request as ocsp_request
 from gateway.signing import Signer
 from gateway.v1 import exchange_pb2 as pb
 
@@ -46,8 +49,10 @@ def _trailing(pairs: Any) -> dict[str, str]:
 class AttackStream:
     """One bidirectional exchange stream; `send` writes a frame and reads one answer."""
 
-    def __init__(self, channel: grpc.aio.Channel, timeout: float) -> None:
+    def __init__(self, channel: grpc.aio.Channel, timeout: float, staple: bytes = b"") -> None:
         self.channel = channel
+        # the OCSP answer stapled to the first stream message (as a security server does)
+        self.staple = staple
         open_call = channel.stream_stream(
             EXCHANGE_METHOD,
             request_serializer=pb.Frames.SerializeToString,
@@ -69,7 +74,8 @@ class AttackStream:
         """Write `frame` and return the next frame the provider sends, or the stream's error."""
         call = self._call
         try:
-            await call.write(pb.Frames(frames=[frame]))
+            await call.write(pb.Frames(frames=[frame], ocsp_staple=self.staple))
+            self.staple = b""
             if self._buffered:
                 return self._buffered.pop(0)
             answer = await asyncio.wait_for(call.read(), timeout)
@@ -113,6 +119,7 @@ def open_stream(
     key_pem: bytes,
     *,
     timeout: float = 20.0,
+    staple: bytes = b"",
 ) -> AttackStream:
     """Open a mutual-TLS exchange stream to a provider endpoint (call from a running loop).
 
@@ -135,7 +142,21 @@ def open_stream(
             ("grpc.max_receive_message_length", 16 * 1024 * 1024),
         ],
     )
-    return AttackStream(channel, timeout)
+    return AttackStream(channel, timeout, staple)
+
+
+def fetch_ocsp(url: str, certificate_pem: bytes, issuer_pem: bytes) -> bytes:
+    """The OCSP answer about a certificate from a responder, as a security server staples it."""
+    request = urllib.request.Request(
+        url,
+        data=ocsp_request(
+            x509.load_pem_x509_certificate(certificate_pem),
+            x509.load_pem_x509_certificate(issuer_pem),
+        ),
+        headers={"Content-Type": "application/ocsp-request"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        return bytes(answer.read())
 
 
 def request_header(
@@ -173,6 +194,7 @@ def build_request(
     sender: str,
     body: bytes,
     created_at: datetime,
+    signer_ocsp: bytes = b"",
 ) -> pb.SignedEnvelope:
     """A request envelope signed properly by `signer` (whatever key that is)."""
     header = request_header(
@@ -190,6 +212,7 @@ def build_request(
         body=body,
         signature=signer.sign(header),
         signer_certificate=signer.certificate_der,
+        signer_ocsp=signer_ocsp,
     )
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from certs.pki import Issued, issue, load_issued
@@ -31,6 +32,7 @@ from tests.integration.attacker import (
     AttackStream,
     StreamError,
     build_request,
+    fetch_ocsp,
     open_stream,
     request_frame,
     request_header,
@@ -50,6 +52,7 @@ TOO_LARGE = 70000
 class Topology:
     runner: Runner
     ca_pem: bytes
+    ca: x509.Certificate
     msp_auth_cert: bytes
     msp_auth_key: bytes
     msp_signer: EcdsaSigner
@@ -59,15 +62,27 @@ class Topology:
     def provider(self) -> str:
         return self.runner.providers[DNIC_SERVER]
 
-    def stream(self, cert_pem: bytes | None = None, key_pem: bytes | None = None) -> AttackStream:
-        """A stream to ss-dnic's provider endpoint, by default with ss-msp's TLS keys."""
+    def stream(
+        self,
+        cert_pem: bytes | None = None,
+        key_pem: bytes | None = None,
+        staple: bytes | None = None,
+    ) -> AttackStream:
+        """A stream to ss-dnic's provider endpoint, by default with ss-msp's TLS keys and the
+        current OCSP answer about the certificate presented."""
+        cert_pem = cert_pem if cert_pem is not None else self.msp_auth_cert
         return open_stream(
             self.provider,
             DNIC_SERVER,
             self.ca_pem,
-            cert_pem if cert_pem is not None else self.msp_auth_cert,
+            cert_pem,
             key_pem if key_pem is not None else self.msp_auth_key,
+            staple=self.status(cert_pem) if staple is None else staple,
         )
+
+    def status(self, cert_pem: bytes) -> bytes:
+        """The development responder's current answer about a certificate of its CA."""
+        return fetch_ocsp(self.runner.ocsp_url, cert_pem, self.ca_pem)
 
     def log_rows(self, server_id: str, sql: str, *args: object) -> list[sqlite3.Row]:
         db = sqlite3.connect(f"file:{self.runner.log_db(server_id)}?mode=ro", uri=True)
@@ -112,6 +127,7 @@ def topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
         yield Topology(
             runner=runner,
             ca_pem=(pki / "ca.crt").read_bytes(),
+            ca=load_certificate((pki / "ca.crt").read_bytes()),
             msp_auth_cert=(pki / "auth" / "UY_GOV_MSP_ss1.crt").read_bytes(),
             msp_auth_key=(pki / "auth" / "UY_GOV_MSP_ss1.key").read_bytes(),
             msp_signer=_signer(pki / "sign", "UY_GOV_MSP"),
@@ -138,9 +154,15 @@ def valid_request(
     purpose: str = PURPOSE,
     body: bytes | None = None,
     created_at: datetime | None = None,
+    signer_ocsp: bytes | None = None,
 ) -> pb.SignedEnvelope:
+    signer = signer or topo.msp_signer
+    if signer_ocsp is None:
+        pem = signer.certificate.public_bytes(serialization.Encoding.PEM)
+        signer_ocsp = topo.status(pem) if signer.certificate.issuer == topo.ca.subject else b""
     return build_request(
-        signer or topo.msp_signer,
+        signer,
+        signer_ocsp=signer_ocsp,
         message_id=message_id,
         client=client,
         service=SERVICE,

@@ -70,7 +70,7 @@ async def test_concurrent_appends_are_group_committed_and_verify(url: str) -> No
     assert sorted(seqs) == list(range(1, 401))
     assert log.batches_written < log.records_written == 400
     await log.close()
-    head = await verify_log(url)
+    head, _ = await verify_log(url)
     assert head.next_seq == 401
 
 
@@ -82,7 +82,7 @@ async def test_chain_continues_after_reopening(url: str) -> None:
     log = await MessageLog.open(url)
     assert await log.append(fields(10)) == 11
     await log.close()
-    assert (await verify_log(url)).next_seq == 12
+    assert (await verify_log(url))[0].next_seq == 12
 
 
 async def test_edited_row_is_detected(url: str) -> None:

@@ -22,7 +22,13 @@ from gateway.v1 import exchange_pb2 as pb
 from gateway_demo.client import call_raw, routing_metadata
 from gateway_demo.revocation import CLINICS, CLINICS_SERVER, ECHO, POPULATION, measure_revocation
 from gateway_demo.runner import Runner
-from tests.integration.attacker import StreamError, build_request, open_stream, request_frame
+from tests.integration.attacker import (
+    StreamError,
+    build_request,
+    fetch_ocsp,
+    open_stream,
+    request_frame,
+)
 
 DNIC_SERVER = "UY/GOV/DNIC/ss1"
 RUNS = 3
@@ -54,6 +60,7 @@ async def api(runner: Runner, path: str, token: str, body: dict[str, Any]) -> di
 async def direct_to_provider(runner: Runner, purpose: str) -> pb.Frame | StreamError:
     """A request signed by the Ministry's key, sent straight to the identity provider."""
     pki = runner.pki
+    ca_pem = (pki / "ca.crt").read_bytes()
     signer = EcdsaSigner(
         load_private_key((pki / "sign" / "UY_GOV_MSP.key").read_bytes()),
         load_certificate((pki / "sign" / "UY_GOV_MSP.crt").read_bytes()),
@@ -68,13 +75,18 @@ async def direct_to_provider(runner: Runner, purpose: str) -> pb.Frame | StreamE
         sender=CLINICS_SERVER,
         body=b"direct",
         created_at=datetime.now(UTC),
+        signer_ocsp=fetch_ocsp(
+            runner.ocsp_url, (pki / "sign" / "UY_GOV_MSP.crt").read_bytes(), ca_pem
+        ),
     )
+    auth_pem = (pki / "auth" / "UY_GOV_MSP_ss1.crt").read_bytes()
     async with open_stream(
         runner.providers[DNIC_SERVER],
         DNIC_SERVER,
-        (pki / "ca.crt").read_bytes(),
-        (pki / "auth" / "UY_GOV_MSP_ss1.crt").read_bytes(),
+        ca_pem,
+        auth_pem,
         (pki / "auth" / "UY_GOV_MSP_ss1.key").read_bytes(),
+        staple=fetch_ocsp(runner.ocsp_url, auth_pem, ca_pem),
     ) as stream:
         return await stream.send(request_frame(envelope))
 

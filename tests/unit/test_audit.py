@@ -7,6 +7,8 @@ import hashlib
 import itertools
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gateway.audit import (
     ADMIN_FIELDS,
@@ -48,6 +50,7 @@ def fields_for(i: int) -> dict[str, FieldValue]:
         "header": f'{{"message_id":"msg-{i:03d}"}}'.encode(),
         "signature": bytes([i]) * 70,
         "signer_certificate_sha256": hashlib.sha256(b"cert").hexdigest(),
+        "signer_ocsp_sha256": None if refused else hashlib.sha256(b"ocsp").hexdigest(),
         "body_sha256": hashlib.sha256(bytes([i])).hexdigest(),
         "status": 7 if refused else 0,
         "error_code": "no_agreement" if refused else None,
@@ -403,3 +406,17 @@ def test_deleted_admin_entry_is_detected() -> None:
     err = broken_at(records, ChainHead(fmt=ADMIN_LOG))
     assert err.seq == 4
     assert "missing" in err.message
+
+
+@given(st.integers(1, 10**6), st.binary(min_size=32, max_size=32), st.integers(0, 40))
+def test_preimage_round_trips_and_hashes_to_the_record_hash(seq: int, prev: bytes, i: int) -> None:
+    from gateway.audit import parse_preimage, record_preimage
+
+    fields = fields_for(i)
+    data = record_preimage(seq, prev, fields)
+    assert hashlib.sha256(data).digest() == record_hash(seq, prev, fields)
+    assert parse_preimage(data) == (seq, prev, fields)
+    with pytest.raises(ValueError, match="follow"):
+        parse_preimage(data + b"x")
+    with pytest.raises(ValueError, match=r"truncated|malformed"):
+        parse_preimage(data[:-1])

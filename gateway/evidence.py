@@ -1,0 +1,292 @@
+"""Evidence bundles: everything needed to prove one exchange offline, and their verification.
+
+A bundle (a zip written by `gateway audit export`) holds, for each log record of one
+message (the request and the response, as one security server logged them):
+
+    N-KIND/record.json    the record's fields, its sequence number and hashes
+    N-KIND/record.bin     the exact bytes whose SHA-256 is the record's chain hash
+    N-KIND/header.json    the canonical signed header
+    N-KIND/signature.der  the ECDSA signature over header.json
+    N-KIND/signer.pem     the signing certificate
+    N-KIND/ocsp.der       the OCSP answer about it that travelled with the message
+    N-KIND/body.bin       the body, when the server stores bodies
+    N-KIND/merkle.json    the record's inclusion proof in its time-stamped batch
+    N-KIND/timestamp.tst  the RFC 3161 token over that batch's Merkle root
+
+with `ca.pem` (the CAs the certificates chain to), `tsa.pem` (the TSA's certificate),
+`manifest.json` and `VERIFY.md` (the OpenSSL commands that check each piece by hand).
+
+`verify_bundle` checks every piece and raises `BundleError` naming the first that fails;
+it never needs our database or the network. Pure: it takes the bundle's files as bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from gateway import merkle, ocsp, tsp
+from gateway.audit import RECORD_FIELDS, FieldValue, parse_preimage
+from gateway.envelope import decode_request, decode_response, sha256_hex
+from gateway.errors import AuditError, GatewayError
+from gateway.signing import TrustStore, verify_signature
+from gateway.timeutil import parse_time
+
+FORMAT = "gateway-evidence/1"
+# how old an OCSP answer may have been when the message was sent, for an auditor
+OCSP_AGE_LIMIT = timedelta(days=1)
+
+
+class BundleError(AuditError):
+    """A piece of the bundle does not verify; `piece` names the file."""
+
+    def __init__(self, piece: str, why: str) -> None:
+        super().__init__(f"{piece}: {why}")
+        self.piece = piece
+
+
+def encode_fields(fields: Mapping[str, FieldValue]) -> dict[str, object]:
+    """JSON form of record fields: bytes as {"base64": ...}."""
+    return {
+        k: ({"base64": base64.b64encode(v).decode()} if isinstance(v, bytes) else v)
+        for k, v in fields.items()
+    }
+
+
+def decode_fields(doc: Mapping[str, object]) -> dict[str, FieldValue]:
+    out: dict[str, FieldValue] = {}
+    for k in RECORD_FIELDS:
+        v = doc[k]
+        if isinstance(v, dict):
+            out[k] = base64.b64decode(str(v["base64"]), validate=True)
+        elif v is None or isinstance(v, str | int):
+            out[k] = v
+        else:
+            raise ValueError(f"field {k!r} has an unexpected type")
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class RecordReport:
+    folder: str
+    kind: str
+    seq: int
+    signer: str
+    ocsp_status: str
+    ocsp_this_update: datetime
+    stamped_at: datetime
+    body: bool
+
+
+@dataclass(slots=True)
+class BundleReport:
+    message_id: str
+    ca_fingerprints: list[str]
+    records: list[RecordReport] = field(default_factory=list)
+
+
+def _load_pems(data: bytes, piece: str) -> list[x509.Certificate]:
+    try:
+        return x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise BundleError(piece, "is not a PEM certificate file") from None
+
+
+def _fingerprint(certificate: x509.Certificate) -> str:
+    return certificate.fingerprint(hashes.SHA256()).hex()
+
+
+def verify_bundle(
+    files: Mapping[str, bytes], *, trusted: Sequence[x509.Certificate] | None = None
+) -> BundleReport:
+    """Verify a bundle's files; `trusted` pins the CAs (else the bundle's own ca.pem is used)."""
+
+    def need(name: str) -> bytes:
+        data = files.get(name)
+        if data is None:
+            raise BundleError(name, "is missing from the bundle")
+        return data
+
+    try:
+        manifest = json.loads(need("manifest.json"))
+        if manifest.get("format") != FORMAT:
+            raise ValueError(f"format is not {FORMAT}")
+        folders = [str(f) for f in manifest["records"]]
+        message_id = str(manifest["message_id"])
+        digests = {str(k): str(v) for k, v in dict(manifest["sha256"]).items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise BundleError("manifest.json", f"is malformed ({exc})") from None
+    if not folders:
+        raise BundleError("manifest.json", "lists no records")
+    cas = _load_pems(need("ca.pem"), "ca.pem")
+    if trusted is not None:
+        pinned = {_fingerprint(c) for c in trusted}
+        for ca in cas:
+            if _fingerprint(ca) not in pinned:
+                raise BundleError(
+                    "ca.pem", f"holds a CA that is not trusted: {ca.subject.rfc4514_string()}"
+                )
+    tsa_certificates = _load_pems(files["tsa.pem"], "tsa.pem") if "tsa.pem" in files else []
+    report = BundleReport(message_id=message_id, ca_fingerprints=[_fingerprint(c) for c in cas])
+    checker = _RecordChecker(files, TrustStore(cas=tuple(cas)), cas, tsa_certificates, message_id)
+    for folder in folders:
+        report.records.append(checker.verify(folder))
+    # the response answers the request (when the bundle has both)
+    request, response = checker.headers.get("request"), checker.headers.get("response")
+    if (
+        request is not None
+        and response is not None
+        and decode_response(response[1]).request_sha256 != sha256_hex(request[1])
+    ):
+        raise BundleError(
+            f"{response[0]}/header.json", "does not answer the request's header in the bundle"
+        )
+    # the manifest's digests (a convenience for `sha256sum`; each piece was checked above)
+    for name, digest in digests.items():
+        if name in files and hashlib.sha256(files[name]).hexdigest() != digest:
+            raise BundleError(name, "does not match its digest in manifest.json")
+    return report
+
+
+class _RecordChecker:
+    def __init__(
+        self,
+        files: Mapping[str, bytes],
+        trust: TrustStore,
+        cas: Sequence[x509.Certificate],
+        tsa_certificates: Sequence[x509.Certificate],
+        message_id: str,
+    ) -> None:
+        self.files = files
+        self.trust = trust
+        self.cas = cas
+        self.tsa_certificates = tsa_certificates
+        self.message_id = message_id
+        # kind -> (folder, signed header bytes)
+        self.headers: dict[str, tuple[str, bytes]] = {}
+
+    def need(self, name: str) -> bytes:
+        data = self.files.get(name)
+        if data is None:
+            raise BundleError(name, "is missing from the bundle")
+        return data
+
+    def verify(self, folder: str) -> RecordReport:
+        def piece(name: str) -> str:
+            return f"{folder}/{name}"
+
+        # the record: its fields, and the bytes its chain hash is computed over
+        try:
+            doc = json.loads(self.need(piece("record.json")))
+            record_hash = bytes.fromhex(doc["hash"])
+            seq, prev = int(doc["seq"]), bytes.fromhex(doc["prev_hash"])
+            fields = decode_fields(doc["fields"])
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise BundleError(piece("record.json"), f"is malformed ({exc})") from None
+        preimage = self.need(piece("record.bin"))
+        if hashlib.sha256(preimage).digest() != record_hash:
+            raise BundleError(piece("record.bin"), "does not hash to the record's chain hash")
+        try:
+            parsed = parse_preimage(preimage)
+        except ValueError as exc:
+            raise BundleError(piece("record.bin"), f"is malformed ({exc})") from None
+        if parsed != (seq, prev, fields):
+            raise BundleError(piece("record.json"), "differs from the record in record.bin")
+        if fields["message_id"] != self.message_id:
+            raise BundleError(piece("record.json"), "is the record of another message")
+        kind = str(fields["kind"])
+
+        # the signed header and its signature, as the record holds them
+        header = self.need(piece("header.json"))
+        if header != fields["header"]:
+            raise BundleError(piece("header.json"), "is not the header the record holds")
+        try:
+            decoded = decode_request(header) if kind == "request" else decode_response(header)
+        except GatewayError as err:
+            raise BundleError(piece("header.json"), err.message) from None
+        self.headers[kind] = (folder, header)
+        signature = self.need(piece("signature.der"))
+        if signature != fields["signature"]:
+            raise BundleError(piece("signature.der"), "is not the signature the record holds")
+        signers = _load_pems(self.need(piece("signer.pem")), piece("signer.pem"))
+        if len(signers) != 1:
+            raise BundleError(piece("signer.pem"), "must hold exactly one certificate")
+        certificate = signers[0]
+        der = certificate.public_bytes(Encoding.DER)
+        if hashlib.sha256(der).hexdigest() != fields["signer_certificate_sha256"]:
+            raise BundleError(piece("signer.pem"), "is not the certificate the record names")
+        at = decoded.created_at
+        try:
+            issuer = self.trust.issuer_of(certificate)
+            self.trust.check_valid(certificate, issuer, at)
+        except GatewayError as err:
+            raise BundleError(piece("signer.pem"), err.message) from None
+        try:
+            verify_signature(certificate, header, signature)
+        except GatewayError as err:
+            raise BundleError(piece("signature.der"), err.message) from None
+
+        # the body, when stored
+        body = self.files.get(piece("body.bin"))
+        if body is not None and sha256_hex(body) != decoded.body_sha256:
+            raise BundleError(piece("body.bin"), "does not match the digest in the signed header")
+
+        # the signing certificate's OCSP status when the message was made
+        answer = self.need(piece("ocsp.der"))
+        if hashlib.sha256(answer).hexdigest() != fields["signer_ocsp_sha256"]:
+            raise BundleError(piece("ocsp.der"), "is not the OCSP answer the record names")
+        try:
+            status = ocsp.check_response(
+                answer, certificate=certificate, issuer=issuer, at=at, freshness=OCSP_AGE_LIMIT
+            )
+        except GatewayError as err:
+            raise BundleError(piece("ocsp.der"), err.message) from None
+        if status.status is not ocsp.CertStatus.GOOD:
+            raise BundleError(piece("ocsp.der"), f"says the certificate is {status.status}")
+
+        # the Merkle proof up to the time-stamped root, and the token over that root
+        try:
+            proof_doc = json.loads(self.need(piece("merkle.json")))
+            root = bytes.fromhex(proof_doc["root"])
+            computed = merkle.root_from_proof(
+                record_hash,
+                int(proof_doc["index"]),
+                int(proof_doc["size"]),
+                [bytes.fromhex(h) for h in proof_doc["proof"]],
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise BundleError(piece("merkle.json"), f"is malformed ({exc})") from None
+        if computed != root:
+            raise BundleError(
+                piece("merkle.json"), "the inclusion proof does not lead to the stamped root"
+            )
+        try:
+            stamp = tsp.verify_token(
+                self.need(piece("timestamp.tst")),
+                digest=root,
+                cas=self.cas,
+                extra_certificates=self.tsa_certificates,
+            )
+        except GatewayError as err:
+            raise BundleError(piece("timestamp.tst"), err.message) from None
+        logged_at = parse_time(str(fields["logged_at"]))
+        if stamp.gen_time < logged_at - timedelta(minutes=5):
+            raise BundleError(piece("timestamp.tst"), "is older than the record it stamps")
+        return RecordReport(
+            folder=folder,
+            kind=kind,
+            seq=seq,
+            signer=certificate.subject.rfc4514_string(),
+            ocsp_status=status.status.value,
+            ocsp_this_update=status.this_update,
+            stamped_at=stamp.gen_time,
+            body=body is not None,
+        )

@@ -1,0 +1,228 @@
+"""OCSP status of certificates: fetched for our own, checked when stapled by peers.
+
+`OwnStatus` fetches, every `ocsp.refresh_seconds`, the OCSP status of this server's
+authentication certificate and of each member signing certificate it holds from the
+responder at `ocsp.url` (RFC 6960 over HTTP, so a national CA's responder replaces ours by
+configuration), keeps the last answer on disk (`STATE_DIR/ocsp/`), and hands it out to be
+stapled: to every signed envelope (`signer_ocsp`) and to each exchange stream (`ocsp_staple`).
+
+`StatusChecker` checks a stapled answer: issued for that certificate by its CA (or a
+responder the CA delegated to), no older than `ocsp.freshness_seconds`, and "good".
+A verified answer is cached, so the signature of each answer is checked once; freshness is
+checked on every use. A server checks its own staples the same way before it sends, so it
+refuses locally what its peers would refuse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import aiohttp
+import structlog
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from gateway.configuration import GlobalConfiguration
+from gateway.errors import Code, GatewayError, TrustError
+from gateway.ocsp import CertStatus, StatusCache, build_request
+from security_server.settings import OcspSection
+
+log = structlog.get_logger("security_server.ocsp")
+
+
+def der_sha256(certificate: x509.Certificate) -> str:
+    return hashlib.sha256(certificate.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+class StatusChecker:
+    """Checks stapled OCSP answers against the CAs of the current configuration."""
+
+    def __init__(self, freshness_seconds: float) -> None:
+        self.freshness = timedelta(seconds=freshness_seconds)
+        self._cache = StatusCache()
+        # (configuration version, certificate SHA-256) -> (CA, its SHA-256, its DER)
+        self._issuers: dict[tuple[int, str], tuple[x509.Certificate, str, bytes]] = {}
+
+    def issuer(
+        self, certificate: x509.Certificate, config: GlobalConfiguration
+    ) -> tuple[x509.Certificate, str, bytes]:
+        """The configuration's CA that issued `certificate`, with the SHA-256 and DER of it."""
+        key = (config.version, der_sha256(certificate))
+        found = self._issuers.get(key)
+        if found is None:
+            ca = config.trust.issuer_of(certificate)
+            der = ca.public_bytes(serialization.Encoding.DER)
+            found = (ca, hashlib.sha256(der).hexdigest(), der)
+            if len(self._issuers) > 10_000:
+                self._issuers.clear()
+            self._issuers[key] = found
+        return found
+
+    def check(
+        self,
+        staple: bytes,
+        certificate: x509.Certificate,
+        config: GlobalConfiguration,
+        at: datetime,
+        *,
+        revoked: Code,
+        what: str,
+    ) -> None:
+        """Raise unless `staple` says `certificate` is good, freshly; `revoked` is the code for revoked."""
+        if not staple:
+            raise TrustError(
+                f"no OCSP status of the {what} was stapled", code=Code.CERTIFICATE_STATUS_INVALID
+            )
+        try:
+            info = self._cache.check(
+                staple,
+                certificate=certificate,
+                issuer=self.issuer(certificate, config)[0],
+                at=at,
+                freshness=self.freshness,
+            )
+        except TrustError as err:
+            raise TrustError(f"{what}: {err.message}", code=err.code) from None
+        if info.status is CertStatus.REVOKED:
+            when = info.revoked_at.isoformat() if info.revoked_at else "an unknown time"
+            raise TrustError(
+                f"the {what} was revoked by its CA at {when}"
+                + (f" ({info.reason})" if info.reason else ""),
+                code=revoked,
+            )
+        if info.status is not CertStatus.GOOD:
+            raise TrustError(
+                f"the {what} is unknown to its CA's OCSP responder",
+                code=Code.CERTIFICATE_STATUS_INVALID,
+            )
+
+    def signer(
+        self,
+        staple: bytes,
+        certificate: x509.Certificate,
+        config: GlobalConfiguration,
+        at: datetime,
+    ) -> None:
+        self.check(
+            staple,
+            certificate,
+            config,
+            at,
+            revoked=Code.SIGNER_CERTIFICATE_REVOKED,
+            what="signing certificate",
+        )
+
+    def peer(
+        self,
+        staple: bytes,
+        certificate: x509.Certificate,
+        config: GlobalConfiguration,
+        at: datetime,
+    ) -> None:
+        self.check(
+            staple,
+            certificate,
+            config,
+            at,
+            revoked=Code.PEER_CERTIFICATE_REVOKED,
+            what="security server's authentication certificate",
+        )
+
+
+class OwnStatus:
+    """The latest OCSP answers about this server's own certificates, kept fresh."""
+
+    def __init__(
+        self,
+        *,
+        settings: OcspSection,
+        certificates: list[x509.Certificate],
+        folder: Path,
+        config: Callable[[], GlobalConfiguration | None],
+        clock: Callable[[], datetime],
+    ) -> None:
+        self.clock = clock
+        self.settings = settings
+        self.certificates = {der_sha256(c): c for c in certificates}
+        self.folder = folder
+        self.config = config
+        self.staples: dict[str, bytes] = {}
+        for sha in self.certificates:
+            with contextlib.suppress(OSError):
+                self.staples[sha] = (folder / f"{sha}.der").read_bytes()
+
+    def staple(self, certificate_sha256: str) -> bytes:
+        return self.staples.get(certificate_sha256, b"")
+
+    async def run(self, first: asyncio.Event | None = None) -> None:
+        """Refresh every certificate's status until cancelled (sooner after a failure);
+        `first` is set once the first round has been tried."""
+        first = first or asyncio.Event()
+        if not self.settings.url:
+            first.set()
+            log.warning(
+                "ocsp_not_configured",
+                detail="ocsp.url is empty: peers will refuse this server's messages",
+            )
+            return
+        timeout = aiohttp.ClientTimeout(total=self.settings.timeout_seconds)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            while True:
+                ok = await self.refresh(session)
+                first.set()
+                await asyncio.sleep(
+                    self.settings.refresh_seconds if ok else min(self.settings.refresh_seconds, 2.0)
+                )
+
+    async def refresh(self, session: aiohttp.ClientSession) -> bool:
+        """Fetch every certificate's status once; False if any could not be fetched."""
+        config = self.config()
+        if config is None:
+            return False
+        ok = True
+        for sha, certificate in self.certificates.items():
+            try:
+                issuer = config.trust.issuer_of(certificate)
+                async with session.post(
+                    self.settings.url,
+                    data=build_request(certificate, issuer),
+                    headers={"Content-Type": "application/ocsp-request"},
+                ) as answer:
+                    if answer.status != 200:
+                        raise OSError(f"HTTP {answer.status}")
+                    der = await answer.read()
+                # only an answer that verifies replaces the one we hold
+                StatusCache().check(
+                    der,
+                    certificate=certificate,
+                    issuer=issuer,
+                    at=self.clock(),
+                    freshness=timedelta(seconds=self.settings.freshness_seconds),
+                )
+            except (aiohttp.ClientError, TimeoutError, OSError, GatewayError) as exc:
+                ok = False
+                message = exc.message if isinstance(exc, GatewayError) else str(exc)
+                log.warning(
+                    "ocsp_fetch_failed", certificate=sha, error=message or type(exc).__name__
+                )
+                continue
+            if der != self.staples.get(sha):
+                self.staples[sha] = der
+                self._persist(sha, der)
+        return ok
+
+    def _persist(self, sha: str, der: bytes) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"{sha}.der"
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            f.write(der)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
