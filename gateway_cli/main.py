@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -221,6 +221,8 @@ def _server_serve(ns: argparse.Namespace) -> int:
 
 
 def _audit_verify(ns: argparse.Namespace) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
     from gateway.audit import ChainBrokenError
     from gateway.settings import database_url
     from gateway_cli.runtime import run
@@ -244,14 +246,15 @@ def _audit_verify(ns: argparse.Namespace) -> int:
 
     try:
         cas = _load_cas(ns.ca)
-        head, stamped = run(lambda: verify_log(url, progress, cas))
+        grace = timedelta(seconds=ns.stamp_grace) if ns.stamp_grace >= 0 else None
+        head, stamped = run(lambda: verify_log(url, progress, cas, grace))
     except ChainBrokenError as exc:
         if show:
             print(file=sys.stderr)
         print(f"FAILED: {exc}")
         return 1
-    except (OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (OSError, ValueError, SQLAlchemyError) as exc:
+        print(f"error: the log cannot be read: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
     if show:
         print(file=sys.stderr)
@@ -280,6 +283,8 @@ def _load_cas(paths: list[Path] | None) -> list[Any] | None:
 
 
 def _audit_export(ns: argparse.Namespace) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
     from gateway.errors import AuditError
     from gateway.settings import database_url
     from gateway_cli.runtime import run
@@ -295,8 +300,8 @@ def _audit_export(ns: argparse.Namespace) -> int:
     except AuditError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 1
-    except OSError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (OSError, ValueError, SQLAlchemyError) as exc:
+        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
     records = json.loads(files["manifest.json"])["records"]
     print(
@@ -473,6 +478,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         help="CA certificates (PEM) to check time-stamp tokens against (default: the CAs "
         "the server kept in its log)",
+    )
+    p.add_argument(
+        "--stamp-grace",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="fail when records logged longer ago than this are not time-stamped "
+        "(default 3600; a negative value turns the check off, for logs kept without a TSA)",
     )
     p.set_defaults(func=_audit_verify)
     p = aud.add_parser("export", help="write the evidence bundle of one exchange (zip)")

@@ -9,6 +9,7 @@ the chain alone cannot show, is detected once they were stamped).
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
 from cryptography import x509
@@ -17,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from gateway import merkle, tsp
 from gateway.audit import ChainBrokenError, ChainedRecord, ChainHead, verify_chain
 from gateway.errors import GatewayError
+from gateway.timeutil import parse_time
 from security_server.message_log import (
     iterate_records,
     log_evidence,
@@ -30,12 +32,16 @@ async def verify_log(
     url: str,
     progress: Callable[[int, int], None] | None = None,
     cas: list[x509.Certificate] | None = None,
+    stale_after: timedelta | None = None,
+    now: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> tuple[ChainHead, int]:
     """Verify the whole chain of a log and its time-stamps; return the head and the number of
     records stamped. Raise `ChainBrokenError` naming the first bad record or batch.
 
     Tokens are checked against `cas`, or else against the CA certificates the server kept
-    in the log's evidence."""
+    in the log's evidence. With `stale_after`, records left unstamped for longer than that
+    fail verification too (the newest batch's token, deleted with its records' stamps,
+    would otherwise pass unnoticed)."""
     engine = create_async_engine(url)
     try:
         async with engine.connect() as conn:
@@ -58,6 +64,21 @@ async def verify_log(
         if progress:
             progress(done + len(batch), total)
         stamped = await _verify_stamps(engine, head, cas)
+        if stale_after is not None and stamped < head.next_seq - 1:
+            async with engine.connect() as conn:
+                oldest = (
+                    await conn.execute(
+                        sa.select(message_log.c.logged_at).where(message_log.c.seq == stamped + 1)
+                    )
+                ).scalar()
+            if oldest is not None and parse_time(str(oldest)) < now() - stale_after:
+                raise ChainBrokenError(
+                    stamped + 1,
+                    None,
+                    f"and the {head.next_seq - 1 - stamped} record(s) after it are not time-stamped "
+                    f"although logged at {oldest}, more than {stale_after} ago: a time-stamp was "
+                    "deleted, or the server's TSAs have been failing since",
+                )
         return head, stamped
     finally:
         await engine.dispose()

@@ -19,6 +19,7 @@ from security_server.message_log import MessageLog
 from security_server.records import record
 
 POSTGRES = os.environ.get("GATEWAY_TEST_POSTGRES_URL")
+TABLES = ("message_log", "log_evidence", "timestamp_batches")
 
 
 @pytest.fixture(
@@ -41,10 +42,12 @@ async def url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[s
     pg = database_url(POSTGRES, base=tmp_path)
     engine = create_async_engine(pg)
     async with engine.begin() as conn:
-        await conn.execute(sa.text("DROP TABLE IF EXISTS message_log"))
+        for table in TABLES:
+            await conn.execute(sa.text(f"DROP TABLE IF EXISTS {table}"))
     yield pg
     async with engine.begin() as conn:
-        await conn.execute(sa.text("DROP TABLE IF EXISTS message_log"))
+        for table in TABLES:
+            await conn.execute(sa.text(f"DROP TABLE IF EXISTS {table}"))
     await engine.dispose()
 
 
@@ -115,4 +118,44 @@ async def test_unwritable_log_fails_closed_and_recovers(tmp_path: Path) -> None:
     async with log.engine.begin() as conn:
         await conn.run_sync(metadata.create_all)
     assert await log.append(fields(2)) == 2  # the writer is still alive
+    await log.close()
+
+
+async def test_evidence_is_kept_once_and_stamps_are_stored(url: str) -> None:
+    """Evidence named by many records is written once, in the records' transactions; a batch
+    stamp is stored, and after reopening only the records after it wait for a stamp."""
+    log = await MessageLog.open(url)
+    log.stamping = True
+    certificate = ("certificate", b"DER of a certificate")
+    evidence = {"c" * 64: certificate}
+    await asyncio.gather(
+        *(
+            log.append(fields(i), {**evidence, f"{i:064x}": ("body", f"body {i}".encode())})
+            for i in range(50)
+        )
+    )
+    assert [seq for seq, _ in log.unstamped] == list(range(1, 51))
+    await log.save_stamp(
+        {
+            "first_seq": 1,
+            "last_seq": 30,
+            "root": bytes(32),
+            "token": b"t",
+            "tsa": "x",
+            "gen_time": "t",
+        }
+    )
+    assert await log.last_stamped_seq() == 30
+    await log.close()
+    engine = create_async_engine(url)
+    async with engine.connect() as conn:
+        kinds = (
+            await conn.execute(sa.text("SELECT kind, COUNT(*) FROM log_evidence GROUP BY kind"))
+        ).all()
+    await engine.dispose()
+    assert sorted((str(k), int(n)) for k, n in kinds) == [("body", 50), ("certificate", 1)]
+    log = await MessageLog.open(url)
+    log.stamping = True
+    await log.load_unstamped()
+    assert [seq for seq, _ in log.unstamped] == list(range(31, 51))
     await log.close()
