@@ -225,6 +225,24 @@ def _median(runs: list[dict[str, Any]], key: str) -> float:
     return statistics.median(float(r[key]) for r in runs) if runs else 0.0
 
 
+def _stamped(runner: Any) -> dict[str, str]:
+    """'stamped/total' records of each security server's log (read-only)."""
+    import sqlite3
+
+    out = {}
+    for server in runner.server_names:
+        db = sqlite3.connect(f"file:{runner.log_db(server)}?mode=ro", uri=True)
+        try:
+            total = db.execute("SELECT COALESCE(MAX(seq), 0) FROM message_log").fetchone()[0]
+            stamped = db.execute(
+                "SELECT COALESCE(MAX(last_seq), 0) FROM timestamp_batches"
+            ).fetchone()[0]
+        finally:
+            db.close()
+        out[runner.server_names[server]] = f"{stamped}/{total}"
+    return out
+
+
 def run_bench(
     *, workdir: Path, concurrency: int, seconds: float, repeats: int, body_bytes: int
 ) -> int:
@@ -243,7 +261,11 @@ def run_bench(
     print("   direct : load generator -> population backend (plain gRPC)")
     print(
         "   gateway: load generator -> ss-msp consumer -> mTLS -> ss-dnic provider -> backend"
-        " (signed and logged on both sides)"
+        " (signed, OCSP-stapled, logged and batch time-stamped on both sides)"
+    )
+    print(
+        "   no-tsa : the same path in a second topology whose servers have no time-stamping"
+        " authority (the cost of batch time-stamps is gateway/no-tsa)"
     )
     print(
         f"   every process shares this machine's {cpus} CPU core(s): the results depend on "
@@ -255,14 +277,16 @@ def run_bench(
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
 
-    runner = Runner(workdir)
+    runner = Runner(workdir / "stamped")
+    unstamped = Runner(workdir / "no-tsa", timestamping={"enabled": False})
     runs: list[dict[str, Any]] = []
     peaks: dict[str, int | None] = {}
     load_peak: int | None = None
     try:
         print("\n   starting the topology ...", flush=True)
-        runner.prepare()
-        runner.start_all()
+        for r in (runner, unstamped):
+            r.prepare()
+            r.start_all()
         targets = {
             "direct": load_command(
                 target=runner.backends["population"],
@@ -273,6 +297,13 @@ def run_bench(
             ),
             "gateway": load_command(
                 target=runner.consumers[CONSUMER_SERVER],
+                metadata=routing_metadata(client=CLIENT, service=SERVICE, purpose=PURPOSE),
+                concurrency=concurrency,
+                seconds=seconds,
+                body_bytes=body_bytes,
+            ),
+            "no-tsa": load_command(
+                target=unstamped.consumers[CONSUMER_SERVER],
                 metadata=routing_metadata(client=CLIENT, service=SERVICE, purpose=PURPOSE),
                 concurrency=concurrency,
                 seconds=seconds,
@@ -298,10 +329,13 @@ def run_bench(
                     load_peak = max(load_peak or 0, peak)
         for name, proc in runner.processes.items():
             peaks[name] = proc.peak_memory_kib()
+        time.sleep(2.0)  # the last batch of the run gets its stamp
+        stamped_records = _stamped(runner)
     finally:
         runner.close()
+        unstamped.close()
 
-    by_target = {t: [r for r in runs if r["target"] == t] for t in ("direct", "gateway")}
+    by_target = {t: [r for r in runs if r["target"] == t] for t in ("direct", "gateway", "no-tsa")}
     medians = {
         t: {
             "rps": _median(rs, "rps"),
@@ -329,6 +363,22 @@ def run_bench(
         f"\n   ratio gateway/direct (medians of req/s): {ratio:.3f}"
         f"  (per repeat: {', '.join(f'{r:.3f}' for r in per_repeat)})"
     )
+    stamping = (
+        medians["gateway"]["rps"] / medians["no-tsa"]["rps"] if medians["no-tsa"]["rps"] else 0.0
+    )
+    stamping_per_repeat = [
+        g["rps"] / u["rps"] if u["rps"] else 0.0
+        for u, g in zip(by_target["no-tsa"], by_target["gateway"], strict=True)
+    ]
+    print(
+        f"   ratio gateway/no-tsa (medians of req/s): {stamping:.3f}, so batch time-stamping "
+        f"costs {100 * (1 - stamping):.1f}% of throughput"
+        f"  (per repeat: {', '.join(f'{r:.3f}' for r in stamping_per_repeat)})"
+    )
+    print(
+        "   records time-stamped on the stamped topology at the end: "
+        + ", ".join(f"{k} {v}" for k, v in stamped_records.items())
+    )
     if medians["direct"]["p50_ms"]:
         slower = medians["gateway"]["p50_ms"] / medians["direct"]["p50_ms"]
         print(f"   p50 latency gateway/direct: {slower:.2f}x")
@@ -352,13 +402,16 @@ def run_bench(
         "medians": medians,
         "ratio_gateway_direct_rps": ratio,
         "ratio_per_repeat": per_repeat,
+        "ratio_stamped_unstamped_rps": stamping,
+        "ratio_stamped_unstamped_per_repeat": stamping_per_repeat,
+        "stamped_records": stamped_records,
         "peak_memory_kib": {**peaks, "load-generator": load_peak},
     }
     results = workdir / "results.json"
     results.write_text(json.dumps(document, indent=2) + "\n")
     print(f"\n   results written to {results}")
 
-    gateway_errors = medians["gateway"]["errors"]
+    gateway_errors = medians["gateway"]["errors"] + medians["no-tsa"]["errors"]
     if gateway_errors:
         print(f"FAILED: {gateway_errors} gateway call(s) failed")
         return 1

@@ -198,7 +198,28 @@ async def _print_records(runner: Runner, message_id: str) -> None:
             )
 
 
+def _wait_for_stamps(runner: Runner, timeout: float = 10.0) -> None:
+    """Wait (bounded) until each log's newest record is covered by a batch time-stamp."""
+    import sqlite3
+
+    deadline = time.monotonic() + timeout
+    for server in (MSP, DNIC):
+        while time.monotonic() < deadline:
+            db = sqlite3.connect(f"file:{runner.log_db(server)}?mode=ro", uri=True)
+            try:
+                total = db.execute("SELECT COALESCE(MAX(seq), 0) FROM message_log").fetchone()[0]
+                stamped = db.execute(
+                    "SELECT COALESCE(MAX(last_seq), 0) FROM timestamp_batches"
+                ).fetchone()[0]
+            finally:
+                db.close()
+            if stamped >= total:
+                break
+            time.sleep(0.2)
+
+
 def _verify(runner: Runner) -> bool:
+    _wait_for_stamps(runner)
     ok = True
     for server in (MSP, DNIC):
         cmd = [
@@ -213,9 +234,43 @@ def _verify(runner: Runner) -> bool:
         ]
         result = subprocess.run(cmd, capture_output=True, text=True, check=False)
         print(f"   $ gateway audit verify --db {runner.log_db(server)}")
-        print(f"     {result.stdout.strip() or result.stderr.strip()}")
+        for line in (result.stdout.strip() or result.stderr.strip()).splitlines():
+            print(f"     {line}")
         ok = ok and result.returncode == 0
     return ok
+
+
+def _gateway(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway_cli.main", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def _evidence(runner: Runner, message_id: str) -> bool:
+    bundle = runner.workdir / f"evidence-{message_id}.zip"
+    deadline = time.monotonic() + 15
+    while True:  # the records' batch is stamped within a second or two
+        export = _gateway(
+            "audit", "export", "--db", str(runner.log_db(MSP)), "--message-id", message_id,
+            "--out", str(bundle),
+        )  # fmt: skip
+        if export.returncode == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    print(f"   $ gateway audit export --db {runner.log_db(MSP)} --message-id {message_id} \\")
+    print(f"       --out {bundle}")
+    print(f"     {(export.stdout or export.stderr).strip()}")
+    if export.returncode != 0:
+        return False
+    check = _gateway("audit", "verify-bundle", str(bundle), "--ca", str(runner.pki / "ca.crt"))
+    print(f"   $ gateway audit verify-bundle {bundle.name} --ca {runner.pki / 'ca.crt'}")
+    for line in check.stdout.strip().splitlines():
+        print(f"     {line}")
+    print("   the OpenSSL commands that check each piece by hand are in the bundle's VERIFY.md")
+    return check.returncode == 0
 
 
 def describe(runner: Runner) -> dict[str, Any]:
@@ -294,7 +349,8 @@ def run_demo(*, workdir: Path, keep_running: bool) -> int:
         shutil.rmtree(workdir)
     # the Ministry of Health's backends authenticate to their security server with TLS
     # client certificates; the other agency's endpoint is plain gRPC on loopback
-    runner = Runner(workdir, consumer_tls=frozenset({MSP}))
+    # bodies are kept in the logs so that the evidence bundle of step 7 includes them
+    runner = Runner(workdir, consumer_tls=frozenset({MSP}), store_bodies=True)
     print(f"Interoperability gateway demo (workdir {runner.workdir})")
     _title("Generating a development PKI and starting the registry, 2 security servers, 2 backends")
     runner.prepare()
@@ -313,14 +369,20 @@ def run_demo(*, workdir: Path, keep_running: bool) -> int:
         )
         if allowed.message_id:
             asyncio.run(_print_records(runner, allowed.message_id))
-        _title("6. Auditors verify both logs")
+        _title("6. Auditors verify both logs: hash chains and RFC 3161 batch time-stamps")
         verified = _verify(runner)
+        _title(
+            "7. The evidence of the allowed call, exported and verified offline "
+            "(signatures, OCSP answers, Merkle proofs, time-stamp tokens)"
+        )
+        proven = bool(allowed.message_id) and _evidence(runner, allowed.message_id)
         expected = (
             allowed.ok
             and no_agreement.error == "no_agreement"
             and wrong_purpose.error == "purpose_not_covered"
             and subscribed
             and verified
+            and proven
         )
         if keep_running:
             path = runner.workdir / "topology.json"
