@@ -375,7 +375,7 @@ def run_demo(*, workdir: Path, keep_running: bool) -> int:
             "7. The evidence of the allowed call, exported and verified offline "
             "(signatures, OCSP answers, Merkle proofs, time-stamp tokens)"
         )
-        proven = bool(allowed.message_id) and _evidence(runner, allowed.message_id)
+        proven = allowed.message_id is not None and _evidence(runner, allowed.message_id)
         expected = (
             allowed.ok
             and no_agreement.error == "no_agreement"

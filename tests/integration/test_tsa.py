@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from structlog.testing import capture_logs
 
@@ -22,6 +23,8 @@ NOW = datetime(2025, 6, 1, 12, 0, 0, tzinfo=UTC)
 DIGEST = hashlib.sha256(b"a record of the message log").digest()
 QUERY = {"Content-Type": "application/timestamp-query"}
 
+Client = TestClient[web.Request, web.Application]
+
 
 @pytest.fixture
 def ca() -> Issued:
@@ -29,7 +32,7 @@ def ca() -> Issued:
 
 
 @pytest.fixture
-async def client(ca: Issued) -> AsyncIterator[TestClient[object, object]]:
+async def client(ca: Issued) -> AsyncIterator[Client]:
     tsa = issue(common_name="UY TSA", issuer=ca, now=NOW, days=365, kind="tsa")
     authority = TimeStampAuthority(key=tsa.key, certificate=tsa.certificate, clock=lambda: NOW)
     server = TestServer(tsa_app(authority, max_request_bytes=1024), host="127.0.0.1")
@@ -37,7 +40,7 @@ async def client(ca: Issued) -> AsyncIterator[TestClient[object, object]]:
         yield client
 
 
-async def test_post_a_request(client: TestClient[object, object], ca: Issued) -> None:
+async def test_post_a_request(client: Client, ca: Issued) -> None:
     with capture_logs() as logs:
         response = await client.post("/", data=build_request(DIGEST, 7), headers=QUERY)
         body = await response.read()
@@ -51,7 +54,7 @@ async def test_post_a_request(client: TestClient[object, object], ca: Issued) ->
 
 
 async def test_a_bad_request_is_answered_with_a_rejection(
-    client: TestClient[object, object],
+    client: Client,
 ) -> None:
     with capture_logs() as logs:
         response = await client.post("/", data=b"not a request", headers=QUERY)
@@ -61,23 +64,23 @@ async def test_a_bad_request_is_answered_with_a_rejection(
     assert logs[-1]["serial"] is None
 
 
-async def test_wrong_content_type(client: TestClient[object, object]) -> None:
+async def test_wrong_content_type(client: Client) -> None:
     response = await client.post(
         "/", data=build_request(DIGEST, 7), headers={"Content-Type": "application/octet-stream"}
     )
     assert response.status == 415
 
 
-async def test_oversized_request(client: TestClient[object, object]) -> None:
+async def test_oversized_request(client: Client) -> None:
     response = await client.post("/", data=b"\x30" * 2048, headers=QUERY)
     assert response.status == 413
 
 
-async def test_only_post(client: TestClient[object, object]) -> None:
+async def test_only_post(client: Client) -> None:
     assert (await client.get("/")).status == 405
 
 
-async def test_healthz(client: TestClient[object, object]) -> None:
+async def test_healthz(client: Client) -> None:
     response = await client.get("/healthz")
     assert response.status == 200
     assert await response.text() == "ok"
