@@ -170,6 +170,8 @@ async def serve(
         background.append(asyncio.create_task(own_status.run(fetched), name="ocsp-refresh"))
         await fetched.wait()
         if timestamper is not None:
+            # the backlog left by the last run, queued before any new record is written
+            await message_log.load_unstamped()
             background.append(asyncio.create_task(timestamper.run(), name="timestamper"))
         provider = grpc.aio.server(
             options=[

@@ -267,7 +267,12 @@ class MessageLog:
         return int(value or 0)
 
     async def load_unstamped(self) -> None:
-        """Queue for the timestamper every record after the last stamped batch (at start-up)."""
+        """Queue for the timestamper every record after the last stamped batch.
+
+        Call it at start-up, before any record is appended: records written meanwhile would
+        be queued twice."""
+        if self._pending or self.unstamped:
+            raise RuntimeError("load_unstamped must run before any record is appended")
         after = await self.last_stamped_seq()
         async with self.engine.connect() as conn:
             rows = await conn.execute(

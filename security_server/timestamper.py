@@ -62,8 +62,7 @@ class Timestamper:
             )
 
     async def run(self) -> None:
-        """Stamp batches until cancelled."""
-        await self.log.load_unstamped()
+        """Stamp batches until cancelled (after `MessageLog.load_unstamped` at start-up)."""
         timeout = aiohttp.ClientTimeout(total=self.settings.timeout_seconds)
         async with aiohttp.ClientSession(timeout=timeout) as session:
             while True:
