@@ -538,8 +538,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gateway_cli.runtime import configure_logging
+    from gateway_cli.runtime import configure_logging, die_with_parent
 
+    die_with_parent()
     ns = build_parser().parse_args(argv)
     configure_logging()
     try:

@@ -43,6 +43,19 @@ def configure_logging(json_lines: bool | None = None) -> None:
     )
 
 
+def die_with_parent() -> None:
+    """When started by a runner (`GATEWAY_PARENT_PID`), get SIGTERM when it dies (Linux)."""
+    expected = os.environ.pop("GATEWAY_PARENT_PID", None)  # not for our own children
+    if not expected or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if str(os.getppid()) != expected:  # the runner died before we asked
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def run(main: Callable[[], Awaitable[T]]) -> T:
     """Run a coroutine on uvloop when it is installed, else on asyncio's loop."""
     try:

@@ -8,7 +8,6 @@ the process's exit, reporting the end of its log) instead of sleeping.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import signal
@@ -37,14 +36,6 @@ DEMO_BACKENDS = {
     "UY/GOV/DNIC/identity/population/v1": "population",
     "UY/GOV/MSP/clinics/vaccination/v1": "vaccination",
 }
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: ask Linux to send SIGTERM when the runner dies, so that a
-    killed demo, benchmark or test never leaves a topology running."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def free_port() -> int:
@@ -283,7 +274,11 @@ class Runner:
         proc = self.processes[name]
         proc.ready_path.unlink(missing_ok=True)
         log = open(proc.log_path, "ab")  # noqa: SIM115 - owned by the child from now on
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # the child asks Linux to stop it when the runner dies (`GATEWAY_PARENT_PID`, see
+        # gateway_cli.runtime.die_with_parent), so that a killed demo, benchmark or test never
+        # leaves a topology running; done after exec, since Python code in a forked child
+        # (preexec_fn) can crash while gRPC threads are busy in the parent
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "GATEWAY_PARENT_PID": str(os.getpid())}
         proc.popen = subprocess.Popen(
             [
                 sys.executable,
@@ -298,7 +293,6 @@ class Runner:
             stdin=subprocess.DEVNULL,
             env=env,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
         )
         log.close()
         deadline = time.monotonic() + timeout

@@ -204,6 +204,7 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         wait = min(remaining if remaining is not None else 1e9, node.limits.deadline_seconds)
         try:
             link = self.peers.link(provider, config)
+            self._check_provider_not_revoked(link, provider, config)
             frame = await link.exchange(
                 pb.SignedEnvelope(
                     header=header_bytes,
@@ -280,6 +281,20 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                 "client certificate issued for that subsystem",
                 code=Code.CLIENT_NOT_AUTHENTICATED,
             )
+
+    def _check_provider_not_revoked(
+        self, link: PeerLink, provider: SecurityServer, config: GlobalConfiguration
+    ) -> None:
+        """Send nothing to a provider whose last stapled answer says its TLS certificate is
+        revoked. (Only revocation stops sending: a stale answer is refreshed by the
+        provider's next response, which needs a request to come.)"""
+        if not link.peer_staple:
+            return
+        try:
+            self.node.status.peer(link.peer_staple, provider.auth_x509, config, self.node.clock())
+        except TrustError as err:
+            if err.code is Code.PEER_CERTIFICATE_REVOKED:
+                raise
 
     def _check_response(
         self,

@@ -88,6 +88,8 @@ class PeerLink:
         if self._call is None:
             call = self._open()
             self._call = call
+            # a new stream: the provider staples its current answer to its first message
+            self.peer_staple = b""
             self._outbox = asyncio.Queue()
             for job in (self._read(call), self._write(call, self._outbox)):
                 task = asyncio.create_task(job, name=f"peer-{self.server.id}")

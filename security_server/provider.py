@@ -304,6 +304,10 @@ class ProviderService:
             signer = node.signer_for(header.service.member)
             own_staple = node.own_status.staple(signer.certificate_sha256)
             node.status.signer(own_staple, signer.certificate, config, now)
+            # nor do we serve with a TLS certificate whose status we could not staple
+            node.status.peer(
+                node.own_status.staple(node.auth_sha256), node.auth_certificate, config, now
+            )
             node.check_timestamping()
         except GatewayError as err:
             return await self._refuse(frame, err, header, peer_name, signer_sha, started)
