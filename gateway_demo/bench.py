@@ -312,7 +312,13 @@ def run_bench(
         }
         print(f"\n{'run':>6}  {'target':<8} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
         for repeat in range(1, repeats + 1):
-            for name, command in targets.items():
+            # the two gateway targets swap places every repeat, so that neither always
+            # follows the direct run
+            order = (
+                ["direct", "gateway", "no-tsa"] if repeat % 2 else ["direct", "no-tsa", "gateway"]
+            )
+            for name in order:
+                command = targets[name]
                 result = run_load(command, seconds=seconds)
                 result.update(run=repeat, target=name)
                 runs.append(result)

@@ -70,13 +70,18 @@ class Timestamper:
                     self.log.wrote.clear()
                     await self.log.wrote.wait()
                 await asyncio.sleep(self.settings.interval_seconds)
-                while self.log.unstamped:
-                    if not await self.stamp_once(session):
-                        break
+                # one batch per interval; more at once only while a backlog exceeds a batch
+                while await self.stamp_once(session) and (
+                    len(self.log.unstamped) >= self.settings.max_batch
+                ):
+                    pass
 
     async def stamp_once(self, session: aiohttp.ClientSession) -> bool:
-        """Stamp the oldest unstamped records; False when no TSA gave a valid token."""
+        """Stamp the oldest unstamped records; False when there were none, or no TSA gave a
+        valid token."""
         batch = self.log.unstamped[: self.settings.max_batch]
+        if not batch:
+            return False
         leaves = [h for _, h in batch]
         root = (
             merkle.root(leaves)
