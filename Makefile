@@ -30,7 +30,7 @@ test: lint types $(STAMP)
 	$(BIN)/pytest
 
 bench: $(STAMP)
-	$(BIN)/gateway bench
+	$(BIN)/gateway bench --repeats 5
 	$(BIN)/gateway bench --revocation --repeats 5 --workdir var/bench-revocation
 
 # Regenerate the committed protobuf modules from proto/ (tests check they match).
