@@ -226,21 +226,11 @@ def _median(runs: list[dict[str, Any]], key: str) -> float:
 
 
 def _stamped(runner: Any) -> dict[str, str]:
-    """'stamped/total' records of each security server's log (read-only)."""
-    import sqlite3
-
-    out = {}
-    for server in runner.server_names:
-        db = sqlite3.connect(f"file:{runner.log_db(server)}?mode=ro", uri=True)
-        try:
-            total = db.execute("SELECT COALESCE(MAX(seq), 0) FROM message_log").fetchone()[0]
-            stamped = db.execute(
-                "SELECT COALESCE(MAX(last_seq), 0) FROM timestamp_batches"
-            ).fetchone()[0]
-        finally:
-            db.close()
-        out[runner.server_names[server]] = f"{stamped}/{total}"
-    return out
+    """'stamped/total' records of each security server's log."""
+    return {
+        runner.server_names[server]: "{}/{}".format(*runner.stamped(server))
+        for server in runner.server_names
+    }
 
 
 def run_bench(

@@ -200,19 +200,10 @@ async def _print_records(runner: Runner, message_id: str) -> None:
 
 def _wait_for_stamps(runner: Runner, timeout: float = 10.0) -> None:
     """Wait (bounded) until each log's newest record is covered by a batch time-stamp."""
-    import sqlite3
-
     deadline = time.monotonic() + timeout
     for server in (MSP, DNIC):
         while time.monotonic() < deadline:
-            db = sqlite3.connect(f"file:{runner.log_db(server)}?mode=ro", uri=True)
-            try:
-                total = db.execute("SELECT COALESCE(MAX(seq), 0) FROM message_log").fetchone()[0]
-                stamped = db.execute(
-                    "SELECT COALESCE(MAX(last_seq), 0) FROM timestamp_batches"
-                ).fetchone()[0]
-            finally:
-                db.close()
+            stamped, total = runner.stamped(server)
             if stamped >= total:
                 break
             time.sleep(0.2)

@@ -267,6 +267,20 @@ class Runner:
     def log_db(self, server_id: str) -> Path:
         return self.workdir / "state" / self.server_names[server_id] / "messagelog.db"
 
+    def stamped(self, server_id: str) -> tuple[int, int]:
+        """(last record covered by a time-stamp, last record) of a server's log, read-only."""
+        import sqlite3
+
+        db = sqlite3.connect(f"file:{self.log_db(server_id)}?mode=ro", uri=True)
+        try:
+            total = db.execute("SELECT COALESCE(MAX(seq), 0) FROM message_log").fetchone()[0]
+            stamped = db.execute(
+                "SELECT COALESCE(MAX(last_seq), 0) FROM timestamp_batches"
+            ).fetchone()[0]
+        finally:
+            db.close()
+        return int(stamped), int(total)
+
     # ---- processes -------------------------------------------------------------------
 
     def start(self, name: str, timeout: float = 30.0) -> dict[str, Any]:

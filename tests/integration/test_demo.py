@@ -75,7 +75,12 @@ def test_demo_runs_every_step_and_exits_0(tmp_path: Path) -> None:
     assert "admin log verified: True" in out
     assert out.count("request  consumer") == 1
     assert out.count("request  provider") == 1
-    assert out.count("OK: ") == 2
+    assert out.count("OK: ") == 3  # two logs, one evidence bundle
+    assert out.count("record(s) covered by verified tokens") == 2
+    assert "are not stamped yet" not in out
+    assert "OK: the evidence of message" in out
+    assert out.count("OCSP good") == 2
+    assert out.count("body matches") == 2
     assert "demo succeeded" in out
 
 

@@ -9,7 +9,6 @@ time-stamp, and the chain continues.
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import subprocess
 import sys
 import time
@@ -42,15 +41,7 @@ def runner(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runner]:
 
 
 def stamped_and_total(runner: Runner) -> tuple[int, int]:
-    db = sqlite3.connect(f"file:{runner.log_db(MSP_SERVER)}?mode=ro", uri=True)
-    try:
-        total = db.execute("SELECT COALESCE(MAX(seq), 0) FROM message_log").fetchone()[0]
-        stamped = db.execute("SELECT COALESCE(MAX(last_seq), 0) FROM timestamp_batches").fetchone()[
-            0
-        ]
-    finally:
-        db.close()
-    return int(stamped), int(total)
+    return runner.stamped(MSP_SERVER)
 
 
 async def calls(runner: Runner, n: int) -> None:

@@ -97,13 +97,7 @@ def query(runner: Runner, server_id: str, sql: str, *args: object) -> list[sqlit
 
 def stamped_and_total(runner: Runner, server_id: str) -> tuple[int, int]:
     """The last record covered by a time-stamp and the last record of a server's log."""
-    row = query(
-        runner,
-        server_id,
-        "SELECT (SELECT COALESCE(MAX(last_seq), 0) FROM timestamp_batches) AS stamped,"
-        " (SELECT COALESCE(MAX(seq), 0) FROM message_log) AS total",
-    )[0]
-    return int(row["stamped"]), int(row["total"])
+    return runner.stamped(server_id)
 
 
 def batches(runner: Runner, server_id: str) -> list[tuple[int, int]]:
