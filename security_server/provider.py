@@ -5,7 +5,8 @@ certificate registered for a security server in the global configuration; for ev
 request on it, that the peer is a server of the client's member, that the envelope is
 well formed, signed by the client member's signing certificate from a trusted CA, fresh
 and not replayed, that the OCSP answers stapled for the peer's authentication certificate
-(to the stream) and for the signing certificate (to the envelope) are fresh and "good", that the service is provided here, that an agreement in force covers
+(to the stream) and for the signing certificate (to the envelope) are fresh and "good",
+that the service is provided here, that an agreement in force covers
 (client, service, purpose), and that the call is within that agreement's rate limit
 (counted here only: the provider is the authority, and the consumer side does not count,
 so no call is counted twice). Only then is the request logged durably and passed to the
