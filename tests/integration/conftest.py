@@ -86,11 +86,17 @@ def log_rows(db: Path, message_id: str) -> list[dict[str, Any]]:
         return [dict(r) for r in rows]
 
 
-def audit_verify(db: Path) -> subprocess.CompletedProcess[str]:
-    """Run `gateway audit verify` on a log as an auditor would."""
+def run_gateway(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    """Run the `gateway` command line as a user would, capturing its output."""
     return subprocess.run(
-        [sys.executable, "-m", "gateway_cli.main", "audit", "verify", "--quiet", "--db", str(db)],
+        [sys.executable, "-m", "gateway_cli.main", *map(str, args)],
         capture_output=True,
         text=True,
         check=False,
+        timeout=120,
     )
+
+
+def audit_verify(db: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """Run `gateway audit verify` on a log as an auditor would."""
+    return run_gateway("audit", "verify", "--quiet", "--db", db, *extra)

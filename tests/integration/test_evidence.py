@@ -14,7 +14,6 @@ import hashlib
 import json
 import shutil
 import subprocess
-import sys
 import time
 import uuid
 import zipfile
@@ -28,6 +27,8 @@ from gateway_demo.client import call_raw, routing_metadata
 from gateway_demo.generated import population_pb2
 from gateway_demo.runner import Runner
 
+from .conftest import audit_verify, run_gateway
+
 MSP_SERVER = "UY/GOV/MSP/ss1"
 DNIC_SERVER = "UY/GOV/DNIC/ss1"
 CLIENT = "UY/GOV/MSP/clinics"
@@ -36,15 +37,6 @@ METHOD = "/demo.population.v1.PopulationRegistry/GetPerson"
 PURPOSE = "healthcare-identification"
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
-
-
-def gateway(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gateway_cli.main", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def openssl(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -90,7 +82,7 @@ def export(runner: Runner, server: str, message_id: str, out: Path) -> None:
     """Export, waiting (bounded) for the batch time-stamp that covers the records."""
     deadline = time.monotonic() + 15
     while True:
-        result = gateway(
+        result = run_gateway(
             "audit",
             "export",
             "--db",
@@ -133,14 +125,14 @@ def repack(folder: Path, out: Path) -> Path:
 
 @pytest.mark.parametrize("side", ["consumer", "provider"])
 def test_bundle_verifies_offline(bundles: dict[str, Path], side: str, tmp_path: Path) -> None:
-    result = gateway("audit", "verify-bundle", bundles[side])
+    result = run_gateway("audit", "verify-bundle", bundles[side])
     assert result.returncode == 0, result.stdout + result.stderr
     assert "OK: the evidence of message" in result.stdout
     assert "1-request: record" in result.stdout and "2-response: record" in result.stdout
     assert "OCSP good" in result.stdout and "body matches" in result.stdout
     # pinned to the instance's CA, given out of band
     folder = unpack(bundles[side], tmp_path / "b")
-    pinned = gateway("audit", "verify-bundle", bundles[side], "--ca", folder / "ca.pem")
+    pinned = run_gateway("audit", "verify-bundle", bundles[side], "--ca", folder / "ca.pem")
     assert pinned.returncode == 0, pinned.stdout
 
 
@@ -282,7 +274,7 @@ def test_tampered_bundle_fails_naming_the_piece(
     before = (folder / piece).read_bytes()
     tamper(folder / piece)
     assert (folder / piece).read_bytes() != before
-    result = gateway("audit", "verify-bundle", repack(folder, tmp_path / "tampered.zip"))
+    result = run_gateway("audit", "verify-bundle", repack(folder, tmp_path / "tampered.zip"))
     assert result.returncode == 1, result.stdout + result.stderr
     assert result.stdout.startswith(f"FAILED: {piece}:"), result.stdout
 
@@ -292,15 +284,15 @@ def test_missing_piece_and_bad_archives_are_refused(
 ) -> None:
     folder = unpack(bundles["provider"], tmp_path / "b")
     (folder / "1-request" / "timestamp.tst").unlink()
-    result = gateway("audit", "verify-bundle", repack(folder, tmp_path / "missing.zip"))
+    result = run_gateway("audit", "verify-bundle", repack(folder, tmp_path / "missing.zip"))
     assert result.returncode == 1
     assert "1-request/timestamp.tst: is missing" in result.stdout
     (tmp_path / "junk.zip").write_bytes(b"not a zip")
-    junk = gateway("audit", "verify-bundle", tmp_path / "junk.zip")
+    junk = run_gateway("audit", "verify-bundle", tmp_path / "junk.zip")
     assert junk.returncode == 2 and "cannot read" in junk.stderr
     other_ca = tmp_path / "other-ca.pem"
     other_ca.write_bytes((folder / "1-request" / "signer.pem").read_bytes())
-    pinned = gateway("audit", "verify-bundle", bundles["provider"], "--ca", other_ca)
+    pinned = run_gateway("audit", "verify-bundle", bundles["provider"], "--ca", other_ca)
     assert pinned.returncode == 1 and "ca.pem: holds a CA that is not trusted" in pinned.stdout
 
 
@@ -308,7 +300,7 @@ def test_export_of_an_unknown_message_is_a_clear_error(
     exchange: tuple[Runner, str, Path], tmp_path: Path
 ) -> None:
     runner, _, _ = exchange
-    result = gateway(
+    result = run_gateway(
         "audit", "export", "--db", runner.log_db(MSP_SERVER), "--message-id", "nope", "--out",
         tmp_path / "x.zip",
     )  # fmt: skip
@@ -319,7 +311,7 @@ def test_export_of_an_unknown_message_is_a_clear_error(
 def test_audit_verify_checks_the_time_stamps(exchange: tuple[Runner, str, Path]) -> None:
     runner, _, _ = exchange
     for server in (MSP_SERVER, DNIC_SERVER):
-        result = gateway("audit", "verify", "--db", runner.log_db(server), "--quiet")
+        result = audit_verify(runner.log_db(server))
         assert result.returncode == 0, result.stdout + result.stderr
         assert "record(s) covered by verified tokens" in result.stdout
 
@@ -375,9 +367,9 @@ def test_audit_verify_detects_deleted_records_and_edited_stamps(
 ) -> None:  # fmt: skip
     runner, _, _ = exchange
     db = _copy_log(runner, MSP_SERVER, tmp_path / "copy.db")
-    ok = gateway("audit", "verify", "--db", db, "--quiet")
+    ok = audit_verify(db)
     assert ok.returncode == 0, ok.stdout
     _edit(db, edit)
-    result = gateway("audit", "verify", "--db", db, "--quiet", "--stamp-grace", "0")
+    result = audit_verify(db, "--stamp-grace", "0")
     assert result.returncode == 1, result.stdout + result.stderr
     assert expected in result.stdout, result.stdout

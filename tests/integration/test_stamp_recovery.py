@@ -9,8 +9,6 @@ time-stamp, and the chain continues.
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 
@@ -20,6 +18,8 @@ import pytest
 from gateway_demo.client import call_raw, routing_metadata
 from gateway_demo.generated import population_pb2
 from gateway_demo.runner import Runner
+
+from .conftest import audit_verify
 
 MSP_SERVER = "UY/GOV/MSP/ss1"
 SERVICE = "UY/GOV/DNIC/identity/population/v1"
@@ -79,9 +79,5 @@ def test_backlog_survives_a_crash_and_is_stamped_after_restart(runner: Runner) -
         time.sleep(0.1)
 
     asyncio.run(calls(runner, 1))  # the chain goes on after the restart
-    result = subprocess.run(
-        [sys.executable, "-m", "gateway_cli.main", "audit", "verify", "--quiet", "--db",
-         str(runner.log_db(MSP_SERVER))],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    result = audit_verify(runner.log_db(MSP_SERVER))
     assert result.returncode == 0, result.stdout + result.stderr

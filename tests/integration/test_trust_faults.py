@@ -20,8 +20,6 @@ import multiprocessing
 import multiprocessing.queues
 import queue
 import sqlite3
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -49,7 +47,7 @@ from tests.integration.attacker import (
     request_frame,
 )
 
-from .conftest import CLINICS, DNIC, GET_PERSON, MSP, POPULATION
+from .conftest import CLINICS, DNIC, GET_PERSON, MSP, POPULATION, audit_verify, run_gateway
 
 PURPOSE = "healthcare-identification"
 PERSON = population_pb2.GetPersonRequest(national_id="1.234.567-8").SerializeToString()
@@ -125,11 +123,7 @@ def wait_all_stamped(runner: Runner, seconds: float) -> None:
 def audit_verify_all_stamped(runner: Runner) -> None:
     """`gateway audit verify` accepts both logs and counts every record as time-stamped."""
     for server in (MSP, DNIC):
-        result = subprocess.run(
-            [sys.executable, "-m", "gateway_cli.main", "audit", "verify", "--quiet", "--db",
-             str(runner.log_db(server))],
-            capture_output=True, text=True, timeout=60, check=False,
-        )  # fmt: skip
+        result = audit_verify(runner.log_db(server))
         assert result.returncode == 0, f"{server}: {result.stdout}{result.stderr}"
         _, total = stamped_and_total(runner, server)
         assert f"OK: {total} record(s) verified" in result.stdout, result.stdout
@@ -421,10 +415,9 @@ def produced_at(staple: bytes) -> datetime:
 def revoke(runner: Runner, certificate: Path) -> tuple[float, float]:
     """`gateway pki revoke` (keyCompromise); the monotonic times it was started and returned."""
     started = time.monotonic()
-    result = subprocess.run(
-        [sys.executable, "-m", "gateway_cli.main", "pki", "revoke", "--dir", str(runner.pki),
-         "--certificate", str(certificate), "--reason", "keyCompromise"],
-        capture_output=True, text=True, timeout=60, check=False,
+    result = run_gateway(
+        "pki", "revoke", "--dir", runner.pki, "--certificate", certificate,
+        "--reason", "keyCompromise",
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.startswith("revoked: "), result.stdout
