@@ -100,6 +100,13 @@ def _load_pems(data: bytes, piece: str) -> list[x509.Certificate]:
         raise BundleError(piece, "is not a PEM certificate file") from None
 
 
+def _need(files: Mapping[str, bytes], name: str) -> bytes:
+    data = files.get(name)
+    if data is None:
+        raise BundleError(name, "is missing from the bundle")
+    return data
+
+
 def _fingerprint(certificate: x509.Certificate) -> str:
     return certificate.fingerprint(hashes.SHA256()).hex()
 
@@ -109,14 +116,8 @@ def verify_bundle(
 ) -> BundleReport:
     """Verify a bundle's files; `trusted` pins the CAs (else the bundle's own ca.pem is used)."""
 
-    def need(name: str) -> bytes:
-        data = files.get(name)
-        if data is None:
-            raise BundleError(name, "is missing from the bundle")
-        return data
-
     try:
-        manifest = json.loads(need("manifest.json"))
+        manifest = json.loads(_need(files, "manifest.json"))
         if manifest.get("format") != FORMAT:
             raise ValueError(f"format is not {FORMAT}")
         folders = [str(f) for f in manifest["records"]]
@@ -126,7 +127,7 @@ def verify_bundle(
         raise BundleError("manifest.json", f"is malformed ({exc})") from None
     if not folders:
         raise BundleError("manifest.json", "lists no records")
-    cas = _load_pems(need("ca.pem"), "ca.pem")
+    cas = _load_pems(_need(files, "ca.pem"), "ca.pem")
     if trusted is not None:
         pinned = {_fingerprint(c) for c in trusted}
         for ca in cas:
@@ -174,10 +175,7 @@ class _RecordChecker:
         self.headers: dict[str, tuple[str, bytes]] = {}
 
     def need(self, name: str) -> bytes:
-        data = self.files.get(name)
-        if data is None:
-            raise BundleError(name, "is missing from the bundle")
-        return data
+        return _need(self.files, name)
 
     def verify(self, folder: str) -> RecordReport:
         def piece(name: str) -> str:

@@ -224,13 +224,11 @@ def _audit_verify(ns: argparse.Namespace) -> int:
     from sqlalchemy.exc import SQLAlchemyError
 
     from gateway.audit import ChainBrokenError
-    from gateway.settings import database_url
     from gateway_cli.runtime import run
     from security_server.audit import verify_log
 
-    url = database_url(ns.db, base=Path.cwd())
-    if "://" not in ns.db and not Path(ns.db).exists():
-        print(f"error: no message log at {ns.db}", file=sys.stderr)
+    url = _log_url(ns.db)
+    if url is None:
         return 2
     show = sys.stderr.isatty() and not ns.quiet
 
@@ -267,6 +265,16 @@ def _audit_verify(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _log_url(db: str) -> str | None:
+    """The database URL of `--db`, or None (with the reason on stderr) when no log is there."""
+    from gateway.settings import database_url
+
+    if "://" not in db and not Path(db).exists():
+        print(f"error: no message log at {db}", file=sys.stderr)
+        return None
+    return database_url(db, base=Path.cwd())
+
+
 def _load_cas(paths: list[Path] | None) -> list[Any] | None:
     """CA certificates from PEM files (`--ca`), or None when none are given."""
     if not paths:
@@ -286,14 +294,12 @@ def _audit_export(ns: argparse.Namespace) -> int:
     from sqlalchemy.exc import SQLAlchemyError
 
     from gateway.errors import AuditError
-    from gateway.settings import database_url
     from gateway_cli.runtime import run
     from security_server.evidence import export_bundle, write_zip
 
-    if "://" not in ns.db and not Path(ns.db).exists():
-        print(f"error: no message log at {ns.db}", file=sys.stderr)
+    url = _log_url(ns.db)
+    if url is None:
         return 2
-    url = database_url(ns.db, base=Path.cwd())
     try:
         files = run(lambda: export_bundle(url, ns.message_id))
         write_zip(str(ns.out), files)

@@ -213,17 +213,7 @@ def _verify(runner: Runner) -> bool:
     _wait_for_stamps(runner)
     ok = True
     for server in (MSP, DNIC):
-        cmd = [
-            sys.executable,
-            "-m",
-            "gateway_cli.main",
-            "audit",
-            "verify",
-            "--quiet",
-            "--db",
-            str(runner.log_db(server)),
-        ]
-        result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        result = _gateway("audit", "verify", "--quiet", "--db", str(runner.log_db(server)))
         print(f"   $ gateway audit verify --db {runner.log_db(server)}")
         for line in (result.stdout.strip() or result.stderr.strip()).splitlines():
             print(f"     {line}")

@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives import serialization
 
 from gateway.configuration import GlobalConfiguration
 from gateway.errors import Code, GatewayError, TrustError
-from gateway.ocsp import CertStatus, StatusCache, build_request
+from gateway.ocsp import CertStatus, StatusCache, build_request, check_response
 from security_server.settings import OcspSection
 
 log = structlog.get_logger("security_server.ocsp")
@@ -198,7 +198,7 @@ class OwnStatus:
                         raise OSError(f"HTTP {answer.status}")
                     der = await answer.read()
                 # only an answer that verifies replaces the one we hold
-                StatusCache().check(
+                check_response(
                     der,
                     certificate=certificate,
                     issuer=issuer,

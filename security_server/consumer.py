@@ -180,6 +180,7 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             signer.certificate_sha256,
             staple,
             body,
+            header.body_sha256,
             config,
         )
         try:
@@ -235,6 +236,7 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             response_signer,
             env.signer_ocsp,
             env.body,
+            response.body_sha256,
             config,
         )
         try:

@@ -64,11 +64,13 @@ class Node:
         certificate_der: bytes,
         certificate_sha256: str,
         staple: bytes,
-        body: bytes | None,
+        body: bytes,
+        body_sha256: str,
         config: GlobalConfiguration,
     ) -> tuple[str | None, Evidence]:
         """(SHA-256 of the OCSP answer, the evidence to keep) for one signed message: the
-        signing certificate and its CA, the OCSP answer, and the body if bodies are kept."""
+        signing certificate and its CA, the OCSP answer, and the body (under the digest its
+        signed header gives) if bodies are kept."""
         _, ca_sha, ca_der = self.status.issuer(certificate, config)
         kept: dict[str, tuple[str, bytes]] = {
             certificate_sha256: ("certificate", certificate_der),
@@ -78,8 +80,8 @@ class Node:
         if staple:
             staple_sha = hashlib.sha256(staple).hexdigest()
             kept[staple_sha] = ("ocsp", staple)
-        if body is not None and self.store_bodies:
-            kept[hashlib.sha256(body).hexdigest()] = ("body", body)
+        if self.store_bodies:
+            kept[body_sha256] = ("body", body)
         return staple_sha, kept
 
     def signer_for(self, member: MemberId) -> EcdsaSigner:

@@ -316,7 +316,13 @@ class ProviderService:
         common = self._facts(header, peer_name)
         assert signer_sha is not None
         staple_sha, evidence = node.evidence(
-            certificate, env.signer_certificate, signer_sha, env.signer_ocsp, env.body, config
+            certificate,
+            env.signer_certificate,
+            signer_sha,
+            env.signer_ocsp,
+            env.body,
+            header.body_sha256,
+            config,
         )
         try:
             await node.log.append(
@@ -368,6 +374,7 @@ class ProviderService:
             signer.certificate_sha256,
             own_staple,
             body,
+            response.body_sha256,
             config,
         )
         try:
