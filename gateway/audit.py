@@ -31,11 +31,14 @@ class RecordKind(StrEnum):
     REQUEST = "request"
     RESPONSE = "response"
     REFUSAL = "refusal"
+    # a query made through the auditor API (auditor access is itself logged)
+    AUDIT_QUERY = "audit-query"
 
 
 class Role(StrEnum):
     CONSUMER = "consumer"
     PROVIDER = "provider"
+    AUDITOR = "auditor"
 
 
 # The fields of a message log record, in the order of the table's columns.
@@ -48,6 +51,7 @@ RECORD_FIELDS: tuple[str, ...] = (
     "service",
     "method",
     "purpose",
+    "agreement_id",
     "user_id",
     "subject_ref",
     "peer",
@@ -85,7 +89,7 @@ class ChainFormat:
     label: str
 
 
-MESSAGE_LOG = ChainFormat(tag=b"gateway-message-log/3\n", fields=RECORD_FIELDS, label="message_id")
+MESSAGE_LOG = ChainFormat(tag=b"gateway-message-log/4\n", fields=RECORD_FIELDS, label="message_id")
 ADMIN_LOG = ChainFormat(tag=b"gateway-admin-log/1\n", fields=ADMIN_FIELDS, label="target")
 
 
@@ -174,6 +178,8 @@ class ChainedRecord:
     prev_hash: bytes
     hash: bytes
     fields: Mapping[str, FieldValue]
+    # which chain of the log (one per replica); empty in single-chain logs such as the admin log
+    chain: str = ""
 
 
 @dataclass(slots=True)
@@ -198,11 +204,22 @@ class ChainHead:
 class ChainBrokenError(AuditError):
     """The chain does not verify; `seq` names the first bad record."""
 
-    def __init__(self, seq: int, message_id: str | None, why: str, label: str = "message") -> None:
+    def __init__(
+        self,
+        seq: int,
+        message_id: str | None,
+        why: str,
+        label: str = "message",
+        *,
+        chain: str = "",
+    ) -> None:
         where = f"record {seq}" + (f" ({label} {message_id})" if message_id else "")
+        if chain:
+            where = f"chain {chain}, {where}"
         super().__init__(f"{where}: {why}")
         self.seq = seq
         self.message_id = message_id
+        self.chain = chain
 
 
 def verify_chain(
@@ -227,16 +244,25 @@ def verify_chain(
         if r.seq != head.next_seq:
             if r.seq > head.next_seq:
                 raise ChainBrokenError(
-                    head.next_seq, None, f"is missing (the next record present is {r.seq})"
+                    head.next_seq,
+                    None,
+                    f"is missing (the next record present is {r.seq})",
+                    chain=r.chain,
                 )
             raise ChainBrokenError(
-                r.seq, mid_text, f"is out of order (expected {head.next_seq})", label
+                r.seq, mid_text, f"is out of order (expected {head.next_seq})", label, chain=r.chain
             )
         if r.prev_hash != head.last_hash:
-            raise ChainBrokenError(r.seq, mid_text, "does not link to the record before it", label)
+            raise ChainBrokenError(
+                r.seq, mid_text, "does not link to the record before it", label, chain=r.chain
+            )
         if record_hash(r.seq, r.prev_hash, r.fields, fmt) != r.hash:
             raise ChainBrokenError(
-                r.seq, mid_text, "was altered: its content does not match its hash", label
+                r.seq,
+                mid_text,
+                "was altered: its content does not match its hash",
+                label,
+                chain=r.chain,
             )
         head.next_seq += 1
         head.last_hash = r.hash

@@ -85,7 +85,9 @@ class RequestHeader:
     created_at: datetime
     body_sha256: str
     user_id: str | None = None
-    subject: str | None = None
+    # the data subject's keyed pseudonym (HMAC under the instance's key), never the
+    # identifier itself: the header is kept in both message logs
+    subject_ref: str | None = None
 
     def encode(self) -> bytes:
         return canonical.encode(
@@ -101,7 +103,7 @@ class RequestHeader:
                 "created_at": format_time(self.created_at),
                 "body_sha256": self.body_sha256,
                 "user_id": self.user_id,
-                "subject": self.subject,
+                "subject_ref": self.subject_ref,
             }
         )
 
@@ -167,7 +169,7 @@ def _text(fields: dict[str, Any], key: str, *, optional: bool = False) -> Any:
 
 _REQUEST_KEYS = {
     "v", "type", "message_id", "client", "service", "method", "purpose", "sender",
-    "created_at", "body_sha256", "user_id", "subject",
+    "created_at", "body_sha256", "user_id", "subject_ref",
 }  # fmt: skip
 _RESPONSE_KEYS = {
     "v", "type", "message_id", "request_sha256", "service", "sender", "created_at",
@@ -187,7 +189,9 @@ def decode_request(data: bytes) -> RequestHeader:
     f = _fields(data, "request", _REQUEST_KEYS)
     try:
         user_id = _text(f, "user_id", optional=True)
-        subject = _text(f, "subject", optional=True)
+        subject_ref = _text(f, "subject_ref", optional=True)
+        if subject_ref is not None and not _DIGEST.fullmatch(subject_ref):
+            raise _malformed("field 'subject_ref' is not a pseudonym (64 hex digits)")
         return RequestHeader(
             message_id=check_message_id(_text(f, "message_id")),
             client=SubsystemId.parse(_text(f, "client")),
@@ -198,7 +202,7 @@ def decode_request(data: bytes) -> RequestHeader:
             created_at=parse_time(_text(f, "created_at")),
             body_sha256=_digest(f, "body_sha256"),
             user_id=None if user_id is None else check_free_text("user id", user_id),
-            subject=None if subject is None else check_free_text("data subject", subject),
+            subject_ref=subject_ref,
         )
     except (GatewayError, ValueError) as exc:
         if isinstance(exc, TrustError):

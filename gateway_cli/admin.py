@@ -73,10 +73,13 @@ def _refusal(status: int, raw: bytes, reason: str) -> AdminApiError:
 class AdminClient:
     """A synchronous client of the admin API, authenticated with one bearer token."""
 
-    def __init__(self, url: str, token: str, timeout: float = 10.0) -> None:
+    def __init__(
+        self, url: str, token: str, timeout: float = 10.0, *, what: str = "the registry"
+    ) -> None:
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ValueError(f"the registry URL must be http:// or https://HOST:PORT, not {url!r}")
+            raise ValueError(f"the URL of {what} must be http:// or https://HOST:PORT, not {url!r}")
+        self.what = what
         self.url = url.rstrip("/")
         self.token = token
         self.timeout = timeout
@@ -105,7 +108,7 @@ class AdminClient:
         except (OSError, http.client.HTTPException) as exc:
             reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
             raise AdminApiError(
-                0, "unreachable", f"cannot reach the registry at {self.url}: {reason}"
+                0, "unreachable", f"cannot reach {self.what} at {self.url}: {reason}"
             ) from None
         try:
             return json.loads(raw) if raw else None

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -227,25 +228,24 @@ def _audit_verify(ns: argparse.Namespace) -> int:
     from gateway_cli.runtime import run
     from security_server.audit import verify_log
 
-    url = _log_url(ns.db)
-    if url is None:
+    if ns.db is None and ns.archive_dir is None:
+        print("error: give --db, --archive-dir, or both", file=sys.stderr)
+        return 2
+    url = None
+    if ns.db is not None:
+        url = _log_url(ns.db)
+        if url is None:
+            return 2
+    if ns.archive_dir is not None and not ns.archive_dir.is_dir():
+        print(f"error: no archive folder at {ns.archive_dir}", file=sys.stderr)
         return 2
     show = sys.stderr.isatty() and not ns.quiet
-
-    def progress(done: int, total: int) -> None:
-        if show and total:
-            width = 30
-            filled = width * done // total
-            print(
-                f"\rverifying [{'#' * filled}{'.' * (width - filled)}] {done}/{total}",
-                end="",
-                file=sys.stderr,
-            )
+    progress = _progress_bar("verifying") if show else None
 
     try:
         cas = _load_cas(ns.ca)
         grace = timedelta(seconds=ns.stamp_grace) if ns.stamp_grace >= 0 else None
-        head, stamped = run(lambda: verify_log(url, progress, cas, grace))
+        report = run(lambda: verify_log(url, progress, cas, grace, archive_dir=ns.archive_dir))
     except ChainBrokenError as exc:
         if show:
             print(file=sys.stderr)
@@ -256,12 +256,95 @@ def _audit_verify(ns: argparse.Namespace) -> int:
         return 2
     if show:
         print(file=sys.stderr)
-    total = head.next_seq - 1
-    print(f"OK: {total} record(s) verified; chain head {head.last_hash.hex()}")
+    total, stamped = report.records, report.stamped_total
+    archived = sum(report.archived.values())
+    print(
+        f"OK: {total} record(s) verified in {len(report.heads)} chain(s)"
+        + (f", {archived} of them in archive files" if archived else "")
+    )
+    for chain, head in report.heads.items():
+        print(f"  chain {chain}: {head.next_seq - 1} record(s), head {head.last_hash.hex()}")
     print(
         f"time-stamps: {stamped} record(s) covered by verified tokens"
         + (f"; the newest {total - stamped} are not stamped yet" if stamped < total else "")
     )
+    return 0
+
+
+def _progress_bar(what: str) -> Callable[[int, int], None]:
+    """A progress bar on stderr: `what [#####.....] done/total`."""
+
+    def progress(done: int, total: int) -> None:
+        if total:
+            width = 30
+            filled = width * min(done, total) // total
+            print(
+                f"\r{what} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}",
+                end="",
+                file=sys.stderr,
+            )
+
+    return progress
+
+
+def _audit_archive(ns: argparse.Namespace) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from gateway_cli.runtime import run
+    from security_server.archive import archive_old_records
+    from security_server.message_log import chain_names, check_chain_name
+
+    url = _log_url(ns.db)
+    if url is None:
+        return 2
+    if ns.older_than_days < 0:
+        print("error: --older-than-days must be >= 0", file=sys.stderr)
+        return 2
+    now = datetime.now(UTC)
+    before = now - timedelta(days=ns.older_than_days)
+    show = sys.stderr.isatty() and not ns.quiet
+
+    async def main() -> list[tuple[str, Any]]:
+        engine = create_async_engine(url)
+        try:
+            chains = [check_chain_name(ns.chain)] if ns.chain else await chain_names(engine)
+            done = []
+            for chain in chains:
+                moved = 0
+
+                def progress(count: int, chain: str = chain) -> None:
+                    nonlocal moved
+                    moved += count
+                    if show:
+                        print(
+                            f"\rarchiving chain {chain}: {moved} record(s)", end="", file=sys.stderr
+                        )
+
+                for item in await archive_old_records(
+                    engine,
+                    chain,
+                    ns.archive_dir,
+                    before=before,
+                    now=now,
+                    max_records=ns.max_records,
+                    progress=progress,
+                ):
+                    done.append((chain, item))
+                if show and moved:
+                    print(file=sys.stderr)
+            return done
+        finally:
+            await engine.dispose()
+
+    try:
+        done = run(main)
+    except (OSError, ValueError, SQLAlchemyError) as exc:
+        print(f"error: cannot archive: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
+    for chain, item in done:
+        print(f"chain {chain}: records {item.first_seq}..{item.last_seq} -> {item.path}")
+    print(f"{len(done)} archive file(s) written")
     return 0
 
 
@@ -475,8 +558,16 @@ def build_parser() -> argparse.ArgumentParser:
     aud = commands.add_parser("audit", help="auditor tools").add_subparsers(
         dest="action", required=True
     )
-    p = aud.add_parser("verify", help="verify the hash chain of a message log")
-    p.add_argument("--db", required=True, help="message log: SQLite file or database URL")
+    p = aud.add_parser(
+        "verify", help="verify the hash chains of a message log and of its archive files"
+    )
+    p.add_argument("--db", help="message log: SQLite file or database URL")
+    p.add_argument(
+        "--archive-dir",
+        type=Path,
+        help="folder of the log's archive files (needed once records were archived; "
+        "alone, without --db, the archives are verified offline)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument(
         "--ca",
@@ -494,6 +585,24 @@ def build_parser() -> argparse.ArgumentParser:
         "(default 3600; a negative value turns the check off, for logs kept without a TSA)",
     )
     p.set_defaults(func=_audit_verify)
+    p = aud.add_parser(
+        "archive", help="move old records into hash-linked archive files and prune the database"
+    )
+    p.add_argument("--db", required=True, help="message log: SQLite file or database URL")
+    p.add_argument("--archive-dir", type=Path, required=True, help="folder of the archive files")
+    p.add_argument(
+        "--older-than-days",
+        type=float,
+        required=True,
+        help="archive records logged more than this many days ago (0: every stamped record)",
+    )
+    p.add_argument("--chain", help="only this chain (default: every chain)")
+    p.add_argument("--max-records", type=int, default=100_000, help="most records per archive file")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=_audit_archive)
+    from gateway_cli.audit import add_commands as add_audit_api_commands
+
+    add_audit_api_commands(aud)
     p = aud.add_parser("export", help="write the evidence bundle of one exchange (zip)")
     p.add_argument("--db", required=True, help="message log: SQLite file or database URL")
     p.add_argument("--message-id", required=True, help="the exchange's message id")

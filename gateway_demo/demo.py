@@ -254,6 +254,32 @@ def _evidence(runner: Runner, message_id: str) -> bool:
     return check.returncode == 0
 
 
+def _audit(runner: Runner, message_id: str) -> bool:
+    """`gateway audit trace` and `gateway audit subject` over both servers' auditor APIs."""
+    import os
+
+    env = {**os.environ, "GATEWAY_TOKEN": runner.token("auditor", subject="carla.mendez@auditoria")}
+    urls = [arg for server in (MSP, DNIC) for arg in ("--url", runner.auditor_url(server))]
+    ok = True
+    for args in (("trace", message_id, *urls), ("subject", "1.234.567-8", *urls)):
+        result = subprocess.run(
+            [sys.executable, "-m", "gateway_cli.main", "audit", *args],
+            capture_output=True,
+            text=True,
+            check=False,
+            env=env,
+        )
+        shown = " ".join(a for a in args if not a.startswith("http"))
+        print(
+            f"   $ GATEWAY_TOKEN=<auditor token> gateway audit {shown.replace('--url', '--url …')}"
+        )
+        for line in (result.stdout.strip() or result.stderr.strip()).splitlines():
+            print(f"     {line}")
+        ok = ok and result.returncode == 0
+    print("   (each of these queries is itself in the servers' logs, as an audit-query record)")
+    return ok
+
+
 def describe(runner: Runner) -> dict[str, Any]:
     """The content of `topology.json`: what a local client needs to call the demo."""
     topology = tomllib.loads((runner.workdir / "topology.toml").read_text())
@@ -357,6 +383,11 @@ def run_demo(*, workdir: Path, keep_running: bool) -> int:
             "(signatures, OCSP answers, Merkle proofs, time-stamp tokens)"
         )
         proven = allowed.message_id is not None and _evidence(runner, allowed.message_id)
+        _title(
+            "8. An auditor traces the allowed call across both servers' auditor APIs, and "
+            "reports every access to the patient's data"
+        )
+        traced = allowed.message_id is not None and _audit(runner, allowed.message_id)
         expected = (
             allowed.ok
             and no_agreement.error == "no_agreement"
@@ -364,6 +395,7 @@ def run_demo(*, workdir: Path, keep_running: bool) -> int:
             and subscribed
             and verified
             and proven
+            and traced
         )
         if keep_running:
             path = runner.workdir / "topology.json"
@@ -390,5 +422,5 @@ def run_demo(*, workdir: Path, keep_running: bool) -> int:
 
 def _addresses(ready: dict[str, Any]) -> str:
     return "  ".join(
-        f"{k}={v}" for k, v in ready.items() if k in ("listen", "provider", "consumer")
+        f"{k}={v}" for k, v in ready.items() if k in ("listen", "provider", "consumer", "auditor")
     )

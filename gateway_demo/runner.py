@@ -81,8 +81,11 @@ class Runner:
         timestamping: dict[str, Any] | None = None,
         ocsp: dict[str, Any] | None = None,
         store_bodies: bool = False,
+        log: dict[str, Any] | None = None,
     ) -> None:
         self.workdir = workdir.resolve()
+        # overrides of the servers' [log] settings (a PostgreSQL database, retention...)
+        self.log = dict(log or {})
         self.registry_approval_required = registry_approval_required
         self.template = template
         self.validity_seconds = validity_seconds
@@ -102,6 +105,7 @@ class Runner:
         self.ocsp_address = ""
         self.tsa_address = ""
         self.consumers: dict[str, str] = {}  # server id -> consumer host:port
+        self.auditors: dict[str, str] = {}  # server id -> auditor API host:port
         self.providers: dict[str, str] = {}  # server id -> provider host:port
         self.backends: dict[str, str] = {}  # backend name -> host:port
         self.server_names: dict[str, str] = {}  # server id -> process name
@@ -124,6 +128,7 @@ class Runner:
         for server in topology.get("servers", []):
             self.providers[server["id"]] = server["address"] = f"127.0.0.1:{free_port()}"
             self.consumers[server["id"]] = f"127.0.0.1:{free_port()}"
+            self.auditors[server["id"]] = f"127.0.0.1:{free_port()}"
             self.server_names[server["id"]] = (
                 "ss-" + SecurityServerId.parse(server["id"]).owner.code.lower()
             )
@@ -193,7 +198,13 @@ class Runner:
         owner = str(SecurityServerId.parse(sid).owner)
         state = self.workdir / "state" / name
         settings: dict[str, Any] = {
-            "server": {"id": sid, "anchor": str(self.pki / "anchor.json"), "state_dir": str(state)},
+            "server": {
+                "id": sid,
+                "anchor": str(self.pki / "anchor.json"),
+                "state_dir": str(state),
+                # one pseudonym key for the instance: one subject, one pseudonym everywhere
+                "subject_key": str(self.subject_key()),
+            },
             "consumer": {"listen": self.consumers[sid], **self._consumer_tls_settings(sid)},
             "provider": {
                 "listen": self.providers[sid],
@@ -206,8 +217,16 @@ class Runner:
                     "key": str(self.pki / "sign" / f"{slug(owner)}.key"),
                 }
             },
-            "log": {"database": str(state / "messagelog.db"), "store_bodies": self.store_bodies},
+            "log": {
+                "database": str(state / "messagelog.db"),
+                "store_bodies": self.store_bodies,
+                **self.log,
+            },
             "limits": dict(self.limits),
+            "auditor": {
+                "listen": self.auditors[sid],
+                "jwks_url": f"http://{self.api_address}/.well-known/jwks.json",
+            },
             "ocsp": {"url": f"http://{self.ocsp_address}/", **self.ocsp},
             "timestamping": self._timestamping_settings(),
             "backends": {
@@ -219,6 +238,21 @@ class Runner:
         path = self.workdir / f"{name}.toml"
         path.write_text(tomli_w.dumps(settings))
         self.processes[name] = self._process(name, ["server", "serve", "--config", str(path)])
+
+    def subject_key(self) -> Path:
+        """The instance's data-subject pseudonym key, created once (mode 0600)."""
+        path = self.pki / "subject-pseudonym.key"
+        if not path.exists():
+            import secrets
+
+            self.pki.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(secrets.token_bytes(32))
+        return path
+
+    def auditor_url(self, server_id: str) -> str:
+        return f"http://{self.auditors[server_id]}"
 
     def _timestamping_settings(self) -> dict[str, Any]:
         extra = dict(self.timestamping)

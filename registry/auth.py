@@ -118,6 +118,10 @@ class OidcSettings:
     member_claim: str = MEMBER_CLAIM
     server_claim: str = SERVER_CLAIM
     algorithms: tuple[str, ...] = ("RS256", "ES256")
+    # may a token without a member claim stand for an instance-wide auditor? Only for an
+    # issuer trusted as much as the registry (a security server trusts the registry's
+    # tokens through its JWKS URL); an external provider's tokens must name a member
+    instance_wide_auditors: bool = False
 
     def __post_init__(self) -> None:
         url = urlsplit(self.jwks_url)
@@ -282,6 +286,7 @@ class _Trust:
     role_claim: str
     member_claim: str
     server_claim: str
+    instance_wide_auditors: bool = False
 
 
 class _KeySet:
@@ -440,7 +445,7 @@ class TokenVerifier:
     def __init__(
         self,
         *,
-        issuer: TokenIssuer,
+        issuer: TokenIssuer | None,
         oidc: OidcSettings | None = None,
         leeway_seconds: float = 30.0,
         jwks_refresh_seconds: float = 300.0,
@@ -449,16 +454,23 @@ class TokenVerifier:
             raise ValueError(f"leeway_seconds must be a finite number >= 0, not {leeway_seconds}")
         if not (0 < jwks_refresh_seconds < math.inf):
             raise ValueError(f"jwks_refresh_seconds must be > 0, not {jwks_refresh_seconds}")
-        if oidc is not None and oidc.issuer == issuer.issuer:
+        if issuer is None and oidc is None:
+            raise ValueError("a token verifier needs the registry's issuer or a JWKS URL")
+        if oidc is not None and issuer is not None and oidc.issuer == issuer.issuer:
             raise ValueError(f"the OIDC issuer {oidc.issuer!r} is also the registry's own issuer")
         self._issuer = issuer
-        self._own = _Trust(
-            issuer=issuer.issuer,
-            audience=issuer.audience,
-            algorithms=(REGISTRY_ALGORITHM,),
-            role_claim=ROLE_CLAIM,
-            member_claim=MEMBER_CLAIM,
-            server_claim=SERVER_CLAIM,
+        self._own = (
+            None
+            if issuer is None
+            else _Trust(
+                issuer=issuer.issuer,
+                audience=issuer.audience,
+                algorithms=(REGISTRY_ALGORITHM,),
+                role_claim=ROLE_CLAIM,
+                member_claim=MEMBER_CLAIM,
+                server_claim=SERVER_CLAIM,
+                instance_wide_auditors=True,
+            )
         )
         self._oidc: _Trust | None = None
         self._keys: _KeySet | None = None
@@ -470,6 +482,7 @@ class TokenVerifier:
                 role_claim=oidc.role_claim,
                 member_claim=oidc.member_claim,
                 server_claim=oidc.server_claim,
+                instance_wide_auditors=oidc.instance_wide_auditors,
             )
             self._keys = _KeySet(oidc, refresh=timedelta(seconds=jwks_refresh_seconds))
         self._leeway = timedelta(seconds=leeway_seconds)
@@ -492,7 +505,7 @@ class TokenVerifier:
             raise AuthError("token has no issuer ('iss') claim")
 
         key: ec.EllipticCurvePublicKey | jwt.PyJWK
-        if iss == self._own.issuer:
+        if self._own is not None and self._issuer is not None and iss == self._own.issuer:
             trust = self._own
             self._check_algorithm(alg, trust)
             if kid != self._issuer.key_id:
@@ -508,7 +521,11 @@ class TokenVerifier:
         claims = _decode(token, key, alg, trust)
         self._check_times(claims, now)
         principal = _principal(claims, trust)
-        if trust is not self._own and principal.role is Role.AUDITOR and principal.member is None:
+        if (
+            not trust.instance_wide_auditors
+            and principal.role is Role.AUDITOR
+            and principal.member is None
+        ):
             # an instance-wide auditor is too much to grant because a claim is missing
             raise AuthError(
                 f"auditor tokens of {trust.issuer} must name a member in "

@@ -9,18 +9,23 @@ the chain alone cannot show, is detected once they were stamped).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import sqlalchemy as sa
 from cryptography import x509
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from gateway import archive as archive_format
 from gateway import merkle, tsp
 from gateway.audit import ChainBrokenError, ChainedRecord, ChainHead, verify_chain
 from gateway.errors import GatewayError
 from gateway.timeutil import parse_time
 from security_server.message_log import (
+    chain_names,
     iterate_records,
+    log_archives,
     log_evidence,
     message_log,
     row_to_record,
@@ -28,20 +33,58 @@ from security_server.message_log import (
 )
 
 
+@dataclass(slots=True)
+class VerifyReport:
+    """What `verify_log` found: per chain, its head and how many records were stamped."""
+
+    heads: dict[str, ChainHead] = field(default_factory=dict)
+    stamped: dict[str, int] = field(default_factory=dict)
+    archived: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def records(self) -> int:
+        return sum(h.next_seq - 1 for h in self.heads.values())
+
+    @property
+    def stamped_total(self) -> int:
+        return sum(self.stamped.values())
+
+
 async def verify_log(
-    url: str,
+    url: str | None,
     progress: Callable[[int, int], None] | None = None,
     cas: list[x509.Certificate] | None = None,
     stale_after: timedelta | None = None,
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
-) -> tuple[ChainHead, int]:
-    """Verify the whole chain of a log and its time-stamps; return the head and the number of
-    records stamped. Raise `ChainBrokenError` naming the first bad record or batch.
+    archive_dir: Path | None = None,
+) -> VerifyReport:
+    """Verify every chain of a log, its archives and its time-stamps.
+
+    Raise `ChainBrokenError` naming the first bad record, batch or archive file. Each
+    chain's archives (registered in `log_archives`, files in `archive_dir`) are checked
+    first, in order, then the records still in the database continue from the last one.
+    With `url` None, the archive files of `archive_dir` are verified alone (offline).
 
     Tokens are checked against `cas`, or else against the CA certificates the server kept
-    in the log's evidence. With `stale_after`, records left unstamped for longer than that
-    fail verification too (the newest batch's token, deleted with its records' stamps,
-    would otherwise pass unnoticed)."""
+    in the log's evidence (or the archives'). With `stale_after`, records left unstamped
+    for longer than that fail verification too (the newest batch's token, deleted with its
+    records' stamps, would otherwise pass unnoticed)."""
+    report = VerifyReport()
+    if url is None:
+        if archive_dir is None:
+            raise ValueError("give a database, an archive folder, or both")
+        found = _archive_files(archive_dir)
+        total = 0
+        counter = _Progress(progress, total)
+        for chain in sorted(found):
+            listed = [
+                _Listed(number, found[chain][number].name, None) for number in sorted(found[chain])
+            ]
+            head, stamped = _verify_archives(chain, archive_dir, listed, cas, counter)
+            report.heads[chain] = head
+            report.stamped[chain] = stamped
+            report.archived[chain] = head.next_seq - 1
+        return report
     engine = create_async_engine(url)
     try:
         async with engine.connect() as conn:
@@ -49,39 +92,255 @@ async def verify_log(
                 (await conn.execute(sa.select(sa.func.count()).select_from(message_log))).scalar()
                 or 0
             )
-        head = ChainHead()
-        batch = []
-        done = 0
-        async for record in iterate_records(engine):
-            batch.append(record)
-            if len(batch) >= 5000:
-                head = verify_chain(batch, head)
-                done += len(batch)
-                batch = []
-                if progress:
-                    progress(done, total)
-        head = verify_chain(batch, head)
-        if progress:
-            progress(done + len(batch), total)
-        stamped = await _verify_stamps(engine, head, cas)
-        if stale_after is not None and stamped < head.next_seq - 1:
-            async with engine.connect() as conn:
-                oldest = (
+            archived_total = int(
+                (
                     await conn.execute(
-                        sa.select(message_log.c.logged_at).where(message_log.c.seq == stamped + 1)
+                        sa.select(sa.func.coalesce(sa.func.max(log_archives.c.last_seq), 0))
                     )
                 ).scalar()
-            if oldest is not None and parse_time(str(oldest)) < now() - stale_after:
-                raise ChainBrokenError(
-                    stamped + 1,
-                    None,
-                    f"and the {head.next_seq - 1 - stamped} record(s) after it are not time-stamped "
-                    f"although logged at {oldest}, more than {stale_after} ago: a time-stamp was "
-                    "deleted, or the server's TSAs have been failing since",
+                or 0
+            )
+            if cas is None:
+                rows = await conn.execute(
+                    sa.select(log_evidence.c.data).where(log_evidence.c.kind == "ca")
                 )
-        return head, stamped
+                cas = [x509.load_der_x509_certificate(bytes(r.data)) for r in rows]
+        counter = _Progress(progress, total + archived_total)
+        for chain in await chain_names(engine):
+            listed = await _listed_archives(engine, chain)
+            if listed and archive_dir is None:
+                raise ChainBrokenError(
+                    1,
+                    None,
+                    f"is in archive files ({len(listed)} registered); give the archive folder "
+                    "(--archive-dir) to verify them",
+                    chain=chain,
+                )
+            head, stamped = (
+                _verify_archives(chain, archive_dir, listed, cas, counter)
+                if listed and archive_dir is not None
+                else (ChainHead(), 0)
+            )
+            report.archived[chain] = head.next_seq - 1
+            after = head.next_seq - 1
+            batch: list[ChainedRecord] = []
+            async for record in iterate_records(engine, chain, after=after):
+                if not batch and record.seq != head.next_seq and after:
+                    raise ChainBrokenError(
+                        head.next_seq,
+                        None,
+                        f"is missing: the archives end at record {after} and the database "
+                        f"continues at {record.seq}",
+                        chain=chain,
+                    )
+                batch.append(record)
+                if len(batch) >= 5000:
+                    head = verify_chain(batch, head)
+                    counter.add(len(batch))
+                    batch = []
+            head = verify_chain(batch, head)
+            counter.add(len(batch))
+            stamped += await _verify_stamps(engine, chain, head, after, cas)
+            report.heads[chain] = head
+            report.stamped[chain] = stamped
+            if stale_after is not None and stamped < head.next_seq - 1:
+                async with engine.connect() as conn:
+                    oldest = (
+                        await conn.execute(
+                            sa.select(message_log.c.logged_at).where(
+                                message_log.c.chain == chain, message_log.c.seq == stamped + 1
+                            )
+                        )
+                    ).scalar()
+                if oldest is not None and parse_time(str(oldest)) < now() - stale_after:
+                    raise ChainBrokenError(
+                        stamped + 1,
+                        None,
+                        f"and the {head.next_seq - 1 - stamped} record(s) after it are not "
+                        f"time-stamped although logged at {oldest}, more than {stale_after} ago: "
+                        "a time-stamp was deleted, or the server's TSAs have been failing since",
+                        chain=chain,
+                    )
+        return report
     finally:
         await engine.dispose()
+
+
+class _Progress:
+    def __init__(self, report: Callable[[int, int], None] | None, total: int) -> None:
+        self.report = report
+        self.total = total
+        self.done = 0
+
+    def add(self, count: int) -> None:
+        self.done += count
+        if self.report:
+            self.report(self.done, max(self.total, self.done))
+
+
+@dataclass(frozen=True, slots=True)
+class _Listed:
+    """An archive a chain should have: its number, file name and (from the database) digest."""
+
+    number: int
+    file_name: str
+    sha256: str | None
+    first_seq: int | None = None
+    last_seq: int | None = None
+
+
+async def _listed_archives(engine: AsyncEngine, chain: str) -> list[_Listed]:
+    async with engine.connect() as conn:
+        rows = await conn.execute(
+            sa.select(log_archives)
+            .where(log_archives.c.chain == chain)
+            .order_by(log_archives.c.number)
+        )
+        return [
+            _Listed(
+                int(r.number), str(r.file_name), str(r.sha256), int(r.first_seq), int(r.last_seq)
+            )
+            for r in rows
+        ]
+
+
+def _archive_files(folder: Path) -> dict[str, dict[int, Path]]:
+    found: dict[str, dict[int, Path]] = {}
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        parsed = archive_format.parse_file_name(path.name)
+        if parsed is not None:
+            found.setdefault(parsed[0], {})[parsed[1]] = path
+    return found
+
+
+def _verify_archives(
+    chain: str,
+    folder: Path | None,
+    listed: list[_Listed],
+    cas: list[x509.Certificate] | None,
+    counter: _Progress,
+) -> tuple[ChainHead, int]:
+    """Verify a chain's archive files in order; return the head after the last and the
+    number of records their time-stamps cover."""
+    assert folder is not None
+    head = ChainHead()
+    prev_sha = archive_format.NO_ARCHIVE
+    stamped = 0
+    digests = {item.sha256: item.number for item in listed if item.sha256}
+    for expected, item in enumerate(listed, start=1):
+        name = item.file_name
+        where = f"archive {item.number} of chain {chain} ({name})"
+        if item.number != expected:
+            raise ChainBrokenError(
+                head.next_seq,
+                None,
+                f"is missing: archive {expected} of chain {chain} is not registered "
+                f"(the next registered is {item.number})",
+                chain=chain,
+            )
+        path = folder / name
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise ChainBrokenError(
+                head.next_seq,
+                None,
+                f"is missing: {where} is missing from {folder}",
+                chain=chain,
+            ) from None
+        digest = archive_format.sha256_hex(data)
+        if item.sha256 is not None and digest != item.sha256:
+            other = digests.get(digest)
+            why = (
+                f"{where} holds archive {other}: the archive files were reordered"
+                if other is not None
+                else f"{where} was edited: its SHA-256 is not the one registered when it was written"
+            )
+            raise ChainBrokenError(head.next_seq, None, why, chain=chain)
+        try:
+            parsed = archive_format.decode(data, where=where)
+        except archive_format.ArchiveError as err:
+            raise ChainBrokenError(head.next_seq, None, err.message, chain=chain) from None
+        if parsed.chain != chain or parsed.number != item.number:
+            raise ChainBrokenError(
+                head.next_seq,
+                None,
+                f"{where} holds archive {parsed.number} of chain {parsed.chain}: the archive "
+                "files were reordered or renamed",
+                chain=chain,
+            )
+        if parsed.prev_sha256 != prev_sha:
+            raise ChainBrokenError(
+                head.next_seq,
+                None,
+                f"{where} does not link to the archive before it (edited, reordered or "
+                "an archive is missing)",
+                chain=chain,
+            )
+        if parsed.records and parsed.records[0].seq > head.next_seq:
+            raise ChainBrokenError(
+                head.next_seq,
+                None,
+                f"is missing: {where} starts at record {parsed.records[0].seq}",
+                chain=chain,
+            )
+        try:
+            head = verify_chain(parsed.records, head)
+        except ChainBrokenError as err:
+            raise ChainBrokenError(
+                err.seq,
+                err.message_id,
+                f"in {where}: {err.message.split(': ', 1)[-1]}",
+                chain=chain,
+            ) from None
+        if head.next_seq - 1 != parsed.last_seq:
+            raise ChainBrokenError(
+                head.next_seq,
+                None,
+                f"{where}: its header says it ends at {parsed.last_seq}",
+                chain=chain,
+            )
+        counter.add(len(parsed.records))
+        trusted = cas
+        if trusted is None:
+            trusted = [
+                x509.load_der_x509_certificate(data)
+                for kind, data in parsed.evidence.values()
+                if kind == "ca"
+            ]
+        hashes = {r.seq: r.hash for r in parsed.records}
+        for batch in parsed.batches:
+            leaves = [hashes[s] for s in range(batch.first_seq, batch.last_seq + 1) if s in hashes]
+            _check_batch(
+                chain, batch.first_seq, batch.last_seq, leaves, batch.root, batch.token, trusted
+            )
+            stamped += len(leaves)
+        prev_sha = digest
+    return head, stamped
+
+
+def _check_batch(
+    chain: str,
+    first: int,
+    end: int,
+    leaves: list[bytes],
+    root: bytes,
+    token: bytes,
+    cas: list[x509.Certificate],
+) -> None:
+    if len(leaves) != end - first + 1 or merkle.root(leaves) != root:
+        raise ChainBrokenError(
+            first,
+            None,
+            f"batch {first}..{end}: its records' Merkle root is not the stamped one",
+            chain=chain,
+        )
+    try:
+        tsp.verify_token(token, digest=root, cas=cas)
+    except GatewayError as err:
+        raise ChainBrokenError(
+            first, None, f"batch {first}..{end}: {err.message}", chain=chain
+        ) from None
 
 
 async def read_records(url: str, message_id: str) -> list[ChainedRecord]:
@@ -92,7 +351,7 @@ async def read_records(url: str, message_id: str) -> list[ChainedRecord]:
             rows = await conn.execute(
                 sa.select(message_log)
                 .where(message_log.c.message_id == message_id)
-                .order_by(message_log.c.seq)
+                .order_by(message_log.c.logged_at, message_log.c.chain, message_log.c.seq)
             )
             return [row_to_record(r) for r in rows]
     finally:
@@ -100,20 +359,24 @@ async def read_records(url: str, message_id: str) -> list[ChainedRecord]:
 
 
 async def _verify_stamps(
-    engine: AsyncEngine, head: ChainHead, cas: list[x509.Certificate] | None
+    engine: AsyncEngine,
+    chain: str,
+    head: ChainHead,
+    after: int,
+    cas: list[x509.Certificate],
 ) -> int:
-    """Check every time-stamped batch against the (already verified) chain."""
+    """Check every time-stamped batch of a chain still in the database against the (already
+    verified) chain; `after` is the last archived record."""
     async with engine.connect() as conn:
-        if cas is None:
-            rows = await conn.execute(
-                sa.select(log_evidence.c.data).where(log_evidence.c.kind == "ca")
-            )
-            cas = [x509.load_der_x509_certificate(bytes(r.data)) for r in rows]
         batches = (
-            await conn.execute(sa.select(timestamp_batches).order_by(timestamp_batches.c.first_seq))
+            await conn.execute(
+                sa.select(timestamp_batches)
+                .where(timestamp_batches.c.chain == chain)
+                .order_by(timestamp_batches.c.first_seq)
+            )
         ).all()
         stamped = 0
-        last = 0
+        last = after
         for batch in batches:
             first, end = int(batch.first_seq), int(batch.last_seq)
             if first != last + 1:
@@ -121,6 +384,7 @@ async def _verify_stamps(
                     first,
                     None,
                     f"time-stamped batches are not contiguous (previous ended at {last})",
+                    chain=chain,
                 )
             if end >= head.next_seq:
                 raise ChainBrokenError(
@@ -128,27 +392,17 @@ async def _verify_stamps(
                     None,
                     f"is missing: the batch time-stamped at {batch.gen_time} covers records "
                     f"up to {end}, so records {head.next_seq}..{end} were deleted",
+                    chain=chain,
                 )
             leaves = [
                 bytes(r.hash)
                 for r in await conn.execute(
                     sa.select(message_log.c.hash)
-                    .where(message_log.c.seq.between(first, end))
+                    .where(message_log.c.chain == chain, message_log.c.seq.between(first, end))
                     .order_by(message_log.c.seq)
                 )
             ]
-            if merkle.root(leaves) != bytes(batch.root):
-                raise ChainBrokenError(
-                    first,
-                    None,
-                    f"batch {first}..{end}: its records' Merkle root is not the stamped one",
-                )
-            try:
-                tsp.verify_token(bytes(batch.token), digest=bytes(batch.root), cas=cas)
-            except GatewayError as err:
-                raise ChainBrokenError(
-                    first, None, f"batch {first}..{end}: {err.message}"
-                ) from None
+            _check_batch(chain, first, end, leaves, bytes(batch.root), bytes(batch.token), cas)
             stamped += len(leaves)
             last = end
         return stamped

@@ -146,7 +146,7 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                     code=Code.UNKNOWN_SERVICE,
                 )
             service.check_method(method)
-            config.agreements.decide(client, service_id, purpose, now)
+            facts["agreement_id"] = config.agreements.decide(client, service_id, purpose, now).id
             signer = node.signer_for(client.member)
             # what the provider would refuse, refused here: our own certificates' status
             staple = node.own_status.staple(signer.certificate_sha256)
@@ -166,7 +166,7 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                 created_at=now,
                 body_sha256=sha256_hex(body),
                 user_id=user_id,
-                subject=subject,
+                subject_ref=facts["subject_ref"],
             )
             header_bytes = header.encode()
             signature = signer.sign(header_bytes)

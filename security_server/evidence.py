@@ -59,7 +59,7 @@ async def _export(conn: AsyncConnection, message_id: str) -> dict[str, bytes]:
         .where(
             message_log.c.message_id == message_id, message_log.c.kind.in_(("request", "response"))
         )
-        .order_by(message_log.c.seq)
+        .order_by(message_log.c.logged_at, message_log.c.chain, message_log.c.seq)
     )
     records = [row_to_record(r) for r in rows]
     if not records:
@@ -114,6 +114,7 @@ async def _export_record(
     f = record.fields
     files[f"{folder}/record.json"] = json.dumps(
         {
+            "chain": record.chain,
             "seq": record.seq,
             "prev_hash": record.prev_hash.hex(),
             "hash": record.hash.hex(),
@@ -148,6 +149,7 @@ async def _export_record(
     batch = (
         await conn.execute(
             sa.select(timestamp_batches).where(
+                timestamp_batches.c.chain == record.chain,
                 timestamp_batches.c.first_seq <= record.seq,
                 timestamp_batches.c.last_seq >= record.seq,
             )
@@ -162,7 +164,10 @@ async def _export_record(
         bytes(r.hash)
         for r in await conn.execute(
             sa.select(message_log.c.hash)
-            .where(message_log.c.seq.between(batch.first_seq, batch.last_seq))
+            .where(
+                message_log.c.chain == record.chain,
+                message_log.c.seq.between(batch.first_seq, batch.last_seq),
+            )
             .order_by(message_log.c.seq)
         )
     ]

@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Callable
+import ssl
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -24,13 +25,18 @@ from gateway.identifiers import MemberId, SecurityServerId
 from gateway.replay import ReplayGuard
 from gateway.settings import database_url
 from gateway.signing import EcdsaSigner, load_certificate, load_private_key
+from registry.auth import OidcSettings, TokenVerifier
+from security_server.archive import Archiver
+from security_server.auditor_api import AuditorApi
+from security_server.auditor_api import start as start_auditor_api
 from security_server.certificate_status import OwnStatus, StatusChecker, der_sha256
 from security_server.config_client import ConfigurationClient
 from security_server.consumer import ConsumerService
-from security_server.message_log import MessageLog
+from security_server.message_log import ChainInUseError, MessageLog
 from security_server.node import Node, load_subject_secret
 from security_server.peers import PeerPool
 from security_server.provider import BackendClient, ProviderService
+from security_server.search import Searcher
 from security_server.settings import ServerSettings
 from security_server.timestamper import Timestamper
 
@@ -72,6 +78,37 @@ class TlsRoots:
         )
 
 
+def _path(value: str, base: Path) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def auditor_token_verifier(settings: ServerSettings, server_id: SecurityServerId) -> TokenVerifier:
+    """Tokens of the registry (through its JWKS URL), where instance-wide auditors exist."""
+    registry = f"gateway-registry:{server_id.owner.instance}"
+    try:
+        trust = OidcSettings(
+            jwks_url=settings.auditor.jwks_url,
+            issuer=settings.auditor.issuer or registry,
+            audience=settings.auditor.audience or registry,
+            algorithms=("ES256", "RS256"),
+            instance_wide_auditors=True,
+        )
+    except ValueError as exc:
+        raise ConfigFileError(f"auditor: {exc}") from None
+    return TokenVerifier(issuer=None, oidc=trust)
+
+
+def _auditor_tls(settings: ServerSettings) -> ssl.SSLContext | None:
+    section = settings.auditor
+    if section.tls_certificate is None or section.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(section.tls_certificate, section.tls_key)
+    return context
+
+
 async def serve(
     settings: ServerSettings,
     *,
@@ -101,9 +138,15 @@ async def serve(
         anchor=anchor, cache_file=state_dir / "configuration.json", clock=_clock
     )
     config.load_cached()
-    message_log = await MessageLog.open(
-        database_url(settings.log.database, base=base), max_batch=settings.log.max_batch
-    )
+    subject_secret = load_subject_secret(state_dir, settings.server.subject_key)
+    try:
+        message_log = await MessageLog.open(
+            database_url(settings.log.database, base=base),
+            chain=settings.log.chain,
+            max_batch=settings.log.max_batch,
+        )
+    except ChainInUseError as exc:
+        raise ConfigFileError(str(exc)) from None
     replay = ReplayGuard(window=timedelta(seconds=settings.limits.clock_skew_seconds))
     tls_cert = settings.provider.tls_certificate.read_bytes()
     tls_key = settings.provider.tls_key.read_bytes()
@@ -137,7 +180,7 @@ async def serve(
         log=message_log,
         limits=settings.limits,
         replay=replay,
-        subject_secret=load_subject_secret(state_dir),
+        subject_secret=subject_secret,
         clock=_clock,
     )
     now = _clock()
@@ -154,6 +197,18 @@ async def serve(
     )
     backends = BackendClient(dict(settings.backends), max_frame)
     servers: list[grpc.aio.Server] = []
+    closers: list[Callable[[], Awaitable[None]]] = []
+    if settings.log.retention_days > 0:
+        archiver = Archiver(
+            message_log.engine,
+            settings.log.chain,
+            _path(settings.log.archive_dir, base),
+            retention=timedelta(days=settings.log.retention_days),
+            interval=settings.log.archive_interval_seconds,
+            max_records=settings.log.archive_max_records,
+            clock=_clock,
+        )
+        background.append(asyncio.create_task(archiver.run(), name="archiver"))
     try:
         if config.current is None:
             log.info("waiting_for_configuration", registry=list(anchor.addresses))
@@ -219,10 +274,23 @@ async def serve(
             "provider": f"{settings.provider.listen.rsplit(':', 1)[0]}:{provider_port}",
             "consumer": f"{local.listen.rsplit(':', 1)[0]}:{consumer_port}",
         }
+        if settings.auditor.listen:
+            verifier = auditor_token_verifier(settings, server_id)
+            closers.append(verifier.close)
+            api = AuditorApi(
+                node, Searcher(message_log.engine), verifier, max_page=settings.auditor.max_page
+            )
+            auditor_runner, auditor_port = await start_auditor_api(
+                api, settings.auditor.listen, _auditor_tls(settings)
+            )
+            closers.append(auditor_runner.cleanup)
+            ready["auditor"] = f"{settings.auditor.listen.rsplit(':', 1)[0]}:{auditor_port}"
         log.info("security_server_started", **ready)
         on_ready(ready)
         await stop.wait()
     finally:
+        for close in reversed(closers):
+            await close()
         for s in servers:
             await s.stop(grace=2.0)
         for task in background:

@@ -21,6 +21,9 @@ Database errors are translated here into `UnavailableError(LOG_UNAVAILABLE)`.
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
+import re
 from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -44,9 +47,12 @@ metadata = sa.MetaData()
 
 _BINARY = {"header", "signature"}
 
+# one hash chain per writer: a server has one chain ("main"); replicas sharing one database
+# each write their own (`log.chain`), so that no lock is shared on the data path
 message_log = sa.Table(
     "message_log",
     metadata,
+    sa.Column("chain", sa.String(64), primary_key=True),
     sa.Column("seq", sa.BigInteger, primary_key=True, autoincrement=False),
     sa.Column("prev_hash", sa.LargeBinary(32), nullable=False),
     sa.Column("hash", sa.LargeBinary(32), nullable=False),
@@ -55,7 +61,8 @@ message_log = sa.Table(
         for name in RECORD_FIELDS
     ),
     sa.Index("ix_message_log_message_id", "message_id"),
-    sa.Index("ix_message_log_logged_at", "logged_at"),
+    sa.Index("ix_message_log_subject", "subject_ref", "logged_at"),
+    sa.Index("ix_message_log_time", "logged_at", "chain", "seq"),
 )
 
 # certificates, OCSP responses and bodies that records name by their SHA-256
@@ -71,12 +78,29 @@ log_evidence = sa.Table(
 timestamp_batches = sa.Table(
     "timestamp_batches",
     metadata,
+    sa.Column("chain", sa.String(64), primary_key=True),
     sa.Column("first_seq", sa.BigInteger, primary_key=True, autoincrement=False),
-    sa.Column("last_seq", sa.BigInteger, nullable=False, unique=True),
+    sa.Column("last_seq", sa.BigInteger, nullable=False),
     sa.Column("root", sa.LargeBinary(32), nullable=False),
     sa.Column("token", sa.LargeBinary, nullable=False),
     sa.Column("tsa", sa.Text, nullable=False),
     sa.Column("gen_time", sa.Text, nullable=False),
+)
+
+# the archive files a chain's oldest records moved into, in order: number n holds records
+# first_seq..last_seq, its file's SHA-256, and the SHA-256 of archive n-1 it links to
+log_archives = sa.Table(
+    "log_archives",
+    metadata,
+    sa.Column("chain", sa.String(64), primary_key=True),
+    sa.Column("number", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("first_seq", sa.BigInteger, nullable=False),
+    sa.Column("last_seq", sa.BigInteger, nullable=False),
+    sa.Column("last_hash", sa.LargeBinary(32), nullable=False),
+    sa.Column("file_name", sa.Text, nullable=False),
+    sa.Column("sha256", sa.String(64), nullable=False),
+    sa.Column("prev_sha256", sa.String(64), nullable=False),
+    sa.Column("created_at", sa.Text, nullable=False),
 )
 
 # what a record asks to be kept beside it: {sha256 hex: (kind, bytes)}
@@ -93,6 +117,7 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 def row_to_record(row: Any) -> ChainedRecord:
     m = row._mapping
     return ChainedRecord(
+        chain=str(m["chain"]),
         seq=int(m["seq"]),
         prev_hash=bytes(m["prev_hash"]),
         hash=bytes(m["hash"]),
@@ -103,15 +128,130 @@ def row_to_record(row: Any) -> ChainedRecord:
     )
 
 
+CHAIN_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def check_chain_name(chain: str) -> str:
+    """A chain's name: it names archive files, so letters, digits, '.', '_' and '-' only."""
+    if not CHAIN_PATTERN.fullmatch(chain):
+        raise ValueError(
+            f"log.chain {chain!r} must be 1 to 64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return chain
+
+
+class ChainInUseError(RuntimeError):
+    """Another process writes this chain: two writers would fork it."""
+
+
+async def migrate(engine: AsyncEngine) -> None:
+    """Bring the log's schema to the newest migration (see `security_server.migrations`)."""
+    from security_server.migrations import upgrade
+
+    async with engine.begin() as conn:
+        await conn.run_sync(lambda sync: upgrade(sync))
+
+
+async def _claim_chain(engine: AsyncEngine, chain: str) -> Any:
+    """Make sure no other process writes `chain`, for as long as the returned claim is held.
+
+    PostgreSQL: a session advisory lock, on a connection kept open (one per chain, never
+    taken on the data path). SQLite: an exclusive lock on a file beside the database."""
+    if engine.dialect.name == "postgresql":
+        conn = await engine.connect()
+        try:
+            got = (
+                await conn.execute(
+                    sa.text("SELECT pg_try_advisory_lock(hashtextextended(:key, 0))"),
+                    {"key": f"gateway-message-log:{chain}"},
+                )
+            ).scalar()
+            await conn.commit()
+        except BaseException:
+            await conn.close()
+            raise
+        if not got:
+            await conn.close()
+            raise ChainInUseError(_in_use(chain))
+        return conn
+    database = engine.url.database
+    if not database or database == ":memory:":
+        return None
+    fd = os.open(f"{database}.{chain}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ChainInUseError(_in_use(chain)) from None
+    return fd
+
+
+def _in_use(chain: str) -> str:
+    return (
+        f"another process is writing chain {chain!r} of this message log; give every replica "
+        "its own log.chain (two writers would fork the chain)"
+    )
+
+
+async def _release_claim(claim: Any) -> None:
+    if isinstance(claim, int):
+        os.close(claim)
+    elif claim is not None:
+        await claim.close()
+
+
+async def chain_head(engine: AsyncEngine, chain: str) -> ChainHead:
+    """Where `chain` ends: its newest record, or the end of its newest archive."""
+    async with engine.connect() as conn:
+        row = (
+            await conn.execute(
+                sa.select(message_log.c.seq, message_log.c.hash)
+                .where(message_log.c.chain == chain)
+                .order_by(message_log.c.seq.desc())
+                .limit(1)
+            )
+        ).first()
+        archived = (
+            await conn.execute(
+                sa.select(log_archives.c.last_seq, log_archives.c.last_hash)
+                .where(log_archives.c.chain == chain)
+                .order_by(log_archives.c.number.desc())
+                .limit(1)
+            )
+        ).first()
+    candidates = [(int(r[0]), bytes(r[1])) for r in (row, archived) if r is not None]
+    if not candidates:
+        return ChainHead()
+    seq, last = max(candidates)
+    return ChainHead(next_seq=seq + 1, last_hash=last)
+
+
+async def chain_names(engine: AsyncEngine) -> list[str]:
+    """Every chain the log holds, in records or in archives."""
+    async with engine.connect() as conn:
+        rows = await conn.execute(
+            sa.union(
+                sa.select(message_log.c.chain).distinct(),
+                sa.select(log_archives.c.chain).distinct(),
+                sa.select(timestamp_batches.c.chain).distinct(),
+            )
+        )
+        return sorted(str(r[0]) for r in rows)
+
+
 class MessageLog:
-    def __init__(self, engine: AsyncEngine, head: ChainHead, max_batch: int) -> None:
+    def __init__(self, engine: AsyncEngine, head: ChainHead, max_batch: int, chain: str) -> None:
         self.engine = engine
         self.head = head
         self.max_batch = max_batch
+        self.chain = chain
         self._pending: list[tuple[Mapping[str, FieldValue], Evidence, asyncio.Future[int]]] = []
         self._wake = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
+        # held while this process writes the chain (see `_claim_chain`)
+        self._claim: Any = None
         # the insert, compiled once for this database's dialect: the hot path skips
         # SQLAlchemy's per-execution compilation and parameter processing
         compiled = message_log.insert().compile(dialect=engine.dialect)
@@ -158,25 +298,23 @@ class MessageLog:
         self.records_written = 0
 
     @classmethod
-    async def open(cls, url: str, *, max_batch: int = 512) -> MessageLog:
+    async def open(cls, url: str, *, chain: str = "main", max_batch: int = 512) -> MessageLog:
+        """Open the log, migrate its schema, claim `chain` for this process and find its head.
+
+        `ChainInUseError` when another process already writes that chain."""
+        check_chain_name(chain)
         engine = create_async_engine(url)
         if engine.dialect.name == "sqlite":
             event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
-        async with engine.begin() as conn:
-            await conn.run_sync(metadata.create_all)
-            row = (
-                await conn.execute(
-                    sa.select(message_log.c.seq, message_log.c.hash)
-                    .order_by(message_log.c.seq.desc())
-                    .limit(1)
-                )
-            ).first()
-        head = (
-            ChainHead()
-            if row is None
-            else ChainHead(next_seq=int(row.seq) + 1, last_hash=bytes(row.hash))
-        )
-        self = cls(engine, head, max_batch)
+        try:
+            await migrate(engine)
+            claim = await _claim_chain(engine, chain)
+            head = await chain_head(engine, chain)
+        except BaseException:
+            await engine.dispose()
+            raise
+        self = cls(engine, head, max_batch, chain)
+        self._claim = claim
         self._writer = asyncio.create_task(self._write_loop(), name="message-log-writer")
         return self
 
@@ -191,6 +329,8 @@ class MessageLog:
             self._executor.shutdown()
         if self._sync_engine is not None:
             self._sync_engine.dispose()
+        await _release_claim(self._claim)
+        self._claim = None
         await self.engine.dispose()
 
     async def append(
@@ -243,7 +383,7 @@ class MessageLog:
         """Store one batch's time-stamp (through the writer's own connection on SQLite)."""
         if self._executor is None:
             async with self.engine.begin() as conn:
-                await conn.execute(timestamp_batches.insert(), [dict(row)])
+                await conn.execute(timestamp_batches.insert(), [{**row, "chain": self.chain}])
             return
 
         def write() -> None:
@@ -251,7 +391,7 @@ class MessageLog:
             if self._sync_conn is None:
                 self._sync_conn = self._sync_engine.connect()
             with self._sync_conn.begin():
-                self._sync_conn.execute(timestamp_batches.insert(), [dict(row)])
+                self._sync_conn.execute(timestamp_batches.insert(), [{**row, "chain": self.chain}])
 
         try:
             await asyncio.get_running_loop().run_in_executor(self._executor, write)
@@ -262,7 +402,11 @@ class MessageLog:
     async def last_stamped_seq(self) -> int:
         async with self.engine.connect() as conn:
             value = (
-                await conn.execute(sa.select(sa.func.max(timestamp_batches.c.last_seq)))
+                await conn.execute(
+                    sa.select(sa.func.max(timestamp_batches.c.last_seq)).where(
+                        timestamp_batches.c.chain == self.chain
+                    )
+                )
             ).scalar()
         return int(value or 0)
 
@@ -277,7 +421,7 @@ class MessageLog:
         async with self.engine.connect() as conn:
             rows = await conn.execute(
                 sa.select(message_log.c.seq, message_log.c.hash)
-                .where(message_log.c.seq > after)
+                .where(message_log.c.chain == self.chain, message_log.c.seq > after)
                 .order_by(message_log.c.seq)
             )
             self.unstamped[:0] = [(int(r.seq), bytes(r.hash)) for r in rows]
@@ -295,7 +439,14 @@ class MessageLog:
         saved = ChainHead(self.head.next_seq, self.head.last_hash)
         records = [self.head.link(fields) for fields, _, _ in batch]
         rows = [
-            {"seq": r.seq, "prev_hash": r.prev_hash, "hash": r.hash, **r.fields} for r in records
+            {
+                "chain": self.chain,
+                "seq": r.seq,
+                "prev_hash": r.prev_hash,
+                "hash": r.hash,
+                **r.fields,
+            }
+            for r in records
         ]
         extra: dict[str, tuple[str, bytes]] = {}
         for _, evidence, _ in batch:
@@ -352,22 +503,27 @@ class MessageLog:
             return {r.message_id for r in rows}
 
     async def records(self, *, message_id: str | None = None) -> list[ChainedRecord]:
-        query = sa.select(message_log).order_by(message_log.c.seq)
+        """Records of every chain (this process's and other replicas'), oldest first."""
+        query = sa.select(message_log).order_by(
+            message_log.c.logged_at, message_log.c.chain, message_log.c.seq
+        )
         if message_id is not None:
             query = query.where(message_log.c.message_id == message_id)
         async with self.engine.connect() as conn:
             return [row_to_record(r) for r in await conn.execute(query)]
 
 
-async def iterate_records(engine: AsyncEngine, batch: int = 5000) -> AsyncIterator[ChainedRecord]:
-    """Every record in sequence order, read in batches (for verification of large logs)."""
-    after = 0
+async def iterate_records(
+    engine: AsyncEngine, chain: str, *, after: int = 0, batch: int = 5000
+) -> AsyncIterator[ChainedRecord]:
+    """Every record of one chain after `after`, in sequence order, read in batches (for
+    verification of large logs)."""
     while True:
         async with engine.connect() as conn:
             rows = (
                 await conn.execute(
                     sa.select(message_log)
-                    .where(message_log.c.seq > after)
+                    .where(message_log.c.chain == chain, message_log.c.seq > after)
                     .order_by(message_log.c.seq)
                     .limit(batch)
                 )

@@ -16,7 +16,7 @@ from cryptography import x509
 from gateway.agreements import RateLimiter
 from gateway.audit import FieldValue
 from gateway.configuration import GlobalConfiguration
-from gateway.errors import Code, GatewayError
+from gateway.errors import Code, ConfigFileError, GatewayError
 from gateway.identifiers import MemberId, SecurityServerId, SubsystemId
 from gateway.pseudonym import subject_pseudonym
 from gateway.replay import ReplayGuard
@@ -108,8 +108,21 @@ class Node:
             log.error("refusal_not_logged", code=fields.get("error_code"), error=err.message)
 
 
-def load_subject_secret(state_dir: Path) -> bytes:
-    """The per-server secret of subject pseudonyms, created on first start (mode 0600)."""
+def load_subject_secret(state_dir: Path, configured: Path | None = None) -> bytes:
+    """The secret of subject pseudonyms: the configured file (shared by every server of the
+    instance), or else a per-server file in the state folder, created on first start (0600)."""
+    if configured is not None:
+        try:
+            secret = configured.read_bytes()
+        except OSError as exc:
+            raise ConfigFileError(
+                f"server.subject_key: cannot read {configured}: {exc.strerror}"
+            ) from None
+        if len(secret) < 16:
+            raise ConfigFileError(
+                f"server.subject_key: {configured} holds {len(secret)} bytes; at least 16 are needed"
+            )
+        return secret
     path = state_dir / "subject-pseudonym.key"
     try:
         return path.read_bytes()

@@ -314,6 +314,7 @@ class ProviderService:
             return await self._refuse(frame, err, header, peer_name, signer_sha, started)
 
         common = self._facts(header, peer_name)
+        common["agreement_id"] = agreement.id
         assert signer_sha is not None
         staple_sha, evidence = node.evidence(
             certificate,
@@ -435,7 +436,8 @@ class ProviderService:
             "method": header.method,
             "purpose": header.purpose,
             "user_id": header.user_id,
-            "subject_ref": self.node.pseudonym(header.subject),
+            # the consumer's pseudonym of the subject, as signed (same instance, same key)
+            "subject_ref": header.subject_ref,
             "peer": peer_name,
         }
 

@@ -16,8 +16,12 @@ class ServerSection:
     id: str
     # the instance anchor (JSON) the configuration is verified against
     anchor: Path
-    # folder for the cached configuration and the pseudonym secret
+    # folder for the cached configuration, OCSP answers and (by default) the pseudonym secret
     state_dir: Path
+    # file holding the secret (at least 16 bytes) that keys data-subject pseudonyms; give
+    # every server and replica of the instance the same file, so that one subject has one
+    # pseudonym everywhere; unset: STATE_DIR/subject-pseudonym.key, created on first start
+    subject_key: Path | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -57,6 +61,29 @@ class LogSection:
     # keep request and response bodies beside their records (for evidence bundles); they
     # hold personal data, so this is off unless the agency's rules require it
     store_bodies: bool = False
+    # this writer's hash chain; replicas sharing one database each need their own name
+    # (letters, digits, '.', '_', '-'), such as the pod name
+    chain: str = "main"
+    # records older than this many days move into archive files and leave the database;
+    # 0 keeps every record in the database
+    retention_days: float = 0.0
+    # folder of the archive files (relative to the config file)
+    archive_dir: str = "archive"
+    # how often old records are archived, in seconds
+    archive_interval_seconds: float = 3600.0
+    # most records in one archive file
+    archive_max_records: int = 100_000
+
+    def __post_init__(self) -> None:
+        from security_server.message_log import check_chain_name
+
+        check_chain_name(self.chain)
+        if self.retention_days < 0 or self.archive_interval_seconds <= 0:
+            raise ValueError(
+                "log.retention_days must be >= 0 and log.archive_interval_seconds positive"
+            )
+        if self.archive_max_records < 1:
+            raise ValueError("log.archive_max_records must be at least 1")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -100,6 +127,33 @@ class OcspSection:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class AuditorSection:
+    # host:port of the auditor API (HTTP, or HTTPS with the two TLS settings); empty: off
+    listen: str = ""
+    # TLS certificate and key (PEM) of the auditor API; without them it speaks plain HTTP
+    # (then bind it to loopback or a private network)
+    tls_certificate: Path | None = None
+    tls_key: Path | None = None
+    # where the registry publishes its token keys (JWKS), such as
+    # http://registry:7080/.well-known/jwks.json (https, or http on loopback only)
+    jwks_url: str = ""
+    # the issuer and audience of accepted tokens; empty: the registry's own,
+    # "gateway-registry:INSTANCE"
+    issuer: str = ""
+    audience: str = ""
+    # most results in one page
+    max_page: int = 500
+
+    def __post_init__(self) -> None:
+        if self.listen and not self.jwks_url:
+            raise ValueError("auditor.listen needs auditor.jwks_url, to verify auditor tokens")
+        if (self.tls_certificate is None) != (self.tls_key is None):
+            raise ValueError("auditor.tls_certificate and auditor.tls_key go together")
+        if not 1 <= self.max_page <= 10_000:
+            raise ValueError("auditor.max_page must be between 1 and 10000")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class LimitsSection:
     # largest request or response body, in bytes
     max_message_bytes: int = 4 * 1024 * 1024
@@ -122,5 +176,6 @@ class ServerSettings:
     timestamping: TimestampingSection = field(default_factory=TimestampingSection)
     ocsp: OcspSection = field(default_factory=OcspSection)
     limits: LimitsSection = field(default_factory=LimitsSection)
+    auditor: AuditorSection = field(default_factory=AuditorSection)
     # backend address (host:port, plain gRPC) per service id this server provides
     backends: dict[str, str] = field(default_factory=dict)

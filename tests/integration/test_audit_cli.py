@@ -13,6 +13,7 @@ import pytest
 from gateway_demo.client import call_raw, routing_metadata
 from gateway_demo.generated import population_pb2 as population
 from gateway_demo.runner import Runner
+from tests.tamper import tamper_sqlite
 
 from .conftest import CLINICS, GET_PERSON, MSP, POPULATION, audit_verify
 
@@ -52,9 +53,7 @@ def db(log_copy: Path, tmp_path: Path) -> Path:
 
 
 def execute(db: Path, *statements: str) -> None:
-    with sqlite3.connect(db) as conn:
-        for statement in statements:
-            conn.execute(statement)
+    tamper_sqlite(db, *statements)
 
 
 def test_intact_log_verifies(db: Path) -> None:
@@ -100,12 +99,12 @@ def test_rehashed_edit_breaks_the_next_link(db: Path) -> None:
     with sqlite3.connect(db) as conn:
         conn.row_factory = sqlite3.Row
         row = dict(conn.execute("SELECT * FROM message_log WHERE seq = 2").fetchone())
-        row["purpose"] = "marketing"
-        fields = {k: row[k] for k in RECORD_FIELDS}
-        new_hash = record_hash(2, row["prev_hash"], fields)
-        conn.execute(
-            "UPDATE message_log SET purpose = 'marketing', hash = ? WHERE seq = 2", (new_hash,)
-        )
+    row["purpose"] = "marketing"
+    fields = {k: row[k] for k in RECORD_FIELDS}
+    new_hash = record_hash(2, row["prev_hash"], fields)
+    tamper_sqlite(
+        db, ("UPDATE message_log SET purpose = 'marketing', hash = ? WHERE seq = 2", (new_hash,))
+    )
     result = audit_verify(db)
     assert result.returncode == 1
     assert "record 3" in result.stdout and "link" in result.stdout

@@ -331,14 +331,9 @@ def _copy_log(runner: Runner, server: str, into: Path) -> Path:
 
 
 def _edit(db: Path, sql: str) -> None:
-    import sqlite3
+    from tests.tamper import tamper_sqlite
 
-    conn = sqlite3.connect(db)
-    try:
-        conn.execute(sql)
-        conn.commit()
-    finally:
-        conn.close()
+    tamper_sqlite(db, sql)
 
 
 @pytest.mark.parametrize(

@@ -96,8 +96,12 @@ async def test_both_logs_hold_matching_records(runner: Runner, msp: grpc.aio.Cha
         assert mine["signature"] == theirs["signature"]
         assert mine["body_sha256"] == theirs["body_sha256"]
         assert mine["user_id"] == "dr.rodriguez"
-    # the data subject is stored only as a keyed pseudonym
+    # the data subject is stored only as a keyed pseudonym, in the records and in the signed
+    # headers both sides keep; both sides (one instance, one key) name it alike
     assert consumer[0]["subject_ref"] and "1.234.567-8" not in consumer[0]["subject_ref"]
+    assert provider[0]["subject_ref"] == consumer[0]["subject_ref"]
+    for row in (*consumer, *provider):
+        assert b"1.234.567-8" not in bytes(row["header"] or b"")
 
 
 async def test_backend_error_status_is_passed_through(msp: grpc.aio.Channel) -> None:

@@ -17,9 +17,9 @@ from gateway.settings import database_url
 from security_server.audit import verify_log
 from security_server.message_log import MessageLog
 from security_server.records import record
+from tests.tamper import reset_postgres_log, tamper
 
 POSTGRES = os.environ.get("GATEWAY_TEST_POSTGRES_URL")
-TABLES = ("message_log", "log_evidence", "timestamp_batches")
 
 
 @pytest.fixture(
@@ -40,15 +40,9 @@ async def url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[s
         return
     assert POSTGRES is not None
     pg = database_url(POSTGRES, base=tmp_path)
-    engine = create_async_engine(pg)
-    async with engine.begin() as conn:
-        for table in TABLES:
-            await conn.execute(sa.text(f"DROP TABLE IF EXISTS {table}"))
+    await reset_postgres_log(pg)
     yield pg
-    async with engine.begin() as conn:
-        for table in TABLES:
-            await conn.execute(sa.text(f"DROP TABLE IF EXISTS {table}"))
-    await engine.dispose()
+    await reset_postgres_log(pg)
 
 
 def fields(i: int) -> dict[str, FieldValue]:
@@ -73,8 +67,7 @@ async def test_concurrent_appends_are_group_committed_and_verify(url: str) -> No
     assert sorted(seqs) == list(range(1, 401))
     assert log.batches_written < log.records_written == 400
     await log.close()
-    head, _ = await verify_log(url)
-    assert head.next_seq == 401
+    assert (await verify_log(url)).heads["main"].next_seq == 401
 
 
 async def test_chain_continues_after_reopening(url: str) -> None:
@@ -85,7 +78,7 @@ async def test_chain_continues_after_reopening(url: str) -> None:
     log = await MessageLog.open(url)
     assert await log.append(fields(10)) == 11
     await log.close()
-    assert (await verify_log(url))[0].next_seq == 12
+    assert (await verify_log(url)).heads["main"].next_seq == 12
 
 
 async def test_edited_row_is_detected(url: str) -> None:
@@ -93,10 +86,7 @@ async def test_edited_row_is_detected(url: str) -> None:
     log = await MessageLog.open(url)
     await asyncio.gather(*(log.append(fields(i)) for i in range(5)))
     await log.close()
-    engine = create_async_engine(url)
-    async with engine.begin() as conn:
-        await conn.execute(sa.text("UPDATE message_log SET purpose = 'marketing' WHERE seq = 3"))
-    await engine.dispose()
+    await tamper(url, "UPDATE message_log SET purpose = 'marketing' WHERE seq = 3")
     with pytest.raises(ChainBrokenError) as caught:
         await verify_log(url)
     assert caught.value.seq == 3

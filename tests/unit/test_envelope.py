@@ -73,14 +73,14 @@ def test_request_encode_is_canonical_json() -> None:
     assert d["created_at"] == "2025-06-01T12:00:00.123456Z"
     assert d["client"] == "UY/GOV/BPS/benefits"
     assert d["user_id"] is None
-    assert d["subject"] is None
+    assert d["subject_ref"] is None
 
 
 @pytest.mark.parametrize(
     "changes",
     [
         {},
-        {"user_id": "jdoe@bps.gub.uy", "subject": "CI 1.234.567-8"},
+        {"user_id": "jdoe@bps.gub.uy", "subject_ref": "ab" * 32},
         {"user_id": "x" * 256},
         {"service": ServiceId.parse("UY/GOV/DNIC/identity/person")},
     ],
@@ -148,7 +148,7 @@ REQUEST_MUTATIONS: dict[str, Mutation] = {
     "created_at int": _set("created_at", 1748779200),
     "body_sha256 null": _set("body_sha256", None),
     "user_id int": _set("user_id", 5),
-    "subject list": _set("subject", ["a"]),
+    "subject_ref list": _set("subject_ref", ["a"]),
     "v string": _set("v", "1"),
     "v 2": _set("v", 2),
     "v 0": _set("v", 0),
@@ -177,7 +177,8 @@ REQUEST_MUTATIONS: dict[str, Mutation] = {
     "created_at garbage": _set("created_at", "yesterday"),
     "user_id empty": _set("user_id", ""),
     "user_id control char": _set("user_id", "a\nb"),
-    "subject too long": _set("subject", "x" * 257),
+    "subject_ref in clear": _set("subject_ref", "1.234.567-8"),
+    "subject_ref upper case": _set("subject_ref", "AB" * 32),
 }
 
 

@@ -1,0 +1,303 @@
+"""Retention: move a chain's oldest records into archive files, then prune the database.
+
+`archive_old_records` takes the records of one chain logged before a cut-off, never
+splitting a time-stamped batch and never taking records not yet stamped (when the chain
+is stamped at all), writes them with their batches and evidence into the chain's next
+archive file (see `gateway.archive`), and only then, in one transaction, registers the
+file in `log_archives` and deletes the archived rows (the database's triggers refuse to
+delete any record that no registered archive holds). A crash between the two steps leaves
+an unregistered file, which the next run overwrites; the records stay in the database.
+
+Each security server archives its own chain every `log.archive_interval_seconds` when
+`log.retention_days` is set (`Archiver`); `gateway audit archive` does the same on demand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import sqlalchemy as sa
+import structlog
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from gateway import archive as fmt
+from gateway.timeutil import format_time
+from security_server.message_log import (
+    log_archives,
+    log_evidence,
+    message_log,
+    row_to_record,
+    timestamp_batches,
+)
+
+log = structlog.get_logger("security_server.archive")
+
+
+@dataclass(frozen=True, slots=True)
+class Archived:
+    number: int
+    first_seq: int
+    last_seq: int
+    path: Path
+
+
+async def archive_old_records(
+    engine: AsyncEngine,
+    chain: str,
+    folder: Path,
+    *,
+    before: datetime,
+    now: datetime,
+    max_records: int = 100_000,
+    progress: Callable[[int], None] | None = None,
+) -> list[Archived]:
+    """Archive every record of `chain` logged before `before`, in files of at most
+    `max_records`; return the files written, oldest first."""
+    done: list[Archived] = []
+    while True:
+        written = await _archive_one(engine, chain, folder, before, now, max_records)
+        if written is None:
+            return done
+        done.append(written)
+        if progress:
+            progress(written.last_seq - written.first_seq + 1)
+
+
+async def _last_archive(conn: AsyncConnection, chain: str) -> tuple[int, int, str]:
+    """(number, last archived seq, file SHA-256) of the chain's newest archive."""
+    row = (
+        await conn.execute(
+            sa.select(log_archives.c.number, log_archives.c.last_seq, log_archives.c.sha256)
+            .where(log_archives.c.chain == chain)
+            .order_by(log_archives.c.number.desc())
+            .limit(1)
+        )
+    ).first()
+    return (0, 0, fmt.NO_ARCHIVE) if row is None else (int(row[0]), int(row[1]), str(row[2]))
+
+
+async def _upper_bound(
+    conn: AsyncConnection, chain: str, after: int, before: datetime, max_records: int
+) -> int | None:
+    """The last seq to archive next: old enough, within `max_records`, whole batches only."""
+    rows = (
+        await conn.execute(
+            sa.select(message_log.c.seq, message_log.c.logged_at)
+            .where(message_log.c.chain == chain, message_log.c.seq > after)
+            .order_by(message_log.c.seq)
+            .limit(max_records)
+        )
+    ).all()
+    cutoff = format_time(before)
+    last = None
+    for row in rows:
+        if str(row.logged_at) >= cutoff:
+            break
+        last = int(row.seq)
+    if last is None:
+        return None
+    stamped = await conn.execute(
+        sa.select(timestamp_batches.c.first_seq, timestamp_batches.c.last_seq)
+        .where(timestamp_batches.c.chain == chain, timestamp_batches.c.last_seq > after)
+        .order_by(timestamp_batches.c.first_seq)
+    )
+    batches = [(int(b[0]), int(b[1])) for b in stamped]
+    any_batch = (
+        await conn.execute(
+            sa.select(sa.func.count())
+            .select_from(timestamp_batches)
+            .where(timestamp_batches.c.chain == chain)
+        )
+    ).scalar()
+    if any_batch:
+        # a stamped chain: archive whole batches only, and nothing not stamped yet
+        fits = [end for first, end in batches if end <= last]
+        if not fits:
+            return None
+        return max(fits)
+    return last
+
+
+async def _archive_one(
+    engine: AsyncEngine,
+    chain: str,
+    folder: Path,
+    before: datetime,
+    now: datetime,
+    max_records: int,
+) -> Archived | None:
+    async with engine.connect() as conn:
+        number, after, prev_sha = await _last_archive(conn, chain)
+        last = await _upper_bound(conn, chain, after, before, max_records)
+        if last is None:
+            return None
+        records = [
+            row_to_record(r)
+            for r in await conn.execute(
+                sa.select(message_log)
+                .where(message_log.c.chain == chain, message_log.c.seq.between(after + 1, last))
+                .order_by(message_log.c.seq)
+            )
+        ]
+        batches = [
+            fmt.Batch(
+                first_seq=int(b.first_seq),
+                last_seq=int(b.last_seq),
+                root=bytes(b.root),
+                token=bytes(b.token),
+                tsa=str(b.tsa),
+                gen_time=str(b.gen_time),
+            )
+            for b in await conn.execute(
+                sa.select(timestamp_batches)
+                .where(
+                    timestamp_batches.c.chain == chain,
+                    timestamp_batches.c.first_seq > after,
+                    timestamp_batches.c.last_seq <= last,
+                )
+                .order_by(timestamp_batches.c.first_seq)
+            )
+        ]
+        wanted = {sha for r in records for sha in fmt.evidence_names(r.fields)}
+        evidence: dict[str, tuple[str, bytes]] = {}
+        named = sorted(wanted)
+        for i in range(0, len(named), 500):
+            for e in await conn.execute(
+                sa.select(log_evidence).where(log_evidence.c.sha256.in_(named[i : i + 500]))
+            ):
+                evidence[str(e.sha256)] = (str(e.kind), bytes(e.data))
+        for e in await conn.execute(sa.select(log_evidence).where(log_evidence.c.kind == "ca")):
+            evidence[str(e.sha256)] = (str(e.kind), bytes(e.data))
+    item = fmt.Archive(
+        chain=chain,
+        number=number + 1,
+        first_seq=after + 1,
+        last_seq=last,
+        prev_sha256=prev_sha,
+        created_at=format_time(now),
+        records=records,
+        batches=batches,
+        evidence=evidence,
+    )
+    if records[0].seq != after + 1 or records[-1].seq != last or len(records) != last - after:
+        raise RuntimeError(f"chain {chain}: records {after + 1}..{last} are not all present")
+    path = folder / fmt.file_name(chain, item.number)
+    # encoding and writing a large file would stall the server's event loop
+    data = await asyncio.to_thread(_encode_and_write, item, path)
+    bodies = [sha for sha, (kind, _) in evidence.items() if kind == "body"]
+    async with engine.begin() as conn:
+        await conn.execute(
+            log_archives.insert(),
+            [
+                {
+                    "chain": chain,
+                    "number": item.number,
+                    "first_seq": item.first_seq,
+                    "last_seq": item.last_seq,
+                    "last_hash": records[-1].hash,
+                    "file_name": path.name,
+                    "sha256": fmt.sha256_hex(data),
+                    "prev_sha256": prev_sha,
+                    "created_at": item.created_at,
+                }
+            ],
+        )
+        await conn.execute(
+            timestamp_batches.delete().where(
+                timestamp_batches.c.chain == chain, timestamp_batches.c.last_seq <= last
+            )
+        )
+        await conn.execute(
+            message_log.delete().where(message_log.c.chain == chain, message_log.c.seq <= last)
+        )
+        if bodies:
+            # bodies no record left in the database names (retention is for personal data)
+            still = {
+                str(r[0])
+                for r in await conn.execute(
+                    sa.select(message_log.c.body_sha256)
+                    .where(message_log.c.body_sha256.in_(bodies))
+                    .distinct()
+                )
+            }
+            gone = [sha for sha in bodies if sha not in still]
+            if gone:
+                await conn.execute(
+                    log_evidence.delete().where(
+                        log_evidence.c.sha256.in_(gone), log_evidence.c.kind == "body"
+                    )
+                )
+    log.info(
+        "records_archived",
+        chain=chain,
+        archive=path.name,
+        first_seq=item.first_seq,
+        last_seq=item.last_seq,
+    )
+    return Archived(item.number, item.first_seq, item.last_seq, path)
+
+
+def _encode_and_write(item: fmt.Archive, path: Path) -> bytes:
+    data = fmt.encode(item)
+    _write_durably(path, data)
+    return data
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    """Write a file so that it is whole on disk, or absent, after a crash."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Archiver:
+    """The server's retention task: archive its own chain's old records periodically."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        chain: str,
+        folder: Path,
+        *,
+        retention: timedelta,
+        interval: float,
+        max_records: int,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self.engine = engine
+        self.chain = chain
+        self.folder = folder
+        self.retention = retention
+        self.interval = interval
+        self.max_records = max_records
+        self.clock = clock
+
+    async def run(self) -> None:
+        while True:
+            now = self.clock()
+            try:
+                await archive_old_records(
+                    self.engine,
+                    self.chain,
+                    self.folder,
+                    before=now - self.retention,
+                    now=now,
+                    max_records=self.max_records,
+                )
+            except Exception as exc:  # keep serving; the next round retries
+                log.error("archiving_failed", chain=self.chain, error=str(exc))
+            await asyncio.sleep(self.interval)

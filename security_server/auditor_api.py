@@ -1,0 +1,271 @@
+"""The auditor API of a security server (aiohttp): search this server's message log.
+
+    GET /audit/v1/records?message_id=&client=&service=&purpose=&status=&kind=&role=
+                          &since=&until=&subject=&limit=&after=
+
+Bearer tokens (JWT) with the `auditor` role only, verified against the registry's keys
+(its JWKS URL) or an OpenID Connect provider's: an auditor scoped to a member sees only
+records whose client or service belongs to that member; an instance-wide auditor (a
+registry-issued token without a member) sees every record. Any other role gets 403.
+
+`subject` takes the data subject's identifier; the server derives its keyed pseudonym and
+searches for that, so the identifier is never stored. Every query, allowed or refused, is
+itself appended to the message log (kind `audit-query`, role `auditor`: who, when, which
+filters, the subject's pseudonym, the outcome) before any result is returned; when that
+record cannot be written the query is refused (503). Errors are `{error, message}` with
+400, 401, 403 or 503.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlencode
+
+import structlog
+from aiohttp import web
+
+from gateway.audit import RecordKind, Role
+from gateway.errors import GatewayError
+from registry.auth import AuthError, Principal, TokenVerifier
+from registry.auth import Role as TokenRole
+from security_server.node import Node
+from security_server.records import record
+from security_server.search import KINDS, CursorError, Query, Searcher, decode_cursor
+
+log = structlog.get_logger("security_server.auditor_api")
+
+PATH = "/audit/v1/records"
+_TEXT_PARAMS = ("message_id", "client", "service", "purpose", "status", "subject")
+_PARAMS = frozenset((*_TEXT_PARAMS, "kind", "role", "since", "until", "limit", "after"))
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_MAX_TEXT = 256
+_ROLES = tuple(r.value for r in Role)
+
+
+class QueryError(ValueError):
+    """A bad query parameter: the message names it (400)."""
+
+
+def _error(status: int, kind: str, message: str) -> web.Response:
+    response = web.json_response({"error": kind, "message": message}, status=status)
+    if status == 401:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="gateway-auditor"'
+    return response
+
+
+def _time(name: str, value: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise QueryError(
+            f"{name} must be an ISO 8601 time with a zone, such as 2026-11-23T10:00:00Z; "
+            f"got {value!r}"
+        ) from None
+    if moment.tzinfo is None:
+        raise QueryError(f"{name} must carry a time zone (end it with Z for UTC): {value!r}")
+    return moment.astimezone(UTC)
+
+
+def parse_query(
+    params: Any, principal: Principal, pseudonym: Callable[[str], str | None], max_page: int
+) -> tuple[Query, dict[str, str]]:
+    """The search a request asks for, and its filters as logged (the subject left out)."""
+    unknown = sorted(set(params) - _PARAMS)
+    if unknown:
+        raise QueryError(
+            f"unknown query parameter(s): {', '.join(unknown)}; known: {', '.join(sorted(_PARAMS))}"
+        )
+    values: dict[str, str] = {}
+    for name in params:
+        got = params.getall(name)
+        if len(got) != 1:
+            raise QueryError(f"query parameter {name} is given {len(got)} times; give it once")
+        value = got[0]
+        if not value:
+            raise QueryError(f"query parameter {name} is empty")
+        if len(value) > _MAX_TEXT or _CONTROL.search(value):
+            raise QueryError(
+                f"query parameter {name} must be at most {_MAX_TEXT} printable characters"
+            )
+        values[name] = value
+    kind = values.get("kind")
+    if kind is not None and kind not in KINDS:
+        raise QueryError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
+    role = values.get("role")
+    if role is not None and role not in _ROLES:
+        raise QueryError(f"role must be one of {', '.join(_ROLES)}, not {role!r}")
+    limit = 50
+    if "limit" in values:
+        try:
+            limit = int(values["limit"])
+        except ValueError:
+            raise QueryError(f"limit must be a whole number, not {values['limit']!r}") from None
+        if not 1 <= limit <= max_page:
+            raise QueryError(f"limit must be between 1 and {max_page}, not {limit}")
+    since = _time("since", values["since"]) if "since" in values else None
+    until = _time("until", values["until"]) if "until" in values else None
+    if since is not None and until is not None and until <= since:
+        raise QueryError("until must be later than since")
+    try:
+        after = decode_cursor(values["after"]) if "after" in values else None
+    except CursorError as exc:
+        raise QueryError(str(exc)) from None
+    subject = values.get("subject")
+    query = Query(
+        message_id=values.get("message_id"),
+        client=values.get("client"),
+        service=values.get("service"),
+        purpose=values.get("purpose"),
+        status=values.get("status"),
+        kind=kind,
+        role=role,
+        since=since,
+        until=until,
+        subject_ref=pseudonym(subject) if subject is not None else None,
+        member=None if principal.member is None else str(principal.member),
+        after=after,
+        limit=limit,
+    )
+    logged = {k: v for k, v in sorted(values.items()) if k != "subject"}
+    return query, logged
+
+
+class AuditorApi:
+    def __init__(
+        self,
+        node: Node,
+        searcher: Searcher,
+        verifier: TokenVerifier,
+        *,
+        max_page: int = 500,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.node = node
+        self.searcher = searcher
+        self.verifier = verifier
+        self.max_page = max_page
+        self.clock = clock
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=16 * 1024)
+        app.router.add_get(PATH, self.records)
+        return app
+
+    async def _log_query(
+        self,
+        request: web.Request,
+        principal: Principal | None,
+        logged: dict[str, str],
+        subject_ref: str | None,
+        status: str,
+        error: tuple[str, str] | None = None,
+    ) -> None:
+        """Append the query's own record; raises `GatewayError` when it cannot be written."""
+        await self.node.log.append(
+            record(
+                kind=RecordKind.AUDIT_QUERY,
+                role=Role.AUDITOR,
+                logged_at=self.clock(),
+                message_id=uuid.uuid4().hex,
+                client=(
+                    None
+                    if principal is None
+                    else (str(principal.member) if principal.member else "instance")
+                ),
+                method=f"GET {PATH}",
+                purpose=urlencode(logged) or None,
+                user_id=None if principal is None else f"{principal.subject} ({principal.issuer})",
+                subject_ref=subject_ref,
+                peer=request.remote,
+                status=status,
+                error_code=None if error is None else error[0],
+                error_message=None if error is None else error[1],
+            )
+        )
+
+    async def _refuse(
+        self,
+        request: web.Request,
+        principal: Principal | None,
+        status: int,
+        kind: str,
+        message: str,
+        logged: dict[str, str] | None = None,
+    ) -> web.Response:
+        log.info(
+            "audit_query_refused",
+            status=status,
+            error=kind,
+            reason=message,
+            subject=principal.subject if principal else None,
+            peer=request.remote,
+        )
+        try:
+            await self._log_query(
+                request, principal, logged or {}, None, "refused", (kind, message)
+            )
+        except GatewayError as err:
+            log.error("audit_query_not_logged", error=err.message)
+        return _error(status, kind, message)
+
+    async def records(self, request: web.Request) -> web.Response:
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return await self._refuse(
+                request,
+                None,
+                401,
+                "unauthenticated",
+                "send an auditor token: Authorization: Bearer TOKEN",
+            )
+        try:
+            principal = await self.verifier.verify(token.strip(), now=self.clock())
+        except AuthError as exc:
+            return await self._refuse(request, None, 401, "unauthenticated", exc.message)
+        if principal.role is not TokenRole.AUDITOR:
+            return await self._refuse(
+                request,
+                principal,
+                403,
+                "forbidden",
+                f"the auditor API needs a token with the auditor role, not {principal.role.value}",
+            )
+        try:
+            query, logged = parse_query(
+                request.query, principal, self.node.pseudonym, self.max_page
+            )
+        except QueryError as exc:
+            return await self._refuse(request, principal, 400, "bad_request", str(exc))
+        try:
+            await self._log_query(request, principal, logged, query.subject_ref, "ok")
+        except GatewayError as err:
+            log.error("audit_query_not_logged", error=err.message)
+            return _error(
+                503,
+                "log_unavailable",
+                "this query cannot be logged, so it is not answered; retry later",
+            )
+        results, cursor = await self.searcher.search(query)
+        log.info(
+            "audit_query",
+            subject=principal.subject,
+            member=str(principal.member) if principal.member else None,
+            filters=logged,
+            results=len(results),
+        )
+        return web.json_response({"records": results, "next": cursor})
+
+
+async def start(api: AuditorApi, listen: str, ssl_context: Any = None) -> tuple[web.AppRunner, int]:
+    """Serve the API on host:port; return the runner (to clean up) and the bound port."""
+    host, _, port = listen.rpartition(":")
+    runner = web.AppRunner(api.app(), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host or "127.0.0.1", int(port), ssl_context=ssl_context)
+    await site.start()
+    return runner, int(runner.addresses[0][1])
