@@ -78,7 +78,11 @@ SEARCH_COLUMNS = (
     Column("SERVICE", lambda r: r["service"]),
     Column("PURPOSE", lambda r: r["purpose"], 24),
     Column("STATUS", lambda r: r["error_code"] or r["status"]),
-    Column("VERIFIED", lambda r: "yes" if r["verified"] else "NO: " + "; ".join(r["problems"])),
+    Column(
+        "VERIFIED",
+        lambda r: "yes" if r["verified"] else "NO: " + "; ".join(r["problems"]),
+        None,
+    ),
 )
 
 

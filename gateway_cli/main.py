@@ -442,6 +442,16 @@ def _demo(ns: argparse.Namespace) -> int:
 def _bench(ns: argparse.Namespace) -> int:
     from gateway_demo.bench import run_bench
 
+    if ns.audit:
+        from gateway_demo.bench_audit import run_audit_bench
+
+        return run_audit_bench(
+            workdir=ns.workdir,
+            records=ns.records,
+            repeats=ns.repeats,
+            queries=ns.queries,
+            database=ns.database,
+        )
     if ns.revocation:
         from gateway_demo.revocation import run_revocation_bench
 
@@ -641,6 +651,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--revocation",
         action="store_true",
         help="measure revoke-to-refusal time instead of throughput (concurrency capped at 8)",
+    )
+    p.add_argument(
+        "--audit",
+        action="store_true",
+        help="measure the message log at scale instead: append, auditor search, verify",
+    )
+    p.add_argument("--records", type=int, default=1_000_000, help="--audit: records in the log")
+    p.add_argument("--queries", type=int, default=500, help="--audit: searches per kind and repeat")
+    p.add_argument(
+        "--database",
+        help="--audit: a PostgreSQL URL to use instead of SQLite (its log tables are dropped)",
     )
     p.set_defaults(func=_bench)
 

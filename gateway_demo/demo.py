@@ -332,6 +332,7 @@ def describe(runner: Runner) -> dict[str, Any]:
             for a in topology.get("agreements", [])
         ],
         "message_logs": {s["id"]: str(runner.log_db(s["id"])) for s in topology["servers"]},
+        "auditor_apis": {s["id"]: runner.auditor_url(s["id"]) for s in topology["servers"]},
     }
 
 

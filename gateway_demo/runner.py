@@ -290,6 +290,30 @@ class Runner:
         )
         return grpc.aio.secure_channel(self.consumers[server_id], credentials)
 
+    def add_replica(self, server_id: str, chain: str, **log: Any) -> str:
+        """Configure one more process of a security server (same identity and keys), writing
+        its own chain `chain` of the log set by `log` (a shared PostgreSQL database);
+        return the process name. Call after `prepare` and before `start_all`."""
+        name = self.server_names[server_id]
+        settings = tomllib.loads((self.workdir / f"{name}.toml").read_text())
+        replica = f"{name}-{chain}"
+        settings["server"]["state_dir"] = str(self.workdir / "state" / replica)
+        settings["consumer"]["listen"] = f"127.0.0.1:{free_port()}"
+        settings["provider"]["listen"] = f"127.0.0.1:{free_port()}"
+        settings["auditor"]["listen"] = f"127.0.0.1:{free_port()}"
+        settings["log"] = {**settings["log"], **log, "chain": chain}
+        path = self.workdir / f"{replica}.toml"
+        path.write_text(tomli_w.dumps(settings))
+        self.processes[replica] = self._process(replica, ["server", "serve", "--config", str(path)])
+        return replica
+
+    def set_log(self, server_id: str, **log: Any) -> None:
+        """Change one server's [log] settings (after `prepare`, before it starts)."""
+        path = self.workdir / f"{self.server_names[server_id]}.toml"
+        settings = tomllib.loads(path.read_text())
+        settings["log"] = {**settings["log"], **log}
+        path.write_text(tomli_w.dumps(settings))
+
     def _process(self, name: str, args: list[str]) -> Process:
         return Process(
             name=name,

@@ -32,7 +32,7 @@ from gateway.audit import RecordKind, Role
 from gateway.errors import GatewayError
 from registry.auth import AuthError, Principal, TokenVerifier
 from registry.auth import Role as TokenRole
-from security_server.node import Node
+from security_server.message_log import MessageLog
 from security_server.records import record
 from security_server.search import KINDS, CursorError, Query, Searcher, decode_cursor
 
@@ -67,11 +67,17 @@ def _time(name: str, value: str) -> datetime:
         ) from None
     if moment.tzinfo is None:
         raise QueryError(f"{name} must carry a time zone (end it with Z for UTC): {value!r}")
-    return moment.astimezone(UTC)
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:
+        raise QueryError(f"{name} is out of range: {value!r}") from None
 
 
 def parse_query(
-    params: Any, principal: Principal, pseudonym: Callable[[str], str | None], max_page: int
+    params: Any,
+    principal: Principal,
+    pseudonym: Callable[[str | None], str | None],
+    max_page: int,
 ) -> tuple[Query, dict[str, str]]:
     """The search a request asks for, and its filters as logged (the subject left out)."""
     unknown = sorted(set(params) - _PARAMS)
@@ -100,10 +106,9 @@ def parse_query(
         raise QueryError(f"role must be one of {', '.join(_ROLES)}, not {role!r}")
     limit = 50
     if "limit" in values:
-        try:
-            limit = int(values["limit"])
-        except ValueError:
-            raise QueryError(f"limit must be a whole number, not {values['limit']!r}") from None
+        if not re.fullmatch(r"[0-9]{1,6}", values["limit"]):
+            raise QueryError(f"limit must be a whole number, not {values['limit']!r}")
+        limit = int(values["limit"])
         if not 1 <= limit <= max_page:
             raise QueryError(f"limit must be between 1 and {max_page}, not {limit}")
     since = _time("since", values["since"]) if "since" in values else None
@@ -137,14 +142,16 @@ def parse_query(
 class AuditorApi:
     def __init__(
         self,
-        node: Node,
+        log: MessageLog,
+        pseudonym: Callable[[str | None], str | None],
         searcher: Searcher,
         verifier: TokenVerifier,
         *,
         max_page: int = 500,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
-        self.node = node
+        self.log = log
+        self.pseudonym = pseudonym
         self.searcher = searcher
         self.verifier = verifier
         self.max_page = max_page
@@ -165,7 +172,7 @@ class AuditorApi:
         error: tuple[str, str] | None = None,
     ) -> None:
         """Append the query's own record; raises `GatewayError` when it cannot be written."""
-        await self.node.log.append(
+        await self.log.append(
             record(
                 kind=RecordKind.AUDIT_QUERY,
                 role=Role.AUDITOR,
@@ -236,9 +243,7 @@ class AuditorApi:
                 f"the auditor API needs a token with the auditor role, not {principal.role.value}",
             )
         try:
-            query, logged = parse_query(
-                request.query, principal, self.node.pseudonym, self.max_page
-            )
+            query, logged = parse_query(request.query, principal, self.pseudonym, self.max_page)
         except QueryError as exc:
             return await self._refuse(request, principal, 400, "bad_request", str(exc))
         try:

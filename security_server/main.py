@@ -86,13 +86,16 @@ def _path(value: str, base: Path) -> Path:
 def auditor_token_verifier(settings: ServerSettings, server_id: SecurityServerId) -> TokenVerifier:
     """Tokens of the registry (through its JWKS URL), where instance-wide auditors exist."""
     registry = f"gateway-registry:{server_id.owner.instance}"
+    issuer = settings.auditor.issuer or registry
     try:
         trust = OidcSettings(
             jwks_url=settings.auditor.jwks_url,
-            issuer=settings.auditor.issuer or registry,
+            issuer=issuer,
             audience=settings.auditor.audience or registry,
             algorithms=("ES256", "RS256"),
-            instance_wide_auditors=True,
+            # only the registry grants instance-wide auditors; another provider's auditor
+            # tokens must name a member, as the registry itself requires
+            instance_wide_auditors=issuer == registry,
         )
     except ValueError as exc:
         raise ConfigFileError(f"auditor: {exc}") from None
@@ -278,7 +281,11 @@ async def serve(
             verifier = auditor_token_verifier(settings, server_id)
             closers.append(verifier.close)
             api = AuditorApi(
-                node, Searcher(message_log.engine), verifier, max_page=settings.auditor.max_page
+                message_log,
+                node.pseudonym,
+                Searcher(message_log.engine),
+                verifier,
+                max_page=settings.auditor.max_page,
             )
             auditor_runner, auditor_port = await start_auditor_api(
                 api, settings.auditor.listen, _auditor_tls(settings)

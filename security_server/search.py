@@ -2,7 +2,9 @@
 
 Results come oldest first, ordered by (logged_at, chain, seq); a page ends with a cursor
 naming its last result, and the next page starts strictly after it (keyset pagination:
-stable while records are appended, and as fast on page 1000 as on page 1). Indexes serve
+as fast on page 1000 as on page 1, and stable while newer records are appended; a record
+committed after the cursor passed it with an earlier time, which a replica's clock skew
+could cause, is not shown by that walk). Indexes serve
 the selective filters: message id, data subject (pseudonym) and time.
 
 Every result says whether its record verifies on its own: its hash matches its fields,
@@ -79,7 +81,14 @@ def decode_cursor(text: str) -> tuple[str, str, int]:
         logged_at, chain, seq = json.loads(raw)
     except (ValueError, TypeError, binascii.Error):
         raise CursorError("the cursor 'after' is not one this API returned") from None
-    if not (isinstance(logged_at, str) and isinstance(chain, str) and isinstance(seq, int)):
+    if not (
+        isinstance(logged_at, str)
+        and len(logged_at) <= 40
+        and isinstance(chain, str)
+        and len(chain) <= 64
+        and type(seq) is int
+        and 0 <= seq < 2**63
+    ):
         raise CursorError("the cursor 'after' is not one this API returned")
     return logged_at, chain, seq
 
@@ -165,16 +174,19 @@ class Searcher:
         wanted = {(r.chain, r.seq - 1) for r in records if r.seq > 1}
         found: dict[tuple[str, int], bytes] = {(r.chain, 0): GENESIS for r in records if r.seq == 1}
         if wanted:
-            pairs = sorted(wanted)
-            for i in range(0, len(pairs), 200):
-                chunk = pairs[i : i + 200]
+            by_chain: dict[str, list[int]] = {}
+            for chain, seq in wanted:
+                by_chain.setdefault(chain, []).append(seq)
+            for chain, seqs in by_chain.items():
+                # chain = ? AND seq IN (...): the primary key's index (a row-value IN list is
+                # not served by it on SQLite)
                 rows = await conn.execute(
-                    sa.select(message_log.c.chain, message_log.c.seq, message_log.c.hash).where(
-                        sa.tuple_(message_log.c.chain, message_log.c.seq).in_(chunk)
+                    sa.select(message_log.c.seq, message_log.c.hash).where(
+                        message_log.c.chain == chain, message_log.c.seq.in_(sorted(seqs))
                     )
                 )
                 for row in rows:
-                    found[(str(row.chain), int(row.seq))] = bytes(row.hash)
+                    found[(chain, int(row.seq))] = bytes(row.hash)
             missing = [p for p in wanted if p not in found]
             for chain, seq in missing:
                 row = (

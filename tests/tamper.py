@@ -15,7 +15,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
-TABLES = ("message_log", "timestamp_batches", "log_archives", "log_evidence")
+from gateway_demo.pg import TABLES, reset_message_log
+
+__all__ = ["TABLES", "reset_postgres_log", "tamper", "tamper_sqlite"]
 
 
 def drop_sqlite_rules(conn: sqlite3.Connection) -> None:
@@ -62,19 +64,5 @@ async def tamper(url: str, *statements: str) -> None:
         await engine.dispose()
 
 
-async def reset_postgres_log(url: str) -> None:
-    """Remove a message log from a PostgreSQL database: tables, rules and migration version."""
-    engine = create_async_engine(url)
-    try:
-        async with engine.begin() as conn:
-            for table in (*TABLES, "message_log_version"):
-                await conn.execute(sa.text(f"DROP TABLE IF EXISTS {table} CASCADE"))
-            for function in (
-                "message_log_refuse",
-                "message_log_delete_archived",
-                "timestamp_batches_delete_archived",
-                "log_evidence_delete_bodies",
-            ):
-                await conn.execute(sa.text(f"DROP FUNCTION IF EXISTS {function}() CASCADE"))
-    finally:
-        await engine.dispose()
+# a log removed from PostgreSQL: tables, rules and migration version
+reset_postgres_log = reset_message_log

@@ -7,6 +7,7 @@ import os
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -149,3 +150,73 @@ async def test_evidence_is_kept_once_and_stamps_are_stored(url: str) -> None:
     await log.load_unstamped()
     assert [seq for seq, _ in log.unstamped] == list(range(31, 51))
     await log.close()
+
+
+# ---- migrations --------------------------------------------------------------------------
+
+
+def _diff_schema(conn: sa.Connection) -> list[Any]:
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from security_server.message_log import metadata
+    from security_server.migrations import VERSION_TABLE
+
+    context = MigrationContext.configure(
+        conn,
+        opts={
+            "compare_type": True,
+            "compare_server_default": True,
+            "version_table": VERSION_TABLE,
+            # other tables (the registry's, on a shared database) are not the log's
+            "include_name": lambda name, kind, _parent: kind != "table" or name in metadata.tables,
+        },
+    )
+    return list(compare_metadata(context, metadata))
+
+
+def _revision(conn: sa.Connection) -> str | None:
+    from alembic.migration import MigrationContext
+
+    from security_server.migrations import VERSION_TABLE
+
+    return MigrationContext.configure(
+        conn, opts={"version_table": VERSION_TABLE}
+    ).get_current_revision()
+
+
+async def test_migrations_yield_exactly_the_log_metadata(url: str) -> None:
+    """After the migrations, alembic finds no difference between the database and the
+    log's tables, and the database is at the newest revision; reopening keeps it there."""
+    from alembic.script import ScriptDirectory
+
+    from security_server.migrations import alembic_config
+
+    for _ in range(2):
+        log = await MessageLog.open(url)
+        await log.append(fields(0))
+        async with log.engine.connect() as conn:
+            assert await conn.run_sync(_diff_schema) == []
+            head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+            assert await conn.run_sync(_revision) == head
+        await log.close()
+    assert (await verify_log(url)).heads["main"].next_seq == 3
+
+
+async def test_the_database_refuses_edits_and_deletions(url: str) -> None:
+    """Without an archive, the database's own rules refuse UPDATE and DELETE of records."""
+    log = await MessageLog.open(url)
+    await log.append(fields(0))
+    await log.close()
+    engine = create_async_engine(url)
+    try:
+        for statement in (
+            "UPDATE message_log SET purpose = 'marketing'",
+            "DELETE FROM message_log",
+        ):
+            with pytest.raises(sa.exc.DBAPIError, match="append-only"):
+                async with engine.begin() as conn:
+                    await conn.execute(sa.text(statement))
+    finally:
+        await engine.dispose()
+    assert (await verify_log(url)).heads["main"].next_seq == 2

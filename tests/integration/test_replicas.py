@@ -1,0 +1,173 @@
+"""Several replicas of one security server writing one PostgreSQL message log.
+
+Two processes of the Ministry of Health's security server (same identity, same keys),
+each with its own hash chain (`log.chain`), share one PostgreSQL database; clients call
+both at once. Both chains must verify, with their time-stamps, and every call answered
+must have its records in the chain of the replica that served it (nothing lost). A third
+process claiming a chain already in use must refuse to start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from gateway.settings import database_url
+from gateway_demo.client import call_raw, routing_metadata
+from gateway_demo.generated import population_pb2 as population
+from gateway_demo.pg import reset_message_log
+from gateway_demo.runner import Runner
+
+from .conftest import CLINICS, GET_PERSON, MSP, POPULATION, run_gateway
+
+POSTGRES = os.environ.get("GATEWAY_TEST_POSTGRES_URL")
+
+pytestmark = pytest.mark.skipif(
+    not POSTGRES, reason="GATEWAY_TEST_POSTGRES_URL is not set: PostgreSQL replica tests skipped"
+)
+
+
+@pytest.fixture(scope="module")
+def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Runner, str, str]]:
+    assert POSTGRES is not None
+    url = database_url(POSTGRES, base=Path.cwd())
+    asyncio.run(reset_message_log(url))
+    runner = Runner(tmp_path_factory.mktemp("replicas") / "run")
+    runner.prepare()
+    runner.set_log(MSP, database=POSTGRES, chain="msp-a")
+    second = runner.add_replica(MSP, "msp-b", database=POSTGRES)
+    try:
+        runner.start_all()
+        yield runner, second, url
+    finally:
+        runner.close()
+        asyncio.run(reset_message_log(url))
+
+
+async def _load(
+    address: str, seconds: float, callers: int, *, failures_allowed: bool = False
+) -> list[str]:
+    """Call GetPerson through one consumer endpoint for `seconds`; the ids answered OK."""
+    request = population.GetPersonRequest(national_id="1.234.567-8").SerializeToString()
+    answered: list[str] = []
+    loop = asyncio.get_running_loop()
+    end = loop.time() + seconds
+    async with grpc.aio.insecure_channel(address) as channel:
+
+        async def caller() -> None:
+            while loop.time() < end:
+                outcome = await call_raw(
+                    channel,
+                    GET_PERSON,
+                    request,
+                    routing_metadata(
+                        client=CLINICS, service=POPULATION, purpose="healthcare-identification"
+                    ),
+                )
+                if outcome.code == grpc.StatusCode.OK:
+                    answered.append(outcome.trailing["gateway-id"])
+                elif failures_allowed:
+                    await asyncio.sleep(0.05)
+                else:
+                    raise AssertionError(outcome)
+
+        await asyncio.gather(*(caller() for _ in range(callers)))
+    return answered
+
+
+async def _chain_ids(url: str) -> dict[str, dict[str, set[str]]]:
+    """Per chain: the message ids of its request and of its response records."""
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as conn:
+            rows = await conn.execute(
+                sa.text("SELECT chain, kind, message_id FROM message_log WHERE role = 'consumer'")
+            )
+            out: dict[str, dict[str, set[str]]] = {}
+            for chain, kind, message_id in rows:
+                out.setdefault(chain, {}).setdefault(kind, set()).add(message_id)
+            return out
+    finally:
+        await engine.dispose()
+
+
+def test_two_replicas_under_load_keep_two_verifiable_chains_and_lose_nothing(
+    replicas: tuple[Runner, str, str],
+) -> None:
+    """Both replicas serve at once into one database; each call answered is in its
+    replica's chain (request and response), and `audit verify` passes both chains with
+    their time-stamps."""
+    runner, second, url = replicas
+    first_address = runner.consumers[MSP]
+    second_address = runner.processes[second].ready["consumer"]
+
+    async def both() -> tuple[list[str], list[str]]:
+        a, b = await asyncio.gather(_load(first_address, 3.0, 6), _load(second_address, 3.0, 6))
+        return a, b
+
+    served_a, served_b = asyncio.run(both())
+    assert len(served_a) > 50 and len(served_b) > 50
+    # graceful stops drain the writers; then every record is on disk
+    runner.stop(second)
+    runner.stop("ss-msp")
+    chains = asyncio.run(_chain_ids(url))
+    assert set(chains) == {"msp-a", "msp-b"}
+    for chain, served in (("msp-a", served_a), ("msp-b", served_b)):
+        assert set(served) <= chains[chain]["request"], f"{chain} lost requests"
+        assert set(served) <= chains[chain]["response"], f"{chain} lost responses"
+    assert not (set(served_a) & set(served_b))
+    result = run_gateway("audit", "verify", "--quiet", "--db", POSTGRES or "")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "in 2 chain(s)" in result.stdout
+    assert "chain msp-a:" in result.stdout and "chain msp-b:" in result.stdout
+
+
+def test_a_replica_killed_under_load_loses_no_answered_call(
+    replicas: tuple[Runner, str, str],
+) -> None:
+    """SIGKILL one replica while both serve: every call it answered before dying has its
+    records in its chain; restarted, it continues its chain, and both chains verify."""
+    runner, second, url = replicas
+    runner.start("ss-msp")
+    runner.start(second)
+    first_address = runner.consumers[MSP]
+    second_address = runner.processes[second].ready["consumer"]
+
+    async def load_and_kill() -> tuple[list[str], list[str]]:
+        a = asyncio.ensure_future(_load(first_address, 3.0, 6))
+        b = asyncio.ensure_future(_load(second_address, 3.0, 6, failures_allowed=True))
+        await asyncio.sleep(1.5)
+        await asyncio.get_running_loop().run_in_executor(
+            None, lambda: runner.stop(second, kill=True)
+        )
+        return await a, await b
+
+    served_a, served_b = asyncio.run(load_and_kill())
+    assert served_a and served_b
+    runner.start(second)
+    runner.stop(second)
+    runner.stop("ss-msp")
+    chains = asyncio.run(_chain_ids(url))
+    assert set(served_b) <= chains["msp-b"]["request"] & chains["msp-b"]["response"]
+    assert set(served_a) <= chains["msp-a"]["request"] & chains["msp-a"]["response"]
+    result = run_gateway("audit", "verify", "--quiet", "--db", POSTGRES or "")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_replica_claiming_a_chain_in_use_refuses_to_start(
+    replicas: tuple[Runner, str, str],
+) -> None:
+    """Two writers of one chain would fork it: the second process exits with a clear error."""
+    runner, _, _ = replicas
+    runner.start("ss-msp")  # msp-a is written again
+    twin = runner.add_replica(MSP, "msp-a", database=POSTGRES)
+    with pytest.raises(RuntimeError):
+        runner.start(twin, timeout=15)
+    assert "another process is writing chain 'msp-a'" in runner.tail(twin)
