@@ -32,6 +32,7 @@ test: lint types $(STAMP)
 bench: $(STAMP)
 	$(BIN)/gateway bench --repeats 5
 	$(BIN)/gateway bench --revocation --repeats 5 --workdir var/bench-revocation
+	$(BIN)/gateway bench --audit --records 1000000 --repeats 3 --queries 300
 
 # Regenerate the committed protobuf modules from proto/ (tests check they match).
 proto: $(STAMP)

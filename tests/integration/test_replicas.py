@@ -129,6 +129,32 @@ def test_two_replicas_under_load_keep_two_verifiable_chains_and_lose_nothing(
     assert "chain msp-a:" in result.stdout and "chain msp-b:" in result.stdout
 
 
+def test_either_replicas_auditor_api_searches_both_chains(
+    replicas: tuple[Runner, str, str],
+) -> None:
+    """On PostgreSQL, the auditor API of one replica finds and verifies records of the other
+    replica's chain, and keyset pages walk both chains without duplicates or gaps."""
+    from .test_auditor_api import key, search
+
+    runner, second, _ = replicas
+    runner.start("ss-msp")
+    runner.start(second)
+    served = asyncio.run(_load(runner.processes[second].ready["consumer"], 1.0, 2))
+    token = runner.token("auditor", subject="auditor@replicas")
+    first_api = f"http://{runner.processes['ss-msp'].ready['auditor']}"
+    found = search(first_api, token, {"message_id": served[0]})
+    assert [(r["chain"], r["kind"]) for r in found] == [("msp-b", "request"), ("msp-b", "response")]
+    assert all(r["verified"] and r["signature_status"] == "valid" for r in found), found
+    everything = search(first_api, token, {"role": "consumer"}, page=500)
+    paged = search(first_api, token, {"role": "consumer"}, page=37)
+    assert [key(r) for r in paged] == [key(r) for r in everything] == sorted(map(key, everything))
+    assert len({key(r) for r in paged}) == len(paged)
+    assert {r["chain"] for r in paged} == {"msp-a", "msp-b"}
+    assert all(r["verified"] for r in paged)
+    runner.stop(second)
+    runner.stop("ss-msp")
+
+
 def test_a_replica_killed_under_load_loses_no_answered_call(
     replicas: tuple[Runner, str, str],
 ) -> None:
