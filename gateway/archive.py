@@ -36,7 +36,7 @@ from gateway.evidence import decode_fields, encode_fields
 FORMAT = "gateway-log-archive/1"
 NO_ARCHIVE = "0" * 64  # what archive 1 names as the archive before it
 _NAME = re.compile(
-    r"(?P<chain>[A-Za-z0-9][A-Za-z0-9._-]{0,63})\.(?P<number>\d{8})\.log-archive\.gz"
+    r"(?P<chain>[A-Za-z0-9][A-Za-z0-9._-]{0,63})\.(?P<number>\d{8,12})\.log-archive\.gz"
 )
 
 
@@ -51,7 +51,9 @@ def file_name(chain: str, number: int) -> str:
 def parse_file_name(name: str) -> tuple[str, int] | None:
     """(chain, number) of an archive file's name, or None for any other file."""
     m = _NAME.fullmatch(name)
-    return None if m is None else (m["chain"], int(m["number"]))
+    if m is None or m["number"] != f"{int(m['number']):08d}":
+        return None
+    return m["chain"], int(m["number"])
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -129,7 +131,7 @@ def decode(data: bytes, *, where: str = "archive") -> Archive:
     try:
         text = gzip.decompress(data).decode()
         lines = [json.loads(line) for line in text.splitlines()]
-    except (OSError, EOFError, zlib.error, UnicodeDecodeError, ValueError) as exc:
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ArchiveError(f"{where} is not a readable archive file: {exc}") from None
     try:
         header = lines[0]
@@ -184,7 +186,7 @@ def decode(data: bytes, *, where: str = "archive") -> Archive:
         )
     except ArchiveError:
         raise
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RecursionError) as exc:
         raise ArchiveError(f"{where} is malformed: {type(exc).__name__} {exc}") from None
 
 

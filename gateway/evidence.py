@@ -67,7 +67,7 @@ def decode_fields(doc: Mapping[str, object]) -> dict[str, FieldValue]:
         v = doc[k]
         if isinstance(v, dict):
             out[k] = base64.b64decode(str(v["base64"]), validate=True)
-        elif v is None or isinstance(v, str | int):
+        elif v is None or (isinstance(v, str | int) and not isinstance(v, bool)):
             out[k] = v
         else:
             raise ValueError(f"field {k!r} has an unexpected type")

@@ -15,8 +15,11 @@ Each security server archives its own chain every `log.archive_interval_seconds`
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import os
-from collections.abc import Callable
+import uuid
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -46,6 +49,10 @@ class Archived:
     path: Path
 
 
+class ArchivingBusyError(RuntimeError):
+    """Another process is archiving this chain right now."""
+
+
 async def archive_old_records(
     engine: AsyncEngine,
     chain: str,
@@ -57,15 +64,56 @@ async def archive_old_records(
     progress: Callable[[int], None] | None = None,
 ) -> list[Archived]:
     """Archive every record of `chain` logged before `before`, in files of at most
-    `max_records`; return the files written, oldest first."""
+    `max_records` (more when one time-stamped batch is larger); return the files written,
+    oldest first. `ArchivingBusyError` when another process archives the chain."""
     done: list[Archived] = []
-    while True:
-        written = await _archive_one(engine, chain, folder, before, now, max_records)
-        if written is None:
-            return done
-        done.append(written)
-        if progress:
-            progress(written.last_seq - written.first_seq + 1)
+    async with _archiving(engine, chain):
+        while True:
+            written = await _archive_one(engine, chain, folder, before, now, max_records)
+            if written is None:
+                return done
+            done.append(written)
+            if progress:
+                progress(written.last_seq - written.first_seq + 1)
+
+
+@contextlib.asynccontextmanager
+async def _archiving(engine: AsyncEngine, chain: str) -> AsyncIterator[None]:
+    """One archiver per chain at a time (two would write the same file): a PostgreSQL
+    advisory lock, or an exclusive lock on a file beside a SQLite database."""
+    busy = ArchivingBusyError(f"another process is archiving chain {chain!r} right now")
+    if engine.dialect.name == "postgresql":
+        async with engine.connect() as conn:
+            key = {"key": f"gateway-message-log-archive:{chain}"}
+            got = (
+                await conn.execute(
+                    sa.text("SELECT pg_try_advisory_lock(hashtextextended(:key, 0))"), key
+                )
+            ).scalar()
+            await conn.commit()
+            if not got:
+                raise busy
+            try:
+                yield
+            finally:
+                await conn.execute(
+                    sa.text("SELECT pg_advisory_unlock(hashtextextended(:key, 0))"), key
+                )
+                await conn.commit()
+        return
+    database = engine.url.database
+    if not database or database == ":memory:":
+        yield
+        return
+    fd = os.open(f"{database}.{chain}.archive.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise busy from None
+        yield
+    finally:
+        os.close(fd)
 
 
 async def _last_archive(conn: AsyncConnection, chain: str) -> tuple[int, int, str]:
@@ -101,26 +149,46 @@ async def _upper_bound(
         last = int(row.seq)
     if last is None:
         return None
-    stamped = await conn.execute(
-        sa.select(timestamp_batches.c.first_seq, timestamp_batches.c.last_seq)
-        .where(timestamp_batches.c.chain == chain, timestamp_batches.c.last_seq > after)
-        .order_by(timestamp_batches.c.first_seq)
-    )
-    batches = [(int(b[0]), int(b[1])) for b in stamped]
-    any_batch = (
+    batches = [
+        (int(b[0]), int(b[1]))
+        for b in await conn.execute(
+            sa.select(timestamp_batches.c.first_seq, timestamp_batches.c.last_seq)
+            .where(timestamp_batches.c.chain == chain, timestamp_batches.c.last_seq > after)
+            .order_by(timestamp_batches.c.first_seq)
+        )
+    ]
+    if not batches and not await _was_stamped(conn, chain):
+        return last  # a chain never time-stamped: by time alone
+    # a stamped chain: whole batches only, and nothing not stamped yet
+    fits = [end for _, end in batches if end <= last]
+    if fits:
+        return max(fits)
+    if batches and last == after + max_records:
+        # the next batch alone is larger than an archive file may be: take it whole once
+        # its newest record is old enough, rather than never archiving again
+        end = batches[0][1]
+        newest = (
+            await conn.execute(
+                sa.select(message_log.c.logged_at).where(
+                    message_log.c.chain == chain, message_log.c.seq == end
+                )
+            )
+        ).scalar()
+        if newest is not None and str(newest) < cutoff:
+            return end
+    return None
+
+
+async def _was_stamped(conn: AsyncConnection, chain: str) -> bool:
+    """Whether an archive of this chain holds time-stamps (its batches left the database)."""
+    stamped = (
         await conn.execute(
-            sa.select(sa.func.count())
-            .select_from(timestamp_batches)
-            .where(timestamp_batches.c.chain == chain)
+            sa.select(sa.func.max(log_archives.c.stamped_last_seq)).where(
+                log_archives.c.chain == chain
+            )
         )
     ).scalar()
-    if any_batch:
-        # a stamped chain: archive whole batches only, and nothing not stamped yet
-        fits = [end for first, end in batches if end <= last]
-        if not fits:
-            return None
-        return max(fits)
-    return last
+    return bool(stamped)
 
 
 async def _archive_one(
@@ -189,6 +257,7 @@ async def _archive_one(
     path = folder / fmt.file_name(chain, item.number)
     # encoding and writing a large file would stall the server's event loop
     data = await asyncio.to_thread(_encode_and_write, item, path)
+    stamped_last = max((b.last_seq for b in batches), default=0)
     bodies = [sha for sha, (kind, _) in evidence.items() if kind == "body"]
     async with engine.begin() as conn:
         await conn.execute(
@@ -203,6 +272,7 @@ async def _archive_one(
                     "file_name": path.name,
                     "sha256": fmt.sha256_hex(data),
                     "prev_sha256": prev_sha,
+                    "stamped_last_seq": stamped_last,
                     "created_at": item.created_at,
                 }
             ],
@@ -243,20 +313,49 @@ async def _archive_one(
 
 
 def _encode_and_write(item: fmt.Archive, path: Path) -> bytes:
+    _check_not_someone_elses(item, path)
     data = fmt.encode(item)
     _write_durably(path, data)
     return data
 
 
+def _check_not_someone_elses(item: fmt.Archive, path: Path) -> None:
+    """A file already at this name may only be our own leftover: an archive of the same
+    records, written before a crash kept it from being registered (its records are still
+    in the database, being archived now), or an unreadable partial file. Anything else
+    (another log's archive in a shared folder, a registered archive) is never replaced."""
+    try:
+        existing = path.read_bytes()
+    except FileNotFoundError:
+        return
+    try:
+        found = fmt.decode(existing, where=str(path))
+    except fmt.ArchiveError:
+        log.warning("unreadable_leftover_archive_replaced", path=str(path))
+        return
+    same = (found.chain, found.number, found.first_seq) == (item.chain, item.number, item.first_seq)
+    if same and found.records and found.records[0].hash == item.records[0].hash:
+        log.warning("unregistered_leftover_archive_replaced", path=str(path))
+        return
+    raise RuntimeError(
+        f"{path} already holds records {found.first_seq}..{found.last_seq} of chain "
+        f"{found.chain}, which this log did not register: another log writes archives to "
+        "this folder? Give each server its own log.archive_dir"
+    )
+
+
 def _write_durably(path: Path, data: bytes) -> None:
     """Write a file so that it is whole on disk, or absent, after a crash."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    # temporary files a crash left for this name (archiving a chain is serialised)
+    for stale in path.parent.glob(f"{path.name}*.tmp"):
+        stale.unlink(missing_ok=True)
     fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -298,6 +397,8 @@ class Archiver:
                     now=now,
                     max_records=self.max_records,
                 )
+            except ArchivingBusyError as exc:
+                log.info("archiving_skipped", chain=self.chain, reason=str(exc))
             except Exception as exc:  # keep serving; the next round retries
                 log.error("archiving_failed", chain=self.chain, error=str(exc))
             await asyncio.sleep(self.interval)

@@ -107,63 +107,122 @@ async def verify_log(
                 cas = [x509.load_der_x509_certificate(bytes(r.data)) for r in rows]
         counter = _Progress(progress, total + archived_total)
         for chain in await chain_names(engine):
-            listed = await _listed_archives(engine, chain)
-            if listed and archive_dir is None:
-                raise ChainBrokenError(
-                    1,
-                    None,
-                    f"is in archive files ({len(listed)} registered); give the archive folder "
-                    "(--archive-dir) to verify them",
-                    chain=chain,
-                )
-            head, stamped = (
-                _verify_archives(chain, archive_dir, listed, cas, counter)
-                if listed and archive_dir is not None
-                else (ChainHead(), 0)
-            )
-            report.archived[chain] = head.next_seq - 1
-            after = head.next_seq - 1
-            batch: list[ChainedRecord] = []
-            async for record in iterate_records(engine, chain, after=after):
-                if not batch and record.seq != head.next_seq and after:
-                    raise ChainBrokenError(
-                        head.next_seq,
-                        None,
-                        f"is missing: the archives end at record {after} and the database "
-                        f"continues at {record.seq}",
-                        chain=chain,
+            for attempt in range(5):
+                listed = await _listed_archives(engine, chain)
+                try:
+                    head, stamped, archived = await _verify_one_chain(
+                        engine, chain, listed, archive_dir, cas, counter, stale_after, now
                     )
-                batch.append(record)
-                if len(batch) >= 5000:
-                    head = verify_chain(batch, head)
-                    counter.add(len(batch))
-                    batch = []
-            head = verify_chain(batch, head)
-            counter.add(len(batch))
-            stamped += await _verify_stamps(engine, chain, head, after, cas)
+                    break
+                except ChainBrokenError:
+                    # the server may have archived (and pruned) this chain meanwhile: then
+                    # verify it again as it now stands; otherwise the break is real
+                    if attempt == 4 or await _listed_archives(engine, chain) == listed:
+                        raise
             report.heads[chain] = head
             report.stamped[chain] = stamped
-            if stale_after is not None and stamped < head.next_seq - 1:
-                async with engine.connect() as conn:
-                    oldest = (
-                        await conn.execute(
-                            sa.select(message_log.c.logged_at).where(
-                                message_log.c.chain == chain, message_log.c.seq == stamped + 1
-                            )
-                        )
-                    ).scalar()
-                if oldest is not None and parse_time(str(oldest)) < now() - stale_after:
-                    raise ChainBrokenError(
-                        stamped + 1,
-                        None,
-                        f"and the {head.next_seq - 1 - stamped} record(s) after it are not "
-                        f"time-stamped although logged at {oldest}, more than {stale_after} ago: "
-                        "a time-stamp was deleted, or the server's TSAs have been failing since",
-                        chain=chain,
-                    )
+            report.archived[chain] = archived
         return report
     finally:
         await engine.dispose()
+
+
+async def _verify_one_chain(
+    engine: AsyncEngine,
+    chain: str,
+    listed: list[_Listed],
+    archive_dir: Path | None,
+    cas: list[x509.Certificate],
+    counter: _Progress,
+    stale_after: timedelta | None,
+    now: Callable[[], datetime],
+) -> tuple[ChainHead, int, int]:
+    """Verify one chain, archives then database; (head, records stamped, records archived)."""
+    if listed and archive_dir is None:
+        raise ChainBrokenError(
+            1,
+            None,
+            f"is in archive files ({len(listed)} registered); give the archive folder "
+            "(--archive-dir) to verify them",
+            chain=chain,
+        )
+    head, stamped = (
+        _verify_archives(chain, archive_dir, listed, cas, counter)
+        if listed and archive_dir is not None
+        else (ChainHead(), 0)
+    )
+    after = head.next_seq - 1
+    if archive_dir is not None:
+        await _check_no_unregistered_archive(engine, chain, archive_dir, len(listed) + 1)
+    batch: list[ChainedRecord] = []
+    async for record in iterate_records(engine, chain, after=after):
+        if not batch and record.seq != head.next_seq and after:
+            raise ChainBrokenError(
+                head.next_seq,
+                None,
+                f"is missing: the archives end at record {after} and the database "
+                f"continues at {record.seq}",
+                chain=chain,
+            )
+        batch.append(record)
+        if len(batch) >= 5000:
+            head = verify_chain(batch, head)
+            counter.add(len(batch))
+            batch = []
+    head = verify_chain(batch, head)
+    counter.add(len(batch))
+    stamped += await _verify_stamps(engine, chain, head, after, cas)
+    if stale_after is not None and stamped < head.next_seq - 1:
+        async with engine.connect() as conn:
+            oldest = (
+                await conn.execute(
+                    sa.select(message_log.c.logged_at).where(
+                        message_log.c.chain == chain, message_log.c.seq == stamped + 1
+                    )
+                )
+            ).scalar()
+        if oldest is not None and parse_time(str(oldest)) < now() - stale_after:
+            raise ChainBrokenError(
+                stamped + 1,
+                None,
+                f"and the {head.next_seq - 1 - stamped} record(s) after it are not "
+                f"time-stamped although logged at {oldest}, more than {stale_after} ago: "
+                "a time-stamp was deleted, or the server's TSAs have been failing since",
+                chain=chain,
+            )
+    return head, stamped, after
+
+
+async def _check_no_unregistered_archive(
+    engine: AsyncEngine, chain: str, folder: Path, number: int
+) -> None:
+    """The archive file after the last registered one may only be a crash's leftover, whose
+    records are still in the database; otherwise its registration was deleted."""
+    path = folder / archive_format.file_name(chain, number)
+    try:
+        found = archive_format.decode(path.read_bytes(), where=str(path))
+    except (FileNotFoundError, archive_format.ArchiveError):
+        return  # none, or an unreadable partial file that the next archiving replaces
+    if found.chain != chain or not found.records:
+        return
+    async with engine.connect() as conn:
+        kept = (
+            await conn.execute(
+                sa.select(message_log.c.hash).where(
+                    message_log.c.chain == chain, message_log.c.seq == found.first_seq
+                )
+            )
+        ).scalar()
+    if kept is not None and bytes(kept) == found.records[0].hash:
+        return  # a leftover: its records were never pruned
+    raise ChainBrokenError(
+        found.first_seq,
+        None,
+        f"is missing: archive {number} of chain {chain} ({path.name}) holds records "
+        f"{found.first_seq}..{found.last_seq}, which the database no longer has, yet it is "
+        "not registered: its registration was deleted",
+        chain=chain,
+    )
 
 
 class _Progress:
@@ -231,11 +290,16 @@ def _verify_archives(
         name = item.file_name
         where = f"archive {item.number} of chain {chain} ({name})"
         if item.number != expected:
+            offline = item.sha256 is None
             raise ChainBrokenError(
                 head.next_seq,
                 None,
-                f"is missing: archive {expected} of chain {chain} is not registered "
-                f"(the next registered is {item.number})",
+                f"is missing: archive {expected} of chain {chain} is "
+                + (
+                    f"not in {folder} (the next file is {item.file_name})"
+                    if offline
+                    else f"not registered (the next registered is {item.number})"
+                ),
                 chain=chain,
             )
         path = folder / name

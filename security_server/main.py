@@ -205,7 +205,9 @@ async def serve(
         archiver = Archiver(
             message_log.engine,
             settings.log.chain,
-            _path(settings.log.archive_dir, base),
+            _path(settings.log.archive_dir, base)
+            if settings.log.archive_dir
+            else state_dir / "archive",
             retention=timedelta(days=settings.log.retention_days),
             interval=settings.log.archive_interval_seconds,
             max_records=settings.log.archive_max_records,

@@ -100,6 +100,9 @@ log_archives = sa.Table(
     sa.Column("file_name", sa.Text, nullable=False),
     sa.Column("sha256", sa.String(64), nullable=False),
     sa.Column("prev_sha256", sa.String(64), nullable=False),
+    # the last record a time-stamp in this archive covers (0: none): once a chain is
+    # stamped, its records are archived only with their tokens
+    sa.Column("stamped_last_seq", sa.BigInteger, nullable=False),
     sa.Column("created_at", sa.Text, nullable=False),
 )
 

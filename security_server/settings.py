@@ -67,8 +67,9 @@ class LogSection:
     # records older than this many days move into archive files and leave the database;
     # 0 keeps every record in the database
     retention_days: float = 0.0
-    # folder of the archive files (relative to the config file)
-    archive_dir: str = "archive"
+    # folder of the archive files (relative to the config file); empty: STATE_DIR/archive.
+    # Each server needs its own: files are named by chain, and never replaced
+    archive_dir: str = ""
     # how often old records are archived, in seconds
     archive_interval_seconds: float = 3600.0
     # most records in one archive file

@@ -70,6 +70,7 @@ def upgrade() -> None:
         sa.Column("file_name", sa.Text, nullable=False),
         sa.Column("sha256", sa.String(64), nullable=False),
         sa.Column("prev_sha256", sa.String(64), nullable=False),
+        sa.Column("stamped_last_seq", sa.BigInteger, nullable=False),
         sa.Column("created_at", sa.Text, nullable=False),
     )
     if op.get_bind().dialect.name == "postgresql":
