@@ -44,6 +44,7 @@ def fields_for(i: int) -> dict[str, FieldValue]:
         "service": "UY/GOV/DNIC/identity/person/v1",
         "method": "/identity.v1.PersonService/GetPerson",
         "purpose": "benefit-eligibility",
+        "agreement_id": None if refused else "AGR-2025-0007",
         "user_id": None if i % 3 else f"user-{i}",
         "subject_ref": None,
         "peer": "UY/GOV/DNIC/ss1",
