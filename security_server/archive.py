@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -31,6 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from gateway import archive as fmt
 from gateway.timeutil import format_time
 from security_server.message_log import (
+    hold_exclusive,
     log_archives,
     log_evidence,
     message_log,
@@ -79,41 +79,16 @@ async def archive_old_records(
 
 @contextlib.asynccontextmanager
 async def _archiving(engine: AsyncEngine, chain: str) -> AsyncIterator[None]:
-    """One archiver per chain at a time (two would write the same file): a PostgreSQL
-    advisory lock, or an exclusive lock on a file beside a SQLite database."""
-    busy = ArchivingBusyError(f"another process is archiving chain {chain!r} right now")
-    if engine.dialect.name == "postgresql":
-        async with engine.connect() as conn:
-            key = {"key": f"gateway-message-log-archive:{chain}"}
-            got = (
-                await conn.execute(
-                    sa.text("SELECT pg_try_advisory_lock(hashtextextended(:key, 0))"), key
-                )
-            ).scalar()
-            await conn.commit()
-            if not got:
-                raise busy
-            try:
-                yield
-            finally:
-                await conn.execute(
-                    sa.text("SELECT pg_advisory_unlock(hashtextextended(:key, 0))"), key
-                )
-                await conn.commit()
-        return
-    database = engine.url.database
-    if not database or database == ":memory:":
-        yield
-        return
-    fd = os.open(f"{database}.{chain}.archive.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    """One archiver per chain at a time: two would write the same file."""
+    release = await hold_exclusive(
+        engine, f"gateway-message-log-archive:{chain}", f".{chain}.archive.lock"
+    )
+    if release is None:
+        raise ArchivingBusyError(f"another process is archiving chain {chain!r} right now")
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise busy from None
         yield
     finally:
-        os.close(fd)
+        await release()
 
 
 async def _last_archive(conn: AsyncConnection, chain: str) -> tuple[int, int, str]:

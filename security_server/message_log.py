@@ -24,7 +24,7 @@ import asyncio
 import fcntl
 import os
 import re
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
@@ -156,18 +156,21 @@ async def migrate(engine: AsyncEngine) -> None:
         await conn.run_sync(lambda sync: upgrade(sync))
 
 
-async def _claim_chain(engine: AsyncEngine, chain: str) -> Any:
-    """Make sure no other process writes `chain`, for as long as the returned claim is held.
+Release = Callable[[], Awaitable[None]]
 
-    PostgreSQL: a session advisory lock, on a connection kept open (one per chain, never
-    taken on the data path). SQLite: an exclusive lock on a file beside the database."""
+
+async def hold_exclusive(engine: AsyncEngine, key: str, lock_suffix: str) -> Release | None:
+    """Take a lock no other process can hold at once, without waiting; return how to release
+    it, or None when another process holds it. PostgreSQL: a session advisory lock on a
+    connection of its own. SQLite: an exclusive lock on the file `DATABASE + lock_suffix`
+    (an in-memory database is this process's alone)."""
     if engine.dialect.name == "postgresql":
         conn = await engine.connect()
+        params = {"key": key}
         try:
             got = (
                 await conn.execute(
-                    sa.text("SELECT pg_try_advisory_lock(hashtextextended(:key, 0))"),
-                    {"key": f"gateway-message-log:{chain}"},
+                    sa.text("SELECT pg_try_advisory_lock(hashtextextended(:key, 0))"), params
                 )
             ).scalar()
             await conn.commit()
@@ -176,32 +179,47 @@ async def _claim_chain(engine: AsyncEngine, chain: str) -> Any:
             raise
         if not got:
             await conn.close()
-            raise ChainInUseError(_in_use(chain))
-        return conn
+            return None
+
+        async def release_lock() -> None:
+            try:
+                await conn.execute(
+                    sa.text("SELECT pg_advisory_unlock(hashtextextended(:key, 0))"), params
+                )
+                await conn.commit()
+            finally:
+                await conn.close()
+
+        return release_lock
     database = engine.url.database
     if not database or database == ":memory:":
-        return None
-    fd = os.open(f"{database}.{chain}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+
+        async def nothing() -> None:
+            return None
+
+        return nothing
+    fd = os.open(database + lock_suffix, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise ChainInUseError(_in_use(chain)) from None
-    return fd
+        return None
+
+    async def release_file() -> None:
+        os.close(fd)
+
+    return release_file
 
 
-def _in_use(chain: str) -> str:
-    return (
-        f"another process is writing chain {chain!r} of this message log; give every replica "
-        "its own log.chain (two writers would fork the chain)"
-    )
-
-
-async def _release_claim(claim: Any) -> None:
-    if isinstance(claim, int):
-        os.close(claim)
-    elif claim is not None:
-        await claim.close()
+async def _claim_chain(engine: AsyncEngine, chain: str) -> Release:
+    """Make sure no other process writes `chain`, for as long as the claim is held."""
+    release = await hold_exclusive(engine, f"gateway-message-log:{chain}", f".{chain}.lock")
+    if release is None:
+        raise ChainInUseError(
+            f"another process is writing chain {chain!r} of this message log; give every "
+            "replica its own log.chain (two writers would fork the chain)"
+        )
+    return release
 
 
 async def chain_head(engine: AsyncEngine, chain: str) -> ChainHead:
@@ -253,8 +271,8 @@ class MessageLog:
         self._wake = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
-        # held while this process writes the chain (see `_claim_chain`)
-        self._claim: Any = None
+        # releases the claim this process holds on the chain (see `_claim_chain`)
+        self._claim: Release | None = None
         # the insert, compiled once for this database's dialect: the hot path skips
         # SQLAlchemy's per-execution compilation and parameter processing
         compiled = message_log.insert().compile(dialect=engine.dialect)
@@ -332,8 +350,9 @@ class MessageLog:
             self._executor.shutdown()
         if self._sync_engine is not None:
             self._sync_engine.dispose()
-        await _release_claim(self._claim)
-        self._claim = None
+        if self._claim is not None:
+            await self._claim()
+            self._claim = None
         await self.engine.dispose()
 
     async def append(
