@@ -84,6 +84,75 @@ class Service:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Federation:
+    """Another instance this one federates with: its anchor, and whether the federation is
+    in force (an ended federation stays listed, so that refusals can say it ended)."""
+
+    anchor: Anchor
+    active: bool
+    since: datetime
+    ended_at: datetime | None = None
+
+    @property
+    def instance(self) -> str:
+        return self.anchor.instance
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "instance": self.instance,
+            "anchor": self.anchor.to_json(),
+            "state": "active" if self.active else "ended",
+            "since": format_time(self.since),
+            "ended_at": None if self.ended_at is None else format_time(self.ended_at),
+        }
+
+    @classmethod
+    def from_json(cls, doc: Any) -> Federation:
+        state = doc["state"]
+        if state not in ("active", "ended"):
+            raise ValueError(f"federation state {state!r} is neither active nor ended")
+        anchor = Anchor.from_json(doc["anchor"])
+        if anchor.instance != doc["instance"]:
+            raise ValueError(f"the anchor listed for {doc['instance']} is {anchor.instance}'s")
+        ended = doc["ended_at"]
+        return cls(
+            anchor=anchor,
+            active=state == "active",
+            since=parse_time(doc["since"]),
+            ended_at=None if ended is None else parse_time(ended),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OutboundApproval:
+    """The consumer instance's own approval of exchanges of one of its subsystems with a
+    service of another instance, for some purposes (needed when the instance's policy
+    `outbound_approval_required` says so; the agreement itself lives with the provider)."""
+
+    client: SubsystemId
+    service: ServiceId
+    purposes: frozenset[str]
+    approved_at: datetime
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "client": str(self.client),
+            "service": str(self.service),
+            "purposes": sorted(self.purposes),
+            "approved_at": format_time(self.approved_at),
+        }
+
+    @classmethod
+    def from_json(cls, doc: Any) -> OutboundApproval:
+        return cls(
+            client=SubsystemId.parse(doc["client"]),
+            service=ServiceId.parse(doc["service"]),
+            purposes=frozenset(str(p) for p in doc["purposes"]),
+            approved_at=parse_time(doc["approved_at"]),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class GlobalConfiguration:
     """One verified version of an instance's configuration, indexed for look-ups."""
 
@@ -101,6 +170,14 @@ class GlobalConfiguration:
     trust: TrustStore = field(compare=False)
     servers_by_auth_sha256: Mapping[str, SecurityServer] = field(compare=False)
     servers_by_subsystem: Mapping[SubsystemId, tuple[SecurityServer, ...]] = field(compare=False)
+    # the instances this one federates with (active or ended), by instance code
+    federations: Mapping[str, Federation] = field(default_factory=dict)
+    # must this instance approve each exchange of its subsystems with another instance?
+    outbound_approval_required: bool = False
+    # those approvals, by (client, service)
+    outbound_approvals: Mapping[tuple[SubsystemId, ServiceId], OutboundApproval] = field(
+        default_factory=dict
+    )
 
     def check_current(self, now: datetime) -> None:
         """Raise `ConfigurationError(CONFIGURATION_EXPIRED)` once the configuration expired."""
@@ -137,10 +214,23 @@ def build_content(
     servers: Iterable[SecurityServer],
     services: Iterable[Service],
     agreements: Iterable[Agreement],
+    federations: Iterable[Federation] = (),
+    outbound_approval_required: bool = False,
+    outbound_approvals: Iterable[OutboundApproval] = (),
 ) -> bytes:
     """The canonical content bytes of a configuration (what the registry signs)."""
+    listed = sorted((f.to_json() for f in federations), key=lambda d: str(d["instance"]))
+    approvals = sorted(
+        (a.to_json() for a in outbound_approvals),
+        key=lambda d: (str(d["client"]), str(d["service"])),
+    )
     return canonical.encode(
         {
+            # federation keys only when federated, so that an unfederated instance's
+            # content is unchanged
+            **({"federations": listed} if listed else {}),
+            **({"outbound_approval_required": True} if outbound_approval_required else {}),
+            **({"outbound_approvals": approvals} if approvals else {}),
             "format": FORMAT_VERSION,
             "instance": instance,
             "version": version,
@@ -290,6 +380,18 @@ def parse_content(content: bytes) -> GlobalConfiguration:
             )
         }
         agreements = [Agreement.from_json(d) for d in doc["agreements"]]
+        federations = {
+            f.instance: f for f in (Federation.from_json(d) for d in doc.get("federations", []))
+        }
+        if str(doc["instance"]) in federations:
+            raise _invalid("an instance cannot federate with itself")
+        required = doc.get("outbound_approval_required", False)
+        if not isinstance(required, bool):
+            raise _invalid("outbound_approval_required is not true or false")
+        approvals = {
+            (a.client, a.service): a
+            for a in (OutboundApproval.from_json(d) for d in doc.get("outbound_approvals", []))
+        }
         trust = TrustStore(tuple(x509.load_der_x509_certificate(c) for c in cas))
         by_subsystem: dict[SubsystemId, list[SecurityServer]] = {}
         for server in servers.values():
@@ -309,6 +411,9 @@ def parse_content(content: bytes) -> GlobalConfiguration:
             trust=trust,
             servers_by_auth_sha256={s.auth_certificate_sha256: s for s in servers.values()},
             servers_by_subsystem={k: tuple(v) for k, v in by_subsystem.items()},
+            federations=federations,
+            outbound_approval_required=required,
+            outbound_approvals=approvals,
         )
     except ConfigurationError:
         raise

@@ -71,6 +71,12 @@ class Code(StrEnum):
     CONFIGURATION_UNAVAILABLE = "configuration_unavailable"
     CONFIGURATION_EXPIRED = "configuration_expired"
     CONFIGURATION_INVALID = "configuration_invalid"
+    # federation (calls between instances)
+    INSTANCE_NOT_FEDERATED = "instance_not_federated"
+    FEDERATION_ENDED = "federation_ended"
+    FEDERATION_NOT_ALLOWED = "federation_not_allowed"
+    FEDERATED_CONFIGURATION_UNAVAILABLE = "federated_configuration_unavailable"
+    FEDERATED_CONFIGURATION_EXPIRED = "federated_configuration_expired"
     # availability of the path
     PROVIDER_UNAVAILABLE = "provider_unavailable"
     BACKEND_UNAVAILABLE = "backend_unavailable"
@@ -114,6 +120,11 @@ STATUS_BY_CODE: dict[Code, Status] = {
     Code.TIMESTAMP_INVALID: Status.INTERNAL,
     Code.CONFIGURATION_UNAVAILABLE: Status.UNAVAILABLE,
     Code.CONFIGURATION_EXPIRED: Status.UNAVAILABLE,
+    Code.INSTANCE_NOT_FEDERATED: Status.PERMISSION_DENIED,
+    Code.FEDERATION_ENDED: Status.PERMISSION_DENIED,
+    Code.FEDERATION_NOT_ALLOWED: Status.PERMISSION_DENIED,
+    Code.FEDERATED_CONFIGURATION_UNAVAILABLE: Status.UNAVAILABLE,
+    Code.FEDERATED_CONFIGURATION_EXPIRED: Status.UNAVAILABLE,
     Code.CONFIGURATION_INVALID: Status.FAILED_PRECONDITION,
     Code.PROVIDER_UNAVAILABLE: Status.UNAVAILABLE,
     Code.BACKEND_UNAVAILABLE: Status.UNAVAILABLE,

@@ -14,8 +14,10 @@ from gateway import canonical
 from gateway.agreements import Agreement
 from gateway.configuration import (
     Anchor,
+    Federation,
     GlobalConfiguration,
     Member,
+    OutboundApproval,
     SecurityServer,
     Service,
     SignedConfiguration,
@@ -382,3 +384,70 @@ def _anchor_variants() -> list[Any]:
 def test_anchor_from_json_rejects_garbage(value: Any) -> None:
     """Anchor.from_json of anything malformed raises CONFIGURATION_INVALID."""
     expect_invalid(lambda: Anchor.from_json(value))
+
+
+# ---- federation -------------------------------------------------------------------------
+
+
+def _federated(world: World, issue: IssueCert, **extra: Any) -> tuple[Anchor, bytes]:
+    other = Anchor(
+        instance="AR",
+        signing_certificates=(issue("AR configuration", kind="config").certificate_der,),
+        addresses=("registry.gob.ar:7000",),
+    )
+    args = {**world.content_args, **extra}
+    args.setdefault(
+        "federations",
+        [Federation(anchor=other, active=True, since=world.now - timedelta(days=1))],
+    )
+    return other, build_content(**args)
+
+
+def test_federations_and_outbound_approvals_round_trip(world: World, issue: IssueCert) -> None:
+    """The anchors an instance federates with, its outbound policy and approvals are part of
+    the signed content, and parse back exactly."""
+    approval = OutboundApproval(
+        client=BENEFITS,
+        service=ServiceId.parse("AR/GOB/RENAPER/identity/person/v1"),
+        purposes=frozenset({"benefit-eligibility"}),
+        approved_at=world.now,
+    )
+    other, content = _federated(
+        world, issue, outbound_approval_required=True, outbound_approvals=[approval]
+    )
+    config = parse_content(content)
+    assert set(config.federations) == {"AR"}
+    assert config.federations["AR"].anchor == other and config.federations["AR"].active
+    assert config.outbound_approval_required is True
+    assert config.outbound_approvals == {(approval.client, approval.service): approval}
+
+
+def test_an_unfederated_configuration_is_unchanged(world: World) -> None:
+    """Without federations or outbound approvals, the content has none of their keys (the
+    documents an unfederated instance published before stay byte for byte the same)."""
+    doc = canonical.decode(world.content)
+    assert not {"federations", "outbound_approval_required", "outbound_approvals"} & set(doc)
+    config = parse_content(world.content)
+    assert config.federations == {} and config.outbound_approval_required is False
+
+
+def test_an_ended_federation_stays_listed_as_ended(world: World, issue: IssueCert) -> None:
+    """An ended federation is published as ended (so that refusals can say so)."""
+    anchor = Anchor(
+        instance="AR",
+        signing_certificates=(issue("AR configuration", kind="config").certificate_der,),
+        addresses=("registry.gob.ar:7000",),
+    )
+    ended = Federation(
+        anchor=anchor, active=False, since=world.now - timedelta(days=9), ended_at=world.now
+    )
+    _, content = _federated(world, issue, federations=[ended])
+    assert parse_content(content).federations["AR"].active is False
+
+
+def test_federating_with_itself_is_rejected(world: World) -> None:
+    """A configuration that lists its own instance as federated is refused."""
+    own = Federation(anchor=world.anchor, active=True, since=world.now)
+    content = build_content(**{**world.content_args, "federations": [own]})
+    error = expect_invalid(lambda: parse_content(content))
+    assert "cannot federate with itself" in error.message
