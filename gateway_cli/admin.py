@@ -1,8 +1,8 @@
 """`gateway admin`: a command-line client of the registry's admin REST API.
 
 For registry administrators and member administrators: the catalogue (members,
-subsystems, security servers, services), the data-sharing agreement workflow and the admin
-log. `AdminClient` is a small synchronous client over `urllib.request` that the demo uses
+subsystems, security servers, services), the data-sharing agreement workflow, federation
+with other instances, outbound approvals and the admin log. `AdminClient` is a small synchronous client over `urllib.request` that the demo uses
 too; `add_admin_commands` registers the `gateway admin` subcommands on top of it.
 
 The client decides nothing: every permission and every state check is the registry's,
@@ -212,6 +212,44 @@ class AdminClient:
         """approve, reject, suspend, resume or revoke an agreement."""
         return self.post(f"/v1/agreements/{_segment(id)}/{_segment(action)}", {"reason": reason})
 
+    # ---- federation ----
+
+    def federations(self) -> Any:
+        return self.get("/v1/federations")
+
+    def federate(self, anchor: dict[str, Any], reason: str) -> Any:
+        """Import another instance's anchor (its `gateway registry anchor` JSON)."""
+        return self.post("/v1/federations", {"anchor": anchor, "reason": reason})
+
+    def end_federation(self, instance: str, reason: str) -> Any:
+        return self.post(f"/v1/federations/{_segment(instance)}/end", {"reason": reason})
+
+    # ---- outbound approvals ----
+
+    def outbound_approvals(self) -> Any:
+        return self.get("/v1/outbound-approvals")
+
+    def request_outbound(
+        self, client: str, service: str, purposes: Iterable[str], agreement: str, reason: str = ""
+    ) -> Any:
+        """Ask for the approval of a subsystem's calls to a federated instance's service."""
+        return self.post(
+            "/v1/outbound-approvals",
+            {
+                "client": client,
+                "service": service,
+                "purposes": list(purposes),
+                "agreement": agreement,
+                "reason": reason,
+            },
+        )
+
+    def act_outbound(self, id: str, action: str, reason: str = "") -> Any:
+        """approve or revoke an outbound approval."""
+        return self.post(
+            f"/v1/outbound-approvals/{_segment(id)}/{_segment(action)}", {"reason": reason}
+        )
+
     # ---- the admin log ----
 
     def admin_log(self, after: int = 0, limit: int = 100) -> Any:
@@ -320,6 +358,22 @@ AGREEMENTS = [
     Column("SERVICE", lambda r: r.get("service"), None),
     Column("PURPOSES", lambda r: r.get("purposes"), 40),
     Column("VALID UNTIL", lambda r: _when(r.get("valid_until"))),
+]
+FEDERATIONS = [
+    Column("INSTANCE", lambda r: r["instance"], None),
+    Column("STATE", lambda r: r.get("state"), None),
+    Column("SINCE", lambda r: _when(r.get("since"))),
+    Column("ENDED", lambda r: _when(r.get("ended_at"))),
+    Column("ADDRESSES", lambda r: r.get("addresses"), 40),
+    Column("REASON", lambda r: r.get("reason"), 60),
+]
+OUTBOUND = [
+    Column("ID", lambda r: r["id"], None),
+    Column("STATE", lambda r: r.get("state"), None),
+    Column("CLIENT", lambda r: r.get("client"), None),
+    Column("SERVICE", lambda r: r.get("service"), None),
+    Column("PURPOSES", lambda r: r.get("purposes"), 40),
+    Column("AGREEMENT", lambda r: r.get("agreement"), None),
 ]
 LOG = [
     Column("SEQ", lambda r: r["seq"]),
@@ -437,6 +491,41 @@ def _agreements_request(c: AdminClient, ns: argparse.Namespace) -> Shown:
 
 def _agreements_act(c: AdminClient, ns: argparse.Namespace) -> Shown:
     return _fields(c.act(ns.id, ns.agreement_action, ns.reason), _agreement_fields)
+
+
+def _federation_fields(doc: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in doc.items() if k != "anchor"}
+
+
+def _federations_list(c: AdminClient, ns: argparse.Namespace) -> Shown:
+    return _table(c.federations(), FEDERATIONS)
+
+
+def _federations_add(c: AdminClient, ns: argparse.Namespace) -> Shown:
+    text = _read(ns.anchor, "anchor")
+    try:
+        anchor = json.loads(text)
+    except ValueError as exc:
+        raise _UsageError(f"the anchor {ns.anchor} is not JSON: {exc}") from None
+    if not isinstance(anchor, dict):
+        raise _UsageError(f"the anchor {ns.anchor} is not a JSON object")
+    return _fields(c.federate(anchor, ns.reason), _federation_fields)
+
+
+def _federations_end(c: AdminClient, ns: argparse.Namespace) -> Shown:
+    return _fields(c.end_federation(ns.instance, ns.reason), _federation_fields)
+
+
+def _outbound_list(c: AdminClient, ns: argparse.Namespace) -> Shown:
+    return _table(c.outbound_approvals(), OUTBOUND)
+
+
+def _outbound_request(c: AdminClient, ns: argparse.Namespace) -> Shown:
+    return _fields(c.request_outbound(ns.client, ns.service, ns.purpose, ns.agreement, ns.reason))
+
+
+def _outbound_act(c: AdminClient, ns: argparse.Namespace) -> Shown:
+    return _fields(c.act_outbound(ns.id, ns.outbound_action, ns.reason))
 
 
 def _log_list(c: AdminClient, ns: argparse.Namespace) -> Shown:
@@ -649,6 +738,46 @@ def add_admin_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
             default="",
             help="why (required)" if required else "why, for the admin log",
         )
+
+    g = group("federations", "federation with other instances (registry administrators)")
+    leaf(g, "list", _federations_list, "list the instances this one federates with")
+    p = leaf(g, "add", _federations_add, "federate with an instance by importing its anchor")
+    p.add_argument(
+        "--anchor",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="the other instance's anchor (JSON, from its `gateway registry anchor`)",
+    )
+    p.add_argument("--reason", required=True, help="why (the treaty, the decision), for the log")
+    p = leaf(g, "end", _federations_end, "end the federation with an instance")
+    p.add_argument("instance", metavar="INSTANCE", help="the other instance's code, e.g. AR")
+    p.add_argument("--reason", required=True, help="why (required)")
+
+    g = group("outbound", "outbound approvals: this instance's consent to cross-border calls")
+    leaf(g, "list", _outbound_list, "list the outbound approvals this token may see")
+    p = leaf(g, "request", _outbound_request, "ask to call a federated instance's service")
+    p.add_argument("--client", required=True, help="the consumer subsystem, of this instance")
+    p.add_argument("--service", required=True, help="the service, of a federated instance")
+    p.add_argument(
+        "--purpose",
+        action="append",
+        required=True,
+        metavar="P",
+        help="a purpose the calls will declare (repeat for several)",
+    )
+    p.add_argument(
+        "--agreement", required=True, metavar="ID", help="the agreement's id at the provider"
+    )
+    p.add_argument("--reason", required=True, help="why, for the admin log")
+    for verb, help in (
+        ("approve", "approve a requested outbound approval (registry administrator)"),
+        ("revoke", "revoke an outbound approval"),
+    ):
+        p = leaf(g, verb, _outbound_act, help)
+        p.set_defaults(outbound_action=verb)
+        p.add_argument("id", metavar="ID", help="the outbound approval id")
+        p.add_argument("--reason", required=True, help="why (required)")
 
     g = group("log", "the registry's admin log")
     p = leaf(g, "list", _log_list, "the entries this token may see, in order")

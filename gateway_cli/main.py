@@ -5,6 +5,7 @@
     gateway pki serve       run the development OCSP responder and time-stamping authority
     gateway registry serve  run a registry
     gateway registry token  issue an admin API token
+    gateway registry anchor print this registry's instance anchor (for federation)
     gateway admin ...       administer the registry over its admin API
     gateway server serve    run a security server
     gateway audit verify    verify a security server's message log and its time-stamps
@@ -198,6 +199,16 @@ def _registry_token(ns: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(token)
+    return 0
+
+
+def _registry_anchor(ns: argparse.Namespace) -> int:
+    from gateway_cli.runtime import read_settings
+    from registry.main import RegistrySettings, instance_anchor
+
+    settings = read_settings(RegistrySettings, ns.config)
+    anchor = instance_anchor(settings, ns.address)
+    print(json.dumps(anchor.to_json(), indent=2))
     return 0
 
 
@@ -556,6 +567,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server", help="security server id: required for security-server")
     p.add_argument("--ttl", type=float, help="lifetime in seconds (default: api.token_ttl_seconds)")
     p.set_defaults(func=_registry_token)
+    p = reg.add_parser(
+        "anchor",
+        help="print this registry's instance anchor (JSON)",
+        description="Print the instance anchor (instance, configuration-signing certificate, "
+        "configuration addresses) as JSON: what security servers install, and what another "
+        "instance's registry administrator imports to federate with this one "
+        "(`gateway admin federations add --anchor FILE`).",
+    )
+    p.add_argument("--config", type=Path, required=True, help="registry settings TOML")
+    p.add_argument(
+        "--address",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="a configuration address to publish (repeat; default: anchor_addresses, else listen)",
+    )
+    p.set_defaults(func=_registry_anchor)
 
     srv = commands.add_parser("server", help="a security server").add_subparsers(
         dest="action", required=True

@@ -30,6 +30,7 @@ from registry.governance import (
     AgreementRequest,
     Governance,
     InvalidRequest,
+    OutboundRequest,
     ServiceEntry,
 )
 
@@ -147,6 +148,88 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "properties": {"reason": _REASON},
         "additionalProperties": False,
     },
+    "Anchor": {
+        "type": "object",
+        "description": "an instance anchor, as `gateway registry anchor` prints it",
+        "properties": {
+            "instance": {"type": "string", "minLength": 2, "maxLength": 20},
+            "configuration_signing_certificates": {
+                "type": "array",
+                "items": {"type": "string", "maxLength": 20000},
+                "minItems": 1,
+                "maxItems": 10,
+                "description": "the configuration-signing certificates, PEM",
+            },
+            "addresses": {
+                "type": "array",
+                "items": {"type": "string", "minLength": 3, "maxLength": 300},
+                "minItems": 1,
+                "maxItems": 20,
+                "description": "host:port of the instance's configuration service",
+            },
+        },
+        "required": ["instance", "configuration_signing_certificates", "addresses"],
+        "additionalProperties": False,
+    },
+    "NewFederation": {
+        "type": "object",
+        "properties": {
+            "anchor": {"$ref": "#/components/schemas/Anchor"},
+            "reason": {**_REASON, "minLength": 1, "description": "why (required)"},
+        },
+        "required": ["anchor", "reason"],
+        "additionalProperties": False,
+    },
+    "EndFederation": {
+        "type": "object",
+        "properties": {"reason": {**_REASON, "minLength": 1, "description": "why (required)"}},
+        "required": ["reason"],
+        "additionalProperties": False,
+    },
+    "Federation": {
+        "type": "object",
+        "properties": {
+            "instance": {"type": "string"},
+            "state": {"enum": ["active", "ended"]},
+            "since": {"type": "string"},
+            "ended_at": {"type": ["string", "null"]},
+            "reason": {"type": "string"},
+            "addresses": {"type": "array", "items": {"type": "string"}},
+            "signing_certificates_sha256": {"type": "array", "items": {"type": "string"}},
+            "anchor": {"$ref": "#/components/schemas/Anchor"},
+            "revision": {"type": "integer"},
+        },
+    },
+    "NewOutboundApproval": {
+        "type": "object",
+        "properties": {
+            "client": {**_ID, "description": "the consumer subsystem, of this instance"},
+            "service": {**_ID, "description": "the service, of a federated instance"},
+            "purposes": {**_NAMES, "minItems": 1},
+            "agreement": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": 200,
+                "description": "the provider-side agreement's id at the provider's registry",
+            },
+            "reason": _REASON,
+        },
+        "required": ["client", "service", "purposes", "agreement"],
+        "additionalProperties": False,
+    },
+    "OutboundApproval": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "string"},
+            "client": {"type": "string"},
+            "service": {"type": "string"},
+            "purposes": {"type": "array", "items": {"type": "string"}},
+            "agreement": {"type": "string"},
+            "state": {"enum": ["requested", "approved", "revoked"]},
+            "approved_at": {"type": ["string", "null"]},
+            "revision": {"type": "integer"},
+        },
+    },
     "Agreement": {
         "type": "object",
         "properties": {
@@ -172,7 +255,7 @@ def _validator(name: str) -> Draft202012Validator:
 
 
 _VALIDATORS = {name: _validator(name) for name in SCHEMAS if name.startswith("New")} | {
-    "Transition": _validator("Transition")
+    name: _validator(name) for name in ("Transition", "EndFederation")
 }
 
 
@@ -438,6 +521,51 @@ class AdminApi:
             )
         )
 
+    async def list_federations(self, request: web.Request) -> web.Response:
+        return _json(await self.gov.list_federations(request[PRINCIPAL]))
+
+    async def federate(self, request: web.Request) -> web.Response:
+        doc = await _body(request, "NewFederation")
+        return _json(await self.gov.federate(request[PRINCIPAL], doc["anchor"], doc["reason"]), 201)
+
+    async def end_federation(self, request: web.Request) -> web.Response:
+        doc = await _body(request, "EndFederation")
+        return _json(
+            await self.gov.end_federation(
+                request[PRINCIPAL], request.match_info["instance"], doc["reason"]
+            )
+        )
+
+    async def list_outbound(self, request: web.Request) -> web.Response:
+        return _json(await self.gov.list_outbound(request[PRINCIPAL]))
+
+    async def request_outbound(self, request: web.Request) -> web.Response:
+        doc = await _body(request, "NewOutboundApproval")
+        req = OutboundRequest(
+            client=_parse(SubsystemId, doc["client"], "client"),
+            service=_parse(ServiceId, doc["service"], "service"),
+            purposes=tuple(doc["purposes"]),
+            agreement=doc["agreement"],
+            reason=doc.get("reason", ""),
+        )
+        return _json(await self.gov.request_outbound(request[PRINCIPAL], req), 201)
+
+    async def approve_outbound(self, request: web.Request) -> web.Response:
+        doc = await _body(request, "Transition")
+        return _json(
+            await self.gov.approve_outbound(
+                request[PRINCIPAL], request.match_info["id"], doc.get("reason", "")
+            )
+        )
+
+    async def revoke_outbound(self, request: web.Request) -> web.Response:
+        doc = await _body(request, "Transition")
+        return _json(
+            await self.gov.revoke_outbound(
+                request[PRINCIPAL], request.match_info["id"], doc.get("reason", "")
+            )
+        )
+
     async def admin_log(self, request: web.Request) -> web.Response:
         after = _query_int(request, "after", 0, 0, 2**62)
         limit = _query_int(request, "limit", 100, 1, 1000)
@@ -467,6 +595,13 @@ class AdminApi:
         r.add_post("/v1/agreements", self.request_agreement)
         r.add_get("/v1/agreements/{id}", self.get_agreement)
         r.add_post("/v1/agreements/{id}/{action:" + actions + "}", self.act_on_agreement)
+        r.add_get("/v1/federations", self.list_federations)
+        r.add_post("/v1/federations", self.federate)
+        r.add_post("/v1/federations/{instance}/end", self.end_federation)
+        r.add_get("/v1/outbound-approvals", self.list_outbound)
+        r.add_post("/v1/outbound-approvals", self.request_outbound)
+        r.add_post("/v1/outbound-approvals/{id}/approve", self.approve_outbound)
+        r.add_post("/v1/outbound-approvals/{id}/revoke", self.revoke_outbound)
         r.add_get("/v1/admin-log", self.admin_log)
         r.add_get("/v1/admin-log/verify", self.verify_admin_log)
         return app
@@ -590,6 +725,49 @@ def openapi_document() -> dict[str, Any]:
                 "parameters": [_p("id", "the agreement id")],
             }
         },
+        "/v1/federations": {
+            "get": _op("list the instances this one federates with, active and ended"),
+            "post": _op(
+                "federate with another instance by importing its anchor (registry "
+                "administrator); published at once",
+                body="NewFederation",
+                ok=201,
+            ),
+        },
+        "/v1/federations/{instance}/end": {
+            "post": {
+                **_op(
+                    "end the federation with an instance (registry administrator); "
+                    "published at once",
+                    body="EndFederation",
+                ),
+                "parameters": [_p("instance", "the other instance's code, e.g. AR")],
+            }
+        },
+        "/v1/outbound-approvals": {
+            "get": _op("list the outbound approvals this token may see"),
+            "post": _op(
+                "request the approval of a subsystem's exchanges with a federated "
+                "instance's service (the client member's administrator)",
+                body="NewOutboundApproval",
+                ok=201,
+            ),
+        },
+        "/v1/outbound-approvals/{id}/approve": {
+            "post": {
+                **_op(
+                    "approve an outbound approval (registry administrator); published at once",
+                    body="Transition",
+                ),
+                "parameters": [_p("id", "the outbound approval id")],
+            }
+        },
+        "/v1/outbound-approvals/{id}/revoke": {
+            "post": {
+                **_op("revoke an outbound approval (reason required)", body="Transition"),
+                "parameters": [_p("id", "the outbound approval id")],
+            }
+        },
         "/v1/admin-log": {
             "get": _op(
                 "the admin log entries this token may see, in order",
@@ -613,8 +791,9 @@ def openapi_document() -> dict[str, Any]:
         "info": {
             "title": "Interoperability gateway registry: admin API",
             "version": "1",
-            "description": "Catalogue, security server approval, data-sharing agreements "
-            "and the admin log of one instance. See the README for roles.",
+            "description": "Catalogue, security server approval, data-sharing agreements, "
+            "federation with other instances, outbound approvals and the admin log of one "
+            "instance. See the README for roles.",
         },
         "paths": paths,
         "components": {

@@ -1,4 +1,5 @@
-"""What administrators do to the registry: the catalogue, server approval and agreements.
+"""What administrators do to the registry: the catalogue, server approval, agreements,
+federation with other instances and outbound approvals.
 
 Every operation takes the acting `Principal`, checks that its role and scope allow the
 operation, applies it inside one serialised store change (`RegistryStore.change`), and
@@ -7,6 +8,16 @@ When the change alters what is published (members, approved servers, services, a
 states) it then asks for a new signed configuration (`on_change`), which the registry
 pushes to every watching security server. The admin REST API and the topology seed both
 come through here, so a seeded registry and one built by hand through the API are alike.
+
+Federation: a registry administrator imports another instance's anchor (`federate`) and
+may end the federation (`end_federation`); both are published at once, ended federations
+included, so that security servers refuse exchanges with that instance within seconds.
+An agreement's client may be a subsystem of an actively federated instance (a cross-border
+agreement, held and enforced by the provider's instance; requested by a registry
+administrator or the provider's member administrator, since the foreign member has no
+account here). Outbound approvals are the consumer instance's side: its own record, and
+where `outbound_approval_required` says so its consent, of one of its subsystems calling
+a federated instance's service; requested, approved by a registry administrator, revoked.
 
 Errors are `AdminError`s that carry the HTTP status the API answers with: 400 invalid,
 403 not allowed to this principal, 404 unknown, 409 not possible in the current state.
@@ -32,21 +43,26 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from gateway.agreements import Agreement, AgreementState, LegalBasis, LegalBasisKind, RateLimit
 from gateway.audit import ADMIN_LOG as ADMIN_LOG_FORMAT
 from gateway.audit import ChainBrokenError, ChainHead, verify_chain
+from gateway.configuration import Anchor
 from gateway.envelope import check_method, check_purpose
-from gateway.errors import GatewayError
+from gateway.errors import ConfigurationError, GatewayError
 from gateway.identifiers import MemberId, SecurityServerId, ServiceId, SubsystemId
 from gateway.timeutil import format_time
 from gateway.workflow import Action, Party, Policy, TransitionError, apply
 from registry.auth import Principal, Role
 from registry.store import (
     Change,
+    FederationState,
+    OutboundState,
     RegistryStore,
     ServerStatus,
     admin_record,
     agreement_from_row,
     agreement_values,
     agreements,
+    federations,
     members,
+    outbound_approvals,
     servers,
     services,
     subsystems,
@@ -91,6 +107,8 @@ SYSTEM = Principal(
 )
 
 _NUMBER = re.compile(r"[0-9]{1,9}")
+# an instance code, as in `gateway.identifiers`: UY, UY-TEST
+_INSTANCE = re.compile(r"[A-Z]{2}(?:-[A-Z0-9]{1,16})?")
 
 # Actions that must say why.
 _REASON_REQUIRED = {Action.REJECT, Action.SUSPEND, Action.REVOKE}
@@ -119,6 +137,18 @@ class AgreementRequest:
     valid_from: datetime | None = None
     valid_until: datetime | None = None
     rate_limit: RateLimit | None = None
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OutboundRequest:
+    """A subsystem of this instance asks to call a service of a federated instance."""
+
+    client: SubsystemId
+    service: ServiceId
+    purposes: tuple[str, ...]
+    # the provider-side agreement, as the provider's registry names it
+    agreement: str
     reason: str = ""
 
 
@@ -161,6 +191,20 @@ def _scope(actor: Principal) -> MemberId | None:
 async def _row(conn: AsyncConnection, table: sa.Table, key: str) -> Any:
     """The row of `table` whose id is `key`, or None."""
     return (await conn.execute(sa.select(table).where(table.c.id == key))).first()
+
+
+async def _federation_row(conn: AsyncConnection, instance: str) -> Any:
+    return (
+        await conn.execute(sa.select(federations).where(federations.c.instance == instance))
+    ).first()
+
+
+async def _next_id(conn: AsyncConnection, table: sa.Table, kind: str, year: int) -> str:
+    """`KIND-YEAR-NNNN`, one more than the highest number of that form this year."""
+    prefix = f"{kind}-{year}-"
+    ids = await conn.scalars(sa.select(table.c.id).where(table.c.id.startswith(prefix)))
+    numbers = [int(i[len(prefix) :]) for i in ids if _NUMBER.fullmatch(i[len(prefix) :])]
+    return f"{prefix}{max(numbers, default=0) + 1:04d}"
 
 
 async def _exists(conn: AsyncConnection, table: sa.Table, key: str) -> bool:
@@ -226,6 +270,87 @@ def _check_auth_certificate(pem: str, now: datetime) -> bytes:
             f"until {format_time(not_after)}"
         )
     return cert.public_bytes(serialization.Encoding.DER)
+
+
+def federation_json(row: Any) -> dict[str, Any]:
+    anchor = json.loads(row.anchor)
+    ders = Anchor.from_json(anchor).signing_certificates
+    return {
+        "instance": row.instance,
+        "state": row.state,
+        "since": row.since,
+        "ended_at": row.ended_at,
+        "reason": row.reason,
+        "updated_by": row.updated_by,
+        "revision": row.revision,
+        "created_at": row.created_at,
+        "updated_at": row.updated_at,
+        "addresses": anchor["addresses"],
+        # fingerprints to compare with what the other instance's administrators publish
+        "signing_certificates_sha256": [hashlib.sha256(d).hexdigest() for d in ders],
+        "anchor": anchor,
+    }
+
+
+def outbound_json(row: Any) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "client": row.client,
+        "service": row.service,
+        "purposes": json.loads(row.purposes),
+        "agreement": row.agreement,
+        "state": row.state,
+        "reason": row.reason,
+        "requested_by": row.requested_by,
+        "updated_by": row.updated_by,
+        "approved_at": row.approved_at,
+        "revision": row.revision,
+        "created_at": row.created_at,
+        "updated_at": row.updated_at,
+    }
+
+
+def _check_anchor(doc: Any, now: datetime) -> Anchor:
+    """Another instance's anchor, parsed and checked, or `InvalidRequest` saying why not."""
+    try:
+        anchor = Anchor.from_json(doc)
+    except ConfigurationError as exc:
+        raise InvalidRequest(exc.message) from None
+    if not _INSTANCE.fullmatch(anchor.instance):
+        raise InvalidRequest(
+            f"anchor: the instance {anchor.instance!r} is not an instance code "
+            "(an ISO 3166 country code in capitals, optionally with a suffix: AR, AR-TEST)"
+        )
+    if not anchor.addresses:
+        raise InvalidRequest(
+            f"anchor of {anchor.instance} lists no configuration address: security servers "
+            "could not fetch its configuration"
+        )
+    for address in anchor.addresses:
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise InvalidRequest(
+                f"anchor of {anchor.instance}: address {address!r} is not HOST:PORT"
+            )
+    for der in anchor.signing_certificates:
+        cert = x509.load_der_x509_certificate(der)
+        try:
+            key = cert.public_key()
+        except (ValueError, UnsupportedAlgorithm):
+            key = None
+        if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.key_size < 256:
+            raise InvalidRequest(
+                f"anchor of {anchor.instance}: a configuration-signing certificate must hold "
+                "an EC key of at least 256 bits (configurations are signed with ECDSA)"
+            )
+        if not cert.not_valid_before_utc <= now < cert.not_valid_after_utc:
+            raise InvalidRequest(
+                f"anchor of {anchor.instance}: the signing certificate "
+                f"{hashlib.sha256(der).hexdigest()[:16]}… is not valid now: it is valid from "
+                f"{format_time(cert.not_valid_before_utc)} until "
+                f"{format_time(cert.not_valid_after_utc)}"
+            )
+    return anchor
 
 
 def entry_json(row: Any) -> dict[str, Any]:
@@ -540,8 +665,20 @@ class Governance:
     async def request_agreement(
         self, actor: Principal, req: AgreementRequest, *, agreement_id: str | None = None
     ) -> dict[str, Any]:
-        """The consumer's administrator asks for an agreement; it starts as requested."""
-        _require_admin(actor, req.client.member, f"request agreements for {req.client}")
+        """The consumer's administrator asks for an agreement; it starts as requested.
+
+        A cross-border agreement (a client of a federated instance) is requested by a
+        registry administrator or the provider's member administrator: the foreign
+        member's administrators have no account here.
+        """
+        if req.client.instance != self.instance:
+            _require_admin(
+                actor,
+                req.service.member,
+                f"request cross-border agreements for {req.service} (for {req.client})",
+            )
+        else:
+            _require_admin(actor, req.client.member, f"request agreements for {req.client}")
         async with self.store.change() as ch:
             row = await self._create_agreement(
                 ch, actor, req, AgreementState.REQUESTED, agreement_id, "request"
@@ -557,7 +694,10 @@ class Governance:
         agreement_id: str | None,
         action: str,
     ) -> Any:
-        await self._require_subsystem(ch, req.client)
+        if req.client.instance == self.instance:
+            await self._require_subsystem(ch, req.client)
+        else:
+            await self._require_federated(ch.conn, req.client.instance, f"client {req.client}")
         service_row = await _row(ch.conn, services, str(req.service))
         if service_row is None:
             raise NotFound(f"service {req.service} is not in the catalogue")
@@ -619,12 +759,7 @@ class Governance:
 
     async def _next_agreement_id(self, ch: Change, year: int) -> str:
         """`AGR-YEAR-NNNN`, one more than the highest number of that form this year."""
-        prefix = f"AGR-{year}-"
-        ids = await ch.conn.scalars(
-            sa.select(agreements.c.id).where(agreements.c.id.startswith(prefix))
-        )
-        numbers = [int(i[len(prefix) :]) for i in ids if _NUMBER.fullmatch(i[len(prefix) :])]
-        return f"{prefix}{max(numbers, default=0) + 1:04d}"
+        return await _next_id(ch.conn, agreements, "AGR", year)
 
     def _parties(self, actor: Principal, row: Any) -> list[Party]:
         if actor.role is Role.REGISTRY_ADMIN:
@@ -769,6 +904,317 @@ class Governance:
         if changed:
             await self.on_change()
         return changed
+
+    # ---- federation --------------------------------------------------------------------
+
+    async def _require_federated(self, conn: AsyncConnection, instance: str, what: str) -> None:
+        """Conflict unless this instance actively federates with `instance`."""
+        row = (
+            await conn.execute(sa.select(federations).where(federations.c.instance == instance))
+        ).first()
+        if row is None:
+            raise Conflict(
+                f"{what} belongs to instance {instance}, which {self.instance} does not "
+                f"federate with: a registry administrator must import {instance}'s anchor first"
+            )
+        if row.state != FederationState.ACTIVE:
+            raise Conflict(
+                f"{what} belongs to instance {instance}, whose federation with {self.instance} "
+                f"ended at {row.ended_at}"
+            )
+
+    async def list_federations(self, actor: Principal) -> list[dict[str, Any]]:
+        """Every federation, active and ended (they are published; any token may read them)."""
+        async with self.store.read() as conn:
+            rows = (
+                await conn.execute(sa.select(federations).order_by(federations.c.instance))
+            ).all()
+        return [federation_json(r) for r in rows]
+
+    async def federate(self, actor: Principal, anchor_doc: Any, reason: str) -> dict[str, Any]:
+        """Import another instance's anchor: this instance federates with it from now on.
+
+        Refused for this registry's own instance or a malformed anchor (400), and for an
+        instance already actively federated (409: end that federation first to replace its
+        anchor). After an end, federating again makes it active with a new `since`.
+        """
+        _require_registry_admin(actor, "federate with other instances")
+        if not reason.strip():
+            raise InvalidRequest("say why: federate needs a reason")
+        now = self.clock()
+        anchor = _check_anchor(anchor_doc, now)
+        if anchor.instance == self.instance:
+            raise InvalidRequest(
+                f"the anchor is this registry's own instance {self.instance}: an instance "
+                "cannot federate with itself"
+            )
+        stored = json.dumps(anchor.to_json(), sort_keys=True)
+        stamp = format_time(now)
+        async with self.store.change() as ch:
+            row = (
+                await ch.conn.execute(
+                    sa.select(federations).where(federations.c.instance == anchor.instance)
+                )
+            ).first()
+            if row is not None and row.state == FederationState.ACTIVE:
+                raise Conflict(
+                    f"instance {anchor.instance} is already federated (since {row.since}); "
+                    "end that federation first to import a new anchor"
+                )
+            values = {
+                "anchor": stored,
+                "state": FederationState.ACTIVE,
+                "since": stamp,
+                "ended_at": None,
+                "reason": reason,
+                "updated_by": actor.subject,
+                "updated_at": stamp,
+            }
+            if row is None:
+                await ch.conn.execute(
+                    federations.insert().values(
+                        instance=anchor.instance, revision=1, created_at=stamp, **values
+                    )
+                )
+            else:
+                await ch.conn.execute(
+                    federations.update()
+                    .where(federations.c.instance == anchor.instance)
+                    .values(revision=row.revision + 1, **values)
+                )
+            await ch.log(
+                at=now,
+                actor=actor.subject,
+                role=_role(actor),
+                action="federate",
+                target=anchor.instance,
+                reason=reason,
+                from_state=None if row is None else row.state,
+                to_state=FederationState.ACTIVE,
+                concerns=[],
+                details={
+                    "addresses": list(anchor.addresses),
+                    "signing_certificates_sha256": [
+                        hashlib.sha256(d).hexdigest() for d in anchor.signing_certificates
+                    ],
+                },
+            )
+            done = await _federation_row(ch.conn, anchor.instance)
+        await self.on_change()
+        return federation_json(done)
+
+    async def end_federation(self, actor: Principal, instance: str, reason: str) -> dict[str, Any]:
+        """End the federation with `instance`; it stays published as ended."""
+        _require_registry_admin(actor, "end federations")
+        if not reason.strip():
+            raise InvalidRequest("say why: ending a federation needs a reason")
+        now = self.clock()
+        async with self.store.change() as ch:
+            row = await _federation_row(ch.conn, instance)
+            if row is None:
+                raise NotFound(f"{self.instance} does not federate with instance {instance}")
+            if row.state != FederationState.ACTIVE:
+                raise Conflict(f"the federation with {instance} already ended at {row.ended_at}")
+            stamp = format_time(now)
+            await ch.conn.execute(
+                federations.update()
+                .where(federations.c.instance == instance)
+                .values(
+                    state=FederationState.ENDED,
+                    ended_at=stamp,
+                    reason=reason,
+                    updated_by=actor.subject,
+                    updated_at=stamp,
+                    revision=row.revision + 1,
+                )
+            )
+            await ch.log(
+                at=now,
+                actor=actor.subject,
+                role=_role(actor),
+                action="end_federation",
+                target=instance,
+                reason=reason,
+                from_state=FederationState.ACTIVE,
+                to_state=FederationState.ENDED,
+                concerns=[],
+                details={"since": row.since},
+            )
+            done = await _federation_row(ch.conn, instance)
+        await self.on_change()
+        return federation_json(done)
+
+    # ---- outbound approvals ------------------------------------------------------------
+
+    def _sees_outbound(self, actor: Principal, row: Any) -> bool:
+        scope = _scope(actor)
+        return _sees_everything(actor) or (scope is not None and str(scope) == row.client_member)
+
+    async def list_outbound(self, actor: Principal) -> list[dict[str, Any]]:
+        """The outbound approvals this principal may see (its member's, or all)."""
+        query = sa.select(outbound_approvals).order_by(outbound_approvals.c.id)
+        if not _sees_everything(actor):
+            scope = _scope(actor)
+            if scope is None:
+                return []
+            query = query.where(outbound_approvals.c.client_member == str(scope))
+        async with self.store.read() as conn:
+            rows = (await conn.execute(query)).all()
+        return [outbound_json(r) for r in rows]
+
+    async def request_outbound(self, actor: Principal, req: OutboundRequest) -> dict[str, Any]:
+        """Record that a subsystem of this instance will call a federated instance's service;
+        it starts as requested (nothing is published until a registry administrator
+        approves it)."""
+        _require_admin(actor, req.client.member, f"request outbound approvals for {req.client}")
+        if req.service.member.instance == self.instance:
+            raise InvalidRequest(
+                f"service {req.service} belongs to this instance: outbound approvals are for "
+                "services of other instances (agreements cover this instance's own)"
+            )
+        if not req.purposes:
+            raise InvalidRequest("an outbound approval needs at least one purpose")
+        try:
+            purposes = sorted({check_purpose(p) for p in req.purposes})
+        except GatewayError as exc:
+            raise InvalidRequest(exc.message) from None
+        if not req.agreement.strip():
+            raise InvalidRequest(
+                "name the provider-side agreement (its id at the provider's registry)"
+            )
+        now = self.clock()
+        stamp = format_time(now)
+        async with self.store.change() as ch:
+            await self._require_subsystem(ch, req.client)
+            await self._require_federated(
+                ch.conn, req.service.member.instance, f"service {req.service}"
+            )
+            live = (
+                await ch.conn.execute(
+                    sa.select(outbound_approvals).where(
+                        outbound_approvals.c.client == str(req.client),
+                        outbound_approvals.c.service == str(req.service),
+                        outbound_approvals.c.state != OutboundState.REVOKED,
+                    )
+                )
+            ).first()
+            if live is not None:
+                raise Conflict(
+                    f"outbound approval {live.id} for {req.client} -> {req.service} is already "
+                    f"{live.state}; revoke it first to ask for other purposes"
+                )
+            approval_id = await _next_id(ch.conn, outbound_approvals, "OUT", now.year)
+            await ch.conn.execute(
+                outbound_approvals.insert().values(
+                    id=approval_id,
+                    client=str(req.client),
+                    client_member=str(req.client.member),
+                    service=str(req.service),
+                    purposes=json.dumps(purposes),
+                    agreement=req.agreement,
+                    state=OutboundState.REQUESTED,
+                    reason=req.reason,
+                    requested_by=actor.subject,
+                    updated_by=actor.subject,
+                    approved_at=None,
+                    revision=1,
+                    created_at=stamp,
+                    updated_at=stamp,
+                )
+            )
+            await ch.log(
+                at=now,
+                actor=actor.subject,
+                role=_role(actor),
+                action="request_outbound",
+                target=approval_id,
+                reason=req.reason,
+                to_state=OutboundState.REQUESTED,
+                concerns=[req.client.member],
+                details={
+                    "client": str(req.client),
+                    "service": str(req.service),
+                    "purposes": purposes,
+                    "agreement": req.agreement,
+                },
+            )
+            row = await _row(ch.conn, outbound_approvals, approval_id)
+        return outbound_json(row)
+
+    async def approve_outbound(
+        self, actor: Principal, approval_id: str, reason: str
+    ) -> dict[str, Any]:
+        """A registry administrator approves a requested outbound approval; it is published."""
+        return await self._move_outbound(actor, approval_id, "approve", reason)
+
+    async def revoke_outbound(
+        self, actor: Principal, approval_id: str, reason: str
+    ) -> dict[str, Any]:
+        """A registry administrator, or the client member's administrator, revokes one."""
+        if not reason.strip():
+            raise InvalidRequest("say why: revoke needs a reason")
+        return await self._move_outbound(actor, approval_id, "revoke", reason)
+
+    async def _move_outbound(
+        self, actor: Principal, approval_id: str, action: str, reason: str
+    ) -> dict[str, Any]:
+        if actor.role not in (Role.REGISTRY_ADMIN, Role.MEMBER_ADMIN):
+            raise Forbidden(f"a {actor.role.value} token cannot change outbound approvals")
+        now = self.clock()
+        stamp = format_time(now)
+        async with self.store.change() as ch:
+            row = await _row(ch.conn, outbound_approvals, approval_id)
+            if row is None or not self._sees_outbound(actor, row):
+                raise NotFound(f"outbound approval {approval_id} does not exist")
+            before = row.state
+            values: dict[str, Any] = {}
+            if action == "approve":
+                _require_registry_admin(actor, "approve outbound approvals")
+                if before != OutboundState.REQUESTED:
+                    raise Conflict(
+                        f"cannot approve outbound approval {approval_id}: it is {before}; only "
+                        "a requested one can be approved"
+                    )
+                service = ServiceId.parse(row.service)
+                await self._require_federated(
+                    ch.conn, service.member.instance, f"service {service}"
+                )
+                after = OutboundState.APPROVED
+                values["approved_at"] = stamp
+            else:
+                _require_admin(actor, MemberId.parse(row.client_member), f"revoke {approval_id}")
+                if before == OutboundState.REVOKED:
+                    raise Conflict(f"outbound approval {approval_id} is already revoked")
+                after = OutboundState.REVOKED
+            await ch.conn.execute(
+                outbound_approvals.update()
+                .where(outbound_approvals.c.id == approval_id)
+                .values(
+                    state=after,
+                    reason=reason,
+                    updated_by=actor.subject,
+                    updated_at=stamp,
+                    revision=row.revision + 1,
+                    **values,
+                )
+            )
+            await ch.log(
+                at=now,
+                actor=actor.subject,
+                role=_role(actor),
+                action=f"{action}_outbound",
+                target=approval_id,
+                reason=reason,
+                from_state=before,
+                to_state=after,
+                concerns=[MemberId.parse(row.client_member)],
+                details={"revision": row.revision + 1},
+            )
+            done = await _row(ch.conn, outbound_approvals, approval_id)
+        # only approved ones are published: publish when one becomes or stops being approved
+        if OutboundState.APPROVED in (before, after):
+            await self.on_change()
+        return outbound_json(done)
 
     # ---- the admin log -----------------------------------------------------------------
 

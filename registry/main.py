@@ -11,7 +11,7 @@ SIGHUP imports the topology file again. Settings are described by `RegistrySetti
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -23,7 +23,7 @@ from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from gateway.configuration import SignedConfiguration
+from gateway.configuration import Anchor, SignedConfiguration
 from gateway.errors import ConfigFileError
 from gateway.settings import database_url
 from gateway.signing import EcdsaSigner, load_certificate, load_private_key
@@ -61,6 +61,9 @@ class PolicySettings:
 
     # false: the provider's approval activates an agreement without a registry administrator
     registry_approval_required: bool = True
+    # true: this instance must approve each exchange of its subsystems with another
+    # instance's service (an outbound approval), published for its security servers
+    outbound_approval_required: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -71,6 +74,9 @@ class RegistrySettings:
     instance: str
     # host:port of the gRPC configuration service
     listen: str = "127.0.0.1:7000"
+    # the configuration addresses this instance's anchor names (`gateway registry anchor`);
+    # empty: `listen`
+    anchor_addresses: tuple[str, ...] = ()
     # SQLite file path or database URL
     database: str = "registry.db"
     # topology file imported at start-up and on SIGHUP
@@ -96,6 +102,33 @@ def token_issuer(settings: RegistrySettings, base: Path) -> TokenIssuer:
         load_or_create_token_key(settings.token_key_path(base)),
         issuer=f"gateway-registry:{settings.instance}",
         audience=f"gateway-registry:{settings.instance}",
+    )
+
+
+def instance_anchor(settings: RegistrySettings, addresses: Sequence[str] = ()) -> Anchor:
+    """This registry's instance anchor: its instance, its configuration-signing certificate
+    and the configuration addresses (`addresses`, else `anchor_addresses`, else `listen`).
+
+    The same content as the `anchor.json` that `gateway pki init` writes; another
+    instance's registry administrator imports it to federate with this one. Raises
+    `ConfigFileError` when the certificate cannot be read.
+    """
+    try:
+        certificate = load_certificate(settings.signing_certificate.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ConfigFileError(
+            f"cannot read the configuration-signing certificate {settings.signing_certificate}: "
+            f"{exc}"
+        ) from None
+    chosen = tuple(addresses) or settings.anchor_addresses or (settings.listen,)
+    for address in chosen:
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigFileError(f"anchor address {address!r} is not HOST:PORT")
+    return Anchor(
+        instance=settings.instance,
+        signing_certificates=(certificate.public_bytes(serialization.Encoding.DER),),
+        addresses=chosen,
     )
 
 
@@ -187,6 +220,7 @@ async def serve(
             ca_certificates=cas,
             validity=timedelta(seconds=settings.validity_seconds),
             clock=clock,
+            outbound_approval_required=settings.policy.outbound_approval_required,
         )
         governance = Governance(
             store,

@@ -1,7 +1,10 @@
 """Builds, signs, stores and pushes the global configuration.
 
 A new version is published at start-up, every `refresh_seconds`, and whenever the
-content changes (`publish` is called); each one is valid for `validity_seconds`. Every
+content changes (`publish` is called); each one is valid for `validity_seconds`. Besides
+the catalogue and the agreements it lists every federation (active and ended, with the
+other instance's anchor), the instance's policy `outbound_approval_required` and its
+approved outbound approvals. Every
 watcher (a security server's Watch stream) receives each new version at once.
 """
 
@@ -30,6 +33,7 @@ class Publisher:
         ca_certificates: tuple[bytes, ...],
         validity: timedelta,
         clock: Callable[[], datetime],
+        outbound_approval_required: bool = False,
     ) -> None:
         self.store = store
         self.instance = instance
@@ -37,6 +41,7 @@ class Publisher:
         self.ca_certificates = ca_certificates
         self.validity = validity
         self.clock = clock
+        self.outbound_approval_required = outbound_approval_required
         self.current: SignedConfiguration | None = None
         self.version = 0
         self._changed = asyncio.Condition()
@@ -58,6 +63,9 @@ class Publisher:
                 servers=topology.servers,
                 services=topology.services,
                 agreements=topology.agreements,
+                federations=topology.federations,
+                outbound_approval_required=self.outbound_approval_required,
+                outbound_approvals=topology.outbound_approvals,
             )
             signed = sign_configuration(content, self.signer)
             await self.store.save_configuration(version, signed)

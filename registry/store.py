@@ -34,7 +34,15 @@ from gateway.agreements import (
     RateLimit,
 )
 from gateway.audit import ADMIN_FIELDS, ADMIN_LOG, ChainedRecord, ChainHead, FieldValue
-from gateway.configuration import Member, SecurityServer, Service, SignedConfiguration
+from gateway.configuration import (
+    Anchor,
+    Federation,
+    Member,
+    OutboundApproval,
+    SecurityServer,
+    Service,
+    SignedConfiguration,
+)
 from gateway.identifiers import MemberId, SecurityServerId, ServiceId, SubsystemId
 from gateway.timeutil import format_time, parse_time
 
@@ -119,6 +127,41 @@ admin_head = sa.Table(
     sa.Column("next_seq", sa.BigInteger, nullable=False),
     sa.Column("last_hash", sa.LargeBinary, nullable=False),
 )
+# the other instances this one federates with: one row per instance, active or ended
+federations = sa.Table(
+    "federations",
+    metadata,
+    sa.Column("instance", sa.String(64), primary_key=True),
+    sa.Column("anchor", sa.Text, nullable=False),  # the instance's anchor, JSON
+    sa.Column("state", sa.String(20), nullable=False),  # active, ended
+    sa.Column("since", sa.String(40), nullable=False),  # when it last became active
+    sa.Column("ended_at", sa.String(40)),
+    sa.Column("reason", sa.Text, nullable=False),  # why of the latest change
+    sa.Column("updated_by", sa.Text, nullable=False),
+    sa.Column("revision", sa.Integer, nullable=False),
+    sa.Column("created_at", sa.String(40), nullable=False),
+    sa.Column("updated_at", sa.String(40), nullable=False),
+)
+# this instance's own approvals of its subsystems' exchanges with other instances' services
+outbound_approvals = sa.Table(
+    "outbound_approvals",
+    metadata,
+    sa.Column("id", sa.String(200), primary_key=True),
+    sa.Column("client", sa.String(300), nullable=False, index=True),
+    sa.Column("client_member", sa.String(200), nullable=False, index=True),
+    sa.Column("service", sa.String(400), nullable=False, index=True),
+    sa.Column("purposes", sa.Text, nullable=False),  # JSON list
+    # the provider-side agreement, as the provider's registry names it (free text)
+    sa.Column("agreement", sa.String(200), nullable=False),
+    sa.Column("state", sa.String(20), nullable=False, index=True),  # requested, approved, revoked
+    sa.Column("reason", sa.Text, nullable=False),  # why of the latest change
+    sa.Column("requested_by", sa.Text, nullable=False),
+    sa.Column("updated_by", sa.Text, nullable=False),
+    sa.Column("approved_at", sa.String(40)),
+    sa.Column("revision", sa.Integer, nullable=False),
+    sa.Column("created_at", sa.String(40), nullable=False),
+    sa.Column("updated_at", sa.String(40), nullable=False),
+)
 configurations = sa.Table(
     "configurations",
     metadata,
@@ -134,14 +177,28 @@ class ServerStatus:
     APPROVED = "approved"
 
 
+class FederationState:
+    ACTIVE = "active"
+    ENDED = "ended"
+
+
+class OutboundState:
+    REQUESTED = "requested"
+    APPROVED = "approved"
+    REVOKED = "revoked"
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Content:
-    """What the registry publishes: the approved servers and the enforceable agreements."""
+    """What the registry publishes: the approved servers, the enforceable agreements, every
+    federation (active and ended) and the approved outbound approvals."""
 
     members: tuple[Member, ...]
     servers: tuple[SecurityServer, ...]
     services: tuple[Service, ...]
     agreements: tuple[Agreement, ...]
+    federations: tuple[Federation, ...] = ()
+    outbound_approvals: tuple[OutboundApproval, ...] = ()
 
 
 def _json_list(text: str) -> list[str]:
@@ -187,6 +244,26 @@ def agreement_values(a: Agreement) -> dict[str, Any]:
         "rate_limit_per_seconds": None if a.rate_limit is None else a.rate_limit.per_seconds,
         "state": a.state.value,
     }
+
+
+def federation_from_row(r: Any) -> Federation:
+    return Federation(
+        anchor=Anchor.from_json(json.loads(r.anchor)),
+        active=r.state == FederationState.ACTIVE,
+        since=parse_time(r.since),
+        ended_at=None if r.ended_at is None else parse_time(r.ended_at),
+    )
+
+
+def outbound_from_row(r: Any) -> OutboundApproval:
+    """An approved outbound approval as the configuration carries it."""
+    assert r.approved_at is not None
+    return OutboundApproval(
+        client=SubsystemId.parse(r.client),
+        service=ServiceId.parse(r.service),
+        purposes=frozenset(_json_list(r.purposes)),
+        approved_at=parse_time(r.approved_at),
+    )
 
 
 def server_from_row(r: Any) -> SecurityServer:
@@ -307,7 +384,8 @@ class RegistryStore:
             yield conn
 
     async def content(self) -> Content:
-        """The publishable content: members, approved servers, services, enforceable agreements."""
+        """The publishable content: members, approved servers, services, enforceable
+        agreements, federations and approved outbound approvals."""
         async with self.engine.connect() as conn:
             m = (await conn.execute(sa.select(members).order_by(members.c.id))).all()
             s = (
@@ -325,11 +403,21 @@ class RegistryStore:
                     .order_by(agreements.c.id)
                 )
             ).all()
+            f = (await conn.execute(sa.select(federations).order_by(federations.c.instance))).all()
+            o = (
+                await conn.execute(
+                    sa.select(outbound_approvals)
+                    .where(outbound_approvals.c.state == OutboundState.APPROVED)
+                    .order_by(outbound_approvals.c.id)
+                )
+            ).all()
         return Content(
             members=tuple(Member(id=MemberId.parse(r.id), name=r.name) for r in m),
             servers=tuple(server_from_row(r) for r in s),
             services=tuple(service_from_row(r) for r in v),
             agreements=tuple(agreement_from_row(r) for r in a),
+            federations=tuple(federation_from_row(r) for r in f),
+            outbound_approvals=tuple(outbound_from_row(r) for r in o),
         )
 
     async def admin_entries(

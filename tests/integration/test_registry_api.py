@@ -41,6 +41,7 @@ from .conftest import CLINICS, POPULATION
 MSP, DNIC, BPS = "UY/GOV/MSP", "UY/GOV/DNIC", "UY/GOV/BPS"
 MSP_SS1 = "UY/GOV/MSP/ss1"
 SEEDED_AGREEMENT = "AGR-2026-0001"
+FOREIGN = "AR"  # another instance, federated by the outbound approval rows of the matrix
 ISSUER = AUDIENCE = "gateway-registry:UY"
 
 # The kinds of caller, in the column order of MATRIX.
@@ -235,10 +236,60 @@ def _act(action: str, state: str) -> Setup:
     return setup
 
 
+def _anchor(api: Api, instance: str) -> dict[str, Any]:
+    """An anchor of another instance (its certificate issued by our CA, which is enough here)."""
+    cert = issue(
+        common_name=f"{instance} configuration signing",
+        issuer=load_issued(api.runner.pki, "ca"),
+        now=datetime.now(UTC),
+        days=30,
+        kind="config",
+    ).certificate
+    return {
+        "instance": instance,
+        "configuration_signing_certificates": [
+            cert.public_bytes(serialization.Encoding.PEM).decode("ascii")
+        ],
+        "addresses": [f"registry.{instance.lower()}.example:7000"],
+    }
+
+
+def _new_federation(api: Api) -> tuple[str, Any]:
+    return "/v1/federations", {"anchor": _anchor(api, f"ZZ-F{api.unique()}"), "reason": "matrix"}
+
+
+def _federation_to_end(api: Api) -> tuple[str, Any]:
+    path, body = _new_federation(api)
+    instance = api.ok("POST", path, body)["instance"]
+    return f"/v1/federations/{instance}/end", {"reason": "matrix end"}
+
+
+def _new_outbound(api: Api) -> tuple[str, Any]:
+    """A request for CLINICS to call a service of FOREIGN (federated once, for the module)."""
+    if FOREIGN not in {f["instance"] for f in api.ok("GET", "/v1/federations")}:
+        api.ok("POST", "/v1/federations", {"anchor": _anchor(api, FOREIGN), "reason": "tests"})
+    return "/v1/outbound-approvals", {
+        "client": CLINICS,
+        "service": f"{FOREIGN}/GOB/MINSAL/clinicas/svc{api.unique()}/v1",
+        "purposes": ["matrix-test"],
+        "agreement": "AGR-AR-0001",
+    }
+
+
+def _act_outbound(action: str) -> Setup:
+    def setup(api: Api) -> tuple[str, Any]:
+        path, body = _new_outbound(api)
+        approval_id = api.ok("POST", path, body, role="consumer")["id"]
+        return f"/v1/outbound-approvals/{approval_id}/{action}", {"reason": f"matrix {action}"}
+
+    return setup
+
+
 # Expected status per role, in the order of ROLES. Every operation of the OpenAPI document
 # has a row (test_the_matrix_covers_every_operation). Where a member administrator is not a
 # party to an agreement, acting on it answers 404 like reading it does, so that neither
-# reveals that the agreement exists.
+# reveals that the agreement exists; outbound approvals are scoped to the client's member
+# the same way.
 #                                     none reg  cons prov unrel aud-m aud  server
 MATRIX: dict[tuple[str, str], tuple[tuple[int, ...], Setup]] = {
     ("GET", "/openapi.json"): ((200, 200, 200, 200, 200, 200, 200, 200), _fixed("/openapi.json")),
@@ -289,6 +340,28 @@ MATRIX: dict[tuple[str, str], tuple[tuple[int, ...], Setup]] = {
     ("POST", "/v1/agreements/{id}/revoke"): (
         (401, 200, 200, 200, 404, 403, 403, 403),
         _act("revoke", "active"),
+    ),
+    ("GET", "/v1/federations"): (
+        (401, 200, 200, 200, 200, 200, 200, 200),
+        _fixed("/v1/federations"),
+    ),
+    ("POST", "/v1/federations"): ((401, 201, 403, 403, 403, 403, 403, 403), _new_federation),
+    ("POST", "/v1/federations/{instance}/end"): (
+        (401, 200, 403, 403, 403, 403, 403, 403),
+        _federation_to_end,
+    ),
+    ("GET", "/v1/outbound-approvals"): (
+        (401, 200, 200, 200, 200, 200, 200, 200),
+        _fixed("/v1/outbound-approvals"),
+    ),
+    ("POST", "/v1/outbound-approvals"): ((401, 201, 201, 403, 403, 403, 403, 403), _new_outbound),
+    ("POST", "/v1/outbound-approvals/{id}/approve"): (
+        (401, 200, 403, 404, 404, 403, 403, 403),
+        _act_outbound("approve"),
+    ),
+    ("POST", "/v1/outbound-approvals/{id}/revoke"): (
+        (401, 200, 200, 404, 404, 403, 403, 403),
+        _act_outbound("revoke"),
     ),
     ("GET", "/v1/admin-log"): ((401, 200, 200, 200, 200, 200, 200, 403), _fixed("/v1/admin-log")),
     ("GET", "/v1/admin-log/verify"): (
@@ -702,6 +775,69 @@ BAD_INPUT = [
         404,
         "Not Found",
     ),
+    (
+        "anchor-not-a-certificate",
+        "POST",
+        "/v1/federations",
+        _json(
+            {
+                "anchor": {
+                    "instance": "AR",
+                    "configuration_signing_certificates": ["not a PEM"],
+                    "addresses": ["h:1"],
+                },
+                "reason": "r",
+            }
+        ),
+        400,
+        "anchor is malformed",
+    ),
+    (
+        "anchor-unknown-field",
+        "POST",
+        "/v1/federations",
+        _json(
+            {
+                "anchor": {
+                    "instance": "AR",
+                    "configuration_signing_certificates": ["x"],
+                    "addresses": ["h:1"],
+                    "colour": "red",
+                },
+                "reason": "r",
+            }
+        ),
+        400,
+        "'colour'",
+    ),
+    ("federate-without-anchor", "POST", "/v1/federations", b'{"reason": "r"}', 400, "'anchor'"),
+    ("end-without-reason", "POST", "/v1/federations/AR/end", b"{}", 400, "'reason'"),
+    ("end-unknown", "POST", "/v1/federations/QQ/end", b'{"reason": "r"}', 404, "QQ"),
+    (
+        "outbound-bad-service",
+        "POST",
+        "/v1/outbound-approvals",
+        _json({"client": CLINICS, "service": "x", "purposes": ["p"], "agreement": "A"}),
+        400,
+        "service:",
+    ),
+    (
+        "outbound-without-agreement",
+        "POST",
+        "/v1/outbound-approvals",
+        _json({"client": CLINICS, "service": POPULATION, "purposes": ["p"]}),
+        400,
+        "'agreement'",
+    ),
+    (
+        "outbound-own-instance",
+        "POST",
+        "/v1/outbound-approvals",
+        _json({"client": CLINICS, "service": POPULATION, "purposes": ["p"], "agreement": "A"}),
+        400,
+        "belongs to this instance",
+    ),
+    ("outbound-unknown", "POST", "/v1/outbound-approvals/OUT-1/approve", b"{}", 404, "OUT-1"),
     ("limit-zero", "GET", "/v1/admin-log?limit=0", None, 400, "limit"),
     ("after-not-a-number", "GET", "/v1/admin-log?after=x", None, 400, "after"),
     ("unknown-state", "GET", "/v1/agreements?state=bogus", None, 400, "state"),
