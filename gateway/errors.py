@@ -77,6 +77,7 @@ class Code(StrEnum):
     FEDERATION_NOT_ALLOWED = "federation_not_allowed"
     FEDERATED_CONFIGURATION_UNAVAILABLE = "federated_configuration_unavailable"
     FEDERATED_CONFIGURATION_EXPIRED = "federated_configuration_expired"
+    OUTBOUND_APPROVAL_MISSING = "outbound_approval_missing"
     # availability of the path
     PROVIDER_UNAVAILABLE = "provider_unavailable"
     BACKEND_UNAVAILABLE = "backend_unavailable"
@@ -125,6 +126,7 @@ STATUS_BY_CODE: dict[Code, Status] = {
     Code.FEDERATION_NOT_ALLOWED: Status.PERMISSION_DENIED,
     Code.FEDERATED_CONFIGURATION_UNAVAILABLE: Status.UNAVAILABLE,
     Code.FEDERATED_CONFIGURATION_EXPIRED: Status.UNAVAILABLE,
+    Code.OUTBOUND_APPROVAL_MISSING: Status.PERMISSION_DENIED,
     Code.CONFIGURATION_INVALID: Status.FAILED_PRECONDITION,
     Code.PROVIDER_UNAVAILABLE: Status.UNAVAILABLE,
     Code.BACKEND_UNAVAILABLE: Status.UNAVAILABLE,

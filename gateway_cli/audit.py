@@ -58,8 +58,27 @@ def _client(url: str, token: str) -> AdminClient:
         raise UsageError(str(exc)) from None
 
 
+def _tokens(ns: argparse.Namespace) -> list[str]:
+    """One token per `--url`: servers of another instance trust their own registry's
+    tokens, so a trace across countries takes one `--token` per `--url`, in order; a single
+    token (or GATEWAY_TOKEN) serves every URL."""
+    given: list[str] = list(ns.token or [])
+    if not given:
+        given = [_token(ns)]
+    if len(given) == 1:
+        return given * len(ns.url)
+    if len(given) != len(ns.url):
+        raise UsageError(
+            f"give one --token for all URLs, or one per --url ({len(ns.url)}), not {len(given)}"
+        )
+    return given
+
+
 def _token(ns: argparse.Namespace) -> str:
-    token: str | None = ns.token or os.environ.get(TOKEN_VARIABLE)
+    value = ns.token
+    if isinstance(value, list):
+        value = value[0] if value else None
+    token: str | None = value or os.environ.get(TOKEN_VARIABLE)
     if not token:
         raise UsageError(
             f"no auditor token: pass --token or set {TOKEN_VARIABLE} "
@@ -178,10 +197,9 @@ SUBJECT_COLUMNS = (
 
 
 def _subject(ns: argparse.Namespace) -> int:
-    token = _token(ns)
     found: list[tuple[str, dict[str, Any]]] = []
     params = {"subject": ns.subject, "since": ns.since, "until": ns.until}
-    for url in ns.url:
+    for url, token in zip(ns.url, _tokens(ns), strict=True):
         found += [(url, r) for r in records(_client(url, token), params)]
     report = [a.doc() for a in subject_report(found)]
     if ns.json:
@@ -243,9 +261,8 @@ def trace_checks(found: Sequence[tuple[str, dict[str, Any]]]) -> list[tuple[bool
 
 
 def _trace(ns: argparse.Namespace) -> int:
-    token = _token(ns)
     found: list[tuple[str, dict[str, Any]]] = []
-    for url in ns.url:
+    for url, token in zip(ns.url, _tokens(ns), strict=True):
         found += [(url, r) for r in records(_client(url, token), {"message_id": ns.message_id})]
     found.sort(key=lambda p: p[1]["logged_at"])
     checks = trace_checks(found) if found else [(False, "no server logged this message id")]
@@ -293,12 +310,19 @@ def _common(p: argparse.ArgumentParser, many: bool) -> None:
         p.add_argument(
             "--url", action="append", required=True, help=help_url + " (repeat for each server)"
         )
+        p.add_argument(
+            "--token",
+            action="append",
+            help=f"auditor token (default: ${TOKEN_VARIABLE}, which keeps it out of the process "
+            "list); repeat it, in the order of --url, for servers of several instances",
+        )
     else:
         p.add_argument("--url", required=True, help=help_url)
-    p.add_argument(
-        "--token",
-        help=f"auditor token (default: ${TOKEN_VARIABLE}, which keeps it out of the process list)",
-    )
+        p.add_argument(
+            "--token",
+            help=f"auditor token (default: ${TOKEN_VARIABLE}, which keeps it out of the process "
+            "list)",
+        )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 

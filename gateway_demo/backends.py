@@ -33,6 +33,14 @@ PEOPLE = {
         birth_date="1950-11-02",
         alive=True,
     ),
+    # a person of the Argentine register (the federation demo's AR instance)
+    "20.123.456": population.Person(
+        national_id="20.123.456",
+        given_name="Lucía",
+        family_name="Fernández",
+        birth_date="1979-08-23",
+        alive=True,
+    ),
 }
 
 RECORDS = {

@@ -25,6 +25,7 @@ from certs.pki import slug
 from gateway.identifiers import MemberId, ServiceId
 from gateway.settings import database_url
 from gateway_cli.admin import AdminClient
+from gateway_demo import federation
 from gateway_demo.client import Outcome, call_raw, routing_metadata
 from gateway_demo.generated import population_pb2 as population
 from gateway_demo.generated import vaccination_pb2 as vaccination
@@ -358,7 +359,11 @@ def run_demo(*, workdir: Path, keep_running: bool) -> int:
     # the Ministry of Health's backends authenticate to their security server with TLS
     # client certificates; the other agency's endpoint is plain gRPC on loopback
     # bodies are kept in the logs so that the evidence bundle of step 7 includes them
-    runner = Runner(workdir, consumer_tls=frozenset({MSP}), store_bodies=True)
+    # the servers' local policy allows exchanges with Argentina (steps 9 to 12)
+    runner = Runner(
+        workdir, consumer_tls=frozenset({MSP}), store_bodies=True, federation_allowed=("AR",)
+    )
+    ar: Runner | None = None
     print(f"Interoperability gateway demo (workdir {runner.workdir})")
     _title("Generating a development PKI and starting the registry, 2 security servers, 2 backends")
     runner.prepare()
@@ -389,6 +394,27 @@ def run_demo(*, workdir: Path, keep_running: bool) -> int:
             "reports every access to the patient's data"
         )
         traced = allowed.message_id is not None and _audit(runner, allowed.message_id)
+        _title(
+            "9. A second country: Argentina's instance starts (its own registry, CA, OCSP "
+            "responder, TSA and security server), and the registries federate by importing "
+            "each other's anchor"
+        )
+        ar = federation.start_ar(runner.workdir / "ar")
+        federated = federation.federate(runner, ar)
+        _title(
+            "10. The Uruguayan clinics call the Argentine population registry: refused, "
+            "Argentina (the provider's country) holds no agreement for them"
+        )
+        cross_refused = federation.refused_without_agreement(runner)
+        _title(
+            "11. Argentina records the cross-border agreement (requested, approved by RENAPER "
+            "and by its registry): the same call is allowed"
+        )
+        cross = federation.agree_and_call(runner, ar)
+        _title("12. Each country's auditor traces the cross-border call over both countries' logs")
+        cross_traced = cross.message_id is not None and federation.trace_both_countries(
+            runner, ar, cross.message_id
+        )
         expected = (
             allowed.ok
             and no_agreement.error == "no_agreement"
@@ -397,6 +423,10 @@ def run_demo(*, workdir: Path, keep_running: bool) -> int:
             and verified
             and proven
             and traced
+            and federated
+            and cross_refused.error == "no_agreement"
+            and cross.ok
+            and cross_traced
         )
         if keep_running:
             path = runner.workdir / "topology.json"
@@ -413,6 +443,8 @@ def run_demo(*, workdir: Path, keep_running: bool) -> int:
                 pass
         _title("Stopping every process")
     finally:
+        if ar is not None:
+            ar.close()
         runner.close()
     print(
         "\ndemo "

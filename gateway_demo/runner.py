@@ -30,11 +30,14 @@ from gateway_cli.runtime import read_settings
 
 REPO_DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "demo"
 TEMPLATE = REPO_DEPLOY / "topology.toml"
+# the second instance of the federation demo (Argentina)
+TEMPLATE_AR = REPO_DEPLOY / "topology-ar.toml"
 
 # which sample backend implements which service of the demo topology
 DEMO_BACKENDS = {
     "UY/GOV/DNIC/identity/population/v1": "population",
     "UY/GOV/MSP/clinics/vaccination/v1": "vaccination",
+    "AR/GOB/RENAPER/identidad/poblacion/v1": "population",
 }
 
 
@@ -82,10 +85,16 @@ class Runner:
         ocsp: dict[str, Any] | None = None,
         store_bodies: bool = False,
         log: dict[str, Any] | None = None,
+        federation_allowed: tuple[str, ...] = (),
+        outbound_approval_required: bool = False,
     ) -> None:
         self.workdir = workdir.resolve()
         # overrides of the servers' [log] settings (a PostgreSQL database, retention...)
         self.log = dict(log or {})
+        # the other instances the servers' local policy allows exchanges with
+        self.federation_allowed = federation_allowed
+        # the registry's policy: cross-border calls need this instance's own approval too
+        self.outbound_approval_required = outbound_approval_required
         self.registry_approval_required = registry_approval_required
         self.template = template
         self.validity_seconds = validity_seconds
@@ -185,7 +194,10 @@ class Runner:
             "validity_seconds": self.validity_seconds,
             "refresh_seconds": self.refresh_seconds,
             "api": {"listen": self.api_address, "token_key": str(self.pki / "registry-token.key")},
-            "policy": {"registry_approval_required": self.registry_approval_required},
+            "policy": {
+                "registry_approval_required": self.registry_approval_required,
+                **({"outbound_approval_required": True} if self.outbound_approval_required else {}),
+            },
         }
         (self.workdir / "registry.toml").write_text(tomli_w.dumps(settings))
         self.processes["registry"] = self._process(
@@ -223,6 +235,7 @@ class Runner:
                 **self.log,
             },
             "limits": dict(self.limits),
+            "federation": {"allowed": list(self.federation_allowed)},
             "auditor": {
                 "listen": self.auditors[sid],
                 "jwks_url": f"http://{self.api_address}/.well-known/jwks.json",
@@ -309,9 +322,13 @@ class Runner:
 
     def set_log(self, server_id: str, **log: Any) -> None:
         """Change one server's [log] settings (after `prepare`, before it starts)."""
+        self.set_settings(server_id, "log", **log)
+
+    def set_settings(self, server_id: str, section: str, **values: Any) -> None:
+        """Change one server's settings in one section (after `prepare`, before it starts)."""
         path = self.workdir / f"{self.server_names[server_id]}.toml"
         settings = tomllib.loads(path.read_text())
-        settings["log"] = {**settings["log"], **log}
+        settings[section] = {**settings.get(section, {}), **values}
         path.write_text(tomli_w.dumps(settings))
 
     def _process(self, name: str, args: list[str]) -> Process:

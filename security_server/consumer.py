@@ -37,7 +37,7 @@ from gateway.envelope import (
     decode_response,
     sha256_hex,
 )
-from gateway.errors import Code, GatewayError, RequestError, TrustError
+from gateway.errors import AuthorizationError, Code, GatewayError, RequestError, TrustError
 from gateway.identifiers import ServiceId, SubsystemId
 from gateway.signing import certificate_sha256, verify_signature
 from gateway.v1 import exchange_pb2 as pb
@@ -138,15 +138,24 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                     f"client {client} is not a subsystem served by security server {node.server_id}",
                     code=Code.CLIENT_NOT_SERVED,
                 )
-            service = config.services.get(service_id)
-            providers = config.servers_hosting(service_id.subsystem)
+            # the provider's instance describes the service and holds the agreement: ours, or
+            # a federated instance's (the federation active, allowed here, its copy current)
+            remote = (
+                config
+                if service_id.member.instance == config.instance
+                else node.federated.require(service_id.member.instance, now)
+            )
+            service = remote.services.get(service_id)
+            providers = remote.servers_hosting(service_id.subsystem)
             if service is None or not providers:
                 raise GatewayError(
-                    f"service {service_id} is not in the global configuration of {config.instance}",
+                    f"service {service_id} is not in the global configuration of {remote.instance}",
                     code=Code.UNKNOWN_SERVICE,
                 )
             service.check_method(method)
-            facts["agreement_id"] = config.agreements.decide(client, service_id, purpose, now).id
+            facts["agreement_id"] = remote.agreements.decide(client, service_id, purpose, now).id
+            if remote is not config:
+                check_outbound_approval(config, client, service_id, purpose)
             signer = node.signer_for(client.member)
             # what the provider would refuse, refused here: our own certificates' status
             staple = node.own_status.staple(signer.certificate_sha256)
@@ -204,8 +213,8 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         remaining = context.time_remaining()
         wait = min(remaining if remaining is not None else 1e9, node.limits.deadline_seconds)
         try:
-            link = self.peers.link(provider, config)
-            self._check_provider_not_revoked(link, provider, config)
+            link = self.peers.link(provider, remote)
+            self._check_provider_not_revoked(link, provider, remote)
             frame = await link.exchange(
                 pb.SignedEnvelope(
                     header=header_bytes,
@@ -223,7 +232,7 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                     code = Code.INTERNAL
                 raise GatewayError(frame.refusal.message, code=code)
             response, response_certificate = self._check_response(
-                frame, header, header_bytes, provider, link, config
+                frame, header, header_bytes, provider, link, remote
             )
         except GatewayError as err:
             return await self._refuse(context, err, facts)
@@ -237,7 +246,7 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             env.signer_ocsp,
             env.body,
             response.body_sha256,
-            config,
+            remote,
         )
         try:
             await node.log.append(
@@ -366,3 +375,20 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
 
 
 _STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+
+
+def check_outbound_approval(
+    own: GlobalConfiguration, client: SubsystemId, service: ServiceId, purpose: str
+) -> None:
+    """Where our instance's policy says so, a cross-border exchange also needs our own
+    registry's approval, for this client, service and purpose."""
+    if not own.outbound_approval_required:
+        return
+    approval = own.outbound_approvals.get((client, service))
+    if approval is None or purpose not in approval.purposes:
+        raise AuthorizationError(
+            f"instance {own.instance} requires its own approval of exchanges with other "
+            f"instances, and none covers {client} calling {service} for {purpose!r}; ask "
+            "your registry administrator",
+            code=Code.OUTBOUND_APPROVAL_MISSING,
+        )

@@ -32,6 +32,7 @@ from security_server.auditor_api import start as start_auditor_api
 from security_server.certificate_status import OwnStatus, StatusChecker, der_sha256
 from security_server.config_client import ConfigurationClient
 from security_server.consumer import ConsumerService
+from security_server.federation import Federations
 from security_server.message_log import ChainInUseError, MessageLog
 from security_server.node import Node, load_subject_secret
 from security_server.peers import PeerPool
@@ -51,24 +52,25 @@ def _clock() -> datetime:
 
 
 class TlsRoots:
-    """Server credentials whose client-CA list follows the current configuration."""
+    """Server credentials whose client-CA list follows the current configurations: our
+    instance's CAs and those of the federated instances this server follows."""
 
-    def __init__(self, config: ConfigurationClient, certificate: bytes, key: bytes) -> None:
-        self.config = config
+    def __init__(self, federations: Federations, certificate: bytes, key: bytes) -> None:
+        self.federations = federations
         self.certificate = certificate
         self.key = key
         self._served: bytes | None = None
 
     def current(self) -> Any:
-        assert self.config.current is not None
-        self._served = self.config.current.ca_pem
+        self._served = self.federations.ca_pem()
         return grpc.ssl_server_certificate_configuration(
             [(self.key, self.certificate)], root_certificates=self._served
         )
 
     def fetch(self) -> Any:
         # called by gRPC before each handshake: None keeps the current credentials
-        if self.config.current is None or self.config.current.ca_pem == self._served:
+        roots = self.federations.ca_pem()
+        if not roots or roots == self._served:
             return None
         return self.current()
 
@@ -141,6 +143,12 @@ async def serve(
         anchor=anchor, cache_file=state_dir / "configuration.json", clock=_clock
     )
     config.load_cached()
+    federations = Federations(
+        config,
+        allowed=frozenset(settings.federation.allowed),
+        state_dir=state_dir,
+        clock=_clock,
+    )
     subject_secret = load_subject_secret(state_dir, settings.server.subject_key)
     try:
         message_log = await MessageLog.open(
@@ -185,11 +193,13 @@ async def serve(
         replay=replay,
         subject_secret=subject_secret,
         clock=_clock,
+        federations=federations,
     )
     now = _clock()
     # ids the provider accepted recently, so that a restart does not reopen them to replay
     replay.preload(await message_log.recent_message_ids(now - 2 * replay.window, "provider"), now)
     watcher = asyncio.create_task(config.run(), name="configuration-watch")
+    federations.start()
     background = [watcher]
     max_frame = settings.limits.max_message_bytes + _FRAME_OVERHEAD
     peers = PeerPool(
@@ -241,7 +251,7 @@ async def serve(
         )
         provider.add_generic_rpc_handlers((ProviderService(node, backends).handler(),))
         provider_port = provider.add_secure_port(
-            settings.provider.listen, TlsRoots(config, tls_cert, tls_key).credentials()
+            settings.provider.listen, TlsRoots(federations, tls_cert, tls_key).credentials()
         )
         # bodies up to twice the limit reach our code, which refuses and logs them with
         # body_too_large; larger ones are cut off by gRPC itself
@@ -306,6 +316,7 @@ async def serve(
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await federations.close()
         await peers.close()
         await backends.close()
         await message_log.close()

@@ -23,6 +23,7 @@ from gateway.replay import ReplayGuard
 from gateway.signing import EcdsaSigner
 from security_server.certificate_status import OwnStatus, StatusChecker
 from security_server.config_client import ConfigurationClient
+from security_server.federation import Federations
 from security_server.message_log import Evidence, MessageLog
 from security_server.settings import LimitsSection
 from security_server.timestamper import Timestamper
@@ -53,6 +54,19 @@ class Node:
     timestamper: Timestamper | None = None
     # keep bodies in the log's evidence (log.store_bodies)
     store_bodies: bool = False
+    # the configurations of federated instances (None: built from `config` alone)
+    federations: Federations | None = None
+
+    def __post_init__(self) -> None:
+        if self.federations is None:
+            self.federations = Federations(
+                self.config, allowed=frozenset(), state_dir=Path("."), clock=self.clock
+            )
+
+    @property
+    def federated(self) -> Federations:
+        assert self.federations is not None
+        return self.federations
 
     def check_timestamping(self) -> None:
         if self.timestamper is not None:

@@ -40,6 +40,7 @@ from gateway.envelope import (
 from gateway.errors import Code, GatewayError, TrustError, UnavailableError
 from gateway.signing import certificate_sha256, verify_signature
 from gateway.v1 import exchange_pb2 as pb
+from security_server.federation import Federations
 from security_server.node import Node
 from security_server.peers import MAX_FRAMES_PER_MESSAGE
 from security_server.records import record
@@ -71,15 +72,21 @@ class StreamState:
         self.staple = b""
 
 
-def registered_peer(config: GlobalConfiguration, fingerprint: str | None) -> SecurityServer:
-    server = config.servers_by_auth_sha256.get(fingerprint or "")
-    if server is None:
+def registered_peer(
+    federations: Federations, fingerprint: str | None, now: datetime
+) -> tuple[GlobalConfiguration, SecurityServer]:
+    """The security server whose registered TLS certificate the peer presented, with the
+    configuration that registers it: ours, or a federated instance's (then only while that
+    federation is active and allowed here)."""
+    found = federations.server_by_certificate(fingerprint or "", now)
+    if found is None:
         raise TrustError(
             "the TLS client certificate is not the authentication certificate of any "
-            "security server registered in the global configuration",
+            "security server registered in the global configuration (ours or a federated "
+            "instance's)",
             code=Code.PEER_NOT_REGISTERED,
         )
-    return server
+    return found
 
 
 class BackendClient:
@@ -163,7 +170,7 @@ class ProviderService:
         stream = StreamState(certificate, fingerprint)
         now = node.clock()
         try:
-            peer = registered_peer(node.config.require(now), fingerprint)
+            _, peer = registered_peer(node.federated, fingerprint, now)
         except GatewayError as err:
             log.warning(
                 "peer_refused",
@@ -258,10 +265,11 @@ class ProviderService:
         signer_sha = certificate_sha256(env.signer_certificate) if env.signer_certificate else None
         try:
             config = node.config.require(now)
-            peer = registered_peer(config, stream.fingerprint)
+            # the peer's instance vouches for the peer: its servers, CAs and OCSP responders
+            peer_config, peer = registered_peer(node.federated, stream.fingerprint, now)
             peer_name = str(peer.id)
             assert stream.certificate is not None  # a registered peer presented one
-            node.status.peer(stream.staple, stream.certificate, config, now)
+            node.status.peer(stream.staple, stream.certificate, peer_config, now)
             if not frame.HasField("request"):
                 raise TrustError("expected a request frame", code=Code.MALFORMED_ENVELOPE)
             header = decode_request(env.header)
@@ -277,7 +285,7 @@ class ProviderService:
                     f"{header.client.member}",
                     code=Code.PEER_MEMBER_MISMATCH,
                 )
-            certificate, member = config.trust.signing_member(env.signer_certificate, now)
+            certificate, member = peer_config.trust.signing_member(env.signer_certificate, now)
             if member != header.client.member:
                 raise TrustError(
                     f"the request is signed by member {member}, not by the client's member",
@@ -285,7 +293,7 @@ class ProviderService:
                 )
             verify_signature(certificate, env.header, env.signature)
             check_body(header.body_sha256, env.body)
-            node.status.signer(env.signer_ocsp, certificate, config, now)
+            node.status.signer(env.signer_ocsp, certificate, peer_config, now)
             node.replay.check_fresh(header.created_at, now)
             node.replay.remember(header.message_id, now)
             service = config.services.get(header.service)
@@ -323,7 +331,7 @@ class ProviderService:
             env.signer_ocsp,
             env.body,
             header.body_sha256,
-            config,
+            peer_config,
         )
         try:
             await node.log.append(

@@ -155,6 +155,13 @@ class AuditorSection:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class FederationSection:
+    # the other instances (country codes) this server may exchange with, when our own
+    # registry federates with them too; empty: none (the local policy's default)
+    allowed: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class LimitsSection:
     # largest request or response body, in bytes
     max_message_bytes: int = 4 * 1024 * 1024
@@ -178,5 +185,6 @@ class ServerSettings:
     ocsp: OcspSection = field(default_factory=OcspSection)
     limits: LimitsSection = field(default_factory=LimitsSection)
     auditor: AuditorSection = field(default_factory=AuditorSection)
+    federation: FederationSection = field(default_factory=FederationSection)
     # backend address (host:port, plain gRPC) per service id this server provides
     backends: dict[str, str] = field(default_factory=dict)

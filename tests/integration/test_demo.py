@@ -49,12 +49,13 @@ async def call_once(
 
 
 def test_demo_runs_every_step_and_exits_0(tmp_path: Path) -> None:
-    """The demo makes the allowed call, both refusals, the live subscription, prints both logs and verifies them."""
+    """The demo makes the allowed call, both refusals, the live subscription, prints both logs
+    and verifies them, then federates with a second instance for a cross-border call."""
     result = subprocess.run(
         [*GATEWAY, "demo", "--workdir", str(tmp_path / "demo")],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=180,
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
@@ -63,7 +64,7 @@ def test_demo_runs_every_step_and_exits_0(tmp_path: Path) -> None:
     assert "[no_agreement]" in out
     assert "[purpose_not_covered]" in out
     # the live subscription: refused, requested, approved twice, allowed, revoked, refused
-    assert out.count("[no_agreement]") == 2
+    assert out.count("[no_agreement]") == 3  # steps 2, 4 (before the subscription) and 10
     assert "state requested" in out
     assert "approves: state approved_by_provider" in out
     assert "approves: state active" in out
@@ -75,6 +76,11 @@ def test_demo_runs_every_step_and_exits_0(tmp_path: Path) -> None:
     assert "admin log verified: True" in out
     assert out.count("request  consumer") == 1
     assert out.count("request  provider") == 1
+    # federation: two instances, a cross-border call refused then allowed, traced on both sides
+    assert "UY federates with AR: active" in out and "AR federates with UY: active" in out
+    assert "[no_agreement] no data-sharing agreement lets UY/GOV/MSP/clinics call AR/" in out
+    assert "answer from Argentina: Lucía Fernández" in out
+    assert out.count("consistent on both sides") == 2
     assert out.count("OK: ") == 3  # two logs, one evidence bundle
     assert out.count("record(s) covered by verified tokens") == 2
     assert "are not stamped yet" not in out

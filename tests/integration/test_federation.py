@@ -1,0 +1,284 @@
+"""Federation end to end: two instances (UY and AR), each with its own registry, CA, OCSP
+responder, TSA and security servers, as real processes on loopback.
+
+The Uruguayan clinics (UY/GOV/MSP/clinics, on ss-msp) call the Argentine population
+registry (AR/GOB/RENAPER/identidad/poblacion/v1, on ss-renaper). The tests run in order
+over one pair of instances: refused while the instances are not federated; refused
+without the cross-border agreement AR holds; refused without UY's own outbound approval
+(UY's policy requires one); refused by a server whose local policy does not allow AR;
+allowed once everything is in place, verified and traced on both sides; a UY server
+impersonating an AR member refused; AR's configuration expiring while its registry is
+down (and UY serving its own calls meanwhile); the federation ended, refused within
+seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import grpc
+import pytest
+
+from gateway_cli.admin import AdminClient
+from gateway_demo.client import Outcome, call_raw, routing_metadata
+from gateway_demo.generated import population_pb2 as population
+from gateway_demo.runner import TEMPLATE_AR, Runner
+
+from .attacker import build_request, fetch_ocsp, open_stream, request_frame
+from .conftest import CLINICS, DNIC, GET_PERSON, IDENTITY, MSP, POPULATION, run_gateway
+
+RENAPER = "AR/GOB/RENAPER/ss1"
+AR_POPULATION = "AR/GOB/RENAPER/identidad/poblacion/v1"
+AR_IDENTITY = "AR/GOB/RENAPER/identidad"
+PURPOSE = "healthcare-identification"
+
+
+@dataclass
+class Instances:
+    uy: Runner
+    ar: Runner
+
+    def admin(self, runner: Runner, role: str, member: str | None = None) -> AdminClient:
+        return AdminClient(
+            runner.api_url, runner.token(role, member=member, subject=f"{role}@{member or 'x'}")
+        )
+
+
+@pytest.fixture(scope="module")
+def instances(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Instances]:
+    root = tmp_path_factory.mktemp("federation")
+    uy = Runner(
+        root / "uy",
+        federation_allowed=("AR",),
+        outbound_approval_required=True,
+    )
+    # AR's configuration lives 4 s without its registry (the expiry test stops it)
+    ar = Runner(
+        root / "ar",
+        template=TEMPLATE_AR,
+        federation_allowed=("UY",),
+        validity_seconds=4.0,
+        refresh_seconds=1.0,
+    )
+    runners = [uy, ar]
+    try:
+        for runner in runners:
+            runner.prepare()
+        # DNIC's local policy allows no federation
+        uy.set_settings(DNIC, "federation", allowed=[])
+        for runner in runners:
+            runner.start_all()
+        yield Instances(uy=uy, ar=ar)
+    finally:
+        for runner in runners:
+            runner.close()
+
+
+def call(runner: Runner, server: str, client: str, service: str = AR_POPULATION) -> Outcome:
+    async def go() -> Outcome:
+        async with runner.consumer_channel(server, client) as channel:
+            return await call_raw(
+                channel,
+                GET_PERSON,
+                population.GetPersonRequest(national_id="20.123.456").SerializeToString(),
+                routing_metadata(
+                    client=client,
+                    service=service,
+                    purpose=PURPOSE,
+                    user_id="dr.rodriguez",
+                    subject="20.123.456",
+                ),
+            )
+
+    return asyncio.run(go())
+
+
+def until(check: Callable[[], Outcome], done: Callable[[Outcome], bool], timeout: float) -> Outcome:
+    deadline = time.monotonic() + timeout
+    while True:
+        outcome = check()
+        if done(outcome) or time.monotonic() > deadline:
+            return outcome
+        time.sleep(0.2)
+
+
+def clinics_call(instances: Instances) -> Outcome:
+    return call(instances.uy, MSP, CLINICS)
+
+
+def test_not_federated_is_refused(instances: Instances) -> None:
+    """Before the registries federate, a call to another instance's service is refused."""
+    outcome = clinics_call(instances)
+    assert outcome.error == "instance_not_federated", outcome
+    assert outcome.code == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_registries_federate_by_importing_anchors(instances: Instances) -> None:
+    """Each registry administrator imports the other instance's anchor (as `gateway registry
+    anchor` exports it); the configurations reach the servers, and the call now gets as far
+    as AR's agreements."""
+    for here, there in ((instances.uy, instances.ar), (instances.ar, instances.uy)):
+        exported = run_gateway("registry", "anchor", "--config", there.workdir / "registry.toml")
+        assert exported.returncode == 0, exported.stderr
+        anchor = json.loads(exported.stdout)
+        anchor["addresses"] = [there.registry_address]
+        instances.admin(here, "registry-admin").federate(anchor, reason="bilateral treaty")
+    outcome = until(
+        lambda: clinics_call(instances),
+        lambda o: o.error not in ("instance_not_federated", "federated_configuration_unavailable"),
+        timeout=15,
+    )
+    assert outcome.error == "no_agreement", outcome
+
+
+def test_agreement_and_outbound_approval_are_both_needed(instances: Instances) -> None:
+    """AR holds and enforces the cross-border agreement; UY's policy requires its own
+    outbound approval as well: without it the call is refused, with both it is allowed."""
+    ar_admin = instances.admin(instances.ar, "registry-admin")
+    requested = ar_admin.request_agreement(
+        client=CLINICS,
+        service=AR_POPULATION,
+        purposes=[PURPOSE],
+        legal_basis_kind="law",
+        legal_basis_reference="Bilateral health agreement UY-AR, art. 4",
+        reason="patients treated across the border",
+    )
+    agreement = requested["id"]
+    instances.admin(instances.ar, "member-admin", "AR/GOB/RENAPER").act(
+        agreement, "approve", "the register may be read for care"
+    )
+    ar_admin.act(agreement, "approve", "legal basis checked")
+    outcome = until(
+        lambda: clinics_call(instances), lambda o: o.error != "no_agreement", timeout=15
+    )
+    assert outcome.error == "outbound_approval_missing", outcome
+
+    uy_admin = instances.admin(instances.uy, "registry-admin")
+    approval = uy_admin.request_outbound(
+        CLINICS, AR_POPULATION, [PURPOSE], agreement, reason="care of Argentine patients"
+    )
+    uy_admin.act_outbound(str(approval["id"]), "approve", "agreement AR checked")
+    outcome = until(lambda: clinics_call(instances), lambda o: o.ok, timeout=15)
+    assert outcome.ok, outcome
+    person = population.Person.FromString(outcome.body or b"")
+    assert person.national_id == "20.123.456"
+
+
+def test_local_policy_not_allowing_the_instance_is_refused(instances: Instances) -> None:
+    """ss-dnic's local policy (federation.allowed) does not allow AR: refused there, even
+    though the instances are federated."""
+    outcome = call(instances.uy, DNIC, IDENTITY)
+    assert outcome.error == "federation_not_allowed", outcome
+
+
+def test_the_cross_border_call_verifies_and_traces_on_both_sides(instances: Instances) -> None:
+    """Both countries' logs hold the exchange under one message id; each auditor, with its
+    own registry's token, sees its side, and the trace over both auditor APIs is consistent;
+    both logs verify."""
+    outcome = clinics_call(instances)
+    assert outcome.ok and outcome.message_id, outcome
+    uy_token = instances.uy.token("auditor", subject="auditor@uy")
+    ar_token = instances.ar.token("auditor", subject="auditor@ar")
+    deadline = time.monotonic() + 15
+    while True:
+        result = run_gateway(
+            "audit", "trace", outcome.message_id,
+            "--url", instances.uy.auditor_url(MSP), "--token", uy_token,
+            "--url", instances.ar.auditor_url(RENAPER), "--token", ar_token,
+        )  # fmt: skip
+        if result.returncode == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "consistent on both sides" in result.stdout
+    for runner, server in ((instances.uy, MSP), (instances.ar, RENAPER)):
+        check = run_gateway("audit", "verify", "--quiet", "--db", runner.log_db(server))
+        assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_a_server_of_one_instance_cannot_pass_for_a_member_of_another(
+    instances: Instances,
+) -> None:
+    """ss-msp, whose certificate is valid in UY, presents itself to the AR provider as AR's
+    own server and client: refused (its TLS certificate is registered in UY for a UY member)."""
+    uy, ar = instances.uy, instances.ar
+    auth_cert = (uy.pki / "auth" / "UY_GOV_MSP_ss1.crt").read_bytes()
+    auth_key = (uy.pki / "auth" / "UY_GOV_MSP_ss1.key").read_bytes()
+    uy_ca = (uy.pki / "ca.crt").read_bytes()
+    ar_ca = (ar.pki / "ca.crt").read_bytes()
+
+    from gateway.signing import EcdsaSigner, load_certificate, load_private_key
+
+    signer = EcdsaSigner(
+        load_private_key((uy.pki / "sign" / "UY_GOV_MSP.key").read_bytes()),
+        load_certificate((uy.pki / "sign" / "UY_GOV_MSP.crt").read_bytes()),
+    )
+    signer_pem = (uy.pki / "sign" / "UY_GOV_MSP.crt").read_bytes()
+
+    async def attack() -> object:
+        envelope = build_request(
+            signer,
+            signer_ocsp=fetch_ocsp(uy.ocsp_url, signer_pem, uy_ca),
+            message_id=uuid.uuid4().hex,
+            client=AR_IDENTITY,
+            service=AR_POPULATION,
+            method=GET_PERSON,
+            purpose=PURPOSE,
+            sender=RENAPER,
+            body=population.GetPersonRequest(national_id="20.123.456").SerializeToString(),
+            created_at=datetime.now(UTC),
+        )
+        async with open_stream(
+            ar.providers[RENAPER],
+            RENAPER,
+            ar_ca,
+            auth_cert,
+            auth_key,
+            staple=fetch_ocsp(uy.ocsp_url, auth_cert, uy_ca),
+        ) as stream:
+            return await stream.send(request_frame(envelope))
+
+    answer = asyncio.run(attack())
+    refusal = getattr(answer, "refusal", None)
+    code = refusal.code if refusal is not None else getattr(answer, "error", None)
+    assert code == "peer_member_mismatch", answer
+
+
+def test_expired_federated_configuration_is_refused_while_own_calls_go_on(
+    instances: Instances,
+) -> None:
+    """AR's registry goes down: UY keeps serving its own calls, and once its copy of AR's
+    configuration expires (4 s), cross-border calls are refused with their own code; they
+    resume by themselves when AR's registry returns."""
+    instances.ar.stop("registry")
+    try:
+        outcome = until(
+            lambda: clinics_call(instances),
+            lambda o: o.error == "federated_configuration_expired",
+            timeout=15,
+        )
+        assert outcome.error == "federated_configuration_expired", outcome
+        own = call(instances.uy, MSP, CLINICS, service=POPULATION)
+        assert own.ok, own
+    finally:
+        instances.ar.start("registry")
+    outcome = until(lambda: clinics_call(instances), lambda o: o.ok, timeout=20)
+    assert outcome.ok, outcome
+
+
+def test_ending_the_federation_is_enforced_within_seconds(instances: Instances) -> None:
+    """UY's registry administrator ends the federation: the next calls are refused with
+    federation_ended within seconds (the configuration is pushed)."""
+    instances.admin(instances.uy, "registry-admin").end_federation("AR", "treaty suspended")
+    started = time.monotonic()
+    outcome = until(
+        lambda: clinics_call(instances), lambda o: o.error == "federation_ended", timeout=10
+    )
+    assert outcome.error == "federation_ended", outcome
+    assert time.monotonic() - started < 5
