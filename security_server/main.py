@@ -193,7 +193,7 @@ async def serve(
         replay=replay,
         subject_secret=subject_secret,
         clock=_clock,
-        federations=federations,
+        federated=federations,
     )
     now = _clock()
     # ids the provider accepted recently, so that a restart does not reopen them to replay

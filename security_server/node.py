@@ -39,6 +39,8 @@ class Node:
     auth_sha256: str
     signers: dict[MemberId, EcdsaSigner]
     config: ConfigurationClient
+    # our configuration and those of the federated instances this server follows
+    federated: Federations
     log: MessageLog
     limits: LimitsSection
     replay: ReplayGuard
@@ -54,19 +56,6 @@ class Node:
     timestamper: Timestamper | None = None
     # keep bodies in the log's evidence (log.store_bodies)
     store_bodies: bool = False
-    # the configurations of federated instances (None: built from `config` alone)
-    federations: Federations | None = None
-
-    def __post_init__(self) -> None:
-        if self.federations is None:
-            self.federations = Federations(
-                self.config, allowed=frozenset(), state_dir=Path("."), clock=self.clock
-            )
-
-    @property
-    def federated(self) -> Federations:
-        assert self.federations is not None
-        return self.federations
 
     def check_timestamping(self) -> None:
         if self.timestamper is not None:
