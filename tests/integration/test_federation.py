@@ -27,16 +27,14 @@ import pytest
 
 from gateway_cli.admin import AdminClient
 from gateway_demo.client import Outcome, call_raw, routing_metadata
+from gateway_demo.federation import AR_POPULATION, PURPOSE, RENAPER
 from gateway_demo.generated import population_pb2 as population
 from gateway_demo.runner import TEMPLATE_AR, Runner
 
 from .attacker import build_request, fetch_ocsp, open_stream, request_frame
 from .conftest import CLINICS, DNIC, GET_PERSON, IDENTITY, MSP, POPULATION, run_gateway
 
-RENAPER = "AR/GOB/RENAPER/ss1"
-AR_POPULATION = "AR/GOB/RENAPER/identidad/poblacion/v1"
 AR_IDENTITY = "AR/GOB/RENAPER/identidad"
-PURPOSE = "healthcare-identification"
 
 
 @dataclass
