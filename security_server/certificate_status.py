@@ -26,7 +26,7 @@ from pathlib import Path
 import aiohttp
 import structlog
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 
 from gateway.configuration import GlobalConfiguration
 from gateway.errors import Code, GatewayError, TrustError
@@ -37,7 +37,8 @@ log = structlog.get_logger("security_server.ocsp")
 
 
 def der_sha256(certificate: x509.Certificate) -> str:
-    return hashlib.sha256(certificate.public_bytes(serialization.Encoding.DER)).hexdigest()
+    """The SHA-256 of a certificate's DER, in hex (computed in the library, without a copy)."""
+    return certificate.fingerprint(hashes.SHA256()).hex()
 
 
 class StatusChecker:
@@ -46,14 +47,15 @@ class StatusChecker:
     def __init__(self, freshness_seconds: float) -> None:
         self.freshness = timedelta(seconds=freshness_seconds)
         self._cache = StatusCache()
-        # (configuration version, certificate SHA-256) -> (CA, its SHA-256, its DER)
-        self._issuers: dict[tuple[int, str], tuple[x509.Certificate, str, bytes]] = {}
+        # (instance, configuration version, certificate SHA-256) -> (CA, its SHA-256, its
+        # DER): with federation, several instances' configurations are in use at once
+        self._issuers: dict[tuple[str, int, str], tuple[x509.Certificate, str, bytes]] = {}
 
     def issuer(
         self, certificate: x509.Certificate, config: GlobalConfiguration
     ) -> tuple[x509.Certificate, str, bytes]:
         """The configuration's CA that issued `certificate`, with the SHA-256 and DER of it."""
-        key = (config.version, der_sha256(certificate))
+        key = (config.instance, config.version, der_sha256(certificate))
         found = self._issuers.get(key)
         if found is None:
             ca = config.trust.issuer_of(certificate)
