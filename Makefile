@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(BIN)/gateway bench --repeats 5
 	$(BIN)/gateway bench --revocation --repeats 5 --workdir var/bench-revocation
 	$(BIN)/gateway bench --audit --records 1000000 --repeats 3 --queries 300
+	$(BIN)/gateway bench --federation --repeats 5 --workdir var/bench-federation
 
 # Regenerate the committed protobuf modules from proto/ (tests check they match).
 proto: $(STAMP)

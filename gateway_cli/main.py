@@ -453,6 +453,10 @@ def _demo(ns: argparse.Namespace) -> int:
 def _bench(ns: argparse.Namespace) -> int:
     from gateway_demo.bench import run_bench
 
+    if ns.federation:
+        from gateway_demo.bench_federation import run_federation_bench
+
+        return run_federation_bench(workdir=ns.workdir, repeats=ns.repeats, calls=ns.calls)
     if ns.audit:
         from gateway_demo.bench_audit import run_audit_bench
 
@@ -690,6 +694,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--database",
         help="--audit: a PostgreSQL URL to use instead of SQLite (its log tables are dropped)",
+    )
+    p.add_argument(
+        "--federation",
+        action="store_true",
+        help="measure a cross-border call against a local one, and the enforcement of an "
+        "ended federation, on two instances",
+    )
+    p.add_argument(
+        "--calls", type=int, default=300, help="--federation: sequential calls per target"
     )
     p.set_defaults(func=_bench)
 

@@ -75,7 +75,7 @@ def _instance(runner: Runner) -> str:
     return str(json.loads((runner.pki / "anchor.json").read_text())["instance"])
 
 
-def _call(uy: Runner) -> Outcome:
+def cross_border_call(uy: Runner) -> Outcome:
     async def go() -> Outcome:
         async with uy.consumer_channel(MSP, CLINICS) as channel:
             return await call_raw(
@@ -97,7 +97,7 @@ def _call(uy: Runner) -> Outcome:
 def _until(done: Callable[[Outcome], bool], uy: Runner, timeout: float = 15.0) -> Outcome:
     deadline = time.monotonic() + timeout
     while True:
-        outcome = _call(uy)
+        outcome = cross_border_call(uy)
         if done(outcome) or time.monotonic() > deadline:
             return outcome
         time.sleep(0.3)
