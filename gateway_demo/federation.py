@@ -75,16 +75,18 @@ def _instance(runner: Runner) -> str:
     return str(json.loads((runner.pki / "anchor.json").read_text())["instance"])
 
 
-def cross_border_call(uy: Runner) -> Outcome:
+def call_person(runner: Runner, server: str, client: str, service: str = AR_POPULATION) -> Outcome:
+    """One GetPerson call about the Argentine person, through a server's consumer endpoint."""
+
     async def go() -> Outcome:
-        async with uy.consumer_channel(MSP, CLINICS) as channel:
+        async with runner.consumer_channel(server, client) as channel:
             return await call_raw(
                 channel,
                 GET_PERSON,
                 population.GetPersonRequest(national_id="20.123.456").SerializeToString(),
                 routing_metadata(
-                    client=CLINICS,
-                    service=AR_POPULATION,
+                    client=client,
+                    service=service,
                     purpose=PURPOSE,
                     user_id="dr.rodriguez",
                     subject="20.123.456",
@@ -92,6 +94,11 @@ def cross_border_call(uy: Runner) -> Outcome:
             )
 
     return asyncio.run(go())
+
+
+def cross_border_call(uy: Runner) -> Outcome:
+    """The Uruguayan clinics' call to the Argentine population registry."""
+    return call_person(uy, MSP, CLINICS)
 
 
 def _until(done: Callable[[Outcome], bool], uy: Runner, timeout: float = 15.0) -> Outcome:

@@ -26,8 +26,14 @@ import grpc
 import pytest
 
 from gateway_cli.admin import AdminClient
-from gateway_demo.client import Outcome, call_raw, routing_metadata
-from gateway_demo.federation import AR_POPULATION, PURPOSE, RENAPER
+from gateway_demo.client import Outcome
+from gateway_demo.federation import (
+    AR_POPULATION,
+    PURPOSE,
+    RENAPER,
+    call_person,
+    cross_border_call,
+)
 from gateway_demo.generated import population_pb2 as population
 from gateway_demo.runner import TEMPLATE_AR, Runner
 
@@ -78,25 +84,6 @@ def instances(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Instances]:
             runner.close()
 
 
-def call(runner: Runner, server: str, client: str, service: str = AR_POPULATION) -> Outcome:
-    async def go() -> Outcome:
-        async with runner.consumer_channel(server, client) as channel:
-            return await call_raw(
-                channel,
-                GET_PERSON,
-                population.GetPersonRequest(national_id="20.123.456").SerializeToString(),
-                routing_metadata(
-                    client=client,
-                    service=service,
-                    purpose=PURPOSE,
-                    user_id="dr.rodriguez",
-                    subject="20.123.456",
-                ),
-            )
-
-    return asyncio.run(go())
-
-
 def until(check: Callable[[], Outcome], done: Callable[[Outcome], bool], timeout: float) -> Outcome:
     deadline = time.monotonic() + timeout
     while True:
@@ -107,7 +94,7 @@ def until(check: Callable[[], Outcome], done: Callable[[Outcome], bool], timeout
 
 
 def clinics_call(instances: Instances) -> Outcome:
-    return call(instances.uy, MSP, CLINICS)
+    return cross_border_call(instances.uy)
 
 
 def test_not_federated_is_refused(instances: Instances) -> None:
@@ -171,7 +158,7 @@ def test_agreement_and_outbound_approval_are_both_needed(instances: Instances) -
 def test_local_policy_not_allowing_the_instance_is_refused(instances: Instances) -> None:
     """ss-dnic's local policy (federation.allowed) does not allow AR: refused there, even
     though the instances are federated."""
-    outcome = call(instances.uy, DNIC, IDENTITY)
+    outcome = call_person(instances.uy, DNIC, IDENTITY)
     assert outcome.error == "federation_not_allowed", outcome
 
 
@@ -262,7 +249,7 @@ def test_expired_federated_configuration_is_refused_while_own_calls_go_on(
             timeout=15,
         )
         assert outcome.error == "federated_configuration_expired", outcome
-        own = call(instances.uy, MSP, CLINICS, service=POPULATION)
+        own = call_person(instances.uy, MSP, CLINICS, service=POPULATION)
         assert own.ok, own
     finally:
         instances.ar.start("registry")
