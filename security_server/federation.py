@@ -145,11 +145,6 @@ class Federations:
             if client.current is not None:
                 yield client.current
 
-    def config_for(self, instance: str, now: datetime) -> GlobalConfiguration:
-        """The own configuration for the own instance, else `require(instance)`."""
-        own = self.own.require(now)
-        return own if instance == own.instance else self.require(instance, now)
-
     def server_by_certificate(
         self, fingerprint: str, now: datetime
     ) -> tuple[GlobalConfiguration, SecurityServer] | None:
