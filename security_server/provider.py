@@ -38,15 +38,45 @@ from gateway.envelope import (
     sha256_hex,
 )
 from gateway.errors import Code, GatewayError, TrustError, UnavailableError
+from gateway.fair_share import FairShare
 from gateway.signing import certificate_sha256, verify_signature
 from gateway.v1 import exchange_pb2 as pb
 from security_server.federation import Federations
 from security_server.node import Node
 from security_server.peers import MAX_FRAMES_PER_MESSAGE
-from security_server.records import record
+from security_server.records import MAX_RECORD_TEXT, record
 from security_server.status import abort
 
 log = structlog.get_logger("security_server.provider")
+
+# most bytes of a refused frame's header and signature kept in its refusal record: the
+# peer chooses them (up to a frame's size), and the log keeps records forever
+MAX_REFUSED_HEADER_BYTES = 4096
+MAX_REFUSED_SIGNATURE_BYTES = 1024
+
+
+def bounded_refusal(
+    header: bytes, signature: bytes, message: str
+) -> tuple[bytes | None, bytes | None, str]:
+    """What a refusal record keeps of a refused frame's header and signature, and its error
+    message. A header or signature over its bound is cut to its first bytes, and the
+    message ends by saying so with the SHA-256 of the whole (so that the frame can still
+    be matched to the record); the message keeps its first words within the record's
+    limit for text."""
+    notes: list[str] = []
+    kept: list[bytes | None] = []
+    for name, value, bound in (
+        ("header", header, MAX_REFUSED_HEADER_BYTES),
+        ("signature", signature, MAX_REFUSED_SIGNATURE_BYTES),
+    ):
+        if len(value) > bound:
+            notes.append(f"{name} of {len(value)} bytes cut to {bound}, sha256 {sha256_hex(value)}")
+            value = value[:bound]
+        kept.append(value or None)
+    if notes:
+        note = f" [{'; '.join(notes)}]"
+        message = message[: max(0, MAX_RECORD_TEXT - len(note))] + note
+    return kept[0], kept[1], message
 
 
 def peer_certificate(
@@ -87,6 +117,38 @@ def registered_peer(
             code=Code.PEER_NOT_REGISTERED,
         )
     return found
+
+
+class PeerSlots:
+    """The provider's call slots (`limits.max_concurrent_calls`), shared fairly among peer
+    servers (`gateway.fair_share`): a call over its peer's share waits for a slot; its stream
+    is not read meanwhile, so the peer is slowed down, never refused."""
+
+    def __init__(self, capacity: int, per_peer: int) -> None:
+        self.share: FairShare[tuple[str, asyncio.Future[None]]] = FairShare(capacity, per_peer)
+
+    async def acquire(self, peer: str) -> None:
+        ticket = (peer, asyncio.get_running_loop().create_future())
+        if self.share.acquire(peer, ticket):
+            return
+        try:
+            await ticket[1]
+        except asyncio.CancelledError:
+            if ticket[1].done() and not ticket[1].cancelled():
+                self.release(peer)  # granted just as we gave up
+            else:  # still waiting (or its grant already gave the slot back): withdraw
+                self._start(self.share.cancel(peer, ticket))
+            raise
+
+    def release(self, peer: str) -> None:
+        self._start(self.share.release(peer))
+
+    def _start(self, granted: list[tuple[str, asyncio.Future[None]]]) -> None:
+        for peer, future in granted:
+            if future.done():  # its waiter gave up: the slot goes back at once
+                self.release(peer)
+            else:
+                future.set_result(None)
 
 
 class BackendClient:
@@ -148,7 +210,7 @@ class ProviderService:
     def __init__(self, node: Node, backends: BackendClient) -> None:
         self.node = node
         self.backends = backends
-        self.slots = asyncio.Semaphore(node.limits.max_concurrent_calls)
+        self.slots = PeerSlots(node.limits.max_concurrent_calls, node.limits.max_calls_per_peer)
 
     def handler(self) -> grpc.GenericRpcHandler[Any, Any]:
         return grpc.method_handlers_generic_handler(
@@ -192,9 +254,20 @@ class ProviderService:
             )
             await abort(context, err.code, err.message, None)
             return
-        log.info("peer_stream_opened", peer=str(peer.id))
+        peer_key = str(peer.id)
+        log.info("peer_stream_opened", peer=peer_key)
         out: asyncio.Queue[pb.Frame | None] = asyncio.Queue()
         tasks: set[asyncio.Task[None]] = set()
+        # Backpressure: a frame is read only when the stream has a credit. A credit is held
+        # from reading a frame until its answer is handed to gRPC, so the requests in
+        # progress plus the answers the peer has not taken stay under
+        # `limits.max_frames_per_stream`; past it this stream is not read, and HTTP/2 flow
+        # control stops the peer. A call slot (fair share among peers) is held while the
+        # call runs. Neither drops a frame: they only make the peer wait.
+        credits = asyncio.Semaphore(node.limits.max_frames_per_stream)
+
+        def release_slot(_: asyncio.Task[None]) -> None:
+            self.slots.release(peer_key)
 
         async def pump() -> None:
             try:
@@ -202,11 +275,12 @@ class ProviderService:
                     if message.ocsp_staple:
                         stream.staple = message.ocsp_staple
                     for frame in message.frames:
-                        await self.slots.acquire()
+                        await credits.acquire()
+                        await self.slots.acquire(peer_key)
                         task = asyncio.create_task(self._handle(frame, stream, out))
                         tasks.add(task)
                         task.add_done_callback(tasks.discard)
-                        task.add_done_callback(lambda _: self.slots.release())
+                        task.add_done_callback(release_slot)
             except (grpc.aio.AioRpcError, asyncio.CancelledError):
                 pass
             finally:
@@ -234,6 +308,9 @@ class ProviderService:
                     yield pb.Frames(frames=batch, ocsp_staple=staple)
                 else:
                     yield pb.Frames(frames=batch)
+                # gRPC has taken these answers: their credits let the pump read on
+                for _ in batch:
+                    credits.release()
                 if done:
                     break
         finally:
@@ -462,19 +539,22 @@ class ProviderService:
         node = self.node
         message_id = header.message_id if header else None
         log.warning("request_refused", code=err.code.value, peer=peer_name, message_id=message_id)
+        kept_header, kept_signature, error_message = bounded_refusal(
+            env.header, env.signature, err.message
+        )
         await node.log_failure(
             record(
                 kind=RecordKind.REFUSAL,
                 role=Role.PROVIDER,
                 logged_at=node.clock(),
                 **self._facts(header, peer_name),
-                header=env.header or None,
-                signature=env.signature or None,
+                header=kept_header,
+                signature=kept_signature,
                 signer_certificate_sha256=signer_sha,
                 body_sha256=sha256_hex(env.body),
                 status="refused",
                 error_code=err.code.value,
-                error_message=err.message,
+                error_message=error_message,
             )
         )
         return self._refusal(frame, err, message_id, started, 0)

@@ -8,6 +8,8 @@ from gateway.audit import RECORD_FIELDS, FieldValue, RecordKind, Role
 from gateway.timeutil import format_time
 
 _MAX_TEXT = 256
+# most characters of a text field (longer values are cut), for callers that compose one
+MAX_RECORD_TEXT = _MAX_TEXT
 
 
 def _clip(value: str | None) -> str | None:

@@ -171,6 +171,19 @@ class LimitsSection:
     max_concurrent_calls: int = 1000
     # how far a peer's clock may differ; also how long message ids are remembered for replays
     clock_skew_seconds: float = 300.0
+    # provider: requests of one peer stream in progress or answered and not yet taken by the
+    # peer; past it the stream is not read (HTTP/2 flow control pushes back on the peer)
+    max_frames_per_stream: int = 256
+    # provider: most calls one peer (security server) runs at once; 0: only the fair share
+    # (max_concurrent_calls divided among the peers that have calls running or waiting)
+    max_calls_per_peer: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_frames_per_stream < 1 or self.max_calls_per_peer < 0:
+            raise ValueError(
+                "limits.max_frames_per_stream must be at least 1 and "
+                "limits.max_calls_per_peer at least 0"
+            )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
