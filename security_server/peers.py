@@ -31,6 +31,61 @@ log = structlog.get_logger("security_server.peers")
 EXCHANGE_METHOD = "/gateway.v1.Exchange/Exchange"
 # most frames carried by one stream message
 MAX_FRAMES_PER_MESSAGE = 64
+# room for everything around the bodies in one stream message (main's `_FRAME_OVERHEAD`:
+# a stream message may be `limits.max_message_bytes` plus this)
+ENVELOPE_ROOM = 64 * 1024
+
+
+def frame_size(frame: pb.Frame) -> int:
+    """About the bytes `frame` takes in a stream message (its variable fields, plus room for
+    the rest), without encoding it."""
+    env = frame.response if frame.HasField("response") else frame.request
+    return (
+        len(env.body)
+        + len(env.header)
+        + len(env.signature)
+        + len(env.signer_certificate)
+        + len(env.signer_ocsp)
+        + len(frame.refusal.message)
+        + 256
+    )
+
+
+class FrameBatcher:
+    """Takes the frames queued at the moment, for one stream message: at most
+    `MAX_FRAMES_PER_MESSAGE` frames, and more than one only while their sizes add up to
+    `budget` bytes (so that a batch never exceeds what the other side's gRPC accepts, even
+    when several answers at the size limit are ready at once). `None` in the queue ends
+    the stream, after the frames queued before it."""
+
+    def __init__(self, queue: asyncio.Queue[Any], budget: int) -> None:
+        self.queue = queue
+        self.budget = budget
+        self._carried: pb.Frame | None = None
+        self._ended = False
+
+    async def next(self) -> list[pb.Frame] | None:
+        """The next batch, or None once the stream has ended."""
+        if self._ended:
+            return None
+        first = self._carried if self._carried is not None else await self.queue.get()
+        self._carried = None
+        if first is None:
+            self._ended = True
+            return None
+        batch = [first]
+        size = frame_size(first)
+        while len(batch) < MAX_FRAMES_PER_MESSAGE and not self.queue.empty():
+            more = self.queue.get_nowait()
+            if more is None:
+                self._ended = True
+                break
+            size += frame_size(more)
+            if size > self.budget:
+                self._carried = more
+                break
+            batch.append(more)
+        return batch
 
 
 def error_from_rpc(exc: grpc.aio.AioRpcError, server: SecurityServer) -> GatewayError:
@@ -61,6 +116,7 @@ class PeerLink:
         # our authentication certificate's current OCSP answer, and the provider's latest
         self.staple = staple
         self.peer_staple = b""
+        self.max_bytes = max_bytes
         self.channel = grpc.aio.secure_channel(
             server.address,
             credentials,
@@ -100,11 +156,9 @@ class PeerLink:
     async def _write(self, call: Any, outbox: asyncio.Queue[pb.Frame]) -> None:
         """Send every frame queued at the moment in one stream message, until the stream ends."""
         stapled = b""
+        batches = FrameBatcher(outbox, max(1, self.max_bytes - ENVELOPE_ROOM))
         try:
-            while True:
-                frames = [await outbox.get()]
-                while len(frames) < MAX_FRAMES_PER_MESSAGE and not outbox.empty():
-                    frames.append(outbox.get_nowait())
+            while (frames := await batches.next()) is not None:
                 staple = self.staple()
                 if staple != stapled:
                     stapled = staple

@@ -43,7 +43,7 @@ from gateway.signing import certificate_sha256, verify_signature
 from gateway.v1 import exchange_pb2 as pb
 from security_server.federation import Federations
 from security_server.node import Node
-from security_server.peers import MAX_FRAMES_PER_MESSAGE
+from security_server.peers import FrameBatcher
 from security_server.records import MAX_RECORD_TEXT, record
 from security_server.status import abort
 
@@ -293,15 +293,8 @@ class ProviderService:
         try:
             # every answer ready at the moment goes out in one stream message, with the OCSP
             # answer about our authentication certificate when the peer has not had it yet
-            while (frame := await out.get()) is not None:
-                batch = [frame]
-                done = False
-                while len(batch) < MAX_FRAMES_PER_MESSAGE and not out.empty():
-                    more = out.get_nowait()
-                    if more is None:
-                        done = True
-                        break
-                    batch.append(more)
+            batches = FrameBatcher(out, node.limits.max_message_bytes)
+            while (batch := await batches.next()) is not None:
                 staple = node.own_status.staple(node.auth_sha256)
                 if staple != stapled:
                     stapled = staple
@@ -311,8 +304,6 @@ class ProviderService:
                 # gRPC has taken these answers: their credits let the pump read on
                 for _ in batch:
                     credits.release()
-                if done:
-                    break
         finally:
             pumping.cancel()
 

@@ -1,0 +1,221 @@
+"""A peer server that floods the provider and never takes its answers, over real processes.
+
+One topology (registry, ss-msp, ss-dnic, backends) with `limits.max_frames_per_stream` of
+16 runs for the module. The attacker speaks the exchange protocol to ss-dnic's provider
+endpoint with ss-msp's legitimate keys (`attacker.py`), so every frame is a valid request
+that ss-dnic answers with a large echo, and never reads a single answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from gateway.envelope import sha256_hex
+from gateway.identifiers import SecurityServerId, server_dns_name
+from gateway.signing import EcdsaSigner, load_certificate, load_private_key
+from gateway.v1 import exchange_pb2 as pb
+from gateway_demo.client import call_raw, routing_metadata
+from gateway_demo.generated import population_pb2
+from gateway_demo.runner import Runner
+from tests.integration.attacker import (
+    EXCHANGE_METHOD,
+    build_request,
+    fetch_ocsp,
+    open_stream,
+    request_frame,
+)
+
+from .conftest import CLINICS, DNIC, ECHO, GET_PERSON, MSP, POPULATION
+
+FRAMES_PER_STREAM = 16
+PAYLOAD = 48 * 1024
+PURPOSE = "healthcare-identification"
+
+
+def _vm_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS line")
+
+
+@pytest.fixture(scope="module")
+def runner(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runner]:
+    runner = Runner(
+        tmp_path_factory.mktemp("peer-limits"),
+        limits={"max_frames_per_stream": FRAMES_PER_STREAM, "max_message_bytes": 65536},
+    )
+    try:
+        runner.prepare()
+        runner.start_all()
+        yield runner
+    finally:
+        runner.close()
+
+
+def _msp_signer(runner: Runner) -> EcdsaSigner:
+    folder = runner.pki / "sign"
+    return EcdsaSigner(
+        load_private_key((folder / "UY_GOV_MSP.key").read_bytes()),
+        load_certificate((folder / "UY_GOV_MSP.crt").read_bytes()),
+    )
+
+
+def _signed_echo(runner: Runner, signer: EcdsaSigner, ocsp: bytes, body: bytes) -> pb.Frame:
+    return request_frame(
+        build_request(
+            signer,
+            signer_ocsp=ocsp,
+            message_id=uuid.uuid4().hex,
+            client=CLINICS,
+            service=POPULATION,
+            method=ECHO,
+            purpose=PURPOSE,
+            sender=MSP,
+            body=body,
+            created_at=datetime.now(UTC),
+        ),
+        timeout_ms=30_000,
+    )
+
+
+async def _legitimate_call(runner: Runner) -> float:
+    """One GetPerson through ss-msp's consumer endpoint; its latency in seconds."""
+    request = population_pb2.GetPersonRequest(national_id="1.234.567-8").SerializeToString()
+    async with grpc.aio.insecure_channel(runner.consumers[MSP]) as channel:
+        started = time.perf_counter()
+        outcome = await call_raw(
+            channel,
+            GET_PERSON,
+            request,
+            routing_metadata(client=CLINICS, service=POPULATION, purpose=PURPOSE),
+        )
+        elapsed = time.perf_counter() - started
+    assert outcome.code == grpc.StatusCode.OK, outcome
+    return elapsed
+
+
+async def test_a_peer_that_never_reads_is_held_back_and_others_are_still_served(
+    runner: Runner,
+) -> None:
+    """A peer writing 600 valid 48 KiB echo requests and reading no answer gets only a few
+    dozen frames in before its stream stops being read; the provider's RSS grows by a few
+    MiB, not by the 28 MiB of answers asked for; another call is served meanwhile."""
+    pki = runner.pki
+    ca = (pki / "ca.crt").read_bytes()
+    auth_cert = (pki / "auth" / "UY_GOV_MSP_ss1.crt").read_bytes()
+    auth_key = (pki / "auth" / "UY_GOV_MSP_ss1.key").read_bytes()
+    signer = _msp_signer(runner)
+    signer_pem = signer.certificate.public_bytes(serialization.Encoding.PEM)
+    ocsp = fetch_ocsp(runner.ocsp_url, signer_pem, ca)
+    provider_pid = runner.processes["ss-dnic"].popen.pid  # type: ignore[union-attr]
+    # warm up both servers (first calls load code and open links), then measure from there
+    await _legitimate_call(runner)
+    before = _vm_rss_kib(provider_pid)
+    body = population_pb2.EchoMessage(payload=b"x" * PAYLOAD).SerializeToString()
+    total = 1200
+    written = 0
+    channel = grpc.aio.secure_channel(
+        runner.providers[DNIC],
+        grpc.ssl_channel_credentials(ca, auth_key, auth_cert),
+        options=[("grpc.ssl_target_name_override", server_dns_name(SecurityServerId.parse(DNIC)))],
+    )
+    staple = fetch_ocsp(runner.ocsp_url, auth_cert, ca)
+    stalled = asyncio.Event()
+
+    async def flood() -> AsyncIterator[pb.Frames]:
+        nonlocal written
+        for i in range(total):
+            # one frame per stream message: a message is limited to one body and a little more
+            frame = _signed_echo(runner, signer, ocsp, body)
+            yield pb.Frames(frames=[frame], ocsp_staple=staple if i == 0 else b"")
+            written += 1
+        stalled.set()  # everything was taken: the test fails below
+
+    # the attacker writes and never reads
+    call = channel.stream_stream(
+        EXCHANGE_METHOD,
+        request_serializer=pb.Frames.SerializeToString,
+        response_deserializer=pb.Frames.FromString,
+    )(flood(), timeout=60)
+    try:
+        # the flood goes on until the provider stops reading (no frame taken for 0.5 s)
+        seen = -1
+        for _ in range(16):
+            if written == seen or stalled.is_set():
+                break
+            seen = written
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stalled.wait(), 0.5)
+        stalled_at = written
+        ended = call.done()
+        latency = await _legitimate_call(runner)
+        after = _vm_rss_kib(provider_pid)
+    finally:
+        call.cancel()
+        await channel.close(None)
+    grown_mib = (after - before) / 1024
+    print(  # the figures of the report
+        f"frames written before the stream stalled: {stalled_at}/{total}; provider RSS "
+        f"{before / 1024:.1f} -> {after / 1024:.1f} MiB (+{grown_mib:.1f}); another peer's "
+        f"call took {latency * 1000:.0f} ms"
+    )
+    assert not ended, "the provider ended the stream instead of holding it back"
+    assert stalled_at < total // 3, f"the provider read {stalled_at} frames of {total}"
+    assert grown_mib < 40, f"the provider grew by {grown_mib:.1f} MiB"
+    assert latency < 2.0
+
+
+def test_a_refused_frame_keeps_a_bounded_header_and_the_digest_of_the_whole(
+    runner: Runner,
+) -> None:
+    """A frame whose 60 KiB header is junk is refused; its record keeps the header's first
+    4 KiB and names the SHA-256 of the whole, not the 60 KiB."""
+    pki = runner.pki
+    ca = (pki / "ca.crt").read_bytes()
+    auth_cert = (pki / "auth" / "UY_GOV_MSP_ss1.crt").read_bytes()
+    auth_key = (pki / "auth" / "UY_GOV_MSP_ss1.key").read_bytes()
+    header = b"{" + uuid.uuid4().hex.encode() * (60 * 1024 // 32)
+    signature = b"s" * 5000
+
+    async def send() -> pb.Frame:
+        staple = fetch_ocsp(runner.ocsp_url, auth_cert, ca)
+        async with open_stream(
+            runner.providers[DNIC], DNIC, ca, auth_cert, auth_key, staple=staple
+        ) as stream:
+            answer = await stream.send(
+                request_frame(pb.SignedEnvelope(header=header, body=b"", signature=signature))
+            )
+        assert isinstance(answer, pb.Frame), answer
+        return answer
+
+    answer = asyncio.run(send())
+    assert answer.refusal.code == "malformed_envelope", answer
+    digest = sha256_hex(header)
+    db = sqlite3.connect(f"file:{runner.log_db(DNIC)}?mode=ro", uri=True)
+    try:
+        rows = db.execute(
+            "SELECT header, signature, error_message FROM message_log "
+            "WHERE kind = 'refusal' AND error_message LIKE ?",
+            (f"%{digest}%",),
+        ).fetchall()
+    finally:
+        db.close()
+    assert len(rows) == 1, rows
+    kept_header, kept_signature, message = rows[0]
+    assert bytes(kept_header) == header[:4096]
+    assert bytes(kept_signature) == signature[:1024]
+    assert f"header of {len(header)} bytes cut to 4096, sha256 {digest}" in message
+    assert f"signature of 5000 bytes cut to 1024, sha256 {sha256_hex(signature)}" in message
+    assert len(message) <= 256
