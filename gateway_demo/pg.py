@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
-TABLES = ("message_log", "timestamp_batches", "log_archives", "log_evidence")
+TABLES = ("message_log", "timestamp_batches", "log_archives", "log_evidence", "replay_guard")
 FUNCTIONS = (
     "message_log_refuse",
     "message_log_delete_archived",

@@ -37,6 +37,7 @@ from security_server.message_log import ChainInUseError, MessageLog
 from security_server.node import Node, load_subject_secret
 from security_server.peers import PeerPool
 from security_server.provider import BackendClient, ProviderService
+from security_server.replay_ledger import ReplayLedger
 from security_server.search import Searcher
 from security_server.settings import ServerSettings
 from security_server.timestamper import Timestamper
@@ -159,6 +160,12 @@ async def serve(
     except ChainInUseError as exc:
         raise ConfigFileError(str(exc)) from None
     replay = ReplayGuard(window=timedelta(seconds=settings.limits.clock_skew_seconds))
+    # replicas share a PostgreSQL log: each accepted message id is claimed there as well
+    replay_ledger = (
+        ReplayLedger(message_log.engine, settings.log.chain, replay.window)
+        if message_log.engine.dialect.name == "postgresql"
+        else None
+    )
     tls_cert = settings.provider.tls_certificate.read_bytes()
     tls_key = settings.provider.tls_key.read_bytes()
     auth_certificate = load_certificate(tls_cert)
@@ -194,10 +201,13 @@ async def serve(
         subject_secret=subject_secret,
         clock=_clock,
         federated=federations,
+        replay_ledger=replay_ledger,
     )
     now = _clock()
     # ids the provider accepted recently, so that a restart does not reopen them to replay
     replay.preload(await message_log.recent_message_ids(now - 2 * replay.window, "provider"), now)
+    if replay_ledger is not None:
+        replay_ledger.start()
     watcher = asyncio.create_task(config.run(), name="configuration-watch")
     federations.start()
     background = [watcher]
@@ -319,4 +329,6 @@ async def serve(
         await federations.close()
         await peers.close()
         await backends.close()
+        if replay_ledger is not None:
+            await replay_ledger.close()
         await message_log.close()

@@ -106,6 +106,18 @@ log_archives = sa.Table(
     sa.Column("created_at", sa.Text, nullable=False),
 )
 
+# message ids the provider accepted, shared by the replicas of one server so that none
+# accepts an envelope another already did (`security_server.replay_ledger`); not part of
+# any chain, so rows older than the replay window are simply deleted
+replay_guard = sa.Table(
+    "replay_guard",
+    metadata,
+    sa.Column("message_id", sa.String(256), primary_key=True),
+    sa.Column("first_seen", sa.Text, nullable=False),
+    sa.Column("chain", sa.String(64), nullable=False),
+    sa.Index("ix_replay_guard_first_seen", "first_seen"),
+)
+
 # what a record asks to be kept beside it: {sha256 hex: (kind, bytes)}
 Evidence = Mapping[str, tuple[str, bytes]]
 

@@ -25,6 +25,7 @@ from security_server.certificate_status import OwnStatus, StatusChecker
 from security_server.config_client import ConfigurationClient
 from security_server.federation import Federations
 from security_server.message_log import Evidence, MessageLog
+from security_server.replay_ledger import ReplayLedger
 from security_server.settings import LimitsSection
 from security_server.timestamper import Timestamper
 
@@ -56,6 +57,8 @@ class Node:
     timestamper: Timestamper | None = None
     # keep bodies in the log's evidence (log.store_bodies)
     store_bodies: bool = False
+    # message ids claimed in the log database shared by replicas (PostgreSQL; None: SQLite)
+    replay_ledger: ReplayLedger | None = None
 
     def check_timestamping(self) -> None:
         if self.timestamper is not None:

@@ -386,6 +386,9 @@ class ProviderService:
                 node.own_status.staple(node.auth_sha256), node.auth_certificate, config, now
             )
             node.check_timestamping()
+            if node.replay_ledger is not None:
+                # last: only a request about to be accepted claims its id for every replica
+                await node.replay_ledger.claim(header.message_id, now)
         except GatewayError as err:
             return await self._refuse(frame, err, header, peer_name, signer_sha, started)
 
