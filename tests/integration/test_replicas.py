@@ -11,21 +11,29 @@ from __future__ import annotations
 
 import asyncio
 import os
+import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
 import pytest
 import sqlalchemy as sa
+from cryptography.hazmat.primitives import serialization
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from gateway.envelope import decode_request
 from gateway.settings import database_url
+from gateway.signing import EcdsaSigner, load_certificate, load_private_key
+from gateway.v1 import exchange_pb2 as pb
 from gateway_demo.client import call_raw, routing_metadata
 from gateway_demo.generated import population_pb2 as population
 from gateway_demo.pg import reset_message_log
 from gateway_demo.runner import Runner
+from tests.integration.attacker import build_request, fetch_ocsp, open_stream, request_frame
 
-from .conftest import CLINICS, GET_PERSON, MSP, POPULATION, run_gateway
+from .conftest import CLINICS, DNIC, GET_PERSON, MSP, POPULATION, run_gateway
 
 POSTGRES = os.environ.get("GATEWAY_TEST_POSTGRES_URL")
 
@@ -197,3 +205,120 @@ def test_a_replica_claiming_a_chain_in_use_refuses_to_start(
     with pytest.raises(RuntimeError):
         runner.start(twin, timeout=15)
     assert "another process is writing chain 'msp-a'" in runner.tail(twin)
+
+
+# ---- replay across replicas of a provider -------------------------------------------------
+
+
+async def _create_database(server_url: str, name: str, *, drop: bool = False) -> None:
+    engine = create_async_engine(server_url, isolation_level="AUTOCOMMIT")
+    try:
+        async with engine.connect() as conn:
+            if drop:
+                await conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            else:
+                await conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def provider_replicas(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[Runner, str, str]]:
+    """Two replicas of ss-dnic (chains dnic-a and dnic-b) sharing one PostgreSQL log in a
+    database of this module's own; yields the runner, the second replica's name and the
+    database's URL."""
+    assert POSTGRES is not None
+    server_url = database_url(POSTGRES, base=Path.cwd())
+    name = f"replay_test_{uuid.uuid4().hex[:16]}"
+    asyncio.run(_create_database(server_url, name))
+    url = make_url(server_url).set(database=name).render_as_string(hide_password=False)
+    runner = Runner(tmp_path_factory.mktemp("provider-replicas") / "run")
+    try:
+        runner.prepare()
+        runner.set_log(DNIC, database=url, chain="dnic-a")
+        second = runner.add_replica(DNIC, "dnic-b", database=url)
+        # the attacker speaks for ss-msp itself: its process is not needed
+        backends = [n for n in runner.processes if n.startswith("backend-")]
+        for name in [*backends, "ocsp", "tsa", "registry", runner.server_names[DNIC], second]:
+            runner.start(name)
+        yield runner, second, url
+    finally:
+        runner.close()
+        asyncio.run(_create_database(server_url, name, drop=True))
+
+
+def test_an_envelope_accepted_by_one_replica_is_refused_by_the_other(
+    provider_replicas: tuple[Runner, str, str],
+) -> None:
+    """A correctly signed request accepted by replica dnic-a, sent again to replica dnic-b
+    of the same server (one PostgreSQL log), is refused with `replayed_message` and logged
+    in dnic-b's chain; a new envelope is still accepted by dnic-b."""
+    runner, second, url = provider_replicas
+    pki = runner.pki
+    ca = (pki / "ca.crt").read_bytes()
+    auth_cert = (pki / "auth" / "UY_GOV_MSP_ss1.crt").read_bytes()
+    auth_key = (pki / "auth" / "UY_GOV_MSP_ss1.key").read_bytes()
+    signer = EcdsaSigner(
+        load_private_key((pki / "sign" / "UY_GOV_MSP.key").read_bytes()),
+        load_certificate((pki / "sign" / "UY_GOV_MSP.crt").read_bytes()),
+    )
+    signer_ocsp = fetch_ocsp(
+        runner.ocsp_url, signer.certificate.public_bytes(serialization.Encoding.PEM), ca
+    )
+    body = population.GetPersonRequest(national_id="1.234.567-8").SerializeToString()
+
+    def envelope(message_id: str) -> pb.SignedEnvelope:
+        return build_request(
+            signer,
+            signer_ocsp=signer_ocsp,
+            message_id=message_id,
+            client=CLINICS,
+            service=POPULATION,
+            method=GET_PERSON,
+            purpose="healthcare-identification",
+            sender=MSP,
+            body=body,
+            created_at=datetime.now(UTC),
+        )
+
+    async def send(provider: str, env: pb.SignedEnvelope) -> pb.Frame:
+        staple = fetch_ocsp(runner.ocsp_url, auth_cert, ca)
+        async with open_stream(provider, DNIC, ca, auth_cert, auth_key, staple=staple) as stream:
+            answer = await stream.send(request_frame(env))
+        assert isinstance(answer, pb.Frame), answer
+        return answer
+
+    first_provider = runner.providers[DNIC]
+    second_provider = runner.processes[second].ready["provider"]
+    captured = envelope(uuid.uuid4().hex)
+    message_id = decode_request(captured.header).message_id
+    accepted = asyncio.run(send(first_provider, captured))
+    assert accepted.WhichOneof("kind") == "response", accepted
+    replayed = asyncio.run(send(second_provider, captured))
+    assert replayed.WhichOneof("kind") == "refusal", replayed
+    assert replayed.refusal.code == "replayed_message", replayed.refusal
+    fresh = asyncio.run(send(second_provider, envelope(uuid.uuid4().hex)))
+    assert fresh.WhichOneof("kind") == "response", fresh
+
+    async def rows() -> list[tuple[str, str, str, str | None]]:
+        engine = create_async_engine(url)
+        try:
+            async with engine.connect() as conn:
+                result = await conn.execute(
+                    sa.text(
+                        "SELECT chain, kind, status, error_code FROM message_log "
+                        "WHERE message_id = :id ORDER BY chain, seq"
+                    ),
+                    {"id": message_id},
+                )
+                return [(r[0], r[1], r[2], r[3]) for r in result]
+        finally:
+            await engine.dispose()
+
+    assert asyncio.run(rows()) == [
+        ("dnic-a", "request", "ok", None),
+        ("dnic-a", "response", "ok", None),
+        ("dnic-b", "refusal", "refused", "replayed_message"),
+    ]
