@@ -211,6 +211,8 @@ class ProviderService:
         self.node = node
         self.backends = backends
         self.slots = PeerSlots(node.limits.max_concurrent_calls, node.limits.max_calls_per_peer)
+        # exchange streams open per peer server (limits.max_streams_per_peer)
+        self.streams: dict[str, int] = {}
 
     def handler(self) -> grpc.GenericRpcHandler[Any, Any]:
         return grpc.method_handlers_generic_handler(
@@ -233,6 +235,15 @@ class ProviderService:
         now = node.clock()
         try:
             _, peer = registered_peer(node.federated, fingerprint, now)
+            peer_key = str(peer.id)
+            open_streams = self.streams.get(peer_key, 0)
+            if open_streams >= node.limits.max_streams_per_peer:
+                raise GatewayError(
+                    f"security server {peer_key} has {open_streams} exchange streams open "
+                    "here, the most allowed (limits.max_streams_per_peer); one stream "
+                    "carries many calls at once: reuse it",
+                    code=Code.OVERLOADED,
+                )
         except GatewayError as err:
             log.warning(
                 "peer_refused",
@@ -254,7 +265,6 @@ class ProviderService:
             )
             await abort(context, err.code, err.message, None)
             return
-        peer_key = str(peer.id)
         log.info("peer_stream_opened", peer=peer_key)
         out: asyncio.Queue[pb.Frame | None] = asyncio.Queue()
         tasks: set[asyncio.Task[None]] = set()
@@ -288,6 +298,7 @@ class ProviderService:
                     await asyncio.gather(*tasks, return_exceptions=True)
                 out.put_nowait(None)
 
+        self.streams[peer_key] = open_streams + 1
         pumping = asyncio.create_task(pump())
         stapled = b""
         try:
@@ -306,6 +317,10 @@ class ProviderService:
                     credits.release()
         finally:
             pumping.cancel()
+            if self.streams[peer_key] > 1:
+                self.streams[peer_key] -= 1
+            else:
+                del self.streams[peer_key]
 
     async def _handle(
         self, frame: pb.Frame, stream: StreamState, out: asyncio.Queue[pb.Frame | None]

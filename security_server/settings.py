@@ -177,13 +177,17 @@ class LimitsSection:
     # provider: most calls one peer (security server) runs at once; 0: only the fair share
     # (max_concurrent_calls divided among the peers that have calls running or waiting)
     max_calls_per_peer: int = 0
+    # provider: exchange streams one peer server may hold open at once (a server uses one;
+    # its replicas one each); more are refused with `overloaded`
+    max_streams_per_peer: int = 16
 
     def __post_init__(self) -> None:
-        if self.max_frames_per_stream < 1 or self.max_calls_per_peer < 0:
+        if self.max_frames_per_stream < 1 or self.max_streams_per_peer < 1:
             raise ValueError(
-                "limits.max_frames_per_stream must be at least 1 and "
-                "limits.max_calls_per_peer at least 0"
+                "limits.max_frames_per_stream and limits.max_streams_per_peer must be at least 1"
             )
+        if self.max_calls_per_peer < 0:
+            raise ValueError("limits.max_calls_per_peer must be at least 0")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -30,6 +30,8 @@ from gateway_demo.generated import population_pb2
 from gateway_demo.runner import Runner
 from tests.integration.attacker import (
     EXCHANGE_METHOD,
+    AttackStream,
+    StreamError,
     build_request,
     fetch_ocsp,
     open_stream,
@@ -39,6 +41,7 @@ from tests.integration.attacker import (
 from .conftest import CLINICS, DNIC, ECHO, GET_PERSON, MSP, POPULATION
 
 FRAMES_PER_STREAM = 16
+STREAMS_PER_PEER = 4
 PAYLOAD = 48 * 1024
 PURPOSE = "healthcare-identification"
 
@@ -54,7 +57,11 @@ def _vm_rss_kib(pid: int) -> int:
 def runner(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runner]:
     runner = Runner(
         tmp_path_factory.mktemp("peer-limits"),
-        limits={"max_frames_per_stream": FRAMES_PER_STREAM, "max_message_bytes": 65536},
+        limits={
+            "max_frames_per_stream": FRAMES_PER_STREAM,
+            "max_streams_per_peer": STREAMS_PER_PEER,
+            "max_message_bytes": 65536,
+        },
     )
     try:
         runner.prepare()
@@ -219,3 +226,39 @@ def test_a_refused_frame_keeps_a_bounded_header_and_the_digest_of_the_whole(
     assert f"header of {len(header)} bytes cut to 4096, sha256 {digest}" in message
     assert f"signature of 5000 bytes cut to 1024, sha256 {sha256_hex(signature)}" in message
     assert len(message) <= 256
+
+
+def test_a_peer_cannot_open_streams_without_bound(runner: Runner) -> None:
+    """Past `limits.max_streams_per_peer` streams of one peer, the next is refused with
+    `overloaded` (not served, not hung); once they close, the peer is served again."""
+    pki = runner.pki
+    ca = (pki / "ca.crt").read_bytes()
+    auth_cert = (pki / "auth" / "UY_GOV_MSP_ss1.crt").read_bytes()
+    auth_key = (pki / "auth" / "UY_GOV_MSP_ss1.key").read_bytes()
+    not_a_request = pb.Frame(correlation_id=1)
+
+    async def flood() -> tuple[int, StreamError]:
+        staple = fetch_ocsp(runner.ocsp_url, auth_cert, ca)
+        opened: list[AttackStream] = []
+        try:
+            for _ in range(STREAMS_PER_PEER + 2):
+                stream = open_stream(
+                    runner.providers[DNIC], DNIC, ca, auth_cert, auth_key, staple=staple
+                )
+                answer = await stream.send(not_a_request)
+                if isinstance(answer, StreamError):
+                    await stream.close()
+                    return len(opened), answer
+                assert answer.refusal.code == "malformed_envelope", answer
+                opened.append(stream)
+            raise AssertionError(f"{len(opened)} streams of one peer were all served")
+        finally:
+            for stream in opened:
+                await stream.close()
+
+    served, refused = asyncio.run(flood())
+    assert served <= STREAMS_PER_PEER
+    assert refused.code == grpc.StatusCode.RESOURCE_EXHAUSTED, refused
+    assert refused.error == "overloaded", refused
+    assert "limits.max_streams_per_peer" in refused.details
+    assert asyncio.run(_legitimate_call(runner)) < 2.0
