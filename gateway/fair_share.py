@@ -56,6 +56,14 @@ class FairShare(Generic[T]):
         share = max(1, self.capacity // max(1, len(self._load)))
         return min(share, self.per_peer) if self.per_peer else share
 
+    def try_acquire(self, peer: Hashable) -> bool:
+        """Take a slot for `peer` if it may start now (nothing is queued otherwise)."""
+        if peer in self._waiting or not self._may_start(peer):
+            return False
+        self._load[peer] = self._load.get(peer, 0) + 1
+        self._start(peer)
+        return True
+
     def acquire(self, peer: Hashable, ticket: T) -> bool:
         """Ask for a slot: True if `peer` holds it now, False if `ticket` waits (a later
         `release` or `cancel` returns it when it may start)."""

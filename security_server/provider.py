@@ -128,6 +128,8 @@ class PeerSlots:
         self.share: FairShare[tuple[str, asyncio.Future[None]]] = FairShare(capacity, per_peer)
 
     async def acquire(self, peer: str) -> None:
+        if self.share.try_acquire(peer):  # the usual case, without a future
+            return
         ticket = (peer, asyncio.get_running_loop().create_future())
         if self.share.acquire(peer, ticket):
             return

@@ -76,6 +76,18 @@ def test_a_withdrawn_ticket_is_never_started_and_its_peer_stops_counting() -> No
     assert share.release("b") == []
 
 
+def test_try_acquire_takes_a_free_slot_and_never_queues() -> None:
+    """`try_acquire` starts a call within the share and otherwise leaves no ticket behind."""
+    share: FairShare[str] = FairShare(2)
+    assert share.try_acquire("a") and share.try_acquire("a")
+    assert not share.try_acquire("a")
+    assert share.waiting("a") == 0 and share.in_use == 2
+    assert share.release("a") == []
+    assert share.try_acquire("b")
+    assert not share.acquire("b", "b1")  # b's share is 1 of 2 while a holds one
+    assert share.release("a") == ["b1"]
+
+
 def test_invalid_capacity_is_refused() -> None:
     """A capacity under one or a negative cap is a configuration error."""
     with pytest.raises(ValueError, match="capacity must be at least 1"):
