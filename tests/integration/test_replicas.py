@@ -4,7 +4,9 @@ Two processes of the Ministry of Health's security server (same identity, same k
 each with its own hash chain (`log.chain`), share one PostgreSQL database; clients call
 both at once. Both chains must verify, with their time-stamps, and every call answered
 must have its records in the chain of the replica that served it (nothing lost). A third
-process claiming a chain already in use must refuse to start.
+process claiming a chain already in use must refuse to start. The population registry's
+server (ss-dnic) runs as two replicas on the same log too, so that an envelope one of them
+accepted can be replayed to the other. The module creates a database of its own.
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ from gateway.signing import EcdsaSigner, load_certificate, load_private_key
 from gateway.v1 import exchange_pb2 as pb
 from gateway_demo.client import call_raw, routing_metadata
 from gateway_demo.generated import population_pb2 as population
-from gateway_demo.pg import reset_message_log
 from gateway_demo.runner import Runner
 from tests.integration.attacker import build_request, fetch_ocsp, open_stream, request_frame
 
@@ -42,21 +43,40 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+async def _create_database(server_url: str, name: str, *, drop: bool = False) -> None:
+    engine = create_async_engine(server_url, isolation_level="AUTOCOMMIT")
+    try:
+        async with engine.connect() as conn:
+            if drop:
+                await conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            else:
+                await conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    finally:
+        await engine.dispose()
+
+
 @pytest.fixture(scope="module")
 def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Runner, str, str]]:
+    """Two replicas of ss-msp (chains msp-a, msp-b) and two of ss-dnic (dnic-a, dnic-b)
+    sharing one PostgreSQL log, in a database of this module's own; yields the runner, the
+    second ss-msp replica's name and the database's URL."""
     assert POSTGRES is not None
-    url = database_url(POSTGRES, base=Path.cwd())
-    asyncio.run(reset_message_log(url))
+    server_url = database_url(POSTGRES, base=Path.cwd())
+    name = f"replicas_test_{uuid.uuid4().hex[:16]}"
+    asyncio.run(_create_database(server_url, name))
+    url = make_url(server_url).set(database=name).render_as_string(hide_password=False)
     runner = Runner(tmp_path_factory.mktemp("replicas") / "run")
-    runner.prepare()
-    runner.set_log(MSP, database=POSTGRES, chain="msp-a")
-    second = runner.add_replica(MSP, "msp-b", database=POSTGRES)
     try:
+        runner.prepare()
+        runner.set_log(MSP, database=url, chain="msp-a")
+        second = runner.add_replica(MSP, "msp-b", database=url)
+        runner.set_log(DNIC, database=url, chain="dnic-a")
+        runner.add_replica(DNIC, "dnic-b", database=url)
         runner.start_all()
         yield runner, second, url
     finally:
         runner.close()
-        asyncio.run(reset_message_log(url))
+        asyncio.run(_create_database(server_url, name, drop=True))
 
 
 async def _load(
@@ -131,9 +151,10 @@ def test_two_replicas_under_load_keep_two_verifiable_chains_and_lose_nothing(
         assert set(served) <= chains[chain]["request"], f"{chain} lost requests"
         assert set(served) <= chains[chain]["response"], f"{chain} lost responses"
     assert not (set(served_a) & set(served_b))
-    result = run_gateway("audit", "verify", "--quiet", "--db", POSTGRES or "")
+    result = run_gateway("audit", "verify", "--quiet", "--db", url)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "in 2 chain(s)" in result.stdout
+    # ss-dnic's replicas write chains of their own in the same database
+    assert "in 3 chain(s)" in result.stdout and "chain dnic-a:" in result.stdout
     assert "chain msp-a:" in result.stdout and "chain msp-b:" in result.stdout
 
 
@@ -150,7 +171,8 @@ def test_either_replicas_auditor_api_searches_both_chains(
     served = asyncio.run(_load(runner.processes[second].ready["consumer"], 1.0, 2))
     token = runner.token("auditor", subject="auditor@replicas")
     first_api = f"http://{runner.processes['ss-msp'].ready['auditor']}"
-    found = search(first_api, token, {"message_id": served[0]})
+    # (ss-dnic's replicas log the same message id as provider, in the same database)
+    found = search(first_api, token, {"message_id": served[0], "role": "consumer"})
     assert [(r["chain"], r["kind"]) for r in found] == [("msp-b", "request"), ("msp-b", "response")]
     assert all(r["verified"] and r["signature_status"] == "valid" for r in found), found
     everything = search(first_api, token, {"role": "consumer"}, page=500)
@@ -191,7 +213,7 @@ def test_a_replica_killed_under_load_loses_no_answered_call(
     chains = asyncio.run(_chain_ids(url))
     assert set(served_b) <= chains["msp-b"]["request"] & chains["msp-b"]["response"]
     assert set(served_a) <= chains["msp-a"]["request"] & chains["msp-a"]["response"]
-    result = run_gateway("audit", "verify", "--quiet", "--db", POSTGRES or "")
+    result = run_gateway("audit", "verify", "--quiet", "--db", url)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -199,9 +221,9 @@ def test_a_replica_claiming_a_chain_in_use_refuses_to_start(
     replicas: tuple[Runner, str, str],
 ) -> None:
     """Two writers of one chain would fork it: the second process exits with a clear error."""
-    runner, _, _ = replicas
+    runner, _, url = replicas
     runner.start("ss-msp")  # msp-a is written again
-    twin = runner.add_replica(MSP, "msp-a", database=POSTGRES)
+    twin = runner.add_replica(MSP, "msp-a", database=url)
     with pytest.raises(RuntimeError):
         runner.start(twin, timeout=15)
     assert "another process is writing chain 'msp-a'" in runner.tail(twin)
@@ -210,52 +232,13 @@ def test_a_replica_claiming_a_chain_in_use_refuses_to_start(
 # ---- replay across replicas of a provider -------------------------------------------------
 
 
-async def _create_database(server_url: str, name: str, *, drop: bool = False) -> None:
-    engine = create_async_engine(server_url, isolation_level="AUTOCOMMIT")
-    try:
-        async with engine.connect() as conn:
-            if drop:
-                await conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-            else:
-                await conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    finally:
-        await engine.dispose()
-
-
-@pytest.fixture(scope="module")
-def provider_replicas(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[tuple[Runner, str, str]]:
-    """Two replicas of ss-dnic (chains dnic-a and dnic-b) sharing one PostgreSQL log in a
-    database of this module's own; yields the runner, the second replica's name and the
-    database's URL."""
-    assert POSTGRES is not None
-    server_url = database_url(POSTGRES, base=Path.cwd())
-    name = f"replay_test_{uuid.uuid4().hex[:16]}"
-    asyncio.run(_create_database(server_url, name))
-    url = make_url(server_url).set(database=name).render_as_string(hide_password=False)
-    runner = Runner(tmp_path_factory.mktemp("provider-replicas") / "run")
-    try:
-        runner.prepare()
-        runner.set_log(DNIC, database=url, chain="dnic-a")
-        second = runner.add_replica(DNIC, "dnic-b", database=url)
-        # the attacker speaks for ss-msp itself: its process is not needed
-        backends = [n for n in runner.processes if n.startswith("backend-")]
-        for name in [*backends, "ocsp", "tsa", "registry", runner.server_names[DNIC], second]:
-            runner.start(name)
-        yield runner, second, url
-    finally:
-        runner.close()
-        asyncio.run(_create_database(server_url, name, drop=True))
-
-
 def test_an_envelope_accepted_by_one_replica_is_refused_by_the_other(
-    provider_replicas: tuple[Runner, str, str],
+    replicas: tuple[Runner, str, str],
 ) -> None:
     """A correctly signed request accepted by replica dnic-a, sent again to replica dnic-b
     of the same server (one PostgreSQL log), is refused with `replayed_message` and logged
     in dnic-b's chain; a new envelope is still accepted by dnic-b."""
-    runner, second, url = provider_replicas
+    runner, _, url = replicas
     pki = runner.pki
     ca = (pki / "ca.crt").read_bytes()
     auth_cert = (pki / "auth" / "UY_GOV_MSP_ss1.crt").read_bytes()
@@ -291,7 +274,7 @@ def test_an_envelope_accepted_by_one_replica_is_refused_by_the_other(
         return answer
 
     first_provider = runner.providers[DNIC]
-    second_provider = runner.processes[second].ready["provider"]
+    second_provider = runner.processes["ss-dnic-dnic-b"].ready["provider"]
     captured = envelope(uuid.uuid4().hex)
     message_id = decode_request(captured.header).message_id
     accepted = asyncio.run(send(first_provider, captured))
