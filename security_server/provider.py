@@ -12,6 +12,12 @@ that the service is provided here, that an agreement in force covers
 so no call is counted twice). Only then is the request logged durably and passed to the
 backend; the backend's answer is signed, logged and returned. Every refusal is logged
 and answered with a stable code.
+
+What a peer can make this endpoint hold is bounded: at most `limits.max_streams_per_peer`
+streams per peer server; on each, at most `limits.max_frames_per_stream` requests in
+progress or answered and not yet taken (past it the stream is not read, and HTTP/2 flow
+control makes the peer wait); and the call slots are shared fairly among peers
+(`PeerSlots`). A refused frame's record keeps a bounded prefix of what the peer sent.
 """
 
 from __future__ import annotations
