@@ -36,7 +36,8 @@ def restrict_modes(folder: Path | None = None, files: Iterable[Path] = ()) -> li
     """Make `folder` (created when missing) and everything under it, and `files` where they
     exist, owner-only: group and other bits are cleared (0644 becomes 0600, 0755 0700).
     Each path tightened is logged; the list of them is returned. Symbolic links are left
-    alone (their target is not ours to change)."""
+    alone (their target is not ours to change). A path that cannot be tightened (owned by
+    another user) is a `ConfigFileError`: the process does not start with it."""
     paths: list[Path] = []
     if folder is not None:
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -53,7 +54,12 @@ def restrict_modes(folder: Path | None = None, files: Iterable[Path] = ()) -> li
             continue
         if stat.S_ISLNK(mode) or not mode & 0o077:
             continue
-        path.chmod(stat.S_IMODE(mode) & 0o700)
+        try:
+            path.chmod(stat.S_IMODE(mode) & 0o700)
+        except OSError as exc:  # not ours, say: refuse to run with it readable by others
+            raise ConfigFileError(
+                f"{path} is readable by others and cannot be made owner-only: {exc}"
+            ) from None
         log.warning("file_mode_tightened", path=str(path), was=oct(stat.S_IMODE(mode)))
         tightened.append(path)
     return tightened

@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 import structlog
 
+from gateway.errors import ConfigFileError
 from gateway_cli.runtime import restrict_modes, sqlite_files
 from security_server.private_files import open_private
 
@@ -72,3 +74,19 @@ def test_sqlite_files_are_the_database_and_its_companions() -> None:
         Path("/var/lib/g/log.db" + s) for s in ("", "-wal", "-shm", "-journal")
     ]
     assert sqlite_files("postgresql+asyncpg://u@h/db") == []
+
+
+def test_a_path_that_cannot_be_tightened_stops_the_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A wide file that cannot be chmod-ed (another user's) is a configuration error, not ignored."""
+    path = tmp_path / "log.db"
+    path.write_bytes(b"x")
+    path.chmod(0o644)
+
+    def refuse(self: Path, mode: int) -> None:
+        raise PermissionError("operation not permitted")
+
+    monkeypatch.setattr(Path, "chmod", refuse)
+    with pytest.raises(ConfigFileError, match="cannot be made owner-only"):
+        restrict_modes(files=[path])
