@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from gateway.errors import quote
+
 JsonValue = Any
 
 
@@ -20,14 +22,14 @@ class NotCanonicalError(ValueError):
 
 
 def _reject_floats(text: str) -> float:
-    raise NotCanonicalError(f"floating-point number {text} is not allowed")
+    raise NotCanonicalError(f"floating-point number {quote(text)} is not allowed")
 
 
 def _reject_duplicates(pairs: list[tuple[str, JsonValue]]) -> dict[str, JsonValue]:
     out: dict[str, JsonValue] = {}
     for key, value in pairs:
         if key in out:
-            raise NotCanonicalError(f"duplicate key {key!r}")
+            raise NotCanonicalError(f"duplicate key {quote(key)}")
         out[key] = value
     return out
 

@@ -18,7 +18,7 @@ from datetime import datetime
 from typing import Any
 
 from gateway import canonical
-from gateway.errors import Code, GatewayError, RequestError, TrustError
+from gateway.errors import Code, GatewayError, RequestError, TrustError, quote
 from gateway.identifiers import SecurityServerId, ServiceId, SubsystemId
 from gateway.timeutil import format_time, parse_time
 
@@ -35,10 +35,15 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def is_message_id(value: str) -> bool:
+    """Whether `value` has the form of a message id (and so may be echoed in metadata)."""
+    return _MESSAGE_ID.fullmatch(value) is not None
+
+
 def check_message_id(value: str) -> str:
-    if not _MESSAGE_ID.fullmatch(value):
+    if not is_message_id(value):
         raise RequestError(
-            f"message id {value!r} is malformed: use 1 to 128 letters, digits, '.', '_', ':' "
+            f"message id {quote(value)} is malformed: use 1 to 128 letters, digits, '.', '_', ':' "
             "or '-', starting with a letter or digit",
             code=Code.MALFORMED_IDENTIFIER,
         )
@@ -48,7 +53,7 @@ def check_message_id(value: str) -> str:
 def check_purpose(value: str) -> str:
     if not _PURPOSE.fullmatch(value):
         raise RequestError(
-            f"purpose {value!r} is malformed: use 1 to 64 letters, digits, '.', '_' or '-'",
+            f"purpose {quote(value)} is malformed: use 1 to 64 letters, digits, '.', '_' or '-'",
             code=Code.MALFORMED_IDENTIFIER,
         )
     return value
@@ -57,7 +62,7 @@ def check_purpose(value: str) -> str:
 def check_method(value: str) -> str:
     if not _METHOD.fullmatch(value):
         raise RequestError(
-            f"gRPC method {value!r} is malformed: expected /package.Service/Method",
+            f"gRPC method {quote(value)} is malformed: expected /package.Service/Method",
             code=Code.MALFORMED_IDENTIFIER,
         )
     return value
@@ -151,7 +156,7 @@ def _fields(data: bytes, kind: str, keys: set[str]) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise _malformed("not a JSON object")
     if set(value) != keys:
-        raise _malformed(f"fields {sorted(value)} differ from {sorted(keys)}")
+        raise _malformed(f"fields {quote(', '.join(sorted(value)))} differ from {sorted(keys)}")
     version = value["v"]
     if type(version) is not int or version != PROTOCOL_VERSION or value["type"] != kind:
         raise _malformed(f"not a version {PROTOCOL_VERSION} {kind} header")

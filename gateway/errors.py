@@ -12,6 +12,7 @@ SQL) in a message that may reach a peer.
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 
 
@@ -136,6 +137,32 @@ STATUS_BY_CODE: dict[Code, Status] = {
     Code.INTERNAL: Status.INTERNAL,
     Code.AUDIT_CHAIN_BROKEN: Status.INTERNAL,
 }
+
+
+# how much of a caller's input an error message quotes, and how long a message sent to a
+# caller or a peer may be: gRPC refuses trailers past 16 KiB (and may past 8 KiB), so a
+# message quoting its input whole could make the refusal itself unreadable
+QUOTE_CHARS = 64
+MAX_MESSAGE_CHARS = 1024
+_UNSAFE = re.compile(r"[^\x20-\x7e]")
+
+
+def quote(value: str) -> str:
+    """An input as an error message shows it: its first `QUOTE_CHARS` characters, quoted
+    with non-printable ones escaped (never raw control bytes), and its length when cut."""
+    if len(value) <= QUOTE_CHARS:
+        return repr(value)
+    return f"{value[:QUOTE_CHARS]!r}... ({len(value)} characters)"
+
+
+def bound_message(message: str) -> str:
+    """A message safe to send in a status: printable ASCII (anything else escaped), cut to
+    `MAX_MESSAGE_CHARS` characters with a mark that it was cut."""
+    safe = _UNSAFE.sub(lambda m: ascii(m.group())[1:-1], message)
+    if len(safe) <= MAX_MESSAGE_CHARS:
+        return safe
+    mark = " [cut]"
+    return safe[: MAX_MESSAGE_CHARS - len(mark)] + mark
 
 
 class GatewayError(Exception):

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from typing import Self
 
-from gateway.errors import IdentifierError
+from gateway.errors import IdentifierError, quote
 
 # ISO 3166-1 alpha-2 country code, optionally with an environment suffix: UY, UY-TEST.
 _INSTANCE = re.compile(r"[A-Z]{2}(?:-[A-Z0-9]{1,16})?")
@@ -47,8 +47,8 @@ _PART_RULES: dict[str, tuple[re.Pattern[str], str]] = {
 def _check(kind: str, part: str, value: str, text: str) -> str:
     pattern, rule = _PART_RULES[part]
     if not pattern.fullmatch(value):
-        shown = repr(value) if value else "empty"
-        raise IdentifierError(f"{kind} {text!r}: the {part} is {shown}; it must be {rule}")
+        shown = quote(value) if value else "empty"
+        raise IdentifierError(f"{kind} {quote(text)}: the {part} is {shown}; it must be {rule}")
     return value
 
 
@@ -90,11 +90,12 @@ def _split(kind: str, text: str, form: str, counts: tuple[int, ...]) -> list[str
     if not isinstance(text, str) or not text:
         raise IdentifierError(f"{kind} is empty; expected the form {form}")
     if text != text.strip():
-        raise IdentifierError(f"{kind} {text!r} has surrounding whitespace; expected {form}")
+        raise IdentifierError(f"{kind} {quote(text)} has surrounding whitespace; expected {form}")
     parts = text.split("/")
     if len(parts) not in counts:
         raise IdentifierError(
-            f"{kind} {text!r} has {len(parts)} part(s) separated by '/'; expected the form {form}"
+            f"{kind} {quote(text)} has {len(parts)} part(s) separated by '/'; expected the form "
+            f"{form}"
         )
     return parts
 

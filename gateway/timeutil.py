@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from gateway.errors import quote
+
 
 def format_time(moment: datetime) -> str:
     """The canonical text of an aware datetime."""
@@ -22,8 +24,8 @@ def parse_time(text: str) -> datetime:
     if not isinstance(text, str):
         raise ValueError(f"timestamp must be a string, not {type(text).__name__}")
     if len(text) < 27 or text[-1] != "Z" or text[-8] != ".":
-        raise ValueError(f"timestamp {text!r} is not in canonical form")
+        raise ValueError(f"timestamp {quote(text)} is not in canonical form")
     moment = datetime.fromisoformat(text)
     if moment.tzinfo is None or format_time(moment) != text:
-        raise ValueError(f"timestamp {text!r} is not in canonical form")
+        raise ValueError(f"timestamp {quote(text)} is not in canonical form")
     return moment

@@ -103,11 +103,14 @@ def _pki_serve(ns: argparse.Namespace) -> int:
 
     from certs.ocsp_responder import OcspResponder, ocsp_app
     from certs.pki import load_issued
-    from gateway_cli.runtime import ready_writer, run, signal_events
+    from gateway_cli.runtime import ready_writer, restrict_modes, run, signal_events
 
     if ns.ocsp is None and ns.tsa is None:
         print("error: give --ocsp HOST:PORT, --tsa HOST:PORT or both", file=sys.stderr)
         return 2
+    # the CA's and the TSA's keys, and the responder's record of revocations
+    if ns.dir.is_dir():
+        restrict_modes(ns.dir)
 
     def clock() -> datetime:
         return datetime.now(UTC)
@@ -156,10 +159,25 @@ def _pki_serve(ns: argparse.Namespace) -> int:
 
 
 def _registry_serve(ns: argparse.Namespace) -> int:
-    from gateway_cli.runtime import read_settings, ready_writer, run, signal_events
+    from gateway.settings import database_url
+    from gateway_cli.runtime import (
+        read_settings,
+        ready_writer,
+        restrict_modes,
+        run,
+        signal_events,
+        sqlite_files,
+    )
     from registry.main import RegistrySettings, serve
 
     settings = read_settings(RegistrySettings, ns.config)
+    base = ns.config.resolve().parent
+    restrict_modes(
+        files=[
+            *sqlite_files(database_url(settings.database, base=base)),
+            settings.token_key_path(base),
+        ]
+    )
 
     async def main() -> None:
         stop, reload = signal_events()
@@ -213,11 +231,24 @@ def _registry_anchor(ns: argparse.Namespace) -> int:
 
 
 def _server_serve(ns: argparse.Namespace) -> int:
-    from gateway_cli.runtime import read_settings, ready_writer, run, signal_events
+    from gateway.settings import database_url
+    from gateway_cli.runtime import (
+        read_settings,
+        ready_writer,
+        restrict_modes,
+        run,
+        signal_events,
+        sqlite_files,
+    )
     from security_server.main import serve
     from security_server.settings import ServerSettings
 
     settings = read_settings(ServerSettings, ns.config)
+    base = ns.config.resolve().parent
+    restrict_modes(
+        settings.server.state_dir,
+        sqlite_files(database_url(settings.log.database, base=base)),
+    )
 
     async def main() -> None:
         stop, _ = signal_events()
@@ -715,8 +746,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gateway_cli.runtime import configure_logging, die_with_parent
+    from gateway_cli.runtime import configure_logging, die_with_parent, private_umask
 
+    private_umask()
     die_with_parent()
     ns = build_parser().parse_args(argv)
     configure_logging()

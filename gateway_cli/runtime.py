@@ -8,9 +8,10 @@ import json
 import logging
 import os
 import signal
+import stat
 import sys
 import tomllib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,6 +21,57 @@ from gateway.errors import ConfigFileError
 from gateway.settings import load_settings
 
 T = TypeVar("T")
+
+# files and folders a process creates are its owner's only: logs, caches, bundles and keys
+# hold personal data or secrets (files 0600, folders 0700)
+PRIVATE_UMASK = 0o077
+
+
+def private_umask() -> None:
+    """From now on, everything this process (and its children) creates is owner-only."""
+    os.umask(PRIVATE_UMASK)
+
+
+def restrict_modes(folder: Path | None = None, files: Iterable[Path] = ()) -> list[Path]:
+    """Make `folder` (created when missing) and everything under it, and `files` where they
+    exist, owner-only: group and other bits are cleared (0644 becomes 0600, 0755 0700).
+    Each path tightened is logged; the list of them is returned. Symbolic links are left
+    alone (their target is not ours to change). A path that cannot be tightened (owned by
+    another user) is a `ConfigFileError`: the process does not start with it."""
+    paths: list[Path] = []
+    if folder is not None:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        paths.append(folder)
+        for root, dirs, names in os.walk(folder):
+            paths.extend(Path(root) / name for name in (*dirs, *names))
+    paths.extend(files)
+    tightened = []
+    log = structlog.get_logger("gateway.files")
+    for path in paths:
+        try:
+            mode = path.lstat().st_mode
+        except FileNotFoundError:
+            continue
+        if stat.S_ISLNK(mode) or not mode & 0o077:
+            continue
+        try:
+            path.chmod(stat.S_IMODE(mode) & 0o700)
+        except OSError as exc:  # not ours, say: refuse to run with it readable by others
+            raise ConfigFileError(
+                f"{path} is readable by others and cannot be made owner-only: {exc}"
+            ) from None
+        log.warning("file_mode_tightened", path=str(path), was=oct(stat.S_IMODE(mode)))
+        tightened.append(path)
+    return tightened
+
+
+def sqlite_files(url: str) -> list[Path]:
+    """The files of a SQLite database URL (the database, its WAL, shared memory and journal);
+    none for a server database."""
+    if not url.startswith("sqlite"):
+        return []
+    database = url.split(":///", 1)[1]
+    return [Path(database + suffix) for suffix in ("", "-wal", "-shm", "-journal")]
 
 
 def configure_logging(json_lines: bool | None = None) -> None:

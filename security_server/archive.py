@@ -37,6 +37,7 @@ from security_server.message_log import (
     row_to_record,
     timestamp_batches,
 )
+from security_server.private_files import open_private
 
 log = structlog.get_logger("security_server.archive")
 
@@ -323,7 +324,7 @@ def _write_durably(path: Path, data: bytes) -> None:
     """Write a file so that it is whole on disk, or absent, after a crash."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "wb") as f:
+    with open_private(tmp) as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())

@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from gateway.configuration import GlobalConfiguration
 from gateway.errors import Code, GatewayError, TrustError
 from gateway.ocsp import CertStatus, StatusCache, build_request, check_response
+from security_server.private_files import open_private
 from security_server.settings import OcspSection
 
 log = structlog.get_logger("security_server.ocsp")
@@ -223,7 +224,7 @@ class OwnStatus:
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"{sha}.der"
         tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
+        with open_private(tmp) as f:
             f.write(der)
             f.flush()
             os.fsync(f.fileno())

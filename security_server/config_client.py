@@ -28,6 +28,7 @@ from gateway.configuration import (
 )
 from gateway.errors import Code, ConfigurationError
 from gateway.v1 import configuration_pb2 as pb
+from security_server.private_files import open_private
 
 log = structlog.get_logger("security_server.config")
 
@@ -113,8 +114,8 @@ class ConfigurationClient:
         }
         self.cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.cache_file.with_name(self.cache_file.name + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(doc, f)
+        with open_private(tmp) as f:
+            f.write(json.dumps(doc).encode())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.cache_file)

@@ -35,12 +35,21 @@ from gateway.envelope import (
     check_method,
     check_purpose,
     decode_response,
+    is_message_id,
     sha256_hex,
 )
-from gateway.errors import AuthorizationError, Code, GatewayError, RequestError, TrustError
+from gateway.errors import (
+    AuthorizationError,
+    Code,
+    GatewayError,
+    RequestError,
+    TrustError,
+    bound_message,
+)
 from gateway.identifiers import ServiceId, SubsystemId
 from gateway.signing import certificate_sha256, verify_signature
 from gateway.v1 import exchange_pb2 as pb
+from security_server.endpoint_limits import backstop
 from security_server.node import Node
 from security_server.peers import PeerLink, PeerPool
 from security_server.records import record
@@ -78,6 +87,15 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
     ) -> bytes:
         self.in_flight += 1
         try:
+            if self.in_flight > backstop(self.node.limits):
+                # far past the limit: refused at once, without a record
+                await abort(
+                    context,
+                    Code.OVERLOADED,
+                    f"this security server is handling over {backstop(self.node.limits)} calls "
+                    "at once; retry with backoff",
+                    None,
+                )
             return await self._call(method, body, context)
         finally:
             self.in_flight -= 1
@@ -88,10 +106,13 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         node = self.node
         started = time.perf_counter()
         metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
-        message_id = metadata.get("gateway-id") or uuid.uuid4().hex
+        # the caller's message id is used (and echoed) only when well formed: a malformed one
+        # is replaced by a generated id, which its refusal carries
+        given_id = metadata.get("gateway-id")
+        message_id = given_id if given_id and is_message_id(given_id) else uuid.uuid4().hex
         now = node.clock()
         facts: dict[str, Any] = {
-            "message_id": message_id[:128],
+            "message_id": message_id,
             "client": metadata.get("gateway-client"),
             "service": metadata.get("gateway-service"),
             "method": method,
@@ -113,7 +134,8 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                     "gateway-client, gateway-service and gateway-purpose",
                     code=Code.MISSING_METADATA,
                 )
-            check_message_id(message_id)
+            if given_id and given_id != message_id:
+                check_generated_id(given_id, message_id)
             client = SubsystemId.parse(metadata["gateway-client"])
             if self.authenticate_clients:
                 self._authenticate(context, client)
@@ -276,7 +298,7 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         if response.grpc_status != 0:
             await context.abort(
                 grpc.StatusCode[_STATUS_NAMES[response.grpc_status]],
-                response.grpc_message,
+                bound_message(response.grpc_message),
                 trailing_metadata=trailing,
             )
         context.set_trailing_metadata(trailing)
@@ -375,6 +397,18 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
 
 
 _STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+
+
+def check_generated_id(given: str, generated: str) -> None:
+    """Refuse a malformed caller's message id, naming the id generated in its place (the
+    one the refusal carries and its record keeps)."""
+    try:
+        check_message_id(given)
+    except RequestError as err:
+        raise RequestError(
+            f"{err.message}; this refusal carries the generated message id {generated}",
+            code=err.code,
+        ) from None
 
 
 def check_outbound_approval(

@@ -26,6 +26,7 @@ from gateway.errors import AuditError
 from gateway.evidence import FORMAT, encode_fields
 from gateway.timeutil import format_time
 from security_server.message_log import log_evidence, message_log, row_to_record, timestamp_batches
+from security_server.private_files import open_private
 
 
 async def _evidence(conn: AsyncConnection, sha: str | None) -> tuple[str, bytes] | None:
@@ -198,7 +199,7 @@ def write_zip(path: str, files: Mapping[str, bytes]) -> None:
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
         for name in sorted(files):
             archive.writestr(name, files[name])
-    with open(path, "wb") as out:
+    with open_private(path) as out:
         out.write(buffer.getvalue())
 
 

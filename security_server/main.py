@@ -32,6 +32,7 @@ from security_server.auditor_api import start as start_auditor_api
 from security_server.certificate_status import OwnStatus, StatusChecker, der_sha256
 from security_server.config_client import ConfigurationClient
 from security_server.consumer import ConsumerService
+from security_server.endpoint_limits import consumer_options
 from security_server.federation import Federations
 from security_server.message_log import ChainInUseError, MessageLog
 from security_server.node import Node, load_subject_secret
@@ -268,16 +269,9 @@ async def serve(
         consumer_max = max(
             2 * settings.limits.max_message_bytes, settings.limits.max_message_bytes + (1 << 20)
         )
+        # gRPC's own limits set from ours, so that a burst is answered with `overloaded`
         consumer = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", consumer_max),
-                ("grpc.max_send_message_length", max_frame),
-            ],
-            # our own limit refuses (and logs) with `overloaded`; gRPC's is a backstop
-            maximum_concurrent_rpcs=max(
-                2 * settings.limits.max_concurrent_calls,
-                settings.limits.max_concurrent_calls + 1000,
-            ),
+            options=consumer_options(settings.limits, max_receive=consumer_max, max_send=max_frame)
         )
         consumer.add_generic_rpc_handlers(
             (ConsumerService(node, peers, authenticate_clients=local.client_ca is not None),)

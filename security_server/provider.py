@@ -43,7 +43,7 @@ from gateway.envelope import (
     decode_request,
     sha256_hex,
 )
-from gateway.errors import Code, GatewayError, TrustError, UnavailableError
+from gateway.errors import Code, GatewayError, TrustError, UnavailableError, bound_message
 from gateway.fair_share import FairShare
 from gateway.signing import certificate_sha256, verify_signature
 from gateway.v1 import exchange_pb2 as pb
@@ -587,7 +587,7 @@ class ProviderService:
         return pb.Frame(
             correlation_id=frame.correlation_id,
             refusal=pb.Refusal(
-                code=err.code.value, message=err.message, message_id=message_id or ""
+                code=err.code.value, message=bound_message(err.message), message_id=message_id or ""
             ),
             provider_micros=int((time.perf_counter() - started) * 1e6),
             backend_micros=backend_micros,

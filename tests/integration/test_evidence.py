@@ -52,6 +52,12 @@ def exchange(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Runner,
     runner = Runner(workdir, store_bodies=True, timestamping={"interval_seconds": 0.2})
     try:
         runner.prepare()
+        # a state folder left world-readable by an earlier run, tightened at start-up
+        left = runner.log_db(MSP_SERVER).parent
+        left.mkdir(parents=True)
+        (left / "left-over.json").write_text("{}")
+        for path, mode in ((left, 0o755), (left / "left-over.json", 0o644)):
+            path.chmod(mode)
         runner.start_all()
         message_id = uuid.uuid4().hex
         body = population_pb2.GetPersonRequest(national_id="1.234.567-8").SerializeToString()
@@ -368,3 +374,36 @@ def test_audit_verify_detects_deleted_records_and_edited_stamps(
     result = audit_verify(db, "--stamp-grace", "0")
     assert result.returncode == 1, result.stdout + result.stderr
     assert expected in result.stdout, result.stdout
+
+
+def test_files_holding_personal_data_are_owner_only(
+    exchange: tuple[Runner, str, Path], bundles: dict[str, Path]
+) -> None:
+    """State folders are 0700; the log, its -wal and -shm, caches and bundles 0600, even when left wider."""
+    runner, _, _ = exchange
+    for server in (MSP_SERVER, DNIC_SERVER):
+        db = runner.log_db(server)
+        state = db.parent
+        private = [
+            db,
+            db.with_name(db.name + "-wal"),
+            db.with_name(db.name + "-shm"),
+            state / "configuration.json",
+            *(state / "ocsp").iterdir(),
+        ]
+        assert len(private) > 5
+        assert _mode(state) == 0o700, state
+        assert _mode(state / "ocsp") == 0o700
+        for path in private:
+            assert _mode(path) == 0o600, path
+    left = runner.log_db(MSP_SERVER).parent
+    assert _mode(left / "left-over.json") == 0o600
+    assert "file_mode_tightened" in runner.tail(runner.server_names[MSP_SERVER], lines=400)
+    registry_db = runner.workdir / "state" / "registry.db"
+    assert _mode(registry_db) == 0o600
+    for bundle in bundles.values():
+        assert _mode(bundle) == 0o600, bundle
+
+
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777

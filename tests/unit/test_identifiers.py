@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.errors import Code, IdentifierError, RequestError, Status
+from gateway.errors import Code, IdentifierError, RequestError, Status, quote
 from gateway.identifiers import MemberId, SecurityServerId, ServiceId, SubsystemId
 
 IdClass = type[MemberId] | type[SubsystemId] | type[ServiceId] | type[SecurityServerId]
@@ -214,8 +214,8 @@ def test_wrong_number_of_parts_is_rejected(cls: IdClass, text: str, count: int) 
 def test_malformed_part_is_rejected_and_named(cls: IdClass, text: str, part: str, bad: str) -> None:
     """A malformed part is rejected with a message naming that part and its bad value."""
     err = _expect_malformed(cls, text)
-    assert f"the {part} is {bad!r}" in err.message
-    assert repr(text) in err.message
+    assert f"the {part} is {quote(bad)}" in err.message
+    assert quote(text) in err.message
 
 
 @pytest.mark.parametrize(

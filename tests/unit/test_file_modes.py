@@ -1,0 +1,92 @@
+"""Files and folders holding personal data or secrets are owner-only, even when left wider."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import structlog
+
+from gateway.errors import ConfigFileError
+from gateway_cli.runtime import restrict_modes, sqlite_files
+from security_server.private_files import open_private
+
+
+def _mode(path: Path) -> int:
+    return path.lstat().st_mode & 0o777
+
+
+def test_restrict_modes_tightens_what_was_left_wider_and_logs_it(tmp_path: Path) -> None:
+    """A 0755 state folder and the 0644 files in it (and named files) become 0700/0600, logged."""
+    state = tmp_path / "state"
+    (state / "ocsp").mkdir(parents=True)
+    files = [state / "configuration.json", state / "ocsp" / "a.der", tmp_path / "log.db"]
+    for path in files:
+        path.write_bytes(b"x")
+        path.chmod(0o644)
+    for folder in (state, state / "ocsp"):
+        folder.chmod(0o755)
+    (state / "link").symlink_to(tmp_path / "elsewhere")
+    already = state / "key"
+    already.write_bytes(b"k")
+    already.chmod(0o600)
+    with structlog.testing.capture_logs() as logs:
+        tightened = restrict_modes(state, [tmp_path / "log.db", tmp_path / "log.db-wal"])
+    assert _mode(state) == _mode(state / "ocsp") == 0o700
+    assert all(_mode(p) == 0o600 for p in files)
+    assert set(tightened) == {state, state / "ocsp", *files}
+    assert [e["path"] for e in logs if e["event"] == "file_mode_tightened"] == [
+        str(p) for p in tightened
+    ]
+
+
+def test_restrict_modes_creates_a_missing_folder_owner_only(tmp_path: Path) -> None:
+    """A state folder that does not exist yet is created 0700, whatever the umask."""
+    old = os.umask(0o022)
+    try:
+        restrict_modes(tmp_path / "new" / "state")
+    finally:
+        os.umask(old)
+    assert _mode(tmp_path / "new" / "state") == 0o700
+
+
+def test_open_private_writes_0600_even_over_a_wider_file(tmp_path: Path) -> None:
+    """A cache or bundle is written 0600 whatever the umask, also over a 0644 file."""
+    path = tmp_path / "bundle.zip"
+    path.write_bytes(b"old")
+    path.chmod(0o644)
+    old = os.umask(0o022)
+    try:
+        with open_private(path) as f:
+            f.write(b"new")
+        with open_private(tmp_path / "fresh") as f:
+            f.write(b"x")
+    finally:
+        os.umask(old)
+    assert path.read_bytes() == b"new"
+    assert _mode(path) == _mode(tmp_path / "fresh") == 0o600
+
+
+def test_sqlite_files_are_the_database_and_its_companions() -> None:
+    """A SQLite URL names the database, -wal, -shm and -journal; a server URL names none."""
+    assert sqlite_files("sqlite+aiosqlite:////var/lib/g/log.db") == [
+        Path("/var/lib/g/log.db" + s) for s in ("", "-wal", "-shm", "-journal")
+    ]
+    assert sqlite_files("postgresql+asyncpg://u@h/db") == []
+
+
+def test_a_path_that_cannot_be_tightened_stops_the_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A wide file that cannot be chmod-ed (another user's) is a configuration error, not ignored."""
+    path = tmp_path / "log.db"
+    path.write_bytes(b"x")
+    path.chmod(0o644)
+
+    def refuse(self: Path, mode: int) -> None:
+        raise PermissionError("operation not permitted")
+
+    monkeypatch.setattr(Path, "chmod", refuse)
+    with pytest.raises(ConfigFileError, match="cannot be made owner-only"):
+        restrict_modes(files=[path])
