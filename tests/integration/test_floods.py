@@ -336,3 +336,30 @@ async def test_consumer_flood_of_junk_calls_is_counted_and_spares_exchanges(
     assert all(r["peer"] == "127.0.0.1" and r["client"] is None for r in found)
     assert len(found) <= 2 * (FLOOD_WALL / AGGREGATE_SECONDS + 3)
     assert flood.ratio <= 2, flood
+
+
+async def test_counts_are_written_at_a_clean_stop(runner: Runner) -> None:
+    """Refusals counted since the last interval are written when the server stops cleanly
+    (here with an interval of an hour, stopped right after the junk): none is lost."""
+    name = runner.server_names[DNIC]
+    await asyncio.to_thread(runner.stop, name)
+    runner.set_settings(DNIC, "limits", aggregate_seconds=3600.0, refusal_burst=REFUSAL_BURST)
+    await asyncio.to_thread(runner.start, name)
+    seq = last_seq(runner, DNIC)
+    async with aiohttp.ClientSession() as session:
+        for _ in range(30):
+            async with session.get(runner.auditor_url(DNIC) + PATH) as response:
+                assert response.status == 401
+    async with grpc.aio.insecure_channel(runner.consumers[DNIC]) as channel:
+        for _ in range(60):
+            outcome = await call_raw(channel, GET_PERSON, b"", [])
+            assert outcome.error == "missing_metadata", outcome
+    assert [r for r in written_since(runner, DNIC, seq) if r["kind"] == "refusal-aggregate"] == []
+    await asyncio.to_thread(runner.stop, name)
+    written = written_since(runner, DNIC, seq)
+    aggregates = {r["role"]: r for r in written if r["kind"] == "refusal-aggregate"}
+    singles = [r for r in written if r["kind"] == "refusal"]
+    assert set(aggregates) == {"auditor", "consumer"}, [dict(r) for r in written]
+    assert counted(aggregates["auditor"]) == 30
+    assert counted(aggregates["consumer"]) + len(singles) == 60
+    assert len(singles) <= REFUSAL_BURST + 5
