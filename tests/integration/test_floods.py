@@ -265,6 +265,18 @@ async def test_a_token_over_its_rate_gets_429_and_is_counted(runner: Runner) -> 
     assert counted(mine[0]) == refused
     queries = [r for r in written_since(runner, MSP, seq) if r["kind"] == "audit-query"]
     assert len(queries) == statuses.count(200)
+    # instance-wide auditors find the aggregate; a member's auditor sees none of them
+    async with aiohttp.ClientSession() as session:
+        for member, expected in ((None, 1), ("UY/GOV/MSP", 0)):
+            token = runner.token("auditor", member=member, subject=f"reader-{uuid.uuid4().hex}")
+            async with session.get(
+                runner.auditor_url(MSP) + PATH,
+                params={"kind": "refusal-aggregate", "role": "auditor"},
+                headers={"Authorization": f"Bearer {token}"},
+            ) as response:
+                assert response.status == 200, await response.text()
+                results = (await response.json())["records"]
+            assert len([r for r in results if r["user_id"] == mine[0]["user_id"]]) == expected
 
 
 async def test_an_address_over_its_rate_gets_429_and_is_counted(runner: Runner) -> None:
