@@ -33,6 +33,9 @@ class RecordKind(StrEnum):
     REFUSAL = "refusal"
     # a query made through the auditor API (auditor access is itself logged)
     AUDIT_QUERY = "audit-query"
+    # refusals counted over an interval instead of logged one by one (floods; see
+    # security_server.floods): one record per source, reason and interval, with the count
+    REFUSAL_AGGREGATE = "refusal-aggregate"
 
 
 class Role(StrEnum):

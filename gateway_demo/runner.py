@@ -87,6 +87,7 @@ class Runner:
         log: dict[str, Any] | None = None,
         federation_allowed: tuple[str, ...] = (),
         outbound_approval_required: bool = False,
+        auditor: dict[str, Any] | None = None,
     ) -> None:
         self.workdir = workdir.resolve()
         # overrides of the servers' [log] settings (a PostgreSQL database, retention...)
@@ -100,6 +101,8 @@ class Runner:
         self.validity_seconds = validity_seconds
         self.refresh_seconds = refresh_seconds
         self.limits = limits or {}
+        # overrides of the servers' [auditor] settings (rate limits...)
+        self.auditor = dict(auditor or {})
         # overrides of the servers' [timestamping] and [ocsp] settings; timestamping
         # {"enabled": False} runs the servers without a TSA
         self.timestamping = dict(timestamping or {})
@@ -239,6 +242,7 @@ class Runner:
             "auditor": {
                 "listen": self.auditors[sid],
                 "jwks_url": f"http://{self.api_address}/.well-known/jwks.json",
+                **self.auditor,
             },
             "ocsp": {"url": f"http://{self.ocsp_address}/", **self.ocsp},
             "timestamping": self._timestamping_settings(),

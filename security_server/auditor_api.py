@@ -9,16 +9,22 @@ records whose client or service belongs to that member; an instance-wide auditor
 registry-issued token without a member) sees every record. Any other role gets 403.
 
 `subject` takes the data subject's identifier; the server derives its keyed pseudonym and
-searches for that, so the identifier is never stored. Every query, allowed or refused, is
-itself appended to the message log (kind `audit-query`, role `auditor`: who, when, which
-filters, the subject's pseudonym, the outcome) before any result is returned; when that
-record cannot be written the query is refused (503). Errors are `{error, message}` with
-400, 401, 403 or 503.
+searches for that, so the identifier is never stored. Every query of a verified token,
+allowed or refused, is itself appended to the message log (kind `audit-query`, role
+`auditor`: who, when, which filters, the subject's pseudonym, the outcome) before any
+result is returned; when that record cannot be written the query is refused (503).
+
+Requests without a valid token, and requests over a rate limit (per client address, checked
+first and before any token is read; per token holder), are never logged one by one: they are
+counted per (address, reason) and written as one `refusal-aggregate` record per interval
+(see `security_server.floods`), holding no text the sender chose. Over a rate limit the
+answer is 429 with Retry-After. Errors are `{error, message}` with 400, 401, 403, 429 or 503.
 """
 
 from __future__ import annotations
 
 import re
+import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -32,6 +38,7 @@ from gateway.audit import RecordKind, Role
 from gateway.errors import GatewayError
 from registry.auth import AuthError, Principal, TokenVerifier
 from registry.auth import Role as TokenRole
+from security_server.floods import RefusalCounter, TokenBuckets, retry_after
 from security_server.message_log import MessageLog
 from security_server.records import record
 from security_server.search import KINDS, CursorError, Query, Searcher, decode_cursor
@@ -44,6 +51,8 @@ _PARAMS = frozenset((*_TEXT_PARAMS, "kind", "role", "since", "until", "limit", "
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _MAX_TEXT = 256
 _ROLES = tuple(r.value for r in Role)
+# longest message returned to an unauthenticated caller (it may quote their token's claims)
+_MAX_MESSAGE = 300
 
 
 class QueryError(ValueError):
@@ -149,6 +158,9 @@ class AuditorApi:
         *,
         max_page: int = 500,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        source_limit: TokenBuckets | None = None,
+        token_limit: TokenBuckets | None = None,
+        refusals: RefusalCounter | None = None,
     ) -> None:
         self.log = log
         self.pseudonym = pseudonym
@@ -156,6 +168,14 @@ class AuditorApi:
         self.verifier = verifier
         self.max_page = max_page
         self.clock = clock
+        self.source_limit = (
+            TokenBuckets(50.0, 200, clock=time.monotonic) if source_limit is None else source_limit
+        )
+        self.token_limit = (
+            TokenBuckets(20.0, 100, clock=time.monotonic) if token_limit is None else token_limit
+        )
+        # unauthenticated and rate-limited requests, written by an `AggregateFlusher`
+        self.refusals = RefusalCounter() if refusals is None else refusals
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=16 * 1024)
@@ -172,7 +192,7 @@ class AuditorApi:
         error: tuple[str, str] | None = None,
     ) -> None:
         """Append the query's own record; raises `GatewayError` when it cannot be written."""
-        await self.log.append(
+        await self.log.append_audit(
             record(
                 kind=RecordKind.AUDIT_QUERY,
                 role=Role.AUDITOR,
@@ -219,21 +239,67 @@ class AuditorApi:
             log.error("audit_query_not_logged", error=err.message)
         return _error(status, kind, message)
 
+    def _count(
+        self,
+        source: str,
+        status: int,
+        kind: str,
+        message: str,
+        *,
+        reason: str,
+        who: str | None = None,
+        detail: str | None = None,
+        wait: float = 0.0,
+    ) -> web.Response:
+        """Refuse without a record of its own: counted into the interval's aggregate (its
+        error_code is `reason`)."""
+        self.refusals.add(source, reason, self.clock(), who=who, detail=detail)
+        response = _error(status, kind, message[:_MAX_MESSAGE])
+        if status == 429:
+            response.headers["Retry-After"] = retry_after(wait)
+        return response
+
     async def records(self, request: web.Request) -> web.Response:
+        source = request.remote or "unknown"
+        wait = self.source_limit.take(source)
+        if wait:
+            return self._count(
+                source,
+                429,
+                "rate_limited",
+                "too many requests from this address; retry after the time Retry-After gives",
+                reason="source_rate_limited",
+                wait=wait,
+            )
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            return await self._refuse(
-                request,
-                None,
+            return self._count(
+                source,
                 401,
                 "unauthenticated",
                 "send an auditor token: Authorization: Bearer TOKEN",
+                reason="no_token",
+                detail=header or None,
             )
         try:
             principal = await self.verifier.verify(token.strip(), now=self.clock())
         except AuthError as exc:
-            return await self._refuse(request, None, 401, "unauthenticated", exc.message)
+            return self._count(
+                source, 401, "unauthenticated", exc.message, reason="invalid_token", detail=token
+            )
+        holder = f"{principal.subject} ({principal.issuer})"
+        wait = self.token_limit.take(holder)
+        if wait:
+            return self._count(
+                source,
+                429,
+                "rate_limited",
+                "too many requests with this token; retry after the time Retry-After gives",
+                reason="token_rate_limited",
+                who=holder,
+                wait=wait,
+            )
         if principal.role is not TokenRole.AUDITOR:
             return await self._refuse(
                 request,

@@ -12,6 +12,13 @@ Any gRPC method is accepted and forwarded as opaque bytes, routed by request met
 The message id is always returned in trailing metadata `gateway-id`, with timings
 (`gateway-total-us`, `gateway-provider-us`, `gateway-backend-us`); a refusal carries
 its stable code in `gateway-error`. A backend's own error status is passed through.
+
+Junk calls (`COUNTED` codes: no metadata, a malformed id, a client this server does not
+serve or that did not authenticate) beyond `limits.refusal_rate` per source address are
+refused as usual but only counted, into one `refusal-aggregate` record per source, code and
+interval, instead of one durable record each; refusals of a served, well-formed client are
+always logged one by one. `grpc.health.v1` probes are answered by another handler and never
+reach this one.
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ from gateway.identifiers import ServiceId, SubsystemId
 from gateway.signing import certificate_sha256, verify_signature
 from gateway.v1 import exchange_pb2 as pb
 from security_server.endpoint_limits import backstop
+from security_server.floods import RefusalCounter, TokenBuckets, peer_host
 from security_server.node import Node
 from security_server.peers import PeerLink, PeerPool
 from security_server.records import record
@@ -59,12 +67,35 @@ log = structlog.get_logger("security_server.consumer")
 
 REQUIRED = ("gateway-client", "gateway-service", "gateway-purpose")
 
+# refusals that say nothing about a client this server serves: beyond a per-source rate they
+# are counted, not logged one by one
+COUNTED = frozenset(
+    (
+        Code.MISSING_METADATA,
+        Code.MALFORMED_IDENTIFIER,
+        Code.CLIENT_NOT_SERVED,
+        Code.CLIENT_NOT_AUTHENTICATED,
+    )
+)
+
 
 class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
-    def __init__(self, node: Node, peers: PeerPool, *, authenticate_clients: bool = False) -> None:
+    def __init__(
+        self,
+        node: Node,
+        peers: PeerPool,
+        *,
+        authenticate_clients: bool = False,
+        refusal_limit: TokenBuckets | None = None,
+        refusals: RefusalCounter | None = None,
+    ) -> None:
         self.node = node
         self.peers = peers
         self.authenticate_clients = authenticate_clients
+        # junk refusals logged one by one per source (None: every one), and the count of
+        # the others, written by an `AggregateFlusher`
+        self.refusal_limit = refusal_limit
+        self.refusals = RefusalCounter() if refusals is None else refusals
         self._handlers: dict[str, Any] = {}
         self.in_flight = 0
 
@@ -369,6 +400,11 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
     async def _refuse(
         self, context: grpc.aio.ServicerContext[Any, Any], err: GatewayError, facts: dict[str, Any]
     ) -> bytes:
+        if err.code in COUNTED and self.refusal_limit is not None:
+            source = peer_host(context.peer())
+            if self.refusal_limit.take(source):
+                self.refusals.add(source, err.code.value, self.node.clock())
+                return await self._abort(context, err, facts["message_id"])
         log.info(
             "call_refused",
             code=err.code.value,

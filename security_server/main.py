@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,14 +20,16 @@ from typing import Any
 import grpc
 import structlog
 
+from gateway.audit import Role
 from gateway.configuration import Anchor
-from gateway.errors import ConfigFileError
+from gateway.errors import ConfigFileError, GatewayError
 from gateway.identifiers import MemberId, SecurityServerId
 from gateway.replay import ReplayGuard
 from gateway.settings import database_url
 from gateway.signing import EcdsaSigner, load_certificate, load_private_key
 from registry.auth import OidcSettings, TokenVerifier
 from security_server.archive import Archiver
+from security_server.auditor_api import PATH as AUDITOR_PATH
 from security_server.auditor_api import AuditorApi
 from security_server.auditor_api import start as start_auditor_api
 from security_server.certificate_status import OwnStatus, StatusChecker, der_sha256
@@ -34,6 +37,8 @@ from security_server.config_client import ConfigurationClient
 from security_server.consumer import ConsumerService
 from security_server.endpoint_limits import consumer_options
 from security_server.federation import Federations
+from security_server.floods import AggregateFlusher, CountedEndpoint, RefusalCounter, TokenBuckets
+from security_server.health import ConfigurationHealth
 from security_server.message_log import ChainInUseError, MessageLog
 from security_server.node import Node, load_subject_secret
 from security_server.peers import PeerPool
@@ -157,6 +162,7 @@ async def serve(
             database_url(settings.log.database, base=base),
             chain=settings.log.chain,
             max_batch=settings.log.max_batch,
+            audit_queue=settings.log.audit_queue,
         )
     except ChainInUseError as exc:
         raise ConfigFileError(str(exc)) from None
@@ -222,6 +228,29 @@ async def serve(
     backends = BackendClient(dict(settings.backends), max_frame)
     servers: list[grpc.aio.Server] = []
     closers: list[Callable[[], Awaitable[None]]] = []
+    # junk refusals and refused auditor requests, counted and written once per interval
+    consumer_refusals = RefusalCounter()
+    auditor_refusals = RefusalCounter()
+    aggregates = AggregateFlusher(
+        message_log.append_audit,
+        [
+            CountedEndpoint(counter=consumer_refusals, role=Role.CONSUMER),
+            CountedEndpoint(
+                counter=auditor_refusals, role=Role.AUDITOR, method=f"GET {AUDITOR_PATH}"
+            ),
+        ],
+        interval=settings.limits.aggregate_seconds,
+        clock=_clock,
+    )
+
+    def configuration_in_force() -> bool:
+        try:
+            config.require(_clock())
+        except GatewayError:
+            return False
+        return True
+
+    health = ConfigurationHealth(configuration_in_force)
     if settings.log.retention_days > 0:
         archiver = Archiver(
             message_log.engine,
@@ -260,6 +289,7 @@ async def serve(
                 ("grpc.max_send_message_length", max_frame),
             ]
         )
+        health.register(provider)
         provider.add_generic_rpc_handlers((ProviderService(node, backends).handler(),))
         provider_port = provider.add_secure_port(
             settings.provider.listen, TlsRoots(federations, tls_cert, tls_key).credentials()
@@ -273,8 +303,22 @@ async def serve(
         consumer = grpc.aio.server(
             options=consumer_options(settings.limits, max_receive=consumer_max, max_send=max_frame)
         )
+        # probes first: the consumer's own handler takes every method
+        health.register(consumer)
         consumer.add_generic_rpc_handlers(
-            (ConsumerService(node, peers, authenticate_clients=local.client_ca is not None),)
+            (
+                ConsumerService(
+                    node,
+                    peers,
+                    authenticate_clients=local.client_ca is not None,
+                    refusal_limit=TokenBuckets(
+                        settings.limits.refusal_rate,
+                        settings.limits.refusal_burst,
+                        clock=time.monotonic,
+                    ),
+                    refusals=consumer_refusals,
+                ),
+            )
         )
         if local.tls_certificate is not None and local.tls_key is not None:
             credentials = grpc.ssl_server_credentials(
@@ -285,6 +329,8 @@ async def serve(
             consumer_port = consumer.add_secure_port(local.listen, credentials)
         else:
             consumer_port = consumer.add_insecure_port(local.listen)
+        background.append(asyncio.create_task(health.run(), name="health"))
+        aggregates.start()
         for s in (provider, consumer):
             await s.start()
             servers.append(s)
@@ -302,6 +348,15 @@ async def serve(
                 Searcher(message_log.engine),
                 verifier,
                 max_page=settings.auditor.max_page,
+                source_limit=TokenBuckets(
+                    settings.auditor.source_rate,
+                    settings.auditor.source_burst,
+                    clock=time.monotonic,
+                ),
+                token_limit=TokenBuckets(
+                    settings.auditor.token_rate, settings.auditor.token_burst, clock=time.monotonic
+                ),
+                refusals=auditor_refusals,
             )
             auditor_runner, auditor_port = await start_auditor_api(
                 api, settings.auditor.listen, _auditor_tls(settings)
@@ -312,10 +367,13 @@ async def serve(
         on_ready(ready)
         await stop.wait()
     finally:
+        await health.enter_graceful_shutdown()
         for close in reversed(closers):
             await close()
         for s in servers:
             await s.stop(grace=2.0)
+        # what was counted until the endpoints stopped, written before the log closes
+        await aggregates.close()
         for task in background:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -15,6 +15,11 @@ bodies, each once, under its SHA-256, written in the same transaction as the rec
 name it (so the chain vouches for them through those digests); `timestamp_batches` keeps
 each RFC 3161 token with the range of records and the Merkle root it stamps.
 
+Data-path records (requests, responses, refusals) have priority over the records of the
+auditor API and of counted refusals (`append_audit`): those wait in a bounded queue of their
+own and go into a transaction only in the room the data-path records leave, at most
+`AUDIT_PER_BATCH` a transaction; when the queue is full they are refused at once.
+
 Database errors are translated here into `UnavailableError(LOG_UNAVAILABLE)`.
 """
 
@@ -105,6 +110,10 @@ log_archives = sa.Table(
     sa.Column("stamped_last_seq", sa.BigInteger, nullable=False),
     sa.Column("created_at", sa.Text, nullable=False),
 )
+
+# most audit records (auditor queries, refusal aggregates) written in one transaction, after
+# its data-path records: they never grow a data-path commit by more than this
+AUDIT_PER_BATCH = 16
 
 # message ids the provider accepted, shared by the replicas of one server so that none
 # accepts an envelope another already did (`security_server.replay_ledger`); not part of
@@ -274,12 +283,22 @@ async def chain_names(engine: AsyncEngine) -> list[str]:
 
 
 class MessageLog:
-    def __init__(self, engine: AsyncEngine, head: ChainHead, max_batch: int, chain: str) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        head: ChainHead,
+        max_batch: int,
+        chain: str,
+        audit_queue: int = 256,
+    ) -> None:
         self.engine = engine
         self.head = head
         self.max_batch = max_batch
         self.chain = chain
         self._pending: list[tuple[Mapping[str, FieldValue], Evidence, asyncio.Future[int]]] = []
+        # audit records waiting (lower priority, bounded: see `append_audit`)
+        self._audit: list[tuple[Mapping[str, FieldValue], Evidence, asyncio.Future[int]]] = []
+        self.audit_queue = audit_queue
         self._wake = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
@@ -331,7 +350,9 @@ class MessageLog:
         self.records_written = 0
 
     @classmethod
-    async def open(cls, url: str, *, chain: str = "main", max_batch: int = 512) -> MessageLog:
+    async def open(
+        cls, url: str, *, chain: str = "main", max_batch: int = 512, audit_queue: int = 256
+    ) -> MessageLog:
         """Open the log, migrate its schema, claim `chain` for this process and find its head.
 
         `ChainInUseError` when another process already writes that chain."""
@@ -346,7 +367,7 @@ class MessageLog:
         except BaseException:
             await engine.dispose()
             raise
-        self = cls(engine, head, max_batch, chain)
+        self = cls(engine, head, max_batch, chain, audit_queue)
         self._claim = claim
         self._writer = asyncio.create_task(self._write_loop(), name="message-log-writer")
         return self
@@ -376,13 +397,31 @@ class MessageLog:
         self._wake.set()
         return await future
 
+    async def append_audit(self, fields: Mapping[str, FieldValue]) -> int:
+        """Append a record of the auditor API or of counted refusals, with lower priority
+        than the data path; `UnavailableError(LOG_UNAVAILABLE)` at once when
+        `audit_queue` such records already wait."""
+        if len(self._audit) >= self.audit_queue:
+            raise UnavailableError(
+                "the message log is busy with exchanges; this record waits for none",
+                code=Code.LOG_UNAVAILABLE,
+            )
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._audit.append((fields, {}, future))
+        self._wake.set()
+        return await future
+
     async def _write_loop(self) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self._pending:
+            while self._pending or self._audit:
                 batch = self._pending[: self.max_batch]
                 del self._pending[: self.max_batch]
+                room = min(self.max_batch - len(batch), AUDIT_PER_BATCH)
+                if room > 0 and self._audit:
+                    batch += self._audit[:room]
+                    del self._audit[:room]
                 await self._write_batch(batch)
             if self._closing:
                 return

@@ -74,6 +74,9 @@ class LogSection:
     archive_interval_seconds: float = 3600.0
     # most records in one archive file
     archive_max_records: int = 100_000
+    # most auditor-query and refusal-aggregate records waiting to be written; they go
+    # after the exchanges' records, and past this an auditor query is refused (503)
+    audit_queue: int = 256
 
     def __post_init__(self) -> None:
         from security_server.message_log import check_chain_name
@@ -85,6 +88,8 @@ class LogSection:
             )
         if self.archive_max_records < 1:
             raise ValueError("log.archive_max_records must be at least 1")
+        if self.audit_queue < 1:
+            raise ValueError("log.audit_queue must be at least 1")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -144,8 +149,19 @@ class AuditorSection:
     audience: str = ""
     # most results in one page
     max_page: int = 500
+    # requests per second (and burst) one client address may make; more get 429
+    source_rate: float = 50.0
+    source_burst: int = 200
+    # requests per second (and burst) one token holder may make; more get 429
+    token_rate: float = 20.0
+    token_burst: int = 100
 
     def __post_init__(self) -> None:
+        if (
+            min(self.source_rate, self.token_rate) <= 0
+            or min(self.source_burst, self.token_burst) < 1
+        ):
+            raise ValueError("auditor rates must be positive and bursts at least 1")
         if self.listen and not self.jwks_url:
             raise ValueError("auditor.listen needs auditor.jwks_url, to verify auditor tokens")
         if (self.tls_certificate is None) != (self.tls_key is None):
@@ -180,6 +196,14 @@ class LimitsSection:
     # provider: exchange streams one peer server may hold open at once (a server uses one;
     # its replicas one each); more are refused with `overloaded`
     max_streams_per_peer: int = 16
+    # consumer endpoint: malformed or unknown-client refusals (missing_metadata,
+    # malformed_identifier, client_not_served, client_not_authenticated) logged one by one
+    # per source address and second (and burst); beyond, they are only counted
+    refusal_rate: float = 10.0
+    refusal_burst: int = 50
+    # how often counted refusals (consumer endpoint, auditor API) are written, one record
+    # per source, reason and interval, in seconds
+    aggregate_seconds: float = 10.0
 
     def __post_init__(self) -> None:
         if self.max_frames_per_stream < 1 or self.max_streams_per_peer < 1:
@@ -188,6 +212,11 @@ class LimitsSection:
             )
         if self.max_calls_per_peer < 0:
             raise ValueError("limits.max_calls_per_peer must be at least 0")
+        if self.refusal_rate <= 0 or self.refusal_burst < 1 or self.aggregate_seconds <= 0:
+            raise ValueError(
+                "limits.refusal_rate and limits.aggregate_seconds must be positive, "
+                "limits.refusal_burst at least 1"
+            )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

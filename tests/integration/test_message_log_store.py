@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from gateway.audit import ChainBrokenError, FieldValue, RecordKind, Role
+from gateway.errors import UnavailableError
 from gateway.settings import database_url
 from security_server.audit import verify_log
 from security_server.message_log import MessageLog
@@ -220,3 +221,20 @@ async def test_the_database_refuses_edits_and_deletions(url: str) -> None:
     finally:
         await engine.dispose()
     assert (await verify_log(url)).heads["main"].next_seq == 2
+
+
+async def test_audit_records_wait_behind_the_data_path_in_a_bounded_queue(tmp_path: Path) -> None:
+    """Audit records (auditor queries, refusal aggregates) go into a transaction only after
+    the data-path records queued with them, and past `audit_queue` are refused at once."""
+    log = await MessageLog.open(
+        database_url(str(tmp_path / "log.db"), base=tmp_path), max_batch=8, audit_queue=4
+    )
+    # the audit records are queued first, then the data-path ones, before the writer runs
+    audit = [asyncio.ensure_future(log.append_audit(fields(1000 + i))) for i in range(4)]
+    data = [asyncio.ensure_future(log.append(fields(i))) for i in range(20)]
+    await asyncio.sleep(0)
+    with pytest.raises(UnavailableError):
+        await log.append_audit(fields(2000))
+    data_seqs, audit_seqs = await asyncio.gather(asyncio.gather(*data), asyncio.gather(*audit))
+    assert max(data_seqs) < min(audit_seqs), (data_seqs, audit_seqs)
+    await log.close()

@@ -1,0 +1,49 @@
+"""`grpc.health.v1` on the consumer and provider endpoints, for load balancers and
+Kubernetes probes.
+
+The overall status (service "") is SERVING while a global configuration is in force (one is
+held and has not expired), NOT_SERVING otherwise, and NOT_SERVING for good once the server
+stops. Probes are served by this handler, registered before the endpoints' own, so they are
+never refused, logged or counted as calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio  # type: ignore[attr-defined]
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class ConfigurationHealth(aio.HealthServicer):  # type: ignore[misc]
+    """Health that follows `in_force()`: read at each Check, and every `interval` seconds
+    for the watchers of Watch."""
+
+    def __init__(self, in_force: Callable[[], bool], *, interval: float = 1.0) -> None:
+        super().__init__()
+        self.in_force = in_force
+        self.interval = interval
+
+    async def refresh(self) -> None:
+        await self.set("", SERVING if self.in_force() else NOT_SERVING)
+
+    async def Check(
+        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> health_pb2.HealthCheckResponse:
+        await self.refresh()
+        return await super().Check(request, context)
+
+    async def run(self) -> None:
+        """Keep the status current for Watch (until cancelled)."""
+        while True:
+            await self.refresh()
+            await asyncio.sleep(self.interval)
+
+    def register(self, server: grpc.aio.Server) -> None:
+        health_pb2_grpc.add_HealthServicer_to_server(self, server)
