@@ -226,11 +226,7 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                 wait,
             )
             if frame.HasField("refusal"):
-                try:
-                    code = Code(frame.refusal.code)
-                except ValueError:
-                    code = Code.INTERNAL
-                raise GatewayError(frame.refusal.message, code=code)
+                raise provider_refusal(frame.refusal)
             response, response_certificate = self._check_response(
                 frame, header, header_bytes, provider, link, remote
             )
@@ -276,7 +272,7 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         if response.grpc_status != 0:
             await context.abort(
                 grpc.StatusCode[_STATUS_NAMES[response.grpc_status]],
-                response.grpc_message,
+                provider_text(response.grpc_message),
                 trailing_metadata=trailing,
             )
         context.set_trailing_metadata(trailing)
@@ -375,6 +371,30 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
 
 
 _STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+
+# the most of a provider's free text (a refusal's or a backend error's message) passed on
+# to the caller, in UTF-8 bytes: far below gRPC's 16 KiB metadata limit once escaped
+MAX_PROVIDER_TEXT_BYTES = 1024
+
+
+def provider_text(text: str) -> str:
+    """A provider's free text, bounded and printable, safe to pass on in gRPC details."""
+    text = text.encode()[:MAX_PROVIDER_TEXT_BYTES].decode(errors="ignore")
+    return text if text.isprintable() else "".join(c if c.isprintable() else "?" for c in text)
+
+
+def provider_refusal(refusal: pb.Refusal) -> GatewayError:
+    """The error to pass on for a provider's refusal: its code if it is one of ours (else
+    internal_error, naming the code it sent), with its message bounded."""
+    try:
+        code = Code(refusal.code)
+    except ValueError:
+        return GatewayError(
+            "the provider refused with a code this server does not know "
+            f"({provider_text(refusal.code[:64])!r}): {provider_text(refusal.message)}",
+            code=Code.INTERNAL,
+        )
+    return GatewayError(provider_text(refusal.message), code=code)
 
 
 def check_outbound_approval(
