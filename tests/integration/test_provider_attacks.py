@@ -21,8 +21,11 @@ from pathlib import Path
 import grpc
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509 import ocsp
 
 from certs.ocsp_responder import OcspResponder
+from certs.pki import load_issued
 from gateway.envelope import ResponseHeader, decode_request, decode_response, sha256_hex
 from gateway.errors import Code
 from gateway.identifiers import SecurityServerId, ServiceId
@@ -68,6 +71,30 @@ class Topology:
         """A "good" OCSP answer about a certificate, signed by the instance's responder key."""
         responder = self.stale_responder if stale else self.responder
         return responder.respond(ocsp_request(certificate, self.ca))
+
+    def revoked_staple(self, certificate: x509.Certificate) -> bytes:
+        """An OCSP answer, signed by the instance's responder key, that `certificate` is revoked."""
+        now = datetime.now(UTC)
+        request = ocsp.load_der_ocsp_request(ocsp_request(certificate, self.ca))
+        responder = load_issued(self.runner.pki, "ocsp")
+        builder = (
+            ocsp.OCSPResponseBuilder()
+            .add_response_by_hash(
+                request.issuer_name_hash,
+                request.issuer_key_hash,
+                request.serial_number,
+                request.hash_algorithm,
+                ocsp.OCSPCertStatus.REVOKED,
+                this_update=now,
+                next_update=now + timedelta(minutes=10),
+                revocation_time=now - timedelta(minutes=1),
+                revocation_reason=x509.ReasonFlags.key_compromise,
+            )
+            .responder_id(ocsp.OCSPResponderEncoding.HASH, responder.certificate)
+            .certificates([responder.certificate])
+        )
+        signed = builder.sign(responder.key, hashes.SHA256())
+        return signed.public_bytes(serialization.Encoding.DER)
 
     def header(self, frame: pb.Frame, **changes: object) -> ResponseHeader:
         """The response header the real ss-dnic would sign for `frame`, with `changes`."""
@@ -387,3 +414,27 @@ async def test_backend_error_with_a_huge_message(topology: Topology) -> None:
         ("request", "ok", 0),
         ("response", "backend_error", 256),
     ]
+
+
+async def test_revoked_signer_staple(topology: Topology) -> None:
+    """A response whose signing certificate's stapled status is revoked:
+    signer_certificate_revoked."""
+    revoked = topology.revoked_staple(topology.dnic_signer.certificate)
+    message_id, outcome = await attack(
+        topology, lambda frame: topology.respond(frame, signer_ocsp=revoked)
+    )
+    assert_refused(topology, message_id, outcome, "signer_certificate_revoked")
+
+
+# keep last: ss-msp sends nothing more to this provider until the stream is replaced
+async def test_revoked_stream_staple_stops_sending(topology: Topology) -> None:
+    """A provider stapling that its TLS certificate is revoked: peer_certificate_revoked, and
+    ss-msp sends it no further request on that stream."""
+    revoked = topology.revoked_staple(topology.dnic_auth)
+    answer = lambda frame: topology.respond(frame, staple=revoked)  # noqa: E731
+    message_id, outcome = await attack(topology, answer)
+    assert_refused(topology, message_id, outcome, "peer_certificate_revoked")
+    received = len(topology.provider.requests)
+    message_id, outcome = await attack(topology, answer)
+    assert_refused(topology, message_id, outcome, "peer_certificate_revoked")
+    assert len(topology.provider.requests) == received
