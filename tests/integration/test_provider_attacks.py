@@ -116,15 +116,17 @@ class Topology:
         header: ResponseHeader | None = None,
         body: bytes = ANA,
         signer: EcdsaSigner | None = None,
+        key: EcdsaSigner | None = None,
         signer_ocsp: bytes | None = None,
         alter: Callable[[bytes], bytes] = bytes,
         staple: bytes | None = None,
     ) -> Reply:
         """A response frame as the real provider sends it, except for what is passed: the
-        header is signed, then `alter`ed; the staples default to fresh "good" answers."""
+        header is signed (with `key`'s key, by default `signer`'s), then `alter`ed; the
+        staples default to fresh "good" answers."""
         signer = signer or self.dnic_signer
         header_bytes = (header or self.header(frame)).encode()
-        signature = signer.sign(header_bytes)
+        signature = (key or signer).sign(header_bytes)
         envelope = pb.SignedEnvelope(
             header=alter(header_bytes),
             body=body,
@@ -248,6 +250,36 @@ async def test_signed_by_another_members_key(topology: Topology) -> None:
         topology, lambda frame: topology.respond(frame, signer=topology.msp_signer)
     )
     assert_refused(topology, message_id, outcome, "untrusted_signer")
+
+
+async def test_signed_with_another_key_under_the_right_certificate(topology: Topology) -> None:
+    """A response signed with MSP's key but carrying DNIC's signing certificate: bad_signature."""
+    message_id, outcome = await attack(
+        topology, lambda frame: topology.respond(frame, key=topology.msp_signer)
+    )
+    assert_refused(topology, message_id, outcome, "bad_signature")
+
+
+async def test_genuine_response_to_an_earlier_call_replayed(topology: Topology) -> None:
+    """A genuine signed response to an earlier call, replayed to answer a new one:
+    response_mismatch."""
+    earlier: list[pb.SignedEnvelope] = []
+
+    def record_answer(frame: pb.Frame) -> Reply:
+        reply = topology.respond(frame)
+        assert reply.frame is not None
+        earlier.append(reply.frame.response)
+        return reply
+
+    _, first = await attack(topology, record_answer)
+    assert first.ok, first
+
+    def replay(frame: pb.Frame) -> Reply:
+        answer = pb.Frame(correlation_id=frame.correlation_id, response=earlier[0])
+        return Reply(frame=answer, staple=topology.staple(topology.dnic_auth))
+
+    message_id, outcome = await attack(topology, replay)
+    assert_refused(topology, message_id, outcome, "response_mismatch")
 
 
 async def test_signed_with_the_tls_key(topology: Topology) -> None:
