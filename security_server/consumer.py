@@ -279,11 +279,7 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                 wait,
             )
             if frame.HasField("refusal"):
-                try:
-                    code = Code(frame.refusal.code)
-                except ValueError:
-                    code = Code.INTERNAL
-                raise GatewayError(frame.refusal.message, code=code)
+                raise provider_refusal(frame.refusal)
             response, response_certificate = self._check_response(
                 frame, header, header_bytes, provider, link, remote
             )
@@ -433,6 +429,20 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
 
 
 _STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+
+
+def provider_refusal(refusal: pb.Refusal) -> GatewayError:
+    """The error to pass on for a provider's refusal: its code if it is one of ours (else
+    internal_error, naming the code it sent), with its message bounded."""
+    try:
+        code = Code(refusal.code)
+    except ValueError:
+        return GatewayError(
+            "the provider refused with a code this server does not know "
+            f"({bound_message(refusal.code[:64])!r}): {bound_message(refusal.message)}",
+            code=Code.INTERNAL,
+        )
+    return GatewayError(bound_message(refusal.message), code=code)
 
 
 def check_generated_id(given: str, generated: str) -> None:

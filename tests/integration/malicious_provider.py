@@ -1,0 +1,96 @@
+"""A malicious provider security server for the tests: real mutual TLS, forged answers.
+
+It listens on a registered provider's address with that server's own TLS certificate and
+key (the real process stays stopped), so a real consumer security server connects to it
+exactly as to the real provider. What it answers to each request frame is chosen by the
+test: `behaviour` maps the request frame to a `Reply` (an answer frame and the stream
+staple to send with it, or nothing and the end of the stream). It never checks anything
+itself; the tests decide what the consumer should have done.
+
+It runs on gRPC's thread-based server, so one instance serves a whole test module
+whatever event loop each test runs on.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from gateway.v1 import exchange_pb2 as pb
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Reply:
+    """What to send back for one request frame."""
+
+    # the answer frame; None: end the stream without answering
+    frame: pb.Frame | None
+    # the OCSP staple sent with this stream message (empty: none)
+    staple: bytes = b""
+
+
+Behaviour = Callable[[pb.Frame], Reply]
+
+
+def _hang_up(_: pb.Frame) -> Reply:
+    return Reply(frame=None)
+
+
+class MaliciousProvider:
+    """A provider endpoint that answers each request frame with `behaviour(frame)`."""
+
+    def __init__(self, address: str, cert_pem: bytes, key_pem: bytes, ca_pem: bytes) -> None:
+        self.address = address
+        self._lock = threading.Lock()
+        self._behaviour: Behaviour = _hang_up
+        self.requests: list[pb.Frame] = []
+        self._server = grpc.server(
+            ThreadPoolExecutor(max_workers=4),
+            options=[
+                ("grpc.max_send_message_length", 16 * 1024 * 1024),
+                ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+            ],
+        )
+        handler = grpc.stream_stream_rpc_method_handler(
+            self._exchange,
+            request_deserializer=pb.Frames.FromString,
+            response_serializer=pb.Frames.SerializeToString,
+        )
+        self._server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler("gateway.v1.Exchange", {"Exchange": handler}),)
+        )
+        credentials = grpc.ssl_server_credentials(
+            [(key_pem, cert_pem)], root_certificates=ca_pem, require_client_auth=True
+        )
+        if self._server.add_secure_port(address, credentials) == 0:
+            raise RuntimeError(f"cannot listen on {address}")
+
+    @property
+    def behaviour(self) -> Behaviour:
+        with self._lock:
+            return self._behaviour
+
+    @behaviour.setter
+    def behaviour(self, behaviour: Behaviour) -> None:
+        with self._lock:
+            self._behaviour = behaviour
+
+    def _exchange(self, messages: Iterator[pb.Frames], context: Any) -> Iterator[pb.Frames]:
+        for message in messages:
+            for frame in message.frames:
+                self.requests.append(frame)
+                reply = self.behaviour(frame)
+                if reply.frame is None:
+                    return
+                yield pb.Frames(frames=[reply.frame], ocsp_staple=reply.staple)
+
+    def start(self) -> None:
+        self._server.start()
+
+    def stop(self) -> None:
+        self._server.stop(None).wait()
