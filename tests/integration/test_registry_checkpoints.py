@@ -3,11 +3,13 @@ the rows it keeps cannot be changed, on SQLite and PostgreSQL (in process, one g
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import cast
 
 import grpc
 import pytest
@@ -24,6 +26,9 @@ from gateway.v1 import configuration_pb2 as pb
 from registry.checkpoints import CheckpointBook, CheckpointRefused
 from registry.main import ConfigurationService
 from registry.store import RegistryStore, ServerStatus, checkpoints, members, servers
+from security_server.checkpoints import CheckpointSender
+from security_server.message_log import MessageLog
+from security_server.settings import CheckpointsSection
 
 from .test_registry_store import fresh_postgres_database, needs_postgres
 
@@ -199,3 +204,52 @@ async def test_grpc_refusals_carry_their_status(registry: Registry) -> None:
                 assert caught.value.code() is status
     finally:
         await server.stop(None)
+
+
+@dataclass
+class FakeLog:
+    """What the sender reads of a message log: its chain and last durable record."""
+
+    chain: str
+    durable: tuple[int, bytes]
+
+
+async def test_sender_delivers_moves_on_and_survives_an_absent_registry(
+    registry: Registry,
+) -> None:
+    """The server's sender gets a moved head accepted, skips an unchanged one, reports a
+    refused (rewound) head without raising, and returns promptly when no registry answers."""
+    server = grpc.aio.server()
+    service = ConfigurationService(publisher=None, instance="UY", checkpoints=registry.book)  # type: ignore[arg-type]
+    server.add_generic_rpc_handlers((service.handler(),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    log = FakeLog("main", (6, b"\x06" * 32))
+    settings = CheckpointsSection(interval_seconds=1, heartbeat_seconds=60, timeout_seconds=2)
+
+    def sender(address: str) -> CheckpointSender:
+        return CheckpointSender(
+            message_log=cast(MessageLog, log),
+            server=MSP_SERVER,
+            signer=registry.keys[MSP_SERVER],
+            addresses=[address],
+            settings=settings,
+            clock=lambda: datetime.now(UTC),
+        )
+
+    live = sender(f"127.0.0.1:{port}")
+    try:
+        assert await live.send_once() is True
+        assert await live.send_once() is False  # unchanged, heartbeat not due
+        log.durable = (4, b"\x04" * 32)  # the operator rewound the log
+        assert await live.send_once() is False
+        assert live.failures == 1
+        assert [seq for _, seq, _ in await registry.rows()] == [6]
+    finally:
+        await live.close()
+        await server.stop(None)
+    started = asyncio.get_running_loop().time()
+    absent = sender(f"127.0.0.1:{port}")  # the registry is gone
+    assert await absent.send_once() is False
+    await absent.close()
+    assert asyncio.get_running_loop().time() - started < 3 * settings.timeout_seconds
