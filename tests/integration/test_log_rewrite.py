@@ -361,3 +361,40 @@ def test_checkpoints_are_read_by_auditors_within_their_scope(world: World) -> No
     with pytest.raises(AdminApiError) as caught:
         checkpoints_of(world.runner, admin)
     assert caught.value.status == 403
+
+
+def test_server_restarted_on_a_cut_log_is_refused_by_the_registry(world: World) -> None:
+    """The operator cuts the tail and restarts the server on it: the registry refuses its
+    checkpoint (the chain goes back), logs the conflict loudly and keeps what it had; the
+    server goes on serving."""
+    runner = world.runner
+    live = runner.log_db(MSP)
+    for suffix in ("-wal", "-shm"):
+        Path(f"{live}{suffix}").unlink(missing_ok=True)
+    shutil.copy(world.log, live)
+    conn = sqlite3.connect(live)
+    try:
+        drop_sqlite_rules(conn)
+        conn.execute("DELETE FROM timestamp_batches WHERE last_seq > 4")
+        conn.execute("DELETE FROM message_log WHERE seq > 4")
+        conn.commit()
+    finally:
+        conn.close()
+    runner.start("ss-msp")
+    wait_for(lambda: "checkpoint_refused" in runner.tail("ss-msp", 200), "the refusal")
+    assert "checkpoint_conflict" in runner.tail("registry", 200)
+    assert max(c["seq"] for c in checkpoints_of(runner, world.token)) == RECORDS
+
+    async def one_call() -> bool:
+        async with grpc.aio.insecure_channel(runner.consumers[MSP]) as channel:
+            outcome = await call_raw(
+                channel,
+                GET_PERSON,
+                population.GetPersonRequest(national_id="1.234.567-8").SerializeToString(),
+                routing_metadata(
+                    client=CLINICS, service=POPULATION, purpose="healthcare-identification"
+                ),
+            )
+            return outcome.ok
+
+    assert asyncio.run(one_call())
