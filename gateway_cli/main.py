@@ -11,6 +11,7 @@
     gateway audit verify    verify a security server's message log and its time-stamps
     gateway audit export    write the evidence bundle of one exchange
     gateway audit verify-bundle  verify an evidence bundle offline
+    gateway audit checkpoints    export the checkpoints the registry received from a server
     gateway demo            run the demonstration (make demo)
     gateway bench           measure throughput and latency (make bench)
 
@@ -28,6 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from gateway.errors import ConfigFileError, GatewayError
+
+# `gateway audit verify`'s defaults for a token's time: the server's defaults for the TSA
+# failure period (600 s), stamping interval (1 s) and TSA timeout (5 s), plus clock skew
+DEFAULT_CLOCK_SKEW = 300.0
+DEFAULT_TOKEN_GRACE = 600.0 + 1.0 + 5.0 + DEFAULT_CLOCK_SKEW
 
 
 def _pki_init(ns: argparse.Namespace) -> int:
@@ -266,9 +272,10 @@ def _server_serve(ns: argparse.Namespace) -> int:
 def _audit_verify(ns: argparse.Namespace) -> int:
     from sqlalchemy.exc import SQLAlchemyError
 
-    from gateway.audit import ChainBrokenError
+    from gateway.errors import AuditError
     from gateway_cli.runtime import run
-    from security_server.audit import verify_log
+    from gateway_cli.verify import TrustInputError, anchor_cas, load_checkpoints
+    from security_server.audit import StampTimes, verify_log
 
     if ns.db is None and ns.archive_dir is None:
         print("error: give --db, --archive-dir, or both", file=sys.stderr)
@@ -281,14 +288,46 @@ def _audit_verify(ns: argparse.Namespace) -> int:
     if ns.archive_dir is not None and not ns.archive_dir.is_dir():
         print(f"error: no archive folder at {ns.archive_dir}", file=sys.stderr)
         return 2
+    if ns.configuration is not None and ns.anchor is None:
+        print("error: --configuration goes with --anchor", file=sys.stderr)
+        return 2
+    if ns.check_stamps and not ns.ca and ns.anchor is None:
+        print(
+            "error: --check-stamps needs a trust anchor: --anchor anchor.json (the instance "
+            "anchor) or --ca CA.pem; the CAs kept in the log itself are never trusted",
+            file=sys.stderr,
+        )
+        return 2
     show = sys.stderr.isatty() and not ns.quiet
     progress = _progress_bar("verifying") if show else None
 
     try:
         cas = _load_cas(ns.ca)
+        if ns.anchor is not None:
+            cas = (cas or []) + anchor_cas(ns.anchor, ns.configuration)
+        checkpoints = None
+        server = None
+        if ns.checkpoints is not None:
+            server, checkpoints = load_checkpoints(ns.checkpoints, server=ns.server, token=ns.token)
         grace = timedelta(seconds=ns.stamp_grace) if ns.stamp_grace >= 0 else None
-        report = run(lambda: verify_log(url, progress, cas, grace, archive_dir=ns.archive_dir))
-    except ChainBrokenError as exc:
+        times = StampTimes(
+            skew=timedelta(seconds=ns.clock_skew), grace=timedelta(seconds=ns.token_grace)
+        )
+        report = run(
+            lambda: verify_log(
+                url,
+                progress,
+                cas,
+                grace,
+                archive_dir=ns.archive_dir,
+                stamp_times=times,
+                checkpoints=checkpoints,
+            )
+        )
+    except TrustInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except AuditError as exc:
         if show:
             print(file=sys.stderr)
         print(f"FAILED: {exc}")
@@ -307,9 +346,27 @@ def _audit_verify(ns: argparse.Namespace) -> int:
     for chain, head in report.heads.items():
         print(f"  chain {chain}: {head.next_seq - 1} record(s), head {head.last_hash.hex()}")
     print(
-        f"time-stamps: {stamped} record(s) covered by verified tokens"
+        f"time-stamps: {stamped} record(s) covered by "
+        + ("verified tokens" if report.anchored else "batches whose Merkle roots match")
         + (f"; the newest {total - stamped} are not stamped yet" if stamped < total else "")
     )
+    if not report.anchored:
+        print(
+            "WARNING: no trust anchor given (--anchor or --ca): time-stamp tokens and their "
+            "signatures were NOT checked against a trust anchor, and neither were their times"
+        )
+    if report.checkpoints is None:
+        print(
+            "WARNING: no checkpoints given (--checkpoints): a cut tail or a rewrite of the "
+            "whole chain after its last time-stamp cannot be seen"
+        )
+    else:
+        print(f"checkpoints: the log agrees with all {report.checkpoints} of {server}")
+        for chain, last in sorted(report.last_checkpoint.items()):
+            print(
+                f"  chain {chain}: last checkpoint at record {last.checkpoint.seq}, "
+                f"received {last.received_at.isoformat()}; records after it are not vouched for"
+            )
     return 0
 
 
@@ -646,8 +703,54 @@ def build_parser() -> argparse.ArgumentParser:
         "--ca",
         type=Path,
         action="append",
-        help="CA certificates (PEM) to check time-stamp tokens against (default: the CAs "
-        "the server kept in its log)",
+        help="CA certificates (PEM) to check time-stamp tokens against (a trust anchor; the "
+        "CAs kept in the log are never trusted)",
+    )
+    p.add_argument(
+        "--anchor",
+        type=Path,
+        help="the instance anchor (anchor.json): trust the CAs of the instance's signed "
+        "configuration, fetched from the anchor's registry or given with --configuration",
+    )
+    p.add_argument(
+        "--configuration",
+        type=Path,
+        help="with --anchor: a saved signed configuration (a security server's "
+        "STATE_DIR/configuration.json) instead of fetching the current one",
+    )
+    p.add_argument(
+        "--check-stamps",
+        action="store_true",
+        help="refuse (exit 2) to run without a trust anchor, instead of warning that "
+        "time-stamps were not checked",
+    )
+    p.add_argument(
+        "--token-grace",
+        type=float,
+        default=DEFAULT_TOKEN_GRACE,
+        metavar="SECONDS",
+        help="fail when a batch was stamped later than its latest record by more than this "
+        f"(default {DEFAULT_TOKEN_GRACE:g}: the default TSA failure period, stamping "
+        "interval, TSA timeout and clock skew)",
+    )
+    p.add_argument(
+        "--clock-skew",
+        type=float,
+        default=DEFAULT_CLOCK_SKEW,
+        metavar="SECONDS",
+        help="fail when a batch was stamped before its earliest record by more than this "
+        f"(default {DEFAULT_CLOCK_SKEW:g}, limits.clock_skew_seconds)",
+    )
+    p.add_argument(
+        "--checkpoints",
+        metavar="URL|FILE",
+        help="compare the log with the checkpoints the registry received from its server: "
+        "the registry's admin API URL (with --server and an auditor --token) or a file "
+        "written by `gateway audit checkpoints`",
+    )
+    p.add_argument("--server", help="with --checkpoints URL: the log's security server id")
+    p.add_argument(
+        "--token", help="with --checkpoints URL: auditor token (default: $GATEWAY_TOKEN)"
     )
     p.add_argument(
         "--stamp-grace",
@@ -690,6 +793,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="the CA certificates (PEM) you trust; default: the bundle's own ca.pem",
     )
     p.set_defaults(func=_audit_verify_bundle)
+    from gateway_cli.verify import add_export_command
+
+    add_export_command(aud)
 
     from gateway_cli.admin import add_admin_commands
 

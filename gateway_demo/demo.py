@@ -213,9 +213,19 @@ def _wait_for_stamps(runner: Runner, timeout: float = 10.0) -> None:
 def _verify(runner: Runner) -> bool:
     _wait_for_stamps(runner)
     ok = True
+    token = runner.token("auditor")
+    anchor = runner.pki / "anchor.json"
     for server in (MSP, DNIC):
-        result = _gateway("audit", "verify", "--quiet", "--db", str(runner.log_db(server)))
-        print(f"   $ gateway audit verify --db {runner.log_db(server)}")
+        # against the instance anchor and the checkpoints the registry received so far
+        result = _gateway(
+            "audit", "verify", "--quiet", "--db", str(runner.log_db(server)),
+            "--anchor", str(anchor), "--check-stamps",
+            "--checkpoints", runner.api_url, "--server", server, "--token", token,
+        )  # fmt: skip
+        print(
+            f"   $ gateway audit verify --db {runner.log_db(server)} --anchor {anchor} "
+            f"--check-stamps --checkpoints {runner.api_url} --server {server} --token …"
+        )
         for line in (result.stdout.strip() or result.stderr.strip()).splitlines():
             print(f"     {line}")
         ok = ok and result.returncode == 0

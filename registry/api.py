@@ -24,10 +24,12 @@ from gateway.agreements import AgreementState, LegalBasis, LegalBasisKind, RateL
 from gateway.errors import GatewayError
 from gateway.identifiers import MemberId, SecurityServerId, ServiceId, SubsystemId
 from gateway.workflow import Action
-from registry.auth import AuthError, Principal, TokenIssuer, TokenVerifier
+from registry.auth import AuthError, Principal, Role, TokenIssuer, TokenVerifier
+from registry.checkpoints import CheckpointBook
 from registry.governance import (
     AdminError,
     AgreementRequest,
+    Forbidden,
     Governance,
     InvalidRequest,
     OutboundRequest,
@@ -347,7 +349,9 @@ class AdminApi:
         *,
         max_body_bytes: int,
         clock: Callable[[], datetime],
+        checkpoints: CheckpointBook | None = None,
     ) -> None:
+        self.checkpoints = checkpoints
         self.gov = governance
         self.verifier = verifier
         self.issuer = issuer
@@ -574,6 +578,24 @@ class AdminApi:
     async def verify_admin_log(self, request: web.Request) -> web.Response:
         return _json(await self.gov.verify_admin_log(request[PRINCIPAL]))
 
+    async def list_checkpoints(self, request: web.Request) -> web.Response:
+        """Security servers' checkpoints: auditors (member-scoped ones see their members'
+        servers only) and registry administrators."""
+        actor: Principal = request[PRINCIPAL]
+        if actor.role not in (Role.AUDITOR, Role.REGISTRY_ADMIN):
+            raise Forbidden("checkpoints are read by auditors and registry administrators")
+        if self.checkpoints is None:
+            raise Forbidden("this registry keeps no checkpoints")
+        server = request.query.get("server")
+        if server is not None:
+            _parse(SecurityServerId, server, "server")
+        after = _query_int(request, "after", 0, 0, 2**62)
+        limit = _query_int(request, "limit", 500, 1, 1000)
+        member = actor.member if actor.role is Role.AUDITOR else None
+        return _json(
+            await self.checkpoints.list(member=member, server=server, after=after, limit=limit)
+        )
+
     def app(self) -> web.Application:
         app = web.Application(
             client_max_size=self.max_body_bytes, middlewares=[self._errors, self._authenticate]
@@ -604,6 +626,7 @@ class AdminApi:
         r.add_post("/v1/outbound-approvals/{id}/revoke", self.revoke_outbound)
         r.add_get("/v1/admin-log", self.admin_log)
         r.add_get("/v1/admin-log/verify", self.verify_admin_log)
+        r.add_get("/v1/checkpoints", self.list_checkpoints)
         return app
 
 
@@ -778,6 +801,17 @@ def openapi_document() -> dict[str, Any]:
             )
         },
         "/v1/admin-log/verify": {"get": _op("verify the admin log's hash chain")},
+        "/v1/checkpoints": {
+            "get": _op(
+                "the signed checkpoints of security servers' message log heads, in the order "
+                "received (auditors; member-scoped ones see their members' servers only)",
+                params=[
+                    _q("server", {"type": "string"}, "only this security server's"),
+                    _q("after", {"type": "integer", "minimum": 0}, "after this checkpoint id"),
+                    _q("limit", {"type": "integer", "minimum": 1, "maximum": 1000}, "at most"),
+                ],
+            )
+        },
     }
     for action in (a for a in Action if a is not Action.EXPIRE):
         paths[f"/v1/agreements/{{id}}/{action.value}"] = {

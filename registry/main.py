@@ -2,7 +2,8 @@
 
 Migrates the store, imports what the topology file (the seed) holds and the store does
 not, publishes the signed configuration, serves it over gRPC (`gateway.v1.Configuration`:
-Fetch, Watch) and serves the admin REST API (`registry.api`). Every change made through
+Fetch, Watch; and Checkpoint, where security servers report their logs' heads, see
+`registry.checkpoints`) and serves the admin REST API (`registry.api`). Every change made through
 the API publishes a new configuration at once, which Watch pushes to security servers.
 Every `refresh_seconds` it expires agreements whose validity ended and republishes.
 SIGHUP imports the topology file again. Settings are described by `RegistrySettings`.
@@ -23,14 +24,17 @@ from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from gateway.checkpoint import SignedCheckpoint
 from gateway.configuration import Anchor, SignedConfiguration
 from gateway.errors import ConfigFileError
 from gateway.settings import database_url
 from gateway.signing import EcdsaSigner, load_certificate, load_private_key
+from gateway.timeutil import format_time
 from gateway.v1 import configuration_pb2 as pb
 from gateway.workflow import Policy
 from registry.api import AdminApi
 from registry.auth import OidcSettings, TokenIssuer, TokenVerifier, load_or_create_token_key
+from registry.checkpoints import CheckpointBook, CheckpointRefused
 from registry.governance import AdminError, Governance
 from registry.publisher import Publisher
 from registry.store import RegistryStore
@@ -141,9 +145,12 @@ def _to_pb(signed: SignedConfiguration) -> pb.SignedConfiguration:
 
 
 class ConfigurationService:
-    def __init__(self, publisher: Publisher, instance: str) -> None:
+    def __init__(
+        self, publisher: Publisher, instance: str, checkpoints: CheckpointBook | None = None
+    ) -> None:
         self.publisher = publisher
         self.instance = instance
+        self.checkpoints = checkpoints
 
     async def _check_instance(
         self, instance: str, context: grpc.aio.ServicerContext[Any, Any]
@@ -174,6 +181,25 @@ class ConfigurationService:
             known = self.publisher.version
             yield _to_pb(signed)
 
+    async def checkpoint(
+        self, request: pb.SignedCheckpoint, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.CheckpointReceipt:
+        if self.checkpoints is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this registry keeps no checkpoints")
+        assert self.checkpoints is not None
+        try:
+            received = await self.checkpoints.receive(
+                SignedCheckpoint(content=request.content, signature=request.signature)
+            )
+        except CheckpointRefused as exc:
+            status = (
+                grpc.StatusCode.FAILED_PRECONDITION
+                if exc.kind == "conflict"
+                else grpc.StatusCode.PERMISSION_DENIED
+            )
+            await context.abort(status, exc.message[:1000])
+        return pb.CheckpointReceipt(received_at=format_time(received))
+
     def handler(self) -> grpc.GenericRpcHandler[Any, Any]:
         return grpc.method_handlers_generic_handler(
             "gateway.v1.Configuration",
@@ -187,6 +213,11 @@ class ConfigurationService:
                     self.watch,
                     request_deserializer=pb.WatchRequest.FromString,
                     response_serializer=pb.SignedConfiguration.SerializeToString,
+                ),
+                "Checkpoint": grpc.unary_unary_rpc_method_handler(
+                    self.checkpoint,
+                    request_deserializer=pb.SignedCheckpoint.FromString,
+                    response_serializer=pb.CheckpointReceipt.SerializeToString,
                 ),
             },
         )
@@ -243,6 +274,7 @@ async def serve(
         await import_topology()
         await governance.expire_due()
         await publisher.publish()
+        checkpoints = CheckpointBook(store, clock)
         issuer = token_issuer(settings, base)
         verifier = TokenVerifier(issuer=issuer, oidc=settings.api.oidc)
         api = AdminApi(
@@ -251,6 +283,7 @@ async def serve(
             issuer,
             max_body_bytes=settings.api.max_body_bytes,
             clock=clock,
+            checkpoints=checkpoints,
         )
         runner = web.AppRunner(api.app(), access_log=None)
         await runner.setup()
@@ -260,7 +293,7 @@ async def serve(
         api_bound = runner.addresses[0][1]
         server = grpc.aio.server()
         server.add_generic_rpc_handlers(
-            (ConfigurationService(publisher, settings.instance).handler(),)
+            (ConfigurationService(publisher, settings.instance, checkpoints).handler(),)
         )
         port = server.add_insecure_port(settings.listen)
         await server.start()

@@ -162,6 +162,25 @@ outbound_approvals = sa.Table(
     sa.Column("created_at", sa.String(40), nullable=False),
     sa.Column("updated_at", sa.String(40), nullable=False),
 )
+# the signed checkpoints of security servers' message logs, append-only (database triggers
+# refuse UPDATE and DELETE, see migration 0003_checkpoints), with the registry's receipt time
+checkpoints = sa.Table(
+    "checkpoints",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("server", sa.String(300), nullable=False),
+    # the server's owner, for auditors scoped to a member
+    sa.Column("member", sa.String(200), nullable=False, index=True),
+    sa.Column("chain", sa.String(64), nullable=False),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("head", sa.LargeBinary(32), nullable=False),
+    sa.Column("server_time", sa.String(40), nullable=False),
+    sa.Column("received_at", sa.String(40), nullable=False),
+    # what the server signed, and its signature (re-verifiable by anyone later)
+    sa.Column("content", sa.LargeBinary, nullable=False),
+    sa.Column("signature", sa.LargeBinary, nullable=False),
+    sa.Index("ix_checkpoints_server_chain_seq", "server", "chain", "seq"),
+)
 configurations = sa.Table(
     "configurations",
     metadata,

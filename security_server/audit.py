@@ -4,6 +4,16 @@ Verification walks the hash chain, then every time-stamped batch: the Merkle roo
 batch's record hashes must be the stamped one, the RFC 3161 token must verify over it, and
 no batch may cover records the chain no longer has (so deleting the newest records, which
 the chain alone cannot show, is detected once they were stamped).
+
+Only the trust anchors the caller gives (`cas`: the instance's CAs, from its anchor or
+`--ca`) are trusted, never a certificate found in the log or its archives: whoever can
+rewrite the log can also store a CA of their own there. Without anchors, tokens are not
+checked at all and the report says so (`VerifyReport.anchored`). A token must also be
+close in time to its records (`StampTimes`): not before the earliest minus the clock
+skew, not after the latest plus a grace, so that a rewrite stamped later by the real TSA
+(which stamps any digest) shows. Last, the log is compared with the signed checkpoints of
+its chain heads that the registry received (`gateway.checkpoint`): a cut tail or a
+rewrite before the last checkpoint is named with its place.
 """
 
 from __future__ import annotations
@@ -20,13 +30,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from gateway import archive as archive_format
 from gateway import merkle, tsp
 from gateway.audit import ChainBrokenError, ChainedRecord, ChainHead, verify_chain
+from gateway.checkpoint import Received, compare_with_checkpoints, wanted_seqs
 from gateway.errors import GatewayError
-from gateway.timeutil import parse_time
+from gateway.timeutil import format_time, parse_time
 from security_server.message_log import (
     chain_names,
     iterate_records,
     log_archives,
-    log_evidence,
     message_log,
     row_to_record,
     timestamp_batches,
@@ -40,6 +50,12 @@ class VerifyReport:
     heads: dict[str, ChainHead] = field(default_factory=dict)
     stamped: dict[str, int] = field(default_factory=dict)
     archived: dict[str, int] = field(default_factory=dict)
+    # whether tokens were verified against trust anchors the caller gave
+    anchored: bool = False
+    # checkpoints the log was compared with and matched (None: none were given)
+    checkpoints: int | None = None
+    # the newest checkpoint per chain, for the report
+    last_checkpoint: dict[str, Received] = field(default_factory=dict)
 
     @property
     def records(self) -> int:
@@ -50,6 +66,65 @@ class VerifyReport:
         return sum(self.stamped.values())
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StampTimes:
+    """How far a batch's token time (genTime) may lie from its records' times."""
+
+    # a token may not be older than its earliest record by more than this (clock skew)
+    skew: timedelta
+    # nor younger than its latest record by more than this (stamping interval, TSA
+    # outages up to the failure period, and skew)
+    grace: timedelta
+
+    def check(self, chain: str, first: int, gen_time: datetime, times: list[datetime]) -> None:
+        """Raise `ChainBrokenError` when `gen_time` is too far from the records' `times`."""
+        if not times:
+            return
+        earliest, latest = min(times), max(times)
+        if gen_time < earliest - self.skew:
+            raise ChainBrokenError(
+                first,
+                None,
+                f"batch stamped at {format_time(gen_time)}, before its earliest record "
+                f"({format_time(earliest)}) by more than the clock skew {self.skew}: the "
+                "records were written after the stamp (a rewrite)",
+                chain=chain,
+            )
+        if gen_time > latest + self.grace:
+            raise ChainBrokenError(
+                first,
+                None,
+                f"batch stamped at {format_time(gen_time)}, later than its latest record "
+                f"({format_time(latest)}) by more than the grace {self.grace}: the records "
+                "were stamped long after they were logged (a rewrite stamped afterwards, "
+                "or a TSA outage longer than the grace; see --token-grace)",
+                chain=chain,
+            )
+
+
+@dataclass(slots=True)
+class _Checks:
+    """What every batch and record is checked against during one verification."""
+
+    cas: list[x509.Certificate] | None
+    times: StampTimes | None
+    # per chain, the checkpointed sequence numbers whose hashes are collected
+    wanted: dict[str, set[int]] = field(default_factory=dict)
+    hashes: dict[tuple[str, int], bytes] = field(default_factory=dict)
+
+    @property
+    def timed(self) -> bool:
+        """Whether token times are compared with their records' times."""
+        return self.cas is not None and self.times is not None
+
+    def collect(self, chain: str, records: list[ChainedRecord]) -> None:
+        seqs = self.wanted.get(chain)
+        if seqs:
+            for r in records:
+                if r.seq in seqs:
+                    self.hashes[(chain, r.seq)] = r.hash
+
+
 async def verify_log(
     url: str | None,
     progress: Callable[[int, int], None] | None = None,
@@ -57,6 +132,9 @@ async def verify_log(
     stale_after: timedelta | None = None,
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
     archive_dir: Path | None = None,
+    *,
+    stamp_times: StampTimes | None = None,
+    checkpoints: list[Received] | None = None,
 ) -> VerifyReport:
     """Verify every chain of a log, its archives and its time-stamps.
 
@@ -65,11 +143,15 @@ async def verify_log(
     first, in order, then the records still in the database continue from the last one.
     With `url` None, the archive files of `archive_dir` are verified alone (offline).
 
-    Tokens are checked against `cas`, or else against the CA certificates the server kept
-    in the log's evidence (or the archives'). With `stale_after`, records left unstamped
+    Tokens are checked against `cas` only (never against certificates kept in the log or
+    its archives); with `cas` None they are not checked, only the Merkle roots and ranges
+    of the batches are, and `report.anchored` stays False. With `stamp_times`, each token's
+    time must be close to its records' times. With `stale_after`, records left unstamped
     for longer than that fail verification too (the newest batch's token, deleted with its
-    records' stamps, would otherwise pass unnoticed)."""
-    report = VerifyReport()
+    records' stamps, would otherwise pass unnoticed). With `checkpoints`, the verified log
+    must agree with each of them (`gateway.checkpoint.compare_with_checkpoints`)."""
+    report = VerifyReport(anchored=cas is not None)
+    checks = _Checks(cas, stamp_times, wanted_seqs(checkpoints or ()))
     if url is None:
         if archive_dir is None:
             raise ValueError("give a database, an archive folder, or both")
@@ -80,10 +162,11 @@ async def verify_log(
             listed = [
                 _Listed(number, found[chain][number].name, None) for number in sorted(found[chain])
             ]
-            head, stamped = _verify_archives(chain, archive_dir, listed, cas, counter)
+            head, stamped = _verify_archives(chain, archive_dir, listed, checks, counter)
             report.heads[chain] = head
             report.stamped[chain] = stamped
             report.archived[chain] = head.next_seq - 1
+        _compare(report, checks, checkpoints)
         return report
     engine = create_async_engine(url)
     try:
@@ -100,18 +183,13 @@ async def verify_log(
                 ).scalar()
                 or 0
             )
-            if cas is None:
-                rows = await conn.execute(
-                    sa.select(log_evidence.c.data).where(log_evidence.c.kind == "ca")
-                )
-                cas = [x509.load_der_x509_certificate(bytes(r.data)) for r in rows]
         counter = _Progress(progress, total + archived_total)
         for chain in await chain_names(engine):
             for attempt in range(5):
                 listed = await _listed_archives(engine, chain)
                 try:
                     head, stamped, archived = await _verify_one_chain(
-                        engine, chain, listed, archive_dir, cas, counter, stale_after, now
+                        engine, chain, listed, archive_dir, checks, counter, stale_after, now
                     )
                     break
                 except ChainBrokenError:
@@ -122,9 +200,22 @@ async def verify_log(
             report.heads[chain] = head
             report.stamped[chain] = stamped
             report.archived[chain] = archived
+        _compare(report, checks, checkpoints)
         return report
     finally:
         await engine.dispose()
+
+
+def _compare(report: VerifyReport, checks: _Checks, checkpoints: list[Received] | None) -> None:
+    """Compare the verified chains with the checkpoints, if any were given."""
+    if checkpoints is None:
+        return
+    ends = {chain: head.next_seq - 1 for chain, head in report.heads.items()}
+    report.checkpoints = compare_with_checkpoints(checkpoints, checks.hashes, ends)
+    for r in checkpoints:
+        last = report.last_checkpoint.get(r.checkpoint.chain)
+        if last is None or r.checkpoint.seq >= last.checkpoint.seq:
+            report.last_checkpoint[r.checkpoint.chain] = r
 
 
 async def _verify_one_chain(
@@ -132,7 +223,7 @@ async def _verify_one_chain(
     chain: str,
     listed: list[_Listed],
     archive_dir: Path | None,
-    cas: list[x509.Certificate],
+    checks: _Checks,
     counter: _Progress,
     stale_after: timedelta | None,
     now: Callable[[], datetime],
@@ -147,7 +238,7 @@ async def _verify_one_chain(
             chain=chain,
         )
     head, stamped = (
-        _verify_archives(chain, archive_dir, listed, cas, counter)
+        _verify_archives(chain, archive_dir, listed, checks, counter)
         if listed and archive_dir is not None
         else (ChainHead(), 0)
     )
@@ -167,11 +258,13 @@ async def _verify_one_chain(
         batch.append(record)
         if len(batch) >= 5000:
             head = verify_chain(batch, head)
+            checks.collect(chain, batch)
             counter.add(len(batch))
             batch = []
     head = verify_chain(batch, head)
+    checks.collect(chain, batch)
     counter.add(len(batch))
-    stamped += await _verify_stamps(engine, chain, head, after, cas)
+    stamped += await _verify_stamps(engine, chain, head, after, checks)
     if stale_after is not None and stamped < head.next_seq - 1:
         async with engine.connect() as conn:
             oldest = (
@@ -276,7 +369,7 @@ def _verify_archives(
     chain: str,
     folder: Path | None,
     listed: list[_Listed],
-    cas: list[x509.Certificate] | None,
+    checks: _Checks,
     counter: _Progress,
 ) -> tuple[ChainHead, int]:
     """Verify a chain's archive files in order; return the head after the last and the
@@ -365,20 +458,22 @@ def _verify_archives(
                 chain=chain,
             )
         counter.add(len(parsed.records))
-        trusted = cas
-        if trusted is None:
-            trusted = [
-                x509.load_der_x509_certificate(data)
-                for kind, data in parsed.evidence.values()
-                if kind == "ca"
-            ]
-        hashes = {r.seq: r.hash for r in parsed.records}
+        checks.collect(chain, list(parsed.records))
+        # the CAs kept in the archive's evidence are never trusted: only `checks.cas`
+        by_seq = {r.seq: r for r in parsed.records}
         for batch in parsed.batches:
-            leaves = [hashes[s] for s in range(batch.first_seq, batch.last_seq + 1) if s in hashes]
+            covered = [by_seq[s] for s in range(batch.first_seq, batch.last_seq + 1) if s in by_seq]
             _check_batch(
-                chain, batch.first_seq, batch.last_seq, leaves, batch.root, batch.token, trusted
+                chain,
+                batch.first_seq,
+                batch.last_seq,
+                [r.hash for r in covered],
+                batch.root,
+                batch.token,
+                checks,
+                [parse_time(str(r.fields["logged_at"])) for r in covered] if checks.timed else [],
             )
-            stamped += len(leaves)
+            stamped += len(covered)
         prev_sha = digest
     return head, stamped
 
@@ -390,7 +485,8 @@ def _check_batch(
     leaves: list[bytes],
     root: bytes,
     token: bytes,
-    cas: list[x509.Certificate],
+    checks: _Checks,
+    times: list[datetime],
 ) -> None:
     if len(leaves) != end - first + 1 or merkle.root(leaves) != root:
         raise ChainBrokenError(
@@ -399,12 +495,16 @@ def _check_batch(
             f"batch {first}..{end}: its records' Merkle root is not the stamped one",
             chain=chain,
         )
+    if checks.cas is None:
+        return  # no trust anchor: the token cannot be judged (the report says so)
     try:
-        tsp.verify_token(token, digest=root, cas=cas)
+        info = tsp.verify_token(token, digest=root, cas=checks.cas)
     except GatewayError as err:
         raise ChainBrokenError(
             first, None, f"batch {first}..{end}: {err.message}", chain=chain
         ) from None
+    if checks.times is not None:
+        checks.times.check(chain, first, info.gen_time, times)
 
 
 async def read_records(url: str, message_id: str) -> list[ChainedRecord]:
@@ -427,7 +527,7 @@ async def _verify_stamps(
     chain: str,
     head: ChainHead,
     after: int,
-    cas: list[x509.Certificate],
+    checks: _Checks,
 ) -> int:
     """Check every time-stamped batch of a chain still in the database against the (already
     verified) chain; `after` is the last archived record."""
@@ -458,15 +558,24 @@ async def _verify_stamps(
                     f"up to {end}, so records {head.next_seq}..{end} were deleted",
                     chain=chain,
                 )
-            leaves = [
-                bytes(r.hash)
-                for r in await conn.execute(
-                    sa.select(message_log.c.hash)
+            rows = (
+                await conn.execute(
+                    sa.select(message_log.c.hash, message_log.c.logged_at)
                     .where(message_log.c.chain == chain, message_log.c.seq.between(first, end))
                     .order_by(message_log.c.seq)
                 )
-            ]
-            _check_batch(chain, first, end, leaves, bytes(batch.root), bytes(batch.token), cas)
+            ).all()
+            leaves = [bytes(r.hash) for r in rows]
+            _check_batch(
+                chain,
+                first,
+                end,
+                leaves,
+                bytes(batch.root),
+                bytes(batch.token),
+                checks,
+                [parse_time(str(r.logged_at)) for r in rows] if checks.timed else [],
+            )
             stamped += len(leaves)
             last = end
         return stamped

@@ -33,6 +33,7 @@ from security_server.auditor_api import PATH as AUDITOR_PATH
 from security_server.auditor_api import AuditorApi
 from security_server.auditor_api import start as start_auditor_api
 from security_server.certificate_status import OwnStatus, StatusChecker, der_sha256
+from security_server.checkpoints import CheckpointSender
 from security_server.config_client import ConfigurationClient
 from security_server.consumer import ConsumerService
 from security_server.endpoint_limits import consumer_options
@@ -218,6 +219,15 @@ async def serve(
     watcher = asyncio.create_task(config.run(), name="configuration-watch")
     federations.start()
     background = [watcher]
+    checkpoints = CheckpointSender(
+        message_log=message_log,
+        server=server_id,
+        signer=EcdsaSigner(load_private_key(tls_key), auth_certificate),
+        addresses=anchor.addresses,
+        settings=settings.checkpoints,
+        clock=_clock,
+    )
+    background.append(asyncio.create_task(checkpoints.run(), name="checkpoints"))
     max_frame = settings.limits.max_message_bytes + _FRAME_OVERHEAD
     peers = PeerPool(
         tls_certificate=tls_cert,
@@ -384,3 +394,5 @@ async def serve(
         if replay_ledger is not None:
             await replay_ledger.close()
         await message_log.close()
+        # the final head, once every record is durable (bounded by checkpoints.timeout)
+        await checkpoints.close()

@@ -348,6 +348,8 @@ class MessageLog:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="message-log-writer")
         self.batches_written = 0
         self.records_written = 0
+        # (seq, hash) of the last record known durable: what a checkpoint may vouch for
+        self.durable: tuple[int, bytes] = (head.next_seq - 1, head.last_hash)
 
     @classmethod
     async def open(
@@ -553,6 +555,7 @@ class MessageLog:
             return
         self.batches_written += 1
         self.records_written += len(batch)
+        self.durable = (records[-1].seq, records[-1].hash)
         if len(self._known_evidence) > 100_000:
             self._known_evidence.clear()
         self._known_evidence.update(sha for sha, (kind, _) in extra.items() if kind != "body")

@@ -220,6 +220,25 @@ class LimitsSection:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class CheckpointsSection:
+    # how often the head of this server's chain is signed and sent to the registry when it
+    # moved, in seconds: the most an operator can cut or rewrite unseen while the registry
+    # answers (see the README, "Checkpoints")
+    interval_seconds: float = 5.0
+    # how often an unchanged head is sent again, in seconds (shows the server alive)
+    heartbeat_seconds: float = 60.0
+    # how long to wait for the registry's answer, in seconds
+    timeout_seconds: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.interval_seconds <= self.heartbeat_seconds or self.timeout_seconds <= 0:
+            raise ValueError(
+                "checkpoints.interval_seconds must be positive and at most "
+                "checkpoints.heartbeat_seconds, and checkpoints.timeout_seconds positive"
+            )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ServerSettings:
     server: ServerSection
     provider: ProviderSection
@@ -232,5 +251,6 @@ class ServerSettings:
     limits: LimitsSection = field(default_factory=LimitsSection)
     auditor: AuditorSection = field(default_factory=AuditorSection)
     federation: FederationSection = field(default_factory=FederationSection)
+    checkpoints: CheckpointsSection = field(default_factory=CheckpointsSection)
     # backend address (host:port, plain gRPC) per service id this server provides
     backends: dict[str, str] = field(default_factory=dict)

@@ -27,3 +27,17 @@ class SignedConfiguration(_message.Message):
     signature: bytes
     signer_certificate: bytes
     def __init__(self, content: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., signer_certificate: _Optional[bytes] = ...) -> None: ...
+
+class SignedCheckpoint(_message.Message):
+    __slots__ = ("content", "signature")
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    content: bytes
+    signature: bytes
+    def __init__(self, content: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class CheckpointReceipt(_message.Message):
+    __slots__ = ("received_at",)
+    RECEIVED_AT_FIELD_NUMBER: _ClassVar[int]
+    received_at: str
+    def __init__(self, received_at: _Optional[str] = ...) -> None: ...

@@ -368,6 +368,10 @@ MATRIX: dict[tuple[str, str], tuple[tuple[int, ...], Setup]] = {
         (401, 200, 403, 403, 403, 403, 200, 403),
         _fixed("/v1/admin-log/verify"),
     ),
+    ("GET", "/v1/checkpoints"): (
+        (401, 200, 403, 403, 403, 200, 200, 403),
+        _fixed("/v1/checkpoints"),
+    ),
 }
 
 
