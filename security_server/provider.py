@@ -29,6 +29,7 @@ import asyncio
 import hashlib
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -44,6 +45,7 @@ from gateway.envelope import (
     RequestHeader,
     ResponseHeader,
     check_body,
+    check_message_id,
     decode_request,
     sha256_hex,
 )
@@ -87,20 +89,41 @@ def claimed_instance(certificate: x509.Certificate | None) -> str | None:
         return None
 
 
-def claimed_parties(header: bytes) -> tuple[str | None, str | None]:
-    """The client and service a request header names, read without trusting or fully
-    checking it (for refusal records, as unverified claims)."""
-    try:
-        doc = canonical.decode(header)
-    except canonical.NotCanonicalError:
-        return None, None
-    if not isinstance(doc, dict):
-        return None, None
-    client, service = doc.get("client"), doc.get("service")
-    return (
-        client if isinstance(client, str) else None,
-        service if isinstance(service, str) else None,
-    )
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Claims:
+    """What a request header names, read without trusting or fully checking it (for
+    refusal records: the client and service as unverified claims, the message id when it
+    is well formed, so that a trace finds the refusal)."""
+
+    message_id: str | None = None
+    client: str | None = None
+    service: str | None = None
+
+    @classmethod
+    def read(cls, header: bytes) -> Claims:
+        try:
+            doc = canonical.decode(header)
+        except canonical.NotCanonicalError:
+            return cls()
+        if not isinstance(doc, dict):
+            return cls()
+        message_id, client, service = doc.get("message_id"), doc.get("client"), doc.get("service")
+        try:
+            message_id = check_message_id(message_id) if isinstance(message_id, str) else None
+        except GatewayError:
+            message_id = None
+        return cls(
+            message_id=message_id,
+            client=client if isinstance(client, str) else None,
+            service=service if isinstance(service, str) else None,
+        )
+
+    def facts(self) -> dict[str, Any]:
+        return {
+            "message_id": self.message_id,
+            "client": claimed(self.client),
+            "service": claimed(self.service),
+        }
 
 
 class StreamState:
@@ -243,15 +266,13 @@ class ProviderService:
                 peer=context.peer(),
             )
             # who the peer claims to call as, from its first frame (never trusted)
-            client, service = await self._first_claims(messages)
+            claims = await self._first_claims(messages)
             await node.log_failure(
                 record(
                     kind=RecordKind.REFUSAL,
                     role=Role.PROVIDER,
                     logged_at=now,
-                    message_id=None,
-                    client=claimed(client),
-                    service=claimed(service),
+                    **claims.facts(),
                     peer=f"certificate:{fingerprint}",
                     status="refused",
                     error_code=err.code.value,
@@ -308,16 +329,16 @@ class ProviderService:
             pumping.cancel()
 
     @staticmethod
-    async def _first_claims(messages: AsyncIterator[pb.Frames]) -> tuple[str | None, str | None]:
-        """The client and service named by the first request frame of a refused stream."""
+    async def _first_claims(messages: AsyncIterator[pb.Frames]) -> Claims:
+        """What the first request frame of a refused stream names."""
         try:
             message = await asyncio.wait_for(anext(aiter(messages)), CLAIMS_WAIT_SECONDS)
         except (TimeoutError, StopAsyncIteration, grpc.aio.AioRpcError):
-            return None, None
+            return Claims()
         for frame in message.frames:
             if frame.HasField("request"):
-                return claimed_parties(frame.request.header)
-        return None, None
+                return Claims.read(frame.request.header)
+        return Claims()
 
     async def _handle(
         self, frame: pb.Frame, stream: StreamState, out: asyncio.Queue[pb.Frame | None]
@@ -559,8 +580,7 @@ class ProviderService:
         facts = self._facts(header, peer_name, verified=verified)
         if header is None:
             # unreadable or not checked yet: what it names, as claims
-            client, service = claimed_parties(env.header)
-            facts.update(client=claimed(client), service=claimed(service))
+            facts.update(Claims.read(env.header).facts())
         await node.log_failure(
             record(
                 kind=RecordKind.REFUSAL,

@@ -25,7 +25,7 @@ from gateway.identifiers import MemberId
 from gateway.signing import EcdsaSigner
 from security_server.config_client import ConfigurationClient
 from security_server.federation import Federations
-from security_server.provider import claimed_instance, claimed_parties, registered_peer
+from security_server.provider import Claims, claimed_instance, registered_peer
 from security_server.records import claimed
 from tests.unit.test_configuration import SS_DNIC, World
 
@@ -191,9 +191,12 @@ def test_claims_are_read_from_any_header_without_trusting_it(
     """The parties a header names are read even from a header that does not check, and
     nothing from one that is not canonical JSON; a certificate's claimed instance is read
     from its subject."""
-    assert claimed_parties(b'{"client":"UY/GOV/MSP/x","service":7}') == ("UY/GOV/MSP/x", None)
-    assert claimed_parties(b"\xff not json") == (None, None)
-    assert claimed_parties(b"[1]") == (None, None)
+    read = Claims.read(b'{"client":"UY/GOV/MSP/x","message_id":"m 1","service":7}')
+    assert read == Claims(client="UY/GOV/MSP/x")
+    assert read.facts() == {"message_id": None, "client": "claimed:UY/GOV/MSP/x", "service": None}
+    assert Claims.read(b'{"message_id":"m-1"}').message_id == "m-1"
+    assert Claims.read(b"\xff not json") == Claims()
+    assert Claims.read(b"[1]") == Claims()
     assert claimed_instance(auth_signer.certificate) == "UY"
     assert claimed_instance(issue("not a server id", kind="auth").certificate) is None
     assert claimed_instance(None) is None
