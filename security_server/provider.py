@@ -398,9 +398,10 @@ class ProviderService:
                     code=Code.UNTRUSTED_SIGNER,
                 )
             verify_signature(certificate, env.header, env.signature)
-            verified = True
             check_body(header.body_sha256, env.body)
             node.status.signer(env.signer_ocsp, certificate, peer_config, now)
+            # signed by the client's member, with a certificate in good standing
+            verified = True
             node.replay.check_fresh(header.created_at, now)
             node.replay.remember(header.message_id, now)
             service = config.services.get(header.service)
