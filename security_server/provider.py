@@ -45,7 +45,6 @@ from gateway.envelope import (
     RequestHeader,
     ResponseHeader,
     check_body,
-    check_message_id,
     decode_request,
     sha256_hex,
 )
@@ -91,11 +90,9 @@ def claimed_instance(certificate: x509.Certificate | None) -> str | None:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Claims:
-    """What a request header names, read without trusting or fully checking it (for
-    refusal records: the client and service as unverified claims, the message id when it
-    is well formed, so that a trace finds the refusal)."""
+    """The client and service a request header names, read without trusting or fully
+    checking it: for refusal records, as unverified claims."""
 
-    message_id: str | None = None
     client: str | None = None
     service: str | None = None
 
@@ -107,20 +104,15 @@ class Claims:
             return cls()
         if not isinstance(doc, dict):
             return cls()
-        message_id, client, service = doc.get("message_id"), doc.get("client"), doc.get("service")
-        try:
-            message_id = check_message_id(message_id) if isinstance(message_id, str) else None
-        except GatewayError:
-            message_id = None
+        client, service = doc.get("client"), doc.get("service")
         return cls(
-            message_id=message_id,
             client=client if isinstance(client, str) else None,
             service=service if isinstance(service, str) else None,
         )
 
     def facts(self) -> dict[str, Any]:
         return {
-            "message_id": self.message_id,
+            "message_id": None,
             "client": claimed(self.client),
             "service": claimed(self.service),
         }

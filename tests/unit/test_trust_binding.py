@@ -191,10 +191,9 @@ def test_claims_are_read_from_any_header_without_trusting_it(
     """The parties a header names are read even from a header that does not check, and
     nothing from one that is not canonical JSON; a certificate's claimed instance is read
     from its subject."""
-    read = Claims.read(b'{"client":"UY/GOV/MSP/x","message_id":"m 1","service":7}')
+    read = Claims.read(b'{"client":"UY/GOV/MSP/x","message_id":"m-1","service":7}')
     assert read == Claims(client="UY/GOV/MSP/x")
     assert read.facts() == {"message_id": None, "client": "claimed:UY/GOV/MSP/x", "service": None}
-    assert Claims.read(b'{"message_id":"m-1"}').message_id == "m-1"
     assert Claims.read(b"\xff not json") == Claims()
     assert Claims.read(b"[1]") == Claims()
     assert claimed_instance(auth_signer.certificate) == "UY"
