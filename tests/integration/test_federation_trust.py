@@ -1,7 +1,7 @@
 """A malicious federated registry, and claims in refusal records, over real processes.
 
-UY's instance runs as real processes (registry, ss-msp, ss-dnic, OCSP responder, TSA,
-backends) with local policies that allow exchanges with AR. AR's registry is the
+UY's instance runs as real processes (registry, ss-msp, ss-dnic, OCSP responder, TSA;
+no backend: every call is refused before one) with local policies that allow exchanges with AR. AR's registry is the
 attacker: a small gRPC server in the test (gateway.v1.Configuration Watch/Fetch) that
 serves configurations signed with AR's real configuration-signing key, which UY's
 registry administrator imported as AR's anchor. First it serves a proper configuration;
@@ -215,7 +215,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     uy = Runner(root / "uy", federation_allowed=("AR",))
     try:
         uy.prepare()
-        uy.start_all()
+        # every call here is refused before a backend would be called: none is started
+        for name in ["ocsp", "tsa", "registry", *(n for n in uy.processes if n.startswith("ss-"))]:
+            uy.start(name)
         anchor = Anchor(
             instance="AR",
             signing_certificates=(_der(ar_config),),
