@@ -134,21 +134,21 @@ def registered_peer(
     federations: Federations,
     fingerprint: str | None,
     now: datetime,
-    claimed: str | None = None,
+    claimed_by_peer: str | None = None,
 ) -> tuple[GlobalConfiguration, SecurityServer]:
     """The security server whose registered TLS certificate the peer presented, with the
     configuration that registers it: ours, or a federated instance's (then only while that
     federation is active and allowed here, on both sides). A server is accepted only as one
-    of the instance whose configuration registers it. `claimed` is the instance the peer's
+    of the instance whose configuration registers it. `claimed_by_peer` is the instance the peer's
     certificate names, unverified: when ours lists a federation with it as ended, the
     refusal says so."""
     found = federations.server_by_certificate(fingerprint or "", now)
     if found is None:
-        if claimed is not None and federations.ended(claimed, now):
+        if claimed_by_peer is not None and federations.ended(claimed_by_peer, now):
             own = federations.own.require(now).instance
             raise GatewayError(
-                f"the federation of instance {own} with instance {claimed} was ended: this "
-                "server no longer exchanges with its members",
+                f"the federation of instance {own} with instance {claimed_by_peer} was ended: "
+                "this server no longer exchanges with its members",
                 code=Code.FEDERATION_ENDED,
             )
         raise TrustError(
