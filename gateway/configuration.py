@@ -4,7 +4,9 @@ The registry publishes the configuration as canonical JSON (`content`) signed wi
 configuration-signing key. A security server is installed with the instance's *anchor*
 (instance code, configuration-signing certificates, registry addresses) and accepts a
 configuration only when it is signed by one of the anchor's certificates, names the
-anchor's instance and parses completely. Expiry is checked separately
+anchor's instance and parses completely, and lists members, servers, hosted subsystems and
+services of that instance only (`check_own_instance`: a federated registry never vouches
+for another instance's parties). Expiry is checked separately
 (`GlobalConfiguration.check_current`) so that a server can keep the last good copy and
 say clearly that it expired.
 
@@ -344,6 +346,59 @@ def verify_configuration(signed: SignedConfiguration, anchor: Anchor) -> GlobalC
     return config
 
 
+def check_own_instance(
+    instance: str,
+    members: Iterable[MemberId],
+    servers: Iterable[SecurityServer],
+    services: Iterable[ServiceId],
+    agreements: Iterable[Agreement],
+    approvals: Iterable[OutboundApproval],
+) -> None:
+    """Raise `ConfigurationError(CONFIGURATION_INVALID)` unless the configuration speaks only
+    for its own instance: its members, the servers and the subsystems they host, its
+    services and the services its agreements cover are all of `instance` (an agreement's
+    client may be foreign); an outbound approval is for one of its own clients calling a
+    service of another instance. A federated registry can so never vouch for a member,
+    server or signing certificate of another instance."""
+
+    def foreign(what: str, identifier: object, its_instance: str) -> ConfigurationError:
+        return _invalid(
+            f"the configuration of instance {instance} lists {what} {identifier} of instance "
+            f"{its_instance}; an instance may list only its own members, servers and services"
+        )
+
+    for member in members:
+        if member.instance != instance:
+            raise foreign("member", member, member.instance)
+    for server in servers:
+        if server.id.owner.instance != instance:
+            raise foreign("security server", server.id, server.id.owner.instance)
+        for sub in server.subsystems:
+            if sub.instance != instance:
+                raise foreign(f"(hosted by {server.id}) subsystem", sub, sub.instance)
+    for service in services:
+        if service.member.instance != instance:
+            raise foreign("service", service, service.member.instance)
+    for agreement in agreements:
+        if agreement.service.member.instance != instance:
+            raise foreign(
+                f"(in agreement {agreement.id}) service",
+                agreement.service,
+                agreement.service.member.instance,
+            )
+    for approval in approvals:
+        if approval.client.instance != instance:
+            raise foreign(
+                "(in an outbound approval) client", approval.client, approval.client.instance
+            )
+        if approval.service.member.instance == instance:
+            raise _invalid(
+                f"the outbound approval of {approval.client} for {approval.service} is for a "
+                f"service of instance {instance} itself; outbound approvals are for services "
+                "of other instances"
+            )
+
+
 def parse_content(content: bytes) -> GlobalConfiguration:
     """Parse canonical configuration content (already verified) into its indexed model."""
     try:
@@ -392,6 +447,14 @@ def parse_content(content: bytes) -> GlobalConfiguration:
             (a.client, a.service): a
             for a in (OutboundApproval.from_json(d) for d in doc.get("outbound_approvals", []))
         }
+        check_own_instance(
+            str(doc["instance"]),
+            members,
+            servers.values(),
+            services,
+            agreements,
+            approvals.values(),
+        )
         trust = TrustStore(tuple(x509.load_der_x509_certificate(c) for c in cas))
         by_subsystem: dict[SubsystemId, list[SecurityServer]] = {}
         for server in servers.values():

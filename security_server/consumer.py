@@ -60,7 +60,7 @@ from security_server.endpoint_limits import backstop
 from security_server.floods import RefusalCounter, TokenBuckets, peer_host
 from security_server.node import Node
 from security_server.peers import PeerLink, PeerPool
-from security_server.records import record
+from security_server.records import claimed, record
 from security_server.status import ID_KEY, abort
 
 log = structlog.get_logger("security_server.consumer")
@@ -144,8 +144,9 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         now = node.clock()
         facts: dict[str, Any] = {
             "message_id": message_id,
-            "client": metadata.get("gateway-client"),
-            "service": metadata.get("gateway-service"),
+            # unverified claims until the client is known to be served here (records.claimed)
+            "client": claimed(metadata.get("gateway-client")),
+            "service": claimed(metadata.get("gateway-service")),
             "method": method,
             "purpose": metadata.get("gateway-purpose"),
             "user_id": metadata.get("gateway-user-id"),
@@ -191,6 +192,7 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                     f"client {client} is not a subsystem served by security server {node.server_id}",
                     code=Code.CLIENT_NOT_SERVED,
                 )
+            facts["client"], facts["service"] = str(client), str(service_id)
             # the provider's instance describes the service and holds the agreement: ours, or
             # a federated instance's (the federation active, allowed here, its copy current)
             remote = (

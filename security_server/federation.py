@@ -11,7 +11,8 @@ seconds) or drops it, the client is stopped and exchanges with that instance are
 
 `require(instance, now)` gives the configuration to decide a cross-border call with, or
 raises with the reason, each with its own code: `instance_not_federated`,
-`federation_ended`, `federation_not_allowed`, `federated_configuration_unavailable`,
+`federation_ended` (ended by our registry, or by theirs: their configuration lists ours
+as ended), `federation_not_allowed`, `federated_configuration_unavailable`,
 `federated_configuration_expired`.
 """
 
@@ -136,7 +137,20 @@ class Federations:
             raise ConfigurationError(
                 err.message, code=Code.FEDERATED_CONFIGURATION_EXPIRED
             ) from None
+        theirs = config.federations.get(own.instance)
+        if theirs is not None and not theirs.active:
+            # ended on the other side: its signed configuration says so
+            raise GatewayError(
+                f"instance {instance} ended its federation with instance {own.instance}: no "
+                "exchange with its members is possible",
+                code=Code.FEDERATION_ENDED,
+            )
         return config
+
+    def ended(self, instance: str, now: datetime) -> bool:
+        """Whether our configuration lists a federation with `instance` that was ended."""
+        federation = self.own.require(now).federations.get(instance)
+        return federation is not None and not federation.active
 
     def configurations(self) -> Iterator[GlobalConfiguration]:
         """The current configurations of the federated instances followed (expired included:

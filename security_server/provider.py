@@ -18,6 +18,15 @@ streams per peer server; on each, at most `limits.max_frames_per_stream` request
 progress or answered and not yet taken (past it the stream is not read, and HTTP/2 flow
 control makes the peer wait); and the call slots are shared fairly among peers
 (`PeerSlots`). A refused frame's record keeps a bounded prefix of what the peer sent.
+
+The peer, its registered server, the signed sender, the client and the signing
+certificate's CA all belong to the one instance whose configuration registers that
+server: a federated instance never vouches for a member of another. A refusal record keeps
+the client and service the frame names; until the envelope's signature is verified as
+the client member's, they are stored as unverified claims (`claimed:...`, see
+`records.claimed`), so that no member-scoped auditor takes them for that member's own.
+A peer whose certificate is unknown but whose certificate names an instance our
+configuration lists as ended is answered `federation_ended`.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import asyncio
 import hashlib
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -34,6 +44,7 @@ import structlog
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from gateway import canonical
 from gateway.audit import RecordKind, Role
 from gateway.configuration import GlobalConfiguration, SecurityServer
 from gateway.envelope import (
@@ -45,12 +56,13 @@ from gateway.envelope import (
 )
 from gateway.errors import Code, GatewayError, TrustError, UnavailableError, bound_message
 from gateway.fair_share import FairShare
-from gateway.signing import certificate_sha256, verify_signature
+from gateway.identifiers import SecurityServerId
+from gateway.signing import certificate_sha256, common_name, verify_signature
 from gateway.v1 import exchange_pb2 as pb
 from security_server.federation import Federations
 from security_server.node import Node
 from security_server.peers import FrameBatcher
-from security_server.records import MAX_RECORD_TEXT, record
+from security_server.records import MAX_RECORD_TEXT, claimed, record
 from security_server.status import abort
 
 log = structlog.get_logger("security_server.provider")
@@ -85,6 +97,11 @@ def bounded_refusal(
     return kept[0], kept[1], message
 
 
+# how long a refused peer's stream is kept open for its first frames (to record who it
+# claims to call as); a consumer security server sends them as soon as it opens a stream
+CLAIMS_WAIT_SECONDS = 2.0
+
+
 def peer_certificate(
     context: grpc.aio.ServicerContext[Any, Any],
 ) -> tuple[x509.Certificate | None, str | None]:
@@ -97,30 +114,93 @@ def peer_certificate(
     return certificate, hashlib.sha256(der).hexdigest()
 
 
+def claimed_instance(certificate: x509.Certificate | None) -> str | None:
+    """The instance a peer's TLS certificate claims (its subject names a security server),
+    unverified: only to say why an unknown peer is refused."""
+    if certificate is None:
+        return None
+    try:
+        return SecurityServerId.parse(common_name(certificate)).owner.instance
+    except GatewayError:
+        return None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Claims:
+    """The client and service a request header names, read without trusting or fully
+    checking it: for refusal records, as unverified claims."""
+
+    client: str | None = None
+    service: str | None = None
+
+    @classmethod
+    def read(cls, header: bytes) -> Claims:
+        try:
+            doc = canonical.decode(header)
+        except canonical.NotCanonicalError:
+            return cls()
+        if not isinstance(doc, dict):
+            return cls()
+        client, service = doc.get("client"), doc.get("service")
+        return cls(
+            client=client if isinstance(client, str) else None,
+            service=service if isinstance(service, str) else None,
+        )
+
+    def facts(self) -> dict[str, Any]:
+        return {
+            "message_id": None,
+            "client": claimed(self.client),
+            "service": claimed(self.service),
+        }
+
+
 class StreamState:
     """What one exchange stream knows of its peer: its TLS certificate and latest staple."""
 
-    __slots__ = ("certificate", "fingerprint", "staple")
+    __slots__ = ("certificate", "claimed_instance", "fingerprint", "staple")
 
     def __init__(self, certificate: x509.Certificate | None, fingerprint: str | None) -> None:
         self.certificate = certificate
         self.fingerprint = fingerprint
+        self.claimed_instance = claimed_instance(certificate)
         self.staple = b""
 
 
 def registered_peer(
-    federations: Federations, fingerprint: str | None, now: datetime
+    federations: Federations,
+    fingerprint: str | None,
+    now: datetime,
+    claimed_by_peer: str | None = None,
 ) -> tuple[GlobalConfiguration, SecurityServer]:
     """The security server whose registered TLS certificate the peer presented, with the
     configuration that registers it: ours, or a federated instance's (then only while that
-    federation is active and allowed here)."""
+    federation is active and allowed here, on both sides). A server is accepted only as one
+    of the instance whose configuration registers it. `claimed_by_peer` is the instance the peer's
+    certificate names, unverified: when ours lists a federation with it as ended, the
+    refusal says so."""
     found = federations.server_by_certificate(fingerprint or "", now)
     if found is None:
+        if claimed_by_peer is not None and federations.ended(claimed_by_peer, now):
+            own = federations.own.require(now).instance
+            raise GatewayError(
+                f"the federation of instance {own} with instance {claimed_by_peer} was ended: "
+                "this server no longer exchanges with its members",
+                code=Code.FEDERATION_ENDED,
+            )
         raise TrustError(
             "the TLS client certificate is not the authentication certificate of any "
             "security server registered in the global configuration (ours or a federated "
             "instance's)",
             code=Code.PEER_NOT_REGISTERED,
+        )
+    config, server = found
+    if server.id.owner.instance != config.instance:
+        # parse_content refuses such a configuration; never rely on that alone
+        raise TrustError(
+            f"security server {server.id} is registered by instance {config.instance}, which "
+            "may register only its own servers",
+            code=Code.PEER_MEMBER_MISMATCH,
         )
     return found
 
@@ -242,7 +322,7 @@ class ProviderService:
         stream = StreamState(certificate, fingerprint)
         now = node.clock()
         try:
-            _, peer = registered_peer(node.federated, fingerprint, now)
+            _, peer = registered_peer(node.federated, fingerprint, now, stream.claimed_instance)
             peer_key = str(peer.id)
             open_streams = self.streams.get(peer_key, 0)
             if open_streams >= node.limits.max_streams_per_peer:
@@ -259,12 +339,14 @@ class ProviderService:
                 peer_certificate=fingerprint,
                 peer=context.peer(),
             )
+            # who the peer claims to call as, from its first frame (never trusted)
+            claims = await self._first_claims(messages)
             await node.log_failure(
                 record(
                     kind=RecordKind.REFUSAL,
                     role=Role.PROVIDER,
                     logged_at=now,
-                    message_id=None,
+                    **claims.facts(),
                     peer=f"certificate:{fingerprint}",
                     status="refused",
                     error_code=err.code.value,
@@ -330,6 +412,18 @@ class ProviderService:
             else:
                 del self.streams[peer_key]
 
+    @staticmethod
+    async def _first_claims(messages: AsyncIterator[pb.Frames]) -> Claims:
+        """What the first request frame of a refused stream names."""
+        try:
+            message = await asyncio.wait_for(anext(aiter(messages)), CLAIMS_WAIT_SECONDS)
+        except (TimeoutError, StopAsyncIteration, grpc.aio.AioRpcError):
+            return Claims()
+        for frame in message.frames:
+            if frame.HasField("request"):
+                return Claims.read(frame.request.header)
+        return Claims()
+
     async def _handle(
         self, frame: pb.Frame, stream: StreamState, out: asyncio.Queue[pb.Frame | None]
     ) -> None:
@@ -352,12 +446,16 @@ class ProviderService:
         env = frame.request
         now = node.clock()
         header: RequestHeader | None = None
+        # whether the header's client is proven (the envelope verified as its member's)
+        verified = False
         peer_name = f"certificate:{stream.fingerprint}"
         signer_sha = certificate_sha256(env.signer_certificate) if env.signer_certificate else None
         try:
             config = node.config.require(now)
             # the peer's instance vouches for the peer: its servers, CAs and OCSP responders
-            peer_config, peer = registered_peer(node.federated, stream.fingerprint, now)
+            peer_config, peer = registered_peer(
+                node.federated, stream.fingerprint, now, stream.claimed_instance
+            )
             peer_name = str(peer.id)
             assert stream.certificate is not None  # a registered peer presented one
             node.status.peer(stream.staple, stream.certificate, peer_config, now)
@@ -376,8 +474,9 @@ class ProviderService:
                     f"{header.client.member}",
                     code=Code.PEER_MEMBER_MISMATCH,
                 )
+            # only the CAs of the instance that registers the peer vouch for its members
             certificate, member = peer_config.trust.signing_member(env.signer_certificate, now)
-            if member != header.client.member:
+            if member != header.client.member or member.instance != peer_config.instance:
                 raise TrustError(
                     f"the request is signed by member {member}, not by the client's member",
                     code=Code.UNTRUSTED_SIGNER,
@@ -385,6 +484,8 @@ class ProviderService:
             verify_signature(certificate, env.header, env.signature)
             check_body(header.body_sha256, env.body)
             node.status.signer(env.signer_ocsp, certificate, peer_config, now)
+            # signed by the client's member, with a certificate in good standing
+            verified = True
             node.replay.check_fresh(header.created_at, now)
             node.replay.remember(header.message_id, now)
             service = config.services.get(header.service)
@@ -413,7 +514,9 @@ class ProviderService:
                 # last: only a request about to be accepted claims its id for every replica
                 await node.replay_ledger.claim(header.message_id, now)
         except GatewayError as err:
-            return await self._refuse(frame, err, header, peer_name, signer_sha, started)
+            return await self._refuse(
+                frame, err, header, peer_name, signer_sha, started, verified=verified
+            )
 
         common = self._facts(header, peer_name)
         common["agreement_id"] = agreement.id
@@ -527,14 +630,18 @@ class ProviderService:
             )
         )
 
-    def _facts(self, header: RequestHeader | None, peer_name: str) -> dict[str, Any]:
-        """The request's facts for its log records (only the peer when the header is unreadable)."""
+    def _facts(
+        self, header: RequestHeader | None, peer_name: str, *, verified: bool = True
+    ) -> dict[str, Any]:
+        """The request's facts for its log records (only the peer when the header is
+        unreadable); client and service as unverified claims unless `verified`."""
         if header is None:
             return {"message_id": None, "peer": peer_name}
+        client, service = str(header.client), str(header.service)
         return {
             "message_id": header.message_id,
-            "client": str(header.client),
-            "service": str(header.service),
+            "client": client if verified else claimed(client),
+            "service": service if verified else claimed(service),
             "method": header.method,
             "purpose": header.purpose,
             "user_id": header.user_id,
@@ -551,6 +658,8 @@ class ProviderService:
         peer_name: str,
         signer_sha: str | None,
         started: float,
+        *,
+        verified: bool,
     ) -> pb.Frame:
         env = frame.request
         node = self.node
@@ -559,12 +668,16 @@ class ProviderService:
         kept_header, kept_signature, error_message = bounded_refusal(
             env.header, env.signature, err.message
         )
+        facts = self._facts(header, peer_name, verified=verified)
+        if header is None:
+            # unreadable or not checked yet: what it names, as claims
+            facts.update(Claims.read(env.header).facts())
         await node.log_failure(
             record(
                 kind=RecordKind.REFUSAL,
                 role=Role.PROVIDER,
                 logged_at=node.clock(),
-                **self._facts(header, peer_name),
+                **facts,
                 header=kept_header,
                 signature=kept_signature,
                 signer_certificate_sha256=signer_sha,

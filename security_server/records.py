@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from datetime import datetime
 
 from gateway.audit import RECORD_FIELDS, FieldValue, RecordKind, Role
@@ -10,6 +11,25 @@ from gateway.timeutil import format_time
 _MAX_TEXT = 256
 # most characters of a text field (longer values are cut), for callers that compose one
 MAX_RECORD_TEXT = _MAX_TEXT
+
+# an unverified claim of a party is stored as `claimed:<value>`, so that a member-scoped
+# auditor's prefix match (`MEMBER/`) never takes it for that member's own record
+CLAIM_PREFIX = "claimed:"
+_MAX_CLAIM = 200
+
+
+def claimed(value: str | None) -> str | None:
+    """An unverified client or service id as a log column: `claimed:` + the value with
+    control characters escaped, cut to 200 characters + `…sha256:<16 hex>` of the whole."""
+    if value is None:
+        return None
+    shown = "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in value
+    )
+    if len(shown) > _MAX_CLAIM:
+        digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+        shown = f"{shown[:_MAX_CLAIM]}…sha256:{digest}"
+    return CLAIM_PREFIX + shown
 
 
 def _clip(value: str | None) -> str | None:

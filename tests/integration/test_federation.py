@@ -8,8 +8,8 @@ without the cross-border agreement AR holds; refused without UY's own outbound a
 (UY's policy requires one); refused by a server whose local policy does not allow AR;
 allowed once everything is in place, verified and traced on both sides; a UY server
 impersonating an AR member refused; AR's configuration expiring while its registry is
-down (and UY serving its own calls meanwhile); the federation ended, refused within
-seconds.
+down (and UY serving its own calls meanwhile); the federation ended by the provider's
+instance, then by the consumer's, refused with federation_ended within seconds.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 import grpc
 import pytest
 
+from gateway.v1 import exchange_pb2 as pb
 from gateway_cli.admin import AdminClient
 from gateway_demo.client import Outcome
 from gateway_demo.federation import (
@@ -253,6 +254,88 @@ def test_expired_federated_configuration_is_refused_while_own_calls_go_on(
         assert own.ok, own
     finally:
         instances.ar.start("registry")
+    outcome = until(lambda: clinics_call(instances), lambda o: o.ok, timeout=20)
+    assert outcome.ok, outcome
+
+
+def test_a_federation_ended_by_the_providers_instance_is_refused_as_ended(
+    instances: Instances,
+) -> None:
+    """AR's registry administrator ends the federation: on a stream ss-msp's keys opened to
+    AR's provider before, the next requests are refused federation_ended (not
+    peer_not_registered) and AR records the client they name as a claim; the clinics'
+    calls get federation_ended too. Federating again restores them."""
+    uy, ar = instances.uy, instances.ar
+    uy_ca = (uy.pki / "ca.crt").read_bytes()
+    auth_cert = (uy.pki / "auth" / "UY_GOV_MSP_ss1.crt").read_bytes()
+    signer_pem = (uy.pki / "sign" / "UY_GOV_MSP.crt").read_bytes()
+
+    from gateway.signing import EcdsaSigner, load_certificate, load_private_key
+
+    signer = EcdsaSigner(
+        load_private_key((uy.pki / "sign" / "UY_GOV_MSP.key").read_bytes()),
+        load_certificate(signer_pem),
+    )
+
+    def request(message_id: str) -> pb.Frame:
+        return request_frame(
+            build_request(
+                signer,
+                signer_ocsp=fetch_ocsp(uy.ocsp_url, signer_pem, uy_ca),
+                message_id=message_id,
+                client=CLINICS,
+                service=AR_POPULATION,
+                method=GET_PERSON,
+                purpose=PURPOSE,
+                sender=MSP,
+                body=population.GetPersonRequest(national_id="20.123.456").SerializeToString(),
+                created_at=datetime.now(UTC),
+            )
+        )
+
+    async def end_on_an_open_stream() -> object:
+        async with open_stream(
+            ar.providers[RENAPER],
+            RENAPER,
+            (ar.pki / "ca.crt").read_bytes(),
+            auth_cert,
+            (uy.pki / "auth" / "UY_GOV_MSP_ss1.key").read_bytes(),
+            staple=fetch_ocsp(uy.ocsp_url, auth_cert, uy_ca),
+        ) as stream:
+            first = await stream.send(request(uuid.uuid4().hex))
+            assert getattr(first, "WhichOneof", lambda _: None)("kind") == "response", first
+            instances.admin(ar, "registry-admin").end_federation("UY", "treaty suspended")
+            deadline = time.monotonic() + 10
+            while True:
+                answer = await stream.send(request(uuid.uuid4().hex))
+                refused = getattr(answer, "refusal", None)
+                if (refused is not None and refused.code) or time.monotonic() > deadline:
+                    return answer
+                await asyncio.sleep(0.2)
+
+    answer = asyncio.run(end_on_an_open_stream())
+    refusal = getattr(answer, "refusal", None)
+    assert refusal is not None and refusal.code == "federation_ended", answer
+    records = run_gateway(
+        "audit", "search", "--url", ar.auditor_url(RENAPER),
+        "--token", ar.token("auditor", subject="auditor@ar"),
+        "--client", f"claimed:{CLINICS}", "--status", "refused", "--json",
+    )  # fmt: skip
+    assert records.stdout.strip(), records.stderr
+    rows = json.loads(records.stdout)
+    assert ("federation_ended", f"claimed:{AR_POPULATION}") in [
+        (r["error_code"], r["service"]) for r in rows
+    ], rows
+
+    outcome = until(
+        lambda: clinics_call(instances), lambda o: o.error == "federation_ended", timeout=10
+    )
+    assert outcome.error == "federation_ended", outcome
+
+    exported = run_gateway("registry", "anchor", "--config", uy.workdir / "registry.toml")
+    anchor = json.loads(exported.stdout)
+    anchor["addresses"] = [uy.registry_address]
+    instances.admin(ar, "registry-admin").federate(anchor, reason="treaty restored")
     outcome = until(lambda: clinics_call(instances), lambda o: o.ok, timeout=20)
     assert outcome.ok, outcome
 

@@ -451,3 +451,132 @@ def test_federating_with_itself_is_rejected(world: World) -> None:
     content = build_content(**{**world.content_args, "federations": [own]})
     error = expect_invalid(lambda: parse_content(content))
     assert "cannot federate with itself" in error.message
+
+
+# ---- instance binding: a configuration speaks only for its own instance ----------------
+
+FOREIGN_MEMBER = MemberId.parse("AR/GOB/RENAPER")
+IMPOSTOR = MemberId.parse("BR/GOV/X")
+AR_PERSON = ServiceId.parse("AR/GOB/RENAPER/identity/person/v1")
+
+
+def _foreign_server(
+    world: World, owner: MemberId, subsystems: tuple[SubsystemId, ...]
+) -> SecurityServer:
+    return SecurityServer(
+        id=SecurityServerId(owner=owner, code="evil"),
+        address="evil.example:8443",
+        auth_certificate=world.auth_bps.certificate_der,
+        subsystems=subsystems,
+    )
+
+
+def _binding_cases() -> list[Any]:
+    def member(w: World) -> dict[str, Any]:
+        return {"members": [*w.content_args["members"], Member(id=FOREIGN_MEMBER, name="x")]}
+
+    def server(w: World) -> dict[str, Any]:
+        return {
+            **member(w),
+            "servers": [
+                *w.content_args["servers"],
+                _foreign_server(w, FOREIGN_MEMBER, (SubsystemId(member=FOREIGN_MEMBER, code="a"),)),
+            ],
+        }
+
+    def hosted(w: World) -> dict[str, Any]:
+        evil = SecurityServer(
+            id=SecurityServerId(owner=BPS, code="ss2"),
+            address="evil.example:8443",
+            auth_certificate=w.auth_bps.certificate_der,
+            subsystems=(SubsystemId(member=IMPOSTOR, code="clinics"),),
+        )
+        return {"servers": [*w.content_args["servers"], evil]}
+
+    def service(w: World) -> dict[str, Any]:
+        return {
+            "services": [
+                *w.content_args["services"],
+                Service(id=AR_PERSON, description="not ours", methods=()),
+            ]
+        }
+
+    def agreement(w: World) -> dict[str, Any]:
+        return {"agreements": [dataclasses.replace(w.agreement, id="AG-X", service=AR_PERSON)]}
+
+    def approval_client(w: World) -> dict[str, Any]:
+        return {
+            "outbound_approvals": [
+                OutboundApproval(
+                    client=SubsystemId(member=IMPOSTOR, code="a"),
+                    service=AR_PERSON,
+                    purposes=frozenset({"p"}),
+                    approved_at=w.now,
+                )
+            ]
+        }
+
+    def approval_service(w: World) -> dict[str, Any]:
+        return {
+            "outbound_approvals": [
+                OutboundApproval(
+                    client=BENEFITS, service=PERSON, purposes=frozenset({"p"}), approved_at=w.now
+                )
+            ]
+        }
+
+    return [
+        pytest.param(member, "member AR/GOB/RENAPER", id="foreign-member"),
+        pytest.param(server, "AR/GOB/RENAPER", id="foreign-server"),
+        pytest.param(hosted, "subsystem BR/GOV/X/clinics", id="foreign-hosted-subsystem"),
+        pytest.param(service, "service AR/GOB/RENAPER/identity/person/v1", id="foreign-service"),
+        pytest.param(agreement, "agreement AG-X", id="agreement-for-foreign-service"),
+        pytest.param(approval_client, "client BR/GOV/X/a", id="outbound-approval-foreign-client"),
+        pytest.param(approval_service, str(PERSON), id="outbound-approval-own-service"),
+    ]
+
+
+@pytest.mark.parametrize(("change", "named"), _binding_cases())
+def test_a_configuration_listing_another_instances_party_is_rejected(
+    world: World, change: Callable[[World], dict[str, Any]], named: str
+) -> None:
+    """Members, servers, hosted subsystems, services and agreement services of another
+    instance (and outbound approvals not from own client to foreign service) are refused,
+    naming the offending id."""
+    content = build_content(**{**world.content_args, **change(world)})
+    error = expect_invalid(lambda: parse_content(content))
+    assert named in error.message
+
+
+def test_a_member_of_ours_published_by_a_federated_registry_is_rejected(
+    world: World, issue: IssueCert
+) -> None:
+    """AR's registry (its own anchor and key) publishing a member UY/GOV/MSP, an approved
+    server of it and its subsystem: AR's configuration is refused as a whole."""
+    ar_signer = issue("AR configuration", kind="config")
+    msp = MemberId.parse("UY/GOV/MSP")
+    content = build_content(
+        **{
+            **world.content_args,
+            "instance": "AR",
+            "members": [Member(id=FOREIGN_MEMBER, name="RENAPER"), Member(id=msp, name="MSP")],
+            "servers": [
+                _foreign_server(world, msp, (SubsystemId(member=msp, code="clinics"),)),
+            ],
+            "services": [],
+            "agreements": [],
+        }
+    )
+    anchor = Anchor(
+        instance="AR", signing_certificates=(ar_signer.certificate_der,), addresses=("x:1",)
+    )
+    signed = sign_configuration(content, ar_signer)
+    error = expect_invalid(lambda: verify_configuration(signed, anchor))
+    assert "member UY/GOV/MSP" in error.message
+
+
+def test_a_foreign_agreement_client_is_allowed(world: World) -> None:
+    """An agreement's client may be a subsystem of another instance (cross-border)."""
+    deal = dataclasses.replace(world.agreement, client=SubsystemId(member=FOREIGN_MEMBER, code="a"))
+    config = parse_content(build_content(**{**world.content_args, "agreements": [deal]}))
+    assert config.agreements.decide(deal.client, PERSON, "benefit-eligibility", world.now)

@@ -1,0 +1,201 @@
+"""Unit tests of the security server's trust boundaries between instances, without I/O:
+the provider's binding of a peer to one instance, a federation ended on either side, the
+configuration client keeping its last good copy, and claims in refusal records."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+
+from gateway.configuration import (
+    Anchor,
+    Federation,
+    GlobalConfiguration,
+    Member,
+    build_content,
+    parse_content,
+    sign_configuration,
+)
+from gateway.errors import Code, ConfigurationError, GatewayError
+from gateway.identifiers import MemberId
+from gateway.signing import EcdsaSigner
+from security_server.config_client import ConfigurationClient
+from security_server.federation import Federations
+from security_server.provider import Claims, claimed_instance, registered_peer
+from security_server.records import claimed
+from tests.unit.test_configuration import SS_DNIC, World
+
+# the fixture `world` (a signed UY configuration), shared with the core's tests
+from tests.unit.test_configuration import world as world
+
+IssueCert = Any
+
+
+def _client(world: World, tmp_path: Path, config: GlobalConfiguration) -> ConfigurationClient:
+    client = ConfigurationClient(
+        anchor=world.anchor, cache_file=tmp_path / "configuration.json", clock=lambda: world.now
+    )
+    client.current = config
+    return client
+
+
+class _Found:
+    """A Federations whose look-up finds what it is told to (as if a configuration had
+    somehow listed it)."""
+
+    def __init__(self, found: tuple[GlobalConfiguration, Any] | None, own: Any) -> None:
+        self.found = found
+        self.own = own
+
+    def server_by_certificate(self, fingerprint: str, now: datetime) -> Any:
+        return self.found
+
+    def ended(self, instance: str, now: datetime) -> bool:
+        return Federations.ended(cast(Federations, self), instance, now)
+
+
+def test_a_server_registered_by_another_instance_is_refused(world: World, tmp_path: Path) -> None:
+    """Defence in depth: a configuration of AR that lists UY's server (parse_content refuses
+    one, but the provider never relies on that) does not make the server acceptable."""
+    ours = parse_content(world.content)
+    theirs = dataclasses.replace(ours, instance="AR")
+    federations = _Found((theirs, ours.servers[SS_DNIC]), _client(world, tmp_path, ours))
+    with pytest.raises(GatewayError) as info:
+        registered_peer(cast(Federations, federations), "x", world.now)
+    assert info.value.code is Code.PEER_MEMBER_MISMATCH
+    # the same server registered by its own instance is accepted
+    federations.found = (ours, ours.servers[SS_DNIC])
+    assert registered_peer(cast(Federations, federations), "x", world.now)[1].id == SS_DNIC
+
+
+def _with_federation(world: World, issue: IssueCert, *, active: bool) -> GlobalConfiguration:
+    anchor = Anchor(
+        instance="AR",
+        signing_certificates=(issue("AR configuration", kind="config").certificate_der,),
+        addresses=("registry.gob.ar:7000",),
+    )
+    federation = Federation(
+        anchor=anchor,
+        active=active,
+        since=world.now - timedelta(days=2),
+        ended_at=None if active else world.now - timedelta(hours=1),
+    )
+    return parse_content(build_content(**{**world.content_args, "federations": [federation]}))
+
+
+@pytest.mark.parametrize(
+    ("claimed_by_peer", "active", "code"),
+    [
+        ("AR", False, Code.FEDERATION_ENDED),
+        ("AR", True, Code.PEER_NOT_REGISTERED),
+        ("BR", False, Code.PEER_NOT_REGISTERED),
+        (None, False, Code.PEER_NOT_REGISTERED),
+    ],
+)
+def test_an_unknown_peer_of_an_ended_federation_is_told_so(
+    world: World,
+    issue: IssueCert,
+    tmp_path: Path,
+    claimed_by_peer: str | None,
+    active: bool,
+    code: Code,
+) -> None:
+    """A peer our configuration does not know, whose certificate names an instance we ended
+    the federation with, gets federation_ended; any other unknown peer peer_not_registered."""
+    own = _client(world, tmp_path, _with_federation(world, issue, active=active))
+    with pytest.raises(GatewayError) as info:
+        registered_peer(cast(Federations, _Found(None, own)), "x", world.now, claimed_by_peer)
+    assert info.value.code is code
+
+
+def test_a_federation_ended_by_the_other_instance_is_refused_as_ended(
+    world: World, issue: IssueCert, tmp_path: Path
+) -> None:
+    """When the provider's instance's configuration lists ours as ended, a cross-border
+    call is refused with federation_ended (not by the provider with peer_not_registered)."""
+    ours = _with_federation(world, issue, active=True)
+    uy_anchor = Federation(anchor=world.anchor, active=False, since=world.now, ended_at=world.now)
+    theirs = parse_content(
+        build_content(
+            **{
+                **world.content_args,
+                "instance": "AR",
+                "members": [Member(id=MemberId.parse("AR/GOB/RENAPER"), name="RENAPER")],
+                "servers": [],
+                "services": [],
+                "agreements": [],
+                "federations": [uy_anchor],
+            }
+        )
+    )
+    federations = Federations(
+        _client(world, tmp_path, ours),
+        allowed=frozenset({"AR"}),
+        state_dir=tmp_path,
+        clock=lambda: world.now,
+    )
+    federations.clients["AR"] = _client(world, tmp_path, theirs)
+    with pytest.raises(GatewayError) as info:
+        federations.require("AR", world.now)
+    assert info.value.code is Code.FEDERATION_ENDED
+    assert "AR ended its federation with instance UY" in info.value.message
+    federations.clients["AR"].current = dataclasses.replace(theirs, federations={})
+    assert federations.require("AR", world.now).instance == "AR"
+
+
+def test_the_configuration_client_keeps_its_last_good_copy(world: World, tmp_path: Path) -> None:
+    """A configuration of our own instance that lists another instance's member is refused
+    (configuration_invalid, naming it); the client keeps serving the last good copy, on
+    disk too."""
+    client = ConfigurationClient(
+        anchor=world.anchor, cache_file=tmp_path / "configuration.json", clock=lambda: world.now
+    )
+    assert client.accept(world.signed)
+    on_disk = client.cache_file.read_bytes()
+    foreign = Member(id=MemberId.parse("AR/GOB/RENAPER"), name="not ours")
+    poisoned = build_content(
+        **{
+            **world.content_args,
+            "version": 43,
+            "members": [*world.content_args["members"], foreign],
+        }
+    )
+    with pytest.raises(ConfigurationError) as info:
+        client.accept(sign_configuration(poisoned, world.config_signer))
+    assert info.value.code is Code.CONFIGURATION_INVALID
+    assert "member AR/GOB/RENAPER" in info.value.message
+    assert client.current is not None and client.current.version == 42
+    assert client.cache_file.read_bytes() == on_disk
+
+
+def test_claims_are_marked_escaped_and_bounded() -> None:
+    """An unverified value is stored as claimed:<value>, control characters escaped, cut
+    to 200 characters with a digest of the whole; the prefix never matches a member's."""
+    assert claimed("UY/GOV/MSP/clinics") == "claimed:UY/GOV/MSP/clinics"
+    assert claimed(None) is None
+    assert claimed("UY/GOV/MSP/a\x00\n\x1b") == "claimed:UY/GOV/MSP/a\\x00\\n\\x1b"
+    long = claimed("UY/GOV/MSP/" + "\\" * 7000)
+    assert long is not None and len(long) <= 256
+    assert long.startswith("claimed:UY/GOV/MSP/") and "…sha256:" in long
+    assert claimed("UY/GOV/MSP/" + "\\" * 7001) != long
+    assert not (claimed("UY/GOV/MSP/x") or "").startswith("UY/GOV/MSP/")
+
+
+def test_claims_are_read_from_any_header_without_trusting_it(
+    auth_signer: EcdsaSigner, issue: IssueCert
+) -> None:
+    """The parties a header names are read even from a header that does not check, and
+    nothing from one that is not canonical JSON; a certificate's claimed instance is read
+    from its subject."""
+    read = Claims.read(b'{"client":"UY/GOV/MSP/x","message_id":"m-1","service":7}')
+    assert read == Claims(client="UY/GOV/MSP/x")
+    assert read.facts() == {"message_id": None, "client": "claimed:UY/GOV/MSP/x", "service": None}
+    assert Claims.read(b"\xff not json") == Claims()
+    assert Claims.read(b"[1]") == Claims()
+    assert claimed_instance(auth_signer.certificate) == "UY"
+    assert claimed_instance(issue("not a server id", kind="auth").certificate) is None
+    assert claimed_instance(None) is None
