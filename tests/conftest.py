@@ -7,6 +7,11 @@ so that two processes, parallel workers or two engineers' runs, never reset or r
 other's tables; the database is dropped when the process ends. The server given by the
 caller is kept in GATEWAY_TEST_POSTGRES_SERVER (workers inherit it from the controller).
 This file must never touch a database it did not create.
+
+It also orders the test files for `make test`'s workers (pytest-xdist, one file per
+worker, handed out in collection order): the longest-running integration files first,
+then the other integration files, then the unit tests, which fill the gaps at the end,
+so that no long file starts last and runs alone.
 """
 
 from __future__ import annotations
@@ -26,6 +31,18 @@ from gateway.settings import database_url
 URL = "GATEWAY_TEST_POSTGRES_URL"
 SERVER = "GATEWAY_TEST_POSTGRES_SERVER"
 _DATABASE = pytest.StashKey[str]()  # the name of the database this process created
+
+# The files that take longest (`pytest --durations`), started first; only the order changes.
+LONGEST_FIRST = (
+    "tests/integration/test_demo.py",
+    "tests/integration/test_archive.py",
+    "tests/integration/test_faults.py",
+    "tests/integration/test_trust_faults.py",
+    "tests/integration/test_evidence.py",
+    "tests/integration/test_federation.py",
+    "tests/integration/test_federation_api.py",
+    "tests/integration/test_registry_api.py",
+)
 
 
 def _is_xdist_controller(config: pytest.Config) -> bool:
@@ -62,3 +79,15 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     server = os.environ[SERVER]
     os.environ[URL] = server
     asyncio.run(_execute(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def _file_rank(item: pytest.Item) -> tuple[int, int]:
+    path = item.nodeid.split("::", 1)[0]
+    if path in LONGEST_FIRST:
+        return (0, LONGEST_FIRST.index(path))
+    return (1, 0) if path.startswith("tests/integration/") else (2, 0)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # a stable sort: each file's tests keep their order (and their module-scoped fixtures)
+    items.sort(key=_file_rank)
