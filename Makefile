@@ -26,8 +26,16 @@ types: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest tests/unit
 
+# `make test` runs the tests marked `serial` (timings, latency ratios) first, alone on the
+# machine, then every other test in PYTEST_WORKERS processes (pytest-xdist), each test file
+# kept whole in one worker so that its module-scoped topology starts once. Most of the
+# integration tests' time is spent waiting on their subprocesses, so more workers than
+# cores pay. `PYTEST_WORKERS=0 make test` runs everything in one process.
+PYTEST_WORKERS ?= 4
+
 test: lint types $(STAMP)
-	$(BIN)/pytest
+	$(BIN)/pytest -m serial -p no:xdist || [ $$? -eq 5 ]  # 5: no test is marked serial
+	$(BIN)/pytest -m "not serial" -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 bench: $(STAMP)
 	$(BIN)/gateway bench --repeats 5

@@ -47,6 +47,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def reserve_port() -> socket.socket:
+    """A socket bound to a free loopback port and not listening: while it is open, no other
+    process's `bind` to port 0 or `connect` gets that port, so a server started later (or
+    restarted) finds it free. The servers bind with SO_REUSEADDR (gRPC and aiohttp do),
+    which Linux allows beside a socket that does not listen; connections go to the server."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", 0))
+    return s
+
+
 @dataclass
 class Process:
     name: str
@@ -121,6 +132,10 @@ class Runner:
         self.providers: dict[str, str] = {}  # server id -> provider host:port
         self.backends: dict[str, str] = {}  # backend name -> host:port
         self.server_names: dict[str, str] = {}  # server id -> process name
+        # the topology's ports, held from `prepare` to `close` (see `reserve_port`): a port
+        # picked and released early could be taken by anything on the machine before its
+        # server binds it (parallel test workers make that likely enough to fail a run)
+        self._reserved: list[socket.socket] = []
 
     # ---- preparation -----------------------------------------------------------------
 
@@ -133,19 +148,19 @@ class Runner:
         for sub in ("run", "logs", "state"):
             (self.workdir / sub).mkdir(parents=True, exist_ok=True)
         topology = tomllib.loads(self.template.read_text())
-        self.registry_address = f"127.0.0.1:{free_port()}"
-        self.api_address = f"127.0.0.1:{free_port()}"
-        self.ocsp_address = f"127.0.0.1:{free_port()}"
-        self.tsa_address = f"127.0.0.1:{free_port()}"
+        self.registry_address = self._address()
+        self.api_address = self._address()
+        self.ocsp_address = self._address()
+        self.tsa_address = self._address()
         for server in topology.get("servers", []):
-            self.providers[server["id"]] = server["address"] = f"127.0.0.1:{free_port()}"
-            self.consumers[server["id"]] = f"127.0.0.1:{free_port()}"
-            self.auditors[server["id"]] = f"127.0.0.1:{free_port()}"
+            self.providers[server["id"]] = server["address"] = self._address()
+            self.consumers[server["id"]] = self._address()
+            self.auditors[server["id"]] = self._address()
             self.server_names[server["id"]] = (
                 "ss-" + SecurityServerId.parse(server["id"]).owner.code.lower()
             )
         for name in sorted(set(DEMO_BACKENDS.values())):
-            self.backends[name] = f"127.0.0.1:{free_port()}"
+            self.backends[name] = self._address()
         self.topology = topology
         self.write_topology()
         instance = MemberId.parse(topology["members"][0]["id"]).instance
@@ -177,6 +192,12 @@ class Runner:
             self.processes[f"backend-{name}"] = self._process(
                 f"backend-{name}", ["demo-backend", name, "--listen", address]
             )
+
+    def _address(self) -> str:
+        """A loopback address with a port reserved until `close`."""
+        reserved = reserve_port()
+        self._reserved.append(reserved)
+        return f"127.0.0.1:{reserved.getsockname()[1]}"
 
     def write_topology(self) -> None:
         """Write the current topology for the registry (re-read on SIGHUP: see `reload_registry`)."""
@@ -315,9 +336,9 @@ class Runner:
         settings = tomllib.loads((self.workdir / f"{name}.toml").read_text())
         replica = f"{name}-{chain}"
         settings["server"]["state_dir"] = str(self.workdir / "state" / replica)
-        settings["consumer"]["listen"] = f"127.0.0.1:{free_port()}"
-        settings["provider"]["listen"] = f"127.0.0.1:{free_port()}"
-        settings["auditor"]["listen"] = f"127.0.0.1:{free_port()}"
+        settings["consumer"]["listen"] = self._address()
+        settings["provider"]["listen"] = self._address()
+        settings["auditor"]["listen"] = self._address()
         settings["log"] = {**settings["log"], **log, "chain": chain}
         path = self.workdir / f"{replica}.toml"
         path.write_text(tomli_w.dumps(settings))
@@ -460,6 +481,9 @@ class Runner:
     def close(self) -> None:
         for name in reversed(list(self.processes)):
             self.stop(name)
+        for reserved in self._reserved:
+            reserved.close()
+        self._reserved.clear()
 
     def tail(self, name: str, lines: int = 30) -> str:
         try:
