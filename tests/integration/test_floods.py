@@ -308,6 +308,7 @@ async def test_an_address_over_its_rate_gets_429_and_is_counted(runner: Runner) 
 # ---- floods ------------------------------------------------------------------------------------
 
 
+@pytest.mark.serial  # a latency ratio: measured with no other test running
 async def test_auditor_api_flood_writes_a_handful_of_records_and_spares_exchanges(
     runner: Runner,
 ) -> None:
@@ -328,6 +329,7 @@ async def test_auditor_api_flood_writes_a_handful_of_records_and_spares_exchange
     assert flood.ratio <= 2, flood
 
 
+@pytest.mark.serial  # a latency ratio: measured with no other test running
 async def test_consumer_flood_of_junk_calls_is_counted_and_spares_exchanges(
     runner: Runner,
 ) -> None:
