@@ -315,9 +315,11 @@ def test_export_of_an_unknown_message_is_a_clear_error(
 
 
 def test_audit_verify_checks_the_time_stamps(exchange: tuple[Runner, str, Path]) -> None:
+    """`audit verify` with the instance's anchor checks every batch's token."""
     runner, _, _ = exchange
+    anchor = str(runner.pki / "anchor.json")
     for server in (MSP_SERVER, DNIC_SERVER):
-        result = audit_verify(runner.log_db(server))
+        result = audit_verify(runner.log_db(server), "--anchor", anchor, "--check-stamps")
         assert result.returncode == 0, result.stdout + result.stderr
         assert "record(s) covered by verified tokens" in result.stdout
 

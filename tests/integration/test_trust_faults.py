@@ -124,7 +124,9 @@ def wait_all_stamped(runner: Runner, seconds: float) -> None:
 def audit_verify_all_stamped(runner: Runner) -> None:
     """`gateway audit verify` accepts both logs and counts every record as time-stamped."""
     for server in (MSP, DNIC):
-        result = audit_verify(runner.log_db(server))
+        result = audit_verify(
+            runner.log_db(server), "--anchor", str(runner.pki / "anchor.json"), "--check-stamps"
+        )
         assert result.returncode == 0, f"{server}: {result.stdout}{result.stderr}"
         _, total = stamped_and_total(runner, server)
         assert f"OK: {total} record(s) verified" in result.stdout, result.stdout
