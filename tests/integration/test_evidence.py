@@ -370,10 +370,11 @@ def test_audit_verify_detects_deleted_records_and_edited_stamps(
 ) -> None:  # fmt: skip
     runner, _, _ = exchange
     db = _copy_log(runner, MSP_SERVER, tmp_path / "copy.db")
-    ok = audit_verify(db)
+    anchor = ("--anchor", str(runner.pki / "anchor.json"))
+    ok = audit_verify(db, *anchor)
     assert ok.returncode == 0, ok.stdout
     _edit(db, edit)
-    result = audit_verify(db, "--stamp-grace", "0")
+    result = audit_verify(db, "--stamp-grace", "0", *anchor)
     assert result.returncode == 1, result.stdout + result.stderr
     assert expected in result.stdout, result.stdout
 
