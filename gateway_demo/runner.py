@@ -429,15 +429,27 @@ class Runner:
             self.start(name)
 
     def stop(self, name: str, *, kill: bool = False, timeout: float = 10.0) -> None:
-        proc = self.processes[name]
-        if proc.popen is None or proc.popen.poll() is not None:
-            return
-        proc.popen.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
-        try:
-            proc.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.popen.kill()
-            proc.popen.wait()
+        self._stop_together([name], kill=kill, timeout=timeout)
+
+    def _stop_together(
+        self, names: list[str], *, kill: bool = False, timeout: float = 10.0
+    ) -> None:
+        """Signal every process named, then wait for each (killed if still running after
+        `timeout`): their shutdowns overlap instead of adding up."""
+        running = [
+            p.popen
+            for p in (self.processes[n] for n in names)
+            if p.popen is not None and p.popen.poll() is None
+        ]
+        for popen in running:
+            popen.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for popen in running:
+            try:
+                popen.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                popen.kill()
+                popen.wait()
 
     @property
     def ocsp_url(self) -> str:
@@ -479,8 +491,11 @@ class Runner:
             proc.popen.send_signal(signal.SIGHUP)
 
     def close(self) -> None:
-        for name in reversed(list(self.processes)):
-            self.stop(name)
+        # the security servers and backends first, together; then the registry and the
+        # trust services they may still talk to while shutting down
+        services = {"registry", "ocsp", "tsa"}
+        self._stop_together([n for n in self.processes if n not in services])
+        self._stop_together([n for n in self.processes if n in services])
         for reserved in self._reserved:
             reserved.close()
         self._reserved.clear()
