@@ -35,7 +35,7 @@ PYTEST_WORKERS ?= 4
 
 test: lint types $(STAMP)
 	$(BIN)/pytest -m serial -p no:xdist || [ $$? -eq 5 ]  # 5: no test is marked serial
-	$(BIN)/pytest -m "not serial" -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
+	$(BIN)/pytest -m "not serial" -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25
 
 bench: $(STAMP)
 	$(BIN)/gateway bench --repeats 5

@@ -244,7 +244,8 @@ async def test_health_probes_are_answered_serving_and_never_logged(runner: Runne
 
 async def test_a_token_over_its_rate_gets_429_and_is_counted(runner: Runner) -> None:
     """An auditor token past its burst gets 429 with Retry-After; its queries within the
-    burst are logged one by one, the refused ones only counted in one aggregate record."""
+    burst are logged one by one, the refused ones only counted in aggregate records (one per
+    interval; a burst that straddles a flush is counted in two)."""
     seq = last_seq(runner, MSP)
     holder = f"auditor-hasty-{uuid.uuid4().hex[:6]}"
     token = runner.token("auditor", subject=holder)
@@ -264,13 +265,15 @@ async def test_a_token_over_its_rate_gets_429_and_is_counted(runner: Runner) -> 
     assert refused >= 4, statuses
     found = await aggregated(runner, MSP, seq, "auditor", refused)
     mine = [r for r in found if (r["user_id"] or "").startswith(holder)]
-    assert [(r["error_code"], r["peer"]) for r in mine] == [("token_rate_limited", "127.0.0.1")]
-    assert counted(mine[0]) == refused
+    assert 1 <= len(mine) <= 2, mine
+    assert {(r["error_code"], r["peer"]) for r in mine} == {("token_rate_limited", "127.0.0.1")}
+    assert len({r["user_id"] for r in mine}) == 1
+    assert sum(counted(r) for r in mine) == refused
     queries = [r for r in written_since(runner, MSP, seq) if r["kind"] == "audit-query"]
     assert len(queries) == statuses.count(200)
     # instance-wide auditors find the aggregate; a member's auditor sees none of them
     async with aiohttp.ClientSession() as session:
-        for member, expected in ((None, 1), ("UY/GOV/MSP", 0)):
+        for member, expected in ((None, len(mine)), ("UY/GOV/MSP", 0)):
             token = runner.token("auditor", member=member, subject=f"reader-{uuid.uuid4().hex}")
             async with session.get(
                 runner.auditor_url(MSP) + PATH,
