@@ -13,6 +13,7 @@ import hmac
 import http.client
 import itertools
 import json
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -901,6 +902,13 @@ def fuzz_schema(fuzz_runner: Runner) -> schemathesis.BaseSchema:
     return schemathesis.openapi.from_url(f"{fuzz_runner.api_url}/openapi.json")
 
 
+# Examples per fuzzed operation and mode. `make test` keeps the suite within its time budget
+# with 20 (each example is a real HTTP request to the registry); a deeper run sets
+# GATEWAY_FUZZ_EXAMPLES=500, say, before a release. The arbitrary-JSON test draws three times
+# as many, over every POST operation at once.
+FUZZ_EXAMPLES = int(os.environ.get("GATEWAY_FUZZ_EXAMPLES", "20"))
+
+
 def _fuzzed_operations() -> list[Any]:
     """(method, path, mode) for every operation; negative only where there is input to spoil."""
     params = []
@@ -926,7 +934,7 @@ def test_no_generated_request_gets_a_server_error(
     operation = fuzz_schema[path][method]
     auth = {"Authorization": f"Bearer {fuzz_token}"}
 
-    @settings(max_examples=50, deadline=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
     @given(case=operation.as_strategy(generation_mode=mode))
     def run(case: schemathesis.Case[Any]) -> None:
         response = case.call_and_validate(headers=auth, checks=[not_a_server_error])
@@ -946,7 +954,7 @@ JSON = st.recursive(
 POSTS = [path for path, item in openapi_document()["paths"].items() if "post" in item]
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=3 * FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 @given(path=st.sampled_from(POSTS), doc=JSON, agreement=st.sampled_from(["X", SEEDED_AGREEMENT]))
 def test_arbitrary_json_to_any_post_is_never_a_server_error(
     fuzz_runner: Runner, fuzz_token: str, path: str, doc: Any, agreement: str
