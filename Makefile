@@ -21,7 +21,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 types: $(STAMP)
-	$(BIN)/mypy gateway security_server registry certs gateway_cli gateway_demo tests
+	$(BIN)/mypy gateway security_server registry certs gateway_cli gateway_demo gateway_ops tests
 
 unit: $(STAMP)
 	$(BIN)/pytest tests/unit

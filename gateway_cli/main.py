@@ -110,6 +110,7 @@ def _pki_serve(ns: argparse.Namespace) -> int:
     from certs.ocsp_responder import OcspResponder, ocsp_app
     from certs.pki import load_issued
     from gateway_cli.runtime import ready_writer, restrict_modes, run, signal_events
+    from gateway_ops.server import Ops, OpsSettings
 
     if ns.ocsp is None and ns.tsa is None:
         print("error: give --ocsp HOST:PORT, --tsa HOST:PORT or both", file=sys.stderr)
@@ -122,6 +123,8 @@ def _pki_serve(ns: argparse.Namespace) -> int:
         return datetime.now(UTC)
 
     apps: dict[str, tuple[web.Application, tuple[str, int]]] = {}
+    # its keys are loaded before it listens: once it answers, it is ready
+    ops = Ops("trust-services")
     try:
         if ns.ocsp is not None:
             apps["ocsp"] = (ocsp_app(OcspResponder(pki_dir=ns.dir, clock=clock)), ns.ocsp)
@@ -149,12 +152,17 @@ def _pki_serve(ns: argparse.Namespace) -> int:
                 await runner.setup()
                 await web.TCPSite(runner, host, port).start()
                 ready[name] = f"http://{host}:{runner.addresses[0][1]}/"
+            ops_url = await ops.start(OpsSettings(listen=f"{ns.ops[0]}:{ns.ops[1]}"))
+            if ops_url is not None:
+                ready["ops"] = ops_url
             print(json.dumps(ready), flush=True)
             ready_writer(ns.ready_file)(ready)
             await stop.wait()
         finally:
+            ops.readiness.stopping()
             for runner in runners:
                 await runner.cleanup()
+            await ops.close()
 
     try:
         run(main)
@@ -632,6 +640,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", type=Path, default=Path("var/pki"), help="PKI folder (default var/pki)")
     p.add_argument("--ocsp", type=_host_port, metavar="HOST:PORT", help="OCSP responder (RFC 6960)")
     p.add_argument("--tsa", type=_host_port, metavar="HOST:PORT", help="time-stamping (RFC 3161)")
+    p.add_argument(
+        "--ops",
+        type=_host_port,
+        metavar="HOST:PORT",
+        default=("127.0.0.1", 0),
+        help="operations port: /metrics, /healthz, /readyz (default 127.0.0.1:0, a free port)",
+    )
     p.add_argument("--ready-file", type=Path, help="also write the JSON line here once listening")
     p.set_defaults(func=_pki_serve)
 

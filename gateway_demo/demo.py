@@ -344,6 +344,8 @@ def describe(runner: Runner) -> dict[str, Any]:
         ],
         "message_logs": {s["id"]: str(runner.log_db(s["id"])) for s in topology["servers"]},
         "auditor_apis": {s["id"]: runner.auditor_url(s["id"]) for s in topology["servers"]},
+        # /metrics, /healthz and /readyz of every process, by process name
+        "ops": runner.ops_urls(),
     }
 
 
@@ -464,6 +466,9 @@ def run_demo(*, workdir: Path, keep_running: bool) -> int:
 
 
 def _addresses(ready: dict[str, Any]) -> str:
-    return "  ".join(
+    shown = [
         f"{k}={v}" for k, v in ready.items() if k in ("listen", "provider", "consumer", "auditor")
-    )
+    ]
+    if "ops" in ready:  # the operations port: Prometheus scrapes /metrics there
+        shown.append(f"metrics={ready['ops']}/metrics")
+    return "  ".join(shown)

@@ -455,6 +455,14 @@ class Runner:
     def ocsp_url(self) -> str:
         return f"http://{self.ocsp_address}/"
 
+    def ops_url(self, name: str) -> str:
+        """The operations port (`/metrics`, `/healthz`, `/readyz`) of a running process."""
+        return str(self.processes[name].ready["ops"])
+
+    def ops_urls(self) -> dict[str, str]:
+        """Every running process's operations port, by process name (backends have none)."""
+        return {n: str(p.ready["ops"]) for n, p in self.processes.items() if "ops" in p.ready}
+
     @property
     def api_url(self) -> str:
         """The registry's admin API base URL."""

@@ -32,6 +32,7 @@ from gateway.signing import EcdsaSigner, load_certificate, load_private_key
 from gateway.timeutil import format_time
 from gateway.v1 import configuration_pb2 as pb
 from gateway.workflow import Policy
+from gateway_ops.server import Ops, OpsSettings
 from registry.api import AdminApi
 from registry.auth import OidcSettings, TokenIssuer, TokenVerifier, load_or_create_token_key
 from registry.checkpoints import CheckpointBook, CheckpointRefused
@@ -95,6 +96,7 @@ class RegistrySettings:
     refresh_seconds: float = 60.0
     api: ApiSettings = field(default_factory=ApiSettings)
     policy: PolicySettings = field(default_factory=PolicySettings)
+    ops: OpsSettings = field(default_factory=OpsSettings)
 
     def token_key_path(self, base: Path) -> Path:
         return self.api.token_key or base / "registry-token.key"
@@ -223,6 +225,41 @@ class ConfigurationService:
         )
 
 
+class DatabaseProbe:
+    """Whether the registry's database answered its last probe (readiness reads it)."""
+
+    def __init__(self, store: RegistryStore) -> None:
+        self.store = store
+        self.error: str | None = None
+
+    async def probe(self) -> None:
+        try:
+            await asyncio.wait_for(self.store.ping(), timeout=5.0)
+        except Exception as exc:  # whatever a query would meet
+            self.error = f"{type(exc).__name__}: {exc}"[:300]
+        else:
+            self.error = None
+
+    async def run(self, interval: float = 2.0) -> None:
+        while True:
+            await self.probe()
+            await asyncio.sleep(interval)
+
+    def condition(self) -> str | None:
+        return None if self.error is None else f"the database does not answer: {self.error}"
+
+
+def _published(publisher: Publisher, clock: Callable[[], datetime]) -> str | None:
+    if publisher.current is None or publisher.expires_at is None:
+        return "no signed configuration is published yet"
+    if publisher.expires_at <= clock():
+        return (
+            f"the published configuration (version {publisher.version}) expired at "
+            f"{format_time(publisher.expires_at)}: publishing has failed since"
+        )
+    return None
+
+
 async def serve(
     settings: RegistrySettings,
     *,
@@ -271,6 +308,12 @@ async def serve(
                     raise ConfigFileError(f"{settings.topology}: {exc.message}") from None
                 log.info("topology_imported", file=str(settings.topology), added=added)
 
+        ops = Ops("registry")
+        database = DatabaseProbe(store)
+        ops.readiness.add("database", database.condition)
+        ops.readiness.add("configuration", lambda: _published(publisher, clock))
+        prober = asyncio.create_task(database.run(), name="database-probe")
+        ops_url = await ops.start(settings.ops)
         await import_topology()
         await governance.expire_due()
         await publisher.publish()
@@ -304,13 +347,14 @@ async def serve(
             listen=f"{host}:{port}",
             api=f"http://{api_host}:{api_bound}",
         )
-        on_ready(
-            {
-                "listen": f"{host}:{port}",
-                "api": f"http://{api_host}:{api_bound}",
-                "version": publisher.version,
-            }
-        )
+        ready: dict[str, Any] = {
+            "listen": f"{host}:{port}",
+            "api": f"http://{api_host}:{api_bound}",
+            "version": publisher.version,
+        }
+        if ops_url is not None:
+            ready["ops"] = ops_url
+        on_ready(ready)
         try:
             while not stop.is_set():
                 waiters = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(reload.wait())}
@@ -333,8 +377,11 @@ async def serve(
                 except Exception:  # a database hiccup must not stop the registry
                     log.exception("refresh_failed")
         finally:
+            ops.readiness.stopping()
             await server.stop(grace=1.0)
             await runner.cleanup()
+            prober.cancel()
+            await ops.close()
     finally:
         if verifier is not None:
             await verifier.close()

@@ -44,6 +44,8 @@ class Publisher:
         self.outbound_approval_required = outbound_approval_required
         self.current: SignedConfiguration | None = None
         self.version = 0
+        # when the current version stops being valid (readiness and metrics read it)
+        self.expires_at: datetime | None = None
         self._changed = asyncio.Condition()
         self._lock = asyncio.Lock()
 
@@ -71,6 +73,7 @@ class Publisher:
             await self.store.save_configuration(version, signed)
             self.version = version
             self.current = signed
+            self.expires_at = now + self.validity
         async with self._changed:
             self._changed.notify_all()
         log.info("configuration_published", instance=self.instance, version=version)

@@ -378,6 +378,11 @@ class RegistryStore:
     async def close(self) -> None:
         await self.engine.dispose()
 
+    async def ping(self) -> None:
+        """A round trip to the database; raises what a query would meet."""
+        async with self.engine.connect() as conn:
+            await conn.execute(sa.text("SELECT 1"))
+
     @asynccontextmanager
     async def change(self) -> AsyncIterator[Change]:
         """A transaction in which nothing else changes the registry, with its admin log head."""

@@ -163,6 +163,32 @@ class OwnStatus:
     def staple(self, certificate_sha256: str) -> bytes:
         return self.staples.get(certificate_sha256, b"")
 
+    def stale(self) -> str | None:
+        """Why this server's own OCSP answers would be refused by its peers now (none
+        configured, missing, or past `ocsp.freshness_seconds`); None when all are fresh."""
+        if not self.settings.url:
+            return "ocsp.url is not set: peers refuse this server's messages"
+        config = self.config()
+        if config is None:
+            return "no configuration yet to check the OCSP answers against"
+        now = self.clock()
+        freshness = timedelta(seconds=self.settings.freshness_seconds)
+        for sha, certificate in self.certificates.items():
+            der = self.staples.get(sha)
+            if not der:
+                return f"no OCSP answer yet for certificate {sha[:16]}"
+            try:
+                check_response(
+                    der,
+                    certificate=certificate,
+                    issuer=config.trust.issuer_of(certificate),
+                    at=now,
+                    freshness=freshness,
+                )
+            except GatewayError as exc:
+                return f"the OCSP answer for certificate {sha[:16]} is unusable: {exc.message}"
+        return None
+
     async def run(self, first: asyncio.Event | None = None) -> None:
         """Refresh every certificate's status until cancelled (sooner after a failure);
         `first` is set once the first round has been tried."""

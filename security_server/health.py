@@ -1,9 +1,10 @@
 """`grpc.health.v1` on the consumer and provider endpoints, for load balancers and
 Kubernetes probes.
 
-The overall status (service "") is SERVING while a global configuration is in force (one is
-held and has not expired), NOT_SERVING otherwise, and NOT_SERVING for good once the server
-stops. Probes are served by this handler, registered before the endpoints' own, so they are
+The overall status (service "") is SERVING while the server is ready (the same conditions
+as the operations port's `/readyz`: a configuration in force, the log writable, its own
+OCSP answers fresh, time-stamping within its failure period), NOT_SERVING otherwise, and
+NOT_SERVING for good once the server stops. Probes are served by this handler, registered before the endpoints' own, so they are
 never refused, logged or counted as calls.
 """
 
@@ -21,17 +22,17 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-class ConfigurationHealth(aio.HealthServicer):  # type: ignore[misc]
-    """Health that follows `in_force()`: read at each Check, and every `interval` seconds
-    for the watchers of Watch."""
+class ReadinessHealth(aio.HealthServicer):  # type: ignore[misc]
+    """Health that follows `ready()`: read at each Check, and every `interval` seconds for
+    the watchers of Watch."""
 
-    def __init__(self, in_force: Callable[[], bool], *, interval: float = 1.0) -> None:
+    def __init__(self, ready: Callable[[], bool], *, interval: float = 1.0) -> None:
         super().__init__()
-        self.in_force = in_force
+        self.ready = ready
         self.interval = interval
 
     async def refresh(self) -> None:
-        await self.set("", SERVING if self.in_force() else NOT_SERVING)
+        await self.set("", SERVING if self.ready() else NOT_SERVING)
 
     async def Check(
         self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]

@@ -27,6 +27,8 @@ from gateway.identifiers import MemberId, SecurityServerId
 from gateway.replay import ReplayGuard
 from gateway.settings import database_url
 from gateway.signing import EcdsaSigner, load_certificate, load_private_key
+from gateway_ops.readiness import Readiness
+from gateway_ops.server import Ops
 from registry.auth import OidcSettings, TokenVerifier
 from security_server.archive import Archiver
 from security_server.auditor_api import PATH as AUDITOR_PATH
@@ -39,7 +41,7 @@ from security_server.consumer import ConsumerService
 from security_server.endpoint_limits import consumer_options
 from security_server.federation import Federations
 from security_server.floods import AggregateFlusher, CountedEndpoint, RefusalCounter, TokenBuckets
-from security_server.health import ConfigurationHealth
+from security_server.health import ReadinessHealth
 from security_server.message_log import ChainInUseError, MessageLog
 from security_server.node import Node, load_subject_secret
 from security_server.peers import PeerPool
@@ -120,6 +122,42 @@ def _auditor_tls(settings: ServerSettings) -> ssl.SSLContext | None:
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(section.tls_certificate, section.tls_key)
     return context
+
+
+def _ready_when(
+    readiness: Readiness,
+    config: ConfigurationClient,
+    message_log: MessageLog,
+    own_status: OwnStatus,
+    timestamper: Timestamper | None,
+) -> None:
+    """What a security server needs to do its job now, each named for `/readyz`."""
+
+    def configuration() -> str | None:
+        try:
+            config.require(_clock())
+        except GatewayError as exc:
+            return exc.message
+        return None
+
+    def log_writable() -> str | None:
+        if message_log.unwritable is None:
+            return None
+        return f"the message log cannot be written: {message_log.unwritable}"
+
+    def stamping() -> str | None:
+        if timestamper is None:
+            return None
+        try:
+            timestamper.check()
+        except GatewayError as exc:
+            return exc.message
+        return None
+
+    readiness.add("configuration", configuration)
+    readiness.add("log", log_writable)
+    readiness.add("ocsp", own_status.stale)
+    readiness.add("timestamping", stamping)
 
 
 async def serve(
@@ -253,14 +291,9 @@ async def serve(
         clock=_clock,
     )
 
-    def configuration_in_force() -> bool:
-        try:
-            config.require(_clock())
-        except GatewayError:
-            return False
-        return True
-
-    health = ConfigurationHealth(configuration_in_force)
+    ops = Ops("security-server")
+    _ready_when(ops.readiness, config, message_log, own_status, timestamper)
+    health = ReadinessHealth(ops.readiness.ready)
     if settings.log.retention_days > 0:
         archiver = Archiver(
             message_log.engine,
@@ -274,7 +307,10 @@ async def serve(
             clock=_clock,
         )
         background.append(asyncio.create_task(archiver.run(), name="archiver"))
+    background.append(asyncio.create_task(message_log.watch_writable(), name="log-probe"))
     try:
+        # the operations port answers from the start: /readyz says what is still missing
+        ops_url = await ops.start(settings.ops)
         if config.current is None:
             log.info("waiting_for_configuration", registry=list(anchor.addresses))
             waiting = asyncio.ensure_future(stop.wait())
@@ -349,6 +385,8 @@ async def serve(
             "provider": f"{settings.provider.listen.rsplit(':', 1)[0]}:{provider_port}",
             "consumer": f"{local.listen.rsplit(':', 1)[0]}:{consumer_port}",
         }
+        if ops_url is not None:
+            ready["ops"] = ops_url
         if settings.auditor.listen:
             verifier = auditor_token_verifier(settings, server_id)
             closers.append(verifier.close)
@@ -377,6 +415,7 @@ async def serve(
         on_ready(ready)
         await stop.wait()
     finally:
+        ops.readiness.stopping()
         await health.enter_graceful_shutdown()
         for close in reversed(closers):
             await close()
@@ -396,3 +435,4 @@ async def serve(
         await message_log.close()
         # the final head, once every record is durable (bounded by checkpoints.timeout)
         await checkpoints.close()
+        await ops.close()

@@ -348,6 +348,8 @@ class MessageLog:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="message-log-writer")
         self.batches_written = 0
         self.records_written = 0
+        # why the last write or probe failed (readiness names it); None while writable
+        self.unwritable: str | None = None
         # (seq, hash) of the last record known durable: what a checkpoint may vouch for
         self.durable: tuple[int, bytes] = (head.next_seq - 1, head.last_hash)
 
@@ -454,6 +456,36 @@ class MessageLog:
             self._sync_conn = None
             raise
 
+    async def probe(self) -> bool:
+        """Open a write transaction that writes nothing, to learn whether the log can be
+        written now (a locked or read-only SQLite file, a PostgreSQL server gone); the
+        answer is kept in `unwritable` for readiness. True when writable."""
+        try:
+            if self._executor is None:
+                async with self.engine.begin() as conn:
+                    await conn.exec_driver_sql("SELECT 1")
+            else:
+                await asyncio.get_running_loop().run_in_executor(self._executor, self._probe_sync)
+        except Exception as exc:  # what a write would meet
+            self.unwritable = f"{type(exc).__name__}: {exc}"[:300]
+            return False
+        self.unwritable = None
+        return True
+
+    def _probe_sync(self) -> None:
+        """In the writer thread: take SQLite's write lock (as a write would), then let go."""
+        assert self._sync_engine is not None
+        with self._sync_engine.connect() as conn:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            conn.exec_driver_sql("ROLLBACK")
+
+    async def watch_writable(self, interval: float = 2.0) -> None:
+        """Probe every `interval` seconds, until cancelled, so that readiness follows the
+        log even while no call is written (and turns ready again once it can be)."""
+        while True:
+            await asyncio.sleep(interval)
+            await self.probe()
+
     async def save_stamp(self, row: Mapping[str, Any]) -> None:
         """Store one batch's time-stamp (through the writer's own connection on SQLite)."""
         if self._executor is None:
@@ -538,6 +570,7 @@ class MessageLog:
             )
         except Exception as exc:  # any failure: refuse these calls, keep the writer alive
             self.head = saved
+            self.unwritable = f"{type(exc).__name__}: {exc}"[:300]
             log.error(
                 "message_log_write_failed",
                 error=str(exc),
@@ -555,6 +588,7 @@ class MessageLog:
             return
         self.batches_written += 1
         self.records_written += len(batch)
+        self.unwritable = None
         self.durable = (records[-1].seq, records[-1].hash)
         if len(self._known_evidence) > 100_000:
             self._known_evidence.clear()

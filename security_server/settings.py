@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gateway_ops.server import OpsSettings
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ServerSection:
@@ -252,5 +254,6 @@ class ServerSettings:
     auditor: AuditorSection = field(default_factory=AuditorSection)
     federation: FederationSection = field(default_factory=FederationSection)
     checkpoints: CheckpointsSection = field(default_factory=CheckpointsSection)
+    ops: OpsSettings = field(default_factory=OpsSettings)
     # backend address (host:port, plain gRPC) per service id this server provides
     backends: dict[str, str] = field(default_factory=dict)
