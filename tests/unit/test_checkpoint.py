@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from certs.pki import issue
+from gateway import canonical
 from gateway.audit import ChainBrokenError
 from gateway.checkpoint import (
     Checkpoint,
@@ -72,6 +73,27 @@ def test_malformed_checkpoint_content_is_refused() -> None:
     ):
         with pytest.raises(ValueError, match=r"checkpoint|seq"):
             Checkpoint.parse(content)
+
+
+@pytest.mark.parametrize("chain", ["main\x1b[2K\rOK", "x" * 65, "../main", ""])
+def test_a_chain_that_is_not_a_chain_name_is_refused(chain: str) -> None:
+    """A checkpoint (signed content, or a registry's or an export's JSON) naming a chain
+    no log can have is refused: its name would reach the registry's table and the
+    terminal of whoever runs `audit verify`."""
+    good = checkpoint(1, b"\x01" * 32)
+    with pytest.raises(ValueError, match="chain"):
+        Checkpoint.parse(canonical.encode({**canonical.decode(good.content()), "chain": chain}))
+    doc = received(1, b"\x01" * 32).to_json()
+    with pytest.raises(ValueError, match="chain"):
+        Received.from_json({**doc, "chain": chain})
+
+
+def test_an_export_naming_a_malformed_server_is_a_value_error() -> None:
+    """A malformed server id in checkpoint JSON is a ValueError, which the CLI reports
+    (exit 2), not an identifier error escaping as a traceback."""
+    doc = received(1, b"\x01" * 32).to_json()
+    with pytest.raises(ValueError, match="malformed checkpoint"):
+        Received.from_json({**doc, "server": "not a server"})
 
 
 def test_log_matching_its_checkpoints_passes() -> None:
