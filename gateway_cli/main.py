@@ -274,7 +274,7 @@ def _audit_verify(ns: argparse.Namespace) -> int:
 
     from gateway.errors import AuditError
     from gateway_cli.runtime import run
-    from gateway_cli.verify import TrustInputError, anchor_cas, load_checkpoints
+    from gateway_cli.verify import TrustInputError, anchor_cas, checkpoint_lines, load_checkpoints
     from security_server.audit import StampTimes, verify_log
 
     if ns.db is None and ns.archive_dir is None:
@@ -355,18 +355,8 @@ def _audit_verify(ns: argparse.Namespace) -> int:
             "WARNING: no trust anchor given (--anchor or --ca): time-stamp tokens and their "
             "signatures were NOT checked against a trust anchor, and neither were their times"
         )
-    if report.checkpoints is None:
-        print(
-            "WARNING: no checkpoints given (--checkpoints): a cut tail or a rewrite of the "
-            "whole chain after its last time-stamp cannot be seen"
-        )
-    else:
-        print(f"checkpoints: the log agrees with all {report.checkpoints} of {server}")
-        for chain, last in sorted(report.last_checkpoint.items()):
-            print(
-                f"  chain {chain}: last checkpoint at record {last.checkpoint.seq}, "
-                f"received {last.received_at.isoformat()}; records after it are not vouched for"
-            )
+    for line in checkpoint_lines(report, server):
+        print(line)
     return 0
 
 

@@ -167,3 +167,25 @@ def test_cli_defaults_follow_the_servers_settings() -> None:
         + stamping.timeout_seconds
         + limits.clock_skew_seconds
     ) == DEFAULT_TOKEN_GRACE
+
+
+def test_verify_warns_of_a_chain_no_checkpoint_vouches_for() -> None:
+    """`audit verify --checkpoints` given none for a chain holding records (a wrong
+    --server, a server cut off from the registry) warns, instead of reporting agreement."""
+    from gateway.audit import ChainHead
+    from gateway_cli.verify import checkpoint_lines
+    from security_server.audit import VerifyReport
+
+    report = VerifyReport(
+        heads={"main": ChainHead(next_seq=41, last_hash=b"\x01" * 32), "empty": ChainHead()},
+        checkpoints=0,
+    )
+    lines = checkpoint_lines(report, str(SERVER))
+    assert [line for line in lines if line.startswith("WARNING")] == [
+        f"WARNING: chain main has 40 record(s) but the registry holds no checkpoint of it from "
+        f"{SERVER}: none of its records is vouched for (is --server the log's own server? was "
+        "it cut off from the registry?)"
+    ]
+    report.checkpoints, report.last_checkpoint = 1, {"main": received(40, b"\x01" * 32)}
+    assert not any(line.startswith("WARNING") for line in checkpoint_lines(report, str(SERVER)))
+    assert checkpoint_lines(VerifyReport(), None)[0].startswith("WARNING: no checkpoints given")
