@@ -165,31 +165,18 @@ def _pki_serve(ns: argparse.Namespace) -> int:
 
 
 def _registry_serve(ns: argparse.Namespace) -> int:
-    from gateway.settings import database_url
-    from gateway_cli.runtime import (
-        read_settings,
-        ready_writer,
-        restrict_modes,
-        run,
-        signal_events,
-        sqlite_files,
-    )
+    from gateway_cli.runtime import read_settings, ready_writer, restrict_state, run, signal_events
     from registry.main import RegistrySettings, serve
 
     settings = read_settings(RegistrySettings, ns.config)
     base = ns.config.resolve().parent
-    restrict_modes(
-        files=[
-            *sqlite_files(database_url(settings.database, base=base)),
-            settings.token_key_path(base),
-        ]
-    )
+    restrict_state(ns.config, settings.database, files=[settings.token_key_path(base)])
 
     async def main() -> None:
         stop, reload = signal_events()
         await serve(
             settings,
-            base=ns.config.resolve().parent,
+            base=base,
             stop=stop,
             reload=reload,
             on_ready=ready_writer(ns.ready_file),
@@ -237,24 +224,12 @@ def _registry_anchor(ns: argparse.Namespace) -> int:
 
 
 def _server_serve(ns: argparse.Namespace) -> int:
-    from gateway.settings import database_url
-    from gateway_cli.runtime import (
-        read_settings,
-        ready_writer,
-        restrict_modes,
-        run,
-        signal_events,
-        sqlite_files,
-    )
+    from gateway_cli.runtime import read_settings, ready_writer, restrict_state, run, signal_events
     from security_server.main import serve
     from security_server.settings import ServerSettings
 
     settings = read_settings(ServerSettings, ns.config)
-    base = ns.config.resolve().parent
-    restrict_modes(
-        settings.server.state_dir,
-        sqlite_files(database_url(settings.log.database, base=base)),
-    )
+    restrict_state(ns.config, settings.log.database, folder=settings.server.state_dir)
 
     async def main() -> None:
         stop, _ = signal_events()
