@@ -120,11 +120,15 @@ class CheckpointSender:
         )
 
     async def close(self) -> None:
-        """Send the final head (bounded by the timeout), then close the channels."""
+        """Send the final head (bounded by the timeout), then close the channels, whatever
+        became of the send (the server is stopping: it says so, and goes on stopping)."""
         try:
             await asyncio.wait_for(self.send_once(), self.settings.timeout_seconds)
         except TimeoutError:
             log.warning("checkpoint_not_sent_at_shutdown", seq=self.log.durable[0])
-        for channel in self._channels.values():
-            await channel.close(None)
-        self._channels.clear()
+        except Exception as exc:
+            log.exception("checkpoint_not_sent_at_shutdown", kind=type(exc).__name__)
+        finally:
+            for channel in self._channels.values():
+                await channel.close(None)
+            self._channels.clear()

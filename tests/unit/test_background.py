@@ -77,6 +77,22 @@ async def test_checkpoints_go_on_after_a_round_that_raised() -> None:
     assert signer.calls >= 2
 
 
+async def test_a_final_checkpoint_that_raises_does_not_stop_the_shutdown() -> None:
+    """At shutdown an unexpected error in the last send is logged; close returns (the
+    server's remaining clean-up runs) and the channels are closed."""
+    sender = CheckpointSender(
+        message_log=cast(Any, _Log()),
+        server=SecurityServerId.parse("UY/GOV/MSP/ss1"),
+        signer=cast(Any, _FlakySigner()),
+        addresses=["127.0.0.1:9"],
+        settings=CheckpointsSection(),
+        clock=lambda: T0,
+    )
+    sender._call("127.0.0.1:9")  # a channel opened by an earlier round
+    await sender.close()
+    assert sender._channels == {}
+
+
 async def test_a_count_that_fails_unexpectedly_is_kept_for_the_next_flush() -> None:
     """An append failing with something other than a gateway error loses no count, and
     the other endpoints' counts are written all the same."""
