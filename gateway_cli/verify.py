@@ -125,12 +125,18 @@ def fetch_checkpoints(url: str, token: str | None, server: str) -> list[dict[str
     try:
         while True:
             page = client.get(CHECKPOINTS_PATH, {"server": server, "after": after, "limit": 1000})
-            found += page["checkpoints"]
+            found += list(page["checkpoints"])
             if not page.get("next"):
                 return found
+            if int(page["next"]) <= after:  # it would be asked for the same page forever
+                raise TrustInputError("the registry's pages of checkpoints do not move forward")
             after = int(page["next"])
     except AdminApiError as exc:
         raise TrustInputError(f"the registry refused: {exc.status} {exc.message}") from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise TrustInputError(
+            f"the registry's answer is not a page of checkpoints ({type(exc).__name__})"
+        ) from None
 
 
 def load_checkpoints(

@@ -189,3 +189,33 @@ def test_verify_warns_of_a_chain_no_checkpoint_vouches_for() -> None:
     report.checkpoints, report.last_checkpoint = 1, {"main": received(40, b"\x01" * 32)}
     assert not any(line.startswith("WARNING") for line in checkpoint_lines(report, str(SERVER)))
     assert checkpoint_lines(VerifyReport(), None)[0].startswith("WARNING: no checkpoints given")
+
+
+@pytest.mark.parametrize(
+    "page",
+    [
+        {"checkpoints": [], "next": 1},  # a next page that never moves on
+        {"entries": []},  # not a page of checkpoints
+        {"checkpoints": [], "next": "x" * 5000},
+    ],
+)
+def test_a_registry_answer_that_is_no_page_is_a_usage_error(
+    page: dict[str, object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`audit verify --checkpoints URL` stops with a bounded error (exit 2) on an answer
+    that is not a page, or on pages that do not move forward, instead of a traceback or
+    asking for the same page forever."""
+    from gateway_cli import verify
+
+    class Registry:
+        calls = 0
+
+        def get(self, path: str, params: dict[str, object]) -> dict[str, object]:
+            self.calls += 1
+            assert self.calls < 5, "asked for the same page again and again"
+            return page
+
+    monkeypatch.setattr(verify, "_client", lambda url, token: Registry())
+    with pytest.raises(verify.TrustInputError) as info:
+        verify.fetch_checkpoints("http://registry", "token", str(SERVER))
+    assert len(str(info.value)) < 200
