@@ -42,7 +42,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from gateway.audit import RECORD_FIELDS, ChainedRecord, ChainHead, FieldValue
+from gateway.audit import CHAIN_NAME, RECORD_FIELDS, ChainedRecord, ChainHead, FieldValue
 from gateway.errors import Code, UnavailableError
 from gateway.timeutil import format_time
 
@@ -152,7 +152,7 @@ def row_to_record(row: Any) -> ChainedRecord:
     )
 
 
-CHAIN_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+CHAIN_PATTERN = re.compile(CHAIN_NAME)
 
 
 def check_chain_name(chain: str) -> str:

@@ -414,10 +414,11 @@ class ProviderService:
 
     @staticmethod
     async def _first_claims(messages: AsyncIterator[pb.Frames]) -> Claims:
-        """What the first request frame of a refused stream names."""
+        """What the first request frame of a refused stream names (nothing when none comes
+        in time, or it cannot be read: the refusal is recorded all the same)."""
         try:
             message = await asyncio.wait_for(anext(aiter(messages)), CLAIMS_WAIT_SECONDS)
-        except (TimeoutError, StopAsyncIteration, grpc.aio.AioRpcError):
+        except Exception:  # no frame, a dead stream, or bytes gRPC cannot decode as Frames
             return Claims()
         for frame in message.frames:
             if frame.HasField("request"):
