@@ -127,7 +127,10 @@ def _pki_serve(ns: argparse.Namespace) -> int:
     ops = Ops("trust-services")
     try:
         if ns.ocsp is not None:
-            apps["ocsp"] = (ocsp_app(OcspResponder(pki_dir=ns.dir, clock=clock)), ns.ocsp)
+            apps["ocsp"] = (
+                ocsp_app(OcspResponder(pki_dir=ns.dir, clock=clock), registry=ops.registry),
+                ns.ocsp,
+            )
         if ns.tsa is not None:
             from certs.tsa import TimeStampAuthority, tsa_app
 
@@ -136,7 +139,7 @@ def _pki_serve(ns: argparse.Namespace) -> int:
             authority = TimeStampAuthority(
                 key=tsa.key, certificate=tsa.certificate, chain=(ca,), clock=clock
             )
-            apps["tsa"] = (tsa_app(authority), ns.tsa)
+            apps["tsa"] = (tsa_app(authority, registry=ops.registry), ns.tsa)
     except (OSError, ValueError) as exc:
         print(f"error: cannot load the PKI in {ns.dir}: {exc}", file=sys.stderr)
         return 2
