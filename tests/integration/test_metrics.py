@@ -15,7 +15,7 @@ from gateway_demo.client import Outcome, call_raw, routing_metadata
 from gateway_demo.generated import population_pb2 as population
 from gateway_demo.runner import Runner
 
-from .conftest import CLINICS, DNIC, GET_PERSON, MSP, POPULATION
+from .conftest import CLINICS, GET_PERSON, MSP, POPULATION
 
 ALLOWED = "healthcare-identification"
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -152,14 +152,17 @@ def test_registry_and_trust_services_count_their_requests(runner: Runner) -> Non
     state and watchers; the OCSP responder and the TSA count their answers."""
     token = runner.token("registry-admin")
     agreement = "AGR-2026-0001"
+    statuses = []
     for path in (f"/v1/agreements/{agreement}", "/v1/agreements/NOPE-1"):
         request = urllib.request.Request(
             runner.api_url + path, headers={"Authorization": f"Bearer {token}"}
         )
         try:
-            urllib.request.urlopen(request, timeout=10).close()
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                statuses.append(answer.status)
         except urllib.error.HTTPError as exc:
-            assert exc.code == 404
+            statuses.append(exc.code)
+    assert statuses == [200, 404]
     registry = scrape(runner, "registry")
     route = "/v1/agreements/{id}"
     assert (
