@@ -4,6 +4,7 @@ gauges, and label sets that a flood of made-up ids cannot grow."""
 from __future__ import annotations
 
 import asyncio
+import time
 import urllib.request
 import uuid
 from collections.abc import Callable
@@ -147,9 +148,10 @@ async def test_made_up_ids_add_no_series(runner: Runner) -> None:
     }
 
 
-def test_registry_and_trust_services_count_their_requests(runner: Runner) -> None:
+async def test_registry_and_trust_services_count_their_requests(runner: Runner) -> None:
     """The registry counts API requests by route template and status, agreements by
     state and watchers; the OCSP responder and the TSA count their answers."""
+    assert (await person(runner)).ok  # records for the TSA to stamp
     token = runner.token("registry-admin")
     agreement = "AGR-2026-0001"
     statuses = []
@@ -182,5 +184,7 @@ def test_registry_and_trust_services_count_their_requests(runner: Runner) -> Non
     assert (value(registry, "gateway_registry_publish_seconds_count") or 0) >= 1
     ocsp = scrape(runner, "ocsp")
     assert (value(ocsp, "gateway_ocsp_requests_total", answer="good") or 0) >= 1
-    tsa = scrape(runner, "tsa")
-    assert (value(tsa, "gateway_tsa_requests_total", answer="granted") or 0) >= 1
+    deadline = time.monotonic() + 10
+    while not value(scrape(runner, "tsa"), "gateway_tsa_requests_total", answer="granted"):
+        assert time.monotonic() < deadline, "the TSA counted no granted stamp"
+        await asyncio.sleep(0.2)
