@@ -48,6 +48,18 @@ def calls(samples: Samples, role: str) -> dict[tuple[str, str, str, str], float]
     return found
 
 
+def api_status(runner: Runner, path: str, token: str) -> int:
+    """The HTTP status of one GET to the registry's admin API."""
+    request = urllib.request.Request(
+        runner.api_url + path, headers={"Authorization": f"Bearer {token}"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return int(answer.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
 def value(samples: Samples, name: str, **labels: str) -> float | None:
     return samples.get((name, tuple(sorted(labels.items()))))
 
@@ -154,16 +166,10 @@ async def test_registry_and_trust_services_count_their_requests(runner: Runner) 
     assert (await person(runner)).ok  # records for the TSA to stamp
     token = runner.token("registry-admin")
     agreement = "AGR-2026-0001"
-    statuses = []
-    for path in (f"/v1/agreements/{agreement}", "/v1/agreements/NOPE-1"):
-        request = urllib.request.Request(
-            runner.api_url + path, headers={"Authorization": f"Bearer {token}"}
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=10) as answer:
-                statuses.append(answer.status)
-        except urllib.error.HTTPError as exc:
-            statuses.append(exc.code)
+    statuses = [
+        api_status(runner, path, token)
+        for path in (f"/v1/agreements/{agreement}", "/v1/agreements/NOPE-1")
+    ]
     assert statuses == [200, 404]
     registry = scrape(runner, "registry")
     route = "/v1/agreements/{id}"
