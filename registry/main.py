@@ -289,7 +289,7 @@ async def serve(
             return datetime.now(UTC)
 
         ops = Ops("registry")
-        metrics = RegistryMetrics(ops.registry)
+        metrics = RegistryMetrics(ops.registry) if settings.ops.metrics else None
         publisher = Publisher(
             store=store,
             instance=settings.instance,
@@ -346,7 +346,8 @@ async def serve(
         api_bound = runner.addresses[0][1]
         server = grpc.aio.server()
         configuration = ConfigurationService(publisher, settings.instance, checkpoints)
-        metrics.watchers.set_function(lambda: configuration.watchers)
+        if metrics is not None:
+            metrics.watchers.set_function(lambda: configuration.watchers)
         server.add_generic_rpc_handlers((configuration.handler(),))
         port = server.add_insecure_port(settings.listen)
         await server.start()

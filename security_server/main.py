@@ -294,8 +294,9 @@ async def serve(
 
     ops = Ops("security-server")
     _ready_when(ops.readiness, config, message_log, own_status, timestamper)
-    metrics = ServerMetrics(ops.registry)
-    message_log.on_commit = metrics.commit
+    metrics = ServerMetrics(ops.registry) if settings.ops.metrics else None
+    if metrics is not None:
+        message_log.on_commit = metrics.commit
     ops.registry.register(
         StateCollector(
             clock=_clock,
@@ -385,15 +386,16 @@ async def serve(
             metrics=metrics,
         )
         consumer.add_generic_rpc_handlers((consumer_service,))
-        metrics.watch(
-            in_flight={
-                "consumer": lambda: consumer_service.in_flight,
-                "provider": lambda: provider_service.in_flight,
-            },
-            log_queue=lambda: message_log.queued,
-            unstamped=lambda: len(message_log.unstamped),
-            peer_streams=lambda: sum(provider_service.streams.values()),
-        )
+        if metrics is not None:
+            metrics.watch(
+                in_flight={
+                    "consumer": lambda: consumer_service.in_flight,
+                    "provider": lambda: provider_service.in_flight,
+                },
+                log_queue=lambda: message_log.queued,
+                unstamped=lambda: len(message_log.unstamped),
+                peer_streams=lambda: sum(provider_service.streams.values()),
+            )
         if local.tls_certificate is not None and local.tls_key is not None:
             credentials = grpc.ssl_server_credentials(
                 [(local.tls_key.read_bytes(), local.tls_certificate.read_bytes())],
