@@ -131,9 +131,17 @@ class ServerMetrics:
             registry=registry,
         )
 
+        # the children of each label set, looked up once: labels() validates on every call
+        self._counters: dict[tuple[str, str, str, str, str], Counter] = {}
+        self._durations = {r: self.call_seconds.labels(r) for r in ("consumer", "provider")}
+
     def call(self, role: str, labels: CallLabels, seconds: float) -> None:
-        self.calls.labels(role, labels.client, labels.service, labels.method, labels.code).inc()
-        self.call_seconds.labels(role).observe(seconds)
+        key = (role, labels.client, labels.service, labels.method, labels.code)
+        counter = self._counters.get(key)
+        if counter is None:  # a bounded set: the labels come from the configuration
+            counter = self._counters[key] = self.calls.labels(*key)
+        counter.inc()
+        self._durations[role].observe(seconds)
 
     def commit(self, records: int, seconds: float) -> None:
         self.log_batch.observe(records)
