@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,7 +19,7 @@ from gateway.audit import ChainBrokenError, FieldValue, RecordKind, Role
 from gateway.errors import UnavailableError
 from gateway.settings import database_url
 from security_server.audit import verify_log
-from security_server.message_log import MessageLog
+from security_server.message_log import PROBE_TIMEOUT_SECONDS, MessageLog
 from security_server.records import record
 from tests.tamper import reset_postgres_log, tamper
 
@@ -111,6 +113,32 @@ async def test_unwritable_log_fails_closed_and_recovers(tmp_path: Path) -> None:
         await conn.run_sync(metadata.create_all)
     assert await log.append(fields(2)) == 2  # the writer is still alive
     await log.close()
+
+
+async def test_probe_notices_a_held_write_lock_within_its_timeout_and_recovers(
+    tmp_path: Path,
+) -> None:
+    """Another connection holding SQLite's write lock: the probe answers unwritable after
+    PROBE_TIMEOUT_SECONDS (not the 5 s a write waits), in one line; writable once released."""
+    path = tmp_path / "log.db"
+    log = await MessageLog.open(database_url(str(path), base=tmp_path))
+    try:
+        assert await log.probe() and log.unwritable is None
+        other = sqlite3.connect(path, isolation_level=None)
+        try:
+            other.execute("BEGIN EXCLUSIVE")
+            started = time.monotonic()
+            assert not await log.probe()
+            took = time.monotonic() - started
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        assert log.unwritable == "OperationalError: database is locked"
+        assert 0.9 * PROBE_TIMEOUT_SECONDS <= took < PROBE_TIMEOUT_SECONDS + 1.0, took
+        assert await log.probe() and log.unwritable is None
+        assert await log.append(fields(0)) == 1
+    finally:
+        await log.close()
 
 
 async def test_evidence_is_kept_once_and_stamps_are_stored(url: str) -> None:
