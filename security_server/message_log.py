@@ -587,7 +587,9 @@ class MessageLog:
             self.unwritable = failure_reason(exc)
             log.error(
                 "message_log_write_failed",
-                error=str(exc),
+                # the driver's error alone: SQLAlchemy's text carries the statement's
+                # parameters, i.e. the records' headers, signatures and subject pseudonyms
+                error=self.unwritable,
                 kind=type(exc).__name__,
                 database_error=isinstance(exc, SQLAlchemyError | OSError),
                 records=len(batch),

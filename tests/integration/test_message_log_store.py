@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
+from structlog.testing import capture_logs
 
 from gateway.audit import ChainBrokenError, FieldValue, RecordKind, Role
 from gateway.errors import UnavailableError
@@ -106,9 +107,13 @@ async def test_unwritable_log_fails_closed_and_recovers(tmp_path: Path) -> None:
     assert await log.append(fields(0)) == 1
     async with log.engine.begin() as conn:
         await conn.execute(sa.text("DROP TABLE message_log"))
-    with pytest.raises(UnavailableError) as caught:
+    with capture_logs() as logged, pytest.raises(UnavailableError) as caught:
         await log.append(fields(1))
     assert caught.value.code == Code.LOG_UNAVAILABLE
+    # the driver's error, without the statement's parameters (the record's content)
+    failures = [e for e in logged if e["event"] == "message_log_write_failed"]
+    assert [e["error"] for e in failures] == ["OperationalError: no such table: message_log"]
+    assert log.unwritable == "OperationalError: no such table: message_log"
     async with log.engine.begin() as conn:
         await conn.run_sync(metadata.create_all)
     assert await log.append(fields(2)) == 2  # the writer is still alive
