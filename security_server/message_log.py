@@ -135,6 +135,12 @@ replay_guard = sa.Table(
 # `watch_writable`'s interval plus this, and delays no write by more than this.
 PROBE_TIMEOUT_SECONDS = 1.0
 
+# whether a PostgreSQL session can write: a server answers SELECT 1 just as well when it is
+# a standby (after a failover) or its transactions are read-only by default
+_POSTGRESQL_WRITABLE = (
+    "SELECT current_setting('transaction_read_only') = 'off' AND NOT pg_is_in_recovery()"
+)
+
 # what a record asks to be kept beside it: {sha256 hex: (kind, bytes)}
 Evidence = Mapping[str, tuple[str, bytes]]
 
@@ -472,7 +478,12 @@ class MessageLog:
         try:
             if self._executor is None:
                 async with asyncio.timeout(PROBE_TIMEOUT_SECONDS), self.engine.begin() as conn:
-                    await conn.exec_driver_sql("SELECT 1")
+                    writable = (await conn.exec_driver_sql(_POSTGRESQL_WRITABLE)).scalar()
+                if not writable:
+                    self.unwritable = (
+                        "the database takes no writes: a read-only transaction or a standby"
+                    )
+                    return False
             else:
                 await asyncio.get_running_loop().run_in_executor(self._executor, self._probe_sync)
         except TimeoutError:

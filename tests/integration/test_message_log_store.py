@@ -6,6 +6,7 @@ import asyncio
 import os
 import sqlite3
 import time
+import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 from structlog.testing import capture_logs
 
@@ -144,6 +146,41 @@ async def test_probe_notices_a_held_write_lock_within_its_timeout_and_recovers(
         assert await log.append(fields(0)) == 1
     finally:
         await log.close()
+
+
+@pytest.mark.skipif(not POSTGRES, reason="GATEWAY_TEST_POSTGRES_URL is not set")
+async def test_probe_finds_a_read_only_postgresql_database_unwritable(tmp_path: Path) -> None:
+    """A PostgreSQL database whose transactions are read-only answers queries, yet the
+    probe calls the log unwritable, as the next write finds it; writable once it is not."""
+    assert POSTGRES is not None
+    server = database_url(POSTGRES, base=tmp_path)
+    name = f"gateway_read_only_{uuid.uuid4().hex[:8]}"
+    admin = create_async_engine(server, isolation_level="AUTOCOMMIT")
+
+    async def execute(statement: str) -> None:
+        async with admin.connect() as conn:
+            await conn.execute(sa.text(statement))
+
+    await execute(f'CREATE DATABASE "{name}"')
+    try:
+        url = make_url(server).set(database=name).render_as_string(hide_password=False)
+        log = await MessageLog.open(url)
+        try:
+            assert await log.probe() and log.unwritable is None
+            await execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
+            await log.engine.dispose()  # the setting holds for new sessions
+            assert not await log.probe()
+            assert log.unwritable is not None and "takes no writes" in log.unwritable
+            with pytest.raises(UnavailableError):
+                await log.append(fields(0))
+            await execute(f'ALTER DATABASE "{name}" RESET default_transaction_read_only')
+            await log.engine.dispose()
+            assert await log.probe() and log.unwritable is None
+        finally:
+            await log.close()
+    finally:
+        await execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.dispose()
 
 
 async def test_evidence_is_kept_once_and_stamps_are_stored(url: str) -> None:
