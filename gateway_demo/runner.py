@@ -151,19 +151,19 @@ class Runner:
         for sub in ("run", "logs", "state"):
             (self.workdir / sub).mkdir(parents=True, exist_ok=True)
         topology = tomllib.loads(self.template.read_text())
-        self.registry_address = self._address()
-        self.api_address = self._address()
-        self.ocsp_address = self._address()
-        self.tsa_address = self._address()
+        self.registry_address = self.reserve_address()
+        self.api_address = self.reserve_address()
+        self.ocsp_address = self.reserve_address()
+        self.tsa_address = self.reserve_address()
         for server in topology.get("servers", []):
-            self.providers[server["id"]] = server["address"] = self._address()
-            self.consumers[server["id"]] = self._address()
-            self.auditors[server["id"]] = self._address()
+            self.providers[server["id"]] = server["address"] = self.reserve_address()
+            self.consumers[server["id"]] = self.reserve_address()
+            self.auditors[server["id"]] = self.reserve_address()
             self.server_names[server["id"]] = (
                 "ss-" + SecurityServerId.parse(server["id"]).owner.code.lower()
             )
         for name in sorted(set(DEMO_BACKENDS.values())):
-            self.backends[name] = self._address()
+            self.backends[name] = self.reserve_address()
         self.topology = topology
         self.write_topology()
         instance = MemberId.parse(topology["members"][0]["id"]).instance
@@ -196,7 +196,7 @@ class Runner:
                 f"backend-{name}", ["demo-backend", name, "--listen", address]
             )
 
-    def _address(self) -> str:
+    def reserve_address(self) -> str:
         """A loopback address with a port reserved until `close`."""
         reserved = reserve_port()
         self._reserved.append(reserved)
@@ -340,9 +340,9 @@ class Runner:
         settings = tomllib.loads((self.workdir / f"{name}.toml").read_text())
         replica = f"{name}-{chain}"
         settings["server"]["state_dir"] = str(self.workdir / "state" / replica)
-        settings["consumer"]["listen"] = self._address()
-        settings["provider"]["listen"] = self._address()
-        settings["auditor"]["listen"] = self._address()
+        settings["consumer"]["listen"] = self.reserve_address()
+        settings["provider"]["listen"] = self.reserve_address()
+        settings["auditor"]["listen"] = self.reserve_address()
         settings["log"] = {**settings["log"], **log, "chain": chain}
         path = self.workdir / f"{replica}.toml"
         path.write_text(tomli_w.dumps(settings))
@@ -389,6 +389,12 @@ class Runner:
 
     def start(self, name: str, timeout: float = 30.0) -> dict[str, Any]:
         """Start one process and wait until it is ready."""
+        self.launch(name)
+        return self.wait_ready(name, timeout)
+
+    def launch(self, name: str) -> None:
+        """Start one process without waiting for it (`wait_ready` waits): a security server
+        whose registry is down stays on its way up, its operations port already answering."""
         proc = self.processes[name]
         proc.ready_path.unlink(missing_ok=True)
         log = open(proc.log_path, "ab")  # noqa: SIM115 - owned by the child from now on
@@ -413,6 +419,11 @@ class Runner:
             start_new_session=True,
         )
         log.close()
+
+    def wait_ready(self, name: str, timeout: float = 30.0) -> dict[str, Any]:
+        """Wait until a launched process has written its ready file; what it wrote."""
+        proc = self.processes[name]
+        assert proc.popen is not None, f"{name} was not launched"
         deadline = time.monotonic() + timeout
         while not proc.ready_path.exists():
             if proc.popen.poll() is not None:

@@ -16,6 +16,16 @@ log = structlog.get_logger("gateway.ops")
 Condition = Callable[[], str | None]
 
 
+def failure_reason(exc: BaseException) -> str:
+    """An exception as one short line for `/readyz`: the driver's own error where a
+    library wrapped it (SQLAlchemy's adds the statement and a link to its documentation),
+    whitespace folded, at most 300 characters."""
+    cause = getattr(exc, "orig", None)
+    cause = cause if isinstance(cause, BaseException) else exc
+    text = " ".join(str(cause).split())
+    return (f"{type(cause).__name__}: {text}" if text else type(cause).__name__)[:300]
+
+
 class Readiness:
     def __init__(self) -> None:
         self._conditions: dict[str, Condition] = {}
@@ -41,7 +51,7 @@ class Readiness:
             try:
                 reason = condition()
             except Exception as exc:  # a broken check must read as not ready
-                reason = f"the check failed: {type(exc).__name__}: {exc}"
+                reason = f"the check failed: {failure_reason(exc)}"
             if reason is not None:
                 failed[name] = reason
         if failed != self._last:

@@ -32,6 +32,7 @@ from gateway.signing import EcdsaSigner, load_certificate, load_private_key
 from gateway.timeutil import format_time
 from gateway.v1 import configuration_pb2 as pb
 from gateway.workflow import Policy
+from gateway_ops.readiness import failure_reason
 from gateway_ops.server import Ops, OpsSettings
 from registry.api import AdminApi
 from registry.auth import OidcSettings, TokenIssuer, TokenVerifier, load_or_create_token_key
@@ -243,7 +244,7 @@ class DatabaseProbe:
         try:
             await asyncio.wait_for(self.store.ping(), timeout=5.0)
         except Exception as exc:  # whatever a query would meet
-            self.error = f"{type(exc).__name__}: {exc}"[:300]
+            self.error = failure_reason(exc)
         else:
             self.error = None
 

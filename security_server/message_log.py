@@ -46,6 +46,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from gateway.audit import CHAIN_NAME, RECORD_FIELDS, ChainedRecord, ChainHead, FieldValue
 from gateway.errors import Code, UnavailableError
 from gateway.timeutil import format_time
+from gateway_ops.readiness import failure_reason
 
 log = structlog.get_logger("security_server.message_log")
 
@@ -126,6 +127,19 @@ replay_guard = sa.Table(
     sa.Column("first_seen", sa.Text, nullable=False),
     sa.Column("chain", sa.String(64), nullable=False),
     sa.Index("ix_replay_guard_first_seen", "first_seen"),
+)
+
+# the longest a probe of the log waits (for SQLite's write lock, for a PostgreSQL answer):
+# past it the log counts as unwritable. Much shorter than the 5 s a write waits for the lock
+# (the driver's default busy timeout), since the probe runs in the writer's thread and
+# writes queue behind it: a lock held by another connection is noticed within
+# `watch_writable`'s interval plus this, and delays no write by more than this.
+PROBE_TIMEOUT_SECONDS = 1.0
+
+# whether a PostgreSQL session can write: a server answers SELECT 1 just as well when it is
+# a standby (after a failover) or its transactions are read-only by default
+_POSTGRESQL_WRITABLE = (
+    "SELECT current_setting('transaction_read_only') = 'off' AND NOT pg_is_in_recovery()"
 )
 
 # what a record asks to be kept beside it: {sha256 hex: (kind, bytes)}
@@ -466,24 +480,35 @@ class MessageLog:
 
     async def probe(self) -> bool:
         """Open a write transaction that writes nothing, to learn whether the log can be
-        written now (a locked or read-only SQLite file, a PostgreSQL server gone); the
-        answer is kept in `unwritable` for readiness. True when writable."""
+        written now (a locked or read-only SQLite file, a PostgreSQL server gone or not
+        answering), waiting at most PROBE_TIMEOUT_SECONDS; the answer is kept in
+        `unwritable` for readiness. True when writable."""
         try:
             if self._executor is None:
-                async with self.engine.begin() as conn:
-                    await conn.exec_driver_sql("SELECT 1")
+                async with asyncio.timeout(PROBE_TIMEOUT_SECONDS), self.engine.begin() as conn:
+                    writable = (await conn.exec_driver_sql(_POSTGRESQL_WRITABLE)).scalar()
+                if not writable:
+                    self.unwritable = (
+                        "the database takes no writes: a read-only transaction or a standby"
+                    )
+                    return False
             else:
                 await asyncio.get_running_loop().run_in_executor(self._executor, self._probe_sync)
+        except TimeoutError:
+            self.unwritable = f"no answer within {PROBE_TIMEOUT_SECONDS:g} s"
+            return False
         except Exception as exc:  # what a write would meet
-            self.unwritable = f"{type(exc).__name__}: {exc}"[:300]
+            self.unwritable = failure_reason(exc)
             return False
         self.unwritable = None
         return True
 
     def _probe_sync(self) -> None:
-        """In the writer thread: take SQLite's write lock (as a write would), then let go."""
+        """In the writer thread: take SQLite's write lock (as a write would), then let go;
+        waiting for it no longer than PROBE_TIMEOUT_SECONDS (see there)."""
         assert self._sync_engine is not None
         with self._sync_engine.connect() as conn:
+            conn.exec_driver_sql(f"PRAGMA busy_timeout = {int(PROBE_TIMEOUT_SECONDS * 1000)}")
             conn.exec_driver_sql("BEGIN IMMEDIATE")
             conn.exec_driver_sql("ROLLBACK")
 
@@ -579,10 +604,12 @@ class MessageLog:
             )
         except Exception as exc:  # any failure: refuse these calls, keep the writer alive
             self.head = saved
-            self.unwritable = f"{type(exc).__name__}: {exc}"[:300]
+            self.unwritable = failure_reason(exc)
             log.error(
                 "message_log_write_failed",
-                error=str(exc),
+                # the driver's error alone: SQLAlchemy's text carries the statement's
+                # parameters, i.e. the records' headers, signatures and subject pseudonyms
+                error=self.unwritable,
                 kind=type(exc).__name__,
                 database_error=isinstance(exc, SQLAlchemyError | OSError),
                 records=len(batch),

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
+import time
+import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -11,13 +14,15 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
+from structlog.testing import capture_logs
 
 from gateway.audit import ChainBrokenError, FieldValue, RecordKind, Role
 from gateway.errors import UnavailableError
 from gateway.settings import database_url
 from security_server.audit import verify_log
-from security_server.message_log import MessageLog
+from security_server.message_log import PROBE_TIMEOUT_SECONDS, MessageLog
 from security_server.records import record
 from tests.tamper import reset_postgres_log, tamper
 
@@ -104,13 +109,78 @@ async def test_unwritable_log_fails_closed_and_recovers(tmp_path: Path) -> None:
     assert await log.append(fields(0)) == 1
     async with log.engine.begin() as conn:
         await conn.execute(sa.text("DROP TABLE message_log"))
-    with pytest.raises(UnavailableError) as caught:
+    with capture_logs() as logged, pytest.raises(UnavailableError) as caught:
         await log.append(fields(1))
     assert caught.value.code == Code.LOG_UNAVAILABLE
+    # the driver's error, without the statement's parameters (the record's content)
+    failures = [e for e in logged if e["event"] == "message_log_write_failed"]
+    assert [e["error"] for e in failures] == ["OperationalError: no such table: message_log"]
+    assert log.unwritable == "OperationalError: no such table: message_log"
     async with log.engine.begin() as conn:
         await conn.run_sync(metadata.create_all)
     assert await log.append(fields(2)) == 2  # the writer is still alive
     await log.close()
+
+
+async def test_probe_notices_a_held_write_lock_within_its_timeout_and_recovers(
+    tmp_path: Path,
+) -> None:
+    """Another connection holding SQLite's write lock: the probe answers unwritable after
+    PROBE_TIMEOUT_SECONDS (not the 5 s a write waits), in one line; writable once released."""
+    path = tmp_path / "log.db"
+    log = await MessageLog.open(database_url(str(path), base=tmp_path))
+    try:
+        assert await log.probe() and log.unwritable is None
+        other = sqlite3.connect(path, isolation_level=None)
+        try:
+            other.execute("BEGIN EXCLUSIVE")
+            started = time.monotonic()
+            assert not await log.probe()
+            took = time.monotonic() - started
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        assert log.unwritable == "OperationalError: database is locked"
+        assert 0.9 * PROBE_TIMEOUT_SECONDS <= took < PROBE_TIMEOUT_SECONDS + 1.0, took
+        assert await log.probe() and log.unwritable is None
+        assert await log.append(fields(0)) == 1
+    finally:
+        await log.close()
+
+
+@pytest.mark.skipif(not POSTGRES, reason="GATEWAY_TEST_POSTGRES_URL is not set")
+async def test_probe_finds_a_read_only_postgresql_database_unwritable(tmp_path: Path) -> None:
+    """A PostgreSQL database whose transactions are read-only answers queries, yet the
+    probe calls the log unwritable, as the next write finds it; writable once it is not."""
+    assert POSTGRES is not None
+    server = database_url(POSTGRES, base=tmp_path)
+    name = f"gateway_read_only_{uuid.uuid4().hex[:8]}"
+    admin = create_async_engine(server, isolation_level="AUTOCOMMIT")
+
+    async def execute(statement: str) -> None:
+        async with admin.connect() as conn:
+            await conn.execute(sa.text(statement))
+
+    await execute(f'CREATE DATABASE "{name}"')
+    try:
+        url = make_url(server).set(database=name).render_as_string(hide_password=False)
+        log = await MessageLog.open(url)
+        try:
+            assert await log.probe() and log.unwritable is None
+            await execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
+            await log.engine.dispose()  # the setting holds for new sessions
+            assert not await log.probe()
+            assert log.unwritable is not None and "takes no writes" in log.unwritable
+            with pytest.raises(UnavailableError):
+                await log.append(fields(0))
+            await execute(f'ALTER DATABASE "{name}" RESET default_transaction_read_only')
+            await log.engine.dispose()
+            assert await log.probe() and log.unwritable is None
+        finally:
+            await log.close()
+    finally:
+        await execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.dispose()
 
 
 async def test_evidence_is_kept_once_and_stamps_are_stored(url: str) -> None:
