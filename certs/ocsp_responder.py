@@ -39,6 +39,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import NameOID
+from prometheus_client import CollectorRegistry, Counter
 
 from certs.pki import _atomic_write, load_issued
 
@@ -166,6 +167,11 @@ class OcspResponder:
 
     def respond(self, request_der: bytes) -> bytes:
         """The DER OCSPResponse to a DER OCSPRequest; never raises."""
+        return self.answer(request_der)[0]
+
+    def answer(self, request_der: bytes) -> tuple[bytes, str]:
+        """The DER OCSPResponse to a DER OCSPRequest, and what it says (good, revoked,
+        unknown, malformed_request, unauthorized or internal_error); never raises."""
         try:
             request = ocsp.load_der_ocsp_request(request_der)
             serial = request.serial_number
@@ -176,10 +182,10 @@ class OcspResponder:
             )
         except (ValueError, TypeError, UnsupportedAlgorithm, NotImplementedError) as exc:
             log.info("ocsp_request", status="malformed_request", error=str(exc))
-            return _unsuccessful(ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
+            return _unsuccessful(ocsp.OCSPResponseStatus.MALFORMED_REQUEST), "malformed_request"
         if not ours:
             log.info("ocsp_request", serial=f"{serial:x}", status="unauthorized")
-            return _unsuccessful(ocsp.OCSPResponseStatus.UNAUTHORIZED)
+            return _unsuccessful(ocsp.OCSPResponseStatus.UNAUTHORIZED), "unauthorized"
         try:
             revoked = self._revocations().get(serial)
             if revoked is not None:
@@ -210,18 +216,35 @@ class OcspResponder:
             response = builder.sign(self._responder.key, hashes.SHA256())
         except Exception:  # a broken register must not take the responder down: fail closed
             log.exception("ocsp_request", serial=f"{serial:x}", status="internal_error")
-            return _unsuccessful(ocsp.OCSPResponseStatus.INTERNAL_ERROR)
+            return _unsuccessful(ocsp.OCSPResponseStatus.INTERNAL_ERROR), "internal_error"
         log.info("ocsp_request", serial=f"{serial:x}", status=status.name.lower())
-        return response.public_bytes(_DER)
+        return response.public_bytes(_DER), status.name.lower()
 
 
-def ocsp_app(responder: OcspResponder, *, max_request_bytes: int = 16 * 1024) -> web.Application:
-    """HTTP transport of RFC 6960 Appendix A.1, plus GET /healthz."""
+def ocsp_app(
+    responder: OcspResponder,
+    *,
+    max_request_bytes: int = 16 * 1024,
+    registry: CollectorRegistry | None = None,
+) -> web.Application:
+    """HTTP transport of RFC 6960 Appendix A.1, plus GET /healthz; answers are counted in
+    `gateway_ocsp_requests_total{answer}` when a metrics registry is given."""
+    answers = (
+        Counter(
+            "gateway_ocsp_requests_total",
+            "OCSP requests answered, by what the answer says",
+            ["answer"],
+            registry=registry,
+        )
+        if registry is not None
+        else None
+    )
 
     def answer(request_der: bytes) -> web.Response:
-        return web.Response(
-            body=responder.respond(request_der), content_type="application/ocsp-response"
-        )
+        der, said = responder.answer(request_der)
+        if answers is not None:
+            answers.labels(said).inc()
+        return web.Response(body=der, content_type="application/ocsp-response")
 
     async def post(request: web.Request) -> web.Response:
         if request.content_type != "application/ocsp-request":

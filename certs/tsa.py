@@ -33,6 +33,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from prometheus_client import CollectorRegistry, Counter
 
 from gateway.tsp import TimeStampResp
 
@@ -199,9 +200,24 @@ class TimeStampAuthority:
 
 
 def tsa_app(
-    authority: TimeStampAuthority, *, max_request_bytes: int = 64 * 1024
+    authority: TimeStampAuthority,
+    *,
+    max_request_bytes: int = 64 * 1024,
+    registry: CollectorRegistry | None = None,
 ) -> web.Application:
-    """The HTTP endpoint: POST / with a TimeStampReq; GET /healthz."""
+    """The HTTP endpoint: POST / with a TimeStampReq; GET /healthz. Answers are counted in
+    `gateway_tsa_requests_total{answer}` (granted, or the failure info of a rejection) when
+    a metrics registry is given."""
+    answers = (
+        Counter(
+            "gateway_tsa_requests_total",
+            "Time-stamp requests answered: granted, or the failure info of a rejection",
+            ["answer"],
+            registry=registry,
+        )
+        if registry is not None
+        else None
+    )
 
     async def stamp(request: web.Request) -> web.Response:
         if request.content_type != "application/timestamp-query":
@@ -213,6 +229,8 @@ def tsa_app(
             log.warning("timestamp request refused", reason="too large", peer=request.remote)
             raise
         response, outcome, serial = authority._answer(body)
+        if answers is not None:
+            answers.labels(outcome).inc()
         log.info(
             "timestamp request",
             outcome=outcome,

@@ -29,15 +29,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.audit import ChainedRecord
+from gateway.audit import CHAIN_NAME, ChainedRecord
 from gateway.errors import AuditError
 from gateway.evidence import decode_fields, encode_fields
 
 FORMAT = "gateway-log-archive/1"
 NO_ARCHIVE = "0" * 64  # what archive 1 names as the archive before it
-_NAME = re.compile(
-    r"(?P<chain>[A-Za-z0-9][A-Za-z0-9._-]{0,63})\.(?P<number>\d{8,12})\.log-archive\.gz"
-)
+_NAME = re.compile(rf"(?P<chain>{CHAIN_NAME})\.(?P<number>\d{{8,12}})\.log-archive\.gz")
 
 
 class ArchiveError(AuditError):

@@ -24,6 +24,10 @@ from gateway.errors import AuditError
 
 GENESIS = bytes(32)
 
+# a chain's name (`log.chain`): it names archive files and travels in checkpoints, so
+# letters, digits, '.', '_' and '-' only, at most 64
+CHAIN_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+
 FieldValue = str | int | bytes | None
 
 

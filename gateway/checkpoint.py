@@ -16,6 +16,7 @@ Pure functions: no clock, network or database here.
 from __future__ import annotations
 
 import base64
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -23,13 +24,16 @@ from datetime import datetime
 from cryptography import x509
 
 from gateway import canonical
-from gateway.errors import AuditError, Code, TrustError
+from gateway.audit import CHAIN_NAME
+from gateway.errors import AuditError, Code, GatewayError, TrustError, quote
 from gateway.identifiers import SecurityServerId
 from gateway.signing import Signer, verify_signature
 from gateway.timeutil import format_time, parse_time
 
 # the value of the "type" key: what the signature is about, and the format's version
 CHECKPOINT_TYPE = "gateway-checkpoint/1"
+# a chain's name as the log has it: the registry stores it and `audit verify` prints it
+_CHAIN = re.compile(CHAIN_NAME)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -67,8 +71,10 @@ class Checkpoint:
             chain = doc["chain"]
             if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
                 raise ValueError("seq must be a positive integer")
-            if len(head) != 32 or not isinstance(chain, str) or not chain:
-                raise ValueError("head must be 32 bytes and chain a name")
+            if len(head) != 32 or not isinstance(chain, str) or not _CHAIN.fullmatch(chain):
+                raise ValueError(
+                    "head must be 32 bytes, and chain 1 to 64 letters, digits, '.', '_' or '-'"
+                )
             if set(doc) != {"type", "server", "chain", "seq", "head", "time"}:
                 raise ValueError("unexpected or missing keys")
             return cls(
@@ -80,10 +86,8 @@ class Checkpoint:
             )
         except (KeyError, TypeError, AttributeError, canonical.NotCanonicalError) as exc:
             raise ValueError(f"malformed checkpoint: {exc}") from None
-        except Exception as exc:  # identifiers and times raise the project's own errors
-            if isinstance(exc, ValueError):
-                raise
-            raise ValueError(f"malformed checkpoint: {exc}") from None
+        except GatewayError as exc:  # a malformed server id
+            raise ValueError(f"malformed checkpoint: {exc.message}") from None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -129,10 +133,13 @@ class Received:
     @classmethod
     def from_json(cls, doc: Mapping[str, object]) -> Received:
         try:
+            chain = str(doc["chain"])
+            if not _CHAIN.fullmatch(chain):
+                raise ValueError(f"chain {quote(chain)} is not a chain's name")
             return cls(
                 checkpoint=Checkpoint(
                     server=SecurityServerId.parse(str(doc["server"])),
-                    chain=str(doc["chain"]),
+                    chain=chain,
                     seq=int(str(doc["seq"])),
                     head=bytes.fromhex(str(doc["head"])),
                     at=parse_time(str(doc["time"])),
@@ -141,6 +148,8 @@ class Received:
             )
         except (KeyError, ValueError) as exc:
             raise ValueError(f"malformed checkpoint: {exc}") from None
+        except GatewayError as exc:  # a malformed server id
+            raise ValueError(f"malformed checkpoint: {exc.message}") from None
 
 
 def encode_signature(signature: bytes) -> str:

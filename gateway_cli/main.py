@@ -127,7 +127,10 @@ def _pki_serve(ns: argparse.Namespace) -> int:
     ops = Ops("trust-services")
     try:
         if ns.ocsp is not None:
-            apps["ocsp"] = (ocsp_app(OcspResponder(pki_dir=ns.dir, clock=clock)), ns.ocsp)
+            apps["ocsp"] = (
+                ocsp_app(OcspResponder(pki_dir=ns.dir, clock=clock), registry=ops.registry),
+                ns.ocsp,
+            )
         if ns.tsa is not None:
             from certs.tsa import TimeStampAuthority, tsa_app
 
@@ -136,7 +139,7 @@ def _pki_serve(ns: argparse.Namespace) -> int:
             authority = TimeStampAuthority(
                 key=tsa.key, certificate=tsa.certificate, chain=(ca,), clock=clock
             )
-            apps["tsa"] = (tsa_app(authority), ns.tsa)
+            apps["tsa"] = (tsa_app(authority, registry=ops.registry), ns.tsa)
     except (OSError, ValueError) as exc:
         print(f"error: cannot load the PKI in {ns.dir}: {exc}", file=sys.stderr)
         return 2
@@ -173,31 +176,18 @@ def _pki_serve(ns: argparse.Namespace) -> int:
 
 
 def _registry_serve(ns: argparse.Namespace) -> int:
-    from gateway.settings import database_url
-    from gateway_cli.runtime import (
-        read_settings,
-        ready_writer,
-        restrict_modes,
-        run,
-        signal_events,
-        sqlite_files,
-    )
+    from gateway_cli.runtime import read_settings, ready_writer, restrict_state, run, signal_events
     from registry.main import RegistrySettings, serve
 
     settings = read_settings(RegistrySettings, ns.config)
     base = ns.config.resolve().parent
-    restrict_modes(
-        files=[
-            *sqlite_files(database_url(settings.database, base=base)),
-            settings.token_key_path(base),
-        ]
-    )
+    restrict_state(ns.config, settings.database, files=[settings.token_key_path(base)])
 
     async def main() -> None:
         stop, reload = signal_events()
         await serve(
             settings,
-            base=ns.config.resolve().parent,
+            base=base,
             stop=stop,
             reload=reload,
             on_ready=ready_writer(ns.ready_file),
@@ -245,24 +235,12 @@ def _registry_anchor(ns: argparse.Namespace) -> int:
 
 
 def _server_serve(ns: argparse.Namespace) -> int:
-    from gateway.settings import database_url
-    from gateway_cli.runtime import (
-        read_settings,
-        ready_writer,
-        restrict_modes,
-        run,
-        signal_events,
-        sqlite_files,
-    )
+    from gateway_cli.runtime import read_settings, ready_writer, restrict_state, run, signal_events
     from security_server.main import serve
     from security_server.settings import ServerSettings
 
     settings = read_settings(ServerSettings, ns.config)
-    base = ns.config.resolve().parent
-    restrict_modes(
-        settings.server.state_dir,
-        sqlite_files(database_url(settings.log.database, base=base)),
-    )
+    restrict_state(ns.config, settings.log.database, folder=settings.server.state_dir)
 
     async def main() -> None:
         stop, _ = signal_events()
@@ -282,7 +260,7 @@ def _audit_verify(ns: argparse.Namespace) -> int:
 
     from gateway.errors import AuditError
     from gateway_cli.runtime import run
-    from gateway_cli.verify import TrustInputError, anchor_cas, load_checkpoints
+    from gateway_cli.verify import TrustInputError, anchor_cas, checkpoint_lines, load_checkpoints
     from security_server.audit import StampTimes, verify_log
 
     if ns.db is None and ns.archive_dir is None:
@@ -363,18 +341,8 @@ def _audit_verify(ns: argparse.Namespace) -> int:
             "WARNING: no trust anchor given (--anchor or --ca): time-stamp tokens and their "
             "signatures were NOT checked against a trust anchor, and neither were their times"
         )
-    if report.checkpoints is None:
-        print(
-            "WARNING: no checkpoints given (--checkpoints): a cut tail or a rewrite of the "
-            "whole chain after its last time-stamp cannot be seen"
-        )
-    else:
-        print(f"checkpoints: the log agrees with all {report.checkpoints} of {server}")
-        for chain, last in sorted(report.last_checkpoint.items()):
-            print(
-                f"  chain {chain}: last checkpoint at record {last.checkpoint.seq}, "
-                f"received {last.received_at.isoformat()}; records after it are not vouched for"
-            )
+    for line in checkpoint_lines(report, server):
+        print(line)
     return 0
 
 

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import structlog
 
 from gateway.errors import ConfigFileError
-from gateway.settings import load_settings
+from gateway.settings import database_url, load_settings
 
 T = TypeVar("T")
 
@@ -67,11 +67,24 @@ def restrict_modes(folder: Path | None = None, files: Iterable[Path] = ()) -> li
 
 def sqlite_files(url: str) -> list[Path]:
     """The files of a SQLite database URL (the database, its WAL, shared memory and journal);
-    none for a server database."""
+    none for a server database or an in-memory one."""
     if not url.startswith("sqlite"):
         return []
-    database = url.split(":///", 1)[1]
+    _, _, database = url.partition(":///")
+    database = database.partition("?")[0]
+    if not database or database == ":memory:":
+        return []
     return [Path(database + suffix) for suffix in ("", "-wal", "-shm", "-journal")]
+
+
+def restrict_state(
+    config: Path, database: str, *, folder: Path | None = None, files: Iterable[Path] = ()
+) -> None:
+    """Before a serving process starts: make its state owner-only (`restrict_modes`):
+    `folder`, the files of its `database` setting (resolved like `database_url`, relative
+    to the configuration file's folder) and `files`."""
+    url = database_url(database, base=config.resolve().parent)
+    restrict_modes(folder, [*sqlite_files(url), *files])
 
 
 def configure_logging(json_lines: bool | None = None) -> None:

@@ -17,7 +17,7 @@ import base64
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 
@@ -26,6 +26,9 @@ from gateway.configuration import Anchor, SignedConfiguration, verify_configurat
 from gateway.errors import ConfigurationError
 from gateway.identifiers import SecurityServerId
 from gateway_cli.admin import TOKEN_VARIABLE, AdminApiError, AdminClient
+
+if TYPE_CHECKING:
+    from security_server.audit import VerifyReport
 
 CHECKPOINTS_PATH = "/v1/checkpoints"
 EXPORT_FORMAT = "gateway-checkpoints/1"
@@ -122,12 +125,18 @@ def fetch_checkpoints(url: str, token: str | None, server: str) -> list[dict[str
     try:
         while True:
             page = client.get(CHECKPOINTS_PATH, {"server": server, "after": after, "limit": 1000})
-            found += page["checkpoints"]
+            found += list(page["checkpoints"])
             if not page.get("next"):
                 return found
+            if int(page["next"]) <= after:  # it would be asked for the same page forever
+                raise TrustInputError("the registry's pages of checkpoints do not move forward")
             after = int(page["next"])
     except AdminApiError as exc:
         raise TrustInputError(f"the registry refused: {exc.status} {exc.message}") from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise TrustInputError(
+            f"the registry's answer is not a page of checkpoints ({type(exc).__name__})"
+        ) from None
 
 
 def load_checkpoints(
@@ -157,6 +166,32 @@ def load_checkpoints(
     if any(str(r.checkpoint.server) != server for r in received):
         raise TrustInputError("the checkpoints are not all of the server asked for")
     return server, received
+
+
+def checkpoint_lines(report: VerifyReport, server: str | None) -> list[str]:
+    """What `audit verify` says of the checkpoints: a warning when none were given, or
+    when a chain holding records has none (no checkpoint vouches for any of its records:
+    a wrong --server, or a server cut off from the registry), else the last one per chain."""
+    if report.checkpoints is None:
+        return [
+            "WARNING: no checkpoints given (--checkpoints): a cut tail or a rewrite of the "
+            "whole chain after its last time-stamp cannot be seen"
+        ]
+    lines = [f"checkpoints: the log agrees with all {report.checkpoints} of {server}"]
+    for chain, head in sorted(report.heads.items()):
+        last = report.last_checkpoint.get(chain)
+        if last is not None:
+            lines.append(
+                f"  chain {chain}: last checkpoint at record {last.checkpoint.seq}, "
+                f"received {last.received_at.isoformat()}; records after it are not vouched for"
+            )
+        elif head.next_seq > 1:
+            lines.append(
+                f"WARNING: chain {chain} has {head.next_seq - 1} record(s) but the registry "
+                f"holds no checkpoint of it from {server}: none of its records is vouched for "
+                "(is --server the log's own server? was it cut off from the registry?)"
+            )
+    return lines
 
 
 def _check_server(server: str) -> None:

@@ -19,7 +19,9 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
@@ -221,6 +223,38 @@ def _mib(kib: int | None) -> str:
     return "n/a" if kib is None else f"{kib / 1024:.1f}"
 
 
+class Scraper:
+    """Scrapes operations ports every second in a thread, as Prometheus would, so that the
+    observed topology pays for its scrapes during the runs."""
+
+    def __init__(self, urls: list[str], interval: float = 1.0) -> None:
+        self.urls = urls
+        self.interval = interval
+        self.count = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="scraper", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            for url in self.urls:
+                try:
+                    # our own http:// operations ports
+                    with urllib.request.urlopen(url + "/metrics", timeout=5) as answer:  # noqa: S310
+                        answer.read()
+                    self.count += 1
+                except OSError:
+                    pass
+
+    def stop(self) -> int:
+        """Stop scraping; how many scrapes answered."""
+        self._stop.set()
+        self._thread.join()
+        return self.count
+
+
 def _median(runs: list[dict[str, Any]], key: str) -> float:
     return statistics.median(float(r[key]) for r in runs) if runs else 0.0
 
@@ -258,6 +292,11 @@ def run_bench(
         " authority (the cost of batch time-stamps is gateway/no-tsa)"
     )
     print(
+        "   unobserved: the same path in a third topology whose servers record no metrics "
+        "(ops.metrics = false; the cost of metrics is gateway/unobserved, while the gateway "
+        "topology's /metrics are scraped every second)"
+    )
+    print(
         f"   every process shares this machine's {cpus} CPU core(s): the results depend on "
         "the core count (the gateway path has 4 busy processes, the direct path 2)"
     )
@@ -269,14 +308,17 @@ def run_bench(
 
     runner = Runner(workdir / "stamped")
     unstamped = Runner(workdir / "no-tsa", timestamping={"enabled": False})
+    unobserved = Runner(workdir / "unobserved", ops={"metrics": False})
     runs: list[dict[str, Any]] = []
     peaks: dict[str, int | None] = {}
     load_peak: int | None = None
     try:
         print("\n   starting the topology ...", flush=True)
-        for r in (runner, unstamped):
+        for r in (runner, unstamped, unobserved):
             r.prepare()
             r.start_all()
+        scraper = Scraper(list(runner.ops_urls().values()))
+        scraper.start()
         targets = {
             "direct": load_command(
                 target=runner.backends["population"],
@@ -299,21 +341,30 @@ def run_bench(
                 seconds=seconds,
                 body_bytes=body_bytes,
             ),
+            "unobserved": load_command(
+                target=unobserved.consumers[CONSUMER_SERVER],
+                metadata=routing_metadata(client=CLIENT, service=SERVICE, purpose=PURPOSE),
+                concurrency=concurrency,
+                seconds=seconds,
+                body_bytes=body_bytes,
+            ),
         }
-        print(f"\n{'run':>6}  {'target':<8} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
+        print(
+            f"\n{'run':>6}  {'target':<10} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}"
+        )
+        gateways = ["gateway", "no-tsa", "unobserved"]
         for repeat in range(1, repeats + 1):
-            # the two gateway targets swap places every repeat, so that neither always
-            # follows the direct run
-            order = (
-                ["direct", "gateway", "no-tsa"] if repeat % 2 else ["direct", "no-tsa", "gateway"]
-            )
+            # the gateway targets rotate every repeat, so that none always follows the
+            # direct run
+            shift = (repeat - 1) % len(gateways)
+            order = ["direct", *gateways[shift:], *gateways[:shift]]
             for name in order:
                 command = targets[name]
                 result = run_load(command, seconds=seconds)
                 result.update(run=repeat, target=name)
                 runs.append(result)
                 print(
-                    f"{repeat:>6}  {name:<8} {result['rps']:>9.1f} {result['p50_ms']:>8.2f} "
+                    f"{repeat:>6}  {name:<10} {result['rps']:>9.1f} {result['p50_ms']:>8.2f} "
                     f"{result['p99_ms']:>8.2f} {result['errors']:>7}",
                     flush=True,
                 )
@@ -327,11 +378,16 @@ def run_bench(
             peaks[name] = proc.peak_memory_kib()
         time.sleep(2.0)  # the last batch of the run gets its stamp
         stamped_records = _stamped(runner)
+        scraped = scraper.stop()
     finally:
         runner.close()
         unstamped.close()
+        unobserved.close()
 
-    by_target = {t: [r for r in runs if r["target"] == t] for t in ("direct", "gateway", "no-tsa")}
+    by_target = {
+        t: [r for r in runs if r["target"] == t]
+        for t in ("direct", "gateway", "no-tsa", "unobserved")
+    }
     medians = {
         t: {
             "rps": _median(rs, "rps"),
@@ -349,10 +405,10 @@ def run_bench(
         for d, g in zip(by_target["direct"], by_target["gateway"], strict=True)
     ]
 
-    print(f"\n{'median':>6}  {'target':<8} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
+    print(f"\n{'median':>6}  {'target':<10} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
     for t, m in medians.items():
         print(
-            f"{'':>6}  {t:<8} {m['rps']:>9.1f} {m['p50_ms']:>8.2f} {m['p99_ms']:>8.2f} "
+            f"{'':>6}  {t:<10} {m['rps']:>9.1f} {m['p50_ms']:>8.2f} {m['p99_ms']:>8.2f} "
             f"{m['errors']:>7}"
         )
     print(
@@ -370,6 +426,20 @@ def run_bench(
         f"   ratio gateway/no-tsa (medians of req/s): {stamping:.3f}, so batch time-stamping "
         f"costs {100 * (1 - stamping):.1f}% of throughput"
         f"  (per repeat: {', '.join(f'{r:.3f}' for r in stamping_per_repeat)})"
+    )
+    observed = (
+        medians["gateway"]["rps"] / medians["unobserved"]["rps"]
+        if medians["unobserved"]["rps"]
+        else 0.0
+    )
+    observed_per_repeat = [
+        g["rps"] / u["rps"] if u["rps"] else 0.0
+        for u, g in zip(by_target["unobserved"], by_target["gateway"], strict=True)
+    ]
+    print(
+        f"   ratio gateway/unobserved (medians of req/s): {observed:.3f}, so metrics (scraped "
+        f"{scraped} times) cost {100 * (1 - observed):.1f}% of throughput"
+        f"  (per repeat: {', '.join(f'{r:.3f}' for r in observed_per_repeat)})"
     )
     print(
         "   records time-stamped on the stamped topology at the end: "
@@ -400,6 +470,9 @@ def run_bench(
         "ratio_per_repeat": per_repeat,
         "ratio_stamped_unstamped_rps": stamping,
         "ratio_stamped_unstamped_per_repeat": stamping_per_repeat,
+        "ratio_observed_unobserved_rps": observed,
+        "ratio_observed_unobserved_per_repeat": observed_per_repeat,
+        "scrapes": scraped,
         "stamped_records": stamped_records,
         "peak_memory_kib": {**peaks, "load-generator": load_peak},
     }
@@ -407,7 +480,7 @@ def run_bench(
     results.write_text(json.dumps(document, indent=2) + "\n")
     print(f"\n   results written to {results}")
 
-    gateway_errors = medians["gateway"]["errors"] + medians["no-tsa"]["errors"]
+    gateway_errors = sum(medians[t]["errors"] for t in gateways)
     if gateway_errors:
         print(f"FAILED: {gateway_errors} gateway call(s) failed")
         return 1

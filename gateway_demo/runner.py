@@ -99,8 +99,11 @@ class Runner:
         federation_allowed: tuple[str, ...] = (),
         outbound_approval_required: bool = False,
         auditor: dict[str, Any] | None = None,
+        ops: dict[str, Any] | None = None,
     ) -> None:
         self.workdir = workdir.resolve()
+        # overrides of the servers' [ops] settings (metrics off, for the benchmark)
+        self.ops = dict(ops or {})
         # overrides of the servers' [log] settings (a PostgreSQL database, retention...)
         self.log = dict(log or {})
         # the other instances the servers' local policy allows exchanges with
@@ -267,6 +270,7 @@ class Runner:
             },
             "ocsp": {"url": f"http://{self.ocsp_address}/", **self.ocsp},
             "timestamping": self._timestamping_settings(),
+            "ops": dict(self.ops),
             "backends": {
                 service: self.backends[backend]
                 for service, backend in DEMO_BACKENDS.items()

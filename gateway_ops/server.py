@@ -34,6 +34,9 @@ class OpsSettings:
     # host:port of /metrics, /healthz and /readyz (plain HTTP); port 0 picks a free port
     # (written to the ready file and logged); "" turns the port off
     listen: str = "127.0.0.1:0"
+    # false: no per-call or per-request metrics are recorded (the state gauges, readiness
+    # and the process's own metrics remain); for measuring what metrics cost
+    metrics: bool = True
 
 
 class Ops:

@@ -35,6 +35,7 @@ from registry.governance import (
     OutboundRequest,
     ServiceEntry,
 )
+from registry.metrics import RegistryMetrics
 
 log = structlog.get_logger("registry.api")
 
@@ -350,8 +351,10 @@ class AdminApi:
         max_body_bytes: int,
         clock: Callable[[], datetime],
         checkpoints: CheckpointBook | None = None,
+        metrics: RegistryMetrics | None = None,
     ) -> None:
         self.checkpoints = checkpoints
+        self.metrics = metrics
         self.gov = governance
         self.verifier = verifier
         self.issuer = issuer
@@ -597,8 +600,11 @@ class AdminApi:
         )
 
     def app(self) -> web.Application:
+        # counted outermost, so that each request's final status is the one counted
+        counting = [self.metrics.middleware] if self.metrics is not None else []
         app = web.Application(
-            client_max_size=self.max_body_bytes, middlewares=[self._errors, self._authenticate]
+            client_max_size=self.max_body_bytes,
+            middlewares=[*counting, self._errors, self._authenticate],
         )
         actions = "|".join(a.value for a in Action if a is not Action.EXPIRE)
         r = app.router

@@ -37,6 +37,7 @@ from registry.api import AdminApi
 from registry.auth import OidcSettings, TokenIssuer, TokenVerifier, load_or_create_token_key
 from registry.checkpoints import CheckpointBook, CheckpointRefused
 from registry.governance import AdminError, Governance
+from registry.metrics import RegistryMetrics
 from registry.publisher import Publisher
 from registry.store import RegistryStore
 from registry.topology import load_topology
@@ -153,6 +154,8 @@ class ConfigurationService:
         self.publisher = publisher
         self.instance = instance
         self.checkpoints = checkpoints
+        # Watch streams open now (a metric)
+        self.watchers = 0
 
     async def _check_instance(
         self, instance: str, context: grpc.aio.ServicerContext[Any, Any]
@@ -174,14 +177,18 @@ class ConfigurationService:
         self, request: pb.WatchRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.SignedConfiguration]:
         await self._check_instance(request.instance, context)
-        known = request.known_version
-        if self.publisher.version > known and self.publisher.current is not None:
-            known = self.publisher.version
-            yield _to_pb(self.publisher.current)
-        while True:
-            signed = await self.publisher.wait_newer(known)
-            known = self.publisher.version
-            yield _to_pb(signed)
+        self.watchers += 1
+        try:
+            known = request.known_version
+            if self.publisher.version > known and self.publisher.current is not None:
+                known = self.publisher.version
+                yield _to_pb(self.publisher.current)
+            while True:
+                signed = await self.publisher.wait_newer(known)
+                known = self.publisher.version
+                yield _to_pb(signed)
+        finally:
+            self.watchers -= 1
 
     async def checkpoint(
         self, request: pb.SignedCheckpoint, context: grpc.aio.ServicerContext[Any, Any]
@@ -281,6 +288,8 @@ async def serve(
         def clock() -> datetime:
             return datetime.now(UTC)
 
+        ops = Ops("registry")
+        metrics = RegistryMetrics(ops.registry) if settings.ops.metrics else None
         publisher = Publisher(
             store=store,
             instance=settings.instance,
@@ -289,6 +298,7 @@ async def serve(
             validity=timedelta(seconds=settings.validity_seconds),
             clock=clock,
             outbound_approval_required=settings.policy.outbound_approval_required,
+            metrics=metrics,
         )
         governance = Governance(
             store,
@@ -308,7 +318,6 @@ async def serve(
                     raise ConfigFileError(f"{settings.topology}: {exc.message}") from None
                 log.info("topology_imported", file=str(settings.topology), added=added)
 
-        ops = Ops("registry")
         database = DatabaseProbe(store)
         ops.readiness.add("database", database.condition)
         ops.readiness.add("configuration", lambda: _published(publisher, clock))
@@ -327,6 +336,7 @@ async def serve(
             max_body_bytes=settings.api.max_body_bytes,
             clock=clock,
             checkpoints=checkpoints,
+            metrics=metrics,
         )
         runner = web.AppRunner(api.app(), access_log=None)
         await runner.setup()
@@ -335,9 +345,10 @@ async def serve(
         await site.start()
         api_bound = runner.addresses[0][1]
         server = grpc.aio.server()
-        server.add_generic_rpc_handlers(
-            (ConfigurationService(publisher, settings.instance, checkpoints).handler(),)
-        )
+        configuration = ConfigurationService(publisher, settings.instance, checkpoints)
+        if metrics is not None:
+            metrics.watchers.set_function(lambda: configuration.watchers)
+        server.add_generic_rpc_handlers((configuration.handler(),))
         port = server.add_insecure_port(settings.listen)
         await server.start()
         host = settings.listen.rsplit(":", 1)[0]

@@ -18,6 +18,7 @@ import structlog
 
 from gateway.configuration import SignedConfiguration, build_content, sign_configuration
 from gateway.signing import Signer
+from registry.metrics import RegistryMetrics, timer
 from registry.store import RegistryStore
 
 log = structlog.get_logger("registry.publisher")
@@ -34,7 +35,9 @@ class Publisher:
         validity: timedelta,
         clock: Callable[[], datetime],
         outbound_approval_required: bool = False,
+        metrics: RegistryMetrics | None = None,
     ) -> None:
+        self.metrics = metrics
         self.store = store
         self.instance = instance
         self.signer = signer
@@ -52,6 +55,7 @@ class Publisher:
     async def publish(self) -> SignedConfiguration:
         """Publish a new version from the store's current content."""
         async with self._lock:
+            elapsed = timer()
             topology = await self.store.content()
             version = max(self.version, await self.store.last_version()) + 1
             now = self.clock()
@@ -74,6 +78,9 @@ class Publisher:
             self.version = version
             self.current = signed
             self.expires_at = now + self.validity
+            if self.metrics is not None:
+                states = await self.store.agreement_states()
+                self.metrics.published(version, elapsed(), states)
         async with self._changed:
             self._changed.notify_all()
         log.info("configuration_published", instance=self.instance, version=version)

@@ -378,6 +378,14 @@ class RegistryStore:
     async def close(self) -> None:
         await self.engine.dispose()
 
+    async def agreement_states(self) -> dict[str, int]:
+        """How many agreements are in each state (states with none are absent)."""
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                sa.select(agreements.c.state, sa.func.count()).group_by(agreements.c.state)
+            )
+            return {str(state): int(n) for state, n in rows}
+
     async def ping(self) -> None:
         """A round trip to the database; raises what a query would meet."""
         async with self.engine.connect() as conn:

@@ -29,6 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from gateway import archive as fmt
 from gateway.timeutil import format_time
+from security_server.background import every
 from security_server.message_log import (
     hold_exclusive,
     log_archives,
@@ -362,19 +363,20 @@ class Archiver:
         self.clock = clock
 
     async def run(self) -> None:
-        while True:
-            now = self.clock()
-            try:
-                await archive_old_records(
-                    self.engine,
-                    self.chain,
-                    self.folder,
-                    before=now - self.retention,
-                    now=now,
-                    max_records=self.max_records,
-                )
-            except ArchivingBusyError as exc:
-                log.info("archiving_skipped", chain=self.chain, reason=str(exc))
-            except Exception as exc:  # keep serving; the next round retries
-                log.error("archiving_failed", chain=self.chain, error=str(exc))
-            await asyncio.sleep(self.interval)
+        """Archive now and every `interval` seconds until cancelled (a round that fails is
+        logged; the next one retries)."""
+        await every(self.interval, self.archive_once, name="archiving", first_at_once=True)
+
+    async def archive_once(self) -> None:
+        now = self.clock()
+        try:
+            await archive_old_records(
+                self.engine,
+                self.chain,
+                self.folder,
+                before=now - self.retention,
+                now=now,
+                max_records=self.max_records,
+            )
+        except ArchivingBusyError as exc:
+            log.info("archiving_skipped", chain=self.chain, reason=str(exc))

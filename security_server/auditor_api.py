@@ -259,18 +259,29 @@ class AuditorApi:
             response.headers["Retry-After"] = retry_after(wait)
         return response
 
+    def _over_rate(
+        self, limit: TokenBuckets, key: str, source: str, *, by: str, who: str | None = None
+    ) -> web.Response | None:
+        """429, counted, when `key` has no token left in `limit`; None when it had one.
+        `by` says whose rate it is: "source" (this address) or "token" (its holder)."""
+        wait = limit.take(key)
+        if not wait:
+            return None
+        whose = "from this address" if by == "source" else "with this token"
+        return self._count(
+            source,
+            429,
+            "rate_limited",
+            f"too many requests {whose}; retry after the time Retry-After gives",
+            reason=f"{by}_rate_limited",
+            who=who,
+            wait=wait,
+        )
+
     async def records(self, request: web.Request) -> web.Response:
         source = request.remote or "unknown"
-        wait = self.source_limit.take(source)
-        if wait:
-            return self._count(
-                source,
-                429,
-                "rate_limited",
-                "too many requests from this address; retry after the time Retry-After gives",
-                reason="source_rate_limited",
-                wait=wait,
-            )
+        if limited := self._over_rate(self.source_limit, source, source, by="source"):
+            return limited
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
@@ -289,17 +300,8 @@ class AuditorApi:
                 source, 401, "unauthenticated", exc.message, reason="invalid_token", detail=token
             )
         holder = f"{principal.subject} ({principal.issuer})"
-        wait = self.token_limit.take(holder)
-        if wait:
-            return self._count(
-                source,
-                429,
-                "rate_limited",
-                "too many requests with this token; retry after the time Retry-After gives",
-                reason="token_rate_limited",
-                who=holder,
-                wait=wait,
-            )
+        if limited := self._over_rate(self.token_limit, holder, source, by="token", who=holder):
+            return limited
         if principal.role is not TokenRole.AUDITOR:
             return await self._refuse(
                 request,

@@ -27,6 +27,7 @@ import aiohttp
 import structlog
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509 import ocsp
 
 from gateway.configuration import GlobalConfiguration
 from gateway.errors import Code, GatewayError, TrustError
@@ -162,6 +163,17 @@ class OwnStatus:
 
     def staple(self, certificate_sha256: str) -> bytes:
         return self.staples.get(certificate_sha256, b"")
+
+    def produced_at(self, certificate_sha256: str) -> datetime | None:
+        """When the OCSP answer held about one of our certificates was produced (None: none
+        held, or unreadable)."""
+        der = self.staples.get(certificate_sha256)
+        if not der:
+            return None
+        try:
+            return ocsp.load_der_ocsp_response(der).produced_at_utc
+        except ValueError:
+            return None
 
     def stale(self) -> str | None:
         """Why this server's own OCSP answers would be refused by its peers now (none

@@ -25,6 +25,7 @@ from gateway.checkpoint import Checkpoint, sign_checkpoint
 from gateway.identifiers import SecurityServerId
 from gateway.signing import Signer
 from gateway.v1 import configuration_pb2 as pb
+from security_server.background import every
 from security_server.message_log import MessageLog
 from security_server.settings import CheckpointsSection
 
@@ -59,10 +60,8 @@ class CheckpointSender:
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     async def run(self) -> None:
-        """Send checkpoints until cancelled."""
-        while True:
-            await asyncio.sleep(self.settings.interval_seconds)
-            await self.send_once()
+        """Send checkpoints until cancelled (a round that fails is logged, and retried)."""
+        await every(self.settings.interval_seconds, self.send_once, name="checkpoints")
 
     async def send_once(self, *, force: bool = False) -> bool:
         """Send the durable head if it moved (or the heartbeat is due, or `force`); True when
@@ -121,11 +120,15 @@ class CheckpointSender:
         )
 
     async def close(self) -> None:
-        """Send the final head (bounded by the timeout), then close the channels."""
+        """Send the final head (bounded by the timeout), then close the channels, whatever
+        became of the send (the server is stopping: it says so, and goes on stopping)."""
         try:
             await asyncio.wait_for(self.send_once(), self.settings.timeout_seconds)
         except TimeoutError:
             log.warning("checkpoint_not_sent_at_shutdown", seq=self.log.durable[0])
-        for channel in self._channels.values():
-            await channel.close(None)
-        self._channels.clear()
+        except Exception as exc:
+            log.exception("checkpoint_not_sent_at_shutdown", kind=type(exc).__name__)
+        finally:
+            for channel in self._channels.values():
+                await channel.close(None)
+            self._channels.clear()

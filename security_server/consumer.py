@@ -58,6 +58,7 @@ from gateway.signing import certificate_sha256, verify_signature
 from gateway.v1 import exchange_pb2 as pb
 from security_server.endpoint_limits import backstop
 from security_server.floods import RefusalCounter, TokenBuckets, peer_host
+from security_server.metrics import CallLabels, ServerMetrics, backend_code
 from security_server.node import Node
 from security_server.peers import PeerLink, PeerPool
 from security_server.records import claimed, record
@@ -88,8 +89,10 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         authenticate_clients: bool = False,
         refusal_limit: TokenBuckets | None = None,
         refusals: RefusalCounter | None = None,
+        metrics: ServerMetrics | None = None,
     ) -> None:
         self.node = node
+        self.metrics = metrics
         self.peers = peers
         self.authenticate_clients = authenticate_clients
         # junk refusals logged one by one per source (None: every one), and the count of
@@ -117,9 +120,12 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         self, method: str, body: bytes, context: grpc.aio.ServicerContext[Any, Any]
     ) -> bytes:
         self.in_flight += 1
+        labels = CallLabels()
+        started = time.perf_counter()
         try:
             if self.in_flight > backstop(self.node.limits):
                 # far past the limit: refused at once, without a record
+                labels.code = Code.OVERLOADED.value
                 await abort(
                     context,
                     Code.OVERLOADED,
@@ -127,12 +133,18 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                     "at once; retry with backoff",
                     None,
                 )
-            return await self._call(method, body, context)
+            return await self._call(method, body, context, labels)
         finally:
             self.in_flight -= 1
+            if self.metrics is not None:
+                self.metrics.call("consumer", labels, time.perf_counter() - started)
 
     async def _call(
-        self, method: str, body: bytes, context: grpc.aio.ServicerContext[Any, Any]
+        self,
+        method: str,
+        body: bytes,
+        context: grpc.aio.ServicerContext[Any, Any],
+        labels: CallLabels,
     ) -> bytes:
         node = self.node
         started = time.perf_counter()
@@ -193,6 +205,7 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                     code=Code.CLIENT_NOT_SERVED,
                 )
             facts["client"], facts["service"] = str(client), str(service_id)
+            labels.client = facts["client"]
             # the provider's instance describes the service and holds the agreement: ours, or
             # a federated instance's (the federation active, allowed here, its copy current)
             remote = (
@@ -207,6 +220,7 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                     f"service {service_id} is not in the global configuration of {remote.instance}",
                     code=Code.UNKNOWN_SERVICE,
                 )
+            labels.known_service(service, method)
             service.check_method(method)
             facts["agreement_id"] = remote.agreements.decide(client, service_id, purpose, now).id
             if remote is not config:
@@ -235,7 +249,7 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             header_bytes = header.encode()
             signature = signer.sign(header_bytes)
         except GatewayError as err:
-            return await self._refuse(context, err, facts)
+            return await self._refuse(context, err, facts, labels)
 
         facts["peer"] = str(provider.id)
         staple_sha, evidence = node.evidence(
@@ -263,13 +277,14 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                 evidence,
             )
         except GatewayError as err:
-            return await self._abort(context, err, message_id)
+            return await self._abort(context, err, message_id, labels)
 
         remaining = context.time_remaining()
         wait = min(remaining if remaining is not None else 1e9, node.limits.deadline_seconds)
         try:
             link = self.peers.link(provider, remote)
             self._check_provider_not_revoked(link, provider, remote)
+            sent = time.perf_counter()
             frame = await link.exchange(
                 pb.SignedEnvelope(
                     header=header_bytes,
@@ -280,13 +295,15 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                 ),
                 wait,
             )
+            if self.metrics is not None:
+                self.metrics.provider_seconds.observe(time.perf_counter() - sent)
             if frame.HasField("refusal"):
                 raise provider_refusal(frame.refusal)
             response, response_certificate = self._check_response(
                 frame, header, header_bytes, provider, link, remote
             )
         except GatewayError as err:
-            return await self._refuse(context, err, facts)
+            return await self._refuse(context, err, facts, labels)
 
         env = frame.response
         response_signer = certificate_sha256(env.signer_certificate)
@@ -317,7 +334,7 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                 response_evidence,
             )
         except GatewayError as err:
-            return await self._abort(context, err, message_id)
+            return await self._abort(context, err, message_id, labels)
         trailing = (
             (ID_KEY, message_id),
             ("gateway-total-us", str(int((time.perf_counter() - started) * 1e6))),
@@ -325,6 +342,7 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             ("gateway-backend-us", str(frame.backend_micros)),
         )
         if response.grpc_status != 0:
+            labels.code = backend_code(response.grpc_status)
             await context.abort(
                 grpc.StatusCode[_STATUS_NAMES[response.grpc_status]],
                 bound_message(response.grpc_message),
@@ -396,13 +414,17 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         return response, certificate
 
     async def _refuse(
-        self, context: grpc.aio.ServicerContext[Any, Any], err: GatewayError, facts: dict[str, Any]
+        self,
+        context: grpc.aio.ServicerContext[Any, Any],
+        err: GatewayError,
+        facts: dict[str, Any],
+        labels: CallLabels,
     ) -> bytes:
         if err.code in COUNTED and self.refusal_limit is not None:
             source = peer_host(context.peer())
             if self.refusal_limit.take(source):
                 self.refusals.add(source, err.code.value, self.node.clock())
-                return await self._abort(context, err, facts["message_id"])
+                return await self._abort(context, err, facts["message_id"], labels)
         log.info(
             "call_refused",
             code=err.code.value,
@@ -420,12 +442,16 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                 **facts,
             )
         )
-        return await self._abort(context, err, facts["message_id"])
+        return await self._abort(context, err, facts["message_id"], labels)
 
     @staticmethod
     async def _abort(
-        context: grpc.aio.ServicerContext[Any, Any], err: GatewayError, message_id: str
+        context: grpc.aio.ServicerContext[Any, Any],
+        err: GatewayError,
+        message_id: str,
+        labels: CallLabels,
     ) -> bytes:
+        labels.code = err.code.value
         await abort(context, err.code, err.message, message_id)
         return b""  # not reached: abort raises
 

@@ -19,7 +19,6 @@ as ended), `federation_not_allowed`, `federated_configuration_unavailable`,
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -28,6 +27,7 @@ import structlog
 
 from gateway.configuration import Anchor, GlobalConfiguration, SecurityServer
 from gateway.errors import Code, ConfigurationError, GatewayError
+from security_server.background import stop
 from security_server.config_client import ConfigurationClient
 
 log = structlog.get_logger("security_server.federation")
@@ -96,10 +96,7 @@ class Federations:
         tasks = list(self._tasks.values())
         self._tasks.clear()
         for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await stop(task)
 
     def require(self, instance: str, now: datetime) -> GlobalConfiguration:
         """The configuration of another instance to decide a call with, or why there is none."""

@@ -11,7 +11,6 @@ a junk token) is kept only as a short digest of its last occurrence.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import math
 import uuid
@@ -24,6 +23,7 @@ import structlog
 from gateway.audit import FieldValue, RecordKind, Role
 from gateway.errors import GatewayError
 from gateway.timeutil import format_time
+from security_server.background import every, stop
 from security_server.records import record
 
 log = structlog.get_logger("security_server.floods")
@@ -35,7 +35,7 @@ _DIGEST_HEX = 16
 
 def peer_host(peer: str | None) -> str:
     """The address part of a gRPC peer ("ipv4:127.0.0.1:5000", "ipv6:[::1]:5000") or of an
-    HTTP remote: one source whatever port each connection uses."""
+    HTTP remote: one source whatever port each connection uses; at most 64 characters."""
     if not peer:
         return "unknown"
     scheme, sep, rest = peer.partition(":")
@@ -44,7 +44,7 @@ def peer_host(peer: str | None) -> str:
         if scheme.startswith("unix"):
             return "unix"
     if peer.startswith("["):
-        return peer[1 : peer.find("]")] if "]" in peer else peer[:64]
+        return (peer[1 : peer.find("]")] if "]" in peer else peer)[:64]
     if peer.count(":") == 1:
         return peer.rsplit(":", 1)[0][:64]
     return peer[:64]
@@ -244,12 +244,9 @@ class AggregateFlusher:
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="refusal-aggregates")
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            await self.flush()
+        self._task = asyncio.create_task(
+            every(self.interval, self.flush, name="refusal-aggregates"), name="refusal-aggregates"
+        )
 
     async def flush(self) -> int:
         """Write what is counted; return how many records were written."""
@@ -267,10 +264,11 @@ class AggregateFlusher:
                 return_exceptions=True,
             )
             for count, result in zip(counts, results, strict=True):
-                if isinstance(result, GatewayError):
+                if isinstance(result, BaseException):
+                    # any failure: the count goes with the next interval's, never lost
                     endpoint.counter.merge(count)
-                elif isinstance(result, BaseException):
-                    raise result
+                    if not isinstance(result, GatewayError):
+                        log.error("refusal_aggregate_failed", kind=type(result).__name__)
                 else:
                     written += 1
                     log.info(
@@ -285,9 +283,6 @@ class AggregateFlusher:
         return written
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop(self._task)
+        self._task = None
         await self.flush()

@@ -10,13 +10,14 @@ never refused, logged or counted as calls.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio  # type: ignore[attr-defined]
+
+from security_server.background import every
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -42,9 +43,7 @@ class ReadinessHealth(aio.HealthServicer):  # type: ignore[misc]
 
     async def run(self) -> None:
         """Keep the status current for Watch (until cancelled)."""
-        while True:
-            await self.refresh()
-            await asyncio.sleep(self.interval)
+        await every(self.interval, self.refresh, name="health", first_at_once=True)
 
     def register(self, server: grpc.aio.Server) -> None:
         health_pb2_grpc.add_HealthServicer_to_server(self, server)

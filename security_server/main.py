@@ -43,6 +43,7 @@ from security_server.federation import Federations
 from security_server.floods import AggregateFlusher, CountedEndpoint, RefusalCounter, TokenBuckets
 from security_server.health import ReadinessHealth
 from security_server.message_log import ChainInUseError, MessageLog
+from security_server.metrics import OwnCertificate, ServerMetrics, StateCollector
 from security_server.node import Node, load_subject_secret
 from security_server.peers import PeerPool
 from security_server.provider import BackendClient, ProviderService
@@ -293,6 +294,26 @@ async def serve(
 
     ops = Ops("security-server")
     _ready_when(ops.readiness, config, message_log, own_status, timestamper)
+    metrics = ServerMetrics(ops.registry) if settings.ops.metrics else None
+    if metrics is not None:
+        message_log.on_commit = metrics.commit
+    ops.registry.register(
+        StateCollector(
+            clock=_clock,
+            configurations=lambda: [
+                c for c in (config.current, *federations.configurations()) if c is not None
+            ],
+            certificates=[
+                OwnCertificate("authentication", auth_certificate, der_sha256(auth_certificate)),
+                *(
+                    OwnCertificate(f"signing:{member}", s.certificate, s.certificate_sha256)
+                    for member, s in signers.items()
+                ),
+            ],
+            ocsp_produced_at=own_status.produced_at,
+            tsa_failures=lambda: timestamper.failures if timestamper is not None else 0,
+        )
+    )
     health = ReadinessHealth(ops.readiness.ready)
     if settings.log.retention_days > 0:
         archiver = Archiver(
@@ -336,7 +357,8 @@ async def serve(
             ]
         )
         health.register(provider)
-        provider.add_generic_rpc_handlers((ProviderService(node, backends).handler(),))
+        provider_service = ProviderService(node, backends, metrics)
+        provider.add_generic_rpc_handlers((provider_service.handler(),))
         provider_port = provider.add_secure_port(
             settings.provider.listen, TlsRoots(federations, tls_cert, tls_key).credentials()
         )
@@ -351,21 +373,29 @@ async def serve(
         )
         # probes first: the consumer's own handler takes every method
         health.register(consumer)
-        consumer.add_generic_rpc_handlers(
-            (
-                ConsumerService(
-                    node,
-                    peers,
-                    authenticate_clients=local.client_ca is not None,
-                    refusal_limit=TokenBuckets(
-                        settings.limits.refusal_rate,
-                        settings.limits.refusal_burst,
-                        clock=time.monotonic,
-                    ),
-                    refusals=consumer_refusals,
-                ),
-            )
+        consumer_service = ConsumerService(
+            node,
+            peers,
+            authenticate_clients=local.client_ca is not None,
+            refusal_limit=TokenBuckets(
+                settings.limits.refusal_rate,
+                settings.limits.refusal_burst,
+                clock=time.monotonic,
+            ),
+            refusals=consumer_refusals,
+            metrics=metrics,
         )
+        consumer.add_generic_rpc_handlers((consumer_service,))
+        if metrics is not None:
+            metrics.watch(
+                in_flight={
+                    "consumer": lambda: consumer_service.in_flight,
+                    "provider": lambda: provider_service.in_flight,
+                },
+                log_queue=lambda: message_log.queued,
+                unstamped=lambda: len(message_log.unstamped),
+                peer_streams=lambda: sum(provider_service.streams.values()),
+            )
         if local.tls_certificate is not None and local.tls_key is not None:
             credentials = grpc.ssl_server_credentials(
                 [(local.tls_key.read_bytes(), local.tls_certificate.read_bytes())],

@@ -29,6 +29,7 @@ import asyncio
 import fcntl
 import os
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -42,7 +43,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from gateway.audit import RECORD_FIELDS, ChainedRecord, ChainHead, FieldValue
+from gateway.audit import CHAIN_NAME, RECORD_FIELDS, ChainedRecord, ChainHead, FieldValue
 from gateway.errors import Code, UnavailableError
 from gateway.timeutil import format_time
 
@@ -152,7 +153,7 @@ def row_to_record(row: Any) -> ChainedRecord:
     )
 
 
-CHAIN_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+CHAIN_PATTERN = re.compile(CHAIN_NAME)
 
 
 def check_chain_name(chain: str) -> str:
@@ -350,6 +351,8 @@ class MessageLog:
         self.records_written = 0
         # why the last write or probe failed (readiness names it); None while writable
         self.unwritable: str | None = None
+        # told the size and duration of each commit (metrics)
+        self.on_commit: Callable[[int, float], None] | None = None
         # (seq, hash) of the last record known durable: what a checkpoint may vouch for
         self.durable: tuple[int, bytes] = (head.next_seq - 1, head.last_hash)
 
@@ -391,6 +394,11 @@ class MessageLog:
             await self._claim()
             self._claim = None
         await self.engine.dispose()
+
+    @property
+    def queued(self) -> int:
+        """Records waiting to be written: the exchanges' and the audit records."""
+        return len(self._pending) + len(self._audit)
 
     async def append(
         self, fields: Mapping[str, FieldValue], evidence: Evidence | None = None
@@ -563,6 +571,7 @@ class MessageLog:
         evidence_rows = [
             {"sha256": sha, "kind": kind, "data": data} for sha, (kind, data) in extra.items()
         ]
+        started = time.perf_counter()
         try:
             await self._insert(
                 self._insert_params(rows),
@@ -589,6 +598,8 @@ class MessageLog:
         self.batches_written += 1
         self.records_written += len(batch)
         self.unwritable = None
+        if self.on_commit is not None:
+            self.on_commit(len(batch), time.perf_counter() - started)
         self.durable = (records[-1].seq, records[-1].hash)
         if len(self._known_evidence) > 100_000:
             self._known_evidence.clear()

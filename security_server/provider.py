@@ -60,6 +60,7 @@ from gateway.identifiers import SecurityServerId
 from gateway.signing import certificate_sha256, common_name, verify_signature
 from gateway.v1 import exchange_pb2 as pb
 from security_server.federation import Federations
+from security_server.metrics import CallLabels, ServerMetrics, backend_code
 from security_server.node import Node
 from security_server.peers import FrameBatcher
 from security_server.records import MAX_RECORD_TEXT, claimed, record
@@ -295,9 +296,13 @@ class BackendClient:
 
 
 class ProviderService:
-    def __init__(self, node: Node, backends: BackendClient) -> None:
+    def __init__(
+        self, node: Node, backends: BackendClient, metrics: ServerMetrics | None = None
+    ) -> None:
         self.node = node
         self.backends = backends
+        self.metrics = metrics
+        self.in_flight = 0
         self.slots = PeerSlots(node.limits.max_concurrent_calls, node.limits.max_calls_per_peer)
         # exchange streams open per peer server (limits.max_streams_per_peer)
         self.streams: dict[str, int] = {}
@@ -414,10 +419,11 @@ class ProviderService:
 
     @staticmethod
     async def _first_claims(messages: AsyncIterator[pb.Frames]) -> Claims:
-        """What the first request frame of a refused stream names."""
+        """What the first request frame of a refused stream names (nothing when none comes
+        in time, or it cannot be read: the refusal is recorded all the same)."""
         try:
             message = await asyncio.wait_for(anext(aiter(messages)), CLAIMS_WAIT_SECONDS)
-        except (TimeoutError, StopAsyncIteration, grpc.aio.AioRpcError):
+        except Exception:  # no frame, a dead stream, or bytes gRPC cannot decode as Frames
             return Claims()
         for frame in message.frames:
             if frame.HasField("request"):
@@ -428,20 +434,29 @@ class ProviderService:
         self, frame: pb.Frame, stream: StreamState, out: asyncio.Queue[pb.Frame | None]
     ) -> None:
         started = time.perf_counter()
+        labels = CallLabels()
+        self.in_flight += 1
         try:
-            out.put_nowait(await self._process(frame, stream, started))
+            answer = await self._process(frame, stream, started, labels)
         except Exception:  # never let one message take the stream down
             log.exception("provider_internal_error")
-            out.put_nowait(
-                pb.Frame(
-                    correlation_id=frame.correlation_id,
-                    refusal=pb.Refusal(
-                        code=Code.INTERNAL.value, message="internal error in the provider's server"
-                    ),
-                )
+            answer = pb.Frame(
+                correlation_id=frame.correlation_id,
+                refusal=pb.Refusal(
+                    code=Code.INTERNAL.value, message="internal error in the provider's server"
+                ),
             )
+        finally:
+            self.in_flight -= 1
+        out.put_nowait(answer)
+        if self.metrics is not None:
+            if answer.HasField("refusal"):
+                labels.code = answer.refusal.code  # one of our own codes: a bounded set
+            self.metrics.call("provider", labels, time.perf_counter() - started)
 
-    async def _process(self, frame: pb.Frame, stream: StreamState, started: float) -> pb.Frame:
+    async def _process(
+        self, frame: pb.Frame, stream: StreamState, started: float, labels: CallLabels
+    ) -> pb.Frame:
         node = self.node
         env = frame.request
         now = node.clock()
@@ -494,8 +509,11 @@ class ProviderService:
                     f"service {header.service} is not provided by this security server",
                     code=Code.UNKNOWN_SERVICE,
                 )
+            labels.known_service(service, header.method)
             service.check_method(header.method)
             agreement = config.agreements.decide(header.client, header.service, header.purpose, now)
+            # a client our configuration names in an agreement: a bounded label
+            labels.client = str(header.client)
             node.rate_limiter.check(agreement, time.monotonic())
             if str(header.service) not in self.backends.addresses:
                 raise UnavailableError(
@@ -561,6 +579,9 @@ class ProviderService:
             await self._log_failure(RecordKind.RESPONSE, err, now, common)
             return self._refusal(frame, err, header.message_id, started, backend_micros)
         backend_micros = int((time.perf_counter() - backend_started) * 1e6)
+        labels.code = backend_code(status)
+        if self.metrics is not None:
+            self.metrics.backend_seconds.observe(backend_micros / 1e6)
 
         response = ResponseHeader(
             message_id=header.message_id,

@@ -28,7 +28,6 @@ check, the request is refused (fail closed).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from datetime import datetime, timedelta
 
 import sqlalchemy as sa
@@ -37,6 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from gateway.errors import Code, TrustError, UnavailableError
 from gateway.timeutil import format_time
+from security_server.background import stop
 
 log = structlog.get_logger("security_server.replay_ledger")
 
@@ -90,14 +90,9 @@ class ReplayLedger:
         self._task = asyncio.create_task(self._run(), name="replay-ledger")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        for _, _, future in self._pending:
-            if not future.done():
-                future.set_exception(self._unavailable())
+        await stop(self._task)
+        self._task = None
+        self._refuse(self._pending)
         self._pending.clear()
         await self._drop_connection()
 
@@ -119,7 +114,11 @@ class ReplayLedger:
             while self._pending:
                 batch = self._pending[:MAX_CLAIMS]
                 del self._pending[:MAX_CLAIMS]
-                await self._claim_batch(batch)
+                try:
+                    await self._claim_batch(batch)
+                except BaseException:  # cancelled mid-statement (close): never left waiting
+                    self._refuse(batch)
+                    raise
 
     async def _connection(self) -> AsyncConnection:
         if self._conn is None:
@@ -149,16 +148,14 @@ class ReplayLedger:
             conn = await self._connection()
             rows = await conn.exec_driver_sql(_CLAIM, (format_time(now), self.chain, ids))
             claimed = {str(r[0]) for r in rows}
-            if self._pruned_at is None or now - self._pruned_at >= self.prune_every:
-                self._pruned_at = now
-                await conn.execute(_PRUNE, {"horizon": format_time(now - self.keep)})
         except Exception as exc:  # any failure: refuse these calls, keep the task alive
             log.error("replay_ledger_failed", error=str(exc), kind=type(exc).__name__)
             await self._drop_connection()
-            for _, _, future in batch:
-                if not future.done():
-                    future.set_exception(self._unavailable())
+            self._refuse(batch)
             return
+        if self._pruned_at is None or now - self._pruned_at >= self.prune_every:
+            self._pruned_at = now
+            await self._prune(conn, now)
         self.statements += 1
         self.claims += len(ids)
         for message_id, _, future in batch:
@@ -169,6 +166,21 @@ class ReplayLedger:
                 future.set_result(None)
             else:
                 future.set_exception(replayed(message_id))
+
+    async def _prune(self, conn: AsyncConnection, now: datetime) -> None:
+        """Delete claims older than `keep`. The batch's claims were decided by the insert
+        alone, so a failure here refuses none of them (it only leaves old rows a while)."""
+        try:
+            await conn.execute(_PRUNE, {"horizon": format_time(now - self.keep)})
+        except Exception as exc:  # retried at the next prune; the next claim reconnects
+            log.error("replay_ledger_prune_failed", error=str(exc), kind=type(exc).__name__)
+            await self._drop_connection()
+
+    def _refuse(self, batch: list[tuple[str, datetime, asyncio.Future[None]]]) -> None:
+        """Answer every claim of `batch` not answered yet: the database cannot say."""
+        for _, _, future in batch:
+            if not future.done():
+                future.set_exception(self._unavailable())
 
     @staticmethod
     def _unavailable() -> UnavailableError:

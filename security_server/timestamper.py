@@ -48,6 +48,8 @@ class Timestamper:
         self.failing_since: float | None = None
         self.batches = 0
         self.records = 0
+        # batches that no TSA stamped, or whose token could not be saved (a metric)
+        self.failures = 0
         message_log.stamping = True
 
     def check(self) -> None:
@@ -90,6 +92,7 @@ class Timestamper:
         )
         stamped = await self._request(session, root)
         if stamped is None:
+            self.failures += 1
             if self.failing_since is None:
                 self.failing_since = time.monotonic()
             return False
@@ -107,6 +110,7 @@ class Timestamper:
             )
         except Exception as exc:  # the database: retry with the next batch
             log.error("timestamp_not_saved", error=str(exc), kind=type(exc).__name__)
+            self.failures += 1
             if self.failing_since is None:
                 self.failing_since = time.monotonic()
             return False

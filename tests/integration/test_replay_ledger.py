@@ -101,6 +101,54 @@ async def test_old_claims_are_pruned_and_a_broken_database_refuses(
         await ledger.close()
 
 
+async def test_a_claim_in_flight_when_the_ledger_closes_is_refused(
+    engines: tuple[AsyncEngine, AsyncEngine],
+) -> None:
+    """A claim whose statement is under way when the ledger closes (here: waiting on another
+    replica's uncommitted claim of the same id) is refused with `log_unavailable`, not left
+    waiting for an answer that never comes."""
+    ledger = ReplayLedger(engines[0], "a", WINDOW)
+    ledger.start()
+    async with engines[1].connect() as other:
+        await other.execute(
+            sa.text("INSERT INTO replay_guard VALUES ('held', :t, 'b')"), {"t": "x"}
+        )  # not committed: the ledger's insert of 'held' waits for it
+        waiting = asyncio.ensure_future(ledger.claim("held", NOW))
+        await asyncio.sleep(0.3)
+        assert not waiting.done()
+        await asyncio.wait_for(ledger.close(), 10)
+        assert await asyncio.wait_for(_code(waiting), 5) == Code.LOG_UNAVAILABLE.value
+        await other.rollback()
+
+
+async def test_a_failed_prune_refuses_none_of_the_claims_it_follows(
+    engines: tuple[AsyncEngine, AsyncEngine],
+) -> None:
+    """Pruning old claims fails (deletes refused) after the claims were inserted: those
+    claims stand and their calls go on; the id stays claimed."""
+    async with engines[1].begin() as conn:
+        await conn.execute(
+            sa.text(
+                "CREATE FUNCTION no_delete() RETURNS trigger LANGUAGE plpgsql AS "
+                "$$ BEGIN RAISE EXCEPTION 'no delete'; END $$"
+            )
+        )
+        await conn.execute(
+            sa.text(
+                "CREATE TRIGGER no_delete BEFORE DELETE ON replay_guard "
+                "FOR EACH STATEMENT EXECUTE FUNCTION no_delete()"
+            )
+        )
+    ledger = ReplayLedger(engines[0], "a", WINDOW, prune_every=timedelta(0))
+    ledger.start()
+    try:
+        await ledger.claim("m-1", NOW)
+        await ledger.claim("m-2", NOW + timedelta(seconds=1))
+        assert await _code(asyncio.ensure_future(ledger.claim("m-1", NOW))) == "replayed_message"
+    finally:
+        await ledger.close()
+
+
 async def test_cost_of_a_claim(engines: tuple[AsyncEngine, AsyncEngine]) -> None:
     """Measures a claim alone and claims of 32 concurrent calls (printed for the README);
     fails only if a lone claim takes more than 20 ms."""

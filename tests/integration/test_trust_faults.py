@@ -644,10 +644,13 @@ async def test_provider_with_a_revoked_certificate_serves_nothing(
         )
         # refused by ss-msp before sending: ss-dnic never saw these requests
         assert provider_rows == [], [tuple(r) for r in provider_rows]
-    answered_after = query(
+    # the first refused call may have been accepted by ss-dnic just before its own refresh
+    # saw the revocation (the status travels in the stream, see the README's known limits):
+    # then ss-msp refused the answer, and logged why
+    consumer_rows = query(
         runner,
-        DNIC,
-        "SELECT COUNT(*) FROM message_log WHERE kind = 'response' AND message_id = ?",
+        MSP,
+        "SELECT kind, error_code FROM message_log WHERE message_id = ? ORDER BY seq",
         refused.message_id,
     )
-    assert answered_after[0][0] == 0, "ss-dnic answered with a revoked certificate"
+    assert [tuple(r) for r in consumer_rows][-1] == ("refusal", "peer_certificate_revoked")

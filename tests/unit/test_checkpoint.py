@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from certs.pki import issue
+from gateway import canonical
 from gateway.audit import ChainBrokenError
 from gateway.checkpoint import (
     Checkpoint,
@@ -72,6 +73,27 @@ def test_malformed_checkpoint_content_is_refused() -> None:
     ):
         with pytest.raises(ValueError, match=r"checkpoint|seq"):
             Checkpoint.parse(content)
+
+
+@pytest.mark.parametrize("chain", ["main\x1b[2K\rOK", "x" * 65, "../main", ""])
+def test_a_chain_that_is_not_a_chain_name_is_refused(chain: str) -> None:
+    """A checkpoint (signed content, or a registry's or an export's JSON) naming a chain
+    no log can have is refused: its name would reach the registry's table and the
+    terminal of whoever runs `audit verify`."""
+    good = checkpoint(1, b"\x01" * 32)
+    with pytest.raises(ValueError, match="chain"):
+        Checkpoint.parse(canonical.encode({**canonical.decode(good.content()), "chain": chain}))
+    doc = received(1, b"\x01" * 32).to_json()
+    with pytest.raises(ValueError, match="chain"):
+        Received.from_json({**doc, "chain": chain})
+
+
+def test_an_export_naming_a_malformed_server_is_a_value_error() -> None:
+    """A malformed server id in checkpoint JSON is a ValueError, which the CLI reports
+    (exit 2), not an identifier error escaping as a traceback."""
+    doc = received(1, b"\x01" * 32).to_json()
+    with pytest.raises(ValueError, match="malformed checkpoint"):
+        Received.from_json({**doc, "server": "not a server"})
 
 
 def test_log_matching_its_checkpoints_passes() -> None:
@@ -145,3 +167,55 @@ def test_cli_defaults_follow_the_servers_settings() -> None:
         + stamping.timeout_seconds
         + limits.clock_skew_seconds
     ) == DEFAULT_TOKEN_GRACE
+
+
+def test_verify_warns_of_a_chain_no_checkpoint_vouches_for() -> None:
+    """`audit verify --checkpoints` given none for a chain holding records (a wrong
+    --server, a server cut off from the registry) warns, instead of reporting agreement."""
+    from gateway.audit import ChainHead
+    from gateway_cli.verify import checkpoint_lines
+    from security_server.audit import VerifyReport
+
+    report = VerifyReport(
+        heads={"main": ChainHead(next_seq=41, last_hash=b"\x01" * 32), "empty": ChainHead()},
+        checkpoints=0,
+    )
+    lines = checkpoint_lines(report, str(SERVER))
+    assert [line for line in lines if line.startswith("WARNING")] == [
+        f"WARNING: chain main has 40 record(s) but the registry holds no checkpoint of it from "
+        f"{SERVER}: none of its records is vouched for (is --server the log's own server? was "
+        "it cut off from the registry?)"
+    ]
+    report.checkpoints, report.last_checkpoint = 1, {"main": received(40, b"\x01" * 32)}
+    assert not any(line.startswith("WARNING") for line in checkpoint_lines(report, str(SERVER)))
+    assert checkpoint_lines(VerifyReport(), None)[0].startswith("WARNING: no checkpoints given")
+
+
+@pytest.mark.parametrize(
+    "page",
+    [
+        {"checkpoints": [], "next": 1},  # a next page that never moves on
+        {"entries": []},  # not a page of checkpoints
+        {"checkpoints": [], "next": "x" * 5000},
+    ],
+)
+def test_a_registry_answer_that_is_no_page_is_a_usage_error(
+    page: dict[str, object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`audit verify --checkpoints URL` stops with a bounded error (exit 2) on an answer
+    that is not a page, or on pages that do not move forward, instead of a traceback or
+    asking for the same page forever."""
+    from gateway_cli import verify
+
+    class Registry:
+        calls = 0
+
+        def get(self, path: str, params: dict[str, object]) -> dict[str, object]:
+            self.calls += 1
+            assert self.calls < 5, "asked for the same page again and again"
+            return page
+
+    monkeypatch.setattr(verify, "_client", lambda url, token: Registry())
+    with pytest.raises(verify.TrustInputError) as info:
+        verify.fetch_checkpoints("http://registry", "token", str(SERVER))
+    assert len(str(info.value)) < 200

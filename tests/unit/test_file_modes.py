@@ -9,7 +9,7 @@ import pytest
 import structlog
 
 from gateway.errors import ConfigFileError
-from gateway_cli.runtime import restrict_modes, sqlite_files
+from gateway_cli.runtime import restrict_modes, restrict_state, sqlite_files
 from security_server.private_files import open_private
 
 
@@ -74,6 +74,25 @@ def test_sqlite_files_are_the_database_and_its_companions() -> None:
         Path("/var/lib/g/log.db" + s) for s in ("", "-wal", "-shm", "-journal")
     ]
     assert sqlite_files("postgresql+asyncpg://u@h/db") == []
+
+
+def test_an_in_memory_or_parameterised_sqlite_url_names_no_stray_file() -> None:
+    """An in-memory database has no file (no IndexError at start), and a URL's query is
+    not part of the file's name."""
+    assert sqlite_files("sqlite+aiosqlite://") == []
+    assert sqlite_files("sqlite+aiosqlite:///:memory:") == []
+    assert sqlite_files("sqlite+aiosqlite:////srv/log.db?timeout=5")[0] == Path("/srv/log.db")
+
+
+def test_restrict_state_finds_the_database_beside_the_configuration(tmp_path: Path) -> None:
+    """A relative database setting is the file beside the configuration (as the server
+    opens it), and it is made owner-only with the other files given."""
+    (tmp_path / "server.toml").write_text("")
+    for name in ("log.db", "log.db-wal", "token.key"):
+        (tmp_path / name).write_bytes(b"x")
+        (tmp_path / name).chmod(0o644)
+    restrict_state(tmp_path / "server.toml", "log.db", files=[tmp_path / "token.key"])
+    assert [_mode(tmp_path / n) for n in ("log.db", "log.db-wal", "token.key")] == [0o600] * 3
 
 
 def test_a_path_that_cannot_be_tightened_stops_the_start(

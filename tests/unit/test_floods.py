@@ -102,6 +102,13 @@ def test_peer_host_drops_the_port(peer: str | None, host: str) -> None:
     assert peer_host(peer) == host
 
 
+def test_peer_host_is_bounded_whatever_the_peer_string() -> None:
+    """A source key (kept in a bucket and a record) is at most 64 characters, bracketed
+    addresses included."""
+    assert len(peer_host("ipv6:[" + "a" * 5000 + "]:5000")) == 64
+    assert len(peer_host("[" + "b" * 5000 + "]")) == 64
+
+
 async def test_flusher_writes_one_record_per_count_and_keeps_what_it_could_not_write() -> None:
     """Each interval's counts become refusal-aggregate records; a count the log refuses
     is put back and written with the next flush (and at close): none is lost."""

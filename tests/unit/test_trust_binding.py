@@ -5,6 +5,7 @@ configuration client keeping its last good copy, and claims in refusal records."
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
@@ -25,7 +26,7 @@ from gateway.identifiers import MemberId
 from gateway.signing import EcdsaSigner
 from security_server.config_client import ConfigurationClient
 from security_server.federation import Federations
-from security_server.provider import Claims, claimed_instance, registered_peer
+from security_server.provider import Claims, ProviderService, claimed_instance, registered_peer
 from security_server.records import claimed
 from tests.unit.test_configuration import SS_DNIC, World
 
@@ -199,3 +200,15 @@ def test_claims_are_read_from_any_header_without_trusting_it(
     assert claimed_instance(auth_signer.certificate) == "UY"
     assert claimed_instance(issue("not a server id", kind="auth").certificate) is None
     assert claimed_instance(None) is None
+
+
+async def test_a_refused_peers_undecodable_first_message_still_leaves_a_refusal() -> None:
+    """A refused peer whose first message gRPC cannot decode gets no claims read, instead
+    of an exception that would skip the refusal record and its coded answer."""
+    from google.protobuf.message import DecodeError
+
+    async def undecodable() -> AsyncIterator[Any]:
+        raise DecodeError("Error parsing message")
+        yield  # an async generator, as gRPC's request iterator
+
+    assert await ProviderService._first_claims(undecodable()) == Claims()
