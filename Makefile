@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint types unit bench proto clean
+.PHONY: demo test lint types unit bench proto clean debian-packages
 
 # Create the virtual environment when it is missing or pyproject.toml changed.
 $(STAMP): pyproject.toml
@@ -33,9 +33,14 @@ unit: $(STAMP)
 # cores pay. `PYTEST_WORKERS=0 make test` runs everything in one process.
 PYTEST_WORKERS ?= 4
 
-test: lint types $(STAMP)
+test: debian-packages lint types $(STAMP)
 	$(BIN)/pytest -m serial -p no:xdist || [ $$? -eq 5 ]  # 5: no test is marked serial
 	$(BIN)/pytest -m "not serial" -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25
+
+# The Debian packages the tests use (openssl, prometheus), installed when missing and when
+# run as root with apt-get; otherwise it says why, and the tests needing them skip.
+debian-packages:
+	@scripts/debian-packages
 
 bench: $(STAMP)
 	$(BIN)/gateway bench --repeats 5

@@ -5,8 +5,9 @@ backends, then shows: an allowed call, a call refused for want of an agreement, 
 refused for a purpose the agreement does not cover, a subscription requested, approved
 by both sides, used, revoked and refused again through the registry's admin API with the
 admin log of those steps, the log records of both sides for the allowed call, and both
-logs verified by the auditor's command. With `--keep-running`, it leaves the topology up
-and describes it in `WORKDIR/topology.json`.
+logs verified by the auditor's command. With `--keep-running`, it leaves the topology up,
+describes it in `WORKDIR/topology.json` and lists its processes' metrics for Prometheus in
+`WORKDIR/prometheus-targets.json`.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from gateway_demo.client import Outcome, call_raw, routing_metadata
 from gateway_demo.generated import population_pb2 as population
 from gateway_demo.generated import vaccination_pb2 as vaccination
 from gateway_demo.runner import DEMO_BACKENDS, Runner
+from gateway_demo.scrape import TARGETS_FILE, prometheus_hint, write_scrape_targets
 from security_server.audit import read_records
 
 PROTOS = Path(__file__).resolve().parent / "protos"
@@ -443,7 +445,11 @@ def run_demo(*, workdir: Path, keep_running: bool) -> int:
         if keep_running:
             path = runner.workdir / "topology.json"
             path.write_text(json.dumps(describe(runner), indent=2))
+            # both instances' processes, for Prometheus (deploy/prometheus/prometheus.yml)
+            targets = runner.workdir / TARGETS_FILE
+            write_scrape_targets(targets, [r for r in (runner, ar) if r is not None])
             _title(f"The topology keeps running; it is described in {path}. Press Ctrl-C to stop.")
+            print(f"   {prometheus_hint(targets)}")
             try:
                 while all(
                     p.popen is not None and p.popen.poll() is None

@@ -36,7 +36,8 @@ def start_ar(workdir: Path) -> Runner:
     ar.start_all()
     for name, proc in ar.processes.items():
         shown = {k: v for k, v in proc.ready.items() if k in ("listen", "provider", "consumer")}
-        print(f"   AR {name:<17} pid {proc.ready.get('pid')}  {shown}")
+        metrics = f"  metrics={proc.ready['ops']}/metrics" if "ops" in proc.ready else ""
+        print(f"   AR {name:<17} pid {proc.ready.get('pid')}  {shown}{metrics}")
     return ar
 
 

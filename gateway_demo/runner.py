@@ -479,6 +479,11 @@ class Runner:
         return {n: str(p.ready["ops"]) for n, p in self.processes.items() if "ops" in p.ready}
 
     @property
+    def instance(self) -> str:
+        """The code of the topology's instance (UY, AR); known once `prepare` has run."""
+        return MemberId.parse(self.topology["members"][0]["id"]).instance
+
+    @property
     def api_url(self) -> str:
         """The registry's admin API base URL."""
         return f"http://{self.api_address}"

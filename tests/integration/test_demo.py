@@ -8,8 +8,10 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import grpc
 
@@ -81,6 +83,23 @@ def check_every_step(out: str) -> None:
     assert "demo succeeded" in out
 
 
+def check_operations_ports(topology: dict[str, Any], targets_file: Path) -> None:
+    """topology.json names every process's operations port, each answers /healthz, and the
+    Prometheus targets file lists each (with the other instance's processes)."""
+    ops = topology["ops"]
+    assert {"registry", "ocsp", "tsa", "ss-msp", "ss-dnic"} <= set(ops), ops
+    for name, url in ops.items():
+        with urllib.request.urlopen(f"{url}/healthz", timeout=5) as answer:
+            assert json.load(answer)["alive"] is True, name
+    targets = {
+        (t, group["labels"]["gateway_instance"], group["labels"]["process"])
+        for group in json.loads(targets_file.read_text())
+        for t in group["targets"]
+    }
+    assert {(urlsplit(url).netloc, "UY", name) for name, url in ops.items()} <= targets
+    assert {name for _, instance, name in targets if instance == "AR"} >= {"registry", "ss-renaper"}
+
+
 def test_demo_runs_every_step_then_keeps_a_usable_topology(tmp_path: Path) -> None:
     """The demo runs every step (as `make demo` does), then with --keep-running writes
     topology.json with what a client needs, and on Ctrl-C stops everything and exits 0. One
@@ -125,12 +144,14 @@ def test_demo_runs_every_step_then_keeps_a_usable_topology(tmp_path: Path) -> No
             call_once(endpoint["address"], credentials, method["method"], request, metadata)
         )
         assert outcome.ok, outcome
+        check_operations_ports(topology, workdir / "prometheus-targets.json")
         demo.send_signal(signal.SIGINT)
         demo.wait(timeout=60)
         output = printed.read_text()
         assert demo.returncode == 0, output
         check_every_step(output)
         assert output.index("The topology keeps running") < output.index("Stopping every process")
+        assert "Prometheus scrapes every process listed in" in output
     finally:
         if demo.poll() is None:
             demo.send_signal(signal.SIGINT)  # lets the demo stop its topology
