@@ -38,6 +38,8 @@ from tests.integration.attacker import (
     request_header,
 )
 
+from .conftest import query_log
+
 MSP_SERVER = "UY/GOV/MSP/ss1"
 DNIC_SERVER = "UY/GOV/DNIC/ss1"
 CLIENT = "UY/GOV/MSP/clinics"
@@ -85,12 +87,7 @@ class Topology:
         return fetch_ocsp(self.runner.ocsp_url, cert_pem, self.ca_pem)
 
     def log_rows(self, server_id: str, sql: str, *args: object) -> list[sqlite3.Row]:
-        db = sqlite3.connect(f"file:{self.runner.log_db(server_id)}?mode=ro", uri=True)
-        db.row_factory = sqlite3.Row
-        try:
-            return list(db.execute(sql, args))
-        finally:
-            db.close()
+        return query_log(self.runner.log_db(server_id), sql, *args)
 
     def records(self, server_id: str, message_id: str) -> list[sqlite3.Row]:
         return self.log_rows(
