@@ -61,11 +61,13 @@ def signed_request(
     client: str = CLINICS,
     service: str = POPULATION,
     method: str = GET_PERSON,
+    purpose: str = PURPOSE,
     sender: str = MSP,
     body: bytes | None = None,
+    created_at: datetime | None = None,
 ) -> pb.SignedEnvelope:
-    """The clinics' request envelope as ss-msp would sign it now (a new message id unless
-    one is given), with what the test changes; signed properly by `signer`, whatever key
+    """The clinics' request envelope as ss-msp would sign it (now, with a new message id,
+    unless they are given), with what the test changes; signed properly by `signer`, whatever key
     that is."""
     return build_request(
         signer,
@@ -74,8 +76,8 @@ def signed_request(
         client=client,
         service=service,
         method=method,
-        purpose=PURPOSE,
+        purpose=purpose,
         sender=sender,
         body=person_query() if body is None else body,
-        created_at=datetime.now(UTC),
+        created_at=created_at or datetime.now(UTC),
     )
