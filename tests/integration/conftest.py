@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 import subprocess
 import sys
+import time
 import tomllib
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -74,6 +75,27 @@ def make_runner(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[.
     yield make
     for runner in runners:
         runner.close()
+
+
+def query_log(db: Path, sql: str, *args: object) -> list[sqlite3.Row]:
+    """Rows of a message log database read as it stands, opened read-only (the server may be
+    running)."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    conn.row_factory = sqlite3.Row
+    try:
+        return list(conn.execute(sql, args))
+    finally:
+        conn.close()
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    """Poll a condition the topology reaches by itself (a stamp, a checkpoint, a log line);
+    fail naming `what` once `timeout` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        time.sleep(0.05)
 
 
 def log_rows(db: Path, message_id: str) -> list[dict[str, Any]]:

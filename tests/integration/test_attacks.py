@@ -38,6 +38,9 @@ from tests.integration.attacker import (
     request_header,
 )
 
+from .clinics import person_query, signed_request
+from .conftest import query_log
+
 MSP_SERVER = "UY/GOV/MSP/ss1"
 DNIC_SERVER = "UY/GOV/DNIC/ss1"
 CLIENT = "UY/GOV/MSP/clinics"
@@ -85,12 +88,7 @@ class Topology:
         return fetch_ocsp(self.runner.ocsp_url, cert_pem, self.ca_pem)
 
     def log_rows(self, server_id: str, sql: str, *args: object) -> list[sqlite3.Row]:
-        db = sqlite3.connect(f"file:{self.runner.log_db(server_id)}?mode=ro", uri=True)
-        db.row_factory = sqlite3.Row
-        try:
-            return list(db.execute(sql, args))
-        finally:
-            db.close()
+        return query_log(self.runner.log_db(server_id), sql, *args)
 
     def records(self, server_id: str, message_id: str) -> list[sqlite3.Row]:
         return self.log_rows(
@@ -141,10 +139,6 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
-def person_body(national_id: str = "1.234.567-8") -> bytes:
-    return population_pb2.GetPersonRequest(national_id=national_id).SerializeToString()
-
-
 def valid_request(
     topo: Topology,
     message_id: str,
@@ -160,17 +154,14 @@ def valid_request(
     if signer_ocsp is None:
         pem = signer.certificate.public_bytes(serialization.Encoding.PEM)
         signer_ocsp = topo.status(pem) if signer.certificate.issuer == topo.ca.subject else b""
-    return build_request(
+    return signed_request(
         signer,
         signer_ocsp=signer_ocsp,
         message_id=message_id,
         client=client,
-        service=SERVICE,
-        method=METHOD,
         purpose=purpose,
-        sender=MSP_SERVER,
-        body=person_body() if body is None else body,
-        created_at=created_at or datetime.now(UTC),
+        body=body,
+        created_at=created_at,
     )
 
 
@@ -266,7 +257,7 @@ async def test_body_altered_after_signing(topology: Topology) -> None:
     """A body changed after signing is refused with body_digest_mismatch and logged."""
     message_id = new_id()
     envelope = valid_request(topology, message_id)
-    envelope.body = person_body("4.321.765-2")
+    envelope.body = person_query("4.321.765-2")
     answer = await send_one(topology, envelope)
     assert_refused(answer, "body_digest_mismatch", message_id)
     assert_logged_refusal(topology, message_id, "body_digest_mismatch")
@@ -360,7 +351,7 @@ async def test_replayed_message_id_with_new_content_is_refused(topology: Topolog
     message_id = new_id()
     first = await send_one(topology, valid_request(topology, message_id))
     assert_person_response(topology, first, message_id)
-    again = valid_request(topology, message_id, body=person_body("4.321.765-2"))
+    again = valid_request(topology, message_id, body=person_query("4.321.765-2"))
     answer = await send_one(topology, again)
     assert_refused(answer, "replayed_message", message_id)
 
@@ -376,7 +367,7 @@ async def test_peer_claims_another_sender(topology: Topology) -> None:
         method=METHOD,
         purpose=PURPOSE,
         sender=DNIC_SERVER,
-        body=person_body(),
+        body=person_query(),
         created_at=datetime.now(UTC),
     )
     answer = await send_one(topology, envelope)

@@ -10,12 +10,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from gateway_demo.client import call_raw, routing_metadata
-from gateway_demo.generated import population_pb2 as population
 from gateway_demo.runner import Runner
 from tests.tamper import tamper_sqlite
 
-from .conftest import CLINICS, GET_PERSON, MSP, POPULATION, audit_verify
+from .clinics import get_person
+from .conftest import MSP, audit_verify
 
 
 @pytest.fixture(scope="module")
@@ -28,14 +27,7 @@ def log_copy(make_runner: Callable[..., Runner], tmp_path_factory: pytest.TempPa
     async def calls() -> None:
         async with grpc.aio.insecure_channel(runner.consumers[MSP]) as channel:
             for _ in range(5):
-                outcome = await call_raw(
-                    channel,
-                    GET_PERSON,
-                    population.GetPersonRequest(national_id="1.234.567-8").SerializeToString(),
-                    routing_metadata(
-                        client=CLINICS, service=POPULATION, purpose="healthcare-identification"
-                    ),
-                )
+                outcome = await get_person(channel)
                 assert outcome.ok
 
     asyncio.run(calls())

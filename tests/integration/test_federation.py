@@ -17,10 +17,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 import grpc
 import pytest
@@ -38,8 +36,9 @@ from gateway_demo.federation import (
 from gateway_demo.generated import population_pb2 as population
 from gateway_demo.runner import TEMPLATE_AR, Runner
 
-from .attacker import build_request, fetch_ocsp, open_stream, request_frame
-from .conftest import CLINICS, DNIC, GET_PERSON, IDENTITY, MSP, POPULATION, run_gateway
+from .attacker import fetch_ocsp, open_stream, request_frame
+from .clinics import person_query, signed_request, signer_of
+from .conftest import CLINICS, DNIC, IDENTITY, MSP, POPULATION, run_gateway
 
 AR_IDENTITY = "AR/GOB/RENAPER/identidad"
 
@@ -198,27 +197,17 @@ def test_a_server_of_one_instance_cannot_pass_for_a_member_of_another(
     auth_key = (uy.pki / "auth" / "UY_GOV_MSP_ss1.key").read_bytes()
     uy_ca = (uy.pki / "ca.crt").read_bytes()
     ar_ca = (ar.pki / "ca.crt").read_bytes()
-
-    from gateway.signing import EcdsaSigner, load_certificate, load_private_key
-
-    signer = EcdsaSigner(
-        load_private_key((uy.pki / "sign" / "UY_GOV_MSP.key").read_bytes()),
-        load_certificate((uy.pki / "sign" / "UY_GOV_MSP.crt").read_bytes()),
-    )
+    signer = signer_of(uy.pki, "UY_GOV_MSP")
     signer_pem = (uy.pki / "sign" / "UY_GOV_MSP.crt").read_bytes()
 
     async def attack() -> object:
-        envelope = build_request(
+        envelope = signed_request(
             signer,
             signer_ocsp=fetch_ocsp(uy.ocsp_url, signer_pem, uy_ca),
-            message_id=uuid.uuid4().hex,
             client=AR_IDENTITY,
             service=AR_POPULATION,
-            method=GET_PERSON,
-            purpose=PURPOSE,
             sender=RENAPER,
-            body=population.GetPersonRequest(national_id="20.123.456").SerializeToString(),
-            created_at=datetime.now(UTC),
+            body=person_query("20.123.456"),
         )
         async with open_stream(
             ar.providers[RENAPER],
@@ -269,27 +258,15 @@ def test_a_federation_ended_by_the_providers_instance_is_refused_as_ended(
     uy_ca = (uy.pki / "ca.crt").read_bytes()
     auth_cert = (uy.pki / "auth" / "UY_GOV_MSP_ss1.crt").read_bytes()
     signer_pem = (uy.pki / "sign" / "UY_GOV_MSP.crt").read_bytes()
+    signer = signer_of(uy.pki, "UY_GOV_MSP")
 
-    from gateway.signing import EcdsaSigner, load_certificate, load_private_key
-
-    signer = EcdsaSigner(
-        load_private_key((uy.pki / "sign" / "UY_GOV_MSP.key").read_bytes()),
-        load_certificate(signer_pem),
-    )
-
-    def request(message_id: str) -> pb.Frame:
+    def request() -> pb.Frame:
         return request_frame(
-            build_request(
+            signed_request(
                 signer,
                 signer_ocsp=fetch_ocsp(uy.ocsp_url, signer_pem, uy_ca),
-                message_id=message_id,
-                client=CLINICS,
                 service=AR_POPULATION,
-                method=GET_PERSON,
-                purpose=PURPOSE,
-                sender=MSP,
-                body=population.GetPersonRequest(national_id="20.123.456").SerializeToString(),
-                created_at=datetime.now(UTC),
+                body=person_query("20.123.456"),
             )
         )
 
@@ -302,12 +279,12 @@ def test_a_federation_ended_by_the_providers_instance_is_refused_as_ended(
             (uy.pki / "auth" / "UY_GOV_MSP_ss1.key").read_bytes(),
             staple=fetch_ocsp(uy.ocsp_url, auth_cert, uy_ca),
         ) as stream:
-            first = await stream.send(request(uuid.uuid4().hex))
+            first = await stream.send(request())
             assert getattr(first, "WhichOneof", lambda _: None)("kind") == "response", first
             instances.admin(ar, "registry-admin").end_federation("UY", "treaty suspended")
             deadline = time.monotonic() + 10
             while True:
-                answer = await stream.send(request(uuid.uuid4().hex))
+                answer = await stream.send(request())
                 refused = getattr(answer, "refusal", None)
                 if (refused is not None and refused.code) or time.monotonic() > deadline:
                     return answer

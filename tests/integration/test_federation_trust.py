@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-import time
 import urllib.parse
 import urllib.request
 import uuid
@@ -55,10 +54,10 @@ from gateway_demo.client import Outcome, call_raw, routing_metadata
 from gateway_demo.generated import population_pb2 as population
 from gateway_demo.runner import Runner
 
-from .attacker import StreamError, build_request, open_stream, request_frame
-from .conftest import CLINICS, DNIC, GET_PERSON, MSP, POPULATION
+from .attacker import StreamError, open_stream, request_frame
+from .clinics import PURPOSE, signed_request
+from .conftest import CLINICS, DNIC, GET_PERSON, MSP, POPULATION, wait_for
 
-PURPOSE = "healthcare-identification"
 RENAPER = MemberId.parse("AR/GOB/RENAPER")
 
 
@@ -192,14 +191,6 @@ class World:
             return list(json.loads(answer.read())["records"])
 
 
-def _until(check: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        time.sleep(0.1)
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     root = tmp_path_factory.mktemp("federation-trust")
@@ -237,10 +228,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         admin = AdminClient(uy.api_url, uy.token("registry-admin", subject="admin@uy"))
         admin.federate(anchor.to_json(), reason="bilateral treaty")
         for server in (DNIC, MSP):
-            _until(
+            wait_for(
                 lambda s=server: (world.state(s) / "configuration-AR.json").exists(),  # type: ignore[misc]
-                15,
                 f"{server} holds AR's configuration",
+                timeout=15,
             )
         yield world
     finally:
@@ -282,17 +273,11 @@ def _poison(world: World, version: int, member: str, server: str, auth: Issued) 
 async def _attack(world: World, auth: Issued, sign: Issued, client: str, sender: str) -> Any:
     """The evil server's call to UY's DNIC provider, with valid OCSP answers of AR."""
     cert_pem, key_pem = _pem(auth)
-    envelope = build_request(
+    envelope = signed_request(
         EcdsaSigner(sign.key, sign.certificate),
         signer_ocsp=world.staple(sign.certificate),
-        message_id=uuid.uuid4().hex,
         client=client,
-        service=POPULATION,
-        method=GET_PERSON,
-        purpose=PURPOSE,
         sender=sender,
-        body=population.GetPersonRequest(national_id="1.234.567-8").SerializeToString(),
-        created_at=datetime.now(UTC),
     )
     async with open_stream(
         world.uy.providers[DNIC],
@@ -336,10 +321,10 @@ def test_a_federated_registry_cannot_make_a_server_pass_for_another_instances_me
     auth, sign = _evil(world, member, server)
     _poison(world, version, member, server, auth)
     for uy_server in (DNIC, MSP):
-        _until(
+        wait_for(
             lambda s=uy_server: _rejected(world.log_text(s), member),  # type: ignore[misc]
-            15,
             f"{uy_server} logs why it refused AR's configuration {version}",
+            timeout=15,
         )
         assert world.cached_ar_version(uy_server) == 1, "the poisoned copy replaced the good one"
 

@@ -31,16 +31,15 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.identifiers import SecurityServerId, server_dns_name
-from gateway_demo.client import call_raw, routing_metadata
-from gateway_demo.generated import population_pb2 as population
+from gateway_demo.client import call_raw
 from gateway_demo.runner import Runner
 
-from .conftest import CLINICS, DNIC, GET_PERSON, MSP, POPULATION
+from .clinics import get_person
+from .conftest import CLINICS, DNIC, GET_PERSON, MSP, query_log
 from .flooder import JUNK_ISSUER
 
 PATH = "/audit/v1/records"
 ROOT = Path(__file__).resolve().parents[2]
-ALLOWED = "healthcare-identification"
 AGGREGATE_SECONDS = 0.5
 SOURCE_BURST = 40
 TOKEN_BURST = 5
@@ -73,12 +72,7 @@ def runner(make_runner: Callable[..., Runner]) -> Runner:
 
 
 def rows(runner: Runner, server: str, sql: str, *args: object) -> list[sqlite3.Row]:
-    db = sqlite3.connect(f"file:{runner.log_db(server)}?mode=ro", uri=True)
-    db.row_factory = sqlite3.Row
-    try:
-        return list(db.execute(sql, args))
-    finally:
-        db.close()
+    return query_log(runner.log_db(server), sql, *args)
 
 
 def last_seq(runner: Runner, server: str) -> int:
@@ -117,14 +111,8 @@ async def aggregated(
 
 async def exchange(channel: grpc.aio.Channel) -> float:
     """One real GetPerson call from CLINICS; its latency in seconds."""
-    body = population.GetPersonRequest(national_id="1.234.567-8").SerializeToString()
     started = time.perf_counter()
-    outcome = await call_raw(
-        channel,
-        GET_PERSON,
-        body,
-        routing_metadata(client=CLINICS, service=POPULATION, purpose=ALLOWED),
-    )
+    outcome = await get_person(channel)
     elapsed = time.perf_counter() - started
     assert outcome.ok, outcome
     return elapsed

@@ -18,7 +18,6 @@ import secrets
 import shutil
 import sqlite3
 import subprocess
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -38,12 +37,11 @@ from gateway.audit import RECORD_FIELDS, ChainHead
 from gateway.timeutil import format_time, parse_time
 from gateway_cli.admin import AdminApiError, AdminClient
 from gateway_cli.main import build_parser
-from gateway_demo.client import call_raw, routing_metadata
-from gateway_demo.generated import population_pb2 as population
 from gateway_demo.runner import Runner
 from tests.tamper import drop_sqlite_rules
 
-from .conftest import CLINICS, GET_PERSON, MSP, POPULATION, audit_verify
+from .clinics import get_person
+from .conftest import MSP, audit_verify, wait_for
 
 EXCHANGES = 6
 RECORDS = 2 * EXCHANGES  # the consumer logs a request and a response per exchange
@@ -82,15 +80,6 @@ def command(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.CompletedProcess(ns, code, out.getvalue(), err.getvalue())
 
 
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    """Poll a condition the topology reaches by itself (a stamp, a checkpoint)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     """Six exchanges, stamped and checkpointed (after the third and the sixth at least);
@@ -108,14 +97,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         async def calls(count: int) -> None:
             async with grpc.aio.insecure_channel(runner.consumers[MSP]) as channel:
                 for _ in range(count):
-                    outcome = await call_raw(
-                        channel,
-                        GET_PERSON,
-                        population.GetPersonRequest(national_id="1.234.567-8").SerializeToString(),
-                        routing_metadata(
-                            client=CLINICS, service=POPULATION, purpose="healthcare-identification"
-                        ),
-                    )
+                    outcome = await get_person(channel)
                     assert outcome.ok
 
         token = runner.token("auditor")
@@ -396,14 +378,6 @@ def test_server_restarted_on_a_cut_log_is_refused_by_the_registry(world: World) 
 
     async def one_call() -> bool:
         async with grpc.aio.insecure_channel(runner.consumers[MSP]) as channel:
-            outcome = await call_raw(
-                channel,
-                GET_PERSON,
-                population.GetPersonRequest(national_id="1.234.567-8").SerializeToString(),
-                routing_metadata(
-                    client=CLINICS, service=POPULATION, purpose="healthcare-identification"
-                ),
-            )
-            return outcome.ok
+            return (await get_person(channel)).ok
 
     assert asyncio.run(one_call())

@@ -14,7 +14,6 @@ import sqlite3
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
@@ -23,27 +22,25 @@ from cryptography.hazmat.primitives import serialization
 
 from gateway.envelope import sha256_hex
 from gateway.identifiers import SecurityServerId, server_dns_name
-from gateway.signing import EcdsaSigner, load_certificate, load_private_key
+from gateway.signing import EcdsaSigner
 from gateway.v1 import exchange_pb2 as pb
-from gateway_demo.client import call_raw, routing_metadata
 from gateway_demo.generated import population_pb2
 from gateway_demo.runner import Runner
 from tests.integration.attacker import (
     EXCHANGE_METHOD,
     AttackStream,
     StreamError,
-    build_request,
     fetch_ocsp,
     open_stream,
     request_frame,
 )
 
-from .conftest import CLINICS, DNIC, ECHO, GET_PERSON, MSP, POPULATION
+from .clinics import get_person, signed_request, signer_of
+from .conftest import DNIC, ECHO, MSP
 
 FRAMES_PER_STREAM = 16
 STREAMS_PER_PEER = 4
 PAYLOAD = 48 * 1024
-PURPOSE = "healthcare-identification"
 
 
 def _vm_rss_kib(pid: int) -> int:
@@ -71,43 +68,17 @@ def runner(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runner]:
         runner.close()
 
 
-def _msp_signer(runner: Runner) -> EcdsaSigner:
-    folder = runner.pki / "sign"
-    return EcdsaSigner(
-        load_private_key((folder / "UY_GOV_MSP.key").read_bytes()),
-        load_certificate((folder / "UY_GOV_MSP.crt").read_bytes()),
-    )
-
-
-def _signed_echo(runner: Runner, signer: EcdsaSigner, ocsp: bytes, body: bytes) -> pb.Frame:
+def _signed_echo(signer: EcdsaSigner, ocsp: bytes, body: bytes) -> pb.Frame:
     return request_frame(
-        build_request(
-            signer,
-            signer_ocsp=ocsp,
-            message_id=uuid.uuid4().hex,
-            client=CLINICS,
-            service=POPULATION,
-            method=ECHO,
-            purpose=PURPOSE,
-            sender=MSP,
-            body=body,
-            created_at=datetime.now(UTC),
-        ),
-        timeout_ms=30_000,
+        signed_request(signer, signer_ocsp=ocsp, method=ECHO, body=body), timeout_ms=30_000
     )
 
 
 async def _legitimate_call(runner: Runner) -> float:
     """One GetPerson through ss-msp's consumer endpoint; its latency in seconds."""
-    request = population_pb2.GetPersonRequest(national_id="1.234.567-8").SerializeToString()
     async with grpc.aio.insecure_channel(runner.consumers[MSP]) as channel:
         started = time.perf_counter()
-        outcome = await call_raw(
-            channel,
-            GET_PERSON,
-            request,
-            routing_metadata(client=CLINICS, service=POPULATION, purpose=PURPOSE),
-        )
+        outcome = await get_person(channel)
         elapsed = time.perf_counter() - started
     assert outcome.code == grpc.StatusCode.OK, outcome
     return elapsed
@@ -123,7 +94,7 @@ async def test_a_peer_that_never_reads_is_held_back_and_others_are_still_served(
     ca = (pki / "ca.crt").read_bytes()
     auth_cert = (pki / "auth" / "UY_GOV_MSP_ss1.crt").read_bytes()
     auth_key = (pki / "auth" / "UY_GOV_MSP_ss1.key").read_bytes()
-    signer = _msp_signer(runner)
+    signer = signer_of(runner.pki, "UY_GOV_MSP")
     signer_pem = signer.certificate.public_bytes(serialization.Encoding.PEM)
     ocsp = fetch_ocsp(runner.ocsp_url, signer_pem, ca)
     provider_pid = runner.processes["ss-dnic"].popen.pid  # type: ignore[union-attr]
@@ -145,7 +116,7 @@ async def test_a_peer_that_never_reads_is_held_back_and_others_are_still_served(
         nonlocal written
         for i in range(total):
             # one frame per stream message: a message is limited to one body and a little more
-            frame = _signed_echo(runner, signer, ocsp, body)
+            frame = _signed_echo(signer, ocsp, body)
             yield pb.Frames(frames=[frame], ocsp_staple=staple if i == 0 else b"")
             written += 1
         stalled.set()  # everything was taken: the test fails below

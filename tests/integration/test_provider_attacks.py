@@ -16,7 +16,6 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import grpc
 import pytest
@@ -30,30 +29,20 @@ from gateway.envelope import ResponseHeader, decode_request, decode_response, sh
 from gateway.errors import Code, bound_message
 from gateway.identifiers import SecurityServerId, ServiceId
 from gateway.ocsp import build_request as ocsp_request
-from gateway.signing import EcdsaSigner, load_certificate, load_private_key
+from gateway.signing import EcdsaSigner, load_certificate
 from gateway.v1 import exchange_pb2 as pb
-from gateway_demo.client import Outcome, call_raw, routing_metadata
+from gateway_demo.client import Outcome
 from gateway_demo.generated import population_pb2
 from gateway_demo.runner import Runner
 from security_server.status import grpc_status
 from tests.integration.malicious_provider import MaliciousProvider, Reply
 
-MSP_SERVER = "UY/GOV/MSP/ss1"
-DNIC_SERVER = "UY/GOV/DNIC/ss1"
-CLIENT = "UY/GOV/MSP/clinics"
-SERVICE = "UY/GOV/DNIC/identity/population/v1"
-METHOD = "/demo.population.v1.PopulationRegistry/GetPerson"
-PURPOSE = "healthcare-identification"
+from .clinics import get_person, signer_of
+from .conftest import DNIC, MSP, query_log
+
 # older than the consumer's ocsp.freshness_seconds (600 s by default), nextUpdate not passed
 STALE_AGE = timedelta(seconds=900)
 ANA = population_pb2.Person(given_name="Ana", family_name="Pereira").SerializeToString()
-
-
-def _signer(folder: Path, stem: str) -> EcdsaSigner:
-    return EcdsaSigner(
-        load_private_key((folder / f"{stem}.key").read_bytes()),
-        load_certificate((folder / f"{stem}.crt").read_bytes()),
-    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +92,7 @@ class Topology:
             message_id=request.message_id,
             request_sha256=sha256_hex(frame.request.header),
             service=request.service,
-            sender=SecurityServerId.parse(DNIC_SERVER),
+            sender=SecurityServerId.parse(DNIC),
             created_at=datetime.now(UTC),
             body_sha256=sha256_hex(ANA),
         )
@@ -140,13 +129,8 @@ class Topology:
         )
 
     def records(self, server_id: str, message_id: str) -> list[sqlite3.Row]:
-        db = sqlite3.connect(f"file:{self.runner.log_db(server_id)}?mode=ro", uri=True)
-        db.row_factory = sqlite3.Row
-        try:
-            sql = "SELECT * FROM message_log WHERE message_id = ? ORDER BY seq"
-            return list(db.execute(sql, (message_id,)))
-        finally:
-            db.close()
+        sql = "SELECT * FROM message_log WHERE message_id = ? ORDER BY seq"
+        return query_log(self.runner.log_db(server_id), sql, message_id)
 
 
 @pytest.fixture(scope="module")
@@ -158,21 +142,21 @@ def topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
         pki = runner.pki
         # ss-dnic stays stopped: the malicious provider takes its address and TLS identity
         provider = MaliciousProvider(
-            runner.providers[DNIC_SERVER],
+            runner.providers[DNIC],
             (pki / "auth" / "UY_GOV_DNIC_ss1.crt").read_bytes(),
             (pki / "auth" / "UY_GOV_DNIC_ss1.key").read_bytes(),
             (pki / "ca.crt").read_bytes(),
         )
         provider.start()
-        for name in ("ocsp", "tsa", "registry", runner.server_names[MSP_SERVER]):
+        for name in ("ocsp", "tsa", "registry", runner.server_names[MSP]):
             runner.start(name)
         yield Topology(
             runner=runner,
             provider=provider,
             ca=load_certificate((pki / "ca.crt").read_bytes()),
             dnic_auth=load_certificate((pki / "auth" / "UY_GOV_DNIC_ss1.crt").read_bytes()),
-            dnic_signer=_signer(pki / "sign", "UY_GOV_DNIC"),
-            msp_signer=_signer(pki / "sign", "UY_GOV_MSP"),
+            dnic_signer=signer_of(pki, "UY_GOV_DNIC"),
+            msp_signer=signer_of(pki, "UY_GOV_MSP"),
             responder=OcspResponder(pki_dir=pki, clock=lambda: datetime.now(UTC)),
             stale_responder=OcspResponder(
                 pki_dir=pki,
@@ -192,12 +176,8 @@ def new_id() -> str:
 
 async def call(topo: Topology, message_id: str) -> Outcome:
     """GetPerson through ss-msp's consumer endpoint, as MSP's clinics backend calls it."""
-    metadata = routing_metadata(
-        client=CLIENT, service=SERVICE, purpose=PURPOSE, message_id=message_id
-    )
-    body = population_pb2.GetPersonRequest(national_id="1.234.567-8").SerializeToString()
-    async with grpc.aio.insecure_channel(topo.runner.consumers[MSP_SERVER]) as channel:
-        return await call_raw(channel, METHOD, body, metadata)
+    async with grpc.aio.insecure_channel(topo.runner.consumers[MSP]) as channel:
+        return await get_person(channel, message_id=message_id)
 
 
 async def attack(topo: Topology, answer: Callable[[pb.Frame], Reply]) -> tuple[str, Outcome]:
@@ -212,7 +192,7 @@ def assert_refused(topo: Topology, message_id: str, outcome: Outcome, code: str)
     assert outcome.error == code, outcome
     assert outcome.code == grpc_status(Code(code)), outcome
     assert outcome.message_id == message_id
-    rows = topo.records(MSP_SERVER, message_id)
+    rows = topo.records(MSP, message_id)
     assert [(r["kind"], r["role"], r["error_code"]) for r in rows] == [
         ("request", "consumer", None),
         ("refusal", "consumer", code),
@@ -230,7 +210,7 @@ async def test_honest_answer_is_passed_on(topology: Topology) -> None:
     message_id, outcome = await attack(topology, topology.respond)
     assert outcome.ok, outcome
     assert outcome.body == ANA
-    rows = topology.records(MSP_SERVER, message_id)
+    rows = topology.records(MSP, message_id)
     assert [(r["kind"], r["role"], r["status"]) for r in rows] == [
         ("request", "consumer", "ok"),
         ("response", "consumer", "ok"),
@@ -285,7 +265,7 @@ async def test_genuine_response_to_an_earlier_call_replayed(topology: Topology) 
 async def test_signed_with_the_tls_key(topology: Topology) -> None:
     """A response signed with ss-dnic's TLS key and certificate: untrusted_signer."""
     pki = topology.runner.pki
-    auth = _signer(pki / "auth", "UY_GOV_DNIC_ss1")
+    auth = signer_of(pki, "UY_GOV_DNIC_ss1", folder="auth")
     message_id, outcome = await attack(topology, lambda frame: topology.respond(frame, signer=auth))
     assert_refused(topology, message_id, outcome, "untrusted_signer")
 
@@ -310,7 +290,7 @@ MISMATCHES: dict[str, dict[str, object]] = {
     "message_id": {"message_id": "another-call"},
     "request_sha256": {"request_sha256": OTHER_REQUEST},
     "service": {"service": ServiceId.parse("UY/GOV/DNIC/identity/other/v1")},
-    "sender": {"sender": SecurityServerId.parse(MSP_SERVER)},
+    "sender": {"sender": SecurityServerId.parse(MSP)},
 }
 
 
@@ -325,27 +305,17 @@ async def test_response_bound_to_another_request(topology: Topology, field: str)
     assert_refused(topology, message_id, outcome, "response_mismatch")
 
 
-async def test_stale_signer_staple(topology: Topology) -> None:
-    """An OCSP answer about the signing certificate older than the freshness bound:
-    certificate_status_stale."""
-    message_id, outcome = await attack(
-        topology,
-        lambda frame: topology.respond(
-            frame, signer_ocsp=topology.staple(topology.dnic_signer.certificate, stale=True)
-        ),
-    )
-    assert_refused(topology, message_id, outcome, "certificate_status_stale")
-
-
-async def test_stale_stream_staple(topology: Topology) -> None:
-    """An OCSP answer about the provider's TLS certificate older than the freshness bound:
-    certificate_status_stale."""
-    message_id, outcome = await attack(
-        topology,
-        lambda frame: topology.respond(
-            frame, staple=topology.staple(topology.dnic_auth, stale=True)
-        ),
-    )
+@pytest.mark.parametrize("about", ["signer", "stream"])
+async def test_stale_staple(topology: Topology, about: str) -> None:
+    """An OCSP answer older than the freshness bound, about the signing certificate
+    (`signer`) or about the provider's TLS certificate (`stream`): certificate_status_stale."""
+    if about == "signer":
+        stale = topology.staple(topology.dnic_signer.certificate, stale=True)
+        answer = lambda frame: topology.respond(frame, signer_ocsp=stale)  # noqa: E731
+    else:
+        stale = topology.staple(topology.dnic_auth, stale=True)
+        answer = lambda frame: topology.respond(frame, staple=stale)  # noqa: E731
+    message_id, outcome = await attack(topology, answer)
     assert_refused(topology, message_id, outcome, "certificate_status_stale")
 
 
@@ -428,7 +398,7 @@ async def test_refusal_with_a_huge_message(topology: Topology) -> None:
     assert_refused(topology, message_id, outcome, "no_agreement")
     assert outcome.details == bound_message("x" * (1 << 20))
     assert len(outcome.details) == 1024
-    [_, refused] = topology.records(MSP_SERVER, message_id)
+    [_, refused] = topology.records(MSP, message_id)
     assert refused["error_message"].startswith("x" * 200)
     assert len(refused["error_message"]) <= 1024
 
@@ -445,7 +415,7 @@ async def test_backend_error_with_a_huge_message(topology: Topology) -> None:
     assert outcome.details == bound_message("y" * (1 << 20))
     assert len(outcome.details) == 1024
     assert outcome.message_id == message_id
-    rows = topology.records(MSP_SERVER, message_id)
+    rows = topology.records(MSP, message_id)
     assert [(r["kind"], r["status"]) for r in rows] == [
         ("request", "ok"),
         ("response", "backend_error"),

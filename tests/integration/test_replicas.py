@@ -15,7 +15,6 @@ import asyncio
 import os
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
@@ -27,13 +26,13 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from gateway.envelope import decode_request
 from gateway.settings import database_url
-from gateway.signing import EcdsaSigner, load_certificate, load_private_key
 from gateway.v1 import exchange_pb2 as pb
 from gateway_demo.client import call_raw, routing_metadata
 from gateway_demo.generated import population_pb2 as population
 from gateway_demo.runner import Runner
-from tests.integration.attacker import build_request, fetch_ocsp, open_stream, request_frame
+from tests.integration.attacker import fetch_ocsp, open_stream, request_frame
 
+from .clinics import signed_request, signer_of
 from .conftest import CLINICS, DNIC, GET_PERSON, MSP, POPULATION, run_gateway
 
 POSTGRES = os.environ.get("GATEWAY_TEST_POSTGRES_URL")
@@ -243,28 +242,10 @@ def test_an_envelope_accepted_by_one_replica_is_refused_by_the_other(
     ca = (pki / "ca.crt").read_bytes()
     auth_cert = (pki / "auth" / "UY_GOV_MSP_ss1.crt").read_bytes()
     auth_key = (pki / "auth" / "UY_GOV_MSP_ss1.key").read_bytes()
-    signer = EcdsaSigner(
-        load_private_key((pki / "sign" / "UY_GOV_MSP.key").read_bytes()),
-        load_certificate((pki / "sign" / "UY_GOV_MSP.crt").read_bytes()),
-    )
+    signer = signer_of(pki, "UY_GOV_MSP")
     signer_ocsp = fetch_ocsp(
         runner.ocsp_url, signer.certificate.public_bytes(serialization.Encoding.PEM), ca
     )
-    body = population.GetPersonRequest(national_id="1.234.567-8").SerializeToString()
-
-    def envelope(message_id: str) -> pb.SignedEnvelope:
-        return build_request(
-            signer,
-            signer_ocsp=signer_ocsp,
-            message_id=message_id,
-            client=CLINICS,
-            service=POPULATION,
-            method=GET_PERSON,
-            purpose="healthcare-identification",
-            sender=MSP,
-            body=body,
-            created_at=datetime.now(UTC),
-        )
 
     async def send(provider: str, env: pb.SignedEnvelope) -> pb.Frame:
         staple = fetch_ocsp(runner.ocsp_url, auth_cert, ca)
@@ -275,14 +256,14 @@ def test_an_envelope_accepted_by_one_replica_is_refused_by_the_other(
 
     first_provider = runner.providers[DNIC]
     second_provider = runner.processes["ss-dnic-dnic-b"].ready["provider"]
-    captured = envelope(uuid.uuid4().hex)
+    captured = signed_request(signer, signer_ocsp=signer_ocsp)
     message_id = decode_request(captured.header).message_id
     accepted = asyncio.run(send(first_provider, captured))
     assert accepted.WhichOneof("kind") == "response", accepted
     replayed = asyncio.run(send(second_provider, captured))
     assert replayed.WhichOneof("kind") == "refusal", replayed
     assert replayed.refusal.code == "replayed_message", replayed.refusal
-    fresh = asyncio.run(send(second_provider, envelope(uuid.uuid4().hex)))
+    fresh = asyncio.run(send(second_provider, signed_request(signer, signer_ocsp=signer_ocsp)))
     assert fresh.WhichOneof("kind") == "response", fresh
 
     async def rows() -> list[tuple[str, str, str, str | None]]:

@@ -21,7 +21,6 @@ import multiprocessing.queues
 import queue
 import sqlite3
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -41,12 +40,12 @@ from gateway_demo.generated import population_pb2
 from gateway_demo.runner import Runner
 from tests.integration.attacker import (
     StreamError,
-    build_request,
     fetch_ocsp,
     open_stream,
     request_frame,
 )
 
+from .clinics import signed_request
 from .conftest import CLINICS, DNIC, GET_PERSON, MSP, POPULATION, audit_verify, run_gateway
 
 PURPOSE = "healthcare-identification"
@@ -388,18 +387,7 @@ class Pki:
         self, *, auth_staple: bytes, signer_staple: bytes
     ) -> tuple[pb.SignedEnvelope, pb.Frame | StreamError]:
         """A correctly signed request for Ana's record, straight to ss-dnic's provider."""
-        envelope = build_request(
-            self.signer,
-            message_id=uuid.uuid4().hex,
-            client=CLINICS,
-            service=POPULATION,
-            method=GET_PERSON,
-            purpose=PURPOSE,
-            sender=MSP,
-            body=PERSON,
-            created_at=datetime.now(UTC),
-            signer_ocsp=signer_staple,
-        )
+        envelope = signed_request(self.signer, signer_ocsp=signer_staple)
         async with open_stream(
             self.runner.providers[DNIC],
             DNIC,
