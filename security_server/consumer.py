@@ -19,6 +19,11 @@ refused as usual but only counted, into one `refusal-aggregate` record per sourc
 interval, instead of one durable record each; refusals of a served, well-formed client are
 always logged one by one. `grpc.health.v1` probes are answered by another handler and never
 reach this one.
+
+With tracing on (`[tracing]`), each call has a span ("consumer call"), child of the
+caller's `traceparent` metadata when that is well formed, with spans for its checks, its
+log commits, the provider leg and the response's checks; the provider leg's `traceparent`
+goes to the provider inside the request frame (see `gateway_ops.tracing`).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from typing import Any
 import grpc
 import structlog
 from cryptography import x509
+from opentelemetry.trace import SpanKind
 
 from gateway.audit import RecordKind, Role
 from gateway.configuration import GlobalConfiguration, SecurityServer
@@ -56,6 +62,15 @@ from gateway.errors import (
 from gateway.identifiers import ServiceId, SubsystemId
 from gateway.signing import certificate_sha256, verify_signature
 from gateway.v1 import exchange_pb2 as pb
+from gateway_ops.tracing import (
+    NO_TRACE,
+    OFF,
+    OK,
+    CallTrace,
+    Tracing,
+    current_call,
+    traceparent_of,
+)
 from security_server.endpoint_limits import backstop
 from security_server.floods import RefusalCounter, TokenBuckets, peer_host
 from security_server.node import Node
@@ -88,9 +103,11 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         authenticate_clients: bool = False,
         refusal_limit: TokenBuckets | None = None,
         refusals: RefusalCounter | None = None,
+        tracing: Tracing = OFF,
     ) -> None:
         self.node = node
         self.peers = peers
+        self.tracing = tracing
         self.authenticate_clients = authenticate_clients
         # junk refusals logged one by one per source (None: every one), and the count of
         # the others, written by an `AggregateFlusher`
@@ -117,6 +134,7 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         self, method: str, body: bytes, context: grpc.aio.ServicerContext[Any, Any]
     ) -> bytes:
         self.in_flight += 1
+        trace = NO_TRACE
         try:
             if self.in_flight > backstop(self.node.limits):
                 # far past the limit: refused at once, without a record
@@ -127,12 +145,21 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                     "at once; retry with backoff",
                     None,
                 )
-            return await self._call(method, body, context)
+            if self.tracing.enabled:
+                trace = self.tracing.start_call(
+                    "consumer call", traceparent_of(context.invocation_metadata())
+                )
+            return await self._call(method, body, context, trace)
         finally:
             self.in_flight -= 1
+            trace.finish()
 
     async def _call(
-        self, method: str, body: bytes, context: grpc.aio.ServicerContext[Any, Any]
+        self,
+        method: str,
+        body: bytes,
+        context: grpc.aio.ServicerContext[Any, Any],
+        trace: CallTrace,
     ) -> bytes:
         node = self.node
         started = time.perf_counter()
@@ -152,6 +179,8 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             "user_id": metadata.get("gateway-user-id"),
             "subject_ref": node.pseudonym(metadata.get("gateway-subject")),
         }
+        trace.describe(message_id=message_id)
+        checks = trace.start("consumer checks")
         try:
             if self.in_flight > node.limits.max_concurrent_calls:
                 raise GatewayError(
@@ -235,7 +264,11 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             header_bytes = header.encode()
             signature = signer.sign(header_bytes)
         except GatewayError as err:
+            trace.end(checks, err.code.value)
             return await self._refuse(context, err, facts)
+        trace.end(checks)
+        # checked against the configuration: safe to name in spans
+        trace.describe(client=facts["client"], service=facts["service"], method=method)
 
         facts["peer"] = str(provider.id)
         staple_sha, evidence = node.evidence(
@@ -248,20 +281,21 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             config,
         )
         try:
-            await node.log.append(
-                record(
-                    kind=RecordKind.REQUEST,
-                    role=Role.CONSUMER,
-                    logged_at=now,
-                    header=header_bytes,
-                    signature=signature,
-                    signer_certificate_sha256=signer.certificate_sha256,
-                    signer_ocsp_sha256=staple_sha,
-                    body_sha256=header.body_sha256,
-                    **facts,
-                ),
-                evidence,
-            )
+            with trace.step("log commit"):
+                await node.log.append(
+                    record(
+                        kind=RecordKind.REQUEST,
+                        role=Role.CONSUMER,
+                        logged_at=now,
+                        header=header_bytes,
+                        signature=signature,
+                        signer_certificate_sha256=signer.certificate_sha256,
+                        signer_ocsp_sha256=staple_sha,
+                        body_sha256=header.body_sha256,
+                        **facts,
+                    ),
+                    evidence,
+                )
         except GatewayError as err:
             return await self._abort(context, err, message_id)
 
@@ -270,21 +304,24 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         try:
             link = self.peers.link(provider, remote)
             self._check_provider_not_revoked(link, provider, remote)
-            frame = await link.exchange(
-                pb.SignedEnvelope(
-                    header=header_bytes,
-                    body=body,
-                    signature=signature,
-                    signer_certificate=signer.certificate_der,
-                    signer_ocsp=staple,
-                ),
-                wait,
-            )
+            with trace.step("provider leg", SpanKind.CLIENT) as leg:
+                frame = await link.exchange(
+                    pb.SignedEnvelope(
+                        header=header_bytes,
+                        body=body,
+                        signature=signature,
+                        signer_certificate=signer.certificate_der,
+                        signer_ocsp=staple,
+                    ),
+                    wait,
+                    trace.traceparent(leg),
+                )
             if frame.HasField("refusal"):
                 raise provider_refusal(frame.refusal)
-            response, response_certificate = self._check_response(
-                frame, header, header_bytes, provider, link, remote
-            )
+            with trace.step("response checks"):
+                response, response_certificate = self._check_response(
+                    frame, header, header_bytes, provider, link, remote
+                )
         except GatewayError as err:
             return await self._refuse(context, err, facts)
 
@@ -299,23 +336,25 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             response.body_sha256,
             remote,
         )
+        status = OK if response.grpc_status == 0 else "backend_error"
         try:
-            await node.log.append(
-                record(
-                    kind=RecordKind.RESPONSE,
-                    role=Role.CONSUMER,
-                    logged_at=node.clock(),
-                    header=env.header,
-                    signature=env.signature,
-                    signer_certificate_sha256=response_signer,
-                    signer_ocsp_sha256=response_staple_sha,
-                    body_sha256=response.body_sha256,
-                    status="ok" if response.grpc_status == 0 else "backend_error",
-                    error_message=response.grpc_message or None,
-                    **facts,
-                ),
-                response_evidence,
-            )
+            with trace.step("log commit"):
+                await node.log.append(
+                    record(
+                        kind=RecordKind.RESPONSE,
+                        role=Role.CONSUMER,
+                        logged_at=node.clock(),
+                        header=env.header,
+                        signature=env.signature,
+                        signer_certificate_sha256=response_signer,
+                        signer_ocsp_sha256=response_staple_sha,
+                        body_sha256=response.body_sha256,
+                        status=status,
+                        error_message=response.grpc_message or None,
+                        **facts,
+                    ),
+                    response_evidence,
+                )
         except GatewayError as err:
             return await self._abort(context, err, message_id)
         trailing = (
@@ -324,6 +363,7 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             ("gateway-provider-us", str(frame.provider_micros)),
             ("gateway-backend-us", str(frame.backend_micros)),
         )
+        trace.outcome(status)
         if response.grpc_status != 0:
             await context.abort(
                 grpc.StatusCode[_STATUS_NAMES[response.grpc_status]],
@@ -426,6 +466,7 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
     async def _abort(
         context: grpc.aio.ServicerContext[Any, Any], err: GatewayError, message_id: str
     ) -> bytes:
+        current_call().outcome(err.code.value)
         await abort(context, err.code, err.message, message_id)
         return b""  # not reached: abort raises
 

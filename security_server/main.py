@@ -29,6 +29,7 @@ from gateway.settings import database_url
 from gateway.signing import EcdsaSigner, load_certificate, load_private_key
 from gateway_ops.readiness import Readiness
 from gateway_ops.server import Ops
+from gateway_ops.tracing import Tracing
 from registry.auth import OidcSettings, TokenVerifier
 from security_server.archive import Archiver
 from security_server.auditor_api import PATH as AUDITOR_PATH
@@ -292,6 +293,8 @@ async def serve(
     )
 
     ops = Ops("security-server")
+    # spans of every call, exported over OTLP/HTTP when [tracing] names a collector
+    tracing = Tracing(settings.tracing, service_name=str(server_id))
     _ready_when(ops.readiness, config, message_log, own_status, timestamper)
     health = ReadinessHealth(ops.readiness.ready)
     if settings.log.retention_days > 0:
@@ -336,7 +339,7 @@ async def serve(
             ]
         )
         health.register(provider)
-        provider.add_generic_rpc_handlers((ProviderService(node, backends).handler(),))
+        provider.add_generic_rpc_handlers((ProviderService(node, backends, tracing).handler(),))
         provider_port = provider.add_secure_port(
             settings.provider.listen, TlsRoots(federations, tls_cert, tls_key).credentials()
         )
@@ -363,6 +366,7 @@ async def serve(
                         clock=time.monotonic,
                     ),
                     refusals=consumer_refusals,
+                    tracing=tracing,
                 ),
             )
         )
@@ -435,4 +439,6 @@ async def serve(
         await message_log.close()
         # the final head, once every record is durable (bounded by checkpoints.timeout)
         await checkpoints.close()
+        # the spans of the last calls, exported before the process ends
+        await tracing.close()
         await ops.close()
