@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -549,10 +550,24 @@ def _bench(ns: argparse.Namespace) -> int:
 def _backend(ns: argparse.Namespace) -> int:
     from gateway_cli.runtime import ready_writer, run, signal_events
     from gateway_demo.backends import serve_backend
+    from gateway_ops.tracing import Tracing, TracingSettings
 
     async def main() -> None:
         stop, _ = signal_events()
-        await serve_backend(ns.name, ns.listen, stop=stop, on_ready=ready_writer(ns.ready_file))
+        tracing = Tracing(
+            TracingSettings(
+                otlp_endpoint=ns.otlp_endpoint,
+                service_name=os.environ.get("OTEL_SERVICE_NAME", ""),
+            ),
+            service_name=f"demo-backend-{ns.name}",
+        )
+        await serve_backend(
+            ns.name,
+            ns.listen,
+            stop=stop,
+            on_ready=ready_writer(ns.ready_file),
+            tracing=tracing,
+        )
 
     run(main)
     return 0
@@ -829,6 +844,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("demo-backend", help="run one of the demo's sample backends")
     p.add_argument("name", choices=["population", "vaccination"])
     p.add_argument("--listen", default="127.0.0.1:0")
+    p.add_argument(
+        "--otlp-endpoint",
+        default=os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""),
+        help="OTLP/HTTP collector (base URL) to send spans to; default "
+        "OTEL_EXPORTER_OTLP_ENDPOINT, else no tracing",
+    )
     p.add_argument("--ready-file", type=Path)
     p.set_defaults(func=_backend)
     return parser

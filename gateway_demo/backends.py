@@ -4,7 +4,10 @@
   `Echo` method used by the benchmark;
 - vaccination: a health ministry's vaccination register (`GetRecord`).
 
-They know nothing of the gateway: they are ordinary gRPC services.
+They know nothing of the gateway: they are ordinary gRPC services. With tracing on
+(`gateway demo-backend --otlp-endpoint`, or OTEL_EXPORTER_OTLP_ENDPOINT), each call has a
+span, child of the `traceparent` its caller (the provider's security server) sends, as any
+backend instrumented with OpenTelemetry would have.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import grpc
 
 from gateway_demo.generated import population_pb2 as population
 from gateway_demo.generated import vaccination_pb2 as vaccination
+from gateway_ops.tracing import OFF, OK, Tracing, traceparent_of
 
 PEOPLE = {
     "1.234.567-8": population.Person(
@@ -82,40 +86,79 @@ async def get_record(
     return record
 
 
-def _unary(fn: Any, request_type: Any, response_type: Any) -> Any:
-    return grpc.unary_unary_rpc_method_handler(
-        fn,
-        request_deserializer=request_type.FromString,
-        response_serializer=response_type.SerializeToString,
-    )
+def traced(fn: Any, name: str, tracing: Tracing) -> Any:
+    """`fn` with a span of each call named `name`, child of the caller's `traceparent`."""
+    if not tracing.enabled:
+        return fn
+
+    async def handle(request: Any, context: Context) -> Any:
+        trace = tracing.start_call(name, traceparent_of(context.invocation_metadata()))
+        try:
+            answer = await fn(request, context)
+        except BaseException:
+            trace.outcome("backend_error")
+            raise
+        else:
+            trace.outcome(OK)
+            return answer
+        finally:
+            trace.finish()
+
+    return handle
 
 
-HANDLERS: dict[str, Any] = {
-    "population": grpc.method_handlers_generic_handler(
+# each backend: its gRPC service and methods (handler, request and response classes)
+METHODS: dict[str, tuple[str, dict[str, tuple[Any, Any, Any]]]] = {
+    "population": (
         "demo.population.v1.PopulationRegistry",
         {
-            "GetPerson": _unary(get_person, population.GetPersonRequest, population.Person),
-            "Echo": _unary(echo, population.EchoMessage, population.EchoMessage),
+            "GetPerson": (get_person, population.GetPersonRequest, population.Person),
+            "Echo": (echo, population.EchoMessage, population.EchoMessage),
         },
     ),
-    "vaccination": grpc.method_handlers_generic_handler(
+    "vaccination": (
         "demo.vaccination.v1.VaccinationRegister",
         {
-            "GetRecord": _unary(
-                get_record, vaccination.GetRecordRequest, vaccination.VaccinationRecord
+            "GetRecord": (
+                get_record,
+                vaccination.GetRecordRequest,
+                vaccination.VaccinationRecord,
             )
         },
     ),
 }
 
 
+def handler(name: str, tracing: Tracing = OFF) -> Any:
+    """The gRPC handler of backend `name`, its calls traced when `tracing` is on."""
+    service, methods = METHODS[name]
+    return grpc.method_handlers_generic_handler(
+        service,
+        {
+            method: grpc.unary_unary_rpc_method_handler(
+                traced(fn, f"{service}/{method}", tracing),
+                request_deserializer=request_type.FromString,
+                response_serializer=response_type.SerializeToString,
+            )
+            for method, (fn, request_type, response_type) in methods.items()
+        },
+    )
+
+
 async def serve_backend(
-    name: str, listen: str, *, stop: asyncio.Event, on_ready: Callable[[dict[str, Any]], None]
+    name: str,
+    listen: str,
+    *,
+    stop: asyncio.Event,
+    on_ready: Callable[[dict[str, Any]], None],
+    tracing: Tracing = OFF,
 ) -> None:
     server = grpc.aio.server()
-    server.add_generic_rpc_handlers((HANDLERS[name],))
+    server.add_generic_rpc_handlers((handler(name, tracing),))
     port = server.add_insecure_port(listen)
     await server.start()
     on_ready({"backend": name, "listen": f"{listen.rsplit(':', 1)[0]}:{port}"})
     await stop.wait()
     await server.stop(grace=1.0)
+    # the spans of the last calls, exported before the process ends
+    await tracing.close()

@@ -100,10 +100,17 @@ class Runner:
         outbound_approval_required: bool = False,
         auditor: dict[str, Any] | None = None,
         ops: dict[str, Any] | None = None,
+        tracing: dict[str, Any] | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.workdir = workdir.resolve()
         # overrides of the servers' [ops] settings (metrics off, for the benchmark)
         self.ops = dict(ops or {})
+        # the servers' [tracing] settings ({"otlp_endpoint": URL} turns it on); the sample
+        # backends send their spans to the same `otlp_endpoint`
+        self.tracing = dict(tracing or {})
+        # environment variables added for every process (OTEL_BSP_SCHEDULE_DELAY, say)
+        self.env = dict(env or {})
         # overrides of the servers' [log] settings (a PostgreSQL database, retention...)
         self.log = dict(log or {})
         # the other instances the servers' local policy allows exchanges with
@@ -192,8 +199,11 @@ class Runner:
         for server in topology["servers"]:
             self._write_server(server)
         for name, address in self.backends.items():
+            otlp = self.tracing.get("otlp_endpoint")
             self.processes[f"backend-{name}"] = self._process(
-                f"backend-{name}", ["demo-backend", name, "--listen", address]
+                f"backend-{name}",
+                ["demo-backend", name, "--listen", address]
+                + (["--otlp-endpoint", otlp] if otlp else []),
             )
 
     def reserve_address(self) -> str:
@@ -271,6 +281,7 @@ class Runner:
             "ocsp": {"url": f"http://{self.ocsp_address}/", **self.ocsp},
             "timestamping": self._timestamping_settings(),
             "ops": dict(self.ops),
+            "tracing": dict(self.tracing),
             "backends": {
                 service: self.backends[backend]
                 for service, backend in DEMO_BACKENDS.items()
@@ -402,7 +413,12 @@ class Runner:
         # gateway_cli.runtime.die_with_parent), so that a killed demo, benchmark or test never
         # leaves a topology running; done after exec, since Python code in a forked child
         # (preexec_fn) can crash while gRPC threads are busy in the parent
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "GATEWAY_PARENT_PID": str(os.getpid())}
+        env = {
+            **os.environ,
+            **self.env,
+            "PYTHONUNBUFFERED": "1",
+            "GATEWAY_PARENT_PID": str(os.getpid()),
+        }
         proc.popen = subprocess.Popen(
             [
                 sys.executable,

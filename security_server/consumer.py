@@ -19,6 +19,11 @@ refused as usual but only counted, into one `refusal-aggregate` record per sourc
 interval, instead of one durable record each; refusals of a served, well-formed client are
 always logged one by one. `grpc.health.v1` probes are answered by another handler and never
 reach this one.
+
+With tracing on (`[tracing]`), each call has a span ("consumer call"), child of the
+caller's `traceparent` metadata when that is well formed, with spans for its checks, its
+log commits, the provider leg and the response's checks; the provider leg's `traceparent`
+goes to the provider inside the request frame (see `gateway_ops.tracing`).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from typing import Any
 import grpc
 import structlog
 from cryptography import x509
+from opentelemetry.trace import SpanKind
 
 from gateway.audit import RecordKind, Role
 from gateway.configuration import GlobalConfiguration, SecurityServer
@@ -56,6 +62,15 @@ from gateway.errors import (
 from gateway.identifiers import ServiceId, SubsystemId
 from gateway.signing import certificate_sha256, verify_signature
 from gateway.v1 import exchange_pb2 as pb
+from gateway_ops.tracing import (
+    NO_TRACE,
+    OFF,
+    OK,
+    CallTrace,
+    Tracing,
+    current_call,
+    traceparent_of,
+)
 from security_server.endpoint_limits import backstop
 from security_server.floods import RefusalCounter, TokenBuckets, peer_host
 from security_server.metrics import CallLabels, ServerMetrics, backend_code
@@ -90,10 +105,12 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         refusal_limit: TokenBuckets | None = None,
         refusals: RefusalCounter | None = None,
         metrics: ServerMetrics | None = None,
+        tracing: Tracing = OFF,
     ) -> None:
         self.node = node
         self.metrics = metrics
         self.peers = peers
+        self.tracing = tracing
         self.authenticate_clients = authenticate_clients
         # junk refusals logged one by one per source (None: every one), and the count of
         # the others, written by an `AggregateFlusher`
@@ -122,6 +139,7 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         self.in_flight += 1
         labels = CallLabels()
         started = time.perf_counter()
+        trace = NO_TRACE
         try:
             if self.in_flight > backstop(self.node.limits):
                 # far past the limit: refused at once, without a record
@@ -133,9 +151,14 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                     "at once; retry with backoff",
                     None,
                 )
-            return await self._call(method, body, context, labels)
+            if self.tracing.enabled:
+                trace = self.tracing.start_call(
+                    "consumer call", traceparent_of(context.invocation_metadata())
+                )
+            return await self._call(method, body, context, labels, trace)
         finally:
             self.in_flight -= 1
+            trace.finish()
             if self.metrics is not None:
                 self.metrics.call("consumer", labels, time.perf_counter() - started)
 
@@ -145,6 +168,7 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         body: bytes,
         context: grpc.aio.ServicerContext[Any, Any],
         labels: CallLabels,
+        trace: CallTrace,
     ) -> bytes:
         node = self.node
         started = time.perf_counter()
@@ -164,6 +188,8 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             "user_id": metadata.get("gateway-user-id"),
             "subject_ref": node.pseudonym(metadata.get("gateway-subject")),
         }
+        trace.describe(message_id=message_id)
+        checks = trace.start("consumer checks")
         try:
             if self.in_flight > node.limits.max_concurrent_calls:
                 raise GatewayError(
@@ -249,7 +275,11 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             header_bytes = header.encode()
             signature = signer.sign(header_bytes)
         except GatewayError as err:
+            trace.end(checks, err.code.value)
             return await self._refuse(context, err, facts, labels)
+        trace.end(checks)
+        # checked against the configuration: safe to name in spans
+        trace.describe(client=facts["client"], service=facts["service"], method=method)
 
         facts["peer"] = str(provider.id)
         staple_sha, evidence = node.evidence(
@@ -262,20 +292,21 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             config,
         )
         try:
-            await node.log.append(
-                record(
-                    kind=RecordKind.REQUEST,
-                    role=Role.CONSUMER,
-                    logged_at=now,
-                    header=header_bytes,
-                    signature=signature,
-                    signer_certificate_sha256=signer.certificate_sha256,
-                    signer_ocsp_sha256=staple_sha,
-                    body_sha256=header.body_sha256,
-                    **facts,
-                ),
-                evidence,
-            )
+            with trace.step("log commit"):
+                await node.log.append(
+                    record(
+                        kind=RecordKind.REQUEST,
+                        role=Role.CONSUMER,
+                        logged_at=now,
+                        header=header_bytes,
+                        signature=signature,
+                        signer_certificate_sha256=signer.certificate_sha256,
+                        signer_ocsp_sha256=staple_sha,
+                        body_sha256=header.body_sha256,
+                        **facts,
+                    ),
+                    evidence,
+                )
         except GatewayError as err:
             return await self._abort(context, err, message_id, labels)
 
@@ -285,23 +316,26 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             link = self.peers.link(provider, remote)
             self._check_provider_not_revoked(link, provider, remote)
             sent = time.perf_counter()
-            frame = await link.exchange(
-                pb.SignedEnvelope(
-                    header=header_bytes,
-                    body=body,
-                    signature=signature,
-                    signer_certificate=signer.certificate_der,
-                    signer_ocsp=staple,
-                ),
-                wait,
-            )
+            with trace.step("provider leg", SpanKind.CLIENT) as leg:
+                frame = await link.exchange(
+                    pb.SignedEnvelope(
+                        header=header_bytes,
+                        body=body,
+                        signature=signature,
+                        signer_certificate=signer.certificate_der,
+                        signer_ocsp=staple,
+                    ),
+                    wait,
+                    trace.traceparent(leg),
+                )
             if self.metrics is not None:
                 self.metrics.provider_seconds.observe(time.perf_counter() - sent)
             if frame.HasField("refusal"):
                 raise provider_refusal(frame.refusal)
-            response, response_certificate = self._check_response(
-                frame, header, header_bytes, provider, link, remote
-            )
+            with trace.step("response checks"):
+                response, response_certificate = self._check_response(
+                    frame, header, header_bytes, provider, link, remote
+                )
         except GatewayError as err:
             return await self._refuse(context, err, facts, labels)
 
@@ -316,23 +350,25 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             response.body_sha256,
             remote,
         )
+        status = OK if response.grpc_status == 0 else "backend_error"
         try:
-            await node.log.append(
-                record(
-                    kind=RecordKind.RESPONSE,
-                    role=Role.CONSUMER,
-                    logged_at=node.clock(),
-                    header=env.header,
-                    signature=env.signature,
-                    signer_certificate_sha256=response_signer,
-                    signer_ocsp_sha256=response_staple_sha,
-                    body_sha256=response.body_sha256,
-                    status="ok" if response.grpc_status == 0 else "backend_error",
-                    error_message=response.grpc_message or None,
-                    **facts,
-                ),
-                response_evidence,
-            )
+            with trace.step("log commit"):
+                await node.log.append(
+                    record(
+                        kind=RecordKind.RESPONSE,
+                        role=Role.CONSUMER,
+                        logged_at=node.clock(),
+                        header=env.header,
+                        signature=env.signature,
+                        signer_certificate_sha256=response_signer,
+                        signer_ocsp_sha256=response_staple_sha,
+                        body_sha256=response.body_sha256,
+                        status=status,
+                        error_message=response.grpc_message or None,
+                        **facts,
+                    ),
+                    response_evidence,
+                )
         except GatewayError as err:
             return await self._abort(context, err, message_id, labels)
         trailing = (
@@ -341,6 +377,7 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             ("gateway-provider-us", str(frame.provider_micros)),
             ("gateway-backend-us", str(frame.backend_micros)),
         )
+        trace.outcome(status)
         if response.grpc_status != 0:
             labels.code = backend_code(response.grpc_status)
             await context.abort(
@@ -452,6 +489,7 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         labels: CallLabels,
     ) -> bytes:
         labels.code = err.code.value
+        current_call().outcome(err.code.value)
         await abort(context, err.code, err.message, message_id)
         return b""  # not reached: abort raises
 

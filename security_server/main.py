@@ -29,6 +29,7 @@ from gateway.settings import database_url
 from gateway.signing import EcdsaSigner, load_certificate, load_private_key
 from gateway_ops.readiness import Readiness
 from gateway_ops.server import Ops
+from gateway_ops.tracing import Tracing
 from registry.auth import OidcSettings, TokenVerifier
 from security_server.archive import Archiver
 from security_server.auditor_api import PATH as AUDITOR_PATH
@@ -293,6 +294,8 @@ async def serve(
     )
 
     ops = Ops("security-server")
+    # spans of every call, exported over OTLP/HTTP when [tracing] names a collector
+    tracing = Tracing(settings.tracing, service_name=str(server_id))
     _ready_when(ops.readiness, config, message_log, own_status, timestamper)
     metrics = ServerMetrics(ops.registry) if settings.ops.metrics else None
     if metrics is not None:
@@ -357,7 +360,7 @@ async def serve(
             ]
         )
         health.register(provider)
-        provider_service = ProviderService(node, backends, metrics)
+        provider_service = ProviderService(node, backends, metrics, tracing)
         provider.add_generic_rpc_handlers((provider_service.handler(),))
         provider_port = provider.add_secure_port(
             settings.provider.listen, TlsRoots(federations, tls_cert, tls_key).credentials()
@@ -384,6 +387,7 @@ async def serve(
             ),
             refusals=consumer_refusals,
             metrics=metrics,
+            tracing=tracing,
         )
         consumer.add_generic_rpc_handlers((consumer_service,))
         if metrics is not None:
@@ -465,4 +469,6 @@ async def serve(
         await message_log.close()
         # the final head, once every record is durable (bounded by checkpoints.timeout)
         await checkpoints.close()
+        # the spans of the last calls, exported before the process ends
+        await tracing.close()
         await ops.close()

@@ -196,8 +196,12 @@ class PeerLink:
             if not future.done():
                 future.set_exception(error)
 
-    async def exchange(self, envelope: pb.SignedEnvelope, wait_seconds: float) -> pb.Frame:
-        """Send one request envelope and wait for its response or refusal frame."""
+    async def exchange(
+        self, envelope: pb.SignedEnvelope, wait_seconds: float, traceparent: str = ""
+    ) -> pb.Frame:
+        """Send one request envelope and wait for its response or refusal frame;
+        `traceparent` (W3C Trace Context, unsigned) makes the provider's spans children of
+        the consumer's."""
         correlation_id = next(self._ids)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[pb.Frame] = loop.create_future()
@@ -210,6 +214,7 @@ class PeerLink:
                     correlation_id=correlation_id,
                     request=envelope,
                     timeout_ms=int(wait_seconds * 1000),
+                    traceparent=traceparent.encode(),
                 )
             )
             return await future

@@ -27,6 +27,12 @@ the client member's, they are stored as unverified claims (`claimed:...`, see
 `records.claimed`), so that no member-scoped auditor takes them for that member's own.
 A peer whose certificate is unknown but whose certificate names an instance our
 configuration lists as ended is answered `federation_ended`.
+
+With tracing on (`[tracing]`), each request frame has a span ("provider call"), child of the
+frame's `traceparent` when that is well formed (else the root of a new trace), with spans
+for its checks, its log commits and the backend call; the backend call's `traceparent`
+goes to the backend in gRPC metadata. The frame's `traceparent` is not signed and decides
+nothing: it is only ever a parent id (see `gateway_ops.tracing`).
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ import grpc
 import structlog
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from opentelemetry.trace import SpanKind
 
 from gateway import canonical
 from gateway.audit import RecordKind, Role
@@ -59,6 +66,7 @@ from gateway.fair_share import FairShare
 from gateway.identifiers import SecurityServerId
 from gateway.signing import certificate_sha256, common_name, verify_signature
 from gateway.v1 import exchange_pb2 as pb
+from gateway_ops.tracing import OFF, OK, TRACEPARENT, CallTrace, Tracing, current_call
 from security_server.federation import Federations
 from security_server.metrics import CallLabels, ServerMetrics, backend_code
 from security_server.node import Node
@@ -269,12 +277,16 @@ class BackendClient:
         return callable_
 
     async def call(
-        self, service: str, method: str, body: bytes, wait_seconds: float
+        self, service: str, method: str, body: bytes, wait_seconds: float, traceparent: str = ""
     ) -> tuple[int, str, bytes]:
-        """(gRPC status number, message, response bytes) of the backend's answer."""
+        """(gRPC status number, message, response bytes) of the backend's answer;
+        `traceparent`, when given, goes to the backend in metadata."""
         address = self.addresses[service]
+        metadata = ((TRACEPARENT, traceparent),) if traceparent else None
         try:
-            answer = await self._method(address, method)(body, timeout=wait_seconds)
+            answer = await self._method(address, method)(
+                body, timeout=wait_seconds, metadata=metadata
+            )
             return 0, "", bytes(answer)
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
@@ -297,11 +309,16 @@ class BackendClient:
 
 class ProviderService:
     def __init__(
-        self, node: Node, backends: BackendClient, metrics: ServerMetrics | None = None
+        self,
+        node: Node,
+        backends: BackendClient,
+        metrics: ServerMetrics | None = None,
+        tracing: Tracing = OFF,
     ) -> None:
         self.node = node
         self.backends = backends
         self.metrics = metrics
+        self.tracing = tracing
         self.in_flight = 0
         self.slots = PeerSlots(node.limits.max_concurrent_calls, node.limits.max_calls_per_peer)
         # exchange streams open per peer server (limits.max_streams_per_peer)
@@ -435,11 +452,13 @@ class ProviderService:
     ) -> None:
         started = time.perf_counter()
         labels = CallLabels()
+        trace = self.tracing.start_call("provider call", frame.traceparent)
         self.in_flight += 1
         try:
-            answer = await self._process(frame, stream, started, labels)
+            answer = await self._process(frame, stream, started, labels, trace)
         except Exception:  # never let one message take the stream down
             log.exception("provider_internal_error")
+            trace.outcome(Code.INTERNAL.value)
             answer = pb.Frame(
                 correlation_id=frame.correlation_id,
                 refusal=pb.Refusal(
@@ -448,6 +467,7 @@ class ProviderService:
             )
         finally:
             self.in_flight -= 1
+            trace.finish()
         out.put_nowait(answer)
         if self.metrics is not None:
             if answer.HasField("refusal"):
@@ -455,7 +475,12 @@ class ProviderService:
             self.metrics.call("provider", labels, time.perf_counter() - started)
 
     async def _process(
-        self, frame: pb.Frame, stream: StreamState, started: float, labels: CallLabels
+        self,
+        frame: pb.Frame,
+        stream: StreamState,
+        started: float,
+        labels: CallLabels,
+        trace: CallTrace,
     ) -> pb.Frame:
         node = self.node
         env = frame.request
@@ -465,6 +490,7 @@ class ProviderService:
         verified = False
         peer_name = f"certificate:{stream.fingerprint}"
         signer_sha = certificate_sha256(env.signer_certificate) if env.signer_certificate else None
+        checks = trace.start("provider checks")
         try:
             config = node.config.require(now)
             # the peer's instance vouches for the peer: its servers, CAs and OCSP responders
@@ -532,9 +558,18 @@ class ProviderService:
                 # last: only a request about to be accepted claims its id for every replica
                 await node.replay_ledger.claim(header.message_id, now)
         except GatewayError as err:
+            trace.end(checks, err.code.value)
             return await self._refuse(
                 frame, err, header, peer_name, signer_sha, started, verified=verified
             )
+        trace.end(checks)
+        # verified and checked against the configuration: safe to name in spans
+        trace.describe(
+            client=str(header.client),
+            service=str(header.service),
+            method=header.method,
+            message_id=header.message_id,
+        )
 
         common = self._facts(header, peer_name)
         common["agreement_id"] = agreement.id
@@ -549,20 +584,21 @@ class ProviderService:
             peer_config,
         )
         try:
-            await node.log.append(
-                record(
-                    kind=RecordKind.REQUEST,
-                    role=Role.PROVIDER,
-                    logged_at=now,
-                    header=env.header,
-                    signature=env.signature,
-                    signer_certificate_sha256=signer_sha,
-                    signer_ocsp_sha256=staple_sha,
-                    body_sha256=header.body_sha256,
-                    **common,
-                ),
-                evidence,
-            )
+            with trace.step("log commit"):
+                await node.log.append(
+                    record(
+                        kind=RecordKind.REQUEST,
+                        role=Role.PROVIDER,
+                        logged_at=now,
+                        header=env.header,
+                        signature=env.signature,
+                        signer_certificate_sha256=signer_sha,
+                        signer_ocsp_sha256=staple_sha,
+                        body_sha256=header.body_sha256,
+                        **common,
+                    ),
+                    evidence,
+                )
         except GatewayError as err:
             return self._refusal(frame, err, header.message_id, started, 0)
 
@@ -571,9 +607,10 @@ class ProviderService:
         )
         backend_started = time.perf_counter()
         try:
-            status, message, body = await self.backends.call(
-                str(header.service), header.method, env.body, wait
-            )
+            with trace.step("backend call", SpanKind.CLIENT) as call:
+                status, message, body = await self.backends.call(
+                    str(header.service), header.method, env.body, wait, trace.traceparent(call)
+                )
         except GatewayError as err:
             backend_micros = int((time.perf_counter() - backend_started) * 1e6)
             await self._log_failure(RecordKind.RESPONSE, err, now, common)
@@ -604,25 +641,28 @@ class ProviderService:
             response.body_sha256,
             config,
         )
+        outcome = OK if status == 0 else "backend_error"
         try:
-            await node.log.append(
-                record(
-                    kind=RecordKind.RESPONSE,
-                    role=Role.PROVIDER,
-                    logged_at=response.created_at,
-                    header=response_bytes,
-                    signature=signature,
-                    signer_certificate_sha256=signer.certificate_sha256,
-                    signer_ocsp_sha256=own_sha,
-                    body_sha256=response.body_sha256,
-                    status="ok" if status == 0 else "backend_error",
-                    error_message=message or None,
-                    **common,
-                ),
-                own_evidence,
-            )
+            with trace.step("log commit"):
+                await node.log.append(
+                    record(
+                        kind=RecordKind.RESPONSE,
+                        role=Role.PROVIDER,
+                        logged_at=response.created_at,
+                        header=response_bytes,
+                        signature=signature,
+                        signer_certificate_sha256=signer.certificate_sha256,
+                        signer_ocsp_sha256=own_sha,
+                        body_sha256=response.body_sha256,
+                        status=outcome,
+                        error_message=message or None,
+                        **common,
+                    ),
+                    own_evidence,
+                )
         except GatewayError as err:
             return self._refusal(frame, err, header.message_id, started, backend_micros)
+        trace.outcome(outcome)
         return pb.Frame(
             correlation_id=frame.correlation_id,
             response=pb.SignedEnvelope(
@@ -718,6 +758,7 @@ class ProviderService:
         started: float,
         backend_micros: int,
     ) -> pb.Frame:
+        current_call().outcome(err.code.value)
         return pb.Frame(
             correlation_id=frame.correlation_id,
             refusal=pb.Refusal(

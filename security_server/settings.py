@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway_ops.server import OpsSettings
+from gateway_ops.tracing import TracingSettings
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -255,5 +256,7 @@ class ServerSettings:
     federation: FederationSection = field(default_factory=FederationSection)
     checkpoints: CheckpointsSection = field(default_factory=CheckpointsSection)
     ops: OpsSettings = field(default_factory=OpsSettings)
+    # OpenTelemetry spans of each call, exported over OTLP/HTTP (off by default)
+    tracing: TracingSettings = field(default_factory=TracingSettings)
     # backend address (host:port, plain gRPC) per service id this server provides
     backends: dict[str, str] = field(default_factory=dict)

@@ -15,7 +15,7 @@ class Frames(_message.Message):
     def __init__(self, frames: _Optional[_Iterable[_Union[Frame, _Mapping]]] = ..., ocsp_staple: _Optional[bytes] = ...) -> None: ...
 
 class Frame(_message.Message):
-    __slots__ = ("correlation_id", "request", "response", "refusal", "timeout_ms", "provider_micros", "backend_micros")
+    __slots__ = ("correlation_id", "request", "response", "refusal", "timeout_ms", "provider_micros", "backend_micros", "traceparent")
     CORRELATION_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +23,7 @@ class Frame(_message.Message):
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     PROVIDER_MICROS_FIELD_NUMBER: _ClassVar[int]
     BACKEND_MICROS_FIELD_NUMBER: _ClassVar[int]
+    TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
     correlation_id: int
     request: SignedEnvelope
     response: SignedEnvelope
@@ -30,7 +31,8 @@ class Frame(_message.Message):
     timeout_ms: int
     provider_micros: int
     backend_micros: int
-    def __init__(self, correlation_id: _Optional[int] = ..., request: _Optional[_Union[SignedEnvelope, _Mapping]] = ..., response: _Optional[_Union[SignedEnvelope, _Mapping]] = ..., refusal: _Optional[_Union[Refusal, _Mapping]] = ..., timeout_ms: _Optional[int] = ..., provider_micros: _Optional[int] = ..., backend_micros: _Optional[int] = ...) -> None: ...
+    traceparent: bytes
+    def __init__(self, correlation_id: _Optional[int] = ..., request: _Optional[_Union[SignedEnvelope, _Mapping]] = ..., response: _Optional[_Union[SignedEnvelope, _Mapping]] = ..., refusal: _Optional[_Union[Refusal, _Mapping]] = ..., timeout_ms: _Optional[int] = ..., provider_micros: _Optional[int] = ..., backend_micros: _Optional[int] = ..., traceparent: _Optional[bytes] = ...) -> None: ...
 
 class SignedEnvelope(_message.Message):
     __slots__ = ("header", "body", "signature", "signer_certificate", "signer_ocsp")

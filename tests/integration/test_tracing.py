@@ -1,0 +1,365 @@
+"""One trace across both security servers and the provider's backend, collected over OTLP/HTTP.
+
+A tiny OTLP/HTTP receiver (aiohttp, in a thread of its own, so that it outlives each
+test's event loop) takes the spans every process of one topology exports: both security
+servers and the population backend, with tracing pointed at it and a batch delay of 50 ms.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import grpc
+import pytest
+from aiohttp import web
+from cryptography.hazmat.primitives import serialization
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+
+from gateway.signing import EcdsaSigner, load_certificate, load_private_key
+from gateway.v1 import exchange_pb2 as pb
+from gateway_demo.client import Outcome, call_raw, routing_metadata
+from gateway_demo.generated import population_pb2 as population
+from gateway_demo.runner import Runner
+from tests.integration.attacker import build_request, fetch_ocsp, open_stream, request_frame
+
+from .conftest import CLINICS, DNIC, GET_PERSON, MSP, POPULATION
+
+PERSON = population.GetPersonRequest(national_id="1.234.567-8").SerializeToString()
+PURPOSE = "healthcare-identification"
+BACKEND = "demo-backend-population"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Span:
+    service: str
+    name: str
+    trace_id: str
+    span_id: str
+    parent_id: str
+    attributes: dict[str, str]
+
+
+class Collector:
+    """An OTLP/HTTP trace receiver on 127.0.0.1 (POST /v1/traces, application/x-protobuf)."""
+
+    def __init__(self) -> None:
+        self.spans: list[Span] = []
+        self._changed = threading.Condition()
+        self._loop = asyncio.new_event_loop()
+        self._stop: asyncio.Event | None = None
+        self.url = ""
+
+    async def _export(self, request: web.Request) -> web.Response:
+        if request.content_type != "application/x-protobuf":
+            return web.Response(status=415)
+        body = await request.read()
+        if request.headers.get("Content-Encoding") == "gzip":
+            body = gzip.decompress(body)
+        export = ExportTraceServiceRequest.FromString(body)
+        spans = []
+        for resource_spans in export.resource_spans:
+            service = next(
+                a.value.string_value
+                for a in resource_spans.resource.attributes
+                if a.key == "service.name"
+            )
+            for scope_spans in resource_spans.scope_spans:
+                spans += [
+                    Span(
+                        service=service,
+                        name=s.name,
+                        trace_id=s.trace_id.hex(),
+                        span_id=s.span_id.hex(),
+                        parent_id=s.parent_span_id.hex(),
+                        attributes={a.key: a.value.string_value for a in s.attributes},
+                    )
+                    for s in scope_spans.spans
+                ]
+        with self._changed:
+            self.spans += spans
+            self._changed.notify_all()
+        return web.Response(
+            body=ExportTraceServiceResponse().SerializeToString(),
+            content_type="application/x-protobuf",
+        )
+
+    async def _serve(self, started: threading.Event) -> None:
+        app = web.Application()
+        app.router.add_post("/v1/traces", self._export)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        self.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        self._stop = asyncio.Event()
+        started.set()
+        await self._stop.wait()
+        await runner.cleanup()
+
+    def start(self) -> str:
+        started = threading.Event()
+        self._thread = threading.Thread(
+            target=self._loop.run_until_complete, args=(self._serve(started),), daemon=True
+        )
+        self._thread.start()
+        assert started.wait(10), "the OTLP receiver did not start"
+        return self.url
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+    def wait(self, done: Callable[[list[Span]], bool], timeout: float = 10.0) -> list[Span]:
+        """The spans collected once `done` holds for them (failing after `timeout`)."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: done(list(self.spans)), timeout):
+                raise AssertionError(f"spans collected so far: {self.spans}")
+            return list(self.spans)
+
+    def matching(self, match: Callable[[Span], bool]) -> list[Span]:
+        """The spans that `match`, once there is one."""
+        return [s for s in self.wait(lambda spans: any(map(match, spans))) if match(s)]
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    runner: Runner
+    collector: Collector
+
+
+@pytest.fixture(scope="module")
+def collector() -> Iterator[Collector]:
+    collector = Collector()
+    collector.start()
+    yield collector
+    collector.stop()
+
+
+@pytest.fixture(scope="module")
+def topology(tmp_path_factory: pytest.TempPathFactory, collector: Collector) -> Iterator[Topology]:
+    runner = Runner(
+        tmp_path_factory.mktemp("tracing"),
+        tracing={"otlp_endpoint": collector.url},
+        env={"OTEL_BSP_SCHEDULE_DELAY": "50"},
+    )
+    try:
+        runner.prepare()
+        runner.start_all()
+        yield Topology(runner, collector)
+    finally:
+        runner.close()
+
+
+def new_traceparent() -> tuple[str, str, str]:
+    """(traceparent, trace id, span id) of a caller's own sampled span."""
+    trace_id, span_id = secrets.token_hex(16), secrets.token_hex(8)
+    return f"00-{trace_id}-{span_id}-01", trace_id, span_id
+
+
+async def call(runner: Runner, *extra: tuple[str, str], purpose: str = PURPOSE) -> Outcome:
+    async with grpc.aio.insecure_channel(runner.consumers[MSP]) as channel:
+        return await call_raw(
+            channel,
+            GET_PERSON,
+            PERSON,
+            [*routing_metadata(client=CLINICS, service=POPULATION, purpose=purpose), *extra],
+        )
+
+
+# each server's spans of one allowed call: the call, its checks, two log commits, the hop
+CONSUMER_SPANS = sorted(
+    [
+        "consumer call",
+        "consumer checks",
+        "log commit",
+        "log commit",
+        "provider leg",
+        "response checks",
+    ]
+)
+PROVIDER_SPANS = sorted(
+    ["provider call", "provider checks", "log commit", "log commit", "backend call"]
+)
+
+
+async def test_one_call_is_one_trace_across_both_servers_and_the_backend(
+    topology: Topology,
+) -> None:
+    """An allowed call's spans come from both servers and the backend, in the caller's trace, parents intact."""
+    traceparent, trace_id, caller_span = new_traceparent()
+    outcome = await call(topology.runner, ("traceparent", traceparent))
+    assert outcome.ok, outcome
+    spans = topology.collector.wait(
+        lambda spans: len([s for s in spans if s.trace_id == trace_id]) >= 12
+    )
+    trace = [s for s in spans if s.trace_id == trace_id]
+    assert_one_call(trace, caller_span, outcome)
+
+
+def assert_one_call(trace: list[Span], caller_span: str, outcome: Outcome) -> None:
+    """The spans of one allowed call: from each process, parents intact, attributes right."""
+    by_service: dict[str, list[str]] = {}
+    for span in trace:
+        by_service.setdefault(span.service, []).append(span.name)
+    assert {k: sorted(v) for k, v in by_service.items()} == {
+        MSP: CONSUMER_SPANS,
+        DNIC: PROVIDER_SPANS,
+        BACKEND: ["demo.population.v1.PopulationRegistry/GetPerson"],
+    }
+    ids = {s.span_id: s for s in trace}
+    assert len(ids) == len(trace)
+    for span in trace:
+        assert span.parent_id in ids or span.parent_id == caller_span, span
+
+    def only(service: str, name: str) -> Span:
+        (span,) = [s for s in trace if s.service == service and s.name == name]
+        return span
+
+    consumer_call = only(MSP, "consumer call")
+    assert consumer_call.parent_id == caller_span
+    # the hops: consumer's provider leg -> provider's call; provider's backend call -> backend
+    assert only(DNIC, "provider call").parent_id == only(MSP, "provider leg").span_id
+    assert (
+        only(BACKEND, "demo.population.v1.PopulationRegistry/GetPerson").parent_id
+        == only(DNIC, "backend call").span_id
+    )
+    for server, call_span in ((MSP, consumer_call), (DNIC, only(DNIC, "provider call"))):
+        assert all(
+            s.parent_id == call_span.span_id
+            for s in trace
+            if s.service == server and s is not call_span
+        )
+        assert call_span.attributes == {
+            "gateway.client": CLINICS,
+            "gateway.service": POPULATION,
+            "gateway.method": GET_PERSON,
+            "gateway.message_id": outcome.message_id,
+            "gateway.outcome": "ok",
+        }
+
+
+async def test_log_lines_of_a_call_carry_its_trace_id(topology: Topology) -> None:
+    """A refused call's log line carries the caller's trace id; its span names the refusal's code."""
+    traceparent, trace_id, _ = new_traceparent()
+    outcome = await call(topology.runner, ("traceparent", traceparent), purpose="not-agreed")
+    assert outcome.error and not outcome.ok
+    (span,) = topology.collector.matching(
+        lambda s: s.trace_id == trace_id and s.name == "consumer call"
+    )
+    assert span.attributes["gateway.outcome"] == outcome.error
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        lines = [
+            json.loads(line)
+            for line in topology.runner.processes["ss-msp"].log_path.read_text().splitlines()
+            if line.startswith("{")
+        ]
+        refused = [line for line in lines if line.get("event") == "call_refused"]
+        if any(line.get("message_id") == outcome.message_id for line in refused):
+            break
+        await asyncio.sleep(0.05)
+    (line,) = [line for line in refused if line.get("message_id") == outcome.message_id]
+    assert line["trace_id"] == trace_id
+
+
+async def test_a_malformed_traceparent_from_the_caller_starts_a_new_trace(
+    topology: Topology,
+) -> None:
+    """A caller's malformed traceparent is ignored: the call succeeds as the root of a new trace."""
+    outcome = await call(topology.runner, ("traceparent", "00-not-a-trace-01"))
+    assert outcome.ok, outcome
+    (span,) = topology.collector.matching(
+        lambda s: (
+            s.attributes.get("gateway.message_id") == outcome.message_id
+            and s.name == "consumer call"
+        )
+    )
+    assert span.parent_id == ""
+
+
+@pytest.mark.parametrize(
+    "traceparent",
+    [
+        b"x" * 100_000,  # oversized
+        b"00-" + b"0" * 32 + b"-00f067aa0ba902b7-01",  # a trace id of zeros
+        b"ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",  # version ff
+        b"\xff\xfe not even UTF-8",
+    ],
+)
+async def test_a_malformed_traceparent_in_a_frame_is_ignored(
+    topology: Topology, traceparent: bytes
+) -> None:
+    """A frame with a malformed or oversized traceparent is answered; the provider starts a new trace."""
+    runner = topology.runner
+    pki = runner.pki
+    ca_pem = (pki / "ca.crt").read_bytes()
+    auth_cert = (pki / "auth" / "UY_GOV_MSP_ss1.crt").read_bytes()
+    signer = EcdsaSigner(
+        load_private_key((pki / "sign" / "UY_GOV_MSP.key").read_bytes()),
+        load_certificate((pki / "sign" / "UY_GOV_MSP.crt").read_bytes()),
+    )
+    message_id = uuid.uuid4().hex
+    envelope = build_request(
+        signer,
+        signer_ocsp=fetch_ocsp(
+            runner.ocsp_url,
+            signer.certificate.public_bytes(serialization.Encoding.PEM),
+            ca_pem,
+        ),
+        message_id=message_id,
+        client=CLINICS,
+        service=POPULATION,
+        method=GET_PERSON,
+        purpose=PURPOSE,
+        sender=MSP,
+        body=PERSON,
+        created_at=datetime.now(UTC),
+    )
+    frame = request_frame(envelope)
+    frame.traceparent = traceparent
+    async with open_stream(
+        runner.providers[DNIC],
+        DNIC,
+        ca_pem,
+        auth_cert,
+        (pki / "auth" / "UY_GOV_MSP_ss1.key").read_bytes(),
+        staple=fetch_ocsp(runner.ocsp_url, auth_cert, ca_pem),
+    ) as stream:
+        answer = await stream.send(frame)
+    assert isinstance(answer, pb.Frame) and answer.WhichOneof("kind") == "response", answer
+    (span,) = topology.collector.matching(
+        lambda s: s.attributes.get("gateway.message_id") == message_id
+    )
+    assert (span.service, span.name, span.parent_id) == (DNIC, "provider call", "")
+
+
+def test_spans_still_queued_are_sent_at_shutdown(
+    tmp_path_factory: pytest.TempPathFactory, collector: Collector
+) -> None:
+    """With a batch delay of a minute, a call's spans still reach the collector when the processes stop."""
+    runner = Runner(
+        tmp_path_factory.mktemp("flush"),
+        tracing={"otlp_endpoint": collector.url},
+        env={"OTEL_BSP_SCHEDULE_DELAY": "60000"},
+    )
+    try:
+        runner.prepare()
+        runner.start_all()
+        traceparent, trace_id, caller_span = new_traceparent()
+        outcome = asyncio.run(call(runner, ("traceparent", traceparent)))
+        assert outcome.ok, outcome
+    finally:
+        runner.close()
+    assert_one_call([s for s in collector.spans if s.trace_id == trace_id], caller_span, outcome)
