@@ -177,8 +177,11 @@ async def flood_beside_exchanges(runner: Runner, kind: str, target: str) -> Floo
         finally:
             with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signal.SIGCONT)
+        # the report is the flooder's last line: printed, it has done its work. Its exit
+        # status is not asserted: asyncio's child watcher sometimes finds the child already
+        # reaped and reports 255 for it ("Unknown child process"), which says nothing of it
         report = json.loads(await result)
-        assert await process.wait() == 0
+        await process.wait()
     return Flood(
         sent=report["sent"],
         answers=report["answers"],
