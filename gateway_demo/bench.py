@@ -397,13 +397,21 @@ def run_bench(
         }
         for t, rs in by_target.items()
     }
-    ratio = (
-        medians["gateway"]["rps"] / medians["direct"]["rps"] if medians["direct"]["rps"] else 0.0
-    )
-    per_repeat = [
-        g["rps"] / d["rps"] if d["rps"] else 0.0
-        for d, g in zip(by_target["direct"], by_target["gateway"], strict=True)
-    ]
+
+    def gateway_over(base: str) -> tuple[float, list[float]]:
+        """req/s of the gateway over `base`'s: of the medians, and per repeat."""
+        median = medians[base]["rps"]
+        return (medians["gateway"]["rps"] / median if median else 0.0), [
+            g["rps"] / b["rps"] if b["rps"] else 0.0
+            for b, g in zip(by_target[base], by_target["gateway"], strict=True)
+        ]
+
+    def listed(ratios: list[float]) -> str:
+        return f"  (per repeat: {', '.join(f'{r:.3f}' for r in ratios)})"
+
+    ratio, per_repeat = gateway_over("direct")
+    stamping, stamping_per_repeat = gateway_over("no-tsa")
+    observed, observed_per_repeat = gateway_over("unobserved")
 
     print(f"\n{'median':>6}  {'target':<10} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
     for t, m in medians.items():
@@ -411,35 +419,15 @@ def run_bench(
             f"{'':>6}  {t:<10} {m['rps']:>9.1f} {m['p50_ms']:>8.2f} {m['p99_ms']:>8.2f} "
             f"{m['errors']:>7}"
         )
-    print(
-        f"\n   ratio gateway/direct (medians of req/s): {ratio:.3f}"
-        f"  (per repeat: {', '.join(f'{r:.3f}' for r in per_repeat)})"
-    )
-    stamping = (
-        medians["gateway"]["rps"] / medians["no-tsa"]["rps"] if medians["no-tsa"]["rps"] else 0.0
-    )
-    stamping_per_repeat = [
-        g["rps"] / u["rps"] if u["rps"] else 0.0
-        for u, g in zip(by_target["no-tsa"], by_target["gateway"], strict=True)
-    ]
+    print(f"\n   ratio gateway/direct (medians of req/s): {ratio:.3f}" + listed(per_repeat))
     print(
         f"   ratio gateway/no-tsa (medians of req/s): {stamping:.3f}, so batch time-stamping "
-        f"costs {100 * (1 - stamping):.1f}% of throughput"
-        f"  (per repeat: {', '.join(f'{r:.3f}' for r in stamping_per_repeat)})"
+        f"costs {100 * (1 - stamping):.1f}% of throughput" + listed(stamping_per_repeat)
     )
-    observed = (
-        medians["gateway"]["rps"] / medians["unobserved"]["rps"]
-        if medians["unobserved"]["rps"]
-        else 0.0
-    )
-    observed_per_repeat = [
-        g["rps"] / u["rps"] if u["rps"] else 0.0
-        for u, g in zip(by_target["unobserved"], by_target["gateway"], strict=True)
-    ]
     print(
         f"   ratio gateway/unobserved (medians of req/s): {observed:.3f}, so metrics (scraped "
         f"{scraped} times) cost {100 * (1 - observed):.1f}% of throughput"
-        f"  (per repeat: {', '.join(f'{r:.3f}' for r in observed_per_repeat)})"
+        + listed(observed_per_repeat)
     )
     print(
         "   records time-stamped on the stamped topology at the end: "
