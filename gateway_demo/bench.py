@@ -327,27 +327,20 @@ def run_bench(
                 seconds=seconds,
                 body_bytes=body_bytes,
             ),
-            "gateway": load_command(
-                target=runner.consumers[CONSUMER_SERVER],
-                metadata=routing_metadata(client=CLIENT, service=SERVICE, purpose=PURPOSE),
-                concurrency=concurrency,
-                seconds=seconds,
-                body_bytes=body_bytes,
-            ),
-            "no-tsa": load_command(
-                target=unstamped.consumers[CONSUMER_SERVER],
-                metadata=routing_metadata(client=CLIENT, service=SERVICE, purpose=PURPOSE),
-                concurrency=concurrency,
-                seconds=seconds,
-                body_bytes=body_bytes,
-            ),
-            "unobserved": load_command(
-                target=unobserved.consumers[CONSUMER_SERVER],
-                metadata=routing_metadata(client=CLIENT, service=SERVICE, purpose=PURPOSE),
-                concurrency=concurrency,
-                seconds=seconds,
-                body_bytes=body_bytes,
-            ),
+            **{
+                name: load_command(
+                    target=topology.consumers[CONSUMER_SERVER],
+                    metadata=routing_metadata(client=CLIENT, service=SERVICE, purpose=PURPOSE),
+                    concurrency=concurrency,
+                    seconds=seconds,
+                    body_bytes=body_bytes,
+                )
+                for name, topology in (
+                    ("gateway", runner),
+                    ("no-tsa", unstamped),
+                    ("unobserved", unobserved),
+                )
+            },
         }
         print(
             f"\n{'run':>6}  {'target':<10} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}"
