@@ -544,6 +544,7 @@ def _bench(ns: argparse.Namespace) -> int:
         seconds=ns.seconds,
         repeats=ns.repeats,
         body_bytes=ns.body_bytes,
+        trace_ratio=ns.trace_ratio,
     )
 
 
@@ -814,6 +815,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=5.0, help="duration of each measurement")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--body-bytes", type=int, default=1024)
+    p.add_argument(
+        "--trace-ratio",
+        type=float,
+        default=0.05,
+        help="share of calls the traced topology records and exports (default 0.05; "
+        "1 traces every call)",
+    )
     p.add_argument(
         "--revocation",
         action="store_true",

@@ -34,6 +34,10 @@ SERVICE = "UY/GOV/DNIC/identity/population/v1"
 PURPOSE = "benchmark"
 WARMUP_SECONDS = 1.0
 CALL_TIMEOUT = 10.0
+# share of calls the traced topology records: the sampling an operator would run under
+# load (every call traced costs about a third of the throughput on 2 cores; measure it
+# with --trace-ratio 1)
+TRACE_RATIO = 0.05
 
 
 # ---- load generator (runs in its own process) ------------------------------------------
@@ -267,14 +271,56 @@ def _stamped(runner: Any) -> dict[str, str]:
     }
 
 
+# the gateway topologies measured side by side: name, what it is, Runner options (the
+# "traced" one also sends its spans to the benchmark's OTLP receiver)
+TOPOLOGIES: list[tuple[str, str, dict[str, Any]]] = [
+    (
+        "gateway",
+        "load generator -> ss-msp consumer -> mTLS -> ss-dnic provider -> backend (signed, "
+        "OCSP-stapled, logged and batch time-stamped on both sides; metrics on and scraped "
+        "every second, tracing off: the defaults)",
+        {},
+    ),
+    (
+        "no-tsa",
+        "the same path without a time-stamping authority (the cost of batch time-stamps "
+        "is gateway/no-tsa)",
+        {"timestamping": {"enabled": False}},
+    ),
+    (
+        "unobserved",
+        "the same path with no metrics (ops.metrics = false) and no tracing (the cost of "
+        "metrics is gateway/unobserved)",
+        {"ops": {"metrics": False}},
+    ),
+    (
+        "traced",
+        "the same path with metrics scraped and the sampled calls' spans exported over "
+        "OTLP/HTTP to a receiver in this process (the cost of metrics and tracing together "
+        "is traced/unobserved)",
+        {},
+    ),
+]
+
+
 def run_bench(
-    *, workdir: Path, concurrency: int, seconds: float, repeats: int, body_bytes: int
+    *,
+    workdir: Path,
+    concurrency: int,
+    seconds: float,
+    repeats: int,
+    body_bytes: int,
+    trace_ratio: float = TRACE_RATIO,
 ) -> int:
     from gateway_demo.client import routing_metadata
+    from gateway_demo.otlp import Collector
     from gateway_demo.runner import Runner
 
     if concurrency < 1 or seconds <= 0 or repeats < 1 or body_bytes < 0:
         print("bench: concurrency and repeats must be >= 1, seconds > 0, body bytes >= 0")
+        return 2
+    if not 0.0 < trace_ratio <= 1.0:
+        print("bench: the trace ratio must be above 0 and at most 1")
         return 2
     cpus = os.cpu_count()
     print("== gateway bench")
@@ -282,20 +328,10 @@ def run_bench(
         f"   unary {ECHO} with {body_bytes}-byte bodies, {concurrency} concurrent calls, "
         f"{seconds:g} s per run after a {WARMUP_SECONDS:g} s warm-up, {repeats} repeat(s)"
     )
-    print("   direct : load generator -> population backend (plain gRPC)")
-    print(
-        "   gateway: load generator -> ss-msp consumer -> mTLS -> ss-dnic provider -> backend"
-        " (signed, OCSP-stapled, logged and batch time-stamped on both sides)"
-    )
-    print(
-        "   no-tsa : the same path in a second topology whose servers have no time-stamping"
-        " authority (the cost of batch time-stamps is gateway/no-tsa)"
-    )
-    print(
-        "   unobserved: the same path in a third topology whose servers record no metrics "
-        "(ops.metrics = false; the cost of metrics is gateway/unobserved, while the gateway "
-        "topology's /metrics are scraped every second)"
-    )
+    print(f"   {'direct':<10} load generator -> population backend (plain gRPC)")
+    for name, what, _ in TOPOLOGIES:
+        print(f"   {name:<10} {what}")
+    print(f"   the traced topology records a share of {trace_ratio:g} of its calls' traces")
     print(
         f"   every process shares this machine's {cpus} CPU core(s): the results depend on "
         "the core count (the gateway path has 4 busy processes, the direct path 2)"
@@ -306,18 +342,29 @@ def run_bench(
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
 
-    runner = Runner(workdir / "stamped")
-    unstamped = Runner(workdir / "no-tsa", timestamping={"enabled": False})
-    unobserved = Runner(workdir / "unobserved", ops={"metrics": False})
+    collector = Collector(decode=False)
+    collector.start()
+    traced: dict[str, Any] = {
+        "tracing": {"otlp_endpoint": collector.url, "sample_ratio": trace_ratio},
+        "trace_backends": False,
+    }
+    topologies = {
+        name: Runner(workdir / name, **options, **(traced if name == "traced" else {}))
+        for name, _, options in TOPOLOGIES
+    }
+    runner = topologies["gateway"]
+    gateways = list(topologies)
     runs: list[dict[str, Any]] = []
     peaks: dict[str, int | None] = {}
     load_peak: int | None = None
     try:
-        print("\n   starting the topology ...", flush=True)
-        for r in (runner, unstamped, unobserved):
+        print("\n   starting the topologies ...", flush=True)
+        for r in topologies.values():
             r.prepare()
             r.start_all()
-        scraper = Scraper(list(runner.ops_urls().values()))
+        scraper = Scraper(
+            [url for name in ("gateway", "traced") for url in topologies[name].ops_urls().values()]
+        )
         scraper.start()
         targets = {
             "direct": load_command(
@@ -335,17 +382,12 @@ def run_bench(
                     seconds=seconds,
                     body_bytes=body_bytes,
                 )
-                for name, topology in (
-                    ("gateway", runner),
-                    ("no-tsa", unstamped),
-                    ("unobserved", unobserved),
-                )
+                for name, topology in topologies.items()
             },
         }
         print(
             f"\n{'run':>6}  {'target':<10} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}"
         )
-        gateways = ["gateway", "no-tsa", "unobserved"]
         for repeat in range(1, repeats + 1):
             # the gateway targets rotate every repeat, so that none always follows the
             # direct run
@@ -369,18 +411,16 @@ def run_bench(
                     load_peak = max(load_peak or 0, peak)
         for name, proc in runner.processes.items():
             peaks[name] = proc.peak_memory_kib()
-        time.sleep(2.0)  # the last batch of the run gets its stamp
+        time.sleep(2.0)  # the last batch of the run gets its stamp, the last spans leave
         stamped_records = _stamped(runner)
         scraped = scraper.stop()
     finally:
-        runner.close()
-        unstamped.close()
-        unobserved.close()
+        for r in topologies.values():
+            r.close()
+        collector.stop()
+    spans = collector.span_count()
 
-    by_target = {
-        t: [r for r in runs if r["target"] == t]
-        for t in ("direct", "gateway", "no-tsa", "unobserved")
-    }
+    by_target = {t: [r for r in runs if r["target"] == t] for t in ("direct", *gateways)}
     medians = {
         t: {
             "rps": _median(rs, "rps"),
@@ -391,20 +431,21 @@ def run_bench(
         for t, rs in by_target.items()
     }
 
-    def gateway_over(base: str) -> tuple[float, list[float]]:
-        """req/s of the gateway over `base`'s: of the medians, and per repeat."""
+    def over(target: str, base: str) -> tuple[float, list[float]]:
+        """req/s of `target` over `base`'s: of the medians, and per repeat."""
         median = medians[base]["rps"]
-        return (medians["gateway"]["rps"] / median if median else 0.0), [
-            g["rps"] / b["rps"] if b["rps"] else 0.0
-            for b, g in zip(by_target[base], by_target["gateway"], strict=True)
+        return (medians[target]["rps"] / median if median else 0.0), [
+            t["rps"] / b["rps"] if b["rps"] else 0.0
+            for b, t in zip(by_target[base], by_target[target], strict=True)
         ]
 
     def listed(ratios: list[float]) -> str:
         return f"  (per repeat: {', '.join(f'{r:.3f}' for r in ratios)})"
 
-    ratio, per_repeat = gateway_over("direct")
-    stamping, stamping_per_repeat = gateway_over("no-tsa")
-    observed, observed_per_repeat = gateway_over("unobserved")
+    ratio, per_repeat = over("gateway", "direct")
+    stamping, stamping_per_repeat = over("gateway", "no-tsa")
+    observed, observed_per_repeat = over("gateway", "unobserved")
+    tracing, tracing_per_repeat = over("traced", "unobserved")
 
     print(f"\n{'median':>6}  {'target':<10} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
     for t, m in medians.items():
@@ -419,11 +460,16 @@ def run_bench(
     )
     print(
         f"   ratio gateway/unobserved (medians of req/s): {observed:.3f}, so metrics (scraped "
-        f"{scraped} times) cost {100 * (1 - observed):.1f}% of throughput"
+        f"{scraped} times in all) cost {100 * (1 - observed):.1f}% of throughput"
         + listed(observed_per_repeat)
     )
     print(
-        "   records time-stamped on the stamped topology at the end: "
+        f"   ratio traced/unobserved (medians of req/s): {tracing:.3f}, so metrics and tracing "
+        f"({spans} spans exported) cost {100 * (1 - tracing):.1f}% of throughput"
+        + listed(tracing_per_repeat)
+    )
+    print(
+        "   records time-stamped on the gateway topology at the end: "
         + ", ".join(f"{k} {v}" for k, v in stamped_records.items())
     )
     if medians["direct"]["p50_ms"]:
@@ -442,6 +488,7 @@ def run_bench(
         "seconds": seconds,
         "warmup_seconds": WARMUP_SECONDS,
         "repeats": repeats,
+        "trace_ratio": trace_ratio,
         "cpu_count": cpus,
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -453,7 +500,10 @@ def run_bench(
         "ratio_stamped_unstamped_per_repeat": stamping_per_repeat,
         "ratio_observed_unobserved_rps": observed,
         "ratio_observed_unobserved_per_repeat": observed_per_repeat,
+        "ratio_traced_unobserved_rps": tracing,
+        "ratio_traced_unobserved_per_repeat": tracing_per_repeat,
         "scrapes": scraped,
+        "spans": spans,
         "stamped_records": stamped_records,
         "peak_memory_kib": {**peaks, "load-generator": load_peak},
     }
@@ -464,6 +514,9 @@ def run_bench(
     gateway_errors = sum(medians[t]["errors"] for t in gateways)
     if gateway_errors:
         print(f"FAILED: {gateway_errors} gateway call(s) failed")
+        return 1
+    if not spans:
+        print("FAILED: the traced topology exported no span")
         return 1
     return 0
 
@@ -483,6 +536,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--body-bytes", type=int, default=1024)
     parser.add_argument("--workdir", type=Path, default=Path("var/bench"))
+    parser.add_argument("--trace-ratio", type=float, default=TRACE_RATIO)
     ns = parser.parse_args(argv)
     if ns.load:
         if not ns.target:
@@ -494,6 +548,7 @@ def main(argv: list[str] | None = None) -> int:
         seconds=ns.seconds,
         repeats=ns.repeats,
         body_bytes=ns.body_bytes,
+        trace_ratio=ns.trace_ratio,
     )
 
 

@@ -101,14 +101,17 @@ class Runner:
         auditor: dict[str, Any] | None = None,
         ops: dict[str, Any] | None = None,
         tracing: dict[str, Any] | None = None,
+        trace_backends: bool = True,
         env: dict[str, str] | None = None,
     ) -> None:
         self.workdir = workdir.resolve()
         # overrides of the servers' [ops] settings (metrics off, for the benchmark)
         self.ops = dict(ops or {})
         # the servers' [tracing] settings ({"otlp_endpoint": URL} turns it on); the sample
-        # backends send their spans to the same `otlp_endpoint`
+        # backends send their spans to the same `otlp_endpoint` unless `trace_backends` is
+        # false (the benchmark measures the servers' tracing, not the backends')
         self.tracing = dict(tracing or {})
+        self.trace_backends = trace_backends
         # environment variables added for every process (OTEL_BSP_SCHEDULE_DELAY, say)
         self.env = dict(env or {})
         # overrides of the servers' [log] settings (a PostgreSQL database, retention...)
@@ -199,7 +202,7 @@ class Runner:
         for server in topology["servers"]:
             self._write_server(server)
         for name, address in self.backends.items():
-            otlp = self.tracing.get("otlp_endpoint")
+            otlp = self.tracing.get("otlp_endpoint") if self.trace_backends else None
             self.processes[f"backend-{name}"] = self._process(
                 f"backend-{name}",
                 ["demo-backend", name, "--listen", address]

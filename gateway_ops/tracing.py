@@ -10,6 +10,9 @@ every log line of the call carries `trace_id`.
 Turned off (`otlp_endpoint = ""`, the default), there is no tracer at all: `start_call`
 returns `NO_TRACE`, whose methods do nothing and create no span object, so the data path
 pays a few method calls. An incoming `traceparent` is then neither read nor passed on.
+A call the sampler leaves out (`sample_ratio`) costs about as little: its steps open no
+span and its log lines carry no trace id, and only its `traceparent` (sampled flag off)
+goes on to the next hop, which leaves the call out as well.
 
 What this module must never do: fail a call. A malformed or oversized `traceparent` is
 ignored (a new trace starts); export runs in the SDK's own thread and its failures are
@@ -220,6 +223,21 @@ class _NoTrace(CallTrace):
         pass
 
 
+class _Unsampled(_NoTrace):
+    """The call trace of a call its sampler left out: no span is recorded, but the next hop
+    is handed the call's trace id with the sampled flag off, so that it leaves the call
+    out too (`ParentBased`) instead of sampling it on its own and recording a trace
+    without its root."""
+
+    __slots__ = ("_traceparent",)
+
+    def __init__(self, context: trace.SpanContext) -> None:
+        self._traceparent = format_traceparent(context)
+
+    def traceparent(self, span: trace.Span | None) -> str:
+        return self._traceparent
+
+
 NO_TRACE: CallTrace = _NoTrace()
 _NO_SPAN: AbstractContextManager[None] = nullcontext()
 _CURRENT: contextvars.ContextVar[CallTrace] = contextvars.ContextVar(
@@ -293,6 +311,9 @@ class Tracing:
             kind=kind,
             attributes={f"gateway.{k}": v for k, v in attributes.items()},
         )
+        if not span.is_recording():
+            # left out by the sampler: its steps cost nothing (no span, no log binding)
+            return _Unsampled(span.get_span_context())
         return CallTrace(self._tracer, span)
 
     async def close(self, timeout: float = 3.0) -> None:

@@ -202,17 +202,17 @@ class StateCollector(Collector):
         version = GaugeMetricFamily(
             "gateway_configuration_version",
             "Version of the configuration in force, per instance followed",
-            labels=["instance"],
+            labels=["followed_instance"],
         )
         age = GaugeMetricFamily(
             "gateway_configuration_age_seconds",
             "Seconds since the configuration in force was generated, per instance followed",
-            labels=["instance"],
+            labels=["followed_instance"],
         )
         expiry = GaugeMetricFamily(
             "gateway_configuration_expiry_seconds",
             "Seconds until the configuration in force expires (negative: expired)",
-            labels=["instance"],
+            labels=["followed_instance"],
         )
         certificate_expiry = GaugeMetricFamily(
             "gateway_certificate_expiry_seconds",

@@ -118,10 +118,10 @@ def test_state_gauges_show_configuration_certificates_and_ocsp(runner: Runner) -
     """Configuration version, age and expiry per instance; seconds to expiry of each own
     certificate; the age of each held OCSP answer; readiness."""
     samples = scrape(runner, "ss-msp")
-    version = value(samples, "gateway_configuration_version", instance="UY")
+    version = value(samples, "gateway_configuration_version", followed_instance="UY")
     assert version is not None and version >= 1
-    age = value(samples, "gateway_configuration_age_seconds", instance="UY")
-    expiry = value(samples, "gateway_configuration_expiry_seconds", instance="UY")
+    age = value(samples, "gateway_configuration_age_seconds", followed_instance="UY")
+    expiry = value(samples, "gateway_configuration_expiry_seconds", followed_instance="UY")
     assert age is not None and 0 <= age < 600
     assert expiry is not None and 0 < expiry <= 600
     for certificate in ("authentication", "signing:UY/GOV/MSP"):

@@ -258,9 +258,9 @@ def test_dashboard_names_only_metrics_the_processes_expose(
         lambda missing: not missing,
         "dashboard metrics missing from every process's /metrics",
     )
-    # the configuration metrics' own `instance` label is kept as exported_instance (the
-    # dashboard's legends and the README say so): Prometheus's is the target's address
-    ages = prometheus.vector("gateway_configuration_age_seconds", "exported_instance")
+    # the configuration metrics name the instance they follow in `followed_instance`, so
+    # that Prometheus's own `instance` label stays the target's address
+    ages = prometheus.vector("gateway_configuration_age_seconds", "followed_instance")
     assert set(ages) == {"UY"}, ages
     # Grafana's variables, as it would fill them in
     filled = [e.replace("$__rate_interval", "1m").replace("$gateway_instance", ".*") for e in exprs]

@@ -1,36 +1,30 @@
 """One trace across both security servers and the provider's backend, collected over OTLP/HTTP.
 
-A tiny OTLP/HTTP receiver (aiohttp, in a thread of its own, so that it outlives each
-test's event loop) takes the spans every process of one topology exports: both security
-servers and the population backend, with tracing pointed at it and a batch delay of 50 ms.
+The demo's OTLP/HTTP receiver (`gateway_demo.otlp`) takes the spans every process of one
+topology exports: both security servers and the population backend, with tracing pointed
+at it and a batch delay of 50 ms.
 """
 
 from __future__ import annotations
 
 import asyncio
-import gzip
 import json
 import secrets
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import grpc
 import pytest
-from aiohttp import web
 from cryptography.hazmat.primitives import serialization
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTraceServiceRequest,
-    ExportTraceServiceResponse,
-)
 
 from gateway.signing import EcdsaSigner, load_certificate, load_private_key
 from gateway.v1 import exchange_pb2 as pb
 from gateway_demo.client import Outcome, call_raw, routing_metadata
 from gateway_demo.generated import population_pb2 as population
+from gateway_demo.otlp import Collector, Span
 from gateway_demo.runner import Runner
 from tests.integration.attacker import build_request, fetch_ocsp, open_stream, request_frame
 
@@ -39,98 +33,6 @@ from .conftest import CLINICS, DNIC, GET_PERSON, MSP, POPULATION
 PERSON = population.GetPersonRequest(national_id="1.234.567-8").SerializeToString()
 PURPOSE = "healthcare-identification"
 BACKEND = "demo-backend-population"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Span:
-    service: str
-    name: str
-    trace_id: str
-    span_id: str
-    parent_id: str
-    attributes: dict[str, str]
-
-
-class Collector:
-    """An OTLP/HTTP trace receiver on 127.0.0.1 (POST /v1/traces, application/x-protobuf)."""
-
-    def __init__(self) -> None:
-        self.spans: list[Span] = []
-        self._changed = threading.Condition()
-        self._loop = asyncio.new_event_loop()
-        self._stop: asyncio.Event | None = None
-        self.url = ""
-
-    async def _export(self, request: web.Request) -> web.Response:
-        if request.content_type != "application/x-protobuf":
-            return web.Response(status=415)
-        body = await request.read()
-        if request.headers.get("Content-Encoding") == "gzip":
-            body = gzip.decompress(body)
-        export = ExportTraceServiceRequest.FromString(body)
-        spans = []
-        for resource_spans in export.resource_spans:
-            service = next(
-                a.value.string_value
-                for a in resource_spans.resource.attributes
-                if a.key == "service.name"
-            )
-            for scope_spans in resource_spans.scope_spans:
-                spans += [
-                    Span(
-                        service=service,
-                        name=s.name,
-                        trace_id=s.trace_id.hex(),
-                        span_id=s.span_id.hex(),
-                        parent_id=s.parent_span_id.hex(),
-                        attributes={a.key: a.value.string_value for a in s.attributes},
-                    )
-                    for s in scope_spans.spans
-                ]
-        with self._changed:
-            self.spans += spans
-            self._changed.notify_all()
-        return web.Response(
-            body=ExportTraceServiceResponse().SerializeToString(),
-            content_type="application/x-protobuf",
-        )
-
-    async def _serve(self, started: threading.Event) -> None:
-        app = web.Application()
-        app.router.add_post("/v1/traces", self._export)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        self.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-        self._stop = asyncio.Event()
-        started.set()
-        await self._stop.wait()
-        await runner.cleanup()
-
-    def start(self) -> str:
-        started = threading.Event()
-        self._thread = threading.Thread(
-            target=self._loop.run_until_complete, args=(self._serve(started),), daemon=True
-        )
-        self._thread.start()
-        assert started.wait(10), "the OTLP receiver did not start"
-        return self.url
-
-    def stop(self) -> None:
-        if self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(10)
-
-    def wait(self, done: Callable[[list[Span]], bool], timeout: float = 10.0) -> list[Span]:
-        """The spans collected once `done` holds for them (failing after `timeout`)."""
-        with self._changed:
-            if not self._changed.wait_for(lambda: done(list(self.spans)), timeout):
-                raise AssertionError(f"spans collected so far: {self.spans}")
-            return list(self.spans)
-
-    def matching(self, match: Callable[[Span], bool]) -> list[Span]:
-        """The spans that `match`, once there is one."""
-        return [s for s in self.wait(lambda spans: any(map(match, spans))) if match(s)]
 
 
 @dataclass(frozen=True, slots=True)

@@ -76,9 +76,16 @@ def test_state_gauges_are_read_at_scrape_time() -> None:
             tsa_failures=lambda: failures[0],
         )
     )
-    assert registry.get_sample_value("gateway_configuration_version", {"instance": "UY"}) == 7
-    assert registry.get_sample_value("gateway_configuration_age_seconds", {"instance": "UY"}) == 30
-    expiry = registry.get_sample_value("gateway_configuration_expiry_seconds", {"instance": "UY"})
+    assert (
+        registry.get_sample_value("gateway_configuration_version", {"followed_instance": "UY"}) == 7
+    )
+    assert (
+        registry.get_sample_value("gateway_configuration_age_seconds", {"followed_instance": "UY"})
+        == 30
+    )
+    expiry = registry.get_sample_value(
+        "gateway_configuration_expiry_seconds", {"followed_instance": "UY"}
+    )
     assert expiry == 570
     failures[0] = 3
     assert registry.get_sample_value("gateway_tsa_failures_total") == 3

@@ -158,6 +158,32 @@ async def test_the_callers_decision_not_to_sample_is_followed() -> None:
     assert forwarded.startswith(f"00-{TRACE}-") and forwarded.endswith("-00")
 
 
+async def test_a_call_the_sampler_leaves_out_records_nothing_and_says_so_to_the_next_hop() -> None:
+    """Left out by the sample ratio, a new call opens no step span and binds no trace id
+    to its log lines, and hands the next hop its trace id with the sampled flag off (so
+    that the next hop does not record a trace without its root)."""
+    exporter = InMemorySpanExporter()
+    tracing = _tracing(exporter, ratio=0.0)
+    trace = tracing.start_call("consumer call", None)
+    assert current_call() is NO_TRACE
+    assert "trace_id" not in structlog.contextvars.get_contextvars()
+    assert trace.start("consumer checks") is None
+    with trace.step("provider leg") as leg:
+        assert leg is None
+        forwarded = parse_traceparent(trace.traceparent(leg))
+    trace.outcome(OK)
+    trace.finish()
+    assert await _spans(tracing, exporter) == {}
+    assert forwarded is not None and not forwarded.trace_flags.sampled
+
+    # the next hop follows that decision even though its own ratio would record everything
+    downstream = InMemorySpanExporter()
+    next_hop = _tracing(downstream, ratio=1.0)
+    call = next_hop.start_call("provider call", trace.traceparent(None))
+    call.finish()
+    assert await _spans(next_hop, downstream) == {}
+
+
 async def test_tracing_off_creates_no_span() -> None:
     """Off, a call's trace is the shared no-op: no span, no log binding, nothing passed on."""
     assert not OFF.enabled
