@@ -16,7 +16,9 @@ Building blocks only: this module never reads the clock, files or the network.
 from __future__ import annotations
 
 import base64
+import gzip
 import hashlib
+import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -271,6 +273,36 @@ class SignedConfiguration:
     content: bytes
     signature: bytes
     signer_certificate: bytes
+
+
+# the default largest configuration a security server takes in and a registry sends, in
+# bytes (on the wire, and inflated): well above a national instance's (issue 13), well
+# below what would exhaust a server's memory
+MAX_CONFIGURATION_BYTES = 64 * 1024 * 1024
+
+
+def compress_content(content: bytes) -> bytes:
+    """`content` as gzip, the same bytes for the same content (no time stamp)."""
+    return gzip.compress(content, compresslevel=6, mtime=0)
+
+
+def inflate_content(compressed: bytes, max_bytes: int) -> bytes:
+    """The content a registry sent compressed, or `ConfigurationError(CONFIGURATION_INVALID)`
+    when it is not gzip or would inflate past `max_bytes` (nothing beyond that is ever
+    inflated, so a small message cannot make a large allocation)."""
+    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    try:
+        content = inflater.decompress(compressed, max_bytes)
+        if inflater.unconsumed_tail:
+            raise _invalid(
+                f"its content inflates to more than {max_bytes} bytes "
+                "(limits.max_configuration_bytes)"
+            )
+        if not inflater.eof or inflater.unused_data:
+            raise _invalid("its compressed content is truncated or followed by other bytes")
+    except zlib.error as exc:
+        raise _invalid(f"its compressed content is not gzip ({exc})") from None
+    return content
 
 
 def sign_configuration(content: bytes, signer: Signer) -> SignedConfiguration:

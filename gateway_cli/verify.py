@@ -75,11 +75,14 @@ def _saved_configuration(path: Path) -> SignedConfiguration:
 def _fetch_configuration(anchor: Anchor) -> SignedConfiguration:
     import grpc
 
+    from gateway.configuration import MAX_CONFIGURATION_BYTES
     from gateway.v1 import configuration_pb2 as pb
+    from security_server.config_client import signed_from_message
 
     problems = []
     for address in anchor.addresses:
-        with grpc.insecure_channel(address) as channel:
+        options = [("grpc.max_receive_message_length", MAX_CONFIGURATION_BYTES)]
+        with grpc.insecure_channel(address, options=options) as channel:
             fetch = channel.unary_unary(
                 "/gateway.v1.Configuration/Fetch",
                 request_serializer=pb.FetchRequest.SerializeToString,
@@ -90,11 +93,10 @@ def _fetch_configuration(anchor: Anchor) -> SignedConfiguration:
             except grpc.RpcError as exc:
                 problems.append(f"{address}: {exc.code().name}")
                 continue
-        return SignedConfiguration(
-            content=answer.content,
-            signature=answer.signature,
-            signer_certificate=answer.signer_certificate,
-        )
+        try:
+            return signed_from_message(answer, MAX_CONFIGURATION_BYTES)
+        except ConfigurationError as exc:
+            problems.append(f"{address}: {exc.message}")
     raise TrustInputError(
         "cannot fetch the instance's configuration from the anchor's addresses ("
         + "; ".join(problems)

@@ -25,7 +25,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from gateway.checkpoint import SignedCheckpoint
-from gateway.configuration import Anchor, SignedConfiguration
+from gateway.configuration import MAX_CONFIGURATION_BYTES, Anchor
 from gateway.errors import ConfigFileError
 from gateway.settings import database_url
 from gateway.signing import EcdsaSigner, load_certificate, load_private_key
@@ -96,6 +96,9 @@ class RegistrySettings:
     # how long a published configuration stays valid, and how often a new one is published
     validity_seconds: float = 600.0
     refresh_seconds: float = 60.0
+    # largest configuration message sent to a security server, in bytes (gzip-compressed
+    # content, signature and certificate); servers take up to limits.max_configuration_bytes
+    max_message_bytes: int = MAX_CONFIGURATION_BYTES
     api: ApiSettings = field(default_factory=ApiSettings)
     policy: PolicySettings = field(default_factory=PolicySettings)
     ops: OpsSettings = field(default_factory=OpsSettings)
@@ -140,12 +143,9 @@ def instance_anchor(settings: RegistrySettings, addresses: Sequence[str] = ()) -
     )
 
 
-def _to_pb(signed: SignedConfiguration) -> pb.SignedConfiguration:
-    return pb.SignedConfiguration(
-        content=signed.content,
-        signature=signed.signature,
-        signer_certificate=signed.signer_certificate,
-    )
+def _serialised(message: bytes) -> bytes:
+    """Fetch and Watch answer with a `SignedConfiguration` serialised once per version."""
+    return message
 
 
 class ConfigurationService:
@@ -157,6 +157,23 @@ class ConfigurationService:
         self.checkpoints = checkpoints
         # Watch streams open now (a metric)
         self.watchers = 0
+        # the current version's message, serialised once for every Fetch and watcher
+        self._message = (0, b"")
+
+    def _current(self) -> tuple[int, bytes]:
+        """The current version and its serialised `SignedConfiguration` (content gzipped)."""
+        publisher = self.publisher
+        if self._message[0] != publisher.version:
+            assert publisher.current is not None
+            self._message = (
+                publisher.version,
+                pb.SignedConfiguration(
+                    gzip_content=publisher.compressed,
+                    signature=publisher.current.signature,
+                    signer_certificate=publisher.current.signer_certificate,
+                ).SerializeToString(),
+            )
+        return self._message
 
     async def _check_instance(
         self, instance: str, context: grpc.aio.ServicerContext[Any, Any]
@@ -169,25 +186,22 @@ class ConfigurationService:
 
     async def fetch(
         self, request: pb.FetchRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.SignedConfiguration:
+    ) -> bytes:
         await self._check_instance(request.instance, context)
-        assert self.publisher.current is not None
-        return _to_pb(self.publisher.current)
+        return self._current()[1]
 
     async def watch(
         self, request: pb.WatchRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[pb.SignedConfiguration]:
+    ) -> AsyncIterator[bytes]:
         await self._check_instance(request.instance, context)
         self.watchers += 1
         try:
             known = request.known_version
-            if self.publisher.version > known and self.publisher.current is not None:
-                known = self.publisher.version
-                yield _to_pb(self.publisher.current)
             while True:
-                signed = await self.publisher.wait_newer(known)
-                known = self.publisher.version
-                yield _to_pb(signed)
+                if self.publisher.version <= known:
+                    await self.publisher.wait_newer(known)
+                known, message = self._current()
+                yield message
         finally:
             self.watchers -= 1
 
@@ -217,12 +231,12 @@ class ConfigurationService:
                 "Fetch": grpc.unary_unary_rpc_method_handler(
                     self.fetch,
                     request_deserializer=pb.FetchRequest.FromString,
-                    response_serializer=pb.SignedConfiguration.SerializeToString,
+                    response_serializer=_serialised,
                 ),
                 "Watch": grpc.unary_stream_rpc_method_handler(
                     self.watch,
                     request_deserializer=pb.WatchRequest.FromString,
-                    response_serializer=pb.SignedConfiguration.SerializeToString,
+                    response_serializer=_serialised,
                 ),
                 "Checkpoint": grpc.unary_unary_rpc_method_handler(
                     self.checkpoint,
@@ -300,6 +314,7 @@ async def serve(
             clock=clock,
             outbound_approval_required=settings.policy.outbound_approval_required,
             metrics=metrics,
+            max_message_bytes=settings.max_message_bytes,
         )
         governance = Governance(
             store,
@@ -345,7 +360,9 @@ async def serve(
         site = web.TCPSite(runner, api_host, int(api_port))
         await site.start()
         api_bound = runner.addresses[0][1]
-        server = grpc.aio.server()
+        server = grpc.aio.server(
+            options=[("grpc.max_send_message_length", settings.max_message_bytes)]
+        )
         configuration = ConfigurationService(publisher, settings.instance, checkpoints)
         if metrics is not None:
             metrics.watchers.set_function(lambda: configuration.watchers)

@@ -13,10 +13,17 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from typing import Any
 
 import structlog
 
-from gateway.configuration import SignedConfiguration, build_content, sign_configuration
+from gateway.configuration import (
+    MAX_CONFIGURATION_BYTES,
+    SignedConfiguration,
+    build_content,
+    compress_content,
+    sign_configuration,
+)
 from gateway.signing import Signer
 from registry.metrics import RegistryMetrics, timer
 from registry.store import RegistryStore
@@ -36,8 +43,11 @@ class Publisher:
         clock: Callable[[], datetime],
         outbound_approval_required: bool = False,
         metrics: RegistryMetrics | None = None,
+        max_message_bytes: int = MAX_CONFIGURATION_BYTES,
     ) -> None:
         self.metrics = metrics
+        # the largest configuration message the configuration service may send
+        self.max_message_bytes = max_message_bytes
         self.store = store
         self.instance = instance
         self.signer = signer
@@ -46,6 +56,8 @@ class Publisher:
         self.clock = clock
         self.outbound_approval_required = outbound_approval_required
         self.current: SignedConfiguration | None = None
+        # the current content compressed once for every watcher (`compress_content`)
+        self.compressed = b""
         self.version = 0
         # when the current version stops being valid (readiness and metrics read it)
         self.expires_at: datetime | None = None
@@ -59,7 +71,10 @@ class Publisher:
             topology = await self.store.content()
             version = max(self.version, await self.store.last_version()) + 1
             now = self.clock()
-            content = build_content(
+            # encoding, signing and compressing a national instance's configuration take
+            # seconds: a worker thread does it, so that the API and watch streams go on
+            content, signed, compressed = await asyncio.to_thread(
+                self._encode,
                 instance=self.instance,
                 version=version,
                 generated_at=now,
@@ -73,18 +88,39 @@ class Publisher:
                 outbound_approval_required=self.outbound_approval_required,
                 outbound_approvals=topology.outbound_approvals,
             )
-            signed = sign_configuration(content, self.signer)
             await self.store.save_configuration(version, signed)
+            # all three change together (no await in between): watchers read them as one
             self.version = version
             self.current = signed
+            self.compressed = compressed
             self.expires_at = now + self.validity
+            if len(compressed) + len(signed.signature) + 4096 > self.max_message_bytes:
+                log.error(
+                    "configuration_too_large",
+                    version=version,
+                    content_bytes=len(content),
+                    compressed_bytes=len(compressed),
+                    max_message_bytes=self.max_message_bytes,
+                    hint="raise max_message_bytes here and limits.max_configuration_bytes "
+                    "on the security servers",
+                )
             if self.metrics is not None:
                 states = await self.store.agreement_states()
                 self.metrics.published(version, elapsed(), states)
         async with self._changed:
             self._changed.notify_all()
-        log.info("configuration_published", instance=self.instance, version=version)
+        log.info(
+            "configuration_published",
+            instance=self.instance,
+            version=version,
+            bytes=len(signed.content),
+            compressed_bytes=len(compressed),
+        )
         return signed
+
+    def _encode(self, **parts: Any) -> tuple[bytes, SignedConfiguration, bytes]:
+        content = build_content(**parts)
+        return content, sign_configuration(content, self.signer), compress_content(content)
 
     async def wait_newer(self, version: int) -> SignedConfiguration:
         """Wait until a version newer than `version` is published, and return it."""

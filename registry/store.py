@@ -487,7 +487,7 @@ class RegistryStore:
                     signer_certificate=signed.signer_certificate,
                 )
             )
-            # keep a bounded history
-            await conn.execute(
-                configurations.delete().where(configurations.c.version < version - 100)
-            )
+            # only the newest copy is kept: it carries the version counter on. The history
+            # of the content is the admin log (every change, hash-chained), not copies of
+            # the whole configuration, which at national scale are tens of MB each
+            await conn.execute(configurations.delete().where(configurations.c.version < version))

@@ -5,6 +5,13 @@ version it holds (a rollback), keeps the last good one on disk (written atomical
 serves from it while the registry is unreachable. Calls are refused with
 `CONFIGURATION_EXPIRED` once that copy has expired, and resume by themselves as soon as
 a fresh one arrives: the watch stream reconnects with backoff, without a restart.
+
+A configuration arrives gzip-compressed and is inflated up to `max_message_bytes`
+(`limits.max_configuration_bytes`), the same bound as the gRPC message itself; a larger
+one is refused and logged as `configuration_too_large`, not as an unreachable registry.
+Verifying, parsing and storing a national instance's configuration take seconds, so they
+run in a worker thread: the event loop goes on serving calls with the configuration in
+force until the new one is installed, at once.
 """
 
 from __future__ import annotations
@@ -21,9 +28,11 @@ import grpc
 import structlog
 
 from gateway.configuration import (
+    MAX_CONFIGURATION_BYTES,
     Anchor,
     GlobalConfiguration,
     SignedConfiguration,
+    inflate_content,
     verify_configuration,
 )
 from gateway.errors import Code, ConfigurationError
@@ -39,9 +48,35 @@ _KEEPALIVE = [
 ]
 
 
+def signed_from_message(message: pb.SignedConfiguration, max_bytes: int) -> SignedConfiguration:
+    """The signed configuration a registry sent, its content inflated when compressed (up
+    to `max_bytes`, else `ConfigurationError`)."""
+    content = message.content
+    if message.gzip_content:
+        if content:
+            raise ConfigurationError(
+                "global configuration rejected: it carries both plain and compressed content",
+                code=Code.CONFIGURATION_INVALID,
+            )
+        content = inflate_content(message.gzip_content, max_bytes)
+    return SignedConfiguration(
+        content=content,
+        signature=message.signature,
+        signer_certificate=message.signer_certificate,
+    )
+
+
 class ConfigurationClient:
-    def __init__(self, *, anchor: Anchor, cache_file: Path, clock: Callable[[], datetime]) -> None:
+    def __init__(
+        self,
+        *,
+        anchor: Anchor,
+        cache_file: Path,
+        clock: Callable[[], datetime],
+        max_message_bytes: int = MAX_CONFIGURATION_BYTES,
+    ) -> None:
         self.anchor = anchor
+        self.max_message_bytes = max_message_bytes
         self.cache_file = cache_file
         self.clock = clock
         self.current: GlobalConfiguration | None = None
@@ -85,6 +120,23 @@ class ConfigurationClient:
     def accept(self, signed: SignedConfiguration) -> bool:
         """Verify and install a configuration from the registry; False when it is not newer."""
         config = verify_configuration(signed, self.anchor)
+        if not self._newer(config):
+            return False
+        self._install(config, signed, persist=True)
+        return True
+
+    async def receive(self, signed: SignedConfiguration) -> bool:
+        """`accept`, with verifying, parsing and storing in a worker thread."""
+        config = await asyncio.to_thread(verify_configuration, signed, self.anchor)
+        if not self._newer(config):
+            return False
+        await asyncio.to_thread(self._persist, signed)
+        if not self._newer(config):  # another copy was installed meanwhile
+            return False
+        self._install(config, signed, persist=False)
+        return True
+
+    def _newer(self, config: GlobalConfiguration) -> bool:
         current = self.current
         if current is not None and config.version <= current.version:
             if config.version < current.version:
@@ -92,7 +144,6 @@ class ConfigurationClient:
                     "configuration_rollback_refused", offered=config.version, held=current.version
                 )
             return False
-        self._install(config, signed, persist=True)
         return True
 
     def _install(
@@ -129,14 +180,25 @@ class ConfigurationClient:
                     await self._watch(address)
                     backoff = 0.2
                 except grpc.aio.AioRpcError as exc:
-                    log.info("registry_unreachable", address=address, status=exc.code().name)
+                    if exc.code() is grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        log.error(
+                            "configuration_too_large",
+                            address=address,
+                            max_message_bytes=self.max_message_bytes,
+                            detail=(exc.details() or "")[:300],
+                            hint="raise limits.max_configuration_bytes (and the registry's "
+                            "max_message_bytes)",
+                        )
+                    else:
+                        log.info("registry_unreachable", address=address, status=exc.code().name)
                 except ConfigurationError as exc:
                     log.error("configuration_rejected", address=address, error=exc.message)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
 
     async def _watch(self, address: str) -> None:
-        async with grpc.aio.insecure_channel(address, options=_KEEPALIVE) as channel:
+        options = [*_KEEPALIVE, ("grpc.max_receive_message_length", self.max_message_bytes)]
+        async with grpc.aio.insecure_channel(address, options=options) as channel:
             watch = channel.unary_stream(
                 "/gateway.v1.Configuration/Watch",
                 request_serializer=pb.WatchRequest.SerializeToString,
@@ -146,12 +208,6 @@ class ConfigurationClient:
             call = watch(pb.WatchRequest(instance=self.anchor.instance, known_version=known))
             try:
                 async for message in call:
-                    self.accept(
-                        SignedConfiguration(
-                            content=message.content,
-                            signature=message.signature,
-                            signer_certificate=message.signer_certificate,
-                        )
-                    )
+                    await self.receive(signed_from_message(message, self.max_message_bytes))
             finally:
                 call.cancel()

@@ -78,6 +78,7 @@ class Federations:
             anchor=anchor,
             cache_file=self.state_dir / f"configuration-{name}.json",
             clock=self.clock,
+            max_message_bytes=self.own.max_message_bytes,
         )
         client.load_cached()
         self.clients[name] = client

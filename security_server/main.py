@@ -188,7 +188,10 @@ async def serve(
     state_dir = settings.server.state_dir
     state_dir.mkdir(parents=True, exist_ok=True)
     config = ConfigurationClient(
-        anchor=anchor, cache_file=state_dir / "configuration.json", clock=_clock
+        anchor=anchor,
+        cache_file=state_dir / "configuration.json",
+        clock=_clock,
+        max_message_bytes=settings.limits.max_configuration_bytes,
     )
     config.load_cached()
     federations = Federations(

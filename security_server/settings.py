@@ -184,6 +184,10 @@ class FederationSection:
 class LimitsSection:
     # largest request or response body, in bytes
     max_message_bytes: int = 4 * 1024 * 1024
+    # largest global configuration taken from a registry (ours or a federated one's), in
+    # bytes, both as the gRPC message and once inflated: a national instance's is tens of
+    # MB; a larger one is refused and logged as configuration_too_large
+    max_configuration_bytes: int = 64 * 1024 * 1024
     # deadline for a call when the caller sets none, in seconds
     deadline_seconds: float = 30.0
     # calls handled at once on each endpoint; more wait
@@ -213,6 +217,8 @@ class LimitsSection:
             raise ValueError(
                 "limits.max_frames_per_stream and limits.max_streams_per_peer must be at least 1"
             )
+        if self.max_configuration_bytes < 1024 * 1024:
+            raise ValueError("limits.max_configuration_bytes must be at least 1048576 (1 MiB)")
         if self.max_calls_per_peer < 0:
             raise ValueError("limits.max_calls_per_peer must be at least 0")
         if self.refusal_rate <= 0 or self.refusal_burst < 1 or self.aggregate_seconds <= 0:

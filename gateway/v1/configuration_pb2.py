@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1egateway/v1/configuration.proto\x12\ngateway.v1\" \n\x0c\x46\x65tchRequest\x12\x10\n\x08instance\x18\x01 \x01(\t\"7\n\x0cWatchRequest\x12\x10\n\x08instance\x18\x01 \x01(\t\x12\x15\n\rknown_version\x18\x02 \x01(\x04\"U\n\x13SignedConfiguration\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x1a\n\x12signer_certificate\x18\x03 \x01(\x0c\"6\n\x10SignedCheckpoint\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"(\n\x11\x43heckpointReceipt\x12\x13\n\x0breceived_at\x18\x01 \x01(\t2\xe4\x01\n\rConfiguration\x12\x42\n\x05\x46\x65tch\x12\x18.gateway.v1.FetchRequest\x1a\x1f.gateway.v1.SignedConfiguration\x12\x44\n\x05Watch\x12\x18.gateway.v1.WatchRequest\x1a\x1f.gateway.v1.SignedConfiguration0\x01\x12I\n\nCheckpoint\x12\x1c.gateway.v1.SignedCheckpoint\x1a\x1d.gateway.v1.CheckpointReceiptb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1egateway/v1/configuration.proto\x12\ngateway.v1\" \n\x0c\x46\x65tchRequest\x12\x10\n\x08instance\x18\x01 \x01(\t\"7\n\x0cWatchRequest\x12\x10\n\x08instance\x18\x01 \x01(\t\x12\x15\n\rknown_version\x18\x02 \x01(\x04\"k\n\x13SignedConfiguration\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x1a\n\x12signer_certificate\x18\x03 \x01(\x0c\x12\x14\n\x0cgzip_content\x18\x04 \x01(\x0c\"6\n\x10SignedCheckpoint\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"(\n\x11\x43heckpointReceipt\x12\x13\n\x0breceived_at\x18\x01 \x01(\t2\xe4\x01\n\rConfiguration\x12\x42\n\x05\x46\x65tch\x12\x18.gateway.v1.FetchRequest\x1a\x1f.gateway.v1.SignedConfiguration\x12\x44\n\x05Watch\x12\x18.gateway.v1.WatchRequest\x1a\x1f.gateway.v1.SignedConfiguration0\x01\x12I\n\nCheckpoint\x12\x1c.gateway.v1.SignedCheckpoint\x1a\x1d.gateway.v1.CheckpointReceiptb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,11 +36,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WATCHREQUEST']._serialized_start=80
   _globals['_WATCHREQUEST']._serialized_end=135
   _globals['_SIGNEDCONFIGURATION']._serialized_start=137
-  _globals['_SIGNEDCONFIGURATION']._serialized_end=222
-  _globals['_SIGNEDCHECKPOINT']._serialized_start=224
-  _globals['_SIGNEDCHECKPOINT']._serialized_end=278
-  _globals['_CHECKPOINTRECEIPT']._serialized_start=280
-  _globals['_CHECKPOINTRECEIPT']._serialized_end=320
-  _globals['_CONFIGURATION']._serialized_start=323
-  _globals['_CONFIGURATION']._serialized_end=551
+  _globals['_SIGNEDCONFIGURATION']._serialized_end=244
+  _globals['_SIGNEDCHECKPOINT']._serialized_start=246
+  _globals['_SIGNEDCHECKPOINT']._serialized_end=300
+  _globals['_CHECKPOINTRECEIPT']._serialized_start=302
+  _globals['_CHECKPOINTRECEIPT']._serialized_end=342
+  _globals['_CONFIGURATION']._serialized_start=345
+  _globals['_CONFIGURATION']._serialized_end=573
 # @@protoc_insertion_point(module_scope)

@@ -19,14 +19,16 @@ class WatchRequest(_message.Message):
     def __init__(self, instance: _Optional[str] = ..., known_version: _Optional[int] = ...) -> None: ...
 
 class SignedConfiguration(_message.Message):
-    __slots__ = ("content", "signature", "signer_certificate")
+    __slots__ = ("content", "signature", "signer_certificate", "gzip_content")
     CONTENT_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     SIGNER_CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    GZIP_CONTENT_FIELD_NUMBER: _ClassVar[int]
     content: bytes
     signature: bytes
     signer_certificate: bytes
-    def __init__(self, content: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., signer_certificate: _Optional[bytes] = ...) -> None: ...
+    gzip_content: bytes
+    def __init__(self, content: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., signer_certificate: _Optional[bytes] = ..., gzip_content: _Optional[bytes] = ...) -> None: ...
 
 class SignedCheckpoint(_message.Message):
     __slots__ = ("content", "signature")

@@ -27,15 +27,16 @@ import tomli_w
 
 from certs.pki import init_pki
 from gateway.configuration import (
+    MAX_CONFIGURATION_BYTES,
     Anchor,
     GlobalConfiguration,
-    SignedConfiguration,
     verify_configuration,
 )
 from gateway.identifiers import MemberId, ServiceId, SubsystemId
 from gateway.v1 import configuration_pb2 as pb
 from gateway_cli.admin import AdminApiError, AdminClient
 from gateway_demo.runner import Runner
+from security_server.config_client import signed_from_message
 
 from .conftest import CLINICS, POPULATION
 
@@ -94,11 +95,7 @@ def instance_anchor(runner: Runner) -> Anchor:
 
 
 def verified(runner: Runner, message: pb.SignedConfiguration) -> GlobalConfiguration:
-    signed = SignedConfiguration(
-        content=message.content,
-        signature=message.signature,
-        signer_certificate=message.signer_certificate,
-    )
+    signed = signed_from_message(message, MAX_CONFIGURATION_BYTES)
     return verify_configuration(signed, instance_anchor(runner))
 
 

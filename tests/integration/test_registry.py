@@ -8,11 +8,17 @@ from collections.abc import Callable
 import grpc
 import pytest
 
-from gateway.configuration import Anchor, SignedConfiguration, verify_configuration
+from gateway.configuration import (
+    MAX_CONFIGURATION_BYTES,
+    Anchor,
+    SignedConfiguration,
+    verify_configuration,
+)
 from gateway.errors import ConfigurationError
 from gateway.identifiers import ServiceId, SubsystemId
 from gateway.v1 import configuration_pb2 as pb
 from gateway_demo.runner import Runner
+from security_server.config_client import signed_from_message
 
 from .conftest import CLINICS, POPULATION
 
@@ -23,11 +29,9 @@ def runner(make_runner: Callable[..., Runner]) -> Runner:
 
 
 def signed(message: pb.SignedConfiguration) -> SignedConfiguration:
-    return SignedConfiguration(
-        content=message.content,
-        signature=message.signature,
-        signer_certificate=message.signer_certificate,
-    )
+    """The message's configuration: its content arrives compressed, never also in plain."""
+    assert message.gzip_content and not message.content
+    return signed_from_message(message, MAX_CONFIGURATION_BYTES)
 
 
 async def test_fetch_returns_a_configuration_that_verifies_against_the_anchor(

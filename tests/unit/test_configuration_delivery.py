@@ -1,0 +1,195 @@
+"""Delivery of the signed configuration at size: compressed on the wire, inflated only up to
+the receiver's limit, too large said as such, and the last good copy kept.
+
+The registry here is a small gRPC server in the test (real gRPC on loopback) that answers
+`Watch` with whatever messages the test gives it, as a broken or hostile registry would;
+the security server's side is its real `ConfigurationClient`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import gzip
+import os
+from collections.abc import AsyncIterator, Callable, MutableMapping
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from structlog.testing import capture_logs
+
+from gateway.configuration import (
+    SignedConfiguration,
+    build_content,
+    compress_content,
+    inflate_content,
+    sign_configuration,
+)
+from gateway.errors import Code, ConfigurationError
+from gateway.v1 import configuration_pb2 as pb
+from security_server.config_client import ConfigurationClient, signed_from_message
+from tests.unit.test_configuration import World, expect_invalid
+
+# the fixture `world` (a signed UY configuration), shared with the core's tests
+from tests.unit.test_configuration import world as world
+
+MIB = 1024 * 1024
+
+
+def message(signed: SignedConfiguration) -> bytes:
+    """What our registry sends: the content gzipped, not in plain."""
+    return pb.SignedConfiguration(
+        gzip_content=compress_content(signed.content),
+        signature=signed.signature,
+        signer_certificate=signed.signer_certificate,
+    ).SerializeToString()
+
+
+def test_compressed_content_inflates_to_the_signed_bytes(world: World) -> None:
+    """The same content always compresses to the same bytes, and inflates back exactly."""
+    packed = compress_content(world.content)
+    assert packed == compress_content(world.content)
+    assert inflate_content(packed, MIB) == world.content
+    decoded = signed_from_message(pb.SignedConfiguration.FromString(message(world.signed)), MIB)
+    assert decoded == world.signed
+
+
+def test_a_compression_bomb_is_refused_without_inflating_it() -> None:
+    """100 MiB of zeros gzip to about 100 KB: refused at the limit, never inflated whole."""
+    bomb = gzip.compress(bytes(100 * MIB), compresslevel=9)
+    assert len(bomb) < 200_000
+    error = expect_invalid(lambda: inflate_content(bomb, MIB))
+    assert "inflates to more than 1048576 bytes" in error.message
+
+
+@pytest.mark.parametrize(
+    ("data", "why"),
+    [
+        (b"not gzip at all", "not gzip"),
+        (compress_content(b'{"a":1}')[:-6], "truncated"),
+        (compress_content(b'{"a":1}') + b"extra", "followed by other bytes"),
+    ],
+)
+def test_malformed_compressed_content_is_refused(data: bytes, why: str) -> None:
+    assert why in expect_invalid(lambda: inflate_content(data, MIB)).message
+
+
+def test_plain_and_compressed_content_together_are_refused(world: World) -> None:
+    both = pb.SignedConfiguration(
+        content=world.content,
+        gzip_content=compress_content(world.content),
+        signature=world.signed.signature,
+        signer_certificate=world.signed.signer_certificate,
+    )
+    with pytest.raises(ConfigurationError) as caught:
+        signed_from_message(both, MIB)
+    assert caught.value.code is Code.CONFIGURATION_INVALID
+
+
+class Registry:
+    """A Watch service on 127.0.0.1 answering every stream with `messages`, then holding it."""
+
+    def __init__(self, messages: list[bytes]) -> None:
+        self.messages = messages
+
+    async def _watch(self, request: pb.WatchRequest, context: Any) -> AsyncIterator[bytes]:
+        for m in self.messages:
+            yield m
+        await asyncio.Event().wait()
+
+    async def start(self) -> str:
+        self.server = grpc.aio.server(options=[("grpc.max_send_message_length", 64 * MIB)])
+        handler = grpc.method_handlers_generic_handler(
+            "gateway.v1.Configuration",
+            {
+                "Watch": grpc.unary_stream_rpc_method_handler(
+                    self._watch,
+                    request_deserializer=pb.WatchRequest.FromString,
+                    response_serializer=lambda b: b,
+                )
+            },
+        )
+        self.server.add_generic_rpc_handlers((handler,))
+        port = self.server.add_insecure_port("127.0.0.1:0")
+        await self.server.start()
+        return f"127.0.0.1:{port}"
+
+
+async def follow(
+    world: World,
+    tmp_path: Path,
+    messages: list[bytes],
+    until: Callable[[list[MutableMapping[str, Any]]], bool],
+) -> tuple[ConfigurationClient, list[MutableMapping[str, Any]]]:
+    """Run a client with a 1 MiB limit against a registry sending `messages` until the logged
+    lines satisfy `until` (at most 10 s)."""
+    registry = Registry(messages)
+    address = await registry.start()
+    client = ConfigurationClient(
+        anchor=dataclasses.replace(world.anchor, addresses=(address,)),
+        cache_file=tmp_path / "configuration.json",
+        clock=lambda: world.now,
+        max_message_bytes=MIB,
+    )
+    with capture_logs() as logged:
+        task = asyncio.create_task(client.run())
+        try:
+            for _ in range(200):
+                if until(logged):
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            task.cancel()
+            await registry.server.stop(None)
+    return client, logged
+
+
+def events(logged: list[MutableMapping[str, Any]]) -> list[str]:
+    return [str(line["event"]) for line in logged]
+
+
+async def test_a_configuration_over_the_limit_is_logged_as_too_large_and_the_last_kept(
+    world: World, tmp_path: Path
+) -> None:
+    """A message over limits.max_configuration_bytes: `configuration_too_large` at error
+    level, naming the limit, never `registry_unreachable`; the version held stays."""
+    newer = dict(world.content_args, version=43)
+    big = sign_configuration(build_content(**newer), world.config_signer)
+    oversized = pb.SignedConfiguration(
+        gzip_content=os.urandom(2 * MIB),  # incompressible: the message itself is too large
+        signature=big.signature,
+        signer_certificate=big.signer_certificate,
+    ).SerializeToString()
+    client, logged = await follow(
+        world,
+        tmp_path,
+        [message(world.signed), oversized],
+        lambda lines: "configuration_too_large" in events(lines),
+    )
+    assert client.current is not None and client.current.version == 42
+    (line,) = [x for x in logged if x["event"] == "configuration_too_large"][:1]
+    assert line["log_level"] == "error" and line["max_message_bytes"] == MIB
+    assert "registry_unreachable" not in events(logged)
+
+
+async def test_a_compression_bomb_from_a_registry_is_refused_and_the_last_kept(
+    world: World, tmp_path: Path
+) -> None:
+    """A small message that would inflate past the limit is refused as invalid (logged as
+    `configuration_rejected`), and the version held stays."""
+    bomb = pb.SignedConfiguration(
+        gzip_content=gzip.compress(bytes(64 * MIB), compresslevel=9),
+        signature=world.signed.signature,
+        signer_certificate=world.signed.signer_certificate,
+    ).SerializeToString()
+    client, logged = await follow(
+        world,
+        tmp_path,
+        [message(world.signed), bomb],
+        lambda lines: "configuration_rejected" in events(lines),
+    )
+    assert client.current is not None and client.current.version == 42
+    (line,) = [x for x in logged if x["event"] == "configuration_rejected"][:1]
+    assert "inflates to more than" in line["error"]
