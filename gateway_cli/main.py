@@ -818,8 +818,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--trace-ratio",
         type=float,
-        default=0.05,
-        help="share of calls the traced topology records and exports (default 0.05; "
+        default=0.01,
+        help="share of calls the traced topology records and exports (default 0.01; "
         "1 traces every call)",
     )
     p.add_argument(

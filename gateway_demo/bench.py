@@ -37,7 +37,7 @@ CALL_TIMEOUT = 10.0
 # share of calls the traced topology records: the sampling an operator would run under
 # load (every call traced costs about a third of the throughput on 2 cores; measure it
 # with --trace-ratio 1)
-TRACE_RATIO = 0.05
+TRACE_RATIO = 0.01
 
 
 # ---- load generator (runs in its own process) ------------------------------------------
