@@ -207,6 +207,54 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
+def catalogue_json(
+    *,
+    ca_certificates: Iterable[bytes],
+    members: Iterable[Member],
+    servers: Iterable[SecurityServer],
+    services: Iterable[Service],
+    federations: Iterable[Federation] = (),
+    outbound_approval_required: bool = False,
+    outbound_approvals: Iterable[OutboundApproval] = (),
+) -> dict[str, Any]:
+    """Everything of a configuration but its header and agreements, as canonical JSON data."""
+    listed = sorted((f.to_json() for f in federations), key=lambda d: str(d["instance"]))
+    approvals = sorted(
+        (a.to_json() for a in outbound_approvals),
+        key=lambda d: (str(d["client"]), str(d["service"])),
+    )
+    return {
+        # federation keys only when federated, so that an unfederated instance's
+        # content is unchanged
+        **({"federations": listed} if listed else {}),
+        **({"outbound_approval_required": True} if outbound_approval_required else {}),
+        **({"outbound_approvals": approvals} if approvals else {}),
+        "ca_certificates": sorted(_b64(c) for c in ca_certificates),
+        "members": sorted(
+            ({"id": str(m.id), "name": m.name} for m in members), key=lambda d: d["id"]
+        ),
+        "security_servers": sorted(
+            (
+                {
+                    "id": str(s.id),
+                    "address": s.address,
+                    "auth_certificate": _b64(s.auth_certificate),
+                    "subsystems": sorted(str(x) for x in s.subsystems),
+                }
+                for s in servers
+            ),
+            key=lambda d: str(d["id"]),
+        ),
+        "services": sorted(
+            (
+                {"id": str(s.id), "description": s.description, "methods": sorted(s.methods)}
+                for s in services
+            ),
+            key=lambda d: str(d["id"]),
+        ),
+    }
+
+
 def build_content(
     *,
     instance: str,
@@ -222,47 +270,23 @@ def build_content(
     outbound_approval_required: bool = False,
     outbound_approvals: Iterable[OutboundApproval] = (),
 ) -> bytes:
-    """The canonical content bytes of a configuration (what the registry signs)."""
-    listed = sorted((f.to_json() for f in federations), key=lambda d: str(d["instance"]))
-    approvals = sorted(
-        (a.to_json() for a in outbound_approvals),
-        key=lambda d: (str(d["client"]), str(d["service"])),
-    )
+    """The canonical content bytes of a whole configuration in one document (format 1)."""
     return canonical.encode(
         {
-            # federation keys only when federated, so that an unfederated instance's
-            # content is unchanged
-            **({"federations": listed} if listed else {}),
-            **({"outbound_approval_required": True} if outbound_approval_required else {}),
-            **({"outbound_approvals": approvals} if approvals else {}),
+            **catalogue_json(
+                ca_certificates=ca_certificates,
+                members=members,
+                servers=servers,
+                services=services,
+                federations=federations,
+                outbound_approval_required=outbound_approval_required,
+                outbound_approvals=outbound_approvals,
+            ),
             "format": FORMAT_VERSION,
             "instance": instance,
             "version": version,
             "generated_at": format_time(generated_at),
             "expires_at": format_time(expires_at),
-            "ca_certificates": sorted(_b64(c) for c in ca_certificates),
-            "members": sorted(
-                ({"id": str(m.id), "name": m.name} for m in members), key=lambda d: d["id"]
-            ),
-            "security_servers": sorted(
-                (
-                    {
-                        "id": str(s.id),
-                        "address": s.address,
-                        "auth_certificate": _b64(s.auth_certificate),
-                        "subsystems": sorted(str(x) for x in s.subsystems),
-                    }
-                    for s in servers
-                ),
-                key=lambda d: str(d["id"]),
-            ),
-            "services": sorted(
-                (
-                    {"id": str(s.id), "description": s.description, "methods": sorted(s.methods)}
-                    for s in services
-                ),
-                key=lambda d: str(d["id"]),
-            ),
             "agreements": sorted((a.to_json() for a in agreements), key=lambda d: str(d["id"])),
         }
     )
@@ -437,80 +461,85 @@ def parse_content(content: bytes) -> GlobalConfiguration:
         doc = canonical.decode(content)
         if doc["format"] != FORMAT_VERSION:
             raise _invalid(f"format {doc['format']!r} is not supported")
-        cas = tuple(base64.b64decode(c, validate=True) for c in doc["ca_certificates"])
-        members = {
-            m.id: m
-            for m in (
-                Member(id=MemberId.parse(d["id"]), name=str(d["name"])) for d in doc["members"]
-            )
-        }
-        servers: dict[SecurityServerId, SecurityServer] = {}
-        for d in doc["security_servers"]:
-            server = SecurityServer(
-                id=SecurityServerId.parse(d["id"]),
-                address=str(d["address"]),
-                auth_certificate=base64.b64decode(d["auth_certificate"], validate=True),
-                subsystems=tuple(SubsystemId.parse(x) for x in d["subsystems"]),
-            )
-            if server.id.owner not in members:
-                raise _invalid(f"server {server.id} belongs to an unknown member")
-            servers[server.id] = server
-        services = {
-            s.id: s
-            for s in (
-                Service(
-                    id=ServiceId.parse(d["id"]),
-                    description=str(d["description"]),
-                    methods=tuple(str(x) for x in d["methods"]),
-                )
-                for d in doc["services"]
-            )
-        }
-        agreements = [Agreement.from_json(d) for d in doc["agreements"]]
-        federations = {
-            f.instance: f for f in (Federation.from_json(d) for d in doc.get("federations", []))
-        }
-        if str(doc["instance"]) in federations:
-            raise _invalid("an instance cannot federate with itself")
-        required = doc.get("outbound_approval_required", False)
-        if not isinstance(required, bool):
-            raise _invalid("outbound_approval_required is not true or false")
-        approvals = {
-            (a.client, a.service): a
-            for a in (OutboundApproval.from_json(d) for d in doc.get("outbound_approvals", []))
-        }
-        check_own_instance(
-            str(doc["instance"]),
-            members,
-            servers.values(),
-            services,
-            agreements,
-            approvals.values(),
-        )
-        trust = TrustStore(tuple(x509.load_der_x509_certificate(c) for c in cas))
-        by_subsystem: dict[SubsystemId, list[SecurityServer]] = {}
-        for server in servers.values():
-            for sub in server.subsystems:
-                by_subsystem.setdefault(sub, []).append(server)
-        return GlobalConfiguration(
-            instance=str(doc["instance"]),
-            version=int(doc["version"]),
-            generated_at=parse_time(doc["generated_at"]),
-            expires_at=parse_time(doc["expires_at"]),
-            ca_certificates=cas,
-            ca_pem=pem_bundle(cas),
-            members=members,
-            servers=servers,
-            services=services,
-            agreements=AgreementIndex(agreements),
-            trust=trust,
-            servers_by_auth_sha256={s.auth_certificate_sha256: s for s in servers.values()},
-            servers_by_subsystem={k: tuple(v) for k, v in by_subsystem.items()},
-            federations=federations,
-            outbound_approval_required=required,
-            outbound_approvals=approvals,
-        )
+        return assemble(doc, doc, [Agreement.from_json(d) for d in doc["agreements"]])
     except ConfigurationError:
         raise
     except (GatewayError, canonical.NotCanonicalError, KeyError, TypeError, ValueError) as exc:
         raise _invalid(f"content is malformed ({type(exc).__name__}: {exc})") from None
+
+
+def assemble(
+    header: Mapping[str, Any], catalogue: Mapping[str, Any], agreements: Iterable[Agreement]
+) -> GlobalConfiguration:
+    """The indexed configuration of a header (instance, version, generated_at, expires_at),
+    a catalogue (`catalogue_json`'s keys, decoded) and agreements, each checked; raises
+    `ConfigurationError(CONFIGURATION_INVALID)` or what parsing a malformed value raises
+    (KeyError, TypeError, ValueError, GatewayError), which callers turn into one."""
+    doc = catalogue
+    agreements = list(agreements)
+    cas = tuple(base64.b64decode(c, validate=True) for c in doc["ca_certificates"])
+    members = {
+        m.id: m
+        for m in (Member(id=MemberId.parse(d["id"]), name=str(d["name"])) for d in doc["members"])
+    }
+    servers: dict[SecurityServerId, SecurityServer] = {}
+    for d in doc["security_servers"]:
+        server = SecurityServer(
+            id=SecurityServerId.parse(d["id"]),
+            address=str(d["address"]),
+            auth_certificate=base64.b64decode(d["auth_certificate"], validate=True),
+            subsystems=tuple(SubsystemId.parse(x) for x in d["subsystems"]),
+        )
+        if server.id.owner not in members:
+            raise _invalid(f"server {server.id} belongs to an unknown member")
+        servers[server.id] = server
+    services = {
+        s.id: s
+        for s in (
+            Service(
+                id=ServiceId.parse(d["id"]),
+                description=str(d["description"]),
+                methods=tuple(str(x) for x in d["methods"]),
+            )
+            for d in doc["services"]
+        )
+    }
+    instance = str(header["instance"])
+    federations = {
+        f.instance: f for f in (Federation.from_json(d) for d in doc.get("federations", []))
+    }
+    if instance in federations:
+        raise _invalid("an instance cannot federate with itself")
+    required = doc.get("outbound_approval_required", False)
+    if not isinstance(required, bool):
+        raise _invalid("outbound_approval_required is not true or false")
+    approvals = {
+        (a.client, a.service): a
+        for a in (OutboundApproval.from_json(d) for d in doc.get("outbound_approvals", []))
+    }
+    check_own_instance(
+        instance, members, servers.values(), services, agreements, approvals.values()
+    )
+    trust = TrustStore(tuple(x509.load_der_x509_certificate(c) for c in cas))
+    by_subsystem: dict[SubsystemId, list[SecurityServer]] = {}
+    for server in servers.values():
+        for sub in server.subsystems:
+            by_subsystem.setdefault(sub, []).append(server)
+    return GlobalConfiguration(
+        instance=instance,
+        version=int(header["version"]),
+        generated_at=parse_time(header["generated_at"]),
+        expires_at=parse_time(header["expires_at"]),
+        ca_certificates=cas,
+        ca_pem=pem_bundle(cas),
+        members=members,
+        servers=servers,
+        services=services,
+        agreements=AgreementIndex(agreements),
+        trust=trust,
+        servers_by_auth_sha256={s.auth_certificate_sha256: s for s in servers.values()},
+        servers_by_subsystem={k: tuple(v) for k, v in by_subsystem.items()},
+        federations=federations,
+        outbound_approval_required=required,
+        outbound_approvals=approvals,
+    )

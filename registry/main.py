@@ -25,6 +25,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from gateway.checkpoint import SignedCheckpoint
+from gateway.config_parts import EMPTY_DIGEST
 from gateway.configuration import MAX_CONFIGURATION_BYTES, Anchor
 from gateway.errors import ConfigFileError
 from gateway.settings import database_url
@@ -39,7 +40,7 @@ from registry.auth import OidcSettings, TokenIssuer, TokenVerifier, load_or_crea
 from registry.checkpoints import CheckpointBook, CheckpointRefused
 from registry.governance import AdminError, Governance
 from registry.metrics import RegistryMetrics
-from registry.publisher import Publisher
+from registry.publisher import Publisher, Version
 from registry.store import RegistryStore
 from registry.topology import load_topology
 
@@ -143,6 +144,18 @@ def instance_anchor(settings: RegistrySettings, addresses: Sequence[str] = ()) -
     )
 
 
+# most subsystems one WatchParts stream may name
+MAX_WATCHED_SUBSYSTEMS = 10_000
+
+
+def _directory(version: Version) -> pb.SignedConfiguration:
+    return pb.SignedConfiguration(
+        content=version.directory.content,
+        signature=version.directory.signature,
+        signer_certificate=version.directory.signer_certificate,
+    )
+
+
 def _serialised(message: bytes) -> bytes:
     """Fetch and Watch answer with a `SignedConfiguration` serialised once per version."""
     return message
@@ -155,22 +168,22 @@ class ConfigurationService:
         self.publisher = publisher
         self.instance = instance
         self.checkpoints = checkpoints
-        # Watch streams open now (a metric)
+        # Watch and WatchParts streams open now (a metric)
         self.watchers = 0
-        # the current version's message, serialised once for every Fetch and watcher
+        # the current version's whole document, serialised once for every Fetch and watcher
         self._message = (0, b"")
 
-    def _current(self) -> tuple[int, bytes]:
-        """The current version and its serialised `SignedConfiguration` (content gzipped)."""
-        publisher = self.publisher
-        if self._message[0] != publisher.version:
-            assert publisher.current is not None
+    async def _current(self) -> tuple[int, bytes]:
+        """The current version and its serialised `SignedConfiguration` (format 1, content
+        gzipped), built once per version when first asked for."""
+        version, signed, packed = await self.publisher.whole()
+        if self._message[0] != version:
             self._message = (
-                publisher.version,
+                version,
                 pb.SignedConfiguration(
-                    gzip_content=publisher.compressed,
-                    signature=publisher.current.signature,
-                    signer_certificate=publisher.current.signer_certificate,
+                    gzip_content=packed,
+                    signature=signed.signature,
+                    signer_certificate=signed.signer_certificate,
                 ).SerializeToString(),
             )
         return self._message
@@ -188,7 +201,7 @@ class ConfigurationService:
         self, request: pb.FetchRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> bytes:
         await self._check_instance(request.instance, context)
-        return self._current()[1]
+        return (await self._current())[1]
 
     async def watch(
         self, request: pb.WatchRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -200,7 +213,65 @@ class ConfigurationService:
             while True:
                 if self.publisher.version <= known:
                     await self.publisher.wait_newer(known)
-                known, message = self._current()
+                known, message = await self._current()
+                yield message
+        finally:
+            self.watchers -= 1
+
+    async def watch_parts(
+        self, request: pb.WatchPartsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[bytes]:
+        """A snapshot of what the watcher needs, then each version's changes (see
+        gateway/config_parts.py)."""
+        await self._check_instance(request.instance, context)
+        if len(request.subsystems) > MAX_WATCHED_SUBSYSTEMS:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"at most {MAX_WATCHED_SUBSYSTEMS} subsystems may be watched, not "
+                f"{len(request.subsystems)}",
+            )
+        publisher, book = self.publisher, self.publisher.book
+        extra = tuple(request.subsystems)
+        self.watchers += 1
+        try:
+            sent = 0  # the version the watcher holds
+            held: dict[int, bytes] = {}  # wanted bucket -> digest the watcher holds
+            catalogue = b""  # digest of the catalogue the watcher holds
+            while True:
+                if publisher.version <= sent:
+                    await publisher.wait_newer(sent)
+                current = publisher.current
+                assert current is not None
+                changed = None if not sent else publisher.changed_since(sent)
+                update = pb.PartsUpdate(directory=_directory(current))
+                if changed is None:  # a snapshot
+                    held.clear()
+                    update.bucket_digests = bytes(book.buckets.digests)
+                else:
+                    update.base_version = sent
+                    update.changed.extend(
+                        pb.BucketDigest(bucket=b, sha256=book.buckets.digest(b))
+                        for b in sorted(changed)
+                    )
+                if changed is None or catalogue != book.catalogue.sha256:
+                    update.catalogue_gzip = book.gzip(book.catalogue.content)
+                for b in sorted(book.wanted(request.server, extra)):
+                    digest = book.buckets.digest(b)
+                    if held.get(b) != digest and digest != EMPTY_DIGEST:
+                        update.buckets.append(
+                            pb.Bucket(bucket=b, gzip_content=book.gzip(book.buckets.contents[b]))
+                        )
+                    held[b] = digest
+                message = update.SerializeToString()
+                if len(message) > publisher.max_message_bytes:
+                    log.error(
+                        "configuration_too_large",
+                        version=current.number,
+                        message_bytes=len(message),
+                        max_message_bytes=publisher.max_message_bytes,
+                        server=request.server[:300],
+                    )
+                sent, catalogue = current.number, current.catalogue_sha256
                 yield message
         finally:
             self.watchers -= 1
@@ -236,6 +307,11 @@ class ConfigurationService:
                 "Watch": grpc.unary_stream_rpc_method_handler(
                     self.watch,
                     request_deserializer=pb.WatchRequest.FromString,
+                    response_serializer=_serialised,
+                ),
+                "WatchParts": grpc.unary_stream_rpc_method_handler(
+                    self.watch_parts,
+                    request_deserializer=pb.WatchPartsRequest.FromString,
                     response_serializer=_serialised,
                 ),
                 "Checkpoint": grpc.unary_unary_rpc_method_handler(

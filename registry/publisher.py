@@ -4,31 +4,63 @@ A new version is published at start-up, every `refresh_seconds`, and whenever th
 content changes (`publish` is called); each one is valid for `validity_seconds`. Besides
 the catalogue and the agreements it lists every federation (active and ended, with the
 other instance's anchor), the instance's policy `outbound_approval_required` and its
-approved outbound approvals. Every
-watcher (a security server's Watch stream) receives each new version at once.
+approved outbound approvals.
+
+A version is published in parts (gateway/config_parts.py): the book of parts
+(registry/parts.py) is built once at start-up; after that, `publish` reads only what
+changed since the last version, from the admin log, which names the target of every
+change: the agreements among those targets are read again and re-bucketed, and any other
+target (a member, server, service, federation, outbound approval) re-reads the catalogue.
+Then only the directory is signed. A version so costs O(change), not O(world). Each
+version's changed buckets are kept for the last `HISTORY` versions, so that a watcher a
+few versions behind gets a delta. The whole configuration in one signed document (format 1,
+for the `Fetch` and `Watch` of older servers and tools) is built only when asked for, once
+per version.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
 
 import structlog
 
+from gateway import canonical
+from gateway.config_parts import BUCKETS, build_directory
 from gateway.configuration import (
+    FORMAT_VERSION,
     MAX_CONFIGURATION_BYTES,
     SignedConfiguration,
-    build_content,
     compress_content,
     sign_configuration,
 )
 from gateway.signing import Signer
+from gateway.timeutil import format_time
 from registry.metrics import RegistryMetrics, timer
-from registry.store import RegistryStore
+from registry.parts import BucketChange, Buckets, Catalogue, PartsBook, encode_catalogue
+from registry.store import Content, RegistryStore
 
 log = structlog.get_logger("registry.publisher")
+
+# versions whose changed buckets are remembered, for watchers that fell behind
+HISTORY = 1024
+NO_CHANGE = BucketChange(where={}, agreements={}, contents={})
+
+
+@dataclass(frozen=True, slots=True)
+class Version:
+    """One published version: its signed directory and what changed since the one before."""
+
+    number: int
+    directory: SignedConfiguration
+    generated_at: datetime
+    expires_at: datetime
+    catalogue_sha256: bytes
+    # buckets whose digest changed since the version before
+    changed: frozenset[int]
 
 
 class Publisher:
@@ -55,55 +87,64 @@ class Publisher:
         self.validity = validity
         self.clock = clock
         self.outbound_approval_required = outbound_approval_required
-        self.current: SignedConfiguration | None = None
-        # the current content compressed once for every watcher (`compress_content`)
-        self.compressed = b""
+        self.book = PartsBook()
+        self.history: OrderedDict[int, Version] = OrderedDict()
+        self.current: Version | None = None
         self.version = 0
         # when the current version stops being valid (readiness and metrics read it)
         self.expires_at: datetime | None = None
+        # the admin log entry last read into the book
+        self._admin_seq = -1
+        # the whole configuration of a version in one document (format 1), when asked for
+        self._whole: tuple[int, SignedConfiguration, bytes] | None = None
+        self._whole_lock = asyncio.Lock()
         self._changed = asyncio.Condition()
         self._lock = asyncio.Lock()
 
-    async def publish(self) -> SignedConfiguration:
-        """Publish a new version from the store's current content."""
+    async def publish(self) -> Version:
+        """Publish a new version with what changed since the last one."""
         async with self._lock:
             elapsed = timer()
-            topology = await self.store.content()
+            catalogue, buckets, change, seq = await self._read_changes()
             version = max(self.version, await self.store.last_version()) + 1
             now = self.clock()
-            # encoding, signing and compressing a national instance's configuration take
-            # seconds: a worker thread does it, so that the API and watch streams go on
-            content, signed, compressed = await asyncio.to_thread(
-                self._encode,
+            if buckets is not None:
+                root, changed = buckets.root(), frozenset(range(BUCKETS))
+            else:
+                root = self.book.buckets.root_with(change)
+                changed = frozenset(change.contents)
+            directory = build_directory(
                 instance=self.instance,
                 version=version,
                 generated_at=now,
                 expires_at=now + self.validity,
-                ca_certificates=self.ca_certificates,
-                members=topology.members,
-                servers=topology.servers,
-                services=topology.services,
-                agreements=topology.agreements,
-                federations=topology.federations,
-                outbound_approval_required=self.outbound_approval_required,
-                outbound_approvals=topology.outbound_approvals,
+                catalogue_sha256=catalogue.sha256,
+                agreements_root=root,
             )
+            signed = sign_configuration(directory, self.signer)
             await self.store.save_configuration(version, signed)
-            # all three change together (no await in between): watchers read them as one
+            published = Version(
+                number=version,
+                directory=signed,
+                generated_at=now,
+                expires_at=now + self.validity,
+                catalogue_sha256=catalogue.sha256,
+                changed=changed,
+            )
+            # the parts, the version and its history change together, with no await in
+            # between: a watch stream reads one version's parts in full
+            self.book.catalogue = catalogue
+            if buckets is not None:
+                self.book.buckets = buckets
+            else:
+                self.book.buckets.apply(change)
+            self._admin_seq = seq
+            self.history[version] = published
+            while len(self.history) > HISTORY:
+                self.history.popitem(last=False)
             self.version = version
-            self.current = signed
-            self.compressed = compressed
-            self.expires_at = now + self.validity
-            if len(compressed) + len(signed.signature) + 4096 > self.max_message_bytes:
-                log.error(
-                    "configuration_too_large",
-                    version=version,
-                    content_bytes=len(content),
-                    compressed_bytes=len(compressed),
-                    max_message_bytes=self.max_message_bytes,
-                    hint="raise max_message_bytes here and limits.max_configuration_bytes "
-                    "on the security servers",
-                )
+            self.current = published
+            self.expires_at = published.expires_at
             if self.metrics is not None:
                 states = await self.store.agreement_states()
                 self.metrics.published(version, elapsed(), states)
@@ -113,18 +154,82 @@ class Publisher:
             "configuration_published",
             instance=self.instance,
             version=version,
-            bytes=len(signed.content),
-            compressed_bytes=len(compressed),
+            changed_buckets=len(changed),
+            seconds=round(elapsed(), 3),
         )
-        return signed
+        return published
 
-    def _encode(self, **parts: Any) -> tuple[bytes, SignedConfiguration, bytes]:
-        content = build_content(**parts)
-        return content, sign_configuration(content, self.signer), compress_content(content)
+    async def _read_changes(self) -> tuple[Catalogue, Buckets | None, BucketChange, int]:
+        """What changed in the database since the book was last brought up to it: the
+        catalogue to publish, all buckets anew (the first time) or the change of some, and
+        the admin log entry read up to."""
+        if self._admin_seq < 0:  # the first version: everything, in a worker thread
+            head = await self.store.admin_head()
+            content = await self.store.content()
+            catalogue, buckets = await asyncio.to_thread(
+                lambda: (self._encode_catalogue(content), Buckets.of(content.agreements))
+            )
+            return catalogue, buckets, NO_CHANGE, head.next_seq - 1
+        targets, seq = await self.store.admin_targets(self._admin_seq)
+        catalogue = self.book.catalogue
+        if not targets:
+            return catalogue, None, NO_CHANGE, seq
+        agreements = await self.store.agreements_by_id(targets)
+        if targets - agreements.keys():
+            content = await self.store.catalogue()
+            catalogue = await asyncio.to_thread(self._encode_catalogue, content)
+        return catalogue, None, self.book.buckets.plan(agreements), seq
 
-    async def wait_newer(self, version: int) -> SignedConfiguration:
+    def _encode_catalogue(self, content: Content) -> Catalogue:
+        return encode_catalogue(
+            content,
+            ca_certificates=self.ca_certificates,
+            outbound_approval_required=self.outbound_approval_required,
+        )
+
+    async def wait_newer(self, version: int) -> Version:
         """Wait until a version newer than `version` is published, and return it."""
         async with self._changed:
             await self._changed.wait_for(lambda: self.version > version)
             assert self.current is not None
             return self.current
+
+    def changed_since(self, version: int) -> frozenset[int] | None:
+        """The buckets changed after `version` up to the current one; None when `version`
+        is older than the history kept (the watcher then needs a snapshot)."""
+        if version not in self.history:
+            return None
+        changed: set[int] = set()
+        for number, published in self.history.items():
+            if number > version:
+                changed |= published.changed
+        return frozenset(changed)
+
+    async def whole(self) -> tuple[int, SignedConfiguration, bytes]:
+        """The current version as one signed document (format 1) and its gzip, built when
+        first asked for (in a worker thread: it is O(world))."""
+        async with self._whole_lock:
+            current = self.current
+            assert current is not None
+            if self._whole is not None and self._whole[0] == current.number:
+                return self._whole
+            catalogue = self.book.catalogue.doc
+            agreements = [a.to_json() for a in self.book.buckets.all()]
+
+            def build() -> tuple[SignedConfiguration, bytes]:
+                content = canonical.encode(
+                    {
+                        **catalogue,
+                        "format": FORMAT_VERSION,
+                        "instance": self.instance,
+                        "version": current.number,
+                        "generated_at": format_time(current.generated_at),
+                        "expires_at": format_time(current.expires_at),
+                        "agreements": sorted(agreements, key=lambda d: str(d["id"])),
+                    }
+                )
+                return sign_configuration(content, self.signer), compress_content(content)
+
+            signed, packed = await asyncio.to_thread(build)
+            self._whole = (current.number, signed, packed)
+            return self._whole

@@ -14,6 +14,7 @@ change and its log entry are committed together or not at all.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -419,15 +420,7 @@ class RegistryStore:
         """The publishable content: members, approved servers, services, enforceable
         agreements, federations and approved outbound approvals."""
         async with self.engine.connect() as conn:
-            m = (await conn.execute(sa.select(members).order_by(members.c.id))).all()
-            s = (
-                await conn.execute(
-                    sa.select(servers)
-                    .where(servers.c.status == ServerStatus.APPROVED)
-                    .order_by(servers.c.id)
-                )
-            ).all()
-            v = (await conn.execute(sa.select(services).order_by(services.c.id))).all()
+            catalogue = await self._catalogue(conn)
             a = (
                 await conn.execute(
                     sa.select(agreements)
@@ -435,22 +428,64 @@ class RegistryStore:
                     .order_by(agreements.c.id)
                 )
             ).all()
-            f = (await conn.execute(sa.select(federations).order_by(federations.c.instance))).all()
-            o = (
-                await conn.execute(
-                    sa.select(outbound_approvals)
-                    .where(outbound_approvals.c.state == OutboundState.APPROVED)
-                    .order_by(outbound_approvals.c.id)
-                )
-            ).all()
+        return dataclasses.replace(catalogue, agreements=tuple(agreement_from_row(r) for r in a))
+
+    async def catalogue(self) -> Content:
+        """The publishable content but its agreements (`agreements` is empty)."""
+        async with self.engine.connect() as conn:
+            return await self._catalogue(conn)
+
+    async def _catalogue(self, conn: AsyncConnection) -> Content:
+        m = (await conn.execute(sa.select(members).order_by(members.c.id))).all()
+        s = (
+            await conn.execute(
+                sa.select(servers)
+                .where(servers.c.status == ServerStatus.APPROVED)
+                .order_by(servers.c.id)
+            )
+        ).all()
+        v = (await conn.execute(sa.select(services).order_by(services.c.id))).all()
+        f = (await conn.execute(sa.select(federations).order_by(federations.c.instance))).all()
+        o = (
+            await conn.execute(
+                sa.select(outbound_approvals)
+                .where(outbound_approvals.c.state == OutboundState.APPROVED)
+                .order_by(outbound_approvals.c.id)
+            )
+        ).all()
         return Content(
             members=tuple(Member(id=MemberId.parse(r.id), name=r.name) for r in m),
             servers=tuple(server_from_row(r) for r in s),
             services=tuple(service_from_row(r) for r in v),
-            agreements=tuple(agreement_from_row(r) for r in a),
+            agreements=(),
             federations=tuple(federation_from_row(r) for r in f),
             outbound_approvals=tuple(outbound_from_row(r) for r in o),
         )
+
+    async def agreements_by_id(self, ids: Iterable[str]) -> dict[str, Agreement | None]:
+        """The agreements of `ids` that exist: each as published, or None when its state is
+        not published; ids of no agreement are absent."""
+        wanted = sorted(set(ids))
+        found: dict[str, Agreement | None] = {}
+        async with self.engine.connect() as conn:
+            for start in range(0, len(wanted), 500):
+                rows = await conn.execute(
+                    sa.select(agreements).where(agreements.c.id.in_(wanted[start : start + 500]))
+                )
+                for r in rows:
+                    published = r.state in {s.value for s in PUBLISHED_STATES}
+                    found[str(r.id)] = agreement_from_row(r) if published else None
+        return found
+
+    async def admin_targets(self, after: int) -> tuple[set[str], int]:
+        """The targets of the admin log entries after `after`, and the last entry's seq."""
+        async with self.engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    sa.select(admin_log.c.seq, admin_log.c.target).where(admin_log.c.seq > after)
+                )
+            ).all()
+        return {str(r.target) for r in rows}, max((int(r.seq) for r in rows), default=after)
 
     async def admin_entries(
         self, *, member: MemberId | None = None, after: int = 0, limit: int | None = None

@@ -20,13 +20,14 @@ import asyncio
 import base64
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from pathlib import Path
 
 import grpc
 import structlog
 
+from gateway.config_parts import Held, Update, apply_update, sha256
 from gateway.configuration import (
     MAX_CONFIGURATION_BYTES,
     Anchor,
@@ -66,6 +67,35 @@ def signed_from_message(message: pb.SignedConfiguration, max_bytes: int) -> Sign
     )
 
 
+def update_from_message(message: pb.PartsUpdate, max_bytes: int) -> Update:
+    """A parts update as the core checks it, its parts inflated (each up to `max_bytes`)."""
+
+    def inflate(data: bytes) -> bytes:
+        return inflate_content(data, max_bytes)
+
+    return Update(
+        directory=signed_from_message(message.directory, max_bytes),
+        base_version=message.base_version,
+        catalogue=inflate(message.catalogue_gzip) if message.catalogue_gzip else None,
+        digests=message.bucket_digests if message.base_version == 0 else None,
+        changed={c.bucket: c.sha256 for c in message.changed},
+        buckets={b.bucket: inflate(b.gzip_content) for b in message.buckets},
+    )
+
+
+# the index of the parts kept on disk
+HELD = "held.json"
+
+
+def _write_atomically(path: Path, content: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open_private(tmp) as f:
+        f.write(content)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 class ConfigurationClient:
     def __init__(
         self,
@@ -74,10 +104,23 @@ class ConfigurationClient:
         cache_file: Path,
         clock: Callable[[], datetime],
         max_message_bytes: int = MAX_CONFIGURATION_BYTES,
+        server: str = "",
+        subsystems: Callable[[], Iterable[str]] = tuple,
     ) -> None:
+        """`server` (this server's id) and `subsystems` say which agreement buckets to
+        follow: those of the subsystems the catalogue says `server` hosts, and of the
+        subsystems `subsystems()` gives when the watch opens (for a federated instance,
+        those this server hosts in its own)."""
         self.anchor = anchor
         self.max_message_bytes = max_message_bytes
+        self.server = server
+        self.subsystems = subsystems
+        # what is held of the configuration in parts (None: nothing, or a whole document)
+        self.held: Held | None = None
         self.cache_file = cache_file
+        # the configuration in parts is kept in this folder (the directory, then one file
+        # per part, named by its SHA-256)
+        self.parts_dir = cache_file.with_name(cache_file.stem + "-parts")
         self.clock = clock
         self.current: GlobalConfiguration | None = None
         self.available = asyncio.Event()
@@ -99,7 +142,21 @@ class ConfigurationClient:
         return config
 
     def load_cached(self) -> None:
-        """Load the last good configuration from disk, if there is one that still verifies."""
+        """Load the last good configuration from disk, if there is one that still verifies:
+        the one in parts when there is one, else the whole document."""
+        if (self.parts_dir / HELD).exists():
+            try:
+                held = self._read_parts(tuple(self.subsystems()))
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.warning(
+                    "configuration_cache_unreadable", path=str(self.parts_dir), error=str(exc)
+                )
+            except ConfigurationError as exc:
+                log.warning("configuration_cache_rejected", error=exc.message)
+            else:
+                self.held = held
+                self._install(held.config, None, persist=False)
+                return
         try:
             doc = json.loads(self.cache_file.read_text())
             signed = SignedConfiguration(
@@ -147,9 +204,9 @@ class ConfigurationClient:
         return True
 
     def _install(
-        self, config: GlobalConfiguration, signed: SignedConfiguration, *, persist: bool
+        self, config: GlobalConfiguration, signed: SignedConfiguration | None, *, persist: bool
     ) -> None:
-        if persist:
+        if persist and signed is not None:
             self._persist(signed)
         self.current = config
         self.available.set()
@@ -158,6 +215,8 @@ class ConfigurationClient:
             listener(config)
 
     def _persist(self, signed: SignedConfiguration) -> None:
+        self.held = None  # a whole document replaces what was held in parts
+        (self.parts_dir / HELD).unlink(missing_ok=True)
         doc = {
             "content": base64.b64encode(signed.content).decode(),
             "signature": base64.b64encode(signed.signature).decode(),
@@ -171,13 +230,83 @@ class ConfigurationClient:
             os.fsync(f.fileno())
         os.replace(tmp, self.cache_file)
 
+    def _read_parts(self, subsystems: tuple[str, ...]) -> Held:
+        """What `_write_parts` kept, checked as a snapshot from the registry would be."""
+        index = json.loads((self.parts_dir / HELD).read_text())
+
+        def part(digest_hex: str) -> bytes:
+            return (self.parts_dir / digest_hex).read_bytes()
+
+        update = Update(
+            directory=SignedConfiguration(
+                content=base64.b64decode(index["directory"]),
+                signature=base64.b64decode(index["signature"]),
+                signer_certificate=base64.b64decode(index["signer_certificate"]),
+            ),
+            base_version=0,
+            catalogue=part(index["catalogue"]),
+            digests=part(index["digests"]),
+            buckets={int(b): part(h) for b, h in index["buckets"].items()},
+        )
+        return apply_update(None, update, self.anchor, server=self.server, subsystems=subsystems)
+
+    def _write_parts(self, held: Held) -> None:
+        """Keep what is held on disk: each part in a file named by its SHA-256 (written once,
+        fsynced), then the index naming them replaced atomically, then unnamed parts removed;
+        a crash at any point leaves the previous index and its parts whole."""
+        folder = self.parts_dir
+        folder.mkdir(parents=True, exist_ok=True)
+        named: dict[str, bytes] = {
+            sha256(held.catalogue).hex(): held.catalogue,
+            sha256(held.digests).hex(): held.digests,
+            **{sha256(content).hex(): content for content, _ in held.buckets.values()},
+        }
+        for name, content in named.items():
+            if not (folder / name).exists():
+                _write_atomically(folder / name, content)
+        index = {
+            "directory": base64.b64encode(held.signed.content).decode(),
+            "signature": base64.b64encode(held.signed.signature).decode(),
+            "signer_certificate": base64.b64encode(held.signed.signer_certificate).decode(),
+            "catalogue": sha256(held.catalogue).hex(),
+            "digests": sha256(held.digests).hex(),
+            "buckets": {str(b): sha256(c).hex() for b, (c, _) in held.buckets.items()},
+        }
+        _write_atomically(folder / HELD, json.dumps(index).encode())
+        for path in folder.iterdir():
+            if path.name not in named and path.name != HELD:
+                path.unlink(missing_ok=True)
+
+    async def receive_parts(self, message: pb.PartsUpdate, subsystems: tuple[str, ...]) -> bool:
+        """Check a parts update (in a worker thread: inflating, verifying, parsing and
+        storing) and install the configuration it makes; False when it is not newer."""
+
+        def check() -> Held:
+            update = update_from_message(message, self.max_message_bytes)
+            base = None if update.base_version == 0 else self.held
+            return apply_update(
+                base, update, self.anchor, server=self.server, subsystems=subsystems
+            )
+
+        held = await asyncio.to_thread(check)
+        if not self._newer(held.config):
+            if self.current is not None and held.config.version == self.current.version:
+                self.held = held  # the same version again, as a snapshot: deltas follow it
+            return False
+        await asyncio.to_thread(self._write_parts, held)
+        if not self._newer(held.config):  # another copy was installed meanwhile
+            return False
+        self.held = held
+        self._install(held.config, None, persist=False)
+        return True
+
     async def run(self) -> None:
         """Watch the registry for new configurations until cancelled, reconnecting with backoff."""
         backoff = 0.2
         while True:
             for address in self.anchor.addresses:
                 try:
-                    await self._watch(address)
+                    await self._watch_parts(address)
                     backoff = 0.2
                 except grpc.aio.AioRpcError as exc:
                     if exc.code() is grpc.StatusCode.RESOURCE_EXHAUSTED:
@@ -195,6 +324,35 @@ class ConfigurationClient:
                     log.error("configuration_rejected", address=address, error=exc.message)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
+
+    async def _watch_parts(self, address: str) -> None:
+        """Follow the registry's configuration in parts; a registry without `WatchParts`
+        (an older one) is followed through `Watch`, whole."""
+        options = [*_KEEPALIVE, ("grpc.max_receive_message_length", self.max_message_bytes)]
+        async with grpc.aio.insecure_channel(address, options=options) as channel:
+            watch = channel.unary_stream(
+                "/gateway.v1.Configuration/WatchParts",
+                request_serializer=pb.WatchPartsRequest.SerializeToString,
+                response_deserializer=pb.PartsUpdate.FromString,
+            )
+            subsystems = tuple(self.subsystems())
+            call = watch(
+                pb.WatchPartsRequest(
+                    instance=self.anchor.instance, server=self.server, subsystems=subsystems
+                )
+            )
+            try:
+                async for message in call:
+                    await self.receive_parts(message, subsystems)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() is not grpc.StatusCode.UNIMPLEMENTED:
+                    raise
+                log.info("registry_without_parts", address=address)
+            else:
+                return
+            finally:
+                call.cancel()
+        await self._watch(address)
 
     async def _watch(self, address: str) -> None:
         options = [*_KEEPALIVE, ("grpc.max_receive_message_length", self.max_message_bytes)]

@@ -49,6 +49,7 @@ class Federations:
         self.clients: dict[str, ConfigurationClient] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._running = False
+        self._hosted: tuple[str, ...] = ()
 
     def start(self) -> None:
         """Follow the own configuration's federations from now on (call inside the loop)."""
@@ -66,18 +67,40 @@ class Federations:
                 for name, f in config.federations.items()
                 if f.active and name in self.allowed
             }
+        hosted = self.hosted()
         for name in list(self.clients):
             if name not in wanted or self.clients[name].anchor != wanted[name]:
                 self._stop(name)
+            elif self._hosted != hosted:
+                # another instance's agreements are followed for the subsystems we host:
+                # those changed, so watch again for the new ones
+                self._stop(name)
+        self._hosted = hosted
         for name, anchor in wanted.items():
             if name not in self.clients:
                 self._start(name, anchor)
+
+    def hosted(self) -> tuple[str, ...]:
+        """The subsystems this server hosts, by its own configuration: whose agreements it
+        follows in the other instances' configurations (as clients of their services)."""
+        config = self.own.current
+        if config is None:
+            return ()
+        return tuple(
+            sorted(
+                str(sub)
+                for server in config.servers.values()
+                if str(server.id) == self.own.server
+                for sub in server.subsystems
+            )
+        )
 
     def _start(self, name: str, anchor: Anchor) -> None:
         client = ConfigurationClient(
             anchor=anchor,
             cache_file=self.state_dir / f"configuration-{name}.json",
             clock=self.clock,
+            subsystems=self.hosted,
             max_message_bytes=self.own.max_message_bytes,
         )
         client.load_cached()

@@ -192,6 +192,7 @@ async def serve(
         cache_file=state_dir / "configuration.json",
         clock=_clock,
         max_message_bytes=settings.limits.max_configuration_bytes,
+        server=settings.server.id,
     )
     config.load_cached()
     federations = Federations(

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1egateway/v1/configuration.proto\x12\ngateway.v1\" \n\x0c\x46\x65tchRequest\x12\x10\n\x08instance\x18\x01 \x01(\t\"7\n\x0cWatchRequest\x12\x10\n\x08instance\x18\x01 \x01(\t\x12\x15\n\rknown_version\x18\x02 \x01(\x04\"k\n\x13SignedConfiguration\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x1a\n\x12signer_certificate\x18\x03 \x01(\x0c\x12\x14\n\x0cgzip_content\x18\x04 \x01(\x0c\"6\n\x10SignedCheckpoint\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"(\n\x11\x43heckpointReceipt\x12\x13\n\x0breceived_at\x18\x01 \x01(\t2\xe4\x01\n\rConfiguration\x12\x42\n\x05\x46\x65tch\x12\x18.gateway.v1.FetchRequest\x1a\x1f.gateway.v1.SignedConfiguration\x12\x44\n\x05Watch\x12\x18.gateway.v1.WatchRequest\x1a\x1f.gateway.v1.SignedConfiguration0\x01\x12I\n\nCheckpoint\x12\x1c.gateway.v1.SignedCheckpoint\x1a\x1d.gateway.v1.CheckpointReceiptb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1egateway/v1/configuration.proto\x12\ngateway.v1\" \n\x0c\x46\x65tchRequest\x12\x10\n\x08instance\x18\x01 \x01(\t\"7\n\x0cWatchRequest\x12\x10\n\x08instance\x18\x01 \x01(\t\x12\x15\n\rknown_version\x18\x02 \x01(\x04\"k\n\x13SignedConfiguration\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x1a\n\x12signer_certificate\x18\x03 \x01(\x0c\x12\x14\n\x0cgzip_content\x18\x04 \x01(\x0c\"6\n\x10SignedCheckpoint\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"(\n\x11\x43heckpointReceipt\x12\x13\n\x0breceived_at\x18\x01 \x01(\t\"I\n\x11WatchPartsRequest\x12\x10\n\x08instance\x18\x01 \x01(\t\x12\x0e\n\x06server\x18\x02 \x01(\t\x12\x12\n\nsubsystems\x18\x03 \x03(\t\"\xd7\x01\n\x0bPartsUpdate\x12\x32\n\tdirectory\x18\x01 \x01(\x0b\x32\x1f.gateway.v1.SignedConfiguration\x12\x14\n\x0c\x62\x61se_version\x18\x02 \x01(\x04\x12\x16\n\x0e\x63\x61talogue_gzip\x18\x03 \x01(\x0c\x12\x16\n\x0e\x62ucket_digests\x18\x04 \x01(\x0c\x12)\n\x07\x63hanged\x18\x05 \x03(\x0b\x32\x18.gateway.v1.BucketDigest\x12#\n\x07\x62uckets\x18\x06 \x03(\x0b\x32\x12.gateway.v1.Bucket\".\n\x0c\x42ucketDigest\x12\x0e\n\x06\x62ucket\x18\x01 \x01(\r\x12\x0e\n\x06sha256\x18\x02 \x01(\x0c\".\n\x06\x42ucket\x12\x0e\n\x06\x62ucket\x18\x01 \x01(\r\x12\x14\n\x0cgzip_content\x18\x02 \x01(\x0c\x32\xac\x02\n\rConfiguration\x12\x42\n\x05\x46\x65tch\x12\x18.gateway.v1.FetchRequest\x1a\x1f.gateway.v1.SignedConfiguration\x12\x44\n\x05Watch\x12\x18.gateway.v1.WatchRequest\x1a\x1f.gateway.v1.SignedConfiguration0\x01\x12\x46\n\nWatchParts\x12\x1d.gateway.v1.WatchPartsRequest\x1a\x17.gateway.v1.PartsUpdate0\x01\x12I\n\nCheckpoint\x12\x1c.gateway.v1.SignedCheckpoint\x1a\x1d.gateway.v1.CheckpointReceiptb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,6 +41,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SIGNEDCHECKPOINT']._serialized_end=300
   _globals['_CHECKPOINTRECEIPT']._serialized_start=302
   _globals['_CHECKPOINTRECEIPT']._serialized_end=342
-  _globals['_CONFIGURATION']._serialized_start=345
-  _globals['_CONFIGURATION']._serialized_end=573
+  _globals['_WATCHPARTSREQUEST']._serialized_start=344
+  _globals['_WATCHPARTSREQUEST']._serialized_end=417
+  _globals['_PARTSUPDATE']._serialized_start=420
+  _globals['_PARTSUPDATE']._serialized_end=635
+  _globals['_BUCKETDIGEST']._serialized_start=637
+  _globals['_BUCKETDIGEST']._serialized_end=683
+  _globals['_BUCKET']._serialized_start=685
+  _globals['_BUCKET']._serialized_end=731
+  _globals['_CONFIGURATION']._serialized_start=734
+  _globals['_CONFIGURATION']._serialized_end=1034
 # @@protoc_insertion_point(module_scope)
