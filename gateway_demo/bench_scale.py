@@ -501,7 +501,6 @@ def run_scale_bench(
     if scale <= 0 or repeats < 1 or watchers < 1:
         print("bench: --scale must be > 0, --repeats and --watchers >= 1")
         return 2
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     ready_timeout = ready_timeout or 30.0 + 30.0 * scale
     change_timeout = change_timeout or 20.0 + 20.0 * scale
     counts = Counts.at(scale)
@@ -537,9 +536,17 @@ def run_scale_bench(
         runner.start("registry", timeout=60.0 + 120.0 * scale)
         results.registry_start_seconds = time.monotonic() - began
         print(f"   registry ready in {results.registry_start_seconds:.1f} s", flush=True)
-        asyncio.run(
-            _measure(runner, results, ready_timeout=ready_timeout, change_timeout=change_timeout)
-        )
+        # quiet: the configuration client logs each document it installs
+        logging_config = structlog.get_config()
+        structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+        try:
+            asyncio.run(
+                _measure(
+                    runner, results, ready_timeout=ready_timeout, change_timeout=change_timeout
+                )
+            )
+        finally:
+            structlog.configure(**logging_config)
     finally:
         runner.close()
     rows = table(results)
