@@ -1,8 +1,8 @@
 """Watchers of the registry's configuration for `gateway bench --scale`, as a subprocess.
 
 `python -m gateway_demo.scale_watch ADDRESS INSTANCE COUNT` opens COUNT concurrent
-`/gateway.v1.Configuration/Watch` streams, each on its own channel with gRPC's default
-limits (as a security server's configuration client has them), and prints one JSON line
+`/gateway.v1.Configuration/Watch` streams, each on its own channel with a security
+server's default receive limit (`MAX_CONFIGURATION_BYTES`), and prints one JSON line
 per message received: `{"w": i, "t": time.monotonic(), "bytes": n, "version": v}`, or
 `{"w": i, "t": ..., "error": "STATUS: details"}` when a stream fails (it reconnects a
 second later, as a security server would). `time.monotonic()` is the system-wide
@@ -24,7 +24,9 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from gateway.configuration import MAX_CONFIGURATION_BYTES, SignedConfiguration
 from gateway.v1 import configuration_pb2 as pb
+from security_server.config_client import signed_from_message
 
 # canonical JSON sorts keys: the content's last key is its version
 _VERSION = re.compile(rb'"version":([0-9]+)}$')
@@ -35,12 +37,18 @@ def _version(content: bytes) -> int | None:
     return int(found.group(1)) if found else None
 
 
+def signed_document(message: pb.SignedConfiguration) -> SignedConfiguration:
+    """The signed configuration a message carries (inflated when it came compressed)."""
+    return signed_from_message(message, MAX_CONFIGURATION_BYTES)
+
+
 async def watch_configuration(
     address: str, instance: str, known_version: int = 0
 ) -> AsyncIterator[tuple[int, int | None]]:
     """Follow the Watch stream: (message bytes, version) for each version pushed.
     Raises `grpc.aio.AioRpcError` when the stream fails."""
-    async with grpc.aio.insecure_channel(address) as channel:
+    options = [("grpc.max_receive_message_length", MAX_CONFIGURATION_BYTES)]
+    async with grpc.aio.insecure_channel(address, options=options) as channel:
         watch = channel.unary_stream(
             "/gateway.v1.Configuration/Watch",
             request_serializer=pb.WatchRequest.SerializeToString,
@@ -49,7 +57,8 @@ async def watch_configuration(
         call = watch(pb.WatchRequest(instance=instance, known_version=known_version))
         try:
             async for message in call:
-                yield message.ByteSize(), _version(message.content)
+                content = message.content or signed_document(message).content
+                yield message.ByteSize(), _version(content)
         finally:
             call.cancel()
 
