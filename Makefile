@@ -47,6 +47,7 @@ bench: $(STAMP)
 	$(BIN)/gateway bench --revocation --repeats 5 --workdir var/bench-revocation
 	$(BIN)/gateway bench --audit --records 1000000 --repeats 3 --queries 300
 	$(BIN)/gateway bench --federation --repeats 5 --workdir var/bench-federation
+	$(BIN)/gateway bench --scale 0.1 --repeats 3 --workdir var/bench-scale
 
 # Regenerate the committed protobuf modules from proto/ (tests check they match).
 proto: $(STAMP)

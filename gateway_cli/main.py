@@ -532,6 +532,10 @@ def _bench(ns: argparse.Namespace) -> int:
             queries=ns.queries,
             database=ns.database,
         )
+    if ns.scale is not None:
+        from gateway_demo.bench_scale import run_scale_bench
+
+        return run_scale_bench(ns.workdir, ns.scale, ns.repeats, ns.watchers)
     if ns.revocation:
         from gateway_demo.revocation import run_revocation_bench
 
@@ -847,6 +851,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--calls", type=int, default=300, help="--federation: sequential calls per target"
     )
+    p.add_argument(
+        "--scale",
+        type=float,
+        metavar="F",
+        help="measure the global configuration at F times a national instance (1,000 "
+        "members, 500 servers, 5,000 services, 55,000 agreements at F = 1) instead",
+    )
+    p.add_argument("--watchers", type=int, default=20, help="--scale: concurrent Watch streams")
     p.set_defaults(func=_bench)
 
     p = commands.add_parser("demo-backend", help="run one of the demo's sample backends")
