@@ -45,11 +45,13 @@ from typing import Any
 import aiohttp
 import structlog
 
-from gateway.configuration import Anchor, SignedConfiguration
+from gateway.config_parts import apply_update
+from gateway.configuration import Anchor
+from gateway.v1 import configuration_pb2 as pb
 from gateway_demo.client import call_raw, routing_metadata
 from gateway_demo.revocation import CLINICS, CLINICS_SERVER, ECHO, POPULATION
 from gateway_demo.runner import Process, Runner
-from gateway_demo.scale_watch import fetch_configuration, signed_document
+from gateway_demo.scale_watch import fetch_configuration, parts_stream, signed_document
 from gateway_demo.scale_world import Counts, seed_registry
 
 SERVERS = ("ss-msp", "ss-dnic")
@@ -57,6 +59,10 @@ CALLERS = 4
 
 # a measurement: seconds, or why there is none ("never", "failed (...)")
 Value = float | str
+
+
+# the demo's provider security server, whose snapshot the bench installs
+PROVIDER_SERVER = "UY/GOV/DNIC/ss1"
 
 
 @dataclass
@@ -71,6 +77,10 @@ class ScaleResults:
     configuration_bytes: int | str = "never"
     # the signed canonical content, uncompressed
     content_bytes: int = 0
+    # a security server's first WatchParts message (the snapshot of what it needs)
+    snapshot_bytes: int | str = "never"
+    # the WatchParts messages that brought each watcher a change (bytes, each)
+    change_bytes: list[int] = field(default_factory=list)
     install_seconds: list[Value] = field(default_factory=list)
     servers_ready: dict[str, Value] = field(default_factory=dict)
     publish_seconds: list[Value] = field(default_factory=list)
@@ -107,19 +117,34 @@ def median(values: list[Value]) -> Value:
     return statistics.median(numbers)
 
 
-def install_seconds(signed: SignedConfiguration, anchor: Anchor) -> float:
-    """What a security server spends on a new document: verify, parse, install, persist."""
-    from security_server.config_client import ConfigurationClient
+def install_seconds(snapshot: pb.PartsUpdate, anchor: Anchor, server: str) -> float:
+    """What a security server spends on its snapshot of the configuration in parts: inflate,
+    verify, parse, build its configuration, store the parts."""
+    from security_server.config_client import ConfigurationClient, update_from_message
 
     with tempfile.TemporaryDirectory() as folder:
         client = ConfigurationClient(
             anchor=anchor,
             cache_file=Path(folder) / "configuration.json",
             clock=lambda: datetime.now(UTC),
+            server=server,
         )
         began = time.perf_counter()
-        client.accept(signed)
+        held = apply_update(
+            None,
+            update_from_message(snapshot, client.max_message_bytes),
+            anchor,
+            server=server,
+        )
+        client._write_parts(held)
         return time.perf_counter() - began
+
+
+async def first_snapshot(address: str, instance: str, server: str) -> pb.PartsUpdate:
+    """The first WatchParts message a security server gets: its snapshot."""
+    async for message in parts_stream(address, instance, server):
+        return message
+    raise RuntimeError("the WatchParts stream ended without a message")
 
 
 class Watchers:
@@ -129,7 +154,8 @@ class Watchers:
         self.count = count
         self.arrivals: list[dict[int, float]] = [{} for _ in range(count)]
         self.errors: list[list[str]] = [[] for _ in range(count)]
-        self.bytes = 0
+        self.first: set[int] = set()
+        self.change_bytes: list[int] = []
         self.changed = asyncio.Event()
         self.process: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -158,7 +184,9 @@ class Watchers:
                 self.errors[index].append(str(doc["error"]))
             elif doc.get("version") is not None:
                 self.arrivals[index].setdefault(int(doc["version"]), float(doc["t"]))
-                self.bytes = max(self.bytes, int(doc["bytes"]))
+                if index in self.first:  # the first message of a stream is a snapshot
+                    self.change_bytes.append(int(doc["bytes"]))
+                self.first.add(index)
             self.changed.set()
 
     def latest(self, index: int) -> int:
@@ -410,8 +438,10 @@ async def _measure(
         anchor = Anchor.from_json(json.loads((runner.pki / "anchor.json").read_text()))
         document = signed_document(signed)
         results.content_bytes = len(document.content)
+        snapshot = await first_snapshot(address, instance, PROVIDER_SERVER)
+        results.snapshot_bytes = snapshot.ByteSize()
         for _ in range(results.repeats):
-            results.install_seconds.append(install_seconds(document, anchor))
+            results.install_seconds.append(install_seconds(snapshot, anchor, PROVIDER_SERVER))
     except Exception as exc:
         results.configuration_bytes = _reason(exc)
     for name in SERVERS:
@@ -444,6 +474,7 @@ async def _measure(
                     flush=True,
                 )
         results.registry_memory_kib = memory_kib(runner.processes["registry"])
+        results.change_bytes = watchers.change_bytes
     finally:
         await watchers.close()
     for name in SERVERS:
@@ -464,15 +495,29 @@ def table(results: ScaleResults) -> list[tuple[str, str]]:
     ss_peak = [m["VmHWM"] for m in results.server_memory_kib.values() if "VmHWM" in m]
     registry_peak = results.registry_memory_kib.get("VmHWM")
     return [
-        ("signed configuration (protobuf, as sent)", _show(results.configuration_bytes, "B")),
+        (
+            "whole configuration, one document (Fetch, as sent)",
+            _show(results.configuration_bytes, "B"),
+        ),
         ("its content, uncompressed", _show(results.content_bytes, "B")),
+        ("a security server's snapshot (WatchParts, as sent)", _show(results.snapshot_bytes, "B")),
+        (
+            "a change's message per watcher (median, largest)",
+            f"{statistics.median(results.change_bytes) / 1e3:.1f} KB, "
+            f"{max(results.change_bytes) / 1e3:.1f} KB"
+            if results.change_bytes
+            else "not measured",
+        ),
         ("registry: publish after one change", _show(median(results.publish_seconds))),
         ("revoke API answer", _show(median(results.api_seconds))),
         (
             f"all of {results.watchers} watchers have the new version",
             _show(median(results.watchers_seconds)),
         ),
-        ("security server: verify, parse and install", _show(median(results.install_seconds))),
+        (
+            "security server: verify, parse and install its snapshot",
+            _show(median(results.install_seconds)),
+        ),
         (
             "security server memory (peak, larger of the two)",
             _show(max(ss_peak), "KiB") if ss_peak else "not measured",

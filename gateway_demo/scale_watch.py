@@ -1,9 +1,11 @@
 """Watchers of the registry's configuration for `gateway bench --scale`, as a subprocess.
 
 `python -m gateway_demo.scale_watch ADDRESS INSTANCE COUNT` opens COUNT concurrent
-`/gateway.v1.Configuration/Watch` streams, each on its own channel with a security
-server's default receive limit (`MAX_CONFIGURATION_BYTES`), and prints one JSON line
-per message received: `{"w": i, "t": time.monotonic(), "bytes": n, "version": v}`, or
+`/gateway.v1.Configuration/WatchParts` streams, each on its own channel with a security
+server's default receive limit (`MAX_CONFIGURATION_BYTES`), watcher i as the synthetic
+world's server i (so each gets the buckets of its own subsystems, as a security server
+would), and prints one JSON line per message received:
+`{"w": i, "t": time.monotonic(), "bytes": n, "version": v}`, or
 `{"w": i, "t": ..., "error": "STATUS: details"}` when a stream fails (it reconnects a
 second later, as a security server would). `time.monotonic()` is the system-wide
 CLOCK_MONOTONIC on Linux, so the bench compares it with its own clock.
@@ -26,6 +28,7 @@ import grpc
 
 from gateway.configuration import MAX_CONFIGURATION_BYTES, SignedConfiguration
 from gateway.v1 import configuration_pb2 as pb
+from gateway_demo.scale_world import CLASSES
 from security_server.config_client import signed_from_message
 
 # canonical JSON sorts keys: the content's last key is its version
@@ -43,24 +46,35 @@ def signed_document(message: pb.SignedConfiguration) -> SignedConfiguration:
 
 
 async def watch_configuration(
-    address: str, instance: str, known_version: int = 0
+    address: str, instance: str, server: str
 ) -> AsyncIterator[tuple[int, int | None]]:
-    """Follow the Watch stream: (message bytes, version) for each version pushed.
-    Raises `grpc.aio.AioRpcError` when the stream fails."""
+    """Follow the WatchParts stream as `server`: (message bytes, version) for each version
+    pushed (the first message a snapshot, then deltas). Raises `grpc.aio.AioRpcError` when
+    the stream fails."""
+    async for message in parts_stream(address, instance, server):
+        yield message.ByteSize(), _version(signed_document(message.directory).content)
+
+
+async def parts_stream(address: str, instance: str, server: str) -> AsyncIterator[pb.PartsUpdate]:
+    """The WatchParts messages for `server`, as a security server receives them."""
     options = [("grpc.max_receive_message_length", MAX_CONFIGURATION_BYTES)]
     async with grpc.aio.insecure_channel(address, options=options) as channel:
         watch = channel.unary_stream(
-            "/gateway.v1.Configuration/Watch",
-            request_serializer=pb.WatchRequest.SerializeToString,
-            response_deserializer=pb.SignedConfiguration.FromString,
+            "/gateway.v1.Configuration/WatchParts",
+            request_serializer=pb.WatchPartsRequest.SerializeToString,
+            response_deserializer=pb.PartsUpdate.FromString,
         )
-        call = watch(pb.WatchRequest(instance=instance, known_version=known_version))
+        call = watch(pb.WatchPartsRequest(instance=instance, server=server))
         try:
             async for message in call:
-                content = message.content or signed_document(message).content
-                yield message.ByteSize(), _version(content)
+                yield message
         finally:
             call.cancel()
+
+
+def synthetic_server(instance: str, index: int) -> str:
+    """The id of the synthetic world's server `index` (see gateway_demo/scale_world.py)."""
+    return f"{instance}/{CLASSES[index % len(CLASSES)]}/SYN{index:05d}/ss1"
 
 
 async def fetch_configuration(
@@ -87,11 +101,10 @@ def _emit(doc: dict[str, object]) -> None:
 
 
 async def _watcher(index: int, address: str, instance: str) -> None:
-    known = 0
     while True:
         try:
-            async for size, version in watch_configuration(address, instance, known):
-                known = version or known
+            server = synthetic_server(instance, index)
+            async for size, version in watch_configuration(address, instance, server):
                 _emit({"w": index, "t": time.monotonic(), "bytes": size, "version": version})
         except grpc.aio.AioRpcError as exc:
             _emit(

@@ -54,7 +54,8 @@ async def test_seeded_registry_publishes_a_configuration_that_verifies(
             validity=timedelta(minutes=10),
             clock=lambda: datetime.now(UTC),
         )
-        signed = await publisher.publish()
+        await publisher.publish()
+        _, signed, _ = await publisher.whole()
     finally:
         await store.close()
     anchor = Anchor(
