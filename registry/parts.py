@@ -27,7 +27,6 @@ from gateway.config_parts import (
     EMPTY_DIGEST,
     bucket_of,
     buckets_of,
-    encode_bucket,
     sha256,
 )
 from gateway.configuration import catalogue_json, compress_content
@@ -65,21 +64,34 @@ def encode_catalogue(
 EMPTY_CATALOGUE = Catalogue(content=b"", sha256=b"", doc={}, hosted={})
 
 
+def agreement_bytes(agreement: Agreement) -> bytes:
+    """An agreement's canonical JSON, as buckets list it."""
+    return canonical.encode(agreement.to_json())
+
+
+def join_bucket(listed: Mapping[str, bytes]) -> bytes:
+    """A bucket's canonical content from its agreements' canonical JSON: the same bytes as
+    `encode_bucket` gives (canonical JSON is compact, with keys and here ids in order)."""
+    return b'{"agreements":[' + b",".join(listed[i] for i in sorted(listed)) + b"]}"
+
+
 @dataclass(frozen=True, slots=True)
 class BucketChange:
     """A change of some agreements, planned: their new buckets (empty: removed), the new
-    agreements of every bucket they touch, and the new content of those that changed."""
+    listing of every bucket they touch, and the new content of those that changed."""
 
     where: Mapping[str, frozenset[int]]
-    agreements: Mapping[int, dict[str, Agreement]]
+    agreements: Mapping[int, dict[str, bytes]]
     contents: Mapping[int, bytes]
 
 
 @dataclass(slots=True)
 class Buckets:
-    """Every agreement bucket: agreements by id, content and digest."""
+    """Every agreement bucket: its agreements (id -> canonical JSON, one bytes object shared
+    by an agreement's two buckets, so 100,000 agreements take tens of MB, not the hundreds
+    their parsed form would), content and digest."""
 
-    agreements: list[dict[str, Agreement]]
+    agreements: list[dict[str, bytes]]
     contents: list[bytes]
     digests: bytearray
     where: dict[str, frozenset[int]]
@@ -95,20 +107,28 @@ class Buckets:
 
     @classmethod
     def of(cls, agreements: Iterable[Agreement]) -> Buckets:
-        """All buckets built from scratch (seconds for 100,000 agreements: a worker thread)."""
+        """All buckets built from scratch."""
         book = cls.empty()
-        for a in agreements:
-            where = buckets_of(a)
-            book.where[a.id] = where
-            for b in where:
-                book.agreements[b][a.id] = a
-        for b in range(BUCKETS):
-            if book.agreements[b]:
-                book._encode(b)
+        book.add(agreements)
+        book.encode_all()
         return book
 
+    def add(self, agreements: Iterable[Agreement]) -> None:
+        """List agreements in their buckets without encoding them (`encode_all` does)."""
+        for a in agreements:
+            where = buckets_of(a)
+            self.where[a.id] = where
+            data = agreement_bytes(a)
+            for b in where:
+                self.agreements[b][a.id] = data
+
+    def encode_all(self) -> None:
+        for b in range(BUCKETS):
+            if self.agreements[b]:
+                self._encode(b)
+
     def _encode(self, bucket: int) -> None:
-        content = encode_bucket(self.agreements[bucket].values())
+        content = join_bucket(self.agreements[bucket])
         self.contents[bucket] = content
         self.digests[bucket * DIGEST_BYTES : (bucket + 1) * DIGEST_BYTES] = sha256(content)
 
@@ -116,18 +136,19 @@ class Buckets:
         """What putting each agreement of `changed` in its buckets (None: taking it out)
         would change, computed without changing anything (`apply` does)."""
         where: dict[str, frozenset[int]] = {}
-        touched: dict[int, dict[str, Agreement]] = {}
+        touched: dict[int, dict[str, bytes]] = {}
         for agreement_id, agreement in changed.items():
             for b in self.where.get(agreement_id, frozenset()):
                 touched.setdefault(b, dict(self.agreements[b])).pop(agreement_id, None)
             where[agreement_id] = frozenset()
             if agreement is not None:
                 where[agreement_id] = buckets_of(agreement)
+                data = agreement_bytes(agreement)
                 for b in where[agreement_id]:
-                    touched.setdefault(b, dict(self.agreements[b]))[agreement_id] = agreement
+                    touched.setdefault(b, dict(self.agreements[b]))[agreement_id] = data
         contents: dict[int, bytes] = {}
         for b, listed in touched.items():
-            content = encode_bucket(listed.values())
+            content = join_bucket(listed)
             if sha256(content) != self.digest(b):
                 contents[b] = content
         return BucketChange(where=where, agreements=touched, contents=contents)
@@ -157,11 +178,12 @@ class Buckets:
     def digest(self, bucket: int) -> bytes:
         return bytes(self.digests[bucket * DIGEST_BYTES : (bucket + 1) * DIGEST_BYTES])
 
-    def all(self) -> list[Agreement]:
-        unique: dict[str, Agreement] = {}
+    def listed(self) -> dict[str, bytes]:
+        """Every agreement's canonical JSON, by id."""
+        unique: dict[str, bytes] = {}
         for bucket in self.agreements:
             unique.update(bucket)
-        return list(unique.values())
+        return unique
 
 
 class PartsBook:

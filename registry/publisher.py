@@ -163,12 +163,14 @@ class Publisher:
         """What changed in the database since the book was last brought up to it: the
         catalogue to publish, all buckets anew (the first time) or the change of some, and
         the admin log entry read up to."""
-        if self._admin_seq < 0:  # the first version: everything, in a worker thread
+        if self._admin_seq < 0:  # the first version: everything, in worker threads
             head = await self.store.admin_head()
-            content = await self.store.content()
-            catalogue, buckets = await asyncio.to_thread(
-                lambda: (self._encode_catalogue(content), Buckets.of(content.agreements))
-            )
+            content = await self.store.catalogue()
+            buckets = Buckets.empty()
+            async for page in self.store.published_agreement_pages():
+                await asyncio.to_thread(buckets.add, page)
+            await asyncio.to_thread(buckets.encode_all)
+            catalogue = await asyncio.to_thread(self._encode_catalogue, content)
             return catalogue, buckets, NO_CHANGE, head.next_seq - 1
         targets, seq = await self.store.admin_targets(self._admin_seq)
         catalogue = self.book.catalogue
@@ -214,10 +216,12 @@ class Publisher:
             if self._whole is not None and self._whole[0] == current.number:
                 return self._whole
             catalogue = self.book.catalogue.doc
-            agreements = [a.to_json() for a in self.book.buckets.all()]
+            listed = self.book.buckets.listed()
 
             def build() -> tuple[SignedConfiguration, bytes]:
-                content = canonical.encode(
+                # canonical JSON sorts keys and "agreements" comes first: the agreements'
+                # own canonical bytes are joined in, not encoded again
+                rest = canonical.encode(
                     {
                         **catalogue,
                         "format": FORMAT_VERSION,
@@ -225,9 +229,10 @@ class Publisher:
                         "version": current.number,
                         "generated_at": format_time(current.generated_at),
                         "expires_at": format_time(current.expires_at),
-                        "agreements": sorted(agreements, key=lambda d: str(d["id"])),
                     }
                 )
+                agreements = b",".join(listed[i] for i in sorted(listed))
+                content = b'{"agreements":[' + agreements + b"]," + rest[1:]
                 return sign_configuration(content, self.signer), compress_content(content)
 
             signed, packed = await asyncio.to_thread(build)

@@ -462,6 +462,28 @@ class RegistryStore:
             outbound_approvals=tuple(outbound_from_row(r) for r in o),
         )
 
+    async def published_agreement_pages(self, size: int = 5000) -> AsyncIterator[list[Agreement]]:
+        """Every published agreement, a page of `size` at a time (in id order), so that a
+        national instance's are never all parsed at once."""
+        after = ""
+        while True:
+            async with self.engine.connect() as conn:
+                rows = (
+                    await conn.execute(
+                        sa.select(agreements)
+                        .where(
+                            agreements.c.state.in_([s.value for s in PUBLISHED_STATES]),
+                            agreements.c.id > after,
+                        )
+                        .order_by(agreements.c.id)
+                        .limit(size)
+                    )
+                ).all()
+            if not rows:
+                return
+            after = str(rows[-1].id)
+            yield [agreement_from_row(r) for r in rows]
+
     async def agreements_by_id(self, ids: Iterable[str]) -> dict[str, Agreement | None]:
         """The agreements of `ids` that exist: each as published, or None when its state is
         not published; ids of no agreement are absent."""

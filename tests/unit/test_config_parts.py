@@ -26,7 +26,7 @@ from gateway.config_parts import (
 from gateway.configuration import catalogue_json, sign_configuration
 from gateway.errors import AuthorizationError, Code
 from gateway.identifiers import SubsystemId
-from registry.parts import Buckets
+from registry.parts import Buckets, agreement_bytes, join_bucket
 from tests.unit.test_configuration import BENEFITS, IDENTITY, SS_BPS, SS_DNIC, World, expect_invalid
 
 # the fixture `world` (a signed UY configuration), shared with the core's tests
@@ -235,7 +235,7 @@ def test_an_agreement_in_a_bucket_not_its_own_is_refused(registry: Registry) -> 
         if bucket_of(sub) not in {bucket_of(OTHER), bucket_of(IDENTITY), bucket_of(BENEFITS)}
     )
     wrong = bucket_of(x)
-    registry.buckets.agreements[wrong][stray.id] = stray
+    registry.buckets.agreements[wrong][stray.id] = agreement_bytes(stray)
     registry.buckets._encode(wrong)
     error = expect_invalid(
         lambda: apply_update(
@@ -247,3 +247,13 @@ def test_an_agreement_in_a_bucket_not_its_own_is_refused(registry: Registry) -> 
         )
     )
     assert f"agreement AG-STRAY is listed in bucket {wrong}, not one of its own" in error.message
+
+
+def test_the_registry_joins_a_bucket_into_the_same_bytes_as_encoding_it(world: World) -> None:
+    """The registry keeps each agreement's canonical JSON and joins a bucket from them: the
+    bytes are exactly the bucket's canonical encoding, whatever the order of ids."""
+    deal = world.agreement
+    others = [dataclasses.replace(deal, id=f"AG-{n:03d}") for n in (7, 100, 3)]
+    listed = {a.id: agreement_bytes(a) for a in [deal, *others]}
+    assert join_bucket(listed) == encode_bucket([deal, *others])
+    assert join_bucket({}) == encode_bucket([])
