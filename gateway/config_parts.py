@@ -27,6 +27,7 @@ Building blocks only: no clock, files or network.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -37,13 +38,14 @@ from typing import Any
 from cryptography import x509
 
 from gateway import canonical
-from gateway.agreements import Agreement
+from gateway.agreements import Agreement, AgreementIndex
 from gateway.configuration import (
     Anchor,
     GlobalConfiguration,
     SignedConfiguration,
     _invalid,
     assemble,
+    check_own_instance,
 )
 from gateway.errors import ConfigurationError, GatewayError, TrustError
 from gateway.identifiers import SubsystemId
@@ -195,14 +197,29 @@ def parse_bucket(content: bytes, bucket: int) -> tuple[Agreement, ...]:
 
 
 def assemble_parts(
-    directory: Directory, catalogue: Mapping[str, Any], buckets: Sequence[Iterable[Agreement]]
+    directory: Directory,
+    catalogue: Mapping[str, Any],
+    buckets: Sequence[Iterable[Agreement]],
+    previous: GlobalConfiguration | None = None,
 ) -> GlobalConfiguration:
     """The configuration a server decides with: the catalogue, and the agreements of the
-    buckets it holds (an agreement in two of them counted once)."""
+    buckets it holds (an agreement in two of them counted once). `previous`, a
+    configuration built from this same catalogue, lends its parsed catalogue: then only the
+    agreements are checked and indexed anew (a change costs what changed, not the
+    thousands of members, servers and services)."""
     unique: dict[str, Agreement] = {}
     for bucket in buckets:
         for a in bucket:
             unique[a.id] = a
+    if previous is not None:
+        check_own_instance(directory.instance, (), (), (), unique.values(), ())
+        return dataclasses.replace(
+            previous,
+            version=directory.version,
+            generated_at=directory.generated_at,
+            expires_at=directory.expires_at,
+            agreements=AgreementIndex(unique.values()),
+        )
     try:
         return assemble(directory.header(), catalogue, unique.values())
     except ConfigurationError:
@@ -322,7 +339,13 @@ def apply_update(
         else:
             raise _invalid(f"bucket {bucket}, which this server needs, is missing")
     # a bucket sent and not wanted (the server's subsystems changed meanwhile) is left out
-    config = assemble_parts(directory, catalogue_doc, [b[1] for b in buckets.values()])
+    same = held is not None and catalogue_doc is held.catalogue_doc
+    config = assemble_parts(
+        directory,
+        catalogue_doc,
+        [b[1] for b in buckets.values()],
+        previous=held.config if same and held is not None else None,
+    )
     return Held(
         signed=update.directory,
         directory=directory,
