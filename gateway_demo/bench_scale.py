@@ -87,6 +87,8 @@ class ScaleResults:
     api_seconds: list[Value] = field(default_factory=list)
     watchers_seconds: list[Value] = field(default_factory=list)
     refusal_seconds: list[Value] = field(default_factory=list)
+    # calls that failed otherwise than allowed or refused as revoked, by code, in all runs
+    unexpected: dict[str, int] = field(default_factory=dict)
     server_memory_kib: dict[str, dict[str, int]] = field(default_factory=dict)
     registry_memory_kib: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -293,6 +295,8 @@ class _Change:
     api: Value = "never"
     watchers: Value = "never"
     refusal: Value = "not measured"
+    # calls under way that failed otherwise than allowed or refused `agreement_revoked`
+    unexpected: dict[str, int] = field(default_factory=dict)
 
 
 async def measure_change(
@@ -351,6 +355,9 @@ async def measure_change(
                         flowing.set()
                     if outcome.error == "agreement_revoked" and not refused_at.done():
                         refused_at.set_result(now)
+                    elif not outcome.ok and outcome.error != "agreement_revoked":
+                        why = outcome.error or outcome.code.name
+                        out.unexpected[why] = out.unexpected.get(why, 0) + 1
 
             callers = [asyncio.create_task(caller()) for _ in range(CALLERS)]
             await asyncio.wait_for(flowing.wait(), timeout)
@@ -468,6 +475,8 @@ async def _measure(
                 results.api_seconds.append(change.api)
                 results.watchers_seconds.append(change.watchers)
                 results.refusal_seconds.append(change.refusal)
+                for why, n in change.unexpected.items():
+                    results.unexpected[why] = results.unexpected.get(why, 0) + n
                 print(
                     f"   run {run + 1}: publish {_show(change.publish)}, API {_show(change.api)}, "
                     f"all watchers {_show(change.watchers)}, refusal {_show(change.refusal)}",
@@ -527,6 +536,10 @@ def table(results: ScaleResults) -> list[tuple[str, str]]:
             _show(registry_peak, "KiB") if registry_peak else "not measured",
         ),
         ("revoke → first refusal, real servers", _show(median(results.refusal_seconds))),
+        (
+            "calls failing otherwise meanwhile",
+            ", ".join(f"{n} x {why}" for why, n in sorted(results.unexpected.items())) or "none",
+        ),
     ]
 
 

@@ -391,12 +391,13 @@ def test_files_holding_personal_data_are_owner_only(
             db,
             db.with_name(db.name + "-wal"),
             db.with_name(db.name + "-shm"),
-            state / "configuration.json",
+            *(state / "configuration-parts").iterdir(),
             *(state / "ocsp").iterdir(),
         ]
-        assert len(private) > 5
+        assert len(private) > 8
         assert _mode(state) == 0o700, state
         assert _mode(state / "ocsp") == 0o700
+        assert _mode(state / "configuration-parts") == 0o700
         for path in private:
             assert _mode(path) == 0o600, path
     left = runner.log_db(MSP_SERVER).parent

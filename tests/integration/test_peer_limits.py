@@ -87,9 +87,10 @@ async def _legitimate_call(runner: Runner) -> float:
 async def test_a_peer_that_never_reads_is_held_back_and_others_are_still_served(
     runner: Runner,
 ) -> None:
-    """A peer writing 600 valid 48 KiB echo requests and reading no answer gets only a few
-    dozen frames in before its stream stops being read; the provider's RSS grows by a few
-    MiB, not by the 28 MiB of answers asked for; another call is served meanwhile."""
+    """A peer writing 2,000 valid 48 KiB echo requests (94 MiB) and reading no answer gets
+    at most the provider's 256 frames, plus what the transport buffers, in before its
+    stream stops being read; the provider's RSS grows by tens of MiB at most, not by the
+    94 MiB of answers asked for; another call is served meanwhile."""
     pki = runner.pki
     ca = (pki / "ca.crt").read_bytes()
     auth_cert = (pki / "auth" / "UY_GOV_MSP_ss1.crt").read_bytes()
@@ -150,7 +151,11 @@ async def test_a_peer_that_never_reads_is_held_back_and_others_are_still_served(
         f"call took {latency * 1000:.0f} ms"
     )
     assert not ended, "the provider ended the stream instead of holding it back"
-    assert stalled_at < total // 3, f"the provider read {stalled_at} frames of {total}"
+    # the provider holds at most limits.max_frames_per_stream (256) of them; the transport
+    # in between holds the rest of what was written: the HTTP/2 window, which gRPC's
+    # bandwidth probing grows to a few MiB, and both kernels' loopback socket buffers
+    # (autotuned up to 6 MiB each), about 20 MiB or 430 frames in all
+    assert stalled_at < 256 + 450, f"the provider read {stalled_at} frames of {total}"
     assert grown_mib < 40, f"the provider grew by {grown_mib:.1f} MiB"
     assert latency < 2.0
 
