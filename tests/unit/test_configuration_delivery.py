@@ -13,6 +13,7 @@ import dataclasses
 import gzip
 import os
 from collections.abc import AsyncIterator, Callable, MutableMapping
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +21,21 @@ import grpc
 import pytest
 from structlog.testing import capture_logs
 
+from gateway import canonical
+from gateway.config_parts import EMPTY_BUCKET, bucket_of, build_directory, sha256
 from gateway.configuration import (
     SignedConfiguration,
     build_content,
+    catalogue_json,
     compress_content,
     inflate_content,
     sign_configuration,
 )
 from gateway.errors import Code, ConfigurationError
 from gateway.v1 import configuration_pb2 as pb
+from registry.parts import Buckets
 from security_server.config_client import ConfigurationClient, signed_from_message
-from tests.unit.test_configuration import World, expect_invalid
+from tests.unit.test_configuration import IDENTITY, SS_DNIC, World, expect_invalid
 
 # the fixture `world` (a signed UY configuration), shared with the core's tests
 from tests.unit.test_configuration import world as world
@@ -93,9 +98,17 @@ class Registry:
 
     def __init__(self, messages: list[bytes]) -> None:
         self.messages = messages
+        self.parts: list[bytes] | None = None
 
     async def _watch(self, request: pb.WatchRequest, context: Any) -> AsyncIterator[bytes]:
         for m in self.messages:
+            yield m
+        await asyncio.Event().wait()
+
+    async def _watch_parts(self, request: Any, context: Any) -> AsyncIterator[bytes]:
+        if self.parts is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "no parts here")
+        for m in self.parts or ():
             yield m
         await asyncio.Event().wait()
 
@@ -108,7 +121,12 @@ class Registry:
                     self._watch,
                     request_deserializer=pb.WatchRequest.FromString,
                     response_serializer=lambda b: b,
-                )
+                ),
+                "WatchParts": grpc.unary_stream_rpc_method_handler(
+                    self._watch_parts,
+                    request_deserializer=pb.WatchPartsRequest.FromString,
+                    response_serializer=lambda b: b,
+                ),
             },
         )
         self.server.add_generic_rpc_handlers((handler,))
@@ -122,16 +140,20 @@ async def follow(
     tmp_path: Path,
     messages: list[bytes],
     until: Callable[[list[MutableMapping[str, Any]]], bool],
+    parts: list[bytes] | None = None,
 ) -> tuple[ConfigurationClient, list[MutableMapping[str, Any]]]:
-    """Run a client with a 1 MiB limit against a registry sending `messages` until the logged
-    lines satisfy `until` (at most 10 s)."""
+    """Run a client (as ss1 of DNIC) with a 1 MiB limit against a registry sending
+    `messages` on Watch and `parts` on WatchParts (none: it does not know WatchParts) until
+    the logged lines satisfy `until` (at most 10 s)."""
     registry = Registry(messages)
+    registry.parts = parts
     address = await registry.start()
     client = ConfigurationClient(
         anchor=dataclasses.replace(world.anchor, addresses=(address,)),
         cache_file=tmp_path / "configuration.json",
         clock=lambda: world.now,
         max_message_bytes=MIB,
+        server=str(SS_DNIC),
     )
     with capture_logs() as logged:
         task = asyncio.create_task(client.run())
@@ -193,3 +215,119 @@ async def test_a_compression_bomb_from_a_registry_is_refused_and_the_last_kept(
     assert client.current is not None and client.current.version == 42
     (line,) = [x for x in logged if x["event"] == "configuration_rejected"][:1]
     assert "inflates to more than" in line["error"]
+
+
+def parts_messages(world: World) -> tuple[bytes, Callable[[int, bytes, bytes], bytes], bytes]:
+    """A snapshot (version 42) of the world in parts for ss1 of DNIC, a function making a
+    delta to version 43, and the content of DNIC's bucket."""
+    args = world.content_args
+    catalogue = canonical.encode(
+        catalogue_json(
+            ca_certificates=args["ca_certificates"],
+            members=args["members"],
+            servers=args["servers"],
+            services=args["services"],
+        )
+    )
+    buckets = Buckets.of(args["agreements"])
+    mine = bucket_of(IDENTITY)
+
+    def directory(version: int, root: bytes) -> pb.SignedConfiguration:
+        signed = sign_configuration(
+            build_directory(
+                instance="UY",
+                version=version,
+                generated_at=world.now,
+                expires_at=world.now + timedelta(hours=1),
+                catalogue_sha256=sha256(catalogue),
+                agreements_root=root,
+            ),
+            world.config_signer,
+        )
+        return pb.SignedConfiguration(
+            content=signed.content,
+            signature=signed.signature,
+            signer_certificate=signed.signer_certificate,
+        )
+
+    snapshot = pb.PartsUpdate(
+        directory=directory(42, buckets.root()),
+        catalogue_gzip=compress_content(catalogue),
+        bucket_digests=bytes(buckets.digests),
+        buckets=[pb.Bucket(bucket=mine, gzip_content=compress_content(buckets.contents[mine]))],
+    ).SerializeToString()
+
+    def delta(base: int, content: bytes, digest: bytes) -> bytes:
+        """Version 43 from `base`: bucket `mine` with `digest` in the signed root, and
+        `content` sent for it."""
+        digests = bytearray(buckets.digests)
+        digests[mine * 32 : (mine + 1) * 32] = digest
+        return pb.PartsUpdate(
+            directory=directory(43, sha256(bytes(digests))),
+            base_version=base,
+            changed=[pb.BucketDigest(bucket=mine, sha256=digest)],
+            buckets=[pb.Bucket(bucket=mine, gzip_content=compress_content(content))],
+        ).SerializeToString()
+
+    return snapshot, delta, buckets.contents[mine]
+
+
+@pytest.mark.parametrize(
+    ("attack", "why"),
+    [
+        ("altered bucket", "does not match its digest"),
+        ("delta from another version", "does not apply to the version held, 42"),
+    ],
+)
+async def test_a_bad_part_from_a_registry_is_refused_and_the_last_good_kept(
+    world: World, tmp_path: Path, attack: str, why: str
+) -> None:
+    """Over WatchParts: a snapshot is installed; then a delta whose bucket was altered after
+    the directory was signed, or which applies to a version the server does not hold, is
+    refused (`configuration_rejected`, naming why) and version 42 stays in force."""
+    snapshot, delta, content = parts_messages(world)
+    altered = content.replace(b"benefit-eligibility", b"benefit-eligibilitY")
+    bad = (
+        delta(42, altered, sha256(content))
+        if attack == "altered bucket"
+        else delta(41, content, sha256(content))
+    )
+    client, logged = await follow(
+        world,
+        tmp_path,
+        [],
+        lambda lines: "configuration_rejected" in events(lines),
+        parts=[snapshot, bad],
+    )
+    assert client.current is not None and client.current.version == 42
+    assert client.held is not None and client.held.directory.version == 42
+    (line,) = [x for x in logged if x["event"] == "configuration_rejected"][:1]
+    assert why in line["error"], line
+    assert len(client.current.agreements) == 1  # DNIC's bucket: the one agreement
+
+
+async def test_a_good_delta_over_watchparts_is_installed_and_kept_on_disk(
+    world: World, tmp_path: Path
+) -> None:
+    """The same snapshot, then a delta that removes the agreement: installed as version 43,
+    and a new client reading the disk holds 43 too, from the parts alone."""
+    snapshot, delta, _ = parts_messages(world)
+    client, _ = await follow(
+        world,
+        tmp_path,
+        [],
+        lambda lines: any(
+            x["event"] == "configuration_installed" and x.get("version") == 43 for x in lines
+        ),
+        parts=[snapshot, delta(42, EMPTY_BUCKET, sha256(EMPTY_BUCKET))],
+    )
+    assert client.current is not None and client.current.version == 43
+    assert len(client.current.agreements) == 0
+    again = ConfigurationClient(
+        anchor=world.anchor,
+        cache_file=tmp_path / "configuration.json",
+        clock=lambda: world.now,
+        server=str(SS_DNIC),
+    )
+    again.load_cached()
+    assert again.current is not None and again.current.version == 43
