@@ -19,9 +19,10 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 types: $(STAMP)
-	$(BIN)/mypy gateway security_server registry certs gateway_cli gateway_demo gateway_ops tests
+	$(BIN)/mypy gateway security_server registry certs gateway_cli gateway_demo gateway_ops gateway_client tests
 
 unit: $(STAMP)
 	$(BIN)/pytest tests/unit

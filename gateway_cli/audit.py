@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from gateway_cli.admin import TOKEN_VARIABLE, AdminApiError, AdminClient, Column, render_table
+from gateway_cli.admin import Column, render_table
+from gateway_client.admin import TOKEN_VARIABLE, AdminApiError, AdminClient
 
 PATH = "/audit/v1/records"
 FILTERS = ("message_id", "client", "service", "purpose", "status", "kind", "role", "since", "until")

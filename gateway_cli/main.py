@@ -110,7 +110,7 @@ def _pki_serve(ns: argparse.Namespace) -> int:
 
     from certs.ocsp_responder import OcspResponder, ocsp_app
     from certs.pki import load_issued
-    from gateway_cli.runtime import ready_writer, restrict_modes, run, signal_events
+    from gateway_ops.runtime import ready_writer, restrict_modes, run, signal_events
     from gateway_ops.server import Ops, OpsSettings
 
     if ns.ocsp is None and ns.tsa is None:
@@ -177,7 +177,7 @@ def _pki_serve(ns: argparse.Namespace) -> int:
 
 
 def _registry_serve(ns: argparse.Namespace) -> int:
-    from gateway_cli.runtime import read_settings, ready_writer, restrict_state, run, signal_events
+    from gateway_ops.runtime import read_settings, ready_writer, restrict_state, run, signal_events
     from registry.main import RegistrySettings, serve
 
     settings = read_settings(RegistrySettings, ns.config)
@@ -202,8 +202,8 @@ def _registry_token(ns: argparse.Namespace) -> int:
     from datetime import UTC, datetime, timedelta
 
     from gateway.identifiers import MemberId, SecurityServerId
-    from gateway_cli.runtime import read_settings
-    from registry.auth import Role
+    from gateway_ops.auth import Role
+    from gateway_ops.runtime import read_settings
     from registry.main import RegistrySettings, token_issuer
 
     settings = read_settings(RegistrySettings, ns.config)
@@ -226,7 +226,7 @@ def _registry_token(ns: argparse.Namespace) -> int:
 
 
 def _registry_anchor(ns: argparse.Namespace) -> int:
-    from gateway_cli.runtime import read_settings
+    from gateway_ops.runtime import read_settings
     from registry.main import RegistrySettings, instance_anchor
 
     settings = read_settings(RegistrySettings, ns.config)
@@ -236,7 +236,7 @@ def _registry_anchor(ns: argparse.Namespace) -> int:
 
 
 def _server_serve(ns: argparse.Namespace) -> int:
-    from gateway_cli.runtime import read_settings, ready_writer, restrict_state, run, signal_events
+    from gateway_ops.runtime import read_settings, ready_writer, restrict_state, run, signal_events
     from security_server.main import serve
     from security_server.settings import ServerSettings
 
@@ -260,8 +260,8 @@ def _audit_verify(ns: argparse.Namespace) -> int:
     from sqlalchemy.exc import SQLAlchemyError
 
     from gateway.errors import AuditError
-    from gateway_cli.runtime import run
     from gateway_cli.verify import TrustInputError, anchor_cas, checkpoint_lines, load_checkpoints
+    from gateway_ops.runtime import run
     from security_server.audit import StampTimes, verify_log
 
     if ns.db is None and ns.archive_dir is None:
@@ -367,7 +367,7 @@ def _audit_archive(ns: argparse.Namespace) -> int:
     from sqlalchemy.exc import SQLAlchemyError
     from sqlalchemy.ext.asyncio import create_async_engine
 
-    from gateway_cli.runtime import run
+    from gateway_ops.runtime import run
     from security_server.archive import archive_old_records
     from security_server.message_log import chain_names, check_chain_name
 
@@ -453,7 +453,7 @@ def _audit_export(ns: argparse.Namespace) -> int:
     from sqlalchemy.exc import SQLAlchemyError
 
     from gateway.errors import AuditError
-    from gateway_cli.runtime import run
+    from gateway_ops.runtime import run
     from security_server.evidence import export_bundle, write_zip
 
     url = _log_url(ns.db)
@@ -553,8 +553,8 @@ def _bench(ns: argparse.Namespace) -> int:
 
 
 def _backend(ns: argparse.Namespace) -> int:
-    from gateway_cli.runtime import ready_writer, run, signal_events
     from gateway_demo.backends import serve_backend
+    from gateway_ops.runtime import ready_writer, run, signal_events
     from gateway_ops.tracing import Tracing, TracingSettings
 
     async def main() -> None:
@@ -876,7 +876,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gateway_cli.runtime import configure_logging, die_with_parent, private_umask
+    from gateway_ops.runtime import configure_logging, die_with_parent, private_umask
 
     private_umask()
     die_with_parent()

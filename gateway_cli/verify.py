@@ -25,7 +25,7 @@ from gateway.checkpoint import Received
 from gateway.configuration import Anchor, SignedConfiguration, verify_configuration
 from gateway.errors import ConfigurationError
 from gateway.identifiers import SecurityServerId
-from gateway_cli.admin import TOKEN_VARIABLE, AdminApiError, AdminClient
+from gateway_client.admin import TOKEN_VARIABLE, AdminApiError, AdminClient
 
 if TYPE_CHECKING:
     from security_server.audit import VerifyReport

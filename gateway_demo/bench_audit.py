@@ -40,8 +40,8 @@ from gateway.audit import RecordKind, Role
 from gateway.pseudonym import subject_pseudonym
 from gateway.settings import database_url
 from gateway.signing import EcdsaSigner
-from registry.auth import Role as TokenRole
-from registry.auth import TokenIssuer, TokenVerifier
+from gateway_ops.auth import Role as TokenRole
+from gateway_ops.auth import TokenIssuer, TokenVerifier
 from security_server.audit import verify_log
 from security_server.auditor_api import AuditorApi, start
 from security_server.message_log import MessageLog, iterate_records, message_log

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import structlog
 
-from gateway_cli.admin import AdminClient
+from gateway_client.admin import AdminClient
 from gateway_demo import federation as fed
 from gateway_demo.client import call_raw, routing_metadata
 from gateway_demo.generated import population_pb2 as population

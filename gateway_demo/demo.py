@@ -25,7 +25,7 @@ from typing import Any
 from certs.pki import slug
 from gateway.identifiers import MemberId, ServiceId
 from gateway.settings import database_url
-from gateway_cli.admin import AdminClient
+from gateway_client.admin import AdminClient
 from gateway_demo import federation
 from gateway_demo.client import Outcome, call_raw, routing_metadata
 from gateway_demo.generated import population_pb2 as population

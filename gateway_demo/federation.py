@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from gateway_cli.admin import AdminClient
+from gateway_client.admin import AdminClient
 from gateway_demo.client import Outcome, call_raw, routing_metadata
 from gateway_demo.generated import population_pb2 as population
 from gateway_demo.runner import TEMPLATE_AR, Runner

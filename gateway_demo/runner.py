@@ -26,7 +26,7 @@ import tomli_w
 
 from certs.pki import init_pki, slug
 from gateway.identifiers import MemberId, SecurityServerId, ServiceId, SubsystemId
-from gateway_cli.runtime import read_settings
+from gateway_ops.runtime import read_settings
 
 REPO_DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "demo"
 TEMPLATE = REPO_DEPLOY / "topology.toml"
@@ -413,7 +413,7 @@ class Runner:
         proc.ready_path.unlink(missing_ok=True)
         log = open(proc.log_path, "ab")  # noqa: SIM115 - owned by the child from now on
         # the child asks Linux to stop it when the runner dies (`GATEWAY_PARENT_PID`, see
-        # gateway_cli.runtime.die_with_parent), so that a killed demo, benchmark or test never
+        # gateway_ops.runtime.die_with_parent), so that a killed demo, benchmark or test never
         # leaves a topology running; done after exec, since Python code in a forked child
         # (preexec_fn) can crash while gRPC threads are busy in the parent
         env = {
@@ -517,7 +517,7 @@ class Runner:
         ttl_seconds: float = 3600.0,
     ) -> str:
         """An admin API token, issued with the registry's key (as `gateway registry token`)."""
-        from registry.auth import Role
+        from gateway_ops.auth import Role
         from registry.main import RegistrySettings, token_issuer
 
         settings = read_settings(RegistrySettings, self.workdir / "registry.toml")

@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 3:
         print("usage: python -m gateway_demo.scale_watch ADDRESS INSTANCE COUNT", file=sys.stderr)
         return 2
-    from gateway_cli.runtime import die_with_parent
+    from gateway_ops.runtime import die_with_parent
 
     die_with_parent()
     with contextlib.suppress(KeyboardInterrupt):

@@ -1,6 +1,6 @@
 """The registry's admin REST API (aiohttp), and its OpenAPI document at `/openapi.json`.
 
-Every `/v1` route needs a bearer token (see `registry.auth`); what the token's role may
+Every `/v1` route needs a bearer token (see `gateway_ops.auth`); what the token's role may
 do is decided in `registry.governance`, so this module only translates HTTP into
 operations and back. Request bodies are checked against the JSON schemas published in
 the OpenAPI document (unknown fields are refused) before any identifier is parsed, and
@@ -24,7 +24,7 @@ from gateway.agreements import AgreementState, LegalBasis, LegalBasisKind, RateL
 from gateway.errors import GatewayError
 from gateway.identifiers import MemberId, SecurityServerId, ServiceId, SubsystemId
 from gateway.workflow import Action
-from registry.auth import AuthError, Principal, Role, TokenIssuer, TokenVerifier
+from gateway_ops.auth import AuthError, Principal, Role, TokenIssuer, TokenVerifier
 from registry.checkpoints import CheckpointBook
 from registry.governance import (
     AdminError,

@@ -49,7 +49,7 @@ from gateway.errors import ConfigurationError, GatewayError
 from gateway.identifiers import MemberId, SecurityServerId, ServiceId, SubsystemId
 from gateway.timeutil import format_time
 from gateway.workflow import Action, Party, Policy, TransitionError, apply
-from registry.auth import Principal, Role
+from gateway_ops.auth import Principal, Role
 from registry.store import (
     Change,
     FederationState,

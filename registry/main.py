@@ -33,10 +33,10 @@ from gateway.signing import EcdsaSigner, load_certificate, load_private_key
 from gateway.timeutil import format_time
 from gateway.v1 import configuration_pb2 as pb
 from gateway.workflow import Policy
+from gateway_ops.auth import OidcSettings, TokenIssuer, TokenVerifier, load_or_create_token_key
 from gateway_ops.readiness import failure_reason
 from gateway_ops.server import Ops, OpsSettings
 from registry.api import AdminApi
-from registry.auth import OidcSettings, TokenIssuer, TokenVerifier, load_or_create_token_key
 from registry.checkpoints import CheckpointBook, CheckpointRefused
 from registry.governance import AdminError, Governance
 from registry.metrics import RegistryMetrics

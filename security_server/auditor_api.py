@@ -36,8 +36,8 @@ from aiohttp import web
 
 from gateway.audit import RecordKind, Role
 from gateway.errors import GatewayError
-from registry.auth import AuthError, Principal, TokenVerifier
-from registry.auth import Role as TokenRole
+from gateway_ops.auth import AuthError, Principal, TokenVerifier
+from gateway_ops.auth import Role as TokenRole
 from security_server.floods import RefusalCounter, TokenBuckets, retry_after
 from security_server.message_log import MessageLog
 from security_server.records import record

@@ -27,10 +27,10 @@ from gateway.identifiers import MemberId, SecurityServerId
 from gateway.replay import ReplayGuard
 from gateway.settings import database_url
 from gateway.signing import EcdsaSigner, load_certificate, load_private_key
+from gateway_ops.auth import OidcSettings, TokenVerifier
 from gateway_ops.readiness import Readiness
 from gateway_ops.server import Ops
 from gateway_ops.tracing import Tracing
-from registry.auth import OidcSettings, TokenVerifier
 from security_server.archive import Archiver
 from security_server.auditor_api import PATH as AUDITOR_PATH
 from security_server.auditor_api import AuditorApi

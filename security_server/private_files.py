@@ -1,6 +1,6 @@
 """Files that hold personal data or secrets: created owner-only (0600), whatever the umask.
 
-The processes run with umask 077 (`gateway_cli.runtime.private_umask`); this makes the
+The processes run with umask 077 (`gateway_ops.runtime.private_umask`); this makes the
 files of the message log's neighbourhood (cached configurations, OCSP answers, evidence
 bundles, archives) owner-only even when this code runs in a process that did not set it.
 """

@@ -34,12 +34,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway.audit import RECORD_FIELDS, record_hash
 from gateway.pseudonym import subject_pseudonym
-from gateway_cli.runtime import read_settings
 from gateway_demo.client import call_raw, routing_metadata
 from gateway_demo.generated import population_pb2 as population
 from gateway_demo.runner import Runner
-from registry.auth import Role as TokenRole
-from registry.auth import TokenIssuer, load_or_create_token_key
+from gateway_ops.auth import Role as TokenRole
+from gateway_ops.auth import TokenIssuer, load_or_create_token_key
+from gateway_ops.runtime import read_settings
 from registry.main import RegistrySettings, token_issuer
 from tests.tamper import tamper_sqlite
 

@@ -24,7 +24,7 @@ import grpc
 import pytest
 
 from gateway.v1 import exchange_pb2 as pb
-from gateway_cli.admin import AdminClient
+from gateway_client.admin import AdminClient
 from gateway_demo.client import Outcome
 from gateway_demo.federation import (
     AR_POPULATION,

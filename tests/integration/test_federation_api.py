@@ -34,7 +34,7 @@ from gateway.configuration import (
 )
 from gateway.identifiers import MemberId, ServiceId, SubsystemId
 from gateway.v1 import configuration_pb2 as pb
-from gateway_cli.admin import AdminApiError, AdminClient
+from gateway_client.admin import AdminApiError, AdminClient
 from gateway_demo.runner import Runner
 from security_server.config_client import signed_from_message
 

@@ -29,7 +29,7 @@ from gateway.settings import database_url
 from gateway.timeutil import format_time
 from gateway.workflow import Action, Policy
 from gateway_demo.runner import TEMPLATE
-from registry.auth import Principal, Role
+from gateway_ops.auth import Principal, Role
 from registry.governance import (
     AgreementRequest,
     Conflict,

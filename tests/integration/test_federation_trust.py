@@ -49,7 +49,7 @@ from gateway.ocsp import build_request as ocsp_request
 from gateway.signing import EcdsaSigner
 from gateway.v1 import configuration_pb2 as cpb
 from gateway.v1 import exchange_pb2 as pb
-from gateway_cli.admin import AdminClient
+from gateway_client.admin import AdminClient
 from gateway_demo.client import Outcome, call_raw, routing_metadata
 from gateway_demo.generated import population_pb2 as population
 from gateway_demo.runner import Runner

@@ -35,8 +35,8 @@ from certs.tsa import TimeStampAuthority
 from gateway import merkle, tsp
 from gateway.audit import RECORD_FIELDS, ChainHead
 from gateway.timeutil import format_time, parse_time
-from gateway_cli.admin import AdminApiError, AdminClient
 from gateway_cli.main import build_parser
+from gateway_client.admin import AdminApiError, AdminClient
 from gateway_demo.runner import Runner
 from tests.tamper import drop_sqlite_rules
 

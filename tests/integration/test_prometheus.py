@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import grpc
 import pytest
 
-from gateway_cli.admin import AdminClient
+from gateway_client.admin import AdminClient
 from gateway_demo.client import Outcome, call_raw, routing_metadata
 from gateway_demo.generated import population_pb2 as population
 from gateway_demo.runner import Runner, reserve_port

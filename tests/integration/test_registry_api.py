@@ -34,8 +34,8 @@ from schemathesis.checks import not_a_server_error
 from certs.pki import issue, load_issued
 from gateway.workflow import Action
 from gateway_demo.runner import Runner
+from gateway_ops.auth import Role, TokenIssuer, load_or_create_token_key
 from registry.api import AdminApi, openapi_document
-from registry.auth import Role, TokenIssuer, load_or_create_token_key
 
 from .conftest import CLINICS, POPULATION
 

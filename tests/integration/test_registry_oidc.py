@@ -1,4 +1,4 @@
-"""registry.auth against a real JWKS endpoint: an aiohttp server on loopback, real RSA keys.
+"""gateway_ops.auth against a real JWKS endpoint: an aiohttp server on loopback, real RSA keys.
 
 The server's key list and HTTP status can be changed between calls, and it counts its
 requests, so the tests see when the verifier fetches, caches and refetches. The JWKS
@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import RSAAlgorithm
 
 from gateway.identifiers import MemberId, SecurityServerId
-from registry.auth import AuthError, OidcSettings, Principal, Role, TokenIssuer, TokenVerifier
+from gateway_ops.auth import AuthError, OidcSettings, Principal, Role, TokenIssuer, TokenVerifier
 
 NOW = datetime(2025, 6, 1, 12, 0, 0, tzinfo=UTC)
 OIDC_ISSUER = "https://idp.gov.example/realms/gateway"

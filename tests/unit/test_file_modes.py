@@ -9,7 +9,7 @@ import pytest
 import structlog
 
 from gateway.errors import ConfigFileError
-from gateway_cli.runtime import restrict_modes, restrict_state, sqlite_files
+from gateway_ops.runtime import restrict_modes, restrict_state, sqlite_files
 from security_server.private_files import open_private
 
 

@@ -1,4 +1,4 @@
-"""Unit tests of registry.auth: the registry's own tokens, issued and verified without I/O.
+"""Unit tests of gateway_ops.auth: the registry's own tokens, issued and verified without I/O.
 
 Times are fixed in the past: a verifier that consulted the real clock would refuse every
 token here as expired, so the round trips also show that `now` is the reference time.
@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from gateway.identifiers import MemberId, SecurityServerId
-from registry.auth import (
+from gateway_ops.auth import (
     AuthError,
     Principal,
     Role,

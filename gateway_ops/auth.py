@@ -58,7 +58,7 @@ __all__ = [
     "load_or_create_token_key",
 ]
 
-log = structlog.get_logger("registry.auth")
+log = structlog.get_logger("gateway_ops.auth")
 
 _Id = TypeVar("_Id", MemberId, SecurityServerId)
 
