@@ -43,7 +43,7 @@ test: debian-packages lint types $(STAMP)
 debian-packages:
 	@scripts/debian-packages
 
-bench: $(STAMP)
+bench: debian-packages $(STAMP)
 	$(BIN)/gateway bench --repeats 5
 	$(BIN)/gateway bench --revocation --repeats 5 --workdir var/bench-revocation
 	$(BIN)/gateway bench --audit --records 1000000 --repeats 3 --queries 300

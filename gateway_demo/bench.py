@@ -29,6 +29,7 @@ from typing import Any
 
 ECHO = "/demo.population.v1.PopulationRegistry/Echo"
 CONSUMER_SERVER = "UY/GOV/MSP/ss1"
+PROVIDER_SERVER = "UY/GOV/DNIC/ss1"
 CLIENT = "UY/GOV/MSP/clinics"
 SERVICE = "UY/GOV/DNIC/identity/population/v1"
 PURPOSE = "benchmark"
@@ -80,6 +81,7 @@ async def _load(
     errors: Counter[str] = Counter()
     error_samples: dict[str, str] = {}
     warm_errors = 0
+    completed = 0
 
     async with grpc.aio.insecure_channel(target) as channel:
         call: Any = channel.unary_unary(method, None, None)
@@ -89,7 +91,7 @@ async def _load(
         stop_at = measure_from + seconds
 
         async def worker() -> None:
-            nonlocal warm_errors
+            nonlocal warm_errors, completed
             while True:
                 t0 = time.perf_counter()
                 if t0 >= stop_at:
@@ -108,6 +110,7 @@ async def _load(
                         code = f"{code}[{gateway_error}]"
                     details = str(exc.details())
                 t1 = time.perf_counter()
+                completed += 1
                 if t1 < measure_from:  # completed during the warm-up: not measured
                     if code != "OK":
                         warm_errors += 1
@@ -137,6 +140,8 @@ async def _load(
         "p99_ms": _percentile(latencies, 0.99) * 1000.0,
         "mean_ms": (statistics.fmean(latencies) * 1000.0) if latencies else 0.0,
         "peak_kib": _own_peak_kib(),
+        # every call answered, warm-up and the window's end included (CPU per call)
+        "completed": completed,
     }
 
 
@@ -263,6 +268,11 @@ def _median(runs: list[dict[str, Any]], key: str) -> float:
     return statistics.median(float(r[key]) for r in runs) if runs else 0.0
 
 
+def _pid(runner: Any, process: str) -> int:
+    pid: int = runner.processes[process].popen.pid
+    return pid
+
+
 def _stamped(runner: Any) -> dict[str, str]:
     """'stamped/total' records of each security server's log."""
     return {
@@ -312,6 +322,13 @@ def run_bench(
     body_bytes: int,
     trace_ratio: float = TRACE_RATIO,
 ) -> int:
+    from gateway_demo.baselines import (
+        Baseline,
+        cpu_seconds,
+        nginx_missing,
+        start_bare,
+        start_nginx,
+    )
     from gateway_demo.client import routing_metadata
     from gateway_demo.otlp import Collector
     from gateway_demo.runner import Runner
@@ -329,6 +346,14 @@ def run_bench(
         f"{seconds:g} s per run after a {WARMUP_SECONDS:g} s warm-up, {repeats} repeat(s)"
     )
     print(f"   {'direct':<10} load generator -> population backend (plain gRPC)")
+    print(
+        f"   {'nginx':<10} load generator -> nginx -> mTLS (grpc_pass grpcs://, client "
+        "certificate, server name verified) -> nginx -> backend: two nginx hops, one worker each"
+    )
+    print(
+        f"   {'bare':<10} load generator -> Python forwarder -> mTLS -> Python forwarder -> "
+        "backend: two bare grpc.aio hops on uvloop, bytes forwarded, no security work"
+    )
     for name, what, _ in TOPOLOGIES:
         print(f"   {name:<10} {what}")
     print(f"   the traced topology records a share of {trace_ratio:g} of its calls' traces")
@@ -354,6 +379,7 @@ def run_bench(
     }
     runner = topologies["gateway"]
     gateways = list(topologies)
+    baselines: dict[str, Baseline] = {}
     runs: list[dict[str, Any]] = []
     peaks: dict[str, int | None] = {}
     load_peak: int | None = None
@@ -362,41 +388,89 @@ def run_bench(
         for r in topologies.values():
             r.prepare()
             r.start_all()
+        backend = runner.backends["population"]
+        baselines["bare"] = start_bare(runner.pki, backend, runner.reserve_address)
+        missing = nginx_missing()
+        if missing is None:
+            baselines["nginx"] = start_nginx(
+                runner.pki, backend, runner.reserve_address, workdir / "nginx"
+            )
+        else:
+            print(f"   nginx: not measured, {missing}")
         scraper = Scraper(
             [url for name in ("gateway", "traced") for url in topologies[name].ops_urls().values()]
         )
         scraper.start()
+        gateway_metadata = routing_metadata(client=CLIENT, service=SERVICE, purpose=PURPOSE)
+        endpoints: dict[str, tuple[str, list[tuple[str, str]]]] = {
+            "direct": (runner.backends["population"], []),
+            **{name: (baseline.address, []) for name, baseline in baselines.items()},
+            **{
+                name: (topology.consumers[CONSUMER_SERVER], gateway_metadata)
+                for name, topology in topologies.items()
+            },
+        }
         targets = {
-            "direct": load_command(
-                target=runner.backends["population"],
-                metadata=[],
+            name: load_command(
+                target=address,
+                metadata=metadata,
                 concurrency=concurrency,
                 seconds=seconds,
                 body_bytes=body_bytes,
-            ),
-            **{
-                name: load_command(
-                    target=topology.consumers[CONSUMER_SERVER],
-                    metadata=routing_metadata(client=CLIENT, service=SERVICE, purpose=PURPOSE),
-                    concurrency=concurrency,
-                    seconds=seconds,
-                    body_bytes=body_bytes,
-                )
-                for name, topology in topologies.items()
-            },
+            )
+            for name, (address, metadata) in endpoints.items()
+        }
+        # p50 with one caller, for the direct call, the baselines and the gateway
+        lone_seconds = max(2.0, seconds / 2)
+        lone = {
+            name: load_command(
+                target=address,
+                metadata=metadata,
+                concurrency=1,
+                seconds=lone_seconds,
+                body_bytes=body_bytes,
+            )
+            for name, (address, metadata) in endpoints.items()
+            if name in ("direct", "gateway", *baselines)
         }
         print(
             f"\n{'run':>6}  {'target':<10} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}"
         )
+        backend_pid = _pid(runner, "backend-population")
+
+        def cpu(name: str) -> float:
+            """CPU seconds so far of the processes a call to `name` goes through."""
+            if name == "direct":
+                return cpu_seconds(backend_pid)
+            if name in baselines:
+                return baselines[name].cpu_seconds() + cpu_seconds(backend_pid)
+            topology = topologies[name]
+            return sum(
+                cpu_seconds(_pid(topology, process))
+                for process in (
+                    topology.server_names[CONSUMER_SERVER],
+                    topology.server_names[PROVIDER_SERVER],
+                    "backend-population",
+                )
+            )
+
+        names = [*baselines, *gateways]
         for repeat in range(1, repeats + 1):
-            # the gateway targets rotate every repeat, so that none always follows the
-            # direct run
-            shift = (repeat - 1) % len(gateways)
-            order = ["direct", *gateways[shift:], *gateways[:shift]]
+            # the targets rotate every repeat, so that none always follows the direct run
+            shift = (repeat - 1) % len(names)
+            order = ["direct", *names[shift:], *names[:shift]]
             for name in order:
                 command = targets[name]
+                used = cpu(name)
                 result = run_load(command, seconds=seconds)
+                used = cpu(name) - used
                 result.update(run=repeat, target=name)
+                result["cpu_ms_per_call"] = (
+                    1000.0 * used / result["completed"] if result.get("completed") else 0.0
+                )
+                if name in lone:
+                    one = run_load(lone[name], seconds=lone_seconds)
+                    result["p50_one_caller_ms"] = one["p50_ms"]
                 runs.append(result)
                 print(
                     f"{repeat:>6}  {name:<10} {result['rps']:>9.1f} {result['p50_ms']:>8.2f} "
@@ -415,17 +489,25 @@ def run_bench(
         stamped_records = _stamped(runner)
         scraped = scraper.stop()
     finally:
+        for baseline in baselines.values():
+            baseline.close()
         for r in topologies.values():
             r.close()
         collector.stop()
     spans = collector.span_count()
 
-    by_target = {t: [r for r in runs if r["target"] == t] for t in ("direct", *gateways)}
+    by_target = {
+        t: [r for r in runs if r["target"] == t] for t in ("direct", *baselines, *gateways)
+    }
     medians = {
         t: {
             "rps": _median(rs, "rps"),
             "p50_ms": _median(rs, "p50_ms"),
             "p99_ms": _median(rs, "p99_ms"),
+            "p50_one_caller_ms": _median(
+                [r for r in rs if "p50_one_caller_ms" in r], "p50_one_caller_ms"
+            ),
+            "cpu_ms_per_call": _median(rs, "cpu_ms_per_call"),
             "errors": sum(int(r["errors"]) for r in rs),
         }
         for t, rs in by_target.items()
@@ -442,18 +524,43 @@ def run_bench(
     def listed(ratios: list[float]) -> str:
         return f"  (per repeat: {', '.join(f'{r:.3f}' for r in ratios)})"
 
+    ratios: dict[str, dict[str, Any]] = {}
     ratio, per_repeat = over("gateway", "direct")
     stamping, stamping_per_repeat = over("gateway", "no-tsa")
     observed, observed_per_repeat = over("gateway", "unobserved")
     tracing, tracing_per_repeat = over("traced", "unobserved")
 
-    print(f"\n{'median':>6}  {'target':<10} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
+    print(
+        f"\n{'median':>6}  {'target':<10} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}"
+        f" {'p50 1 caller':>13} {'CPU ms/call':>12}"
+    )
     for t, m in medians.items():
+        alone = f"{m['p50_one_caller_ms']:.2f}" if m["p50_one_caller_ms"] else "-"
         print(
             f"{'':>6}  {t:<10} {m['rps']:>9.1f} {m['p50_ms']:>8.2f} {m['p99_ms']:>8.2f} "
-            f"{m['errors']:>7}"
+            f"{m['errors']:>7} {alone:>13} {m['cpu_ms_per_call']:>12.3f}"
         )
+    print(
+        "\n   CPU ms/call: user and system time of the target's processes (both servers or "
+        "hops, and the backend) over the run, warm-up included, per call answered"
+    )
     print(f"\n   ratio gateway/direct (medians of req/s): {ratio:.3f}" + listed(per_repeat))
+    for base in baselines:
+        over_base, over_base_per_repeat = over("gateway", base)
+        lone_ratio = (
+            medians["gateway"]["p50_one_caller_ms"] / medians[base]["p50_one_caller_ms"]
+            if medians[base]["p50_one_caller_ms"]
+            else 0.0
+        )
+        print(
+            f"   ratio gateway/{base} (medians of req/s): {over_base:.3f}; p50 with one "
+            f"caller gateway/{base}: {lone_ratio:.2f}x" + listed(over_base_per_repeat)
+        )
+        ratios[f"gateway/{base}"] = {
+            "rps": over_base,
+            "rps_per_repeat": over_base_per_repeat,
+            "p50_one_caller": lone_ratio,
+        }
     print(
         f"   ratio gateway/no-tsa (medians of req/s): {stamping:.3f}, so batch time-stamping "
         f"costs {100 * (1 - stamping):.1f}% of throughput" + listed(stamping_per_repeat)
@@ -502,6 +609,7 @@ def run_bench(
         "ratio_observed_unobserved_per_repeat": observed_per_repeat,
         "ratio_traced_unobserved_rps": tracing,
         "ratio_traced_unobserved_per_repeat": tracing_per_repeat,
+        "ratios_over_baselines": ratios,
         "scrapes": scraped,
         "spans": spans,
         "stamped_records": stamped_records,
