@@ -41,7 +41,7 @@ from cryptography.x509 import ocsp
 from cryptography.x509.oid import NameOID
 from prometheus_client import CollectorRegistry, Counter
 
-from certs.pki import _atomic_write, load_issued
+from certs.pki import load_issued, write_atomically
 
 log = structlog.get_logger("certs.ocsp")
 
@@ -98,7 +98,7 @@ def revoke(
         "reason": reason.value,
         "subject": _subject(certificate),
     }
-    _atomic_write(path, json.dumps(register, indent=2, sort_keys=True).encode(), 0o644)
+    write_atomically(path, json.dumps(register, indent=2, sort_keys=True).encode(), 0o644)
 
 
 def load_revoked(pki_dir: Path) -> dict[int, tuple[datetime, x509.ReasonFlags]]:

@@ -32,8 +32,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from gateway.certificate_profile import AUTH, SIGN, Profile, check_request, subject
 from gateway.configuration import Anchor
-from gateway.identifiers import MemberId, SecurityServerId, SubsystemId, server_dns_name
+from gateway.identifiers import MemberId, SecurityServerId, SubsystemId
 
 
 def slug(identifier: object) -> str:
@@ -75,14 +76,23 @@ def issue(
     'ocsp' (a delegated OCSP responder: OCSPSigning extended key usage and id-pkix-ocsp-nocheck,
     RFC 6960 4.2.2.2).
 
-    With `issuer=None` the certificate is self-signed (a root CA).
+    With `issuer=None` the certificate is self-signed (a root CA). 'auth' and 'sign'
+    certificates follow the profiles an external CA's must meet
+    (`gateway.certificate_profile`); `hosts` are then a server's extra host names.
     """
     key = ec.generate_private_key(ec.SECP256R1())
-    subject = _name(common_name, organisation)
+    if kind in (AUTH, SIGN):
+        assert issuer is not None, "a server's or member's certificate needs a CA"
+        profile = Profile(kind, common_name, hosts)
+        certificate = certify(
+            key.public_key(), subject(profile, organisation), profile, issuer, now=now, days=days
+        )
+        return Issued(key=key, certificate=certificate)
+    subject_name = _name(common_name, organisation)
     builder = (
         x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer.certificate.subject if issuer else subject)
+        .subject_name(subject_name)
+        .issuer_name(issuer.certificate.subject if issuer else subject_name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - timedelta(minutes=5))
@@ -117,7 +127,7 @@ def issue(
         builder = builder.add_extension(
             x509.BasicConstraints(ca=False, path_length=None), critical=True
         )
-    if kind in ("sign", "config"):
+    if kind == "config":
         usage.update(digital_signature=True, content_commitment=True)
     if kind in ("local-server", "local-client"):
         usage.update(digital_signature=True)
@@ -141,20 +151,67 @@ def issue(
         builder = builder.add_extension(
             x509.ExtendedKeyUsage([ExtendedKeyUsageOID.OCSP_SIGNING]), critical=False
         ).add_extension(x509.OCSPNoCheck(), critical=False)
-    if kind == "auth":
-        usage.update(digital_signature=True)
-        builder = builder.add_extension(
-            x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-            ),
-            critical=False,
-        )
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName(_general_names(hosts)), critical=False
-        )
     builder = builder.add_extension(x509.KeyUsage(**usage), critical=True)
     signing_key = issuer.key if issuer else key
     return Issued(key=key, certificate=builder.sign(signing_key, hashes.SHA256()))
+
+
+def certify(
+    public_key: ec.EllipticCurvePublicKey,
+    subject_name: x509.Name,
+    profile: Profile,
+    issuer: Issued,
+    *,
+    now: datetime,
+    days: int,
+) -> x509.Certificate:
+    """A certificate of `profile` for `public_key`, issued by `issuer`: the extensions are
+    the profile's, never a request's (a CA decides what it certifies)."""
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject_name)
+        .issuer_name(issuer.certificate.subject)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=days))
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key()),
+            critical=False,
+        )
+    )
+    for extension, critical in profile.extensions():
+        builder = builder.add_extension(extension, critical=critical)
+    return builder.sign(issuer.key, hashes.SHA256())
+
+
+def sign_request(
+    ca: Issued, request: x509.CertificateSigningRequest, *, now: datetime, days: int
+) -> x509.Certificate:
+    """The development CA's answer to a request (`gateway pki sign`): checked against the
+    profile its common name asks for, `ValueError` listing every problem otherwise."""
+    names = request.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(names) != 1:
+        raise ValueError("the request must name exactly one common name")
+    hosts: tuple[str, ...] = ()
+    try:
+        alternative = request.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        hosts = tuple(str(n) for n in alternative.value.get_values_for_type(x509.DNSName)) + tuple(
+            str(n) for n in alternative.value.get_values_for_type(x509.IPAddress)
+        )
+    except x509.ExtensionNotFound:
+        pass
+    profile = Profile.named(str(names[0].value))
+    profile = Profile(
+        profile.kind, profile.identity, tuple(h for h in hosts if h not in profile.dns_names)
+    )
+    problems = check_request(profile, request)
+    if problems:
+        raise ValueError("; ".join(problems))
+    public_key = request.public_key()
+    assert isinstance(public_key, ec.EllipticCurvePublicKey)  # checked above
+    return certify(public_key, request.subject, profile, ca, now=now, days=days)
 
 
 def _general_names(hosts: tuple[str, ...]) -> list[x509.GeneralName]:
@@ -171,8 +228,8 @@ def write_pair(folder: Path, stem: str, issued: Issued) -> tuple[Path, Path]:
     """Write `stem.crt` and `stem.key` (mode 0600) atomically into `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
     crt, key = folder / f"{stem}.crt", folder / f"{stem}.key"
-    _atomic_write(crt, issued.certificate.public_bytes(serialization.Encoding.PEM), 0o644)
-    _atomic_write(
+    write_atomically(crt, issued.certificate.public_bytes(serialization.Encoding.PEM), 0o644)
+    write_atomically(
         key,
         issued.key.private_bytes(
             serialization.Encoding.PEM,
@@ -184,7 +241,7 @@ def write_pair(folder: Path, stem: str, issued: Issued) -> tuple[Path, Path]:
     return crt, key
 
 
-def _atomic_write(path: Path, data: bytes, mode: int) -> None:
+def write_atomically(path: Path, data: bytes, mode: int) -> None:
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     with os.fdopen(fd, "wb") as f:
@@ -226,7 +283,10 @@ def init_pki(
     hosts: tuple[str, ...] = ("127.0.0.1", "localhost"),
     local_clients: dict[SecurityServerId, list[SubsystemId]] | None = None,
 ) -> Anchor:
-    """Create (or complete) a development PKI in `folder`; return the instance anchor."""
+    """Create (or complete) a development PKI in `folder`; return the instance anchor.
+
+    What exists is kept: keys, certificates and the anchor (a second run adds only the
+    missing certificates, and never rewrites `anchor.json` with other addresses)."""
     folder.mkdir(parents=True, exist_ok=True)
     os.chmod(folder, 0o700)
 
@@ -247,8 +307,7 @@ def init_pki(
     for member in members:
         ensure_pair(folder / "sign", slug(member), make(str(member), "sign", ca))
     for server in servers:
-        names = (server_dns_name(server), *hosts)
-        ensure_pair(folder / "auth", slug(server), make(str(server), "auth", ca, hosts=names))
+        ensure_pair(folder / "auth", slug(server), make(str(server), "auth", ca, hosts=hosts))
     for server, subsystems in (local_clients or {}).items():
         # TLS between an agency's backends and its own server's consumer endpoint: an
         # agency-internal CA, the endpoint's certificate, a client certificate per subsystem
@@ -261,10 +320,15 @@ def init_pki(
             ensure_pair(
                 local / "clients", slug(subsystem), make(str(subsystem), "local-client", local_ca)
             )
+    existing = folder / "anchor.json"
+    if existing.exists():
+        # a running instance's anchor (its registry addresses, maybe set by hand) is never
+        # rewritten: re-running only adds the certificates that are missing
+        return Anchor.from_json(json.loads(existing.read_text()))
     anchor = Anchor(
         instance=instance,
         signing_certificates=(config.certificate.public_bytes(serialization.Encoding.DER),),
         addresses=tuple(registry_addresses),
     )
-    _atomic_write(folder / "anchor.json", json.dumps(anchor.to_json(), indent=2).encode(), 0o644)
+    write_atomically(existing, json.dumps(anchor.to_json(), indent=2).encode(), 0o644)
     return anchor

@@ -42,6 +42,7 @@ def _pki_init(ns: argparse.Namespace) -> int:
     from registry.topology import load_topology_ids
 
     instance, members, servers = load_topology_ids(ns.topology)
+    kept = (ns.dir / "anchor.json").exists()
     anchor = init_pki(
         ns.dir,
         instance=ns.instance or instance,
@@ -56,7 +57,110 @@ def _pki_init(ns: argparse.Namespace) -> int:
     print(
         f"  {len(members)} member signing certificate(s), {len(servers)} server TLS certificate(s)"
     )
-    print(f"  anchor: {ns.dir / 'anchor.json'}")
+    print(f"  anchor: {ns.dir / 'anchor.json'}" + (" (kept as it was)" if kept else ""))
+    return 0
+
+
+def _profile(ns: argparse.Namespace) -> Any:
+    from gateway.certificate_profile import Profile
+    from gateway.identifiers import MemberId, SecurityServerId
+
+    if ns.server:
+        return Profile.server(SecurityServerId.parse(ns.server), ns.host)
+    return Profile.member(MemberId.parse(ns.member))
+
+
+def _pki_csr(ns: argparse.Namespace) -> int:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from certs.pki import slug, write_atomically
+    from gateway.certificate_profile import make_request
+
+    profile = _profile(ns)
+    stem = ns.out / slug(profile.identity)
+    key_path, csr_path = stem.with_suffix(".key"), stem.with_suffix(".csr")
+    if key_path.exists():
+        print(f"pki csr: {key_path} exists; a key is never overwritten (move it away first)")
+        return 1
+    ns.out.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    request = make_request(profile, key, ns.organisation)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    write_atomically(key_path, pem, 0o600)
+    write_atomically(csr_path, request.public_bytes(serialization.Encoding.PEM), 0o644)
+    what = "authentication (TLS)" if profile.kind == "auth" else "signing"
+    print(f"{what} key for {profile.identity}: {key_path} (0600, keep it here)")
+    print(f"certificate request: {csr_path} (send it to your CA)")
+    return 0
+
+
+def _pki_sign(ns: argparse.Namespace) -> int:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from certs.pki import load_issued, sign_request, write_atomically
+
+    try:
+        request = x509.load_pem_x509_csr(ns.csr.read_bytes())
+    except (OSError, ValueError) as exc:
+        print(f"pki sign: cannot read the request {ns.csr}: {exc}")
+        return 1
+    try:
+        certificate = sign_request(
+            load_issued(ns.dir, "ca"), request, now=datetime.now(UTC), days=ns.days
+        )
+    except ValueError as exc:
+        print(f"pki sign: refused: {exc}")
+        return 1
+    write_atomically(ns.out, certificate.public_bytes(serialization.Encoding.PEM), 0o644)
+    print(f"certificate for {request.subject.rfc4514_string()} written to {ns.out}")
+    return 0
+
+
+def _pki_import(ns: argparse.Namespace) -> int:
+    import shutil
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from certs.pki import slug
+    from gateway.certificate_profile import check_certificate
+
+    profile = _profile(ns)
+    try:
+        certificate = x509.load_pem_x509_certificate(ns.certificate.read_bytes())
+        key = serialization.load_pem_private_key(ns.key.read_bytes(), password=None)
+        ca = x509.load_pem_x509_certificate(ns.ca.read_bytes()) if ns.ca else None
+    except (OSError, ValueError) as exc:
+        print(f"pki import: cannot read the certificate, key or CA: {exc}")
+        return 1
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        print("pki import: refused: the key is not an ECDSA key")
+        return 1
+    problems = check_certificate(profile, certificate, key, now=datetime.now(UTC), ca=ca)
+    if problems:
+        print(f"pki import: refused the certificate {ns.certificate} for {profile.identity}:")
+        for problem in problems:
+            print(f"  - {problem}")
+        return 1
+    folder = ns.dir / ("auth" if profile.kind == "auth" else "sign")
+    folder.mkdir(parents=True, exist_ok=True)
+    crt, key_file = (
+        folder / f"{slug(profile.identity)}.crt",
+        folder / f"{slug(profile.identity)}.key",
+    )
+    if crt.exists() and crt.read_bytes() != ns.certificate.read_bytes() and not ns.replace:
+        print(f"pki import: {crt} exists; give --replace to install this one instead")
+        return 1
+    if ns.key.resolve() != key_file.resolve():
+        shutil.copyfile(ns.key, key_file)
+        key_file.chmod(0o600)
+    shutil.copyfile(ns.certificate, crt)
+    print(f"certificate for {profile.identity} checked and installed: {crt}, {key_file}")
     return 0
 
 
@@ -600,6 +704,52 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--days", type=int, default=365, help="validity of the certificates")
     p.set_defaults(func=_pki_init)
+
+    def identity(p: argparse.ArgumentParser) -> None:
+        who = p.add_mutually_exclusive_group(required=True)
+        who.add_argument("--server", help="a security server id: its authentication certificate")
+        who.add_argument("--member", help="a member id: its signing certificate")
+        p.add_argument(
+            "--host",
+            action="append",
+            default=[],
+            help="--server: an extra host name or address of its TLS certificate (repeatable)",
+        )
+
+    p = pki.add_parser(
+        "csr",
+        help="make a key and a certificate request for an external CA",
+        description="Write OUT/<ID>.key (0600, never overwritten) and OUT/<ID>.csr, a PKCS#10 "
+        "request with exactly the names and extensions the gateway requires (see "
+        "gateway/certificate_profile.py).",
+    )
+    identity(p)
+    p.add_argument("--out", type=Path, required=True, help="folder for the key and request")
+    p.add_argument("--organisation", default="", help="the subject's organisation name")
+    p.set_defaults(func=_pki_csr)
+    p = pki.add_parser(
+        "sign",
+        help="sign a certificate request with the development CA, as an external CA would",
+    )
+    p.add_argument("--dir", type=Path, default=Path("var/pki"), help="PKI folder (default var/pki)")
+    p.add_argument("--csr", type=Path, required=True, help="the request (PEM)")
+    p.add_argument("--out", type=Path, required=True, help="where to write the certificate")
+    p.add_argument("--days", type=int, default=365, help="validity of the certificate")
+    p.set_defaults(func=_pki_sign)
+    p = pki.add_parser(
+        "import",
+        help="check a certificate from a CA against its key and install it",
+        description="Check the certificate against its key, the names and extensions the "
+        "gateway requires, its validity and (with --ca) its issuer, printing each problem; "
+        "install it into DIR/auth or DIR/sign only when there is none.",
+    )
+    identity(p)
+    p.add_argument("--certificate", type=Path, required=True, help="the certificate (PEM)")
+    p.add_argument("--key", type=Path, required=True, help="its key (PEM, from pki csr)")
+    p.add_argument("--ca", type=Path, help="the CA certificate (PEM) that must have issued it")
+    p.add_argument("--dir", type=Path, default=Path("var/pki"), help="PKI folder (default var/pki)")
+    p.add_argument("--replace", action="store_true", help="replace an installed certificate")
+    p.set_defaults(func=_pki_import)
     p = pki.add_parser(
         "revoke",
         help="revoke a certificate of the development CA",

@@ -1,0 +1,255 @@
+"""What the gateway requires of the certificates an agency gets from a CA, and the PKCS#10
+requests that ask for exactly that.
+
+An agency onboarding with a national CA makes a key and a request (`gateway pki csr`),
+sends the request to the CA, and installs what comes back only after `gateway pki import`
+checked it against its key and these profiles, so that a certificate the servers would
+refuse later (a name peers do not expect, a missing key usage) is refused at once, each
+problem with its own message. The development CA signs requests through the same profiles
+(`gateway pki sign`).
+
+- **auth**, a security server's TLS certificate: the subject's common name is the server
+  id; a DNS name `server_dns_name(server)` (the name peers verify) among its subject
+  alternative names, with any extra host names; extended key usages serverAuth and
+  clientAuth (it serves and calls); key usage digitalSignature; not a CA.
+- **sign**, a member's signing certificate: the common name is the member id; key usages
+  digitalSignature and nonRepudiation (`content_commitment`), which is what makes it a
+  signing certificate (a TLS certificate cannot sign messages); not a CA.
+
+Both have an ECDSA P-256 key, as every signature and TLS key of the gateway.
+
+Building blocks only: no files, no clock (`now` is passed in).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from gateway.errors import IdentifierError
+from gateway.identifiers import MemberId, SecurityServerId, server_dns_name
+
+AUTH = "auth"
+SIGN = "sign"
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    """The certificate one server (`auth`) or member (`sign`) needs."""
+
+    kind: str
+    identity: str
+    # extra host names or addresses of a server's TLS certificate (auth only)
+    hosts: tuple[str, ...] = ()
+
+    @classmethod
+    def server(cls, server: SecurityServerId, hosts: Sequence[str] = ()) -> Profile:
+        return cls(AUTH, str(server), tuple(hosts))
+
+    @classmethod
+    def member(cls, member: MemberId) -> Profile:
+        return cls(SIGN, str(member))
+
+    @classmethod
+    def named(cls, common_name: str, hosts: Sequence[str] = ()) -> Profile:
+        """The profile a common name asks for: a server id (four parts) or a member id
+        (three); `ValueError` for anything else."""
+        try:
+            return cls.server(SecurityServerId.parse(common_name), hosts)
+        except IdentifierError:
+            pass
+        try:
+            return cls.member(MemberId.parse(common_name))
+        except IdentifierError:
+            raise ValueError(
+                f"the common name {common_name!r} is neither a security server id "
+                "(INSTANCE/CLASS/MEMBER/SERVER) nor a member id (INSTANCE/CLASS/MEMBER)"
+            ) from None
+
+    @property
+    def dns_names(self) -> tuple[str, ...]:
+        """The DNS names a server's certificate carries: the one peers verify first."""
+        if self.kind != AUTH:
+            return ()
+        try:
+            server = SecurityServerId.parse(self.identity)
+        except IdentifierError:  # not a server id: `check_*` say so
+            return self.hosts
+        return (server_dns_name(server), *self.hosts)
+
+    def key_usage(self) -> x509.KeyUsage:
+        return x509.KeyUsage(
+            digital_signature=True,
+            content_commitment=self.kind == SIGN,
+            key_encipherment=False,
+            data_encipherment=False,
+            key_agreement=False,
+            key_cert_sign=False,
+            crl_sign=False,
+            encipher_only=False,
+            decipher_only=False,
+        )
+
+    def extensions(self) -> list[tuple[x509.ExtensionType, bool]]:
+        """The extensions a certificate of this profile carries, with their criticality."""
+        listed: list[tuple[x509.ExtensionType, bool]] = [
+            (x509.BasicConstraints(ca=False, path_length=None), True),
+            (self.key_usage(), True),
+        ]
+        if self.kind == AUTH:
+            listed.append(
+                (
+                    x509.ExtendedKeyUsage(
+                        [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+                    ),
+                    False,
+                )
+            )
+            listed.append((x509.SubjectAlternativeName(_general_names(self.dns_names)), False))
+        return listed
+
+
+def _general_names(hosts: Sequence[str]) -> list[x509.GeneralName]:
+    names: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    return names
+
+
+def subject(profile: Profile, organisation: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, organisation),
+            x509.NameAttribute(NameOID.COMMON_NAME, profile.identity),
+        ]
+    )
+
+
+def make_request(
+    profile: Profile, key: ec.EllipticCurvePrivateKey, organisation: str
+) -> x509.CertificateSigningRequest:
+    """A PKCS#10 request for `profile`, signed with `key`."""
+    builder = x509.CertificateSigningRequestBuilder().subject_name(subject(profile, organisation))
+    for extension, critical in profile.extensions():
+        builder = builder.add_extension(extension, critical=critical)
+    return builder.sign(key, hashes.SHA256())
+
+
+def _common_names(name: x509.Name) -> list[str]:
+    return [str(a.value) for a in name.get_attributes_for_oid(NameOID.COMMON_NAME)]
+
+
+def _key_problems(public_key: object) -> list[str]:
+    if not isinstance(public_key, ec.EllipticCurvePublicKey):
+        return ["its key is not an ECDSA key (the gateway signs and does TLS with P-256)"]
+    if not isinstance(public_key.curve, ec.SECP256R1):
+        return [f"its key is on curve {public_key.curve.name}, not P-256 (secp256r1)"]
+    return []
+
+
+def _name_problems(profile: Profile, name: x509.Name) -> list[str]:
+    names = _common_names(name)
+    if names != [profile.identity]:
+        shown = ", ".join(repr(n) for n in names) or "none"
+        return [f"its common name is {shown}, not {profile.identity!r}"]
+    return []
+
+
+def _extension_problems(profile: Profile, extensions: x509.Extensions) -> list[str]:
+    problems = []
+    try:
+        usage = extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        problems.append("it has no key usage extension")
+    else:
+        if not usage.digital_signature:
+            problems.append("its key usage lacks digitalSignature")
+        if profile.kind == SIGN and not usage.content_commitment:
+            problems.append(
+                "its key usage lacks nonRepudiation (contentCommitment): it would not be "
+                "accepted as a signing certificate"
+            )
+        if usage.key_cert_sign:
+            problems.append("its key usage allows signing certificates (keyCertSign)")
+    try:
+        constraints = extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        pass
+    else:
+        if constraints.ca:
+            problems.append("it is a CA certificate (basicConstraints cA)")
+    if profile.kind == AUTH:
+        try:
+            purposes = set(extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+        except x509.ExtensionNotFound:
+            purposes = set()
+        for wanted, what in (
+            (ExtendedKeyUsageOID.SERVER_AUTH, "serverAuth"),
+            (ExtendedKeyUsageOID.CLIENT_AUTH, "clientAuth"),
+        ):
+            if wanted not in purposes:
+                problems.append(f"its extended key usage lacks {what}")
+        try:
+            alternative = extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            dns = alternative.get_values_for_type(x509.DNSName)
+        except x509.ExtensionNotFound:
+            dns = []
+        expected = profile.dns_names[0] if profile.dns_names else "(none: no server id)"
+        if expected not in dns:
+            problems.append(
+                f"its subject alternative names lack the DNS name {expected}, which peers "
+                "verify for this server"
+            )
+    return problems
+
+
+def check_request(profile: Profile, request: x509.CertificateSigningRequest) -> list[str]:
+    """What is wrong with a request for `profile` (empty: nothing)."""
+    problems = []
+    if not request.is_signature_valid:
+        problems.append("its signature does not verify with its own key")
+    problems += _key_problems(request.public_key())
+    problems += _name_problems(profile, request.subject)
+    problems += _extension_problems(profile, request.extensions)
+    return problems
+
+
+def check_certificate(
+    profile: Profile,
+    certificate: x509.Certificate,
+    key: ec.EllipticCurvePrivateKey | None,
+    *,
+    now: datetime,
+    ca: x509.Certificate | None = None,
+) -> list[str]:
+    """What is wrong with a certificate a CA returned for `profile` (empty: nothing): its
+    key against `key`, its names, usages and validity at `now`, and, with `ca`, that the
+    CA issued it."""
+    problems = []
+    public_key = certificate.public_key()
+    problems += _key_problems(public_key)
+    if key is not None and public_key != key.public_key():
+        problems.append("it is not the certificate of this key (the public keys differ)")
+    problems += _name_problems(profile, certificate.subject)
+    problems += _extension_problems(profile, certificate.extensions)
+    if now < certificate.not_valid_before_utc:
+        problems.append(f"it is not valid before {certificate.not_valid_before_utc.isoformat()}")
+    if now > certificate.not_valid_after_utc:
+        problems.append(f"it expired on {certificate.not_valid_after_utc.isoformat()}")
+    if ca is not None:
+        try:
+            certificate.verify_directly_issued_by(ca)
+        except (ValueError, TypeError, InvalidSignature):
+            problems.append(f"it was not issued by the CA {', '.join(_common_names(ca.subject))}")
+    return problems
