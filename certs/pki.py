@@ -18,7 +18,6 @@ where <SERVER> and <MEMBER> are identifiers with '/' replaced by '_'.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 from collections.abc import Callable
@@ -32,7 +31,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from gateway.certificate_profile import AUTH, SIGN, Profile, check_request, subject
+from gateway.certificate_profile import AUTH, SIGN, Profile, check_request, general_names, subject
 from gateway.configuration import Anchor
 from gateway.identifiers import MemberId, SecurityServerId, SubsystemId
 
@@ -139,7 +138,7 @@ def issue(
         builder = builder.add_extension(x509.ExtendedKeyUsage([purpose]), critical=False)
         if kind == "local-server":
             builder = builder.add_extension(
-                x509.SubjectAlternativeName(_general_names(hosts)), critical=False
+                x509.SubjectAlternativeName(general_names(hosts)), critical=False
             )
     if kind == "tsa":
         usage.update(digital_signature=True, content_commitment=True)
@@ -212,16 +211,6 @@ def sign_request(
     public_key = request.public_key()
     assert isinstance(public_key, ec.EllipticCurvePublicKey)  # checked above
     return certify(public_key, request.subject, profile, ca, now=now, days=days)
-
-
-def _general_names(hosts: tuple[str, ...]) -> list[x509.GeneralName]:
-    names: list[x509.GeneralName] = []
-    for host in hosts:
-        try:
-            names.append(x509.IPAddress(ipaddress.ip_address(host)))
-        except ValueError:
-            names.append(x509.DNSName(host))
-    return names
 
 
 def write_pair(folder: Path, stem: str, issued: Issued) -> tuple[Path, Path]:

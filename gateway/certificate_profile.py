@@ -113,11 +113,12 @@ class Profile:
                     False,
                 )
             )
-            listed.append((x509.SubjectAlternativeName(_general_names(self.dns_names)), False))
+            listed.append((x509.SubjectAlternativeName(general_names(self.dns_names)), False))
         return listed
 
 
-def _general_names(hosts: Sequence[str]) -> list[x509.GeneralName]:
+def general_names(hosts: Sequence[str]) -> list[x509.GeneralName]:
+    """Subject alternative names: an IP address where the host is one, else a DNS name."""
     names: list[x509.GeneralName] = []
     for host in hosts:
         try:

@@ -35,8 +35,6 @@ from dataclasses import field as dataclass_field
 from datetime import datetime
 from typing import Any
 
-from cryptography import x509
-
 from gateway import canonical
 from gateway.agreements import Agreement, AgreementIndex
 from gateway.configuration import (
@@ -46,10 +44,10 @@ from gateway.configuration import (
     _invalid,
     assemble,
     check_own_instance,
+    check_signed,
 )
-from gateway.errors import ConfigurationError, GatewayError, TrustError
+from gateway.errors import ConfigurationError, GatewayError
 from gateway.identifiers import SubsystemId
-from gateway.signing import verify_signature
 from gateway.timeutil import format_time, parse_time
 
 FORMAT = 2
@@ -136,16 +134,7 @@ def build_directory(
 
 def verify_directory(signed: SignedConfiguration, anchor: Anchor) -> Directory:
     """Verify a signed directory against the instance anchor and parse it."""
-    if signed.signer_certificate not in anchor.signing_certificates:
-        raise _invalid("the directory is signed by a certificate that is not in the anchor")
-    try:
-        verify_signature(
-            x509.load_der_x509_certificate(signed.signer_certificate),
-            signed.content,
-            signed.signature,
-        )
-    except (TrustError, ValueError):
-        raise _invalid("the directory's signature does not verify with the anchor") from None
+    check_signed(signed, anchor)
     try:
         doc = canonical.decode(signed.content)
         if doc["format"] != FORMAT or doc["buckets"] != BUCKETS:

@@ -382,8 +382,9 @@ def _invalid(why: str) -> ConfigurationError:
     )
 
 
-def verify_configuration(signed: SignedConfiguration, anchor: Anchor) -> GlobalConfiguration:
-    """Verify a signed configuration against the anchor and parse it completely."""
+def check_signed(signed: SignedConfiguration, anchor: Anchor) -> None:
+    """`ConfigurationError(CONFIGURATION_INVALID)` unless one of the anchor's certificates
+    signed the content (a whole configuration, or a directory of its parts)."""
     if signed.signer_certificate not in anchor.signing_certificates:
         raise _invalid("signed by a certificate that is not in the instance anchor")
     try:
@@ -394,6 +395,11 @@ def verify_configuration(signed: SignedConfiguration, anchor: Anchor) -> GlobalC
         )
     except (TrustError, ValueError):
         raise _invalid("the signature does not verify with the anchor's certificate") from None
+
+
+def verify_configuration(signed: SignedConfiguration, anchor: Anchor) -> GlobalConfiguration:
+    """Verify a signed configuration against the anchor and parse it completely."""
+    check_signed(signed, anchor)
     config = parse_content(signed.content)
     if config.instance != anchor.instance:
         raise _invalid(

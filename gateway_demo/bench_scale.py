@@ -49,7 +49,14 @@ from gateway.config_parts import apply_update
 from gateway.configuration import Anchor
 from gateway.v1 import configuration_pb2 as pb
 from gateway_demo.client import call_raw, routing_metadata
-from gateway_demo.revocation import CLINICS, CLINICS_SERVER, ECHO, POPULATION
+from gateway_demo.revocation import (
+    CLINICS,
+    CLINICS_SERVER,
+    ECHO,
+    POPULATION,
+    AdminApi,
+    active_agreement,
+)
 from gateway_demo.runner import Process, Runner
 from gateway_demo.scale_watch import fetch_configuration, parts_stream, signed_document
 from gateway_demo.scale_world import Counts, seed_registry
@@ -242,51 +249,10 @@ async def registry_metrics(session: aiohttp.ClientSession, runner: Runner) -> di
     return {name: float(value) for name, value in _METRIC.findall(text)}
 
 
-class _Api:
-    def __init__(self, session: aiohttp.ClientSession, runner: Runner, timeout: float) -> None:
-        self.session = session
-        self.runner = runner
-        self.timeout = aiohttp.ClientTimeout(total=timeout)
-
-    async def post(self, path: str, token: str, body: dict[str, Any]) -> dict[str, Any]:
-        async with self.session.post(
-            self.runner.api_url + path,
-            json=body,
-            headers={"Authorization": f"Bearer {token}"},
-            timeout=self.timeout,
-        ) as response:
-            doc: dict[str, Any] = await response.json()
-            if response.status >= 300:
-                raise RuntimeError(f"{path}: {response.status} {doc}")
-            return doc
-
-
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "failed (timed out)"
     return f"failed ({type(exc).__name__}: {str(exc)[:160]})"
-
-
-async def _clinics_agreement(api: _Api, runner: Runner, purpose: str) -> str:
-    """A fresh active agreement for the demo's clinics to call the population registry."""
-    consumer = runner.token("member-admin", member="UY/GOV/MSP", subject="msp-admin")
-    provider = runner.token("member-admin", member="UY/GOV/DNIC", subject="dnic-admin")
-    admin = runner.token("registry-admin", subject="registry-admin")
-    created = await api.post(
-        "/v1/agreements",
-        consumer,
-        {
-            "client": CLINICS,
-            "service": POPULATION,
-            "purposes": [purpose],
-            "legal_basis": {"kind": "law", "reference": "scale measurement"},
-            "reason": "measure a change at scale",
-        },
-    )
-    agreement_id = str(created["id"])
-    await api.post(f"/v1/agreements/{agreement_id}/approve", provider, {})
-    await api.post(f"/v1/agreements/{agreement_id}/approve", admin, {})
-    return agreement_id
 
 
 @dataclass
@@ -310,7 +276,7 @@ async def measure_change(
 ) -> _Change:
     """One revocation through the admin API, measured (see the module docstring)."""
     out = _Change()
-    api = _Api(session, runner, timeout)
+    api = AdminApi(session, runner.api_url, timeout)
     admin = runner.token("registry-admin", subject="registry-admin")
     target = f"AGR-SYN-{run + 1:07d}"  # a synthetic active agreement, without real servers
     metadata: list[tuple[str, str]] | None = None
@@ -323,7 +289,7 @@ async def measure_change(
         else:
             purpose = f"scale-{run}-{time.time_ns()}"
             try:
-                target = await _clinics_agreement(api, runner, purpose)
+                target = await active_agreement(api, runner, purpose, "scale measurement")
                 metadata = routing_metadata(client=CLINICS, service=POPULATION, purpose=purpose)
                 deadline = time.monotonic() + timeout
                 while not (await call_raw(channel, ECHO, b"", metadata, timeout=timeout)).ok:

@@ -43,14 +43,22 @@ class RevocationRun:
     calls_after: int
 
 
-class _Api:
-    def __init__(self, session: aiohttp.ClientSession, url: str) -> None:
+class AdminApi:
+    """The registry's admin API, asynchronously, for the benchmarks."""
+
+    def __init__(
+        self, session: aiohttp.ClientSession, url: str, timeout: float | None = None
+    ) -> None:
         self.session = session
         self.url = url
+        self.timeout = aiohttp.ClientTimeout(total=timeout) if timeout else None
 
     async def post(self, path: str, token: str, body: dict[str, Any]) -> dict[str, Any]:
         async with self.session.post(
-            self.url + path, json=body, headers={"Authorization": f"Bearer {token}"}
+            self.url + path,
+            json=body,
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=self.timeout,
         ) as response:
             doc: dict[str, Any] = await response.json()
             if response.status >= 300:
@@ -58,8 +66,11 @@ class _Api:
             return doc
 
 
-async def _active_agreement(api: _Api, runner: Runner, purpose: str) -> str:
-    """Request and approve an agreement for `purpose`; return its id."""
+async def active_agreement(
+    api: AdminApi, runner: Runner, purpose: str, why: str = "revocation measurement"
+) -> str:
+    """Request and approve an agreement for the clinics to call the population registry for
+    `purpose`; return its id."""
     consumer = runner.token("member-admin", member="UY/GOV/MSP", subject="msp-admin")
     provider = runner.token("member-admin", member="UY/GOV/DNIC", subject="dnic-admin")
     admin = runner.token("registry-admin", subject="registry-admin")
@@ -70,8 +81,8 @@ async def _active_agreement(api: _Api, runner: Runner, purpose: str) -> str:
             "client": CLINICS,
             "service": POPULATION,
             "purposes": [purpose],
-            "legal_basis": {"kind": "law", "reference": "revocation measurement"},
-            "reason": "measure revocation",
+            "legal_basis": {"kind": "law", "reference": why},
+            "reason": why,
         },
     )
     agreement_id = str(created["id"])
@@ -89,8 +100,8 @@ async def measure_revocation(
     metadata = routing_metadata(client=CLINICS, service=POPULATION, purpose=purpose)
     channel = runner.consumer_channel(CLINICS_SERVER, CLINICS)
     async with aiohttp.ClientSession() as session, channel:
-        api = _Api(session, runner.api_url)
-        agreement_id = await _active_agreement(api, runner, purpose)
+        api = AdminApi(session, runner.api_url)
+        agreement_id = await active_agreement(api, runner, purpose)
         deadline = time.monotonic() + timeout
         while not (await call_raw(channel, ECHO, b"", metadata)).ok:
             if time.monotonic() > deadline:
