@@ -115,7 +115,11 @@ def _pki_sign(ns: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"pki sign: refused: {exc}")
         return 1
-    write_atomically(ns.out, certificate.public_bytes(serialization.Encoding.PEM), 0o644)
+    pem = certificate.public_bytes(serialization.Encoding.PEM)
+    # the CA's register of what it issued: its OCSP responder answers "good" only for these
+    (ns.dir / "issued").mkdir(exist_ok=True)
+    write_atomically(ns.dir / "issued" / f"{certificate.serial_number:x}.crt", pem, 0o644)
+    write_atomically(ns.out, pem, 0o644)
     print(f"certificate for {request.subject.rfc4514_string()} written to {ns.out}")
     return 0
 
