@@ -872,8 +872,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--configuration",
         type=Path,
-        help="with --anchor: a saved signed configuration (a security server's "
-        "STATE_DIR/configuration.json) instead of fetching the current one",
+        help="with --anchor: a saved signed configuration instead of fetching the current "
+        "one: a security server's STATE_DIR/configuration-parts folder, or a whole one "
+        "(an older server's STATE_DIR/configuration.json)",
     )
     p.add_argument(
         "--check-stamps",

@@ -1,9 +1,10 @@
 """What `gateway audit verify` trusts, and the checkpoints it compares a log with.
 
 - Trust anchors: `--ca` PEM files, or the instance anchor (`--anchor anchor.json`) through
-  a configuration it verifies: a saved one (`--configuration`, such as a security server's
-  `STATE_DIR/configuration.json`) or the current one fetched from the anchor's registry
-  addresses. Never the certificates kept in the log being checked.
+  a configuration it verifies: a saved one (`--configuration`: a security server's
+  `STATE_DIR/configuration-parts` folder, or a whole signed configuration such as an older
+  server's `STATE_DIR/configuration.json`) or the current one fetched from the anchor's
+  registry addresses. Never the certificates kept in the log being checked.
 - Checkpoints: from the registry's admin API (`--checkpoints URL --server ID`, auditor
   token) or from a file that `gateway audit checkpoints` exported.
 
@@ -47,13 +48,24 @@ def anchor_cas(anchor_file: Path, configuration_file: Path | None) -> list[x509.
         raise TrustInputError(f"cannot read the anchor {anchor_file}: {exc}") from None
     except ConfigurationError as exc:
         raise TrustInputError(f"{anchor_file}: {exc.message}") from None
-    signed = (
-        _saved_configuration(configuration_file)
-        if configuration_file is not None
-        else _fetch_configuration(anchor)
-    )
     try:
-        config = verify_configuration(signed, anchor)
+        if configuration_file is not None and configuration_file.is_dir():
+            # a server's configuration in parts (STATE_DIR/configuration-parts)
+            from security_server.config_client import read_parts
+
+            try:
+                config = read_parts(configuration_file, anchor).config
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise TrustInputError(
+                    f"cannot read the configuration parts in {configuration_file}: {exc}"
+                ) from None
+        else:
+            signed = (
+                _saved_configuration(configuration_file)
+                if configuration_file is not None
+                else _fetch_configuration(anchor)
+            )
+            config = verify_configuration(signed, anchor)
     except ConfigurationError as exc:
         raise TrustInputError(exc.message) from None
     # expiry does not matter here: the CAs an old log was stamped under are what counts

@@ -96,6 +96,32 @@ def _write_atomically(path: Path, content: bytes) -> None:
     os.replace(tmp, path)
 
 
+def read_parts(
+    folder: Path, anchor: Anchor, *, server: str = "", subsystems: Iterable[str] = ()
+) -> Held:
+    """The configuration in parts a server kept in `folder` (`STATE_DIR/configuration-parts`),
+    checked as a snapshot from the registry would be: the directory against the anchor, every
+    part against its digest. `OSError`, `ValueError`, `KeyError` or `TypeError` when the
+    files cannot be read; `ConfigurationError` when they do not check out."""
+    index = json.loads((folder / HELD).read_text())
+
+    def part(digest_hex: str) -> bytes:
+        return (folder / digest_hex).read_bytes()
+
+    update = Update(
+        directory=SignedConfiguration(
+            content=base64.b64decode(index["directory"]),
+            signature=base64.b64decode(index["signature"]),
+            signer_certificate=base64.b64decode(index["signer_certificate"]),
+        ),
+        base_version=0,
+        catalogue=part(index["catalogue"]),
+        digests=part(index["digests"]),
+        buckets={int(b): part(h) for b, h in index["buckets"].items()},
+    )
+    return apply_update(None, update, anchor, server=server, subsystems=subsystems)
+
+
 class ConfigurationClient:
     def __init__(
         self,
@@ -231,24 +257,7 @@ class ConfigurationClient:
         os.replace(tmp, self.cache_file)
 
     def _read_parts(self, subsystems: tuple[str, ...]) -> Held:
-        """What `_write_parts` kept, checked as a snapshot from the registry would be."""
-        index = json.loads((self.parts_dir / HELD).read_text())
-
-        def part(digest_hex: str) -> bytes:
-            return (self.parts_dir / digest_hex).read_bytes()
-
-        update = Update(
-            directory=SignedConfiguration(
-                content=base64.b64decode(index["directory"]),
-                signature=base64.b64decode(index["signature"]),
-                signer_certificate=base64.b64decode(index["signer_certificate"]),
-            ),
-            base_version=0,
-            catalogue=part(index["catalogue"]),
-            digests=part(index["digests"]),
-            buckets={int(b): part(h) for b, h in index["buckets"].items()},
-        )
-        return apply_update(None, update, self.anchor, server=self.server, subsystems=subsystems)
+        return read_parts(self.parts_dir, self.anchor, server=self.server, subsystems=subsystems)
 
     def _write_parts(self, held: Held) -> None:
         """Keep what is held on disk: each part in a file named by its SHA-256 (written once,

@@ -322,6 +322,15 @@ def test_audit_verify_checks_the_time_stamps(exchange: tuple[Runner, str, Path])
         result = audit_verify(runner.log_db(server), "--anchor", anchor, "--check-stamps")
         assert result.returncode == 0, result.stdout + result.stderr
         assert "record(s) covered by verified tokens" in result.stdout
+    # the same, with the server's own copy of the configuration (its parts on disk) instead
+    # of the one fetched from the registry
+    parts = runner.log_db(MSP_SERVER).parent / "configuration-parts"
+    result = audit_verify(
+        runner.log_db(MSP_SERVER), "--anchor", anchor, "--configuration", str(parts),
+        "--check-stamps",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "record(s) covered by verified tokens" in result.stdout
 
 
 def _copy_log(runner: Runner, server: str, into: Path) -> Path:
