@@ -40,6 +40,7 @@ from cryptography.x509 import ocsp
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from gateway.errors import Code, TrustError
+from gateway.signing import certificate_fingerprint
 
 CLOCK_SKEW = timedelta(minutes=5)
 
@@ -250,7 +251,7 @@ class StatusCache:
     ) -> StatusInfo:
         key = (
             hashlib.sha256(response_der).digest(),
-            certificate.fingerprint(hashes.SHA256()),
+            certificate_fingerprint(certificate),
         )
         info = self._verified.get(key)
         if info is None:

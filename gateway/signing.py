@@ -79,6 +79,28 @@ def certificate_sha256(der: bytes) -> str:
     return hashlib.sha256(der).hexdigest()
 
 
+# id(certificate) -> (that certificate, the SHA-256 of its DER). pyca's `fingerprint`
+# encodes the whole certificate again on every call (about 8 us, several times per
+# message); the certificates of the data path are long-lived objects (ours, the
+# configuration's, `TrustStore`'s parsed signers), so their digest is taken once. The
+# entry holds the object, so its id cannot be reused while the entry lives, and a hit is
+# checked to be that very object.
+_FINGERPRINTS: dict[int, tuple[x509.Certificate, bytes]] = {}
+_MAX_FINGERPRINTS = 4096
+
+
+def certificate_fingerprint(certificate: x509.Certificate) -> bytes:
+    """The SHA-256 of a certificate's DER (raw bytes), computed once per certificate object."""
+    hit = _FINGERPRINTS.get(id(certificate))
+    if hit is not None and hit[0] is certificate:
+        return hit[1]
+    digest = certificate.fingerprint(hashes.SHA256())
+    if len(_FINGERPRINTS) >= _MAX_FINGERPRINTS:
+        _FINGERPRINTS.clear()
+    _FINGERPRINTS[id(certificate)] = (certificate, digest)
+    return digest
+
+
 def verify_signature(certificate: x509.Certificate, data: bytes, signature: bytes) -> None:
     """Raise `TrustError(BAD_SIGNATURE)` unless `signature` is the certificate key's over data."""
     public_key = certificate.public_key()

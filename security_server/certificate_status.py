@@ -26,12 +26,13 @@ from pathlib import Path
 import aiohttp
 import structlog
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.x509 import ocsp
 
 from gateway.configuration import GlobalConfiguration
 from gateway.errors import Code, GatewayError, TrustError
 from gateway.ocsp import CertStatus, StatusCache, build_request, check_response
+from gateway.signing import certificate_fingerprint
 from security_server.private_files import open_private
 from security_server.settings import OcspSection
 
@@ -39,8 +40,8 @@ log = structlog.get_logger("security_server.ocsp")
 
 
 def der_sha256(certificate: x509.Certificate) -> str:
-    """The SHA-256 of a certificate's DER, in hex (computed in the library, without a copy)."""
-    return certificate.fingerprint(hashes.SHA256()).hex()
+    """The SHA-256 of a certificate's DER, in hex (once per certificate object)."""
+    return certificate_fingerprint(certificate).hex()
 
 
 class StatusChecker:
@@ -51,13 +52,13 @@ class StatusChecker:
         self._cache = StatusCache()
         # (instance, configuration version, certificate SHA-256) -> (CA, its SHA-256, its
         # DER): with federation, several instances' configurations are in use at once
-        self._issuers: dict[tuple[str, int, str], tuple[x509.Certificate, str, bytes]] = {}
+        self._issuers: dict[tuple[str, int, bytes], tuple[x509.Certificate, str, bytes]] = {}
 
     def issuer(
         self, certificate: x509.Certificate, config: GlobalConfiguration
     ) -> tuple[x509.Certificate, str, bytes]:
         """The configuration's CA that issued `certificate`, with the SHA-256 and DER of it."""
-        key = (config.instance, config.version, der_sha256(certificate))
+        key = (config.instance, config.version, certificate_fingerprint(certificate))
         found = self._issuers.get(key)
         if found is None:
             ca = config.trust.issuer_of(certificate)
