@@ -14,7 +14,6 @@ workers) used so far, from /proc, so that the bench can give each target's CPU p
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -254,7 +253,3 @@ def start_nginx(pki: Path, backend: str, reserve: object, folder: Path) -> Basel
         )
         raise RuntimeError(f"{exc}: {errors}") from None
     return baseline
-
-
-def describe(baseline: Baseline) -> str:
-    return json.dumps({"name": baseline.name, "address": baseline.address})

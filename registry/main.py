@@ -254,13 +254,12 @@ class ConfigurationService:
                         for b in sorted(changed)
                     )
                 if changed is None or catalogue != book.catalogue.sha256:
-                    update.catalogue_gzip = book.gzip(book.catalogue.content)
+                    update.catalogue_gzip = book.gzip(book.catalogue.content, book.catalogue.sha256)
                 for b in sorted(book.wanted(request.server, extra)):
                     digest = book.buckets.digest(b)
                     if held.get(b) != digest and digest != EMPTY_DIGEST:
-                        update.buckets.append(
-                            pb.Bucket(bucket=b, gzip_content=book.gzip(book.buckets.contents[b]))
-                        )
+                        packed = book.gzip(book.buckets.contents[b], digest)
+                        update.buckets.append(pb.Bucket(bucket=b, gzip_content=packed))
                     held[b] = digest
                 message = update.SerializeToString()
                 if len(message) > publisher.max_message_bytes:

@@ -82,7 +82,8 @@ class BucketChange:
 
     where: Mapping[str, frozenset[int]]
     agreements: Mapping[int, dict[str, bytes]]
-    contents: Mapping[int, bytes]
+    # bucket -> (new content, its SHA-256), for the buckets whose content changed
+    contents: Mapping[int, tuple[bytes, bytes]]
 
 
 @dataclass(slots=True)
@@ -146,18 +147,19 @@ class Buckets:
                 data = agreement_bytes(agreement)
                 for b in where[agreement_id]:
                     touched.setdefault(b, dict(self.agreements[b]))[agreement_id] = data
-        contents: dict[int, bytes] = {}
+        contents: dict[int, tuple[bytes, bytes]] = {}
         for b, listed in touched.items():
             content = join_bucket(listed)
-            if sha256(content) != self.digest(b):
-                contents[b] = content
+            digest = sha256(content)
+            if digest != self.digest(b):
+                contents[b] = (content, digest)
         return BucketChange(where=where, agreements=touched, contents=contents)
 
     def root_with(self, change: BucketChange) -> bytes:
         """The agreements root once `change` is applied."""
         digests = bytearray(self.digests)
-        for b, content in change.contents.items():
-            digests[b * DIGEST_BYTES : (b + 1) * DIGEST_BYTES] = sha256(content)
+        for b, (_, digest) in change.contents.items():
+            digests[b * DIGEST_BYTES : (b + 1) * DIGEST_BYTES] = digest
         return sha256(bytes(digests))
 
     def apply(self, change: BucketChange) -> None:
@@ -168,9 +170,9 @@ class Buckets:
                 self.where.pop(agreement_id, None)
         for b, listed in change.agreements.items():
             self.agreements[b] = listed
-        for b, content in change.contents.items():
+        for b, (content, digest) in change.contents.items():
             self.contents[b] = content
-            self.digests[b * DIGEST_BYTES : (b + 1) * DIGEST_BYTES] = sha256(content)
+            self.digests[b * DIGEST_BYTES : (b + 1) * DIGEST_BYTES] = digest
 
     def root(self) -> bytes:
         return sha256(bytes(self.digests))
@@ -194,9 +196,9 @@ class PartsBook:
         self.buckets = Buckets.empty()
         self._gzip: dict[bytes, bytes] = {}
 
-    def gzip(self, content: bytes) -> bytes:
-        """`content` gzipped, once per distinct content (the catalogue and the buckets)."""
-        digest = sha256(content)
+    def gzip(self, content: bytes, digest: bytes) -> bytes:
+        """`content` (whose SHA-256 is `digest`: the book keeps each part's) gzipped, once
+        per distinct content, for every watcher."""
         packed = self._gzip.get(digest)
         if packed is None:
             if len(self._gzip) > 4 * BUCKETS:

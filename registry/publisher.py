@@ -202,9 +202,10 @@ class Publisher:
         if version not in self.history:
             return None
         changed: set[int] = set()
-        for number, published in self.history.items():
-            if number > version:
-                changed |= published.changed
+        for number in reversed(self.history):  # newest first, up to `version`
+            if number <= version:
+                break
+            changed |= self.history[number].changed
         return frozenset(changed)
 
     async def whole(self) -> tuple[int, SignedConfiguration, bytes]:

@@ -172,7 +172,12 @@ class ConfigurationClient:
         the one in parts when there is one, else the whole document."""
         if (self.parts_dir / HELD).exists():
             try:
-                held = self._read_parts(tuple(self.subsystems()))
+                held = read_parts(
+                    self.parts_dir,
+                    self.anchor,
+                    server=self.server,
+                    subsystems=tuple(self.subsystems()),
+                )
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 log.warning(
                     "configuration_cache_unreadable", path=str(self.parts_dir), error=str(exc)
@@ -249,15 +254,7 @@ class ConfigurationClient:
             "signer_certificate": base64.b64encode(signed.signer_certificate).decode(),
         }
         self.cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.cache_file.with_name(self.cache_file.name + ".tmp")
-        with open_private(tmp) as f:
-            f.write(json.dumps(doc).encode())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.cache_file)
-
-    def _read_parts(self, subsystems: tuple[str, ...]) -> Held:
-        return read_parts(self.parts_dir, self.anchor, server=self.server, subsystems=subsystems)
+        _write_atomically(self.cache_file, json.dumps(doc).encode())
 
     def _write_parts(self, held: Held) -> None:
         """Keep what is held on disk: each part in a file named by its SHA-256 (written once,
@@ -337,8 +334,7 @@ class ConfigurationClient:
     async def _watch_parts(self, address: str) -> None:
         """Follow the registry's configuration in parts; a registry without `WatchParts`
         (an older one) is followed through `Watch`, whole."""
-        options = [*_KEEPALIVE, ("grpc.max_receive_message_length", self.max_message_bytes)]
-        async with grpc.aio.insecure_channel(address, options=options) as channel:
+        async with self._channel(address) as channel:
             watch = channel.unary_stream(
                 "/gateway.v1.Configuration/WatchParts",
                 request_serializer=pb.WatchPartsRequest.SerializeToString,
@@ -363,9 +359,13 @@ class ConfigurationClient:
                 call.cancel()
         await self._watch(address)
 
-    async def _watch(self, address: str) -> None:
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        """A channel to a registry: kept alive, taking messages up to our limit."""
         options = [*_KEEPALIVE, ("grpc.max_receive_message_length", self.max_message_bytes)]
-        async with grpc.aio.insecure_channel(address, options=options) as channel:
+        return grpc.aio.insecure_channel(address, options=options)
+
+    async def _watch(self, address: str) -> None:
+        async with self._channel(address) as channel:
             watch = channel.unary_stream(
                 "/gateway.v1.Configuration/Watch",
                 request_serializer=pb.WatchRequest.SerializeToString,
