@@ -100,3 +100,21 @@ async def test_watch_pushes_each_new_version(runner: Runner) -> None:
         call.cancel()
     assert versions == sorted(versions)
     assert len(set(versions)) == 3
+
+
+async def test_watch_parts_for_too_many_subsystems_is_refused(runner: Runner) -> None:
+    """Anyone may watch, so what one stream may ask for is bounded: naming more than
+    10,000 subsystems is refused with INVALID_ARGUMENT before anything is sent."""
+    async with grpc.aio.insecure_channel(runner.registry_address) as channel:
+        watch = channel.unary_stream(
+            "/gateway.v1.Configuration/WatchParts",
+            request_serializer=pb.WatchPartsRequest.SerializeToString,
+            response_deserializer=pb.PartsUpdate.FromString,
+        )
+        subsystems = [f"UY/GOV/X{i}/s" for i in range(10_001)]
+        call = watch(pb.WatchPartsRequest(instance="UY", subsystems=subsystems))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in call:
+                pass
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "at most 10000 subsystems" in (caught.value.details() or "")
