@@ -52,18 +52,31 @@ class SecurityServer:
     auth_certificate: bytes
     # subsystems whose services and clients this server hosts
     subsystems: tuple[SubsystemId, ...]
-    # the parsed authentication certificate (to check the OCSP answers stapled for it)
-    auth_x509: x509.Certificate = field(init=False, compare=False, repr=False)
+    # the authentication certificates registered since (a renewal): during an overlap the
+    # server may present any of them, and peers accept each
+    next_auth_certificates: tuple[bytes, ...] = ()
+    # the parsed authentication certificates, the first one first (to check the OCSP
+    # answers stapled for them)
+    auth_x509s: tuple[x509.Certificate, ...] = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         try:
-            parsed = x509.load_der_x509_certificate(self.auth_certificate)
+            parsed = tuple(x509.load_der_x509_certificate(d) for d in self.auth_certificates)
         except ValueError:
             raise ConfigurationError(
-                f"security server {self.id}: its authentication certificate is not valid DER",
+                f"security server {self.id}: an authentication certificate is not valid DER",
                 code=Code.CONFIGURATION_INVALID,
             ) from None
-        object.__setattr__(self, "auth_x509", parsed)
+        object.__setattr__(self, "auth_x509s", parsed)
+
+    @property
+    def auth_certificates(self) -> tuple[bytes, ...]:
+        """Every registered authentication certificate (DER), the first one first."""
+        return (self.auth_certificate, *self.next_auth_certificates)
+
+    @property
+    def auth_x509(self) -> x509.Certificate:
+        return self.auth_x509s[0]
 
     @property
     def auth_certificate_sha256(self) -> str:
@@ -240,6 +253,12 @@ def catalogue_json(
                     "address": s.address,
                     "auth_certificate": _b64(s.auth_certificate),
                     "subsystems": sorted(str(x) for x in s.subsystems),
+                    # only during a renewal, so that other servers' entries are unchanged
+                    **(
+                        {"next_auth_certificates": [_b64(c) for c in s.next_auth_certificates]}
+                        if s.next_auth_certificates
+                        else {}
+                    ),
                 }
                 for s in servers
             ),
@@ -495,6 +514,9 @@ def assemble(
             address=str(d["address"]),
             auth_certificate=base64.b64decode(d["auth_certificate"], validate=True),
             subsystems=tuple(SubsystemId.parse(x) for x in d["subsystems"]),
+            next_auth_certificates=tuple(
+                base64.b64decode(c, validate=True) for c in d.get("next_auth_certificates", [])
+            ),
         )
         if server.id.owner not in members:
             raise _invalid(f"server {server.id} belongs to an unknown member")
@@ -527,6 +549,14 @@ def assemble(
         instance, members, servers.values(), services, agreements, approvals.values()
     )
     trust = TrustStore(tuple(x509.load_der_x509_certificate(c) for c in cas))
+    by_auth: dict[str, SecurityServer] = {}
+    for server in servers.values():
+        for der in server.auth_certificates:
+            holder = by_auth.setdefault(hashlib.sha256(der).hexdigest(), server)
+            if holder is not server:
+                raise _invalid(
+                    f"servers {holder.id} and {server.id} list the same authentication certificate"
+                )
     by_subsystem: dict[SubsystemId, list[SecurityServer]] = {}
     for server in servers.values():
         for sub in server.subsystems:
@@ -543,7 +573,7 @@ def assemble(
         services=services,
         agreements=AgreementIndex(agreements),
         trust=trust,
-        servers_by_auth_sha256={s.auth_certificate_sha256: s for s in servers.values()},
+        servers_by_auth_sha256=by_auth,
         servers_by_subsystem={k: tuple(v) for k, v in by_subsystem.items()},
         federations=federations,
         outbound_approval_required=required,

@@ -119,6 +119,13 @@ SERVERS = [
     Column("ADDRESS", lambda r: r.get("address")),
     Column("SUBSYSTEMS", lambda r: r.get("subsystems")),
     Column("SUBMITTED", lambda r: _when(r.get("submitted_at"))),
+    Column("AUTH CERTIFICATE", lambda r: (r.get("auth_certificate_sha256") or "")[:16]),
+    Column(
+        "NEXT",
+        lambda r: ", ".join(
+            f"{c['sha256'][:16]} {c['state']}" for c in r.get("next_auth_certificates") or ()
+        ),
+    ),
 ]
 SERVICES = [
     Column("ID", lambda r: r["id"], None),
@@ -215,6 +222,19 @@ def _servers_submit(c: AdminClient, ns: argparse.Namespace) -> Shown:
 
 def _servers_approve(c: AdminClient, ns: argparse.Namespace) -> Shown:
     return _fields(c.approve_server(ns.id, ns.reason))
+
+
+def _servers_renew(c: AdminClient, ns: argparse.Namespace) -> Shown:
+    pem = _read(ns.certificate, "certificate")
+    return _fields(c.submit_auth_certificate(ns.id, pem, ns.reason))
+
+
+def _servers_approve_certificate(c: AdminClient, ns: argparse.Namespace) -> Shown:
+    return _fields(c.auth_certificate_action(ns.id, ns.sha256, "approve", ns.reason))
+
+
+def _servers_retire_certificate(c: AdminClient, ns: argparse.Namespace) -> Shown:
+    return _fields(c.auth_certificate_action(ns.id, ns.sha256, "retire", ns.reason))
 
 
 def _services_search(c: AdminClient, ns: argparse.Namespace) -> Shown:
@@ -443,6 +463,35 @@ def add_admin_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
     p = leaf(g, "approve", _servers_approve, "approve a pending server (registry administrator)")
     p.add_argument("id", metavar="ID", help="the server id")
     p.add_argument("--reason", required=True, help="what was checked, for the admin log")
+    p = leaf(
+        g,
+        "renew",
+        _servers_renew,
+        "register a server's next authentication certificate (pending until a registry "
+        "administrator approves it; then peers accept either)",
+    )
+    p.add_argument("id", metavar="ID", help="the server id")
+    p.add_argument(
+        "--certificate", type=Path, required=True, metavar="PEM_FILE", help="the new certificate"
+    )
+    p.add_argument("--reason", default="", help="why, for the admin log")
+    for name, run, what in (
+        (
+            "approve-certificate",
+            _servers_approve_certificate,
+            "approve a pending next authentication certificate (registry administrator)",
+        ),
+        (
+            "retire-certificate",
+            _servers_retire_certificate,
+            "take an authentication "
+            "certificate out of the configuration (the first only once a next one is approved)",
+        ),
+    ):
+        p = leaf(g, name, run, what)
+        p.add_argument("id", metavar="ID", help="the server id")
+        p.add_argument("sha256", metavar="SHA256", help="the certificate's SHA-256 (servers list)")
+        p.add_argument("--reason", required=True, help="why, for the admin log")
 
     g = group("services", "the service catalogue")
     leaf(g, "list", _services_search, "list every service")

@@ -352,12 +352,14 @@ def _server_serve(ns: argparse.Namespace) -> int:
     restrict_state(ns.config, settings.log.database, folder=settings.server.state_dir)
 
     async def main() -> None:
-        stop, _ = signal_events()
+        stop, reload = signal_events()
         await serve(
             settings,
             base=ns.config.resolve().parent,
             stop=stop,
             on_ready=ready_writer(ns.ready_file),
+            reload=reload,
+            read=lambda: read_settings(ServerSettings, ns.config),
         )
 
     run(main)

@@ -144,6 +144,19 @@ class AdminClient:
     def approve_server(self, id: str, reason: str) -> Any:
         return self.post(f"/v1/security-servers/{_segment(id)}/approve", {"reason": reason})
 
+    def submit_auth_certificate(self, id: str, pem: str, reason: str = "") -> Any:
+        return self.post(
+            f"/v1/security-servers/{_segment(id)}/auth-certificates",
+            {"auth_certificate": pem, "reason": reason},
+        )
+
+    def auth_certificate_action(self, id: str, sha256: str, action: str, reason: str) -> Any:
+        """`action` is approve or retire."""
+        return self.post(
+            f"/v1/security-servers/{_segment(id)}/auth-certificates/{_segment(sha256)}/{action}",
+            {"reason": reason},
+        )
+
     def services(
         self, q: str | None = None, member: str | None = None, category: str | None = None
     ) -> Any:

@@ -93,6 +93,19 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "required": ["id", "address", "auth_certificate", "subsystems"],
         "additionalProperties": False,
     },
+    "NewAuthCertificate": {
+        "type": "object",
+        "properties": {
+            "auth_certificate": {
+                "type": "string",
+                "maxLength": 20000,
+                "description": "the server's next TLS authentication certificate, PEM",
+            },
+            "reason": _REASON,
+        },
+        "required": ["auth_certificate"],
+        "additionalProperties": False,
+    },
     "NewService": {
         "type": "object",
         "properties": {
@@ -451,6 +464,28 @@ class AdminApi:
             await self.gov.approve_server(request[PRINCIPAL], server, doc.get("reason", ""))
         )
 
+    async def submit_auth_certificate(self, request: web.Request) -> web.Response:
+        doc = await _body(request, "NewAuthCertificate")
+        server = _parse(SecurityServerId, request.match_info["id"], "security server id")
+        result = await self.gov.submit_auth_certificate(
+            request[PRINCIPAL], server, doc["auth_certificate"], doc.get("reason", "")
+        )
+        return _json(result, 201)
+
+    async def act_on_auth_certificate(self, request: web.Request) -> web.Response:
+        doc = await _body(request, "Transition")
+        server = _parse(SecurityServerId, request.match_info["id"], "security server id")
+        act = (
+            self.gov.approve_auth_certificate
+            if request.match_info["action"] == "approve"
+            else self.gov.retire_auth_certificate
+        )
+        return _json(
+            await act(
+                request[PRINCIPAL], server, request.match_info["sha256"], doc.get("reason", "")
+            )
+        )
+
     async def search_services(self, request: web.Request) -> web.Response:
         member = request.query.get("member")
         return _json(
@@ -616,6 +651,13 @@ class AdminApi:
         r.add_post("/v1/subsystems", self.add_subsystem)
         r.add_get("/v1/security-servers", self.list_servers)
         r.add_post("/v1/security-servers", self.submit_server)
+        # the certificate routes first: an id never ends in /auth-certificates/...
+        certificate = "/v1/security-servers/{id:.+}/auth-certificates"
+        r.add_post(certificate, self.submit_auth_certificate)
+        r.add_post(
+            certificate + "/{sha256:[0-9a-f]{64}}/{action:approve|retire}",
+            self.act_on_auth_certificate,
+        )
         r.add_post("/v1/security-servers/{id:.+}/approve", self.approve_server)
         r.add_get("/v1/services", self.search_services)
         r.add_post("/v1/services", self.add_service)
@@ -725,6 +767,43 @@ def openapi_document() -> dict[str, Any]:
                     "approve a pending security server (registry administrator)", body="Transition"
                 ),
                 "parameters": [_p("id", "the server id")],
+            }
+        },
+        "/v1/security-servers/{id}/auth-certificates": {
+            "post": {
+                **_op(
+                    "register a server's next authentication certificate (renewal): pending "
+                    "until a registry administrator approves it, then published beside the "
+                    "current one",
+                    body="NewAuthCertificate",
+                    ok=201,
+                ),
+                "parameters": [_p("id", "the server id")],
+            }
+        },
+        "/v1/security-servers/{id}/auth-certificates/{sha256}/approve": {
+            "post": {
+                **_op(
+                    "approve a pending authentication certificate (registry administrator)",
+                    body="Transition",
+                ),
+                "parameters": [
+                    _p("id", "the server id"),
+                    _p("sha256", "the certificate's SHA-256"),
+                ],
+            }
+        },
+        "/v1/security-servers/{id}/auth-certificates/{sha256}/retire": {
+            "post": {
+                **_op(
+                    "take an authentication certificate out of the configuration (the first "
+                    "one only once an approved next one replaces it)",
+                    body="Transition",
+                ),
+                "parameters": [
+                    _p("id", "the server id"),
+                    _p("sha256", "the certificate's SHA-256"),
+                ],
             }
         },
         "/v1/services": {

@@ -30,7 +30,13 @@ from gateway.checkpoint import Checkpoint, SignedCheckpoint, verify_checkpoint
 from gateway.errors import GatewayError
 from gateway.identifiers import MemberId
 from gateway.timeutil import format_time
-from registry.store import RegistryStore, ServerStatus, checkpoints, servers
+from registry.store import (
+    RegistryStore,
+    ServerStatus,
+    checkpoints,
+    next_auth_certificates,
+    servers,
+)
 
 log = structlog.get_logger("registry.checkpoints")
 
@@ -52,7 +58,8 @@ class CheckpointBook:
         self._lock = asyncio.Lock()
         self.conflicts = 0
 
-    async def _registered(self, server: str) -> x509.Certificate:
+    async def _registered(self, server: str) -> list[x509.Certificate]:
+        """The server's approved authentication certificates (several during a renewal)."""
         async with self.store.read() as conn:
             der = (
                 await conn.execute(
@@ -61,11 +68,20 @@ class CheckpointBook:
                     )
                 )
             ).scalar()
-        if der is None:
-            raise CheckpointRefused(
-                "unknown_server", f"{server} is not an approved security server of this instance"
-            )
-        return x509.load_der_x509_certificate(bytes(der))
+            if der is None:
+                raise CheckpointRefused(
+                    "unknown_server",
+                    f"{server} is not an approved security server of this instance",
+                )
+            renewals = (
+                await conn.execute(
+                    sa.select(next_auth_certificates.c.certificate).where(
+                        next_auth_certificates.c.server == server,
+                        next_auth_certificates.c.state == ServerStatus.APPROVED,
+                    )
+                )
+            ).scalars()
+            return [x509.load_der_x509_certificate(bytes(d)) for d in (der, *renewals)]
 
     async def receive(self, signed: SignedCheckpoint) -> datetime:
         """Verify and store one checkpoint; its receipt time, or `CheckpointRefused`."""
@@ -73,10 +89,14 @@ class CheckpointBook:
             claimed = Checkpoint.parse(signed.content)
         except ValueError as exc:
             raise CheckpointRefused("bad_signature", str(exc)) from None
-        certificate = await self._registered(str(claimed.server))
-        try:
-            checkpoint = verify_checkpoint(signed, certificate)
-        except GatewayError:
+        checkpoint = None
+        for certificate in await self._registered(str(claimed.server)):
+            try:
+                checkpoint = verify_checkpoint(signed, certificate)
+                break
+            except GatewayError:
+                pass
+        if checkpoint is None:
             log.warning("checkpoint_bad_signature", server=str(claimed.server))
             raise CheckpointRefused(
                 "bad_signature",

@@ -43,6 +43,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from gateway.agreements import Agreement, AgreementState, LegalBasis, LegalBasisKind, RateLimit
 from gateway.audit import ADMIN_LOG as ADMIN_LOG_FORMAT
 from gateway.audit import ChainBrokenError, ChainHead, verify_chain
+from gateway.certificate_profile import Profile, check_certificate
 from gateway.configuration import Anchor
 from gateway.envelope import check_method, check_purpose
 from gateway.errors import ConfigurationError, GatewayError
@@ -62,6 +63,7 @@ from registry.store import (
     agreements,
     federations,
     members,
+    next_auth_certificates,
     outbound_approvals,
     servers,
     services,
@@ -231,7 +233,7 @@ def service_json(row: Any) -> dict[str, Any]:
     }
 
 
-def server_json(row: Any) -> dict[str, Any]:
+def server_json(row: Any, renewals: list[Any] | None = None) -> dict[str, Any]:
     der = bytes(row.auth_certificate)
     pem = x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM)
     return {
@@ -243,6 +245,18 @@ def server_json(row: Any) -> dict[str, Any]:
         "auth_certificate": pem.decode("ascii"),
         # the same fingerprint the configuration and the security servers use
         "auth_certificate_sha256": hashlib.sha256(der).hexdigest(),
+        # the certificates registered after the first (renewal), oldest first
+        "next_auth_certificates": [
+            {
+                "sha256": r.sha256,
+                "state": r.state,
+                "submitted_at": r.submitted_at,
+                "not_after": format_time(
+                    x509.load_der_x509_certificate(bytes(r.certificate)).not_valid_after_utc
+                ),
+            }
+            for r in renewals or ()
+        ],
     }
 
 
@@ -522,6 +536,10 @@ class Governance:
             raise Conflict(f"security server {server} is already registered ({row.status})")
         holder = await ch.conn.scalar(
             sa.select(servers.c.id).where(servers.c.auth_certificate == der)
+        ) or await ch.conn.scalar(
+            sa.select(next_auth_certificates.c.server).where(
+                next_auth_certificates.c.sha256 == hashlib.sha256(der).hexdigest()
+            )
         )
         if holder is not None:
             raise Conflict(
@@ -586,7 +604,185 @@ class Governance:
     async def list_servers(self, actor: Principal) -> list[dict[str, Any]]:
         async with self.store.read() as conn:
             rows = (await conn.execute(sa.select(servers).order_by(servers.c.id))).all()
-        return [server_json(r) for r in rows]
+            renewals = (
+                await conn.execute(
+                    sa.select(next_auth_certificates).order_by(
+                        next_auth_certificates.c.submitted_at, next_auth_certificates.c.sha256
+                    )
+                )
+            ).all()
+        by_server: dict[str, list[Any]] = {}
+        for r in renewals:
+            by_server.setdefault(r.server, []).append(r)
+        return [server_json(r, by_server.get(r.id, [])) for r in rows]
+
+    # ---- renewal of authentication certificates ------------------------------------------
+
+    async def submit_auth_certificate(
+        self, actor: Principal, server: SecurityServerId, pem: str, reason: str
+    ) -> dict[str, Any]:
+        """Register a server's next authentication certificate: pending until a registry
+        administrator approves it (at once when one submits it); then published beside
+        the current one, so that peers accept either during the overlap."""
+        if actor.role is Role.SECURITY_SERVER:
+            if actor.server != server:
+                raise Forbidden(f"a token of {actor.server} cannot renew {server}")
+        else:
+            _require_admin(actor, server.owner, f"renew security servers of {server.owner}")
+        now = self.clock()
+        der = _check_auth_certificate(pem, now)
+        problems = check_certificate(
+            Profile.server(server), x509.load_der_x509_certificate(der), None, now=now
+        )
+        if problems:
+            raise InvalidRequest(f"auth_certificate for {server}: {'; '.join(problems)}")
+        sha = hashlib.sha256(der).hexdigest()
+        state = ServerStatus.APPROVED if actor.role is Role.REGISTRY_ADMIN else ServerStatus.PENDING
+        async with self.store.change() as ch:
+            row = await _row(ch.conn, servers, str(server))
+            if row is None:
+                raise NotFound(f"security server {server} is not registered")
+            if row.status != ServerStatus.APPROVED:
+                raise Conflict(
+                    f"security server {server} is {row.status}: its first certificate is "
+                    "approved with the server, renewal comes after"
+                )
+            holder = await ch.conn.scalar(
+                sa.select(servers.c.id).where(servers.c.auth_certificate == der)
+            ) or await ch.conn.scalar(
+                sa.select(next_auth_certificates.c.server).where(
+                    next_auth_certificates.c.sha256 == sha
+                )
+            )
+            if holder is not None:
+                raise Conflict(
+                    f"that authentication certificate is already registered for {holder}"
+                )
+            await ch.conn.execute(
+                next_auth_certificates.insert().values(
+                    sha256=sha,
+                    server=str(server),
+                    certificate=der,
+                    state=state,
+                    submitted_at=format_time(now),
+                )
+            )
+            await ch.log(
+                at=now,
+                actor=actor.subject,
+                role=_role(actor),
+                action="register_auth_certificate",
+                target=str(server),
+                reason=reason,
+                to_state=state,
+                concerns=[server.owner],
+                details={"sha256": sha},
+            )
+        if state == ServerStatus.APPROVED:
+            await self.on_change()
+        return {"server": str(server), "sha256": sha, "state": state}
+
+    async def approve_auth_certificate(
+        self, actor: Principal, server: SecurityServerId, sha256: str, reason: str
+    ) -> dict[str, Any]:
+        _require_registry_admin(actor, "approve authentication certificates")
+        async with self.store.change() as ch:
+            row = await self._next_certificate(ch.conn, server, sha256)
+            if row.state != ServerStatus.PENDING:
+                raise Conflict(f"authentication certificate {sha256} is {row.state}, not pending")
+            await ch.conn.execute(
+                next_auth_certificates.update()
+                .where(next_auth_certificates.c.sha256 == sha256)
+                .values(state=ServerStatus.APPROVED)
+            )
+            await ch.log(
+                at=self.clock(),
+                actor=actor.subject,
+                role=_role(actor),
+                action="approve_auth_certificate",
+                target=str(server),
+                reason=reason,
+                from_state=ServerStatus.PENDING,
+                to_state=ServerStatus.APPROVED,
+                concerns=[server.owner],
+                details={"sha256": sha256},
+            )
+        await self.on_change()
+        return {"server": str(server), "sha256": sha256, "state": ServerStatus.APPROVED}
+
+    async def retire_auth_certificate(
+        self, actor: Principal, server: SecurityServerId, sha256: str, reason: str
+    ) -> dict[str, Any]:
+        """Take one of a server's authentication certificates out of the configuration (its
+        first one, once an approved next one replaces it, or a next one)."""
+        if actor.role is Role.SECURITY_SERVER:
+            if actor.server != server:
+                raise Forbidden(f"a token of {actor.server} cannot retire {server}'s certificates")
+        else:
+            _require_admin(actor, server.owner, f"retire certificates of {server.owner}")
+        async with self.store.change() as ch:
+            row = await _row(ch.conn, servers, str(server))
+            if row is None:
+                raise NotFound(f"security server {server} is not registered")
+            if hashlib.sha256(bytes(row.auth_certificate)).hexdigest() == sha256:
+                successor = (
+                    await ch.conn.execute(
+                        sa.select(next_auth_certificates)
+                        .where(
+                            next_auth_certificates.c.server == str(server),
+                            next_auth_certificates.c.state == ServerStatus.APPROVED,
+                        )
+                        .order_by(
+                            next_auth_certificates.c.submitted_at, next_auth_certificates.c.sha256
+                        )
+                        .limit(1)
+                    )
+                ).first()
+                if successor is None:
+                    raise Conflict(
+                        f"{sha256} is the only approved authentication certificate of {server}: "
+                        "register and approve its successor first"
+                    )
+                await ch.conn.execute(
+                    servers.update()
+                    .where(servers.c.id == str(server))
+                    .values(auth_certificate=bytes(successor.certificate))
+                )
+                gone = successor.sha256
+            else:
+                await self._next_certificate(ch.conn, server, sha256)
+                gone = sha256
+            await ch.conn.execute(
+                next_auth_certificates.delete().where(next_auth_certificates.c.sha256 == gone)
+            )
+            await ch.log(
+                at=self.clock(),
+                actor=actor.subject,
+                role=_role(actor),
+                action="retire_auth_certificate",
+                target=str(server),
+                reason=reason,
+                to_state="retired",
+                concerns=[server.owner],
+                details={"sha256": sha256},
+            )
+        await self.on_change()
+        return {"server": str(server), "sha256": sha256, "state": "retired"}
+
+    async def _next_certificate(
+        self, conn: AsyncConnection, server: SecurityServerId, sha256: str
+    ) -> Any:
+        row = (
+            await conn.execute(
+                sa.select(next_auth_certificates).where(
+                    next_auth_certificates.c.sha256 == sha256,
+                    next_auth_certificates.c.server == str(server),
+                )
+            )
+        ).first()
+        if row is None:
+            raise NotFound(f"{server} has no authentication certificate {sha256}")
+        return row
 
     # ---- services ----------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ per version.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from gateway.config_parts import BUCKETS, build_directory
 from gateway.configuration import (
     FORMAT_VERSION,
     MAX_CONFIGURATION_BYTES,
+    SecurityServer,
     SignedConfiguration,
     compress_content,
     sign_configuration,
@@ -100,6 +102,9 @@ class Publisher:
         self._whole_lock = asyncio.Lock()
         self._changed = asyncio.Condition()
         self._lock = asyncio.Lock()
+        # when the first of the published authentication certificates that overlap a
+        # renewal expires: the catalogue is then read again to leave it out
+        self._certificate_expiry: datetime | None = None
 
     async def publish(self) -> Version:
         """Publish a new version with what changed since the last one."""
@@ -174,17 +179,25 @@ class Publisher:
             return catalogue, buckets, NO_CHANGE, head.next_seq - 1
         targets, seq = await self.store.admin_targets(self._admin_seq)
         catalogue = self.book.catalogue
+        # a certificate listed beside its successor expired: the catalogue leaves it out
+        expired = self._certificate_expiry is not None and self.clock() >= self._certificate_expiry
+        if expired:
+            content = await self.store.catalogue()
+            catalogue = await asyncio.to_thread(self._encode_catalogue, content)
         if not targets:
             return catalogue, None, NO_CHANGE, seq
         agreements = await self.store.agreements_by_id(targets)
-        if targets - agreements.keys():
+        if targets - agreements.keys() and not expired:
             content = await self.store.catalogue()
             catalogue = await asyncio.to_thread(self._encode_catalogue, content)
         return catalogue, None, self.book.buckets.plan(agreements), seq
 
     def _encode_catalogue(self, content: Content) -> Catalogue:
+        servers, self._certificate_expiry = without_expired_certificates(
+            content.servers, self.clock()
+        )
         return encode_catalogue(
-            content,
+            dataclasses.replace(content, servers=servers),
             ca_certificates=self.ca_certificates,
             outbound_approval_required=self.outbound_approval_required,
         )
@@ -239,3 +252,31 @@ class Publisher:
             signed, packed = await asyncio.to_thread(build)
             self._whole = (current.number, signed, packed)
             return self._whole
+
+
+def without_expired_certificates(
+    servers: tuple[SecurityServer, ...], now: datetime
+) -> tuple[tuple[SecurityServer, ...], datetime | None]:
+    """The servers with the expired ones of their authentication certificates left out
+    (never the last one), and when the next of those still listed beside another expires."""
+    kept: list[SecurityServer] = []
+    soonest: datetime | None = None
+    for server in servers:
+        if not server.next_auth_certificates:
+            kept.append(server)
+            continue
+        valid = [
+            (der, cert.not_valid_after_utc)
+            for der, cert in zip(server.auth_certificates, server.auth_x509s, strict=True)
+            if cert.not_valid_after_utc > now
+        ] or [(server.auth_certificates[-1], server.auth_x509s[-1].not_valid_after_utc)]
+        if len(valid) > 1:
+            first = min(until for _, until in valid)
+            soonest = first if soonest is None else min(soonest, first)
+        ders = [der for der, _ in valid]
+        kept.append(
+            dataclasses.replace(
+                server, auth_certificate=ders[0], next_auth_certificates=tuple(ders[1:])
+            )
+        )
+    return tuple(kept), soonest

@@ -75,6 +75,18 @@ servers = sa.Table(
     sa.Column("status", sa.String(20), nullable=False),
     sa.Column("submitted_at", sa.String(40), nullable=False),
 )
+# authentication certificates a server registers after its first (renewal), pending until
+# a registry administrator approves them; the first stays in security_servers
+next_auth_certificates = sa.Table(
+    "next_auth_certificates",
+    metadata,
+    sa.Column("sha256", sa.String(64), primary_key=True),
+    sa.Column("server", sa.String(300), sa.ForeignKey("security_servers.id"), nullable=False),
+    sa.Column("certificate", sa.LargeBinary, nullable=False),
+    sa.Column("state", sa.String(20), nullable=False),
+    sa.Column("submitted_at", sa.String(40), nullable=False),
+    sa.Index("ix_next_auth_certificates_server", "server"),
+)
 services = sa.Table(
     "services",
     metadata,
@@ -286,12 +298,13 @@ def outbound_from_row(r: Any) -> OutboundApproval:
     )
 
 
-def server_from_row(r: Any) -> SecurityServer:
+def server_from_row(r: Any, next_certificates: tuple[bytes, ...] = ()) -> SecurityServer:
     return SecurityServer(
         id=SecurityServerId.parse(r.id),
         address=r.address,
         auth_certificate=bytes(r.auth_certificate),
         subsystems=tuple(SubsystemId.parse(x) for x in _json_list(r.subsystems)),
+        next_auth_certificates=next_certificates,
     )
 
 
@@ -444,6 +457,15 @@ class RegistryStore:
                 .order_by(servers.c.id)
             )
         ).all()
+        renewals: dict[str, list[bytes]] = {}
+        for r in (
+            await conn.execute(
+                sa.select(next_auth_certificates.c.server, next_auth_certificates.c.certificate)
+                .where(next_auth_certificates.c.state == ServerStatus.APPROVED)
+                .order_by(next_auth_certificates.c.submitted_at, next_auth_certificates.c.sha256)
+            )
+        ).all():
+            renewals.setdefault(r.server, []).append(bytes(r.certificate))
         v = (await conn.execute(sa.select(services).order_by(services.c.id))).all()
         f = (await conn.execute(sa.select(federations).order_by(federations.c.instance))).all()
         o = (
@@ -455,7 +477,7 @@ class RegistryStore:
         ).all()
         return Content(
             members=tuple(Member(id=MemberId.parse(r.id), name=r.name) for r in m),
-            servers=tuple(server_from_row(r) for r in s),
+            servers=tuple(server_from_row(r, tuple(renewals.get(r.id, ()))) for r in s),
             services=tuple(service_from_row(r) for r in v),
             agreements=(),
             federations=tuple(federation_from_row(r) for r in f),

@@ -29,7 +29,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509 import ocsp
 
-from gateway.configuration import GlobalConfiguration
+from gateway.configuration import GlobalConfiguration, SecurityServer
 from gateway.errors import Code, GatewayError, TrustError
 from gateway.ocsp import CertStatus, StatusCache, build_request, check_response
 from gateway.signing import certificate_fingerprint
@@ -139,6 +139,23 @@ class StatusChecker:
             what="security server's authentication certificate",
         )
 
+    def peer_server(
+        self, staple: bytes, server: SecurityServer, config: GlobalConfiguration, at: datetime
+    ) -> None:
+        """Raise unless `staple` says one of the server's registered authentication
+        certificates is good (during a renewal it presents either)."""
+        first: TrustError | None = None
+        for certificate in server.auth_x509s:
+            try:
+                self.peer(staple, certificate, config, at)
+                return
+            except TrustError as err:
+                if err.code is Code.PEER_CERTIFICATE_REVOKED or len(server.auth_x509s) == 1:
+                    raise
+                first = first or err
+        assert first is not None
+        raise first
+
 
 class OwnStatus:
     """The latest OCSP answers about this server's own certificates, kept fresh."""
@@ -228,36 +245,77 @@ class OwnStatus:
         if config is None:
             return False
         ok = True
-        for sha, certificate in self.certificates.items():
+        for sha, certificate in list(self.certificates.items()):
             try:
-                issuer = config.trust.issuer_of(certificate)
-                async with session.post(
-                    self.settings.url,
-                    data=build_request(certificate, issuer),
-                    headers={"Content-Type": "application/ocsp-request"},
-                ) as answer:
-                    if answer.status != 200:
-                        raise OSError(f"HTTP {answer.status}")
-                    der = await answer.read()
-                # only an answer that verifies replaces the one we hold
-                check_response(
-                    der,
-                    certificate=certificate,
-                    issuer=issuer,
-                    at=self.clock(),
-                    freshness=timedelta(seconds=self.settings.freshness_seconds),
-                )
-            except (aiohttp.ClientError, TimeoutError, OSError, GatewayError) as exc:
+                await self._fetch(session, sha, certificate, config)
+            except GatewayError as exc:
                 ok = False
-                message = exc.message if isinstance(exc, GatewayError) else str(exc)
-                log.warning(
-                    "ocsp_fetch_failed", certificate=sha, error=message or type(exc).__name__
-                )
-                continue
-            if der != self.staples.get(sha):
-                self.staples[sha] = der
-                self._persist(sha, der)
+                log.warning("ocsp_fetch_failed", certificate=sha, error=exc.message)
         return ok
+
+    async def _fetch(
+        self,
+        session: aiohttp.ClientSession,
+        sha: str,
+        certificate: x509.Certificate,
+        config: GlobalConfiguration,
+    ) -> CertStatus:
+        """Fetch and keep one certificate's answer, and return the status it gives;
+        `GatewayError` saying why not."""
+        try:
+            issuer = config.trust.issuer_of(certificate)
+            async with session.post(
+                self.settings.url,
+                data=build_request(certificate, issuer),
+                headers={"Content-Type": "application/ocsp-request"},
+            ) as answer:
+                if answer.status != 200:
+                    raise OSError(f"HTTP {answer.status}")
+                der = await answer.read()
+            # only an answer that verifies replaces the one we hold
+            info = check_response(
+                der,
+                certificate=certificate,
+                issuer=issuer,
+                at=self.clock(),
+                freshness=timedelta(seconds=self.settings.freshness_seconds),
+            )
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise GatewayError(str(exc) or type(exc).__name__) from None
+        if der != self.staples.get(sha):
+            self.staples[sha] = der
+            self._persist(sha, der)
+        return info.status
+
+    async def take(self, certificates: list[x509.Certificate]) -> None:
+        """Fetch a good answer about each of these certificates now and keep them fresh from
+        then on (a renewal's, before it is used); `GatewayError` if any is not obtained."""
+        config = self.config()
+        if config is None:
+            raise GatewayError("no configuration yet to check OCSP answers against")
+        if not self.settings.url:
+            raise GatewayError("ocsp.url is not set: peers would refuse the new certificates")
+        timeout = aiohttp.ClientTimeout(total=self.settings.timeout_seconds)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            for certificate in certificates:
+                sha = der_sha256(certificate)
+                try:
+                    status = await self._fetch(session, sha, certificate, config)
+                except GatewayError as exc:
+                    raise GatewayError(
+                        f"no usable OCSP answer about certificate {sha[:16]}: {exc.message}"
+                    ) from None
+                if status is not CertStatus.GOOD:
+                    raise GatewayError(
+                        f"certificate {sha[:16]} is {status.value} according to its CA"
+                    )
+        for certificate in certificates:
+            self.certificates[der_sha256(certificate)] = certificate
+
+    def keep_only(self, certificates: list[x509.Certificate]) -> None:
+        """Stop refreshing the answers about certificates no longer used (those held stay
+        available to streams still open with them)."""
+        self.certificates = {der_sha256(c): c for c in certificates}
 
     def _persist(self, sha: str, der: bytes) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)

@@ -408,7 +408,7 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         if not link.peer_staple:
             return
         try:
-            self.node.status.peer(link.peer_staple, provider.auth_x509, config, self.node.clock())
+            self.node.status.peer_server(link.peer_staple, provider, config, self.node.clock())
         except TrustError as err:
             if err.code is Code.PEER_CERTIFICATE_REVOKED:
                 raise
@@ -438,7 +438,7 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                 "the provider's response does not answer this request", code=Code.RESPONSE_MISMATCH
             )
         now = self.node.clock()
-        self.node.status.peer(link.peer_staple, provider.auth_x509, config, now)
+        self.node.status.peer_server(link.peer_staple, provider, config, now)
         certificate, member = config.trust.signing_member(env.signer_certificate, now)
         if member != request.service.member:
             raise TrustError(

@@ -23,10 +23,10 @@ import structlog
 from gateway.audit import Role
 from gateway.configuration import Anchor
 from gateway.errors import ConfigFileError, GatewayError
-from gateway.identifiers import MemberId, SecurityServerId
+from gateway.identifiers import SecurityServerId
 from gateway.replay import ReplayGuard
 from gateway.settings import database_url
-from gateway.signing import EcdsaSigner, load_certificate, load_private_key
+from gateway.signing import EcdsaSigner, load_private_key
 from gateway_ops.auth import OidcSettings, TokenVerifier
 from gateway_ops.readiness import Readiness
 from gateway_ops.server import Ops
@@ -43,6 +43,7 @@ from security_server.endpoint_limits import consumer_options
 from security_server.federation import Federations
 from security_server.floods import AggregateFlusher, CountedEndpoint, RefusalCounter, TokenBuckets
 from security_server.health import ReadinessHealth
+from security_server.keys import KeyReloader, Keys, load_keys
 from security_server.message_log import ChainInUseError, MessageLog
 from security_server.metrics import OwnCertificate, ServerMetrics, StateCollector
 from security_server.node import Node, load_subject_secret
@@ -71,20 +72,25 @@ class TlsRoots:
         self.federations = federations
         self.certificate = certificate
         self.key = key
-        self._served: bytes | None = None
+        self._served: tuple[bytes, bytes] | None = None
 
     def current(self) -> Any:
-        self._served = self.federations.ca_pem()
+        roots = self.federations.ca_pem()
+        self._served = (roots, self.certificate)
         return grpc.ssl_server_certificate_configuration(
-            [(self.key, self.certificate)], root_certificates=self._served
+            [(self.key, self.certificate)], root_certificates=roots
         )
 
     def fetch(self) -> Any:
         # called by gRPC before each handshake: None keeps the current credentials
         roots = self.federations.ca_pem()
-        if not roots or roots == self._served:
+        if not roots or (roots, self.certificate) == self._served:
             return None
         return self.current()
+
+    def use(self, certificate: bytes, key: bytes) -> None:
+        """Present this certificate (PEM) from the next handshake on (a renewal)."""
+        self.certificate, self.key = certificate, key
 
     def credentials(self) -> grpc.ServerCredentials:
         return grpc.dynamic_ssl_server_credentials(
@@ -162,13 +168,35 @@ def _ready_when(
     readiness.add("timestamping", stamping)
 
 
+def own_certificates(keys: Keys) -> list[OwnCertificate]:
+    """This server's certificates as its metrics label them."""
+    return [
+        OwnCertificate("authentication", keys.auth_certificate, der_sha256(keys.auth_certificate)),
+        *(
+            OwnCertificate(f"signing:{member}", s.certificate, s.certificate_sha256)
+            for member, s in keys.signers.items()
+        ),
+    ]
+
+
+async def reload_on(event: asyncio.Event, reload: Callable[[], Awaitable[bool]]) -> None:
+    while True:
+        await event.wait()
+        event.clear()
+        await reload()
+
+
 async def serve(
     settings: ServerSettings,
     *,
     base: Path,
     stop: asyncio.Event,
     on_ready: Callable[[dict[str, Any]], None],
+    reload: asyncio.Event | None = None,
+    read: Callable[[], ServerSettings] | None = None,
 ) -> None:
+    """Run the server until `stop`; each time `reload` is set (SIGHUP), `read` gives the
+    settings again and their keys are switched to (`security_server.keys`)."""
     local = settings.consumer
     if (local.tls_certificate is None) != (local.tls_key is None):
         raise ConfigFileError("consumer.tls_certificate and consumer.tls_key go together")
@@ -178,13 +206,8 @@ async def serve(
         )
     server_id = SecurityServerId.parse(settings.server.id)
     anchor = Anchor.from_json(json.loads(settings.server.anchor.read_text()))
-    signers = {
-        MemberId.parse(member): EcdsaSigner(
-            load_private_key(paths.key.read_bytes()),
-            load_certificate(paths.certificate.read_bytes()),
-        )
-        for member, paths in settings.signing.items()
-    }
+    keys = load_keys(settings)
+    signers = keys.signers
     state_dir = settings.server.state_dir
     state_dir.mkdir(parents=True, exist_ok=True)
     config = ConfigurationClient(
@@ -218,9 +241,7 @@ async def serve(
         if message_log.engine.dialect.name == "postgresql"
         else None
     )
-    tls_cert = settings.provider.tls_certificate.read_bytes()
-    tls_key = settings.provider.tls_key.read_bytes()
-    auth_certificate = load_certificate(tls_cert)
+    tls_cert, tls_key, auth_certificate = keys.tls_certificate, keys.tls_key, keys.auth_certificate
     own_status = OwnStatus(
         settings=settings.ocsp,
         certificates=[auth_certificate, *(s.certificate for s in signers.values())],
@@ -277,7 +298,7 @@ async def serve(
         tls_certificate=tls_cert,
         tls_key=tls_key,
         max_bytes=max_frame,
-        staple=lambda: own_status.staple(node.auth_sha256),
+        staple=own_status.staple,
     )
     backends = BackendClient(dict(settings.backends), max_frame)
     servers: list[grpc.aio.Server] = []
@@ -304,23 +325,16 @@ async def serve(
     metrics = ServerMetrics(ops.registry) if settings.ops.metrics else None
     if metrics is not None:
         message_log.on_commit = metrics.commit
-    ops.registry.register(
-        StateCollector(
-            clock=_clock,
-            configurations=lambda: [
-                c for c in (config.current, *federations.configurations()) if c is not None
-            ],
-            certificates=[
-                OwnCertificate("authentication", auth_certificate, der_sha256(auth_certificate)),
-                *(
-                    OwnCertificate(f"signing:{member}", s.certificate, s.certificate_sha256)
-                    for member, s in signers.items()
-                ),
-            ],
-            ocsp_produced_at=own_status.produced_at,
-            tsa_failures=lambda: timestamper.failures if timestamper is not None else 0,
-        )
+    state = StateCollector(
+        clock=_clock,
+        configurations=lambda: [
+            c for c in (config.current, *federations.configurations()) if c is not None
+        ],
+        certificates=own_certificates(keys),
+        ocsp_produced_at=own_status.produced_at,
+        tsa_failures=lambda: timestamper.failures if timestamper is not None else 0,
     )
+    ops.registry.register(state)
     health = ReadinessHealth(ops.readiness.ready)
     if settings.log.retention_days > 0:
         archiver = Archiver(
@@ -366,9 +380,35 @@ async def serve(
         health.register(provider)
         provider_service = ProviderService(node, backends, metrics, tracing)
         provider.add_generic_rpc_handlers((provider_service.handler(),))
-        provider_port = provider.add_secure_port(
-            settings.provider.listen, TlsRoots(federations, tls_cert, tls_key).credentials()
-        )
+        tls_roots = TlsRoots(federations, tls_cert, tls_key)
+        provider_port = provider.add_secure_port(settings.provider.listen, tls_roots.credentials())
+
+        def install(new: Keys) -> None:
+            # no await from here to the end: every part switches together
+            tls_roots.use(new.tls_certificate, new.tls_key)
+            peers.use(new.tls_certificate, new.tls_key)
+            node.auth_certificate = new.auth_certificate
+            node.auth_sha256 = der_sha256(new.auth_certificate)
+            node.signers = new.signers
+            checkpoints.signer = EcdsaSigner(load_private_key(new.tls_key), new.auth_certificate)
+            state.certificates = tuple(own_certificates(new))
+            own_status.keep_only(
+                [new.auth_certificate, *(s.certificate for s in new.signers.values())]
+            )
+
+        if reload is not None and read is not None:
+            reloader = KeyReloader(
+                settings=settings,
+                read=read,
+                config=lambda: config.current,
+                fetch_status=own_status.take,
+                install=install,
+                clock=_clock,
+                keys=keys,
+            )
+            background.append(
+                asyncio.create_task(reload_on(reload, reloader.reload), name="key-reload")
+            )
         # bodies up to twice the limit reach our code, which refuses and logs them with
         # body_too_large; larger ones are cut off by gRPC itself
         consumer_max = max(

@@ -23,6 +23,7 @@ import structlog
 from gateway.configuration import GlobalConfiguration, SecurityServer
 from gateway.errors import Code, GatewayError, UnavailableError
 from gateway.identifiers import SecurityServerId, server_dns_name
+from gateway.signing import certificate_fingerprint, load_certificate
 from gateway.v1 import exchange_pb2 as pb
 from security_server.status import ERROR_KEY
 
@@ -238,7 +239,8 @@ class PeerLink:
 
 
 class PeerPool:
-    """The links of this server to its providers, rebuilt when their trust settings change."""
+    """The links of this server to its providers, rebuilt when their trust settings or our
+    authentication certificate change."""
 
     def __init__(
         self,
@@ -246,18 +248,25 @@ class PeerPool:
         tls_certificate: bytes,
         tls_key: bytes,
         max_bytes: int,
-        staple: Callable[[], bytes] = bytes,
+        staple: Callable[[str], bytes] = lambda sha: b"",
     ) -> None:
+        # the current OCSP answer about one of our certificates, by the SHA-256 of its DER
         self.staple = staple
+        self.max_bytes = max_bytes
+        self._links: dict[SecurityServerId, tuple[tuple[str, bytes, bytes], PeerLink]] = {}
+        self._retired: list[PeerLink] = []
+        self.use(tls_certificate, tls_key)
+
+    def use(self, tls_certificate: bytes, tls_key: bytes) -> None:
+        """Open the next streams with this certificate (PEM) and key (a renewal): streams
+        already open finish with the one they have."""
         self.tls_certificate = tls_certificate
         self.tls_key = tls_key
-        self.max_bytes = max_bytes
-        self._links: dict[SecurityServerId, tuple[tuple[str, bytes], PeerLink]] = {}
-        self._retired: list[PeerLink] = []
+        self._sha = certificate_fingerprint(load_certificate(tls_certificate)).hex()
 
     def link(self, server: SecurityServer, config: GlobalConfiguration) -> PeerLink:
         roots = config.ca_pem
-        key = (server.address, roots)
+        key = (server.address, roots, self.tls_certificate)
         entry = self._links.get(server.id)
         if entry is not None and entry[0] == key:
             return entry[1]
@@ -269,7 +278,9 @@ class PeerPool:
             private_key=self.tls_key,
             certificate_chain=self.tls_certificate,
         )
-        link = PeerLink(server, credentials, self.max_bytes, self.staple)
+        # a stream staples the answer about the certificate it was opened with
+        sha = self._sha
+        link = PeerLink(server, credentials, self.max_bytes, lambda: self.staple(sha))
         self._links[server.id] = (key, link)
         return link
 

@@ -8,6 +8,7 @@ have) and tampering with the admin log. Each PostgreSQL test runs in a database 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import shutil
 import tomllib
@@ -24,6 +25,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from cryptography.hazmat.primitives import serialization
+from cryptography.x509 import load_pem_x509_certificate
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -654,6 +656,72 @@ async def test_a_submitted_server_enters_the_configuration_only_once_approved(
         )
     steps = [(r.action, r.to_state) for r in await log_entries(registry, str(server))]
     assert steps == [("register_server", "pending"), ("approve_server", "approved")]
+
+
+async def test_renewal_publishes_both_certificates_then_only_the_successor(
+    registry: Registry, topology_file: Path
+) -> None:
+    """A server's next authentication certificate waits for a registry administrator, is
+    then published beside the current one (peers accept either), and replaces it when the
+    old one is retired; what would break the server is refused with its reason."""
+    server = SecurityServerId.parse("UY/GOV/MSP/ss1")
+    ca = load_issued(topology_file.parent / "pki", "ca")
+
+    def pem_of(common_name: str, days: int = 30) -> str:
+        issued = issue(
+            common_name=common_name,
+            issuer=ca,
+            now=START - timedelta(days=1),
+            days=days,
+            kind="auth",
+        )
+        return issued.certificate.public_bytes(serialization.Encoding.PEM).decode()
+
+    def published() -> list[bytes]:
+        [entry] = [s for s in content.servers if s.id == server]
+        return list(entry.auth_certificates)
+
+    content = await registry.store.content()
+    [old] = published()
+    fresh = pem_of(str(server))
+    with pytest.raises(Forbidden):  # another member's administrator
+        await registry.gov.submit_auth_certificate(
+            member_admin("admin@dnic", DNIC), server, fresh, ""
+        )
+    with pytest.raises(InvalidRequest, match="common name is 'UY/GOV/MSP/ss9'"):
+        await registry.gov.submit_auth_certificate(MSP_ADMIN, server, pem_of("UY/GOV/MSP/ss9"), "")
+    submitted = await registry.gov.submit_auth_certificate(MSP_ADMIN, server, fresh, "renewal")
+    assert submitted["state"] == "pending"
+    content = await registry.store.content()
+    assert published() == [old]
+    with pytest.raises(Conflict, match="already registered for UY/GOV/MSP/ss1"):
+        await registry.gov.submit_auth_certificate(MSP_ADMIN, server, fresh, "")
+    sha = submitted["sha256"]
+    with pytest.raises(Forbidden):
+        await registry.gov.approve_auth_certificate(MSP_ADMIN, server, sha, "my own")
+    await registry.gov.approve_auth_certificate(REGISTRY, server, sha, "fingerprint checked")
+    content = await registry.store.content()
+    new = load_pem_x509_certificate(fresh.encode()).public_bytes(serialization.Encoding.DER)
+    assert published() == [old, new]
+    [listed] = [s for s in await registry.gov.list_servers(REGISTRY) if s["id"] == str(server)]
+    assert [(c["sha256"], c["state"]) for c in listed["next_auth_certificates"]] == [
+        (sha, "approved")
+    ]
+    # the old one retired: the successor becomes the first, and is then the only one
+    old_sha = hashlib.sha256(old).hexdigest()
+    await registry.gov.retire_auth_certificate(MSP_ADMIN, server, old_sha, "rolled over")
+    content = await registry.store.content()
+    assert published() == [new]
+    with pytest.raises(Conflict, match="only approved authentication certificate"):
+        await registry.gov.retire_auth_certificate(MSP_ADMIN, server, sha, "")
+    with pytest.raises(NotFound):
+        await registry.gov.retire_auth_certificate(MSP_ADMIN, server, old_sha, "again")
+    steps = [(r.action, r.to_state) for r in await log_entries(registry, str(server))]
+    assert steps[-3:] == [
+        ("register_auth_certificate", "pending"),
+        ("approve_auth_certificate", "approved"),
+        ("retire_auth_certificate", "retired"),
+    ]
 
 
 async def test_agreements_past_their_validity_are_marked_expired_by_the_sweep(

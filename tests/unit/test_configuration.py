@@ -580,3 +580,58 @@ def test_a_foreign_agreement_client_is_allowed(world: World) -> None:
     deal = dataclasses.replace(world.agreement, client=SubsystemId(member=FOREIGN_MEMBER, code="a"))
     config = parse_content(build_content(**{**world.content_args, "agreements": [deal]}))
     assert config.agreements.decide(deal.client, PERSON, "benefit-eligibility", world.now)
+
+
+# ---- renewal: several authentication certificates of one server ---------------------------
+
+
+def test_a_renewing_server_is_known_by_each_of_its_certificates(
+    world: World, issue: IssueCert
+) -> None:
+    """During a renewal the configuration lists a server's next certificate beside the
+    first; a peer presenting either is that server, and no two servers share one."""
+    following = issue(str(SS_DNIC), kind="auth")
+    args = dict(world.content_args)
+    dnic, bps = args["servers"]
+    args["servers"] = [
+        dataclasses.replace(dnic, next_auth_certificates=(following.certificate_der,)),
+        bps,
+    ]
+    config = parse_content(build_content(**args))
+    for der in (world.auth_dnic.certificate_der, following.certificate_der):
+        assert config.servers_by_auth_sha256[certificate_sha256(der)].id == SS_DNIC
+    assert (
+        config.servers[SS_DNIC].auth_x509s[1].serial_number == following.certificate.serial_number
+    )
+    # a server without a renewal keeps the entry it always had
+    assert b"next_auth_certificates" not in build_content(**world.content_args)
+    args["servers"] = [
+        dataclasses.replace(dnic, next_auth_certificates=(world.auth_bps.certificate_der,)),
+        bps,
+    ]
+    error = expect_invalid(lambda: parse_content(build_content(**args)))
+    assert "list the same authentication certificate" in error.message
+
+
+def test_an_expired_certificate_leaves_the_published_server_entry(
+    world: World, issue: IssueCert
+) -> None:
+    """The registry leaves out the expired ones of a renewing server's certificates (never
+    the last) and says when the next one listed beside another expires."""
+    from registry.publisher import without_expired_certificates
+
+    ending = issue(str(SS_DNIC), kind="auth", not_after=world.now + timedelta(days=2))
+    following = issue(str(SS_DNIC), kind="auth")
+    server = dataclasses.replace(
+        world.content_args["servers"][0],
+        auth_certificate=ending.certificate_der,
+        next_auth_certificates=(following.certificate_der,),
+    )
+    [kept], soonest = without_expired_certificates((server,), world.now)
+    assert kept.auth_certificates == (ending.certificate_der, following.certificate_der)
+    assert soonest == ending.certificate.not_valid_after_utc
+    [kept], soonest = without_expired_certificates((server,), world.now + timedelta(days=3))
+    assert kept.auth_certificates == (following.certificate_der,)
+    assert soonest is None
+    [kept], _ = without_expired_certificates((server,), world.now + timedelta(days=999))
+    assert kept.auth_certificates == (following.certificate_der,)
