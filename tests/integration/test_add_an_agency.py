@@ -3,25 +3,38 @@ commands only: a third agency (the Ministry of Social Development) joins the run
 instance, gets its certificates from the instance's CA through requests (the development
 CA acting as an external one), registers its security server, which the registry approves,
 obtains an agreement with the population registry, starts its server from the example
-settings file, and its backend's first call is answered."""
+settings file, and its backend's first call is answered. Then the README's "Renew
+certificates": under load, the agency renews its server's authentication certificate and
+its member's signing certificate, switches to them with SIGHUP and retires the old
+authentication certificate, with no failed call; the population registry's server then
+refuses the old certificate."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
+import signal
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
+from gateway.v1 import exchange_pb2 as pb
 from gateway_demo.client import Outcome, call_raw, routing_metadata
 from gateway_demo.generated import population_pb2 as population
 from gateway_demo.runner import Runner, reserve_port
+from tests.integration.attacker import StreamError, open_stream
 
 EXAMPLE = Path(__file__).parents[2] / "deploy" / "examples" / "agency-server.toml"
 MEMBER, SERVER = "UY/GOV/MIDES", "UY/GOV/MIDES/ss1"
@@ -45,6 +58,20 @@ def gateway(*args: str, token: str | None = None) -> str:
     return done.stdout
 
 
+@dataclass
+class Agency:
+    folder: Path
+    server: subprocess.Popen[bytes]
+    consumer: str
+    settings: Path
+    api: list[str]
+    registry_admin: str
+    admin: str
+
+    def log(self) -> str:
+        return (self.folder / "server.log").read_text(errors="replace")
+
+
 @pytest.fixture(scope="module")
 def instance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runner]:
     runner = Runner(tmp_path_factory.mktemp("instance") / "run", refresh_seconds=1)
@@ -56,7 +83,10 @@ def instance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runner]:
         runner.close()
 
 
-def test_a_new_agency_makes_its_first_allowed_call(instance: Runner, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def agency(instance: Runner, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agency]:
+    """The walkthrough up to step 8: the agency's server running from the example settings."""
+    tmp_path = tmp_path_factory.mktemp("agency")
     registry_toml = str(instance.workdir / "registry.toml")
     api = ["--url", instance.api_url]
 
@@ -208,15 +238,157 @@ def test_a_new_agency_makes_its_first_allowed_call(instance: Runner, tmp_path: P
         stderr=(agency / "server.log").open("wb"),
     )
     try:
-        # 9. the agency's backend calls through its own server
         wait_ready(ready, server)
-        outcome = asyncio.run(first_call(consumer))
-        assert outcome.ok, (outcome, (agency / "server.log").read_text()[-3000:])
-        answer = population.Person.FromString(outcome.body or b"")
-        assert answer.national_id == "1.234.567-8"
+        yield Agency(
+            folder=agency,
+            server=server,
+            consumer=consumer,
+            settings=agency / "server.toml",
+            api=api,
+            registry_admin=registry_admin,
+            admin=mides_admin,
+        )
     finally:
         server.terminate()
         server.wait(15)
+
+
+def test_a_new_agency_makes_its_first_allowed_call(agency: Agency) -> None:
+    # 9. the agency's backend calls through its own server
+    outcome = asyncio.run(first_call(agency.consumer))
+    assert outcome.ok, (outcome, agency.log()[-3000:])
+    answer = population.Person.FromString(outcome.body or b"")
+    assert answer.national_id == "1.234.567-8"
+
+
+def test_renewal_under_load_fails_no_call_and_retires_the_old_certificate(
+    instance: Runner, agency: Agency
+) -> None:
+    """The README's "Renew certificates", step by step, while the agency's backend calls."""
+    folder = agency.folder
+    old_cert = (folder / "pki" / "auth" / "UY_GOV_MIDES_ss1.crt").read_bytes()
+    old_key = (folder / "pki" / "auth" / "UY_GOV_MIDES_ss1.key").read_bytes()
+    old_sha = hashlib.sha256(
+        x509.load_pem_x509_certificate(old_cert).public_bytes(serialization.Encoding.DER)
+    ).hexdigest()
+    with Load(agency.consumer) as load:
+        # 1-3. new keys and requests, signed by the CA, checked and installed beside the old
+        requests = folder / "requests-2027"
+        gateway("pki", "csr", "--server", SERVER, "--out", str(requests))
+        gateway("pki", "csr", "--member", MEMBER, "--out", str(requests))
+        for flag, who, stem in (
+            ("--server", SERVER, "UY_GOV_MIDES_ss1"),
+            ("--member", MEMBER, "UY_GOV_MIDES"),
+        ):
+            certificate = requests / f"{stem}.crt"
+            gateway(
+                "pki", "sign", "--dir", str(instance.pki), "--csr",
+                str(requests / f"{stem}.csr"), "--out", str(certificate),
+            )  # fmt: skip
+            gateway(
+                "pki", "import", flag, who, "--certificate", str(certificate),
+                "--key", str(requests / f"{stem}.key"), "--ca", str(instance.pki / "ca.crt"),
+                "--dir", str(folder / "pki-2027"),
+            )  # fmt: skip
+        # 4. the agency registers the next authentication certificate; 5. it is approved
+        renewed = json.loads(
+            gateway(
+                "admin",
+                *agency.api,
+                "--json",
+                "servers",
+                "renew",
+                SERVER,
+                "--certificate",
+                str(folder / "pki-2027" / "auth" / "UY_GOV_MIDES_ss1.crt"),
+                "--reason",
+                "yearly renewal",
+                token=agency.admin,
+            )
+        )
+        assert renewed["state"] == "pending"
+        gateway(
+            "admin", *agency.api, "servers", "approve-certificate", SERVER, renewed["sha256"],
+            "--reason", "fingerprint checked with the agency", token=agency.registry_admin,
+        )  # fmt: skip
+        # 6. the settings name the new files; SIGHUP switches to them once the approval
+        # reached the server (until then it keeps its keys and says why)
+        settings = agency.settings.read_text().replace("pki/", "pki-2027/")
+        agency.settings.write_text(settings)
+        reloaded = False
+        for _ in range(40):
+            agency.server.send_signal(signal.SIGHUP)
+            time.sleep(0.5)
+            if "keys_reloaded" in agency.log():
+                reloaded = True
+                break
+        assert reloaded, agency.log()[-3000:]
+        time.sleep(1.0)  # calls signed and sent with the new keys
+        # 7. the old authentication certificate leaves the configuration
+        gateway(
+            "admin", *agency.api, "servers", "retire-certificate", SERVER, old_sha,
+            "--reason", "replaced by the 2027 certificate", token=agency.admin,
+        )  # fmt: skip
+        time.sleep(2.0)  # the configuration reaches the population registry's server
+    assert load.calls > 50, load.calls
+    assert load.failures == [], load.failures[:5]
+    # peers refuse the old certificate now
+    refused = asyncio.run(call_with_old_certificate(instance, old_cert, old_key))
+    assert isinstance(refused, StreamError), refused
+    assert refused.error == "peer_not_registered", refused
+    # and the new signing certificate signs: the agency's log holds it as evidence
+    signing = (folder / "pki-2027" / "sign" / "UY_GOV_MIDES.crt").read_bytes()
+    new_der = x509.load_pem_x509_certificate(signing).public_bytes(serialization.Encoding.DER)
+    with sqlite3.connect(folder / "state" / "messagelog.db") as db:
+        kept = [bytes(r[0]) for r in db.execute("SELECT data FROM log_evidence")]
+    assert new_der in kept
+
+
+class Load:
+    """Calls through the agency's consumer endpoint from 4 callers until closed."""
+
+    def __init__(self, consumer: str) -> None:
+        self.consumer = consumer
+        self.calls = 0
+        self.failures: list[Outcome] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()))
+
+    async def _run(self) -> None:
+        request = population.GetPersonRequest(national_id="1.234.567-8").SerializeToString()
+        metadata = routing_metadata(client=SUBSYSTEM, service=SERVICE, purpose="social-benefits")
+        async with grpc.aio.insecure_channel(self.consumer) as channel:
+
+            async def caller() -> None:
+                while not self._stop.is_set():
+                    outcome = await call_raw(channel, GET_PERSON, request, metadata)
+                    self.calls += 1
+                    if not outcome.ok:
+                        self.failures.append(outcome)
+                    await asyncio.sleep(0.01)
+
+            await asyncio.gather(*(caller() for _ in range(4)))
+
+    def __enter__(self) -> Load:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+
+async def call_with_old_certificate(
+    instance: Runner, certificate: bytes, key: bytes
+) -> pb.Frame | StreamError:
+    async with open_stream(
+        instance.processes["ss-dnic"].ready["provider"],
+        "UY/GOV/DNIC/ss1",
+        (instance.pki / "ca.crt").read_bytes(),
+        certificate,
+        key,
+    ) as stream:
+        return await stream.send(pb.Frame(correlation_id=1))
 
 
 def wait_ready(ready: Path, server: subprocess.Popen[bytes]) -> None:

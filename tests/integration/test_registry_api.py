@@ -168,10 +168,10 @@ def api(runner: Runner) -> Api:
     return client
 
 
-def pem(runner: Runner) -> str:
+def pem(runner: Runner, common_name: str = "submitted server") -> str:
     """A new authentication certificate from the instance CA, PEM (each server needs its own)."""
     cert = issue(
-        common_name="submitted server",
+        common_name=common_name,
         issuer=load_issued(runner.pki, "ca"),
         now=datetime.now(UTC),
         days=30,
@@ -216,6 +216,25 @@ def _pending_server(api: Api) -> tuple[str, Any]:
     server = api.ok("POST", "/v1/security-servers", _server_body(api))
     assert server["status"] == "pending"
     return f"/v1/security-servers/{server['id']}/approve", {"reason": "certificate checked"}
+
+
+RENEWALS = f"/v1/security-servers/{MSP_SS1}/auth-certificates"
+
+
+def _renewal(api: Api) -> tuple[str, Any]:
+    return RENEWALS, {"auth_certificate": pem(api.runner, MSP_SS1), "reason": "renewal"}
+
+
+def _pending_renewal(api: Api) -> tuple[str, Any]:
+    submitted = api.ok("POST", *_renewal(api), role="consumer")
+    assert submitted["state"] == "pending"
+    return f"{RENEWALS}/{submitted['sha256']}/approve", {"reason": "fingerprint checked"}
+
+
+def _approved_renewal(api: Api) -> tuple[str, Any]:
+    submitted = api.ok("POST", *_renewal(api))
+    assert submitted["state"] == "approved"
+    return f"{RENEWALS}/{submitted['sha256']}/retire", {"reason": "not needed"}
 
 
 def _new_service(api: Api) -> tuple[str, Any]:
@@ -310,6 +329,18 @@ MATRIX: dict[tuple[str, str], tuple[tuple[int, ...], Setup]] = {
     ("POST", "/v1/security-servers/{id}/approve"): (
         (401, 200, 403, 403, 403, 403, 403, 403),
         _pending_server,
+    ),
+    ("POST", "/v1/security-servers/{id}/auth-certificates"): (
+        (401, 201, 201, 403, 403, 403, 403, 201),
+        _renewal,
+    ),
+    ("POST", "/v1/security-servers/{id}/auth-certificates/{sha256}/approve"): (
+        (401, 200, 403, 403, 403, 403, 403, 403),
+        _pending_renewal,
+    ),
+    ("POST", "/v1/security-servers/{id}/auth-certificates/{sha256}/retire"): (
+        (401, 200, 200, 403, 403, 403, 403, 200),
+        _approved_renewal,
     ),
     ("GET", "/v1/services"): ((401, 200, 200, 200, 200, 200, 200, 200), _fixed("/v1/services")),
     ("POST", "/v1/services"): ((401, 201, 201, 403, 403, 403, 403, 403), _new_service),
@@ -419,10 +450,17 @@ def test_every_route_served_is_in_the_openapi_document() -> None:
     paths = openapi_document()["paths"]
     acting = {f"/v1/agreements/{{id}}/{action}" for action in actions}
     assert acting <= set(paths)
+    certificates = "/v1/security-servers/{id}/auth-certificates"
+    renewing = {f"{certificates}/{{sha256}}/{action}" for action in ("approve", "retire")}
+    assert renewing <= set(paths)
+
+    def served_as(path: str) -> str:
+        if path in acting:
+            return "/v1/agreements/{id}/{action}"
+        return f"{certificates}/{{sha256}}/{{action}}" if path in renewing else path
+
     documented = {
-        (method.upper(), "/v1/agreements/{id}/{action}" if path in acting else path)
-        for path, item in paths.items()
-        for method in item
+        (method.upper(), served_as(path)) for path, item in paths.items() for method in item
     }
     assert served == documented
 
