@@ -9,7 +9,9 @@ and names from the configuration, never a caller's input or personal data.
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass
+from pathlib import Path
 
 import structlog
 from aiohttp import web
@@ -22,6 +24,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+from gateway.errors import ConfigFileError
 from gateway_ops.readiness import Readiness
 
 log = structlog.get_logger("gateway.ops")
@@ -95,3 +98,19 @@ class Ops:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+
+def server_tls(certificate: Path | None, key: Path | None, what: str) -> ssl.SSLContext | None:
+    """A TLS server context (TLS 1.2 or newer) for an HTTP API, or None for plain HTTP when
+    neither file is set; `ConfigFileError` naming the settings `what` when it cannot be."""
+    if (certificate is None) != (key is None):
+        raise ConfigFileError(f"{what}.tls_certificate and {what}.tls_key go together")
+    if certificate is None or key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(certificate, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigFileError(f"{what}.tls_certificate, {what}.tls_key: {exc}") from None
+    return context

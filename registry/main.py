@@ -35,7 +35,7 @@ from gateway.v1 import configuration_pb2 as pb
 from gateway.workflow import Policy
 from gateway_ops.auth import OidcSettings, TokenIssuer, TokenVerifier, load_or_create_token_key
 from gateway_ops.readiness import failure_reason
-from gateway_ops.server import Ops, OpsSettings
+from gateway_ops.server import Ops, OpsSettings, server_tls
 from registry.api import AdminApi
 from registry.checkpoints import CheckpointBook, CheckpointRefused
 from registry.governance import AdminError, Governance
@@ -51,8 +51,12 @@ log = structlog.get_logger("registry")
 class ApiSettings:
     """The `[api]` table: the admin REST API and its tokens."""
 
-    # host:port of the admin REST API (HTTP; put a TLS-terminating proxy in front of it)
+    # host:port of the admin REST API: HTTPS with tls_certificate and tls_key, else plain
+    # HTTP (then keep it on loopback, or put a TLS-terminating proxy in front of it)
     listen: str = "127.0.0.1:7080"
+    # the API's TLS certificate (chain, PEM) and key; both or neither
+    tls_certificate: Path | None = None
+    tls_key: Path | None = None
     # largest request body accepted, in bytes
     max_body_bytes: int = 65536
     # the registry's token-signing key (P-256, PEM); created at first start when missing
@@ -432,9 +436,15 @@ async def serve(
         runner = web.AppRunner(api.app(), access_log=None)
         await runner.setup()
         api_host, api_port = settings.api.listen.rsplit(":", 1)
-        site = web.TCPSite(runner, api_host, int(api_port))
+        site = web.TCPSite(
+            runner,
+            api_host,
+            int(api_port),
+            ssl_context=server_tls(settings.api.tls_certificate, settings.api.tls_key, "api"),
+        )
         await site.start()
         api_bound = runner.addresses[0][1]
+        scheme = "https" if settings.api.tls_certificate is not None else "http"
         server = grpc.aio.server(
             options=[("grpc.max_send_message_length", settings.max_message_bytes)]
         )
@@ -449,11 +459,11 @@ async def serve(
             "registry_started",
             instance=settings.instance,
             listen=f"{host}:{port}",
-            api=f"http://{api_host}:{api_bound}",
+            api=f"{scheme}://{api_host}:{api_bound}",
         )
         ready: dict[str, Any] = {
             "listen": f"{host}:{port}",
-            "api": f"http://{api_host}:{api_bound}",
+            "api": f"{scheme}://{api_host}:{api_bound}",
             "version": publisher.version,
         }
         if ops_url is not None:

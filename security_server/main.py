@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import ssl
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -29,7 +28,7 @@ from gateway.settings import database_url
 from gateway.signing import EcdsaSigner, load_private_key
 from gateway_ops.auth import OidcSettings, TokenVerifier
 from gateway_ops.readiness import Readiness
-from gateway_ops.server import Ops
+from gateway_ops.server import Ops, server_tls
 from gateway_ops.tracing import Tracing
 from security_server.archive import Archiver
 from security_server.auditor_api import PATH as AUDITOR_PATH
@@ -120,16 +119,6 @@ def auditor_token_verifier(settings: ServerSettings, server_id: SecurityServerId
     except ValueError as exc:
         raise ConfigFileError(f"auditor: {exc}") from None
     return TokenVerifier(issuer=None, oidc=trust)
-
-
-def _auditor_tls(settings: ServerSettings) -> ssl.SSLContext | None:
-    section = settings.auditor
-    if section.tls_certificate is None or section.tls_key is None:
-        return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(section.tls_certificate, section.tls_key)
-    return context
 
 
 def _ready_when(
@@ -485,7 +474,9 @@ async def serve(
                 refusals=auditor_refusals,
             )
             auditor_runner, auditor_port = await start_auditor_api(
-                api, settings.auditor.listen, _auditor_tls(settings)
+                api,
+                settings.auditor.listen,
+                server_tls(settings.auditor.tls_certificate, settings.auditor.tls_key, "auditor"),
             )
             closers.append(auditor_runner.cleanup)
             ready["auditor"] = f"{settings.auditor.listen.rsplit(':', 1)[0]}:{auditor_port}"
