@@ -57,8 +57,11 @@ async def test_an_api_with_certificate_and_key_serves_https(tmp_path: Path) -> N
     def get() -> int:
         client = ssl.create_default_context(cafile=str(ca_cert))
         connection = http.client.HTTPSConnection("127.0.0.1", port, context=client, timeout=5)
-        connection.request("GET", "/healthz")
-        return connection.getresponse().status
+        try:
+            connection.request("GET", "/healthz")
+            return connection.getresponse().status
+        finally:
+            connection.close()
 
     try:
         assert await asyncio.to_thread(get) == 200
