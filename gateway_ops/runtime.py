@@ -36,8 +36,10 @@ def restrict_modes(folder: Path | None = None, files: Iterable[Path] = ()) -> li
     """Make `folder` (created when missing) and everything under it, and `files` where they
     exist, owner-only: group and other bits are cleared (0644 becomes 0600, 0755 0700).
     Each path tightened is logged; the list of them is returned. Symbolic links are left
-    alone (their target is not ours to change). A path that cannot be tightened (owned by
-    another user) is a `ConfigFileError`: the process does not start with it."""
+    alone (their target is not ours to change). A path open to others that cannot be
+    tightened (owned by another user) is a `ConfigFileError`: the process does not start
+    with it; one open to its group only is kept with a warning (a Kubernetes Secret mounted
+    read-only, read through the pod's fsGroup)."""
     paths: list[Path] = []
     if folder is not None:
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -56,7 +58,13 @@ def restrict_modes(folder: Path | None = None, files: Iterable[Path] = ()) -> li
             continue
         try:
             path.chmod(stat.S_IMODE(mode) & 0o700)
-        except OSError as exc:  # not ours, say: refuse to run with it readable by others
+        except OSError as exc:
+            if not mode & 0o007:
+                # readable by its group only, on a mount we may not change (a Kubernetes
+                # Secret read through the pod's fsGroup): kept, and said
+                log.warning("file_mode_kept", path=str(path), mode=oct(stat.S_IMODE(mode)))
+                continue
+            # not ours, say: refuse to run with it readable by others
             raise ConfigFileError(
                 f"{path} is readable by others and cannot be made owner-only: {exc}"
             ) from None

@@ -109,3 +109,24 @@ def test_a_path_that_cannot_be_tightened_stops_the_start(
     monkeypatch.setattr(Path, "chmod", refuse)
     with pytest.raises(ConfigFileError, match="cannot be made owner-only"):
         restrict_modes(files=[path])
+
+
+def test_a_group_readable_file_that_cannot_change_is_kept_one_open_to_others_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Kubernetes Secret is mounted read-only and read through the pod's group (0440):
+    the process starts and says so; a file others may read stops it."""
+    secret, open_file = tmp_path / "registry-token.key", tmp_path / "open.key"
+    for path, mode in ((secret, 0o440), (open_file, 0o444)):
+        path.write_bytes(b"k")
+        path.chmod(mode)
+
+    def read_only(self: Path, mode: int) -> None:
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(Path, "chmod", read_only)
+    with structlog.testing.capture_logs() as logs:
+        assert restrict_modes(None, [secret]) == []
+    assert [(e["event"], e["mode"]) for e in logs] == [("file_mode_kept", "0o440")]
+    with pytest.raises(ConfigFileError, match="readable by others"):
+        restrict_modes(None, [open_file])

@@ -44,6 +44,7 @@ async def test_an_api_with_certificate_and_key_serves_https(tmp_path: Path) -> N
     cert, key, _ = write(tmp_path, "local-server", ca)
     context = server_tls(cert, key, "api")
     assert context is not None and context.minimum_version == ssl.TLSVersion.TLSv1_2
+
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"ok": True})
 
