@@ -41,6 +41,10 @@ MEMBER, SERVER = "UY/GOV/MIDES", "UY/GOV/MIDES/ss1"
 SUBSYSTEM = "UY/GOV/MIDES/benefits"
 SERVICE = "UY/GOV/DNIC/identity/population/v1"
 GET_PERSON = "/demo.population.v1.PopulationRegistry/GetPerson"
+# the agency's own service, and the subsystem of the demo that calls it
+OWN_SERVICE = "UY/GOV/MIDES/benefits/eligibility/v1"
+ECHO = "/demo.population.v1.PopulationRegistry/Echo"
+MSP_CLINICS = "UY/GOV/MSP/clinics"
 
 
 def gateway(*args: str, token: str | None = None) -> str:
@@ -196,7 +200,41 @@ def agency(instance: Runner, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     gateway("admin", *api, "agreements", "approve", agreement, token=dnic_admin)
     gateway("admin", *api, "agreements", "approve", agreement, token=registry_admin)
 
-    # 8. the server's settings, from the example file, and the server started
+    # 8. the agency publishes a service of its own, which the Ministry of Health may use
+    backend = f"127.0.0.1:{reserve_port().getsockname()[1]}"
+    gateway(
+        "admin", *api, "services", "add", "--id", OWN_SERVICE,
+        "--description", "Social benefits: eligibility (echoes the request)",
+        "--method", ECHO, "--category", "social-benefits",
+        "--legal-basis", "Ley 17.866", "--contact", "datos@mides.example",
+        token=mides_admin,
+    )  # fmt: skip
+    requested = json.loads(
+        gateway(
+            "admin",
+            *api,
+            "--json",
+            "agreements",
+            "request",
+            "--client",
+            MSP_CLINICS,
+            "--service",
+            OWN_SERVICE,
+            "--purpose",
+            "healthcare-benefits",
+            "--basis",
+            "law",
+            "--reference",
+            "Ley 17.866",
+            "--reason",
+            "benefits of patients",
+            token=token("member-admin", "admin@msp", "UY/GOV/MSP"),
+        )
+    )
+    gateway("admin", *api, "agreements", "approve", requested["id"], token=mides_admin)
+    gateway("admin", *api, "agreements", "approve", requested["id"], token=registry_admin)
+
+    # 9. the server's settings, from the example file, and the server started
     consumer = f"127.0.0.1:{reserve_port().getsockname()[1]}"
     filled = {
         "<INSTANCE/CLASS/MEMBER/SERVER>": SERVER,
@@ -220,8 +258,18 @@ def agency(instance: Runner, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         settings = settings.replace(placeholder, value)
     left = [line for line in settings.splitlines() if "<" in line and not line.startswith("#")]
     assert not left, left
+    settings += f'"{OWN_SERVICE}" = "{backend}"\n'
     (agency / "server.toml").write_text(settings)
     ready = agency / "ready.json"
+    # the agency's own backend (here the demo's sample one, whose Echo the service offers)
+    own_backend = subprocess.Popen(
+        [
+            sys.executable, "-m", "gateway_cli.main", "demo-backend", "population",
+            "--listen", backend, "--ready-file", str(agency / "backend.json"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=(agency / "backend.log").open("wb"),
+    )  # fmt: skip
     server = subprocess.Popen(
         [
             sys.executable,
@@ -238,6 +286,7 @@ def agency(instance: Runner, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         stderr=(agency / "server.log").open("wb"),
     )
     try:
+        wait_ready(agency / "backend.json", own_backend)
         wait_ready(ready, server)
         yield Agency(
             folder=agency,
@@ -249,16 +298,41 @@ def agency(instance: Runner, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             admin=mides_admin,
         )
     finally:
-        server.terminate()
-        server.wait(15)
+        for process in (server, own_backend):
+            process.terminate()
+            process.wait(15)
 
 
 def test_a_new_agency_makes_its_first_allowed_call(agency: Agency) -> None:
-    # 9. the agency's backend calls through its own server
+    # 10. the agency's backend calls through its own server
     outcome = asyncio.run(first_call(agency.consumer))
     assert outcome.ok, (outcome, agency.log()[-3000:])
     answer = population.Person.FromString(outcome.body or b"")
     assert answer.national_id == "1.234.567-8"
+
+
+def test_another_agency_calls_the_service_the_new_agency_published(
+    instance: Runner, agency: Agency
+) -> None:
+    # 11. the Ministry of Health's clinics call the agency's service through both servers
+    async def call() -> Outcome:
+        request = population.EchoMessage(payload=b"benefits of 1.234.567-8").SerializeToString()
+        metadata = routing_metadata(
+            client=MSP_CLINICS, service=OWN_SERVICE, purpose="healthcare-benefits"
+        )
+        async with instance.consumer_channel("UY/GOV/MSP/ss1", MSP_CLINICS) as channel:
+            for _ in range(50):  # the agreement reaches both servers within a push
+                outcome = await call_raw(channel, ECHO, request, metadata)
+                if outcome.ok:
+                    break
+                await asyncio.sleep(0.2)
+            return outcome
+
+    outcome = asyncio.run(call())
+    assert outcome.ok, (outcome, agency.log()[-3000:])
+    assert (
+        population.EchoMessage.FromString(outcome.body or b"").payload == b"benefits of 1.234.567-8"
+    )
 
 
 def test_renewal_under_load_fails_no_call_and_retires_the_old_certificate(
