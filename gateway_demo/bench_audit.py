@@ -38,6 +38,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from gateway.audit import RecordKind, Role
 from gateway.pseudonym import subject_pseudonym
+from gateway.records import record
 from gateway.settings import database_url
 from gateway.signing import EcdsaSigner
 from gateway_ops.auth import Role as TokenRole
@@ -45,7 +46,6 @@ from gateway_ops.auth import TokenIssuer, TokenVerifier
 from security_server.audit import verify_log
 from security_server.auditor_api import AuditorApi, start
 from security_server.message_log import MessageLog, iterate_records, message_log
-from security_server.records import record
 from security_server.search import Searcher
 
 SUBJECTS = 10_000

@@ -36,11 +36,11 @@ from aiohttp import web
 
 from gateway.audit import RecordKind, Role
 from gateway.errors import GatewayError
+from gateway.records import record
 from gateway_ops.auth import AuthError, Principal, TokenVerifier
 from gateway_ops.auth import Role as TokenRole
 from security_server.floods import RefusalCounter, TokenBuckets, retry_after
 from security_server.message_log import MessageLog
-from security_server.records import record
 from security_server.search import KINDS, CursorError, Query, Searcher, decode_cursor
 
 log = structlog.get_logger("security_server.auditor_api")

@@ -22,9 +22,9 @@ import structlog
 
 from gateway.audit import FieldValue, RecordKind, Role
 from gateway.errors import GatewayError
+from gateway.records import record
 from gateway.timeutil import format_time
 from security_server.background import every, stop
-from security_server.records import record
 
 log = structlog.get_logger("security_server.floods")
 

@@ -64,6 +64,7 @@ from gateway.envelope import (
 from gateway.errors import Code, GatewayError, TrustError, UnavailableError, bound_message
 from gateway.fair_share import FairShare
 from gateway.identifiers import SecurityServerId
+from gateway.records import MAX_RECORD_TEXT, claimed, record
 from gateway.signing import certificate_sha256, common_name, verify_signature
 from gateway.v1 import exchange_pb2 as pb
 from gateway_ops.tracing import OFF, OK, TRACEPARENT, CallTrace, Tracing, current_call
@@ -71,7 +72,6 @@ from security_server.federation import Federations
 from security_server.metrics import CallLabels, ServerMetrics, backend_code
 from security_server.node import Node
 from security_server.peers import FrameBatcher
-from security_server.records import MAX_RECORD_TEXT, claimed, record
 from security_server.status import abort
 
 log = structlog.get_logger("security_server.provider")

@@ -45,6 +45,7 @@ from certs.tsa import TimeStampAuthority
 from gateway import archive as fmt
 from gateway import merkle, tsp
 from gateway.audit import ChainBrokenError, ChainHead, RecordKind, Role, record_hash
+from gateway.records import record
 from gateway.settings import database_url
 from gateway.timeutil import format_time
 from gateway_demo.runner import Runner
@@ -57,7 +58,6 @@ from security_server.message_log import (
     message_log,
     row_to_record,
 )
-from security_server.records import record
 from tests.tamper import reset_postgres_log, tamper
 
 from .conftest import audit_verify, run_gateway

@@ -20,10 +20,10 @@ from structlog.testing import capture_logs
 
 from gateway.audit import ChainBrokenError, FieldValue, RecordKind, Role
 from gateway.errors import UnavailableError
+from gateway.records import record
 from gateway.settings import database_url
 from security_server.audit import verify_log
 from security_server.message_log import PROBE_TIMEOUT_SECONDS, MessageLog
-from security_server.records import record
 from tests.tamper import reset_postgres_log, tamper
 
 POSTGRES = os.environ.get("GATEWAY_TEST_POSTGRES_URL")

@@ -27,9 +27,9 @@ from hypothesis import strategies as st
 
 from gateway import archive as fmt
 from gateway.audit import GENESIS, ChainedRecord, ChainHead, RecordKind, Role, verify_chain
+from gateway.records import record
 from gateway.timeutil import format_time
 from security_server.message_log import CHAIN_PATTERN
-from security_server.records import record
 
 NOW = datetime(2025, 6, 1, 12, 0, 0, tzinfo=UTC)
 

@@ -23,11 +23,11 @@ from gateway.configuration import (
 )
 from gateway.errors import Code, ConfigurationError, GatewayError
 from gateway.identifiers import MemberId
+from gateway.records import claimed
 from gateway.signing import EcdsaSigner
 from security_server.config_client import ConfigurationClient
 from security_server.federation import Federations
 from security_server.provider import Claims, ProviderService, claimed_instance, registered_peer
-from security_server.records import claimed
 from tests.unit.test_configuration import SS_DNIC, World
 
 # the fixture `world` (a signed UY configuration), shared with the core's tests

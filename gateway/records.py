@@ -1,8 +1,11 @@
-"""The fields of message log records, built in one place for both endpoints."""
+"""Message log records: the facts of one exchange (`Facts`) and a typed record
+(`LogRecord`) whose `fields()` are what the log chains and stores, built in one place for
+both endpoints (and the auditor API's and refusal-aggregate records, through `record`)."""
 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from datetime import datetime
 
 from gateway.audit import RECORD_FIELDS, FieldValue, RecordKind, Role
@@ -34,6 +37,70 @@ def claimed(value: str | None) -> str | None:
 
 def _clip(value: str | None) -> str | None:
     return None if value is None else value[:_MAX_TEXT]
+
+
+@dataclass(slots=True, kw_only=True)
+class Facts:
+    """What is known of one exchange, for its records: client and service as verified ids,
+    or as unverified claims (`claimed`) until they are checked."""
+
+    message_id: str | None
+    client: str | None = None
+    service: str | None = None
+    method: str | None = None
+    purpose: str | None = None
+    agreement_id: str | None = None
+    user_id: str | None = None
+    subject_ref: str | None = None
+    peer: str | None = None
+
+    def as_dict(self) -> dict[str, str | None]:
+        return {
+            "message_id": self.message_id,
+            "client": self.client,
+            "service": self.service,
+            "method": self.method,
+            "purpose": self.purpose,
+            "agreement_id": self.agreement_id,
+            "user_id": self.user_id,
+            "subject_ref": self.subject_ref,
+            "peer": self.peer,
+        }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LogRecord:
+    """One record of the message log, before the log chains it."""
+
+    kind: RecordKind
+    role: Role
+    logged_at: datetime
+    facts: Facts
+    header: bytes | None = None
+    signature: bytes | None = None
+    signer_certificate_sha256: str | None = None
+    signer_ocsp_sha256: str | None = None
+    body_sha256: str | None = None
+    status: str = "ok"
+    error_code: str | None = None
+    error_message: str | None = None
+
+    def fields(self) -> dict[str, FieldValue]:
+        """The record's fields as the log stores them (texts cut to their bounds)."""
+        return record(
+            kind=self.kind,
+            role=self.role,
+            logged_at=self.logged_at,
+            header=self.header,
+            signature=self.signature,
+            signer_certificate_sha256=self.signer_certificate_sha256,
+            signer_ocsp_sha256=self.signer_ocsp_sha256,
+            body_sha256=self.body_sha256,
+            status=self.status,
+            error_code=self.error_code,
+            error_message=self.error_message,
+            **self.facts.as_dict(),
+        )
 
 
 def record(
