@@ -41,8 +41,6 @@ import asyncio
 import hashlib
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 import grpc
@@ -51,60 +49,30 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from opentelemetry.trace import SpanKind
 
-from gateway import canonical
 from gateway.audit import RecordKind, Role
-from gateway.configuration import GlobalConfiguration, SecurityServer
-from gateway.envelope import (
-    RequestHeader,
-    ResponseHeader,
-    check_body,
-    decode_request,
-    sha256_hex,
+from gateway.errors import Code, GatewayError, UnavailableError, bound_message
+from gateway.exchange import (
+    Accepted,
+    Claims,
+    Envelope,
+    Peer,
+    Refusal,
+    accept_request,
+    answer,
+    backend_failure,
+    refuse_accepted,
+    registered_peer,
 )
-from gateway.errors import Code, GatewayError, TrustError, UnavailableError, bound_message
 from gateway.fair_share import FairShare
-from gateway.identifiers import SecurityServerId
-from gateway.records import MAX_RECORD_TEXT, claimed, record
-from gateway.signing import certificate_sha256, common_name, verify_signature
+from gateway.records import LogRecord
 from gateway.v1 import exchange_pb2 as pb
-from gateway_ops.tracing import OFF, OK, TRACEPARENT, CallTrace, Tracing, current_call
-from security_server.federation import Federations
+from gateway_ops.tracing import OFF, TRACEPARENT, CallTrace, Tracing, current_call
 from security_server.metrics import CallLabels, ServerMetrics, backend_code
 from security_server.node import Node
 from security_server.peers import FrameBatcher
 from security_server.status import abort
 
 log = structlog.get_logger("security_server.provider")
-
-# most bytes of a refused frame's header and signature kept in its refusal record: the
-# peer chooses them (up to a frame's size), and the log keeps records forever
-MAX_REFUSED_HEADER_BYTES = 4096
-MAX_REFUSED_SIGNATURE_BYTES = 1024
-
-
-def bounded_refusal(
-    header: bytes, signature: bytes, message: str
-) -> tuple[bytes | None, bytes | None, str]:
-    """What a refusal record keeps of a refused frame's header and signature, and its error
-    message. A header or signature over its bound is cut to its first bytes, and the
-    message ends by saying so with the SHA-256 of the whole (so that the frame can still
-    be matched to the record); the message keeps its first words within the record's
-    limit for text."""
-    notes: list[str] = []
-    kept: list[bytes | None] = []
-    for name, value, bound in (
-        ("header", header, MAX_REFUSED_HEADER_BYTES),
-        ("signature", signature, MAX_REFUSED_SIGNATURE_BYTES),
-    ):
-        if len(value) > bound:
-            notes.append(f"{name} of {len(value)} bytes cut to {bound}, sha256 {sha256_hex(value)}")
-            value = value[:bound]
-        kept.append(value or None)
-    if notes:
-        note = f" [{'; '.join(notes)}]"
-        message = message[: max(0, MAX_RECORD_TEXT - len(note))] + note
-    return kept[0], kept[1], message
-
 
 # how long a refused peer's stream is kept open for its first frames (to record who it
 # claims to call as); a consumer security server sends them as soon as it opens a stream
@@ -121,97 +89,6 @@ def peer_certificate(
     certificate = x509.load_pem_x509_certificate(next(iter(pems)))
     der = certificate.public_bytes(serialization.Encoding.DER)
     return certificate, hashlib.sha256(der).hexdigest()
-
-
-def claimed_instance(certificate: x509.Certificate | None) -> str | None:
-    """The instance a peer's TLS certificate claims (its subject names a security server),
-    unverified: only to say why an unknown peer is refused."""
-    if certificate is None:
-        return None
-    try:
-        return SecurityServerId.parse(common_name(certificate)).owner.instance
-    except GatewayError:
-        return None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Claims:
-    """The client and service a request header names, read without trusting or fully
-    checking it: for refusal records, as unverified claims."""
-
-    client: str | None = None
-    service: str | None = None
-
-    @classmethod
-    def read(cls, header: bytes) -> Claims:
-        try:
-            doc = canonical.decode(header)
-        except canonical.NotCanonicalError:
-            return cls()
-        if not isinstance(doc, dict):
-            return cls()
-        client, service = doc.get("client"), doc.get("service")
-        return cls(
-            client=client if isinstance(client, str) else None,
-            service=service if isinstance(service, str) else None,
-        )
-
-    def facts(self) -> dict[str, Any]:
-        return {
-            "message_id": None,
-            "client": claimed(self.client),
-            "service": claimed(self.service),
-        }
-
-
-class StreamState:
-    """What one exchange stream knows of its peer: its TLS certificate and latest staple."""
-
-    __slots__ = ("certificate", "claimed_instance", "fingerprint", "staple")
-
-    def __init__(self, certificate: x509.Certificate | None, fingerprint: str | None) -> None:
-        self.certificate = certificate
-        self.fingerprint = fingerprint
-        self.claimed_instance = claimed_instance(certificate)
-        self.staple = b""
-
-
-def registered_peer(
-    federations: Federations,
-    fingerprint: str | None,
-    now: datetime,
-    claimed_by_peer: str | None = None,
-) -> tuple[GlobalConfiguration, SecurityServer]:
-    """The security server whose registered TLS certificate the peer presented, with the
-    configuration that registers it: ours, or a federated instance's (then only while that
-    federation is active and allowed here, on both sides). A server is accepted only as one
-    of the instance whose configuration registers it. `claimed_by_peer` is the instance the peer's
-    certificate names, unverified: when ours lists a federation with it as ended, the
-    refusal says so."""
-    found = federations.server_by_certificate(fingerprint or "", now)
-    if found is None:
-        if claimed_by_peer is not None and federations.ended(claimed_by_peer, now):
-            own = federations.own.require(now).instance
-            raise GatewayError(
-                f"the federation of instance {own} with instance {claimed_by_peer} was ended: "
-                "this server no longer exchanges with its members",
-                code=Code.FEDERATION_ENDED,
-            )
-        raise TrustError(
-            "the TLS client certificate is not the authentication certificate of any "
-            "security server registered in the global configuration (ours or a federated "
-            "instance's)",
-            code=Code.PEER_NOT_REGISTERED,
-        )
-    config, server = found
-    if server.id.owner.instance != config.instance:
-        # parse_content refuses such a configuration; never rely on that alone
-        raise TrustError(
-            f"security server {server.id} is registered by instance {config.instance}, which "
-            "may register only its own servers",
-            code=Code.PEER_MEMBER_MISMATCH,
-        )
-    return found
 
 
 class PeerSlots:
@@ -341,10 +218,10 @@ class ProviderService:
     ) -> AsyncIterator[pb.Frames]:
         node = self.node
         certificate, fingerprint = peer_certificate(context)
-        stream = StreamState(certificate, fingerprint)
+        stream = Peer(certificate, fingerprint)
         now = node.clock()
         try:
-            _, peer = registered_peer(node.federated, fingerprint, now, stream.claimed_instance)
+            _, peer = registered_peer(node.federated, stream, now)
             peer_key = str(peer.id)
             open_streams = self.streams.get(peer_key, 0)
             if open_streams >= node.limits.max_streams_per_peer:
@@ -364,16 +241,15 @@ class ProviderService:
             # who the peer claims to call as, from its first frame (never trusted)
             claims = await self._first_claims(messages)
             await node.log_failure(
-                record(
+                LogRecord(
                     kind=RecordKind.REFUSAL,
                     role=Role.PROVIDER,
                     logged_at=now,
-                    **claims.facts(),
-                    peer=f"certificate:{fingerprint}",
+                    facts=claims.facts(stream.name),
                     status="refused",
                     error_code=err.code.value,
                     error_message=err.message,
-                )
+                ).fields()
             )
             await abort(context, err.code, err.message, None)
             return
@@ -448,7 +324,7 @@ class ProviderService:
         return Claims()
 
     async def _handle(
-        self, frame: pb.Frame, stream: StreamState, out: asyncio.Queue[pb.Frame | None]
+        self, frame: pb.Frame, stream: Peer, out: asyncio.Queue[pb.Frame | None]
     ) -> None:
         started = time.perf_counter()
         labels = CallLabels()
@@ -477,7 +353,7 @@ class ProviderService:
     async def _process(
         self,
         frame: pb.Frame,
-        stream: StreamState,
+        stream: Peer,
         started: float,
         labels: CallLabels,
         trace: CallTrace,
@@ -485,84 +361,31 @@ class ProviderService:
         node = self.node
         env = frame.request
         now = node.clock()
-        header: RequestHeader | None = None
-        # whether the header's client is proven (the envelope verified as its member's)
-        verified = False
-        peer_name = f"certificate:{stream.fingerprint}"
-        signer_sha = certificate_sha256(env.signer_certificate) if env.signer_certificate else None
         checks = trace.start("provider checks")
-        try:
-            config = node.config.require(now)
-            # the peer's instance vouches for the peer: its servers, CAs and OCSP responders
-            peer_config, peer = registered_peer(
-                node.federated, stream.fingerprint, now, stream.claimed_instance
-            )
-            peer_name = str(peer.id)
-            assert stream.certificate is not None  # a registered peer presented one
-            node.status.peer(stream.staple, stream.certificate, peer_config, now)
-            if not frame.HasField("request"):
-                raise TrustError("expected a request frame", code=Code.MALFORMED_ENVELOPE)
-            header = decode_request(env.header)
-            if len(env.body) > node.limits.max_message_bytes:
-                raise GatewayError(
-                    f"the request body has {len(env.body)} bytes, over the limit of "
-                    f"{node.limits.max_message_bytes}",
-                    code=Code.BODY_TOO_LARGE,
-                )
-            if header.sender != peer.id or header.client.member != peer.id.owner:
-                raise TrustError(
-                    f"the TLS peer {peer.id} is not a security server of the client's member "
-                    f"{header.client.member}",
-                    code=Code.PEER_MEMBER_MISMATCH,
-                )
-            # only the CAs of the instance that registers the peer vouch for its members
-            certificate, member = peer_config.trust.signing_member(env.signer_certificate, now)
-            if member != header.client.member or member.instance != peer_config.instance:
-                raise TrustError(
-                    f"the request is signed by member {member}, not by the client's member",
-                    code=Code.UNTRUSTED_SIGNER,
-                )
-            verify_signature(certificate, env.header, env.signature)
-            check_body(header.body_sha256, env.body)
-            node.status.signer(env.signer_ocsp, certificate, peer_config, now)
-            # signed by the client's member, with a certificate in good standing
-            verified = True
-            node.replay.check_fresh(header.created_at, now)
-            node.replay.remember(header.message_id, now)
-            service = config.services.get(header.service)
-            if service is None or not node.hosts(config, header.service.subsystem):
-                raise GatewayError(
-                    f"service {header.service} is not provided by this security server",
-                    code=Code.UNKNOWN_SERVICE,
-                )
-            labels.known_service(service, header.method)
-            service.check_method(header.method)
-            agreement = config.agreements.decide(header.client, header.service, header.purpose, now)
-            # a client our configuration names in an agreement: a bounded label
-            labels.client = str(header.client)
-            node.rate_limiter.check(agreement, time.monotonic())
-            if str(header.service) not in self.backends.addresses:
-                raise UnavailableError(
-                    f"no backend is configured for {header.service} on this server",
-                    code=Code.BACKEND_UNAVAILABLE,
-                )
-            signer = node.signer_for(header.service.member)
-            own_staple = node.own_status.staple(signer.certificate_sha256)
-            node.status.signer(own_staple, signer.certificate, config, now)
-            # nor do we serve with a TLS certificate whose status we could not staple
-            node.status.peer(
-                node.own_status.staple(node.auth_sha256), node.auth_certificate, config, now
-            )
-            node.check_timestamping()
-            if node.replay_ledger is not None:
+        accepted = accept_request(
+            _envelope(env) if frame.HasField("request") else None,
+            stream,
+            node,
+            self.backends.addresses,
+            now,
+        )
+        if isinstance(accepted, Accepted) and node.replay_ledger is not None:
+            try:
                 # last: only a request about to be accepted claims its id for every replica
-                await node.replay_ledger.claim(header.message_id, now)
-        except GatewayError as err:
-            trace.end(checks, err.code.value)
-            return await self._refuse(
-                frame, err, header, peer_name, signer_sha, started, verified=verified
-            )
+                await node.replay_ledger.claim(accepted.header.message_id, now)
+            except GatewayError as err:
+                accepted = refuse_accepted(accepted, err, node.clock())
+        if isinstance(accepted, Refusal):
+            trace.end(checks, accepted.error.code.value)
+            if accepted.progress.service is not None:
+                labels.known_service(accepted.progress.service, accepted.record.facts.method or "")
+            if accepted.progress.client is not None:
+                labels.client = accepted.progress.client
+            return await self._refuse(frame, accepted, started)
         trace.end(checks)
+        header = accepted.header
+        labels.known_service(accepted.config.services[header.service], header.method)
+        labels.client = str(header.client)
         # verified and checked against the configuration: safe to name in spans
         trace.describe(
             client=str(header.client),
@@ -570,35 +393,9 @@ class ProviderService:
             method=header.method,
             message_id=header.message_id,
         )
-
-        common = self._facts(header, peer_name)
-        common["agreement_id"] = agreement.id
-        assert signer_sha is not None
-        staple_sha, evidence = node.evidence(
-            certificate,
-            env.signer_certificate,
-            signer_sha,
-            env.signer_ocsp,
-            env.body,
-            header.body_sha256,
-            peer_config,
-        )
         try:
             with trace.step("log commit"):
-                await node.log.append(
-                    record(
-                        kind=RecordKind.REQUEST,
-                        role=Role.PROVIDER,
-                        logged_at=now,
-                        header=env.header,
-                        signature=env.signature,
-                        signer_certificate_sha256=signer_sha,
-                        signer_ocsp_sha256=staple_sha,
-                        body_sha256=header.body_sha256,
-                        **common,
-                    ),
-                    evidence,
-                )
+                await node.log.append(accepted.record.fields(), accepted.evidence)
         except GatewayError as err:
             return self._refusal(frame, err, header.message_id, started, 0)
 
@@ -613,142 +410,44 @@ class ProviderService:
                 )
         except GatewayError as err:
             backend_micros = int((time.perf_counter() - backend_started) * 1e6)
-            await self._log_failure(RecordKind.RESPONSE, err, now, common)
+            await node.log_failure(backend_failure(accepted, err, now).fields())
             return self._refusal(frame, err, header.message_id, started, backend_micros)
         backend_micros = int((time.perf_counter() - backend_started) * 1e6)
         labels.code = backend_code(status)
         if self.metrics is not None:
             self.metrics.backend_seconds.observe(backend_micros / 1e6)
 
-        response = ResponseHeader(
-            message_id=header.message_id,
-            request_sha256=sha256_hex(env.header),
-            service=header.service,
-            sender=node.server_id,
-            created_at=node.clock(),
-            body_sha256=sha256_hex(body),
-            grpc_status=status,
-            grpc_message=message[:1024],
-        )
-        response_bytes = response.encode()
-        signature = signer.sign(response_bytes)
-        own_sha, own_evidence = node.evidence(
-            signer.certificate,
-            signer.certificate_der,
-            signer.certificate_sha256,
-            own_staple,
-            body,
-            response.body_sha256,
-            config,
-        )
-        outcome = OK if status == 0 else "backend_error"
+        signed = answer(accepted, status, message, body, node, node.clock())
         try:
             with trace.step("log commit"):
-                await node.log.append(
-                    record(
-                        kind=RecordKind.RESPONSE,
-                        role=Role.PROVIDER,
-                        logged_at=response.created_at,
-                        header=response_bytes,
-                        signature=signature,
-                        signer_certificate_sha256=signer.certificate_sha256,
-                        signer_ocsp_sha256=own_sha,
-                        body_sha256=response.body_sha256,
-                        status=outcome,
-                        error_message=message or None,
-                        **common,
-                    ),
-                    own_evidence,
-                )
+                await node.log.append(signed.record.fields(), signed.evidence)
         except GatewayError as err:
             return self._refusal(frame, err, header.message_id, started, backend_micros)
-        trace.outcome(outcome)
+        trace.outcome(signed.record.status)
+        response = signed.envelope
         return pb.Frame(
             correlation_id=frame.correlation_id,
             response=pb.SignedEnvelope(
-                header=response_bytes,
-                body=body,
-                signature=signature,
-                signer_certificate=signer.certificate_der,
-                signer_ocsp=own_staple,
+                header=response.header,
+                body=response.body,
+                signature=response.signature,
+                signer_certificate=response.signer_certificate,
+                signer_ocsp=response.signer_ocsp,
             ),
             provider_micros=int((time.perf_counter() - started) * 1e6),
             backend_micros=backend_micros,
         )
 
-    async def _log_failure(
-        self, kind: RecordKind, err: GatewayError, now: datetime, common: dict[str, Any]
-    ) -> None:
-        await self.node.log_failure(
-            record(
-                kind=kind,
-                role=Role.PROVIDER,
-                logged_at=now,
-                status="error",
-                error_code=err.code.value,
-                error_message=err.message,
-                **common,
-            )
+    async def _refuse(self, frame: pb.Frame, refusal: Refusal, started: float) -> pb.Frame:
+        facts = refusal.record.facts
+        log.warning(
+            "request_refused",
+            code=refusal.error.code.value,
+            peer=facts.peer,
+            message_id=facts.message_id,
         )
-
-    def _facts(
-        self, header: RequestHeader | None, peer_name: str, *, verified: bool = True
-    ) -> dict[str, Any]:
-        """The request's facts for its log records (only the peer when the header is
-        unreadable); client and service as unverified claims unless `verified`."""
-        if header is None:
-            return {"message_id": None, "peer": peer_name}
-        client, service = str(header.client), str(header.service)
-        return {
-            "message_id": header.message_id,
-            "client": client if verified else claimed(client),
-            "service": service if verified else claimed(service),
-            "method": header.method,
-            "purpose": header.purpose,
-            "user_id": header.user_id,
-            # the consumer's pseudonym of the subject, as signed (same instance, same key)
-            "subject_ref": header.subject_ref,
-            "peer": peer_name,
-        }
-
-    async def _refuse(
-        self,
-        frame: pb.Frame,
-        err: GatewayError,
-        header: RequestHeader | None,
-        peer_name: str,
-        signer_sha: str | None,
-        started: float,
-        *,
-        verified: bool,
-    ) -> pb.Frame:
-        env = frame.request
-        node = self.node
-        message_id = header.message_id if header else None
-        log.warning("request_refused", code=err.code.value, peer=peer_name, message_id=message_id)
-        kept_header, kept_signature, error_message = bounded_refusal(
-            env.header, env.signature, err.message
-        )
-        facts = self._facts(header, peer_name, verified=verified)
-        if header is None:
-            # unreadable or not checked yet: what it names, as claims
-            facts.update(Claims.read(env.header).facts())
-        await node.log_failure(
-            record(
-                kind=RecordKind.REFUSAL,
-                role=Role.PROVIDER,
-                logged_at=node.clock(),
-                **facts,
-                header=kept_header,
-                signature=kept_signature,
-                signer_certificate_sha256=signer_sha,
-                body_sha256=sha256_hex(env.body),
-                status="refused",
-                error_code=err.code.value,
-                error_message=error_message,
-            )
-        )
-        return self._refusal(frame, err, message_id, started, 0)
+        await self.node.log_failure(refusal.record.fields())
+        return self._refusal(frame, refusal.error, facts.message_id, started, 0)
 
     @staticmethod
     def _refusal(
@@ -767,3 +466,13 @@ class ProviderService:
             provider_micros=int((time.perf_counter() - started) * 1e6),
             backend_micros=backend_micros,
         )
+
+
+def _envelope(env: pb.SignedEnvelope) -> Envelope:
+    return Envelope(
+        header=env.header,
+        body=env.body,
+        signature=env.signature,
+        signer_certificate=env.signer_certificate,
+        signer_ocsp=env.signer_ocsp,
+    )

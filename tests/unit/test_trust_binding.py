@@ -22,12 +22,13 @@ from gateway.configuration import (
     sign_configuration,
 )
 from gateway.errors import Code, ConfigurationError, GatewayError
+from gateway.exchange import Claims, Peer, registered_peer
 from gateway.identifiers import MemberId
-from gateway.records import claimed
+from gateway.records import Facts, claimed
 from gateway.signing import EcdsaSigner
 from security_server.config_client import ConfigurationClient
 from security_server.federation import Federations
-from security_server.provider import Claims, ProviderService, claimed_instance, registered_peer
+from security_server.provider import ProviderService
 from tests.unit.test_configuration import SS_DNIC, World
 
 # the fixture `world` (a signed UY configuration), shared with the core's tests
@@ -66,11 +67,13 @@ def test_a_server_registered_by_another_instance_is_refused(world: World, tmp_pa
     theirs = dataclasses.replace(ours, instance="AR")
     federations = _Found((theirs, ours.servers[SS_DNIC]), _client(world, tmp_path, ours))
     with pytest.raises(GatewayError) as info:
-        registered_peer(cast(Federations, federations), "x", world.now)
+        registered_peer(cast(Federations, federations), Peer(None, "x"), world.now)
     assert info.value.code is Code.PEER_MEMBER_MISMATCH
     # the same server registered by its own instance is accepted
     federations.found = (ours, ours.servers[SS_DNIC])
-    assert registered_peer(cast(Federations, federations), "x", world.now)[1].id == SS_DNIC
+    assert (
+        registered_peer(cast(Federations, federations), Peer(None, "x"), world.now)[1].id == SS_DNIC
+    )
 
 
 def _with_federation(world: World, issue: IssueCert, *, active: bool) -> GlobalConfiguration:
@@ -108,8 +111,11 @@ def test_an_unknown_peer_of_an_ended_federation_is_told_so(
     """A peer our configuration does not know, whose certificate names an instance we ended
     the federation with, gets federation_ended; any other unknown peer peer_not_registered."""
     own = _client(world, tmp_path, _with_federation(world, issue, active=active))
+    certificate = (
+        issue(f"{claimed_by_peer}/GOV/X/ss1", kind="auth").certificate if claimed_by_peer else None
+    )
     with pytest.raises(GatewayError) as info:
-        registered_peer(cast(Federations, _Found(None, own)), "x", world.now, claimed_by_peer)
+        registered_peer(cast(Federations, _Found(None, own)), Peer(certificate, "x"), world.now)
     assert info.value.code is code
 
 
@@ -194,12 +200,12 @@ def test_claims_are_read_from_any_header_without_trusting_it(
     from its subject."""
     read = Claims.read(b'{"client":"UY/GOV/MSP/x","message_id":"m-1","service":7}')
     assert read == Claims(client="UY/GOV/MSP/x")
-    assert read.facts() == {"message_id": None, "client": "claimed:UY/GOV/MSP/x", "service": None}
+    assert read.facts() == Facts(message_id=None, client="claimed:UY/GOV/MSP/x", service=None)
     assert Claims.read(b"\xff not json") == Claims()
     assert Claims.read(b"[1]") == Claims()
-    assert claimed_instance(auth_signer.certificate) == "UY"
-    assert claimed_instance(issue("not a server id", kind="auth").certificate) is None
-    assert claimed_instance(None) is None
+    assert Peer(auth_signer.certificate, None).claimed_instance == "UY"
+    assert Peer(issue("not a server id", kind="auth").certificate, None).claimed_instance is None
+    assert Peer(None, None).claimed_instance is None
 
 
 async def test_a_refused_peers_undecodable_first_message_still_leaves_a_refusal() -> None:
