@@ -12,6 +12,7 @@ back, as a man in the middle or a misbehaving peer would.
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -262,6 +263,7 @@ class World:
         # the provider's backend: its gRPC status, message and answer for a request body
         self.backend: Callable[[bytes], tuple[int, str, bytes]] = lambda body: (0, "", body)
         self.backends = {str(POPULATION)}
+        self._ids = itertools.count(1)
 
     def configuration(self, **changes: object) -> GlobalConfiguration:
         args: dict[str, object] = {
@@ -352,7 +354,7 @@ class World:
             },
             body=body,
             in_flight=1,
-            generated_id=f"generated-{len(consumer.log)}-{self.now.timestamp()}".replace(".", "-"),
+            generated_id=f"generated-{next(self._ids)}",
         )
         out = start_call(call, consumer, self.now)
         if isinstance(out, Refusal):
