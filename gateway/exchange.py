@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Container, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Protocol
 
@@ -264,6 +264,19 @@ class Outgoing:
     remote: GlobalConfiguration
     record: LogRecord
     evidence: Evidence
+    # every server hosting the service, `provider` (the first) among them
+    providers: tuple[SecurityServer, ...] = ()
+
+    def via(self, provider: SecurityServer) -> Outgoing:
+        """The same call sent to another server hosting the service (the header names no
+        provider server: any of them may answer it, and the response must come from the
+        one it went to)."""
+        if provider.id == self.provider.id:
+            return self
+        facts = replace(self.facts, peer=str(provider.id))
+        return replace(
+            self, provider=provider, facts=facts, record=replace(self.record, facts=facts)
+        )
 
 
 def message_id_of(call: Call) -> str:
@@ -404,6 +417,7 @@ def _start(
             signer_ocsp=staple,
         ),
         provider=provider,
+        providers=providers,
         remote=remote,
         record=LogRecord(
             kind=RecordKind.REQUEST,

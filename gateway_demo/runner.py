@@ -169,9 +169,11 @@ class Runner:
             self.providers[server["id"]] = server["address"] = self.reserve_address()
             self.consumers[server["id"]] = self.reserve_address()
             self.auditors[server["id"]] = self.reserve_address()
-            self.server_names[server["id"]] = (
-                "ss-" + SecurityServerId.parse(server["id"]).owner.code.lower()
-            )
+            sid = SecurityServerId.parse(server["id"])
+            name = "ss-" + sid.owner.code.lower()
+            if name in self.server_names.values():  # a member's second server
+                name += "-" + sid.code.lower()
+            self.server_names[server["id"]] = name
         for name in sorted(set(DEMO_BACKENDS.values())):
             self.backends[name] = self.reserve_address()
         self.topology = topology

@@ -36,10 +36,11 @@ import grpc
 import structlog
 from opentelemetry.trace import SpanKind
 
-from gateway.errors import Code, GatewayError, bound_message
+from gateway.errors import Code, GatewayError, UnavailableError, bound_message
 from gateway.exchange import (
     Call,
     Envelope,
+    Outgoing,
     Progress,
     Refusal,
     accept_response,
@@ -62,12 +63,14 @@ from security_server.endpoint_limits import backstop
 from security_server.floods import RefusalCounter, TokenBuckets, peer_host
 from security_server.metrics import UNKNOWN, CallLabels, ServerMetrics, backend_code
 from security_server.node import Node
-from security_server.peers import PeerPool
+from security_server.peers import PeerLink, PeerPool, ProviderChoice
 from security_server.status import ID_KEY, abort
 
 log = structlog.get_logger("security_server.consumer")
 
-REQUIRED = ("gateway-client", "gateway-service", "gateway-purpose")
+# how long the consumer waits for a provider server's connection before trying another
+# server hosting the service (or refusing with provider_unavailable)
+CONNECT_SECONDS = 2.0
 
 # refusals that say nothing about a client this server serves: beyond a per-source rate they
 # are counted, not logged one by one
@@ -96,6 +99,8 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         self.node = node
         self.metrics = metrics
         self.peers = peers
+        # which server hosting a service a call goes to (the fastest reachable)
+        self.choice = ProviderChoice()
         self.tracing = tracing
         self.authenticate_clients = authenticate_clients
         # junk refusals logged one by one per source (None: every one), and the count of
@@ -184,6 +189,10 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         )
         message_id = out.header.message_id
         try:
+            out, link = await self._route(out)
+        except GatewayError as err:
+            return await self._refuse(context, consumer_refusal(err, out, node.clock()), labels)
+        try:
             with trace.step("log commit"):
                 await node.log.append(out.record.fields(), out.evidence)
         except GatewayError as err:
@@ -192,7 +201,6 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         remaining = context.time_remaining()
         wait = min(remaining if remaining is not None else 1e9, node.limits.deadline_seconds)
         try:
-            link = self.peers.link(out.provider, out.remote)
             check_provider_not_revoked(link.peer_staple, out, node, node.clock())
             sent = time.perf_counter()
             envelope = out.envelope
@@ -208,8 +216,10 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                     wait,
                     trace.traceparent(leg),
                 )
+            answered_in = time.perf_counter() - sent
+            self.choice.answered(out.provider, answered_in)
             if self.metrics is not None:
-                self.metrics.provider_seconds.observe(time.perf_counter() - sent)
+                self.metrics.provider_seconds.observe(answered_in)
             if frame.HasField("refusal"):
                 raise provider_refusal(frame.refusal.code, frame.refusal.message)
             with trace.step("response checks"):
@@ -221,6 +231,8 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                     node.clock(),
                 )
         except GatewayError as err:
+            if err.code is Code.PROVIDER_UNAVAILABLE:
+                self.choice.unreachable(out.provider)
             return await self._refuse(context, consumer_refusal(err, out, node.clock()), labels)
 
         try:
@@ -245,6 +257,23 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             )
         context.set_trailing_metadata(trailing)
         return bytes(incoming.envelope.body)
+
+    async def _route(self, out: Outgoing) -> tuple[Outgoing, PeerLink]:
+        """The server hosting the service that has answered fastest lately and can be
+        reached now, with its link. A server that cannot be reached is skipped before
+        anything is sent to it, so that no request reaches two backends."""
+        for provider in self.choice.order(out.providers or (out.provider,)):
+            link = self.peers.link(provider, out.remote)
+            if await link.reachable(CONNECT_SECONDS):
+                return out.via(provider), link
+            self.choice.unreachable(provider)
+            log.warning("provider_unreachable", provider=str(provider.id), address=provider.address)
+        servers = ", ".join(str(p.id) for p in out.providers or (out.provider,))
+        raise UnavailableError(
+            f"no security server hosting {out.header.service} can be reached ({servers}); "
+            "retry later or ask its operator",
+            code=Code.PROVIDER_UNAVAILABLE,
+        )
 
     @staticmethod
     def _tls_names(context: grpc.aio.ServicerContext[Any, Any]) -> tuple[str, ...]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -139,6 +140,29 @@ class PeerLink:
         self._pending: dict[int, asyncio.Future[pb.Frame]] = {}
         self._ids = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()
+
+    async def reachable(self, timeout: float) -> bool:
+        """Whether a request can be handed to the provider now: its stream is open, or its
+        connection becomes ready within `timeout` seconds. False means nothing was sent
+        (the call may go to another server hosting the service without being delivered
+        twice)."""
+        if self._call is not None:
+            return True
+        channel = self.channel
+        state = channel.get_state(try_to_connect=True)
+        try:
+            async with asyncio.timeout(timeout):
+                while state is not grpc.ChannelConnectivity.READY:
+                    if state in (
+                        grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+                        grpc.ChannelConnectivity.SHUTDOWN,
+                    ):
+                        return False
+                    await channel.wait_for_state_change(state)
+                    state = channel.get_state(try_to_connect=True)
+        except TimeoutError:
+            return False
+        return True
 
     def _stream(self) -> asyncio.Queue[pb.Frame]:
         """The outbox of the current stream, opening a stream (with its reader and writer) if needed."""
@@ -289,3 +313,38 @@ class PeerPool:
             await link.close()
         self._links.clear()
         self._retired.clear()
+
+
+class ProviderChoice:
+    """Which of the security servers hosting a service a call goes to: the one that has
+    answered fastest lately (a moving average of each server's answer times, as X-Road
+    prefers the server that answers first), a server never measured before first (so that
+    it gets measured), and one found unreachable only after `retry_seconds`, when every
+    other one was tried."""
+
+    def __init__(
+        self, *, retry_seconds: float = 5.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.retry_seconds = retry_seconds
+        self.clock = clock
+        self._seconds: dict[SecurityServerId, float] = {}
+        self._down_until: dict[SecurityServerId, float] = {}
+
+    def order(self, servers: tuple[SecurityServer, ...]) -> list[SecurityServer]:
+        if len(servers) == 1:
+            return list(servers)
+        now = self.clock()
+
+        def rank(server: SecurityServer) -> tuple[bool, float]:
+            down = self._down_until.get(server.id, 0.0) > now
+            return down, self._seconds.get(server.id, 0.0)
+
+        return sorted(servers, key=rank)
+
+    def answered(self, server: SecurityServer, seconds: float) -> None:
+        self._down_until.pop(server.id, None)
+        before = self._seconds.get(server.id)
+        self._seconds[server.id] = seconds if before is None else 0.8 * before + 0.2 * seconds
+
+    def unreachable(self, server: SecurityServer) -> None:
+        self._down_until[server.id] = self.clock() + self.retry_seconds

@@ -1,0 +1,124 @@
+"""Failover between providers: the population registry is hosted by two security servers
+of DNIC; the Ministry of Health's server sends each call to the one answering fastest
+that it can reach, and when one is killed (`kill -9`) under load it goes on with the
+other. Only calls in flight at the kill may fail; no request reaches two backends (every
+message id is in at most one provider's log); each failed call is refused with its code
+and logged."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import Iterator
+
+import pytest
+
+from gateway_demo.client import Outcome, call_raw, routing_metadata
+from gateway_demo.generated import population_pb2 as population
+from gateway_demo.runner import TEMPLATE, Runner
+
+MSP, DNIC1, DNIC2 = "UY/GOV/MSP/ss1", "UY/GOV/DNIC/ss1", "UY/GOV/DNIC/ss2"
+CLIENT = "UY/GOV/MSP/clinics"
+SERVICE = "UY/GOV/DNIC/identity/population/v1"
+GET_PERSON = "/demo.population.v1.PopulationRegistry/GetPerson"
+SECOND_SERVER = f"""
+[[servers]]
+id = "{DNIC2}"
+address = "127.0.0.1:7103"
+auth_certificate = "pki/auth/UY_GOV_DNIC_ss2.crt"
+subsystems = ["UY/GOV/DNIC/identity"]
+"""
+
+
+@pytest.fixture(scope="module")
+def runner(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runner]:
+    folder = tmp_path_factory.mktemp("failover")
+    template = folder / "topology.toml"
+    template.write_text(TEMPLATE.read_text() + SECOND_SERVER)
+    runner = Runner(folder / "run", template=template)
+    try:
+        runner.prepare()
+        runner.start_all()
+        yield runner
+    finally:
+        runner.close()
+
+
+def provider_requests(runner: Runner, server: str) -> list[str]:
+    """The message ids of the requests a provider server logged (and so passed on to its
+    backend), read from its SQLite log (also after a kill -9)."""
+    with sqlite3.connect(f"file:{runner.log_db(server)}?mode=ro", uri=True) as db:
+        rows = db.execute(
+            "SELECT message_id FROM message_log WHERE role = 'provider' AND kind = 'request'"
+        ).fetchall()
+    return [r[0] for r in rows]
+
+
+async def load(
+    runner: Runner, seconds: float, kill_after: float | None = None
+) -> tuple[list[tuple[float, float, Outcome]], str | None]:
+    """(start, end, outcome) of calls from 8 callers for `seconds`, and, with
+    `kill_after`, the DNIC server killed after that many seconds: the one taking the
+    calls then."""
+    request = population.GetPersonRequest(national_id="1.234.567-8").SerializeToString()
+    metadata = routing_metadata(client=CLIENT, service=SERVICE, purpose="benchmark")
+    results: list[tuple[float, float, Outcome]] = []
+    killed: list[str] = []
+    before = {s: len(provider_requests(runner, s)) for s in (DNIC1, DNIC2)}
+    begun = time.monotonic()
+    async with runner.consumer_channel(MSP, CLIENT) as channel:
+
+        async def caller() -> None:
+            while time.monotonic() - begun < seconds:
+                started = time.monotonic() - begun
+                outcome = await call_raw(channel, GET_PERSON, request, metadata, timeout=10)
+                results.append((started, time.monotonic() - begun, outcome))
+
+        async def killer() -> None:
+            if kill_after is not None:
+                await asyncio.sleep(kill_after)
+                busiest = max(before, key=lambda s: len(provider_requests(runner, s)) - before[s])
+                runner.stop(runner.server_names[busiest], kill=True)
+                killed.append(busiest)
+
+        await asyncio.gather(killer(), *(caller() for _ in range(8)))
+    return results, killed[0] if killed else None
+
+
+def test_a_provider_killed_under_load_fails_only_calls_in_flight(runner: Runner) -> None:
+    # both servers answer before the kill: each is tried while it is unmeasured
+    warm, _ = asyncio.run(load(runner, 1.0))
+    assert all(o.ok for _, _, o in warm), [o for _, _, o in warm if not o.ok][:3]
+    first, second = provider_requests(runner, DNIC1), provider_requests(runner, DNIC2)
+    assert first and second, (len(first), len(second))
+
+    kill_at = 1.5
+    results, victim = asyncio.run(load(runner, 5.0, kill_at))
+    failed = [(s, e, o) for s, e, o in results if not o.ok]
+    answered = [o for _, _, o in results if o.ok]
+    # only calls already under way when the server died may fail
+    assert all(start <= kill_at + 0.5 for start, _, _ in failed), failed[:3]
+    assert {o.error for _, _, o in failed} <= {"provider_unavailable", "deadline_exceeded"}
+    assert len(failed) <= 8, len(failed)
+    assert len(answered) > 50
+    late = [o for s, _, o in results if s > kill_at + 1.0]
+    assert late and all(o.ok for o in late)
+    print(
+        f"\nfailover: {victim} killed; {len(results)} calls attempted, {len(failed)} failed "
+        f"(in flight at the kill), {len(answered)} answered"
+    )
+    # no request reached two backends, and every answered call is in a provider's log
+    seen = Counter(provider_requests(runner, DNIC1) + provider_requests(runner, DNIC2))
+    assert max(seen.values()) == 1
+    assert {o.message_id for o in answered} <= set(seen)
+    # the refused calls were logged by the consumer
+    with sqlite3.connect(f"file:{runner.log_db(MSP)}?mode=ro", uri=True) as db:
+        refused = {
+            r[0]
+            for r in db.execute(
+                "SELECT message_id FROM message_log WHERE role = 'consumer' AND kind = 'refusal'"
+            )
+        }
+    assert {o.message_id for _, _, o in failed} <= refused
