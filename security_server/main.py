@@ -291,6 +291,7 @@ async def serve(
     )
     backends = BackendClient(dict(settings.backends), max_frame)
     servers: list[grpc.aio.Server] = []
+    provider_service: ProviderService | None = None
     closers: list[Callable[[], Awaitable[None]]] = []
     # junk refusals and refused auditor requests, counted and written once per interval
     consumer_refusals = RefusalCounter()
@@ -484,12 +485,17 @@ async def serve(
         on_ready(ready)
         await stop.wait()
     finally:
+        # drain: readiness turns false first (balancers move away), peers are told to send
+        # their next calls elsewhere, new calls and streams are refused, and the calls in
+        # flight get limits.drain_seconds to finish; then the log is flushed and the final
+        # checkpoint sent
         ops.readiness.stopping()
         await health.enter_graceful_shutdown()
+        if provider_service is not None:
+            provider_service.drain()
         for close in reversed(closers):
             await close()
-        for s in servers:
-            await s.stop(grace=2.0)
+        await asyncio.gather(*(s.stop(grace=settings.limits.drain_seconds) for s in servers))
         # what was counted until the endpoints stopped, written before the log closes
         await aggregates.close()
         for task in background:

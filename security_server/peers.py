@@ -106,6 +106,11 @@ def error_from_rpc(exc: grpc.aio.AioRpcError, server: SecurityServer) -> Gateway
     )
 
 
+# how long a provider that said it is draining gets no new call, even after its stream
+# ended (its process is on its way out)
+DRAINED_SECONDS = 5.0
+
+
 class PeerLink:
     def __init__(
         self,
@@ -140,12 +145,19 @@ class PeerLink:
         self._pending: dict[int, asyncio.Future[pb.Frame]] = {}
         self._ids = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()
+        # the provider said it is stopping: no new call goes to it (for DRAIN_SECONDS after
+        # its stream ended too, while its process exits); the calls already sent are
+        # answered on the stream, which the provider ends once idle
+        self.draining = False
+        self._drained_until = 0.0
 
     async def reachable(self, timeout: float) -> bool:
         """Whether a request can be handed to the provider now: its stream is open, or its
         connection becomes ready within `timeout` seconds. False means nothing was sent
         (the call may go to another server hosting the service without being delivered
         twice)."""
+        if self.draining or time.monotonic() < self._drained_until:
+            return False
         if self._call is not None:
             return True
         channel = self.channel
@@ -207,6 +219,10 @@ class PeerLink:
                     break
                 if message.ocsp_staple:
                     self.peer_staple = message.ocsp_staple
+                if message.draining and not self.draining:
+                    self.draining = True
+                    self._drained_until = time.monotonic() + DRAINED_SECONDS
+                    log.info("peer_draining", peer=str(self.server.id))
                 for frame in message.frames:
                     future = self._pending.get(frame.correlation_id)
                     if future is not None and not future.done():
@@ -216,6 +232,7 @@ class PeerLink:
             log.info("peer_stream_closed", peer=str(self.server.id), status=exc.code().name)
         if self._call is call:
             self._call = None
+            self.draining = False
         call.cancel()
         for future in list(self._pending.values()):
             if not future.done():

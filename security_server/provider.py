@@ -78,6 +78,9 @@ log = structlog.get_logger("security_server.provider")
 # claims to call as); a consumer security server sends them as soon as it opens a stream
 CLAIMS_WAIT_SECONDS = 2.0
 
+# put in a stream's answer queue when the server starts draining: sent as `Frames.draining`
+DRAIN = pb.Frame()
+
 
 def peer_certificate(
     context: grpc.aio.ServicerContext[Any, Any],
@@ -200,6 +203,17 @@ class ProviderService:
         self.slots = PeerSlots(node.limits.max_concurrent_calls, node.limits.max_calls_per_peer)
         # exchange streams open per peer server (limits.max_streams_per_peer)
         self.streams: dict[str, int] = {}
+        # the answer queues of the open streams, and whether the server is draining
+        self._outs: set[asyncio.Queue[pb.Frame | None]] = set()
+        self.draining = False
+
+    def drain(self) -> None:
+        """The server is stopping: tell every peer on every open stream (`Frames.draining`)
+        so that it sends its next calls elsewhere; the frames read meanwhile are still
+        answered, until the drain deadline."""
+        self.draining = True
+        for out in self._outs:
+            out.put_nowait(DRAIN)
 
     def handler(self) -> grpc.GenericRpcHandler[Any, Any]:
         return grpc.method_handlers_generic_handler(
@@ -263,6 +277,8 @@ class ProviderService:
         # control stops the peer. A call slot (fair share among peers) is held while the
         # call runs. Neither drops a frame: they only make the peer wait.
         credits = asyncio.Semaphore(node.limits.max_frames_per_stream)
+        # when the peer last sent a stream message, and its frames not yet being handled
+        last_read, waiting = [time.monotonic()], [0]
 
         def release_slot(_: asyncio.Task[None]) -> None:
             self.slots.release(peer_key)
@@ -270,6 +286,8 @@ class ProviderService:
         async def pump() -> None:
             try:
                 async for message in messages:
+                    last_read[0] = time.monotonic()
+                    waiting[0] = len(message.frames)
                     if message.ocsp_staple:
                         stream.staple = message.ocsp_staple
                     for frame in message.frames:
@@ -279,6 +297,7 @@ class ProviderService:
                         tasks.add(task)
                         task.add_done_callback(tasks.discard)
                         task.add_done_callback(release_slot)
+                        waiting[0] -= 1
             except (grpc.aio.AioRpcError, asyncio.CancelledError):
                 pass
             finally:
@@ -287,24 +306,46 @@ class ProviderService:
                 out.put_nowait(None)
 
         self.streams[peer_key] = open_streams + 1
+        self._outs.add(out)
+        if self.draining:
+            out.put_nowait(DRAIN)
         pumping = asyncio.create_task(pump())
+        ending: asyncio.Task[None] | None = None
+
+        async def end_when_idle() -> None:
+            # draining: the stream ends once nothing is in progress on it and the peer has
+            # sent nothing for a second (it sends its new calls elsewhere meanwhile)
+            while True:
+                await asyncio.sleep(0.25)
+                idle = not tasks and not waiting[0] and out.empty()
+                if idle and time.monotonic() - last_read[0] > 1.0:
+                    out.put_nowait(None)
+                    return
+
         stapled = b""
         try:
             # every answer ready at the moment goes out in one stream message, with the OCSP
-            # answer about our authentication certificate when the peer has not had it yet
+            # answer about our authentication certificate when the peer has not had it yet,
+            # and the drain notice once the server is stopping
             batches = FrameBatcher(out, node.limits.max_message_bytes)
             while (batch := await batches.next()) is not None:
+                frames = [f for f in batch if f is not DRAIN]
+                message = pb.Frames(frames=frames, draining=len(frames) != len(batch))
+                if message.draining and ending is None:
+                    ending = asyncio.create_task(end_when_idle())
                 staple = node.own_status.staple(node.auth_sha256)
                 if staple != stapled:
                     stapled = staple
-                    yield pb.Frames(frames=batch, ocsp_staple=staple)
-                else:
-                    yield pb.Frames(frames=batch)
+                    message.ocsp_staple = staple
+                yield message
                 # gRPC has taken these answers: their credits let the pump read on
-                for _ in batch:
+                for _ in frames:
                     credits.release()
         finally:
+            self._outs.discard(out)
             pumping.cancel()
+            if ending is not None:
+                ending.cancel()
             if self.streams[peer_key] > 1:
                 self.streams[peer_key] -= 1
             else:

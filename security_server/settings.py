@@ -211,6 +211,9 @@ class LimitsSection:
     # how often counted refusals (consumer endpoint, auditor API) are written, one record
     # per source, reason and interval, in seconds
     aggregate_seconds: float = 10.0
+    # on SIGTERM, how long the calls in flight may take to finish before the server
+    # exits, in seconds (readiness turns false and peers are told at once)
+    drain_seconds: float = 10.0
 
     def __post_init__(self) -> None:
         if self.max_frames_per_stream < 1 or self.max_streams_per_peer < 1:

@@ -7,12 +7,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Frames(_message.Message):
-    __slots__ = ("frames", "ocsp_staple")
+    __slots__ = ("frames", "ocsp_staple", "draining")
     FRAMES_FIELD_NUMBER: _ClassVar[int]
     OCSP_STAPLE_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
     frames: _containers.RepeatedCompositeFieldContainer[Frame]
     ocsp_staple: bytes
-    def __init__(self, frames: _Optional[_Iterable[_Union[Frame, _Mapping]]] = ..., ocsp_staple: _Optional[bytes] = ...) -> None: ...
+    draining: bool
+    def __init__(self, frames: _Optional[_Iterable[_Union[Frame, _Mapping]]] = ..., ocsp_staple: _Optional[bytes] = ..., draining: _Optional[bool] = ...) -> None: ...
 
 class Frame(_message.Message):
     __slots__ = ("correlation_id", "request", "response", "refusal", "timeout_ms", "provider_micros", "backend_micros", "traceparent")

@@ -1,9 +1,9 @@
 """Failover between providers: the population registry is hosted by two security servers
 of DNIC; the Ministry of Health's server sends each call to the one answering fastest
-that it can reach, and when one is killed (`kill -9`) under load it goes on with the
-other. Only calls in flight at the kill may fail; no request reaches two backends (every
-message id is in at most one provider's log); each failed call is refused with its code
-and logged."""
+that it can reach. When one is stopped (SIGTERM: it drains) under load, no call fails;
+when one is killed (`kill -9`), only calls in flight at the kill may fail. No request
+reaches two backends (every message id is in at most one provider's log); each failed
+call is refused with its code and logged."""
 
 from __future__ import annotations
 
@@ -57,15 +57,16 @@ def provider_requests(runner: Runner, server: str) -> list[str]:
 
 
 async def load(
-    runner: Runner, seconds: float, kill_after: float | None = None
+    runner: Runner, seconds: float, kill_after: float | None = None, *, drain: bool = False
 ) -> tuple[list[tuple[float, float, Outcome]], str | None]:
     """(start, end, outcome) of calls from 8 callers for `seconds`, and, with
-    `kill_after`, the DNIC server killed after that many seconds: the one taking the
-    calls then."""
+    `kill_after`, the DNIC server stopped after that many seconds (the one taking the
+    calls then): killed, or with `drain` sent SIGTERM and waited for."""
     request = population.GetPersonRequest(national_id="1.234.567-8").SerializeToString()
     metadata = routing_metadata(client=CLIENT, service=SERVICE, purpose="benchmark")
     results: list[tuple[float, float, Outcome]] = []
     killed: list[str] = []
+    stopped_in: list[float] = []
     before = {s: len(provider_requests(runner, s)) for s in (DNIC1, DNIC2)}
     begun = time.monotonic()
     async with runner.consumer_channel(MSP, CLIENT) as channel:
@@ -80,11 +81,29 @@ async def load(
             if kill_after is not None:
                 await asyncio.sleep(kill_after)
                 busiest = max(before, key=lambda s: len(provider_requests(runner, s)) - before[s])
-                runner.stop(runner.server_names[busiest], kill=True)
                 killed.append(busiest)
+                began = time.monotonic()
+                await asyncio.to_thread(runner.stop, runner.server_names[busiest], kill=not drain)
+                stopped_in.append(time.monotonic() - began)
 
         await asyncio.gather(killer(), *(caller() for _ in range(8)))
+    if stopped_in:
+        print(f"\n{killed[0]} stopped in {stopped_in[0]:.2f} s")
     return results, killed[0] if killed else None
+
+
+def test_a_provider_stopped_under_load_drains_and_no_call_fails(runner: Runner) -> None:
+    results, victim = asyncio.run(load(runner, 4.0, 1.0, drain=True))
+    assert victim is not None
+    failed = [o for _, _, o in results if not o.ok]
+    assert failed == [], failed[:3]
+    process = runner.processes[runner.server_names[victim]].popen
+    assert process is not None and process.returncode == 0
+    print(f"\ndrain: {victim} stopped; {len(results)} calls, none failed")
+    seen = Counter(provider_requests(runner, DNIC1) + provider_requests(runner, DNIC2))
+    assert max(seen.values()) == 1
+    assert {o.message_id for _, _, o in results} <= set(seen)
+    runner.start(runner.server_names[victim])  # back for the next test
 
 
 def test_a_provider_killed_under_load_fails_only_calls_in_flight(runner: Runner) -> None:
