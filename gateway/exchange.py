@@ -712,11 +712,17 @@ def request_facts(header: RequestHeader, peer: str, *, verified: bool = True) ->
 def refuse_accepted(accepted: Accepted, err: GatewayError, now: datetime) -> Refusal:
     """The refusal of a request that passed `accept_request` but failed a later check of
     the shell's (its id already claimed by another replica)."""
-    envelope = accepted.envelope
+    facts = request_facts(accepted.header, accepted.facts.peer or "")
+    return _refused_envelope(err, accepted.envelope, facts, now, Progress())
+
+
+def _refused_envelope(
+    err: GatewayError, envelope: Envelope, facts: Facts, now: datetime, progress: Progress
+) -> Refusal:
+    """A refusal record keeping a bounded prefix of what the peer sent."""
     kept_header, kept_signature, message = bounded_refusal(
         envelope.header, envelope.signature, err.message
     )
-    facts = request_facts(accepted.header, accepted.facts.peer or "")
     return _refusal(
         err,
         Role.PROVIDER,
@@ -724,9 +730,12 @@ def refuse_accepted(accepted: Accepted, err: GatewayError, now: datetime) -> Ref
         now,
         header=kept_header,
         signature=kept_signature,
-        signer_certificate_sha256=accepted.record.signer_certificate_sha256,
+        signer_certificate_sha256=(
+            certificate_sha256(envelope.signer_certificate) if envelope.signer_certificate else None
+        ),
         body_sha256=sha256_hex(envelope.body),
         message=message,
+        progress=progress,
     )
 
 
@@ -775,25 +784,7 @@ def accept_request(
             facts = Facts(message_id=None, peer=name)
         if envelope is None:
             return _refusal(err, Role.PROVIDER, facts, now, progress=progress)
-        kept_header, kept_signature, message = bounded_refusal(
-            envelope.header, envelope.signature, err.message
-        )
-        return _refusal(
-            err,
-            Role.PROVIDER,
-            facts,
-            now,
-            header=kept_header,
-            signature=kept_signature,
-            signer_certificate_sha256=(
-                certificate_sha256(envelope.signer_certificate)
-                if envelope.signer_certificate
-                else None
-            ),
-            body_sha256=sha256_hex(envelope.body),
-            message=message,
-            progress=progress,
-        )
+        return _refused_envelope(err, envelope, facts, now, progress)
 
 
 def _accept(

@@ -39,7 +39,6 @@ from opentelemetry.trace import SpanKind
 from gateway.errors import Code, GatewayError, UnavailableError, bound_message
 from gateway.exchange import (
     Call,
-    Envelope,
     Outgoing,
     Progress,
     Refusal,
@@ -50,7 +49,6 @@ from gateway.exchange import (
     provider_refusal,
     start_call,
 )
-from gateway.v1 import exchange_pb2 as pb
 from gateway_ops.tracing import (
     NO_TRACE,
     OFF,
@@ -63,7 +61,13 @@ from security_server.endpoint_limits import backstop
 from security_server.floods import RefusalCounter, TokenBuckets, peer_host
 from security_server.metrics import UNKNOWN, CallLabels, ServerMetrics, backend_code
 from security_server.node import Node
-from security_server.peers import PeerLink, PeerPool, ProviderChoice
+from security_server.peers import (
+    PeerLink,
+    PeerPool,
+    ProviderChoice,
+    envelope_of,
+    signed_envelope,
+)
 from security_server.status import ID_KEY, abort
 
 log = structlog.get_logger("security_server.consumer")
@@ -203,16 +207,9 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         try:
             check_provider_not_revoked(link.peer_staple, out, node, node.clock())
             sent = time.perf_counter()
-            envelope = out.envelope
             with trace.step("provider leg", SpanKind.CLIENT) as leg:
                 frame = await link.exchange(
-                    pb.SignedEnvelope(
-                        header=envelope.header,
-                        body=envelope.body,
-                        signature=envelope.signature,
-                        signer_certificate=envelope.signer_certificate,
-                        signer_ocsp=envelope.signer_ocsp,
-                    ),
+                    signed_envelope(out.envelope),
                     wait,
                     trace.traceparent(leg),
                 )
@@ -224,7 +221,7 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                 raise provider_refusal(frame.refusal.code, frame.refusal.message)
             with trace.step("response checks"):
                 incoming = accept_response(
-                    _envelope(frame.response) if frame.HasField("response") else None,
+                    envelope_of(frame.response) if frame.HasField("response") else None,
                     out,
                     link.peer_staple,
                     node,
@@ -319,13 +316,3 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
 
 
 _STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
-
-
-def _envelope(env: pb.SignedEnvelope) -> Envelope:
-    return Envelope(
-        header=env.header,
-        body=env.body,
-        signature=env.signature,
-        signer_certificate=env.signer_certificate,
-        signer_ocsp=env.signer_ocsp,
-    )

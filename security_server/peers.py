@@ -23,6 +23,7 @@ import structlog
 
 from gateway.configuration import GlobalConfiguration, SecurityServer
 from gateway.errors import Code, GatewayError, UnavailableError
+from gateway.exchange import Envelope
 from gateway.identifiers import SecurityServerId, server_dns_name
 from gateway.signing import certificate_fingerprint, load_certificate
 from gateway.v1 import exchange_pb2 as pb
@@ -365,3 +366,25 @@ class ProviderChoice:
 
     def unreachable(self, server: SecurityServer) -> None:
         self._down_until[server.id] = self.clock() + self.retry_seconds
+
+
+def envelope_of(env: pb.SignedEnvelope) -> Envelope:
+    """The core's view of a signed envelope received on a stream."""
+    return Envelope(
+        header=env.header,
+        body=env.body,
+        signature=env.signature,
+        signer_certificate=env.signer_certificate,
+        signer_ocsp=env.signer_ocsp,
+    )
+
+
+def signed_envelope(envelope: Envelope) -> pb.SignedEnvelope:
+    """A signed envelope of the core, as a stream carries it."""
+    return pb.SignedEnvelope(
+        header=envelope.header,
+        body=envelope.body,
+        signature=envelope.signature,
+        signer_certificate=envelope.signer_certificate,
+        signer_ocsp=envelope.signer_ocsp,
+    )

@@ -54,7 +54,6 @@ from gateway.errors import Code, GatewayError, UnavailableError, bound_message
 from gateway.exchange import (
     Accepted,
     Claims,
-    Envelope,
     Peer,
     Refusal,
     accept_request,
@@ -69,7 +68,7 @@ from gateway.v1 import exchange_pb2 as pb
 from gateway_ops.tracing import OFF, TRACEPARENT, CallTrace, Tracing, current_call
 from security_server.metrics import CallLabels, ServerMetrics, backend_code
 from security_server.node import Node
-from security_server.peers import FrameBatcher
+from security_server.peers import FrameBatcher, envelope_of, signed_envelope
 from security_server.status import abort
 
 log = structlog.get_logger("security_server.provider")
@@ -404,7 +403,7 @@ class ProviderService:
         now = node.clock()
         checks = trace.start("provider checks")
         accepted = accept_request(
-            _envelope(env) if frame.HasField("request") else None,
+            envelope_of(env) if frame.HasField("request") else None,
             stream,
             node,
             self.backends.addresses,
@@ -465,16 +464,9 @@ class ProviderService:
         except GatewayError as err:
             return self._refusal(frame, err, header.message_id, started, backend_micros)
         trace.outcome(signed.record.status)
-        response = signed.envelope
         return pb.Frame(
             correlation_id=frame.correlation_id,
-            response=pb.SignedEnvelope(
-                header=response.header,
-                body=response.body,
-                signature=response.signature,
-                signer_certificate=response.signer_certificate,
-                signer_ocsp=response.signer_ocsp,
-            ),
+            response=signed_envelope(signed.envelope),
             provider_micros=int((time.perf_counter() - started) * 1e6),
             backend_micros=backend_micros,
         )
@@ -507,13 +499,3 @@ class ProviderService:
             provider_micros=int((time.perf_counter() - started) * 1e6),
             backend_micros=backend_micros,
         )
-
-
-def _envelope(env: pb.SignedEnvelope) -> Envelope:
-    return Envelope(
-        header=env.header,
-        body=env.body,
-        signature=env.signature,
-        signer_certificate=env.signer_certificate,
-        signer_ocsp=env.signer_ocsp,
-    )
