@@ -290,9 +290,6 @@ def start_call(call: Call, node: ExchangeNode, now: datetime) -> Outgoing | Refu
     message_id = message_id_of(call)
     facts = Facts(
         message_id=message_id,
-        # unverified claims until the client is known to be served here
-        client=claimed(metadata.get("gateway-client")),
-        service=claimed(metadata.get("gateway-service")),
         method=call.method,
         purpose=metadata.get("gateway-purpose"),
         user_id=metadata.get("gateway-user-id"),
@@ -302,6 +299,10 @@ def start_call(call: Call, node: ExchangeNode, now: datetime) -> Outgoing | Refu
     try:
         return _start(call, node, now, facts, progress)
     except GatewayError as err:
+        if progress.client is None:
+            # unverified claims: the client is not known to be served here
+            facts.client = claimed(metadata.get("gateway-client"))
+            facts.service = claimed(metadata.get("gateway-service"))
         return _refusal(err, Role.CONSUMER, facts, now, progress=progress)
 
 
@@ -376,7 +377,9 @@ def _start(
     if remote is not config:
         check_outbound_approval(config, client, service_id, purpose)
     signer = node.signer_for(client.member)
-    # what the provider would refuse, refused here: our own certificates' status
+    # what the provider would refuse, refused here: our own signing certificate (valid
+    # now, from a configured CA, naming the member) and our certificates' status
+    config.trust.signing_member(signer.certificate_der, now)
     staple = node.own_status.staple(signer.certificate_sha256)
     node.status.signer(staple, signer.certificate, config, now)
     node.status.peer(node.own_status.staple(node.auth_sha256), node.auth_certificate, config, now)

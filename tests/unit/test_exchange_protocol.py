@@ -312,8 +312,31 @@ def test_an_expired_signing_certificate_is_refused() -> None:
     world.consumer.own_status.answers[expired.certificate_sha256] = ocsp_answer(
         expired.certificate, world.ca, world.now
     )
+    # refused before it leaves, as the provider would refuse it
     outcome = world.call()
-    assert (outcome.refused_by, outcome.code) == ("provider", Code.UNTRUSTED_SIGNER.value)
+    assert (outcome.refused_by, outcome.code) == ("consumer", Code.UNTRUSTED_SIGNER.value)
+    assert outcome.error is not None and "is not valid at" in outcome.error.message
+    # and by the provider, when a consumer sends it all the same
+    fresh = World()
+    lapsed = build_certificate(
+        fresh.ca,
+        str(MSP),
+        kind="sign",
+        not_before=NOW - timedelta(days=30),
+        not_after=NOW - timedelta(days=1),
+    )
+
+    def resigned(envelope: Envelope) -> Envelope:
+        return altered(
+            envelope,
+            signature=lapsed.sign(envelope.header),
+            signer_certificate=lapsed.certificate_der,
+            signer_ocsp=ocsp_answer(lapsed.certificate, fresh.ca, fresh.now),
+        )
+
+    refused = fresh.call(request=resigned)
+    assert (refused.refused_by, refused.code) == ("provider", Code.UNTRUSTED_SIGNER.value)
+    assert refused.error is not None and "is not valid at" in refused.error.message
 
 
 def test_timestamping_down_past_its_period_refuses_new_calls(world: World) -> None:
