@@ -333,6 +333,51 @@ def _registry_token(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _registry_backup(ns: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from gateway.settings import database_url
+    from gateway_ops.runtime import read_settings, run
+    from registry.backup import BackupError, backup, restore
+    from registry.main import RegistrySettings
+    from registry.store import RegistryStore
+
+    settings = read_settings(RegistrySettings, ns.config)
+    url = database_url(settings.database, base=ns.config.resolve().parent)
+
+    def shown(table: str, rows: int) -> None:
+        print(f"  {table:28} {rows:>10,} rows", file=sys.stderr)
+
+    async def main() -> int:
+        store = await RegistryStore.open(url)
+        try:
+            if ns.action == "backup":
+                summary = await backup(
+                    store,
+                    ns.out,
+                    instance=settings.instance,
+                    now=datetime.now(UTC),
+                    progress=shown,
+                )
+                done = f"backup written to {ns.out}"
+            else:
+                summary = await restore(store, ns.source, progress=shown)
+                done = f"restored from {ns.source}"
+        except BackupError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            await store.close()
+        print(
+            f"{done}: {sum(summary.tables.values()):,} rows in {len(summary.tables)} tables, "
+            f"schema {summary.revision}, admin log of {summary.admin_entries} entries "
+            f"verified, configuration version {summary.configuration_version}"
+        )
+        return 0
+
+    return int(run(main))
+
+
 def _registry_anchor(ns: argparse.Namespace) -> int:
     from gateway_ops.runtime import read_settings
     from registry.main import RegistrySettings, instance_anchor
@@ -835,6 +880,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="a configuration address to publish (repeat; default: anchor_addresses, else listen)",
     )
     p.set_defaults(func=_registry_anchor)
+
+    for action, what in (
+        ("backup", "write a consistent backup of the registry's database to a zip file"),
+        ("restore", "restore a backup into an empty database (the settings' `database`)"),
+    ):
+        p = reg.add_parser(action, help=what, description=what + "; see the README, Deploy.")
+        p.add_argument("--config", type=Path, required=True, help="registry settings TOML")
+        if action == "backup":
+            p.add_argument("--out", type=Path, required=True, help="the zip file to write")
+        else:
+            p.add_argument("--from", dest="source", type=Path, required=True, help="the backup")
+        p.set_defaults(func=_registry_backup)
 
     srv = commands.add_parser("server", help="a security server").add_subparsers(
         dest="action", required=True

@@ -1,0 +1,233 @@
+"""Backup and restore of a registry's database: `gateway registry backup` and `restore`.
+
+A backup is one zip file read in one transaction (a consistent snapshot: SQLite's
+deferred transaction, PostgreSQL's REPEATABLE READ): one JSON-lines file per table of the
+store (members, subsystems, servers, services, agreements, the admin log and its head,
+federations, outbound approvals, checkpoints, the configuration history), and
+`manifest.json` naming the format, the instance, the schema revision, when it was taken,
+and each table's row count and SHA-256. The backup holds no key: the configuration
+signing key and the token key are files the operator keeps (and backs up) apart.
+
+Restore checks every table's SHA-256 and count against the manifest, and that the
+manifest's schema revision is the database's (run by the same version of the gateway),
+then writes the rows into an empty database in one transaction, and verifies the admin
+log's chain. The restored registry goes on with the admin log's chain and the
+configuration's version sequence where the backup left them. A database that already
+holds a registry is refused: restore never merges.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from alembic.migration import MigrationContext
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from gateway.audit import ADMIN_LOG as ADMIN_LOG_FORMAT
+from gateway.audit import ChainBrokenError, ChainHead, verify_chain
+from gateway.timeutil import format_time
+from registry.store import RegistryStore, admin_head, admin_log, admin_record, metadata
+
+FORMAT = "gateway-registry-backup/1"
+MANIFEST = "manifest.json"
+
+
+class BackupError(Exception):
+    """A backup that cannot be taken, read or restored; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    tables: dict[str, int]
+    revision: str | None
+    admin_entries: int
+    configuration_version: int
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, bytes | bytearray | memoryview):
+        return {"b64": base64.b64encode(bytes(value)).decode("ascii")}
+    return value
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, dict) and set(value) == {"b64"}:
+        return base64.b64decode(value["b64"], validate=True)
+    return value
+
+
+def _revision(sync_conn: Any) -> str | None:
+    return MigrationContext.configure(sync_conn).get_current_revision()
+
+
+async def backup(
+    store: RegistryStore,
+    out: Path,
+    *,
+    instance: str,
+    now: datetime,
+    progress: Callable[[str, int], None] = lambda table, rows: None,
+) -> Summary:
+    """Write a consistent backup of the store to `out` (replaced atomically)."""
+    tables: dict[str, dict[str, Any]] = {}
+    tmp = out.with_name(out.name + ".tmp")
+    async with store.engine.connect() as conn:
+        if store.is_postgres:
+            # one snapshot for every table
+            await conn.execution_options(isolation_level="REPEATABLE READ")
+        async with conn.begin():
+            revision = await conn.run_sync(_revision)
+            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+                for table in metadata.sorted_tables:
+                    lines = io.BytesIO()
+                    count = 0
+                    key = list(table.primary_key.columns) or list(table.columns)[:1]
+                    result = await conn.execute(sa.select(table).order_by(*key))
+                    for row in result:
+                        doc = {k: _encode(v) for k, v in row._mapping.items()}
+                        lines.write(json.dumps(doc, sort_keys=True).encode() + b"\n")
+                        count += 1
+                    data = lines.getvalue()
+                    archive.writestr(f"{table.name}.jsonl", data)
+                    tables[table.name] = {
+                        "rows": count,
+                        "sha256": hashlib.sha256(data).hexdigest(),
+                    }
+                    progress(table.name, count)
+                manifest = {
+                    "format": FORMAT,
+                    "instance": instance,
+                    "revision": revision,
+                    "taken_at": format_time(now),
+                    "tables": tables,
+                }
+                archive.writestr(MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
+    tmp.replace(out)
+    return await _summary(store, {k: v["rows"] for k, v in tables.items()}, revision)
+
+
+def read_backup(path: Path) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    """The manifest and every table's rows, each table checked against its SHA-256 and row
+    count; `BackupError` naming what does not hold."""
+    try:
+        archive = zipfile.ZipFile(path)
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise BackupError(f"{path} is not a readable backup: {exc}") from None
+    with archive:
+        try:
+            manifest = json.loads(archive.read(MANIFEST))
+        except (KeyError, ValueError) as exc:
+            raise BackupError(f"{path} has no readable {MANIFEST}: {exc}") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise BackupError(f"{path} is not a registry backup of format {FORMAT}")
+        rows: dict[str, list[dict[str, Any]]] = {}
+        for table in metadata.sorted_tables:
+            listed = manifest["tables"].get(table.name)
+            if listed is None:
+                raise BackupError(f"the backup lacks table {table.name}")
+            try:
+                data = archive.read(f"{table.name}.jsonl")
+            except KeyError:
+                raise BackupError(f"the backup lacks the file of table {table.name}") from None
+            if hashlib.sha256(data).hexdigest() != listed["sha256"]:
+                raise BackupError(
+                    f"table {table.name} does not match its SHA-256 in the manifest: the "
+                    "backup was altered or damaged"
+                )
+            docs = [
+                {k: _decode(v) for k, v in json.loads(line).items()}
+                for line in data.splitlines()
+                if line
+            ]
+            if len(docs) != listed["rows"]:
+                raise BackupError(
+                    f"table {table.name} holds {len(docs)} rows, the manifest says {listed['rows']}"
+                )
+            rows[table.name] = docs
+    return manifest, rows
+
+
+async def restore(
+    store: RegistryStore,
+    path: Path,
+    *,
+    progress: Callable[[str, int], None] = lambda table, rows: None,
+) -> Summary:
+    """Restore a backup into the store's database, which must hold no registry yet."""
+    manifest, rows = read_backup(path)
+    async with store.engine.begin() as conn:
+        revision = await conn.run_sync(_revision)
+        if manifest.get("revision") != revision:
+            raise BackupError(
+                f"the backup's schema revision is {manifest.get('revision')}, this database's "
+                f"{revision}: restore it with the gateway version that took it, then upgrade"
+            )
+        for table in metadata.sorted_tables:
+            held = await conn.scalar(sa.select(sa.func.count()).select_from(table))
+            if table is admin_head:
+                # a new database holds the admin log's initial head (no entry yet)
+                fresh = await conn.scalar(sa.select(admin_head.c.next_seq))
+                held = 0 if fresh in (None, 1) else held
+            if held:
+                raise BackupError(
+                    f"the database already holds {held} rows in {table.name}: restore only "
+                    "into an empty database (restore never merges)"
+                )
+        await conn.execute(admin_head.delete())
+        for table in metadata.sorted_tables:
+            docs = rows[table.name]
+            if docs:
+                await conn.execute(table.insert(), docs)
+            progress(table.name, len(docs))
+        if store.is_postgres:
+            # identity columns go on after the restored rows
+            for table in metadata.sorted_tables:
+                for column in table.columns:
+                    if column.autoincrement is True and column.primary_key:
+                        # names from our own schema, never from the backup
+                        await conn.execute(
+                            sa.text(
+                                f"SELECT setval(pg_get_serial_sequence('{table.name}', "  # noqa: S608
+                                f"'{column.name}'), COALESCE(MAX({column.name}), 0) + 1, false) "
+                                f"FROM {table.name}"
+                            )
+                        )
+        await _verify_admin_log(conn)
+    return await _summary(store, {k: len(v) for k, v in rows.items()}, revision)
+
+
+async def _verify_admin_log(conn: AsyncConnection) -> int:
+    head = ChainHead(fmt=ADMIN_LOG_FORMAT)
+    entries = (await conn.execute(sa.select(admin_log).order_by(admin_log.c.seq))).all()
+    try:
+        head = verify_chain([admin_record(r) for r in entries], head)
+    except ChainBrokenError as exc:
+        raise BackupError(f"the restored admin log does not verify: {exc}") from None
+    recorded = (await conn.execute(sa.select(admin_head))).first()
+    if recorded is not None and (int(recorded.next_seq), bytes(recorded.last_hash)) != (
+        head.next_seq,
+        head.last_hash,
+    ):
+        raise BackupError("the restored admin log does not end where its head says")
+    return head.next_seq - 1
+
+
+async def _summary(store: RegistryStore, tables: dict[str, int], revision: str | None) -> Summary:
+    async with store.engine.connect() as conn:
+        entries = await _verify_admin_log(conn)
+    return Summary(
+        tables=tables,
+        revision=revision,
+        admin_entries=entries,
+        configuration_version=await store.last_version(),
+    )
