@@ -1,0 +1,202 @@
+"""Two replicas of the population registry's security server behind HAProxy (TCP mode:
+mutual TLS end to end), sharing one PostgreSQL log, each with its own chain. The
+registered address of ss-dnic is HAProxy's. Under load, the replica carrying the calls is
+killed (`kill -9`): only the calls in flight on it may fail, HAProxy sends the consumer's
+new stream to the other replica, no request reaches two backends (every message id in
+one chain only), every answered call is in a chain, and both chains verify."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import time
+import tomllib
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from gateway.settings import database_url
+from gateway_demo.client import Outcome, call_raw, routing_metadata
+from gateway_demo.generated import population_pb2 as population
+from gateway_demo.runner import Runner
+
+from .conftest import CLINICS, DNIC, GET_PERSON, MSP, POPULATION, run_gateway
+
+POSTGRES = os.environ.get("GATEWAY_TEST_POSTGRES_URL")
+HAPROXY = shutil.which("haproxy")
+
+pytestmark = [
+    pytest.mark.skipif(
+        not POSTGRES, reason="GATEWAY_TEST_POSTGRES_URL is not set: replicas need PostgreSQL"
+    ),
+    pytest.mark.skipif(
+        HAPROXY is None, reason="haproxy is not installed (scripts/debian-packages installs it)"
+    ),
+]
+
+HAPROXY_CONFIG = """\
+global
+    maxconn 2000
+defaults
+    mode tcp
+    timeout connect 2s
+    timeout client 120s
+    timeout server 120s
+    # a connection to a replica that is down goes to another one
+    retries 3
+    option redispatch
+frontend dnic
+    bind {frontend}
+    default_backend replicas
+backend replicas
+    balance roundrobin
+    server a {a} check inter 300ms fall 1 rise 2
+    server b {b} check inter 300ms fall 1 rise 2
+"""
+
+
+async def _admin(server_url: str, statement: str) -> None:
+    engine = create_async_engine(server_url, isolation_level="AUTOCOMMIT")
+    try:
+        async with engine.connect() as conn:
+            await conn.execute(sa.text(statement))
+    finally:
+        await engine.dispose()
+
+
+async def _chains(url: str) -> dict[str, list[str]]:
+    """The message ids of the provider requests in each chain of the shared log."""
+    engine = create_async_engine(database_url(url, base=Path.cwd()))
+    try:
+        async with engine.connect() as conn:
+            rows = await conn.execute(
+                sa.text(
+                    "SELECT chain, message_id FROM message_log "
+                    "WHERE role = 'provider' AND kind = 'request'"
+                )
+            )
+            chains: dict[str, list[str]] = {}
+            for chain, message_id in rows:
+                chains.setdefault(chain, []).append(message_id)
+            return chains
+    finally:
+        await engine.dispose()
+
+
+def _wait_for_port(address: str, seconds: float = 10.0) -> None:
+    host, port = address.rsplit(":", 1)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex((host, int(port))) == 0:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"nothing listens on {address}")
+
+
+@pytest.fixture(scope="module")
+def balanced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Runner, str, str]]:
+    """The demo topology with ss-dnic as two replicas (chains dnic-a, dnic-b) behind
+    HAProxy; yields the runner, the second replica's process name and the log's URL."""
+    assert POSTGRES is not None and HAPROXY is not None
+    server_url = database_url(POSTGRES, base=Path.cwd())
+    name = f"balanced_test_{uuid.uuid4().hex[:16]}"
+    asyncio.run(_admin(server_url, f'CREATE DATABASE "{name}"'))
+    url = make_url(server_url).set(database=name).render_as_string(hide_password=False)
+    folder = tmp_path_factory.mktemp("balanced")
+    runner = Runner(folder / "run")
+    haproxy: subprocess.Popen[bytes] | None = None
+    try:
+        runner.prepare()
+        runner.set_log(DNIC, database=url, chain="dnic-a")
+        second = runner.add_replica(DNIC, "dnic-b", database=url)
+        first_address = runner.providers[DNIC]
+        second_address = tomllib.loads((runner.workdir / f"{second}.toml").read_text())["provider"][
+            "listen"
+        ]
+        frontend = runner.reserve_address()
+        # peers reach ss-dnic at the balancer's address
+        for server in runner.topology["servers"]:
+            if server["id"] == DNIC:
+                server["address"] = frontend
+        runner.write_topology()
+        config = folder / "haproxy.cfg"
+        config.write_text(
+            HAPROXY_CONFIG.format(frontend=frontend, a=first_address, b=second_address)
+        )
+        runner.start_all()
+        haproxy = subprocess.Popen(
+            [HAPROXY, "-f", str(config), "-db"],
+            stdout=subprocess.DEVNULL,
+            stderr=(folder / "haproxy.log").open("wb"),
+        )
+        _wait_for_port(frontend)
+        yield runner, second, url
+    finally:
+        if haproxy is not None:
+            haproxy.terminate()
+            haproxy.wait(10)
+        runner.close()
+        asyncio.run(_admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def test_a_replica_killed_behind_the_balancer_fails_only_calls_in_flight(
+    balanced: tuple[Runner, str, str],
+) -> None:
+    runner, second, url = balanced
+    processes = {"dnic-a": runner.server_names[DNIC], "dnic-b": second}
+    kill_at, seconds = 2.0, 7.0
+    killed: list[str] = []
+
+    async def scenario() -> list[tuple[float, Outcome]]:
+        request = population.GetPersonRequest(national_id="1.234.567-8").SerializeToString()
+        metadata = routing_metadata(
+            client=CLINICS, service=POPULATION, purpose="healthcare-identification"
+        )
+        results: list[tuple[float, Outcome]] = []
+        begun = time.monotonic()
+        async with runner.consumer_channel(MSP, CLINICS) as channel:
+
+            async def caller() -> None:
+                while time.monotonic() - begun < seconds:
+                    started = time.monotonic() - begun
+                    outcome = await call_raw(channel, GET_PERSON, request, metadata, timeout=10)
+                    results.append((started, outcome))
+
+            async def killer() -> None:
+                await asyncio.sleep(kill_at)
+                chains = await _chains(url)
+                busiest = max(processes, key=lambda c: len(chains.get(c, [])))
+                killed.append(busiest)
+                await asyncio.to_thread(runner.stop, processes[busiest], kill=True)
+
+            await asyncio.gather(killer(), *(caller() for _ in range(8)))
+        return results
+
+    results = asyncio.run(scenario())
+    failed = [(s, o) for s, o in results if not o.ok]
+    answered = [o for _, o in results if o.ok]
+    print(
+        f"\nbalanced: replica {killed[0]} killed; {len(results)} calls attempted, "
+        f"{len(failed)} failed, {len(answered)} answered"
+    )
+    assert all(s <= kill_at + 1.0 for s, _ in failed), failed[:3]
+    assert len(failed) <= 8
+    late = [o for s, o in results if s > kill_at + 1.5]
+    assert late and all(o.ok for o in late)
+    chains = asyncio.run(_chains(url))
+    seen = Counter(m for ids in chains.values() for m in ids)
+    assert max(seen.values()) == 1  # no request reached two backends
+    assert {o.message_id for o in answered} <= set(seen)
+    assert set(chains) == {"dnic-a", "dnic-b"}  # each replica served some
+    done = run_gateway("audit", "verify", "--db", url, "--quiet", "--stamp-grace", "-1")
+    assert done.returncode == 0, done.stdout + done.stderr
