@@ -72,7 +72,7 @@ def test_calls_are_refused_while_the_log_is_down_and_resume_after(
     outage: tuple[Runner, str, str, str],
 ) -> None:
     runner, server_url, name, url = outage
-    down_at, up_at, seconds = 1.5, 3.5, 7.0
+    down_at, up_at, seconds = 1.0, 3.0, 6.0
 
     async def scenario() -> list[tuple[float, Outcome]]:
         request = population.GetPersonRequest(national_id="1.234.567-8").SerializeToString()

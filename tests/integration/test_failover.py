@@ -93,7 +93,7 @@ async def load(
 
 
 def test_a_provider_stopped_under_load_drains_and_no_call_fails(runner: Runner) -> None:
-    results, victim = asyncio.run(load(runner, 4.0, 1.0, drain=True))
+    results, victim = asyncio.run(load(runner, 3.0, 1.0, drain=True))
     assert victim is not None
     failed = [o for _, _, o in results if not o.ok]
     assert failed == [], failed[:3]
@@ -113,8 +113,8 @@ def test_a_provider_killed_under_load_fails_only_calls_in_flight(runner: Runner)
     first, second = provider_requests(runner, DNIC1), provider_requests(runner, DNIC2)
     assert first and second, (len(first), len(second))
 
-    kill_at = 1.5
-    results, victim = asyncio.run(load(runner, 5.0, kill_at))
+    kill_at = 1.0
+    results, victim = asyncio.run(load(runner, 3.5, kill_at))
     failed = [(s, e, o) for s, e, o in results if not o.ok]
     answered = [o for _, _, o in results if o.ok]
     # only calls already under way when the server died may fail

@@ -154,7 +154,7 @@ def test_a_replica_killed_behind_the_balancer_fails_only_calls_in_flight(
 ) -> None:
     runner, second, url = balanced
     processes = {"dnic-a": runner.server_names[DNIC], "dnic-b": second}
-    kill_at, seconds = 2.0, 7.0
+    kill_at, seconds = 1.5, 4.5
     killed: list[str] = []
 
     async def scenario() -> list[tuple[float, Outcome]]:

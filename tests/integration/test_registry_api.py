@@ -941,10 +941,10 @@ def fuzz_schema(fuzz_runner: Runner) -> schemathesis.BaseSchema:
 
 
 # Examples per fuzzed operation and mode. `make test` keeps the suite within its time budget
-# with 20 (each example is a real HTTP request to the registry); a deeper run sets
+# with 12 (each example is a real HTTP request to the registry); a deeper run sets
 # GATEWAY_FUZZ_EXAMPLES=500, say, before a release. The arbitrary-JSON test draws three times
 # as many, over every POST operation at once.
-FUZZ_EXAMPLES = int(os.environ.get("GATEWAY_FUZZ_EXAMPLES", "20"))
+FUZZ_EXAMPLES = int(os.environ.get("GATEWAY_FUZZ_EXAMPLES", "12"))
 
 
 def _fuzzed_operations() -> list[Any]:
