@@ -35,13 +35,19 @@ _DATABASE = pytest.StashKey[str]()  # the name of the database this process crea
 # The files that take longest (`pytest --durations`), started first; only the order changes.
 LONGEST_FIRST = (
     "tests/integration/test_demo.py",
-    "tests/integration/test_archive.py",
     "tests/integration/test_faults.py",
-    "tests/integration/test_trust_faults.py",
     "tests/integration/test_evidence.py",
+    "tests/integration/test_trust_faults.py",
+    "tests/integration/test_archive.py",
+    "tests/integration/test_replicas.py",
+    "tests/integration/test_add_an_agency.py",
     "tests/integration/test_federation.py",
-    "tests/integration/test_federation_api.py",
+    "tests/integration/test_readiness.py",
     "tests/integration/test_registry_api.py",
+    "tests/integration/test_auditor_api.py",
+    "tests/integration/test_federation_api.py",
+    "tests/integration/test_failover.py",
+    "tests/integration/test_tracing.py",
 )
 
 
