@@ -154,8 +154,10 @@ async def test_a_peer_that_never_reads_is_held_back_and_others_are_still_served(
     # the provider holds at most limits.max_frames_per_stream (256) of them; the transport
     # in between holds the rest of what was written: the HTTP/2 window, which gRPC's
     # bandwidth probing grows to a few MiB, and both kernels' loopback socket buffers
-    # (autotuned up to 6 MiB each), about 20 MiB or 430 frames in all
-    assert stalled_at < 256 + 450, f"the provider read {stalled_at} frames of {total}"
+    # (autotuned up to 6 MiB each), usually about 20 MiB or 430 frames in all, but up to
+    # about 36 MiB (756 frames) seen with the whole suite running beside it: the bound
+    # on what the provider's own memory grows by is the one that matters (below)
+    assert stalled_at < 256 + 900, f"the provider read {stalled_at} frames of {total}"
     assert grown_mib < 40, f"the provider grew by {grown_mib:.1f} MiB"
     assert latency < 2.0
 
