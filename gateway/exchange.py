@@ -181,11 +181,16 @@ class Envelope:
 
 @dataclass(slots=True)
 class Progress:
-    """How far a decision got, for the shells' metrics: the client once it may be named in
-    a label, and the service's catalogue entry once found."""
+    """How far a decision got: for the shells' metrics, the client once it may be named in
+    a label and the service's catalogue entry once found; for the provider's refusal
+    record, the peer's name, the request's header once read and whether its signature was
+    verified as the client member's."""
 
     client: str | None = None
     service: Service | None = None
+    peer: str | None = None
+    header: RequestHeader | None = None
+    verified: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,7 +270,7 @@ class Outgoing:
     record: LogRecord
     evidence: Evidence
     # every server hosting the service, `provider` (the first) among them
-    providers: tuple[SecurityServer, ...] = ()
+    providers: tuple[SecurityServer, ...]
 
     def via(self, provider: SecurityServer) -> Outgoing:
         """The same call sent to another server hosting the service (the header names no
@@ -771,15 +776,13 @@ def accept_request(
     """Decide whether the provider serves a request envelope from `peer` (None: the frame
     held no request). A refusal's record keeps a bounded prefix of what the peer sent, and
     the client and service it names as claims until its signature is verified."""
-    state: dict[str, object] = {"verified": False, "header": None, "peer": peer.name}
-    progress = Progress()
+    progress = Progress(peer=peer.name)
     try:
-        return _accept(envelope, peer, node, backends, now, monotonic, state, progress)
+        return _accept(envelope, peer, node, backends, now, monotonic, progress)
     except GatewayError as err:
-        header = state["header"]
-        name = str(state["peer"])
-        if isinstance(header, RequestHeader):
-            facts = request_facts(header, name, verified=bool(state["verified"]))
+        name = progress.peer or peer.name
+        if progress.header is not None:
+            facts = request_facts(progress.header, name, verified=progress.verified)
         elif envelope is not None:
             # unreadable or not checked yet: what it names, as claims
             facts = Claims.read(envelope.header).facts(name)
@@ -797,19 +800,18 @@ def _accept(
     backends: Container[str],
     now: datetime,
     monotonic: Callable[[], float],
-    state: dict[str, object],
     progress: Progress,
 ) -> Accepted:
     config = node.config.require(now)
     # the peer's instance vouches for the peer: its servers, CAs and OCSP responders
     peer_config, server = registered_peer(node.federated, peer, now)
-    state["peer"] = str(server.id)
+    progress.peer = str(server.id)
     assert peer.certificate is not None  # a registered peer presented one
     node.status.peer(peer.staple, peer.certificate, peer_config, now)
     if envelope is None:
         raise TrustError("expected a request frame", code=Code.MALFORMED_ENVELOPE)
     header = decode_request(envelope.header)
-    state["header"] = header
+    progress.header = header
     if len(envelope.body) > node.limits.max_message_bytes:
         raise GatewayError(
             f"the request body has {len(envelope.body)} bytes, over the limit of "
@@ -833,7 +835,7 @@ def _accept(
     check_body(header.body_sha256, envelope.body)
     node.status.signer(envelope.signer_ocsp, certificate, peer_config, now)
     # signed by the client's member, with a certificate in good standing
-    state["verified"] = True
+    progress.verified = True
     node.replay.check_fresh(header.created_at, now)
     node.replay.remember(header.message_id, now)
     service = config.services.get(header.service)

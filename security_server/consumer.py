@@ -259,13 +259,13 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         """The server hosting the service that has answered fastest lately and can be
         reached now, with its link. A server that cannot be reached is skipped before
         anything is sent to it, so that no request reaches two backends."""
-        for provider in self.choice.order(out.providers or (out.provider,)):
+        for provider in self.choice.order(out.providers):
             link = self.peers.link(provider, out.remote)
             if await link.reachable(CONNECT_SECONDS):
                 return out.via(provider), link
             self.choice.unreachable(provider)
             log.warning("provider_unreachable", provider=str(provider.id), address=provider.address)
-        servers = ", ".join(str(p.id) for p in out.providers or (out.provider,))
+        servers = ", ".join(str(p.id) for p in out.providers)
         raise UnavailableError(
             f"no security server hosting {out.header.service} can be reached ({servers}); "
             "retry later or ask its operator",

@@ -74,21 +74,18 @@ class Node:
         body_sha256: str,
         config: GlobalConfiguration,
     ) -> tuple[str | None, Evidence]:
-        """(SHA-256 of the OCSP answer, the evidence to keep) for one signed message: the
-        signing certificate and its CA, the OCSP answer, and the body (under the digest its
-        signed header gives) if bodies are kept."""
-        _, ca_sha, ca_der = self.status.issuer(certificate, config)
-        kept: dict[str, tuple[str, bytes]] = {
-            certificate_sha256: ("certificate", certificate_der),
-            ca_sha: ("ca", ca_der),
-        }
-        staple_sha = None
-        if staple:
-            staple_sha = hashlib.sha256(staple).hexdigest()
-            kept[staple_sha] = ("ocsp", staple)
-        if self.store_bodies:
-            kept[body_sha256] = ("body", body)
-        return staple_sha, kept
+        """(SHA-256 of the OCSP answer, the evidence to keep) for one signed message."""
+        return evidence_of(
+            self.status,
+            self.store_bodies,
+            certificate,
+            certificate_der,
+            certificate_sha256,
+            staple,
+            body,
+            body_sha256,
+            config,
+        )
 
     def signer_for(self, member: MemberId) -> EcdsaSigner:
         signer = self.signers.get(member)
@@ -112,6 +109,34 @@ class Node:
             await self.log.append(fields)
         except GatewayError as err:
             log.error("refusal_not_logged", code=fields.get("error_code"), error=err.message)
+
+
+def evidence_of(
+    status: StatusChecker,
+    store_bodies: bool,
+    certificate: x509.Certificate,
+    certificate_der: bytes,
+    certificate_sha256: str,
+    staple: bytes,
+    body: bytes,
+    body_sha256: str,
+    config: GlobalConfiguration,
+) -> tuple[str | None, Evidence]:
+    """(SHA-256 of the OCSP answer, the evidence to keep) for one signed message: the
+    signing certificate and its CA, the OCSP answer, and the body (under the digest its
+    signed header gives) if bodies are kept."""
+    _, ca_sha, ca_der = status.issuer(certificate, config)
+    kept: dict[str, tuple[str, bytes]] = {
+        certificate_sha256: ("certificate", certificate_der),
+        ca_sha: ("ca", ca_der),
+    }
+    staple_sha = None
+    if staple:
+        staple_sha = hashlib.sha256(staple).hexdigest()
+        kept[staple_sha] = ("ocsp", staple)
+    if store_bodies:
+        kept[body_sha256] = ("body", body)
+    return staple_sha, kept
 
 
 def load_subject_secret(state_dir: Path, configured: Path | None = None) -> bytes:
