@@ -107,11 +107,6 @@ def error_from_rpc(exc: grpc.aio.AioRpcError, server: SecurityServer) -> Gateway
     )
 
 
-# how long a provider that said it is draining gets no new call, even after its stream
-# ended (its process is on its way out)
-DRAINED_SECONDS = 5.0
-
-
 class PeerLink:
     def __init__(
         self,
@@ -134,6 +129,10 @@ class PeerLink:
                 ("grpc.max_receive_message_length", max_bytes),
                 ("grpc.keepalive_time_ms", 20_000),
                 ("grpc.keepalive_timeout_ms", 10_000),
+                # a provider server back from a restart is tried again within 2 s (gRPC's
+                # own backoff grows to 2 minutes), so that failover finds it
+                ("grpc.initial_reconnect_backoff_ms", 500),
+                ("grpc.max_reconnect_backoff_ms", 2_000),
             ],
         )
         self._open: Any = self.channel.stream_stream(
@@ -146,18 +145,17 @@ class PeerLink:
         self._pending: dict[int, asyncio.Future[pb.Frame]] = {}
         self._ids = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()
-        # the provider said it is stopping: no new call goes to it (for DRAIN_SECONDS after
-        # its stream ended too, while its process exits); the calls already sent are
-        # answered on the stream, which the provider ends once idle
+        # the provider said it is stopping: no new call goes on this stream; the calls
+        # already sent are answered on it, and the provider ends it once idle (its server
+        # then takes no new connection, which `reachable` sees)
         self.draining = False
-        self._drained_until = 0.0
 
     async def reachable(self, timeout: float) -> bool:
         """Whether a request can be handed to the provider now: its stream is open, or its
         connection becomes ready within `timeout` seconds. False means nothing was sent
         (the call may go to another server hosting the service without being delivered
         twice)."""
-        if self.draining or time.monotonic() < self._drained_until:
+        if self.draining:
             return False
         if self._call is not None:
             return True
@@ -222,7 +220,6 @@ class PeerLink:
                     self.peer_staple = message.ocsp_staple
                 if message.draining and not self.draining:
                     self.draining = True
-                    self._drained_until = time.monotonic() + DRAINED_SECONDS
                     log.info("peer_draining", peer=str(self.server.id))
                 for frame in message.frames:
                     future = self._pending.get(frame.correlation_id)

@@ -120,7 +120,7 @@ def test_a_provider_killed_under_load_fails_only_calls_in_flight(runner: Runner)
     # only calls already under way when the server died may fail
     assert all(start <= kill_at + 0.5 for start, _, _ in failed), failed[:3]
     assert {o.error for _, _, o in failed} <= {"provider_unavailable", "deadline_exceeded"}
-    assert len(failed) <= 8, len(failed)
+    assert len(failed) <= 8, [(round(s, 3), round(e, 3), o.details[:120]) for s, e, o in failed]
     assert len(answered) > 50
     late = [o for s, _, o in results if s > kill_at + 1.0]
     assert late and all(o.ok for o in late)
