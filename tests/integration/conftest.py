@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import sqlite3
 import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Callable, Iterator
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 import tomli_w
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import create_async_engine
 
+from gateway.settings import database_url
+from gateway_demo.client import Outcome, call_raw, routing_metadata
+from gateway_demo.generated import population_pb2
 from gateway_demo.runner import TEMPLATE, Runner
 
 MSP, DNIC = "UY/GOV/MSP/ss1", "UY/GOV/DNIC/ss1"
@@ -24,6 +34,102 @@ VACCINATION = "UY/GOV/MSP/clinics/vaccination/v1"
 GET_PERSON = "/demo.population.v1.PopulationRegistry/GetPerson"
 GET_RECORD = "/demo.vaccination.v1.VaccinationRegister/GetRecord"
 ECHO = "/demo.population.v1.PopulationRegistry/Echo"
+
+
+# ---- load ----------------------------------------------------------------------------------
+
+
+async def timed_calls(
+    runner: Runner,
+    seconds: float,
+    *,
+    callers: int = 8,
+    purpose: str = "healthcare-identification",
+    pause: float = 0.0,
+    during: Callable[[], Awaitable[None]] | None = None,
+) -> list[tuple[float, float, Outcome]]:
+    """(start, end, outcome) of the clinics' GetPerson calls through ss-msp, made by
+    `callers` concurrent callers for `seconds` (times from the start), with `during` run
+    beside them (a fault to inject)."""
+    request = population_pb2.GetPersonRequest(national_id="1.234.567-8").SerializeToString()
+    metadata = routing_metadata(client=CLINICS, service=POPULATION, purpose=purpose)
+    results: list[tuple[float, float, Outcome]] = []
+    begun = time.monotonic()
+    async with runner.consumer_channel(MSP, CLINICS) as channel:
+
+        async def caller() -> None:
+            while time.monotonic() - begun < seconds:
+                started = time.monotonic() - begun
+                outcome = await call_raw(channel, GET_PERSON, request, metadata, timeout=10)
+                results.append((started, time.monotonic() - begun, outcome))
+                if pause:
+                    await asyncio.sleep(pause)
+
+        async def nothing() -> None:
+            return None
+
+        await asyncio.gather((during or nothing)(), *(caller() for _ in range(callers)))
+    return results
+
+
+# ---- PostgreSQL databases of a test's own --------------------------------------------------
+
+
+def postgres_server() -> str:
+    """The async URL of the test PostgreSQL server (the variable may name this process's
+    own database; any database of the server takes CREATE and DROP DATABASE)."""
+    server = (
+        os.environ.get("GATEWAY_TEST_POSTGRES_SERVER") or os.environ["GATEWAY_TEST_POSTGRES_URL"]
+    )
+    return database_url(server, base=Path.cwd())
+
+
+async def postgres_admin(*statements: str) -> None:
+    """Run statements on the test PostgreSQL server, outside any transaction."""
+    engine = create_async_engine(postgres_server(), isolation_level="AUTOCOMMIT")
+    try:
+        async with engine.connect() as conn:
+            for statement in statements:
+                await conn.execute(sa.text(statement))
+    finally:
+        await engine.dispose()
+
+
+@contextmanager
+def postgres_database(prefix: str) -> Iterator[tuple[str, str]]:
+    """A new database on the test server, as (name, URL), dropped afterwards."""
+    name = f"{prefix}_{uuid.uuid4().hex[:16]}"
+    asyncio.run(postgres_admin(f'CREATE DATABASE "{name}"'))
+    try:
+        yield (
+            name,
+            make_url(postgres_server()).set(database=name).render_as_string(hide_password=False),
+        )
+    finally:
+        asyncio.run(postgres_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+async def postgres_rows(url: str, query: str) -> list[Any]:
+    """The rows a query returns from a database of the test server."""
+    engine = create_async_engine(database_url(url, base=Path.cwd()))
+    try:
+        async with engine.connect() as conn:
+            return list(await conn.execute(sa.text(query)))
+    finally:
+        await engine.dispose()
+
+
+async def close_database(name: str) -> None:
+    """As a database restart looks to its clients: every connection cut, new ones refused
+    (until `reopen_database`)."""
+    await postgres_admin(
+        f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false',
+        f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'",
+    )
+
+
+async def reopen_database(name: str) -> None:
+    await postgres_admin(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
 
 
 def template_with(tmp: Path, extra_agreements: list[dict[str, Any]]) -> Path:

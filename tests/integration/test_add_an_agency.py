@@ -118,39 +118,7 @@ def agency(instance: Runner, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
     # 2. the agency makes its keys and requests; 3. the CA signs them; 4. the agency imports
     agency = tmp_path / "mides"
-    requests, received = agency / "requests", agency / "received"
-    received.mkdir(parents=True)
-    gateway("pki", "csr", "--server", SERVER, "--out", str(requests))
-    gateway("pki", "csr", "--member", MEMBER, "--out", str(requests))
-    for flag, who, stem in (
-        ("--server", SERVER, "UY_GOV_MIDES_ss1"),
-        ("--member", MEMBER, "UY_GOV_MIDES"),
-    ):
-        certificate = received / f"{stem}.crt"
-        gateway(
-            "pki",
-            "sign",
-            "--dir",
-            str(instance.pki),
-            "--csr",
-            str(requests / f"{stem}.csr"),
-            "--out",
-            str(certificate),
-        )
-        gateway(
-            "pki",
-            "import",
-            flag,
-            who,
-            "--certificate",
-            str(certificate),
-            "--key",
-            str(requests / f"{stem}.key"),
-            "--ca",
-            str(instance.pki / "ca.crt"),
-            "--dir",
-            str(agency / "pki"),
-        )
+    certify_agency(instance, agency / "requests", agency / "received", agency / "pki")
 
     # 5. the agency submits its server; 6. the registry approves it
     provider = f"127.0.0.1:{reserve_port().getsockname()[1]}"
@@ -348,22 +316,7 @@ def test_renewal_under_load_fails_no_call_and_retires_the_old_certificate(
     with Load(agency.consumer) as load:
         # 1-3. new keys and requests, signed by the CA, checked and installed beside the old
         requests = folder / "requests-2027"
-        gateway("pki", "csr", "--server", SERVER, "--out", str(requests))
-        gateway("pki", "csr", "--member", MEMBER, "--out", str(requests))
-        for flag, who, stem in (
-            ("--server", SERVER, "UY_GOV_MIDES_ss1"),
-            ("--member", MEMBER, "UY_GOV_MIDES"),
-        ):
-            certificate = requests / f"{stem}.crt"
-            gateway(
-                "pki", "sign", "--dir", str(instance.pki), "--csr",
-                str(requests / f"{stem}.csr"), "--out", str(certificate),
-            )  # fmt: skip
-            gateway(
-                "pki", "import", flag, who, "--certificate", str(certificate),
-                "--key", str(requests / f"{stem}.key"), "--ca", str(instance.pki / "ca.crt"),
-                "--dir", str(folder / "pki-2027"),
-            )  # fmt: skip
+        certify_agency(instance, requests, requests, folder / "pki-2027")
         # 4. the agency registers the next authentication certificate; 5. it is approved
         renewed = json.loads(
             gateway(
@@ -467,6 +420,29 @@ async def call_with_old_certificate(
         key,
     ) as stream:
         return await stream.send(pb.Frame(correlation_id=1))
+
+
+def certify_agency(instance: Runner, requests: Path, received: Path, installed: Path) -> None:
+    """The agency makes the keys and requests of its server and member (`pki csr`), the
+    instance's CA signs them as an external CA would (`pki sign`), and the agency checks
+    and installs what came back (`pki import`)."""
+    gateway("pki", "csr", "--server", SERVER, "--out", str(requests))
+    gateway("pki", "csr", "--member", MEMBER, "--out", str(requests))
+    received.mkdir(parents=True, exist_ok=True)
+    for flag, who, stem in (
+        ("--server", SERVER, "UY_GOV_MIDES_ss1"),
+        ("--member", MEMBER, "UY_GOV_MIDES"),
+    ):
+        certificate = received / f"{stem}.crt"
+        gateway(
+            "pki", "sign", "--dir", str(instance.pki), "--csr", str(requests / f"{stem}.csr"),
+            "--out", str(certificate),
+        )  # fmt: skip
+        gateway(
+            "pki", "import", flag, who, "--certificate", str(certificate),
+            "--key", str(requests / f"{stem}.key"), "--ca", str(instance.pki / "ca.crt"),
+            "--dir", str(installed),
+        )  # fmt: skip
 
 
 def wait_ready(ready: Path, server: subprocess.Popen[bytes]) -> None:

@@ -15,14 +15,12 @@ from collections.abc import Iterator
 
 import pytest
 
-from gateway_demo.client import Outcome, call_raw, routing_metadata
-from gateway_demo.generated import population_pb2 as population
+from gateway_demo.client import Outcome
 from gateway_demo.runner import TEMPLATE, Runner
 
+from .conftest import timed_calls
+
 MSP, DNIC1, DNIC2 = "UY/GOV/MSP/ss1", "UY/GOV/DNIC/ss1", "UY/GOV/DNIC/ss2"
-CLIENT = "UY/GOV/MSP/clinics"
-SERVICE = "UY/GOV/DNIC/identity/population/v1"
-GET_PERSON = "/demo.population.v1.PopulationRegistry/GetPerson"
 SECOND_SERVER = f"""
 [[servers]]
 id = "{DNIC2}"
@@ -62,31 +60,20 @@ async def load(
     """(start, end, outcome) of calls from 8 callers for `seconds`, and, with
     `kill_after`, the DNIC server stopped after that many seconds (the one taking the
     calls then): killed, or with `drain` sent SIGTERM and waited for."""
-    request = population.GetPersonRequest(national_id="1.234.567-8").SerializeToString()
-    metadata = routing_metadata(client=CLIENT, service=SERVICE, purpose="benchmark")
-    results: list[tuple[float, float, Outcome]] = []
     killed: list[str] = []
     stopped_in: list[float] = []
     before = {s: len(provider_requests(runner, s)) for s in (DNIC1, DNIC2)}
-    begun = time.monotonic()
-    async with runner.consumer_channel(MSP, CLIENT) as channel:
 
-        async def caller() -> None:
-            while time.monotonic() - begun < seconds:
-                started = time.monotonic() - begun
-                outcome = await call_raw(channel, GET_PERSON, request, metadata, timeout=10)
-                results.append((started, time.monotonic() - begun, outcome))
+    async def killer() -> None:
+        if kill_after is not None:
+            await asyncio.sleep(kill_after)
+            busiest = max(before, key=lambda s: len(provider_requests(runner, s)) - before[s])
+            killed.append(busiest)
+            began = time.monotonic()
+            await asyncio.to_thread(runner.stop, runner.server_names[busiest], kill=not drain)
+            stopped_in.append(time.monotonic() - began)
 
-        async def killer() -> None:
-            if kill_after is not None:
-                await asyncio.sleep(kill_after)
-                busiest = max(before, key=lambda s: len(provider_requests(runner, s)) - before[s])
-                killed.append(busiest)
-                began = time.monotonic()
-                await asyncio.to_thread(runner.stop, runner.server_names[busiest], kill=not drain)
-                stopped_in.append(time.monotonic() - began)
-
-        await asyncio.gather(killer(), *(caller() for _ in range(8)))
+    results = await timed_calls(runner, seconds, purpose="benchmark", during=killer)
     if stopped_in:
         print(f"\n{killed[0]} stopped in {stopped_in[0]:.2f} s")
     return results, killed[0] if killed else None

@@ -14,22 +14,14 @@ import socket
 import subprocess
 import time
 import tomllib
-import uuid
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
-from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import create_async_engine
 
-from gateway.settings import database_url
-from gateway_demo.client import Outcome, call_raw, routing_metadata
-from gateway_demo.generated import population_pb2 as population
 from gateway_demo.runner import Runner
 
-from .conftest import CLINICS, DNIC, GET_PERSON, MSP, POPULATION, run_gateway
+from .conftest import DNIC, postgres_database, postgres_rows, run_gateway, timed_calls
 
 POSTGRES = os.environ.get("GATEWAY_TEST_POSTGRES_URL")
 HAPROXY = shutil.which("haproxy")
@@ -64,32 +56,15 @@ backend replicas
 """
 
 
-async def _admin(server_url: str, statement: str) -> None:
-    engine = create_async_engine(server_url, isolation_level="AUTOCOMMIT")
-    try:
-        async with engine.connect() as conn:
-            await conn.execute(sa.text(statement))
-    finally:
-        await engine.dispose()
-
-
 async def _chains(url: str) -> dict[str, list[str]]:
     """The message ids of the provider requests in each chain of the shared log."""
-    engine = create_async_engine(database_url(url, base=Path.cwd()))
-    try:
-        async with engine.connect() as conn:
-            rows = await conn.execute(
-                sa.text(
-                    "SELECT chain, message_id FROM message_log "
-                    "WHERE role = 'provider' AND kind = 'request'"
-                )
-            )
-            chains: dict[str, list[str]] = {}
-            for chain, message_id in rows:
-                chains.setdefault(chain, []).append(message_id)
-            return chains
-    finally:
-        await engine.dispose()
+    chains: dict[str, list[str]] = {}
+    for chain, message_id in await postgres_rows(
+        url,
+        "SELECT chain, message_id FROM message_log WHERE role = 'provider' AND kind = 'request'",
+    ):
+        chains.setdefault(chain, []).append(message_id)
+    return chains
 
 
 def _wait_for_port(address: str, seconds: float = 10.0) -> None:
@@ -108,45 +83,41 @@ def balanced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Runner,
     """The demo topology with ss-dnic as two replicas (chains dnic-a, dnic-b) behind
     HAProxy; yields the runner, the second replica's process name and the log's URL."""
     assert POSTGRES is not None and HAPROXY is not None
-    server_url = database_url(POSTGRES, base=Path.cwd())
-    name = f"balanced_test_{uuid.uuid4().hex[:16]}"
-    asyncio.run(_admin(server_url, f'CREATE DATABASE "{name}"'))
-    url = make_url(server_url).set(database=name).render_as_string(hide_password=False)
-    folder = tmp_path_factory.mktemp("balanced")
-    runner = Runner(folder / "run")
-    haproxy: subprocess.Popen[bytes] | None = None
-    try:
-        runner.prepare()
-        runner.set_log(DNIC, database=url, chain="dnic-a")
-        second = runner.add_replica(DNIC, "dnic-b", database=url)
-        first_address = runner.providers[DNIC]
-        second_address = tomllib.loads((runner.workdir / f"{second}.toml").read_text())["provider"][
-            "listen"
-        ]
-        frontend = runner.reserve_address()
-        # peers reach ss-dnic at the balancer's address
-        for server in runner.topology["servers"]:
-            if server["id"] == DNIC:
-                server["address"] = frontend
-        runner.write_topology()
-        config = folder / "haproxy.cfg"
-        config.write_text(
-            HAPROXY_CONFIG.format(frontend=frontend, a=first_address, b=second_address)
-        )
-        runner.start_all()
-        haproxy = subprocess.Popen(
-            [HAPROXY, "-f", str(config), "-db"],
-            stdout=subprocess.DEVNULL,
-            stderr=(folder / "haproxy.log").open("wb"),
-        )
-        _wait_for_port(frontend)
-        yield runner, second, url
-    finally:
-        if haproxy is not None:
-            haproxy.terminate()
-            haproxy.wait(10)
-        runner.close()
-        asyncio.run(_admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    with postgres_database("balanced_test") as (_, url):
+        folder = tmp_path_factory.mktemp("balanced")
+        runner = Runner(folder / "run")
+        haproxy: subprocess.Popen[bytes] | None = None
+        try:
+            runner.prepare()
+            runner.set_log(DNIC, database=url, chain="dnic-a")
+            second = runner.add_replica(DNIC, "dnic-b", database=url)
+            first_address = runner.providers[DNIC]
+            second_address = tomllib.loads((runner.workdir / f"{second}.toml").read_text())[
+                "provider"
+            ]["listen"]
+            frontend = runner.reserve_address()
+            # peers reach ss-dnic at the balancer's address
+            for server in runner.topology["servers"]:
+                if server["id"] == DNIC:
+                    server["address"] = frontend
+            runner.write_topology()
+            config = folder / "haproxy.cfg"
+            config.write_text(
+                HAPROXY_CONFIG.format(frontend=frontend, a=first_address, b=second_address)
+            )
+            runner.start_all()
+            haproxy = subprocess.Popen(
+                [HAPROXY, "-f", str(config), "-db"],
+                stdout=subprocess.DEVNULL,
+                stderr=(folder / "haproxy.log").open("wb"),
+            )
+            _wait_for_port(frontend)
+            yield runner, second, url
+        finally:
+            if haproxy is not None:
+                haproxy.terminate()
+                haproxy.wait(10)
+            runner.close()
 
 
 def test_a_replica_killed_behind_the_balancer_fails_only_calls_in_flight(
@@ -157,32 +128,15 @@ def test_a_replica_killed_behind_the_balancer_fails_only_calls_in_flight(
     kill_at, seconds = 1.5, 4.5
     killed: list[str] = []
 
-    async def scenario() -> list[tuple[float, Outcome]]:
-        request = population.GetPersonRequest(national_id="1.234.567-8").SerializeToString()
-        metadata = routing_metadata(
-            client=CLINICS, service=POPULATION, purpose="healthcare-identification"
-        )
-        results: list[tuple[float, Outcome]] = []
-        begun = time.monotonic()
-        async with runner.consumer_channel(MSP, CLINICS) as channel:
+    async def killer() -> None:
+        await asyncio.sleep(kill_at)
+        chains = await _chains(url)
+        busiest = max(processes, key=lambda c: len(chains.get(c, [])))
+        killed.append(busiest)
+        await asyncio.to_thread(runner.stop, processes[busiest], kill=True)
 
-            async def caller() -> None:
-                while time.monotonic() - begun < seconds:
-                    started = time.monotonic() - begun
-                    outcome = await call_raw(channel, GET_PERSON, request, metadata, timeout=10)
-                    results.append((started, outcome))
-
-            async def killer() -> None:
-                await asyncio.sleep(kill_at)
-                chains = await _chains(url)
-                busiest = max(processes, key=lambda c: len(chains.get(c, [])))
-                killed.append(busiest)
-                await asyncio.to_thread(runner.stop, processes[busiest], kill=True)
-
-            await asyncio.gather(killer(), *(caller() for _ in range(8)))
-        return results
-
-    results = asyncio.run(scenario())
+    timed = asyncio.run(timed_calls(runner, seconds, during=killer))
+    results = [(start, outcome) for start, _, outcome in timed]
     failed = [(s, o) for s, o in results if not o.ok]
     answered = [o for _, o in results if o.ok]
     print(

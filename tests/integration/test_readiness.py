@@ -16,7 +16,6 @@ import os
 import sqlite3
 import time
 import tomllib
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,19 +23,24 @@ from typing import Any
 import aiohttp
 import grpc
 import pytest
-import sqlalchemy as sa
 import tomli_w
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import create_async_engine
 
-from gateway.settings import database_url
 from gateway_demo.client import Outcome, call_raw, routing_metadata
 from gateway_demo.generated import population_pb2
 from gateway_demo.runner import Runner
 from security_server.message_log import PROBE_TIMEOUT_SECONDS
 
-from .conftest import CLINICS, GET_PERSON, MSP, POPULATION
+from .conftest import (
+    CLINICS,
+    GET_PERSON,
+    MSP,
+    POPULATION,
+    close_database,
+    postgres_database,
+    reopen_database,
+)
 
 VALIDITY, REFRESH = 4.0, 1.0
 FAILURE_PERIOD = 2.0
@@ -48,22 +52,6 @@ PERSON = population_pb2.GetPersonRequest(national_id="1.234.567-8").SerializeToS
 METADATA = routing_metadata(client=CLINICS, service=POPULATION, purpose="healthcare-identification")
 
 
-async def _execute(statements: list[str]) -> None:
-    """Run statements on the test PostgreSQL server (outside any transaction)."""
-    server = (
-        os.environ.get("GATEWAY_TEST_POSTGRES_SERVER") or os.environ["GATEWAY_TEST_POSTGRES_URL"]
-    )
-    engine = create_async_engine(
-        database_url(server, base=Path.cwd()), isolation_level="AUTOCOMMIT"
-    )
-    try:
-        async with engine.connect() as conn:
-            for statement in statements:
-                await conn.execute(sa.text(statement))
-    finally:
-        await engine.dispose()
-
-
 @pytest.fixture(scope="module")
 def registry_database() -> Iterator[str | None]:
     """A PostgreSQL database for the registry alone (dropped at the end), or None."""
@@ -71,12 +59,8 @@ def registry_database() -> Iterator[str | None]:
     if not url:
         yield None
         return
-    name = f"gateway_readiness_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    asyncio.run(_execute([f'CREATE DATABASE "{name}"']))
-    try:
+    with postgres_database(f"gateway_readiness_{os.getpid()}") as (name, _):
         yield name
-    finally:
-        asyncio.run(_execute([f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)']))
 
 
 @pytest.fixture(scope="module")
@@ -256,19 +240,13 @@ async def test_registry_database_unreachable(
         pytest.skip("GATEWAY_TEST_POSTGRES_URL is not set: the registry runs on SQLite")
     await ready_everywhere(runner, http)
     closed = time.monotonic()
-    await _execute(
-        [
-            f'ALTER DATABASE "{registry_database}" WITH ALLOW_CONNECTIONS false',
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            f"WHERE datname = '{registry_database}'",
-        ]
-    )
+    await close_database(registry_database)
     try:
         body, _ = await wait_readiness(runner, http, "registry", failed="database", seconds=10)
         took = time.monotonic() - closed
         print(f"\nregistry not ready {took:.2f} s after its database closed: {body['failed']}")
     finally:
-        await _execute([f'ALTER DATABASE "{registry_database}" WITH ALLOW_CONNECTIONS true'])
+        await reopen_database(registry_database)
     _, back = await wait_readiness(runner, http, "registry", failed=None, seconds=10)
     print(f"registry ready again {back:.2f} s after its database reopened")
     # the security servers, whose configuration may have expired meanwhile, follow

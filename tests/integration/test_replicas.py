@@ -13,19 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import os
-import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest
 import sqlalchemy as sa
 from cryptography.hazmat.primitives import serialization
-from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from gateway.envelope import decode_request
-from gateway.settings import database_url
 from gateway.v1 import exchange_pb2 as pb
 from gateway_demo.client import call_raw, routing_metadata
 from gateway_demo.generated import population_pb2 as population
@@ -33,7 +29,15 @@ from gateway_demo.runner import Runner
 from tests.integration.attacker import fetch_ocsp, open_stream, request_frame
 
 from .clinics import signed_request, signer_of
-from .conftest import CLINICS, DNIC, GET_PERSON, MSP, POPULATION, run_gateway
+from .conftest import (
+    CLINICS,
+    DNIC,
+    GET_PERSON,
+    MSP,
+    POPULATION,
+    postgres_database,
+    run_gateway,
+)
 
 POSTGRES = os.environ.get("GATEWAY_TEST_POSTGRES_URL")
 
@@ -42,40 +46,23 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-async def _create_database(server_url: str, name: str, *, drop: bool = False) -> None:
-    engine = create_async_engine(server_url, isolation_level="AUTOCOMMIT")
-    try:
-        async with engine.connect() as conn:
-            if drop:
-                await conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-            else:
-                await conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    finally:
-        await engine.dispose()
-
-
 @pytest.fixture(scope="module")
 def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Runner, str, str]]:
     """Two replicas of ss-msp (chains msp-a, msp-b) and two of ss-dnic (dnic-a, dnic-b)
     sharing one PostgreSQL log, in a database of this module's own; yields the runner, the
     second ss-msp replica's name and the database's URL."""
-    assert POSTGRES is not None
-    server_url = database_url(POSTGRES, base=Path.cwd())
-    name = f"replicas_test_{uuid.uuid4().hex[:16]}"
-    asyncio.run(_create_database(server_url, name))
-    url = make_url(server_url).set(database=name).render_as_string(hide_password=False)
-    runner = Runner(tmp_path_factory.mktemp("replicas") / "run")
-    try:
-        runner.prepare()
-        runner.set_log(MSP, database=url, chain="msp-a")
-        second = runner.add_replica(MSP, "msp-b", database=url)
-        runner.set_log(DNIC, database=url, chain="dnic-a")
-        runner.add_replica(DNIC, "dnic-b", database=url)
-        runner.start_all()
-        yield runner, second, url
-    finally:
-        runner.close()
-        asyncio.run(_create_database(server_url, name, drop=True))
+    with postgres_database("replicas_test") as (_, url):
+        runner = Runner(tmp_path_factory.mktemp("replicas") / "run")
+        try:
+            runner.prepare()
+            runner.set_log(MSP, database=url, chain="msp-a")
+            second = runner.add_replica(MSP, "msp-b", database=url)
+            runner.set_log(DNIC, database=url, chain="dnic-a")
+            runner.add_replica(DNIC, "dnic-b", database=url)
+            runner.start_all()
+            yield runner, second, url
+        finally:
+            runner.close()
 
 
 async def _load(

@@ -11,7 +11,6 @@ back, as a man in the middle or a misbehaving peer would.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -53,6 +52,7 @@ from gateway.records import LogRecord
 from gateway.replay import ReplayGuard
 from gateway.signing import EcdsaSigner
 from security_server.certificate_status import StatusChecker, der_sha256
+from security_server.node import evidence_of
 from tests.unit.conftest import NOW, build_ca, build_certificate
 
 INSTANCE = "UY"
@@ -67,6 +67,19 @@ POPULATION = ServiceId.parse("UY/GOV/DNIC/identity/population/v1")
 GET_PERSON = "/demo.population.v1.PopulationRegistry/GetPerson"
 PURPOSE = "healthcare-identification"
 AGREEMENT = "AGR-2026-0001"
+
+
+def agreement(**changes: object) -> Agreement:
+    """The clinics' agreement with the population registry, with `changes`."""
+    fields: dict[str, object] = {
+        "id": AGREEMENT,
+        "client": CLINICS,
+        "service": POPULATION,
+        "purposes": frozenset({PURPOSE}),
+        "valid_from": NOW - timedelta(days=30),
+        **changes,
+    }
+    return Agreement(**fields)  # type: ignore[arg-type]
 
 
 def ocsp_answer(
@@ -192,13 +205,17 @@ class HarnessNode:
         body_sha256: str,
         config: GlobalConfiguration,
     ) -> tuple[str | None, Evidence]:
-        _, ca_sha, ca_der = self.status.issuer(certificate, config)
-        kept = {certificate_sha256: ("certificate", certificate_der), ca_sha: ("ca", ca_der)}
-        staple_sha = None
-        if staple:
-            staple_sha = hashlib.sha256(staple).hexdigest()
-            kept[staple_sha] = ("ocsp", staple)
-        return staple_sha, kept
+        return evidence_of(
+            self.status,
+            False,
+            certificate,
+            certificate_der,
+            certificate_sha256,
+            staple,
+            body,
+            body_sha256,
+            config,
+        )
 
     def kinds(self) -> list[tuple[str, str | None]]:
         """(kind, error code) of each record logged, in order."""
@@ -235,15 +252,7 @@ class World:
         self.dnic_auth = build_certificate(self.ca, str(SS_DNIC), kind="auth")
         self.msp_sign = build_certificate(self.ca, str(MSP), kind="sign")
         self.dnic_sign = build_certificate(self.ca, str(DNIC), kind="sign")
-        self.agreements = agreements or [
-            Agreement(
-                id=AGREEMENT,
-                client=CLINICS,
-                service=POPULATION,
-                purposes=frozenset({PURPOSE}),
-                valid_from=NOW - timedelta(days=30),
-            )
-        ]
+        self.agreements = agreements or [agreement()]
         config = self.configuration()
         self.consumer = HarnessNode(
             server_id=SS_MSP,
@@ -398,3 +407,18 @@ def flip(data: bytes, at: int = -1) -> bytes:
 
 def altered(envelope: Envelope, **changes: bytes) -> Envelope:
     return replace(envelope, **changes)
+
+
+def resign(signer: EcdsaSigner, staple: bytes | None = None) -> Tamper:
+    """Sign an envelope in transit again with `signer`'s key, showing its certificate, with
+    `staple` as the OCSP answer about it (the envelope's own when None)."""
+
+    def tamper(envelope: Envelope) -> Envelope:
+        return replace(
+            envelope,
+            signature=signer.sign(envelope.header),
+            signer_certificate=signer.certificate_der,
+            signer_ocsp=envelope.signer_ocsp if staple is None else staple,
+        )
+
+    return tamper

@@ -11,7 +11,7 @@ from datetime import timedelta
 import pytest
 
 from gateway import canonical
-from gateway.agreements import Agreement, AgreementState, RateLimit
+from gateway.agreements import AgreementState, RateLimit
 from gateway.envelope import decode_request, decode_response
 from gateway.errors import Code, GatewayError
 from gateway.exchange import Envelope
@@ -26,9 +26,11 @@ from tests.unit.exchange_harness import (
     PURPOSE,
     SS_MSP,
     World,
+    agreement,
     altered,
     flip,
     ocsp_answer,
+    resign,
 )
 
 OK = [("request", None), ("response", None)]
@@ -95,19 +97,7 @@ def test_unverified_ids_are_recorded_as_claims(world: World) -> None:
 def test_an_agreement_out_of_force_stops_the_call_at_the_consumer(
     state: AgreementState, valid_until: object, code: Code
 ) -> None:
-    world = World(
-        agreements=[
-            Agreement(
-                id=AGREEMENT,
-                client=CLINICS,
-                service=POPULATION,
-                purposes=frozenset({PURPOSE}),
-                valid_from=NOW - timedelta(days=30),
-                valid_until=valid_until,  # type: ignore[arg-type]
-                state=state,
-            )
-        ]
-    )
+    world = World(agreements=[agreement(valid_until=valid_until, state=state)])
     assert world.call().code == code.value
 
 
@@ -134,18 +124,7 @@ def test_an_expired_configuration_refuses_calls(world: World) -> None:
 
 
 def test_the_rate_limit_of_an_agreement_is_counted_by_the_provider() -> None:
-    world = World(
-        agreements=[
-            Agreement(
-                id=AGREEMENT,
-                client=CLINICS,
-                service=POPULATION,
-                purposes=frozenset({PURPOSE}),
-                valid_from=NOW - timedelta(days=30),
-                rate_limit=RateLimit(requests=2, per_seconds=60),
-            )
-        ]
-    )
+    world = World(agreements=[agreement(rate_limit=RateLimit(requests=2, per_seconds=60))])
     codes = [world.call().code for _ in range(3)]
     assert codes == [None, None, Code.RATE_LIMITED.value]
     assert world.provider.kinds()[-1] == ("refusal", "rate_limited")
@@ -206,14 +185,8 @@ def test_a_stale_envelope_is_refused(world: World) -> None:
 def test_an_envelope_signed_by_another_member_is_refused(world: World) -> None:
     """ss-msp's stream carrying a request signed with DNIC's key for MSP's client."""
 
-    def resigned(envelope: Envelope) -> Envelope:
-        return altered(
-            envelope,
-            signature=world.dnic_sign.sign(envelope.header),
-            signer_certificate=world.dnic_sign.certificate_der,
-            signer_ocsp=world.provider.own_status.staple(world.dnic_sign.certificate_sha256),
-        )
-
+    staple = world.provider.own_status.staple(world.dnic_sign.certificate_sha256)
+    resigned = resign(world.dnic_sign, staple)
     assert world.call(request=resigned).code == Code.UNTRUSTED_SIGNER.value
 
 
@@ -221,14 +194,7 @@ def test_a_signing_certificate_of_another_ca_is_refused(world: World) -> None:
     rogue_ca = build_ca("Rogue CA")
     rogue = build_certificate(rogue_ca, str(MSP), kind="sign")
 
-    def resigned(envelope: Envelope) -> Envelope:
-        return altered(
-            envelope,
-            signature=rogue.sign(envelope.header),
-            signer_certificate=rogue.certificate_der,
-        )
-
-    assert world.call(request=resigned).code == Code.UNTRUSTED_SIGNER.value
+    assert world.call(request=resign(rogue)).code == Code.UNTRUSTED_SIGNER.value
 
 
 def test_an_unregistered_peer_is_refused(world: World) -> None:
@@ -326,15 +292,9 @@ def test_an_expired_signing_certificate_is_refused() -> None:
         not_after=NOW - timedelta(days=1),
     )
 
-    def resigned(envelope: Envelope) -> Envelope:
-        return altered(
-            envelope,
-            signature=lapsed.sign(envelope.header),
-            signer_certificate=lapsed.certificate_der,
-            signer_ocsp=ocsp_answer(lapsed.certificate, fresh.ca, fresh.now),
-        )
-
-    refused = fresh.call(request=resigned)
+    refused = fresh.call(
+        request=resign(lapsed, ocsp_answer(lapsed.certificate, fresh.ca, fresh.now))
+    )
     assert (refused.refused_by, refused.code) == ("provider", Code.UNTRUSTED_SIGNER.value)
     assert refused.error is not None and "is not valid at" in refused.error.message
 
@@ -372,15 +332,8 @@ def test_a_response_to_another_request_is_refused(world: World) -> None:
 
 
 def test_a_response_signed_by_the_client_member_is_refused(world: World) -> None:
-    def resigned(envelope: Envelope) -> Envelope:
-        return altered(
-            envelope,
-            signature=world.msp_sign.sign(envelope.header),
-            signer_certificate=world.msp_sign.certificate_der,
-            signer_ocsp=world.consumer.own_status.staple(world.msp_sign.certificate_sha256),
-        )
-
-    assert world.call(response=resigned).code == Code.UNTRUSTED_SIGNER.value
+    staple = world.consumer.own_status.staple(world.msp_sign.certificate_sha256)
+    assert world.call(response=resign(world.msp_sign, staple)).code == Code.UNTRUSTED_SIGNER.value
 
 
 def test_a_response_with_a_forged_status_is_refused(world: World) -> None:

@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives import serialization
 
+from certs import pki
+from certs.pki import Issued
 from gateway.configuration import (
     GlobalConfiguration,
     Member,
@@ -29,16 +30,7 @@ MEMBER = MemberId.parse("UY/GOV/MIDES")
 
 
 def write_pair(folder: Path, name: str, signer: EcdsaSigner) -> tuple[str, str]:
-    folder.mkdir(parents=True, exist_ok=True)
-    cert, key = folder / f"{name}.crt", folder / f"{name}.key"
-    cert.write_bytes(signer.certificate.public_bytes(serialization.Encoding.PEM))
-    key.write_bytes(
-        signer.key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    cert, key = pki.write_pair(folder, name, Issued(key=signer.key, certificate=signer.certificate))
     return str(cert), str(key)
 
 

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
-from cryptography.hazmat.primitives import serialization
 
-from certs.pki import issue
+from certs.pki import issue, write_pair
 from gateway.errors import ConfigFileError
 from gateway_ops.server import server_tls
 
@@ -27,15 +26,7 @@ def write(folder: Path, kind: str, issuer: object = None) -> tuple[Path, Path, o
         kind=kind,
         hosts=("127.0.0.1",),
     )
-    cert, key = folder / f"{kind}.crt", folder / f"{kind}.key"
-    cert.write_bytes(issued.certificate.public_bytes(serialization.Encoding.PEM))
-    key.write_bytes(
-        issued.key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    cert, key = write_pair(folder, kind, issued)
     return cert, key, issued
 
 
