@@ -103,8 +103,16 @@ class Runner:
         tracing: dict[str, Any] | None = None,
         trace_backends: bool = True,
         env: dict[str, str] | None = None,
+        registry_replicas: int = 1,
+        registry_database: str | None = None,
     ) -> None:
         self.workdir = workdir.resolve()
+        # registry processes over one database (more than one needs `registry_database`, a
+        # PostgreSQL URL): "registry", "registry-2", ...; the anchor names every one
+        if registry_replicas > 1 and not (registry_database or "").startswith("postgresql"):
+            raise ValueError("registry replicas need a PostgreSQL registry_database")
+        self.registry_replicas = registry_replicas
+        self.registry_database = registry_database
         # overrides of the servers' [ops] settings (metrics off, for the benchmark)
         self.ops = dict(ops or {})
         # the servers' [tracing] settings ({"otlp_endpoint": URL} turns it on); the sample
@@ -138,6 +146,8 @@ class Runner:
         self.topology: dict[str, Any] = {}
         self.registry_address = ""
         self.api_address = ""
+        # every registry process's (configuration, admin API) addresses, by process name
+        self.registries: dict[str, tuple[str, str]] = {}
         self.ocsp_address = ""
         self.tsa_address = ""
         self.consumers: dict[str, str] = {}  # server id -> consumer host:port
@@ -161,8 +171,10 @@ class Runner:
         for sub in ("run", "logs", "state"):
             (self.workdir / sub).mkdir(parents=True, exist_ok=True)
         topology = tomllib.loads(self.template.read_text())
-        self.registry_address = self.reserve_address()
-        self.api_address = self.reserve_address()
+        for number in range(1, self.registry_replicas + 1):
+            name = "registry" if number == 1 else f"registry-{number}"
+            self.registries[name] = (self.reserve_address(), self.reserve_address())
+        self.registry_address, self.api_address = self.registries["registry"]
         self.ocsp_address = self.reserve_address()
         self.tsa_address = self.reserve_address()
         for server in topology.get("servers", []):
@@ -184,7 +196,7 @@ class Runner:
             instance=instance,
             members=[MemberId.parse(m["id"]) for m in topology["members"]],
             servers=[SecurityServerId.parse(s["id"]) for s in topology["servers"]],
-            registry_addresses=[self.registry_address],
+            registry_addresses=[listen for listen, _ in self.registries.values()],
             now=datetime.now(UTC),
             local_clients={
                 SecurityServerId.parse(s["id"]): [SubsystemId.parse(x) for x in s["subsystems"]]
@@ -225,26 +237,30 @@ class Runner:
         os.replace(tmp, path)
 
     def _write_registry(self, instance: str) -> None:
-        settings = {
-            "instance": instance,
-            "listen": self.registry_address,
-            "database": str(self.workdir / "state" / "registry.db"),
-            "topology": str(self.workdir / "topology.toml"),
-            "ca_certificates": [str(self.pki / "ca.crt")],
-            "signing_certificate": str(self.pki / "configuration-signing.crt"),
-            "signing_key": str(self.pki / "configuration-signing.key"),
-            "validity_seconds": self.validity_seconds,
-            "refresh_seconds": self.refresh_seconds,
-            "api": {"listen": self.api_address, "token_key": str(self.pki / "registry-token.key")},
-            "policy": {
-                "registry_approval_required": self.registry_approval_required,
-                **({"outbound_approval_required": True} if self.outbound_approval_required else {}),
-            },
-        }
-        (self.workdir / "registry.toml").write_text(tomli_w.dumps(settings))
-        self.processes["registry"] = self._process(
-            "registry", ["registry", "serve", "--config", str(self.workdir / "registry.toml")]
-        )
+        for name, (listen, api) in self.registries.items():
+            settings = {
+                "instance": instance,
+                "listen": listen,
+                "database": self.registry_database or str(self.workdir / "state" / "registry.db"),
+                "topology": str(self.workdir / "topology.toml"),
+                "ca_certificates": [str(self.pki / "ca.crt")],
+                "signing_certificate": str(self.pki / "configuration-signing.crt"),
+                "signing_key": str(self.pki / "configuration-signing.key"),
+                "validity_seconds": self.validity_seconds,
+                "refresh_seconds": self.refresh_seconds,
+                "api": {"listen": api, "token_key": str(self.pki / "registry-token.key")},
+                "policy": {
+                    "registry_approval_required": self.registry_approval_required,
+                    **(
+                        {"outbound_approval_required": True}
+                        if self.outbound_approval_required
+                        else {}
+                    ),
+                },
+            }
+            path = self.workdir / f"{name}.toml"
+            path.write_text(tomli_w.dumps(settings))
+            self.processes[name] = self._process(name, ["registry", "serve", "--config", str(path)])
 
     def _write_server(self, server: dict[str, Any]) -> None:
         sid = server["id"]
@@ -460,8 +476,14 @@ class Runner:
 
     def start_all(self) -> None:
         order = [n for n in self.processes if n.startswith("backend-")]
-        order += ["ocsp", "tsa", "registry"] + [n for n in self.processes if n.startswith("ss-")]
+        order += ["ocsp", "tsa"]
         for name in order:
+            self.start(name)
+        for name in self.registries:  # replicas start together, as a deployment's would
+            self.launch(name)
+        for name in self.registries:
+            self.wait_ready(name)
+        for name in [n for n in self.processes if n.startswith("ss-")]:
             self.start(name)
 
     def stop(self, name: str, *, kill: bool = False, timeout: float = 10.0) -> None:
@@ -542,7 +564,7 @@ class Runner:
     def close(self) -> None:
         # the security servers and backends first, together; then the registry and the
         # trust services they may still talk to while shutting down
-        services = {"registry", "ocsp", "tsa"}
+        services = {*self.registries, "ocsp", "tsa"}
         self._stop_together([n for n in self.processes if n not in services])
         self._stop_together([n for n in self.processes if n in services])
         for reserved in self._reserved:

@@ -261,17 +261,20 @@ def _create_token_key(path: Path) -> ec.EllipticCurvePrivateKey:
         serialization.NoEncryption(),
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    # mkstemp creates the file with mode 0600, in the same directory so os.replace is atomic.
+    # mkstemp creates the file with mode 0600, in the same directory; os.link then names it
+    # only if no key is there yet: registry replicas starting together over a shared folder
+    # end up with one key (the first one linked), so each accepts the others' tokens
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(pem)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+        os.link(tmp, path)
+    except FileExistsError:
+        return load_or_create_token_key(path)
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
     log.info("token_key_created", path=str(path), kid=_key_id(key.public_key()))
     return key
 

@@ -11,6 +11,7 @@ too large. A 500 means a bug; it is logged with its traceback.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -25,6 +26,7 @@ from gateway.errors import GatewayError
 from gateway.identifiers import MemberId, SecurityServerId, ServiceId, SubsystemId
 from gateway.workflow import Action
 from gateway_ops.auth import AuthError, Principal, Role, TokenIssuer, TokenVerifier
+from gateway_ops.readiness import failure_reason
 from registry.checkpoints import CheckpointBook
 from registry.governance import (
     AdminError,
@@ -400,9 +402,29 @@ class AdminApi:
             if exc.status < 400:
                 raise
             return _error(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason)
-        except Exception:
+        except Exception as exc:
+            if not await self._database_answers():  # a restart, a failover: retry later
+                log.error(
+                    "admin_request_failed",
+                    method=request.method,
+                    path=request.path,
+                    error=failure_reason(exc),
+                    database="unavailable",
+                )
+                return _error(
+                    503,
+                    "database_unavailable",
+                    "the registry's database does not answer; nothing was changed, try again",
+                )
             log.exception("admin_request_failed", method=request.method, path=request.path)
             return _error(500, "internal_error", "the registry failed; see its log")
+
+    async def _database_answers(self) -> bool:
+        try:
+            await asyncio.wait_for(self.gov.store.ping(), timeout=2.0)
+        except Exception:  # whatever the request met
+            return False
+        return True
 
     @web.middleware
     async def _authenticate(self, request: web.Request, handler: Handler) -> web.StreamResponse:

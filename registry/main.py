@@ -40,7 +40,7 @@ from registry.api import AdminApi
 from registry.checkpoints import CheckpointBook, CheckpointRefused
 from registry.governance import AdminError, Governance
 from registry.metrics import RegistryMetrics
-from registry.publisher import Publisher, Version
+from registry.publisher import Publisher, Version, follow_notifications
 from registry.store import RegistryStore
 from registry.topology import load_topology
 
@@ -421,6 +421,12 @@ async def serve(
         await import_topology()
         await governance.expire_due()
         await publisher.publish()
+        # other registry processes on the same PostgreSQL database publish too
+        follower = (
+            asyncio.create_task(follow_notifications(publisher), name="configuration-follower")
+            if store.is_postgres
+            else None
+        )
         checkpoints = CheckpointBook(store, clock)
         issuer = token_issuer(settings, base)
         verifier = TokenVerifier(issuer=issuer, oidc=settings.api.oidc)
@@ -487,7 +493,7 @@ async def serve(
                         log.error("topology_reload_failed", error=str(exc))
                 try:
                     await governance.expire_due()
-                    await publisher.publish()
+                    await publisher.refresh(timedelta(seconds=settings.refresh_seconds))
                 except Exception:  # a database hiccup must not stop the registry
                     log.exception("refresh_failed")
         finally:
@@ -495,6 +501,8 @@ async def serve(
             await server.stop(grace=1.0)
             await runner.cleanup()
             prober.cancel()
+            if follower is not None:
+                follower.cancel()
             await ops.close()
     finally:
         if verifier is not None:

@@ -16,12 +16,20 @@ version's changed buckets are kept for the last `HISTORY` versions, so that a wa
 few versions behind gets a delta. The whole configuration in one signed document (format 1,
 for the `Fetch` and `Watch` of older servers and tools) is built only when asked for, once
 per version.
+
+Several registry processes may share one PostgreSQL database (README, *Registry
+replicas*): a version is built under the lock that excludes changes
+(`RegistryStore.publishing`), so it covers exactly the admin log entries up to the one it
+records; the others take it over as their notifications arrive (`follow`,
+`follow_notifications`) when what they read gives the same digests, and refresh only when
+no version is recent (`refresh`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import enum
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,10 +48,10 @@ from gateway.configuration import (
     sign_configuration,
 )
 from gateway.signing import Signer
-from gateway.timeutil import format_time
+from gateway.timeutil import format_time, parse_time
 from registry.metrics import RegistryMetrics, timer
 from registry.parts import BucketChange, Buckets, Catalogue, PartsBook, encode_catalogue
-from registry.store import Content, RegistryStore
+from registry.store import CONFIGURATION_CHANNEL, Content, RegistryStore, StoredVersion
 
 log = structlog.get_logger("registry.publisher")
 
@@ -63,6 +71,15 @@ class Version:
     catalogue_sha256: bytes
     # buckets whose digest changed since the version before
     changed: frozenset[int]
+
+
+class Mode(enum.Enum):
+    """Why a version is wanted: publish a new one; publish one unless a recent one can be
+    taken over (the periodic refresh); take over another process's newest one (follow)."""
+
+    PUBLISH = "publish"
+    REFRESH = "refresh"
+    FOLLOW = "follow"
 
 
 class Publisher:
@@ -108,34 +125,73 @@ class Publisher:
 
     async def publish(self) -> Version:
         """Publish a new version with what changed since the last one."""
+        version = await self._sync(Mode.PUBLISH)
+        assert version is not None
+        return version
+
+    async def refresh(self, period: timedelta) -> Version:
+        """Publish a new version unless another registry process published one less than
+        half of `period` ago that this one can take over (`follow`)."""
+        version = await self._sync(Mode.REFRESH, period / 2)
+        assert version is not None
+        return version
+
+    async def follow(self) -> Version | None:
+        """Take over the newest version another registry process stored, when it is newer
+        than this one's and the database is still at the admin log entry it covers; publish
+        a new version when a change was committed and not yet published (its process may
+        have died). None when there was nothing to do or the version cannot be taken over."""
+        return await self._sync(Mode.FOLLOW)
+
+    async def _sync(self, mode: Mode, fresh: timedelta = timedelta(0)) -> Version | None:
         async with self._lock:
             elapsed = timer()
-            catalogue, buckets, change, seq = await self._read_changes()
-            version = max(self.version, await self.store.last_version()) + 1
-            now = self.clock()
-            if buckets is not None:
-                root, changed = buckets.root(), frozenset(range(BUCKETS))
-            else:
-                root = self.book.buckets.root_with(change)
-                changed = frozenset(change.contents)
-            directory = build_directory(
-                instance=self.instance,
-                version=version,
-                generated_at=now,
-                expires_at=now + self.validity,
-                catalogue_sha256=catalogue.sha256,
-                agreements_root=root,
-            )
-            signed = sign_configuration(directory, self.signer)
-            await self.store.save_configuration(version, signed)
-            published = Version(
-                number=version,
-                directory=signed,
-                generated_at=now,
-                expires_at=now + self.validity,
-                catalogue_sha256=catalogue.sha256,
-                changed=changed,
-            )
+            async with self.store.publishing() as slot:
+                latest, now = slot.latest, self.clock()
+                # the newest stored version covers what the database holds now, and is
+                # recent enough to serve instead of a new one
+                takeable = (
+                    mode is not Mode.PUBLISH
+                    and latest is not None
+                    and latest.generated_at is not None
+                    and latest.admin_seq == slot.head_seq
+                    and (mode is Mode.FOLLOW or latest.generated_at > now - fresh)
+                )
+                if takeable and latest is not None and latest.number <= self.version:
+                    return None if mode is Mode.FOLLOW else self.current
+                catalogue, buckets, change, seq = await self._read_changes()
+                if buckets is not None:
+                    root, changed = buckets.root(), frozenset(range(BUCKETS))
+                else:
+                    root = self.book.buckets.root_with(change)
+                    changed = frozenset(change.contents)
+                published = None
+                if takeable and latest is not None:
+                    published = self._taken_over(latest, catalogue.sha256, root, changed)
+                    if published is None and mode is Mode.FOLLOW:
+                        return None  # logged; the next refresh publishes
+                how = "configuration_taken_over"
+                if published is None:
+                    how = "configuration_published"
+                    number = max(self.version, 0 if latest is None else latest.number) + 1
+                    directory = build_directory(
+                        instance=self.instance,
+                        version=number,
+                        generated_at=now,
+                        expires_at=now + self.validity,
+                        catalogue_sha256=catalogue.sha256,
+                        agreements_root=root,
+                    )
+                    signed = sign_configuration(directory, self.signer)
+                    await slot.save(number, signed, admin_seq=seq, generated_at=now)
+                    published = Version(
+                        number=number,
+                        directory=signed,
+                        generated_at=now,
+                        expires_at=now + self.validity,
+                        catalogue_sha256=catalogue.sha256,
+                        changed=changed,
+                    )
             # the parts, the version and its history change together, with no await in
             # between: a watch stream reads one version's parts in full
             self.book.catalogue = catalogue
@@ -144,25 +200,51 @@ class Publisher:
             else:
                 self.book.buckets.apply(change)
             self._admin_seq = seq
-            self.history[version] = published
+            self.history[published.number] = published
             while len(self.history) > HISTORY:
                 self.history.popitem(last=False)
-            self.version = version
+            self.version = published.number
             self.current = published
             self.expires_at = published.expires_at
             if self.metrics is not None:
                 states = await self.store.agreement_states()
-                self.metrics.published(version, elapsed(), states)
+                self.metrics.published(published.number, elapsed(), states)
         async with self._changed:
             self._changed.notify_all()
         log.info(
-            "configuration_published",
+            how,
             instance=self.instance,
-            version=version,
+            version=published.number,
             changed_buckets=len(changed),
             seconds=round(elapsed(), 3),
         )
         return published
+
+    def _taken_over(
+        self, latest: StoredVersion, catalogue_sha256: bytes, root: bytes, changed: frozenset[int]
+    ) -> Version | None:
+        """`latest` as this process's version when its content is what this process read
+        from the database; else None (logged: the processes' settings may differ)."""
+        doc = canonical.decode(latest.signed.content)
+        if (
+            doc.get("catalogue_sha256") != catalogue_sha256.hex()
+            or doc.get("agreements_root") != root.hex()
+        ):
+            log.error(
+                "configuration_not_taken_over",
+                version=latest.number,
+                reason="its content differs from what this registry process reads from the "
+                "database: do the replicas have the same settings (ca_certificates, policy)?",
+            )
+            return None
+        return Version(
+            number=latest.number,
+            directory=latest.signed,
+            generated_at=parse_time(doc["generated_at"]),
+            expires_at=parse_time(doc["expires_at"]),
+            catalogue_sha256=catalogue_sha256,
+            changed=changed,
+        )
 
     async def _read_changes(self) -> tuple[Catalogue, Buckets | None, BucketChange, int]:
         """What changed in the database since the book was last brought up to it: the
@@ -280,3 +362,53 @@ def without_expired_certificates(
             )
         )
     return tuple(kept), soonest
+
+
+async def follow_notifications(publisher: Publisher, *, retry_seconds: float = 1.0) -> None:
+    """Take over the versions other registry processes publish on the same PostgreSQL
+    database, as their notifications arrive (runs until cancelled).
+
+    The listening connection is opened apart from the store's pool. When it is lost (a
+    database restart), it is opened again every `retry_seconds`, and the newest version is
+    taken over at once, since notifications sent in between are lost. A refresh every
+    `refresh_seconds` bounds what a missed notification can delay.
+    """
+    import asyncpg  # PostgreSQL only
+
+    url = publisher.store.engine.url.set(drivername="postgresql")
+    dsn = url.render_as_string(hide_password=False)
+    # notification payloads; None when the listening connection closed
+    queue: asyncio.Queue[str | None] = asyncio.Queue()
+    while True:
+        connection: asyncpg.Connection | None = None
+        try:
+            while not queue.empty():  # left from a lost connection
+                queue.get_nowait()
+            connection = await asyncpg.connect(dsn, timeout=10)
+            connection.add_termination_listener(lambda _: queue.put_nowait(None))
+            await connection.add_listener(
+                CONFIGURATION_CHANNEL, lambda _c, _pid, _channel, payload: queue.put_nowait(payload)
+            )
+            await publisher.follow()  # what was published while not listening
+            while True:
+                payload = await queue.get()
+                if payload is None:
+                    raise ConnectionError("the listening connection was closed")
+                newest = int(payload)
+                while not queue.empty():  # a burst of versions: take the newest once
+                    more = queue.get_nowait()
+                    if more is None:
+                        raise ConnectionError("the listening connection was closed")
+                    newest = max(newest, int(more))
+                if newest > publisher.version:
+                    await publisher.follow()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # whatever a lost database shows
+            log.warning(
+                "configuration_notifications_lost", error=str(exc)[:300], retry=retry_seconds
+            )
+            await asyncio.sleep(retry_seconds)
+        finally:
+            if connection is not None and not connection.is_closed():
+                connection.terminate()

@@ -9,6 +9,14 @@ log's head (`SELECT ... FOR UPDATE`), so that several registry processes over on
 database still apply changes one at a time, each reading the state the previous one left.
 The same transaction appends the change's entries to the hash-chained admin log, so a
 change and its log entry are committed together or not at all.
+
+Publishing takes the same row lock (`RegistryStore.publishing()`): while a version is
+built from the database no change can commit, so a version covers exactly the admin log
+entries up to the one it names, and versions are numbered one after another whichever
+process publishes. The version's transaction sends a PostgreSQL notification on channel
+`gateway_configuration` when it commits; the other registry processes listen for it
+(`registry.publisher.follow_notifications`). Migrations run under an advisory lock, so
+replicas starting together migrate once.
 """
 
 from __future__ import annotations
@@ -201,7 +209,72 @@ configurations = sa.Table(
     sa.Column("content", sa.LargeBinary, nullable=False),
     sa.Column("signature", sa.LargeBinary, nullable=False),
     sa.Column("signer_certificate", sa.LargeBinary, nullable=False),
+    # the last admin log entry the version covers, and when it was generated (NULL on rows
+    # stored before migration 0005)
+    sa.Column("admin_seq", sa.BigInteger),
+    sa.Column("generated_at", sa.String(40)),
 )
+
+
+# PostgreSQL's notification channel for published versions (payload: the version number)
+CONFIGURATION_CHANNEL = "gateway_configuration"
+# the advisory lock key under which the schema is migrated
+MIGRATION_LOCK = "gateway-registry-migrations"
+
+
+@dataclass(frozen=True, slots=True)
+class StoredVersion:
+    """The newest configuration version in the database, as its publisher stored it."""
+
+    number: int
+    signed: SignedConfiguration
+    # None on versions stored before migration 0005
+    admin_seq: int | None
+    generated_at: datetime | None
+
+
+class PublishingSlot:
+    """The database's state while a version is built: the admin log's last entry, the newest
+    stored version, and how to store the next one."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        conn: AsyncConnection | None,
+        head_seq: int,
+        latest: StoredVersion | None,
+    ) -> None:
+        self._engine = engine
+        self._conn = conn
+        self.head_seq = head_seq
+        self.latest = latest
+
+    async def save(
+        self, version: int, signed: SignedConfiguration, *, admin_seq: int, generated_at: datetime
+    ) -> None:
+        """Store `version` (only the newest copy is kept: it carries the version counter on.
+        The content's history is the admin log, not copies of the whole configuration, which
+        at national scale are tens of MB each) and announce it."""
+        values = {
+            "version": version,
+            "content": signed.content,
+            "signature": signed.signature,
+            "signer_certificate": signed.signer_certificate,
+            "admin_seq": admin_seq,
+            "generated_at": format_time(generated_at),
+        }
+        if self._conn is None:  # SQLite: a short transaction of its own
+            async with self._engine.begin() as conn:
+                await self._store(conn, version, values)
+        else:
+            await self._store(self._conn, version, values)
+
+    @staticmethod
+    async def _store(conn: AsyncConnection, version: int, values: dict[str, Any]) -> None:
+        await conn.execute(configurations.insert().values(**values))
+        await conn.execute(configurations.delete().where(configurations.c.version < version))
+        if conn.dialect.name == "postgresql":  # delivered when the transaction commits
+            await conn.execute(sa.select(sa.func.pg_notify(CONFIGURATION_CHANNEL, str(version))))
 
 
 class ServerStatus:
@@ -386,6 +459,10 @@ class RegistryStore:
             Path(url.split("///", 1)[1]).parent.mkdir(parents=True, exist_ok=True)
         engine = create_async_engine(url)
         async with engine.begin() as conn:
+            if engine.dialect.name == "postgresql":  # replicas starting together migrate once
+                await conn.execute(
+                    sa.select(sa.func.pg_advisory_xact_lock(sa.func.hashtext(MIGRATION_LOCK)))
+                )
             await conn.run_sync(upgrade)
         return cls(engine)
 
@@ -423,6 +500,46 @@ class RegistryStore:
                     .where(admin_head.c.id == 1)
                     .values(next_seq=change.head.next_seq, last_hash=change.head.last_hash)
                 )
+
+    @asynccontextmanager
+    async def publishing(self) -> AsyncIterator[PublishingSlot]:
+        """A transaction in which no change commits (PostgreSQL: the admin log head's row
+        lock), with the admin log's last entry and the newest stored version. On SQLite (one
+        process) the version is stored in a transaction of its own."""
+        if not self.is_postgres:
+            async with self.engine.connect() as conn:
+                head, latest = await self._publishing_state(conn, lock=False)
+            yield PublishingSlot(self.engine, None, head, latest)
+            return
+        async with self.engine.begin() as conn:
+            head, latest = await self._publishing_state(conn, lock=True)
+            yield PublishingSlot(self.engine, conn, head, latest)
+
+    async def _publishing_state(
+        self, conn: AsyncConnection, *, lock: bool
+    ) -> tuple[int, StoredVersion | None]:
+        query = sa.select(admin_head.c.next_seq).where(admin_head.c.id == 1)
+        if lock:
+            query = query.with_for_update()
+        head = int((await conn.execute(query)).scalar_one()) - 1
+        row = (
+            await conn.execute(
+                sa.select(configurations).order_by(configurations.c.version.desc()).limit(1)
+            )
+        ).first()
+        latest = None
+        if row is not None:
+            latest = StoredVersion(
+                number=int(row.version),
+                signed=SignedConfiguration(
+                    content=bytes(row.content),
+                    signature=bytes(row.signature),
+                    signer_certificate=bytes(row.signer_certificate),
+                ),
+                admin_seq=None if row.admin_seq is None else int(row.admin_seq),
+                generated_at=None if row.generated_at is None else parse_time(row.generated_at),
+            )
+        return head, latest
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
@@ -555,18 +672,3 @@ class RegistryStore:
         async with self.engine.connect() as conn:
             value = (await conn.execute(sa.select(sa.func.max(configurations.c.version)))).scalar()
         return int(value or 0)
-
-    async def save_configuration(self, version: int, signed: SignedConfiguration) -> None:
-        async with self.engine.begin() as conn:
-            await conn.execute(
-                configurations.insert().values(
-                    version=version,
-                    content=signed.content,
-                    signature=signed.signature,
-                    signer_certificate=signed.signer_certificate,
-                )
-            )
-            # only the newest copy is kept: it carries the version counter on. The history
-            # of the content is the admin log (every change, hash-chained), not copies of
-            # the whole configuration, which at national scale are tens of MB each
-            await conn.execute(configurations.delete().where(configurations.c.version < version))

@@ -230,6 +230,10 @@ def test_the_kustomizations_build_into_valid_locked_down_resources(folder: str) 
         validate(doc)
     deployments = [d for d in docs if d["kind"] == "Deployment"]
     assert {d["metadata"]["name"] for d in deployments} == {"registry", "security-server"}
+    # registries coordinate over PostgreSQL: two, one kept through a node's drain
+    (registry,) = (d for d in deployments if d["metadata"]["name"] == "registry")
+    assert registry["spec"]["replicas"] >= 2
+    assert [d["spec"]["minAvailable"] for d in docs if d["kind"] == "PodDisruptionBudget"] == [1]
     for deployment in deployments:
         pod = deployment["spec"]["template"]["spec"]
         assert pod["securityContext"]["runAsNonRoot"] is True

@@ -747,9 +747,13 @@ async def test_a_backup_restores_into_an_empty_database_and_goes_on(
     versions go on from the last; a damaged backup, or a database that already holds a
     registry, is refused."""
     await registry.gov.add_member(REGISTRY, MemberId.parse("UY/GOV/BPS"), "BPS")
-    await registry.store.save_configuration(
-        41, SignedConfiguration(content=b"{}", signature=b"s", signer_certificate=b"c")
-    )
+    async with registry.store.publishing() as slot:
+        await slot.save(
+            41,
+            SignedConfiguration(content=b"{}", signature=b"s", signer_certificate=b"c"),
+            admin_seq=slot.head_seq,
+            generated_at=START,
+        )
     out = tmp_path / "registry-backup.zip"
     taken = await backup(registry.store, out, instance="UY", now=START)
     assert taken.configuration_version == 41 and taken.admin_entries > 0

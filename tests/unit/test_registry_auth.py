@@ -7,6 +7,7 @@ token here as expired, so the round trips also show that `now` is the reference 
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import hashlib
 import hmac
 import json
@@ -378,6 +379,16 @@ def test_load_or_create_token_key_creates_private_file_and_reloads(tmp_path: Pat
     assert list(path.parent.iterdir()) == [path]
     reloaded = load_or_create_token_key(path)
     assert reloaded.private_numbers() == created.private_numbers()
+
+
+def test_replicas_creating_the_token_key_together_end_with_one_key(tmp_path: Path) -> None:
+    """Registry replicas starting at once over one folder: every one of them loads the key
+    the first one wrote, so a token one issues is accepted by the others."""
+    path = tmp_path / "token-signing.key"
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        keys = list(pool.map(lambda _: load_or_create_token_key(path), range(16)))
+    assert len({k.private_numbers().private_value for k in keys}) == 1
+    assert list(tmp_path.iterdir()) == [path]  # no temporary file left
 
 
 def test_load_or_create_token_key_refuses_other_key_types(tmp_path: Path) -> None:
