@@ -333,6 +333,42 @@ def _registry_token(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _server_backup(ns: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from gateway_ops.runtime import run
+    from security_server.backup import BackupError, Summary, backup, restore
+
+    def shown(path: str) -> None:
+        print(f"  {path}", file=sys.stderr)
+
+    async def main() -> Summary:
+        return await backup(
+            ns.config,
+            ns.out,
+            now=datetime.now(UTC),
+            with_log=not ns.without_log,
+            progress=shown,
+        )
+
+    try:
+        if ns.action == "backup":
+            summary = run(main)
+            done = f"backup written to {ns.out}: {summary.files} files"
+        else:
+            summary = restore(ns.source, force=ns.force, progress=shown)
+            done = (
+                f"restored from {ns.source}: {summary.written} files written, "
+                f"{summary.unchanged} already there"
+            )
+    except BackupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    heads = ", ".join(f"{c} at record {seq}" for c, (seq, _) in sorted(summary.heads.items()))
+    print(f"{done}; message log {summary.log} ({heads or 'no record'})")
+    return 0
+
+
 def _registry_backup(ns: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
@@ -900,6 +936,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, required=True, help="security server settings TOML")
     p.add_argument("--ready-file", type=Path, help="write JSON here once listening")
     p.set_defaults(func=_server_serve)
+    what = (
+        "write a backup of a security server's state (settings, keys, configuration cache, "
+        "OCSP answers, a SQLite message log) to a zip file"
+    )
+    p = srv.add_parser("backup", help=what, description=what + "; see the README, Deploy.")
+    p.add_argument("--config", type=Path, required=True, help="security server settings TOML")
+    p.add_argument("--out", type=Path, required=True, help="the zip file to write (mode 0600)")
+    p.add_argument(
+        "--without-log",
+        action="store_true",
+        help="leave a SQLite message log out (archive it with `gateway audit archive`)",
+    )
+    p.set_defaults(func=_server_backup)
+    what = "put a security server's backup back where it was taken from (the server stopped)"
+    p = srv.add_parser("restore", help=what, description=what + "; see the README, Deploy.")
+    p.add_argument("--from", dest="source", type=Path, required=True, help="the backup")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace files that exist with other content, and a message log that ends "
+        "before the backup's",
+    )
+    p.set_defaults(func=_server_backup)
 
     aud = commands.add_parser("audit", help="auditor tools").add_subparsers(
         dest="action", required=True

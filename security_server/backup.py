@@ -1,0 +1,364 @@
+"""Backup and restore of a security server's state: `gateway server backup` and `restore`.
+
+A backup is one zip file holding:
+
+- the settings file, and every file the settings name (the anchor, the authentication and
+  signing certificates and keys, the pseudonym secret, TLS certificates and keys of the
+  consumer endpoint and auditor API, CA files), each under its absolute path;
+- the state folder (`server.state_dir`): the cached configurations and their parts, the
+  OCSP answers about the server's own certificates, the pseudonym secret when it lives
+  there; not the archive files (`gateway audit archive` writes and registers those);
+- a SQLite message log (with its time-stamp batches: the time-stamper's state), copied
+  consistently while the server runs (SQLite's online backup), unless `--without-log`. A
+  PostgreSQL log is backed up with PostgreSQL's own tools; the backup records its chains'
+  heads;
+- `manifest.json`: the format, the server, when it was taken, each file's path, size, mode
+  and SHA-256, and the head (last record and its hash) of every chain of the log.
+
+Restore checks every file against the manifest first, and refuses a file that exists with
+other content (unless forced) and a log that exists and ends before the backup's heads;
+then it writes each missing file atomically with its mode. Caches that exist (the
+configuration and OCSP answers, newer than the backup's) are kept. An existing log at or beyond
+the backup's heads is kept: a restore never takes records away. The restored server goes
+on with its log's chain where the log ends.
+
+The backup holds the server's private keys: keep it as the keys are kept (the file is
+written with mode 0600).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+import os
+import sqlite3
+import stat
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from gateway.settings import database_url
+from gateway.timeutil import format_time
+from gateway_ops.runtime import read_settings
+from security_server.settings import ServerSettings
+
+FORMAT = "gateway-server-backup/1"
+MANIFEST = "manifest.json"
+LOG_MEMBER = "log/messagelog.db"
+# SQLite's files beside a database: never copied as they stand
+_SQLITE_SIDE = ("-wal", "-shm", "-journal")
+
+
+class BackupError(Exception):
+    """A backup that cannot be taken, read or restored; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    files: int
+    # files restored, and files already there with the same content or caches already
+    # there (restore only)
+    written: int
+    unchanged: int
+    # chain -> (last seq, its hash hex)
+    heads: dict[str, tuple[int, str]]
+    # "included", "kept" (restore: an existing log at or beyond the backup), "restored",
+    # "postgresql" (not in the backup), "left out" (--without-log)
+    log: str
+
+
+def _named_files(value: Any) -> Iterator[Path]:
+    """Every path the settings name (a folder is not a file: state_dir is walked apart)."""
+    if isinstance(value, Path):
+        yield value
+    elif isinstance(value, tuple | list):
+        for item in value:
+            yield from _named_files(item)
+    elif isinstance(value, Mapping):  # the signing keys, by member
+        for item in value.values():
+            yield from _named_files(item)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for f in dataclasses.fields(value):
+            yield from _named_files(getattr(value, f.name))
+
+
+def _log_location(settings: ServerSettings, config: Path) -> tuple[str, Path | None]:
+    """The log's database URL and, for SQLite, its file."""
+    url = database_url(settings.log.database, base=config.resolve().parent)
+    if url.startswith("sqlite"):
+        return url, Path(url.split("///", 1)[1]).resolve()
+    return url, None
+
+
+def _archive_dir(settings: ServerSettings, config: Path) -> Path:
+    if settings.log.archive_dir:
+        return (config.resolve().parent / settings.log.archive_dir).resolve()
+    return (settings.server.state_dir / "archive").resolve()
+
+
+def _sqlite_heads(path: Path) -> dict[str, tuple[int, str]]:
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        rows = db.execute(
+            "SELECT chain, seq, hash FROM message_log AS m WHERE seq = "
+            "(SELECT MAX(seq) FROM message_log WHERE chain = m.chain)"
+        ).fetchall()
+    except sqlite3.Error as exc:
+        raise BackupError(f"cannot read the message log {path}: {exc}") from None
+    finally:
+        db.close()
+    return {str(chain): (int(seq), bytes(h).hex()) for chain, seq, h in rows}
+
+
+async def _postgres_heads(url: str) -> dict[str, tuple[int, str]]:
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as conn:
+            rows = await conn.execute(
+                sa.text(
+                    "SELECT DISTINCT ON (chain) chain, seq, hash FROM message_log "
+                    "ORDER BY chain, seq DESC"
+                )
+            )
+            return {str(r.chain): (int(r.seq), bytes(r.hash).hex()) for r in rows}
+    except sa.exc.SQLAlchemyError as exc:
+        raise BackupError(f"cannot read the message log's heads: {exc}") from None
+    finally:
+        await engine.dispose()
+
+
+def _entry(name: str, path: Path, data: bytes, mode: int, cache: bool = False) -> dict[str, Any]:
+    return {
+        "name": name,
+        # a cache (configuration, OCSP answers) that exists at restore is newer: kept
+        "cache": cache,
+        "path": str(path),
+        "size": len(data),
+        "mode": stat.S_IMODE(mode),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
+
+
+async def backup(
+    config: Path,
+    out: Path,
+    *,
+    now: datetime,
+    with_log: bool = True,
+    progress: Callable[[str], None] = lambda _: None,
+) -> Summary:
+    """Write a backup of the server whose settings file is `config` to `out` (mode 0600,
+    replaced atomically)."""
+    try:
+        settings = read_settings(ServerSettings, config)
+    except Exception as exc:  # whatever the settings file shows
+        raise BackupError(f"cannot read the settings {config}: {exc}") from None
+    url, log_file = _log_location(settings, config)
+    heads = await _postgres_heads(url) if log_file is None else None
+    return await asyncio.to_thread(
+        _write_backup, settings, config, out, now, log_file, heads, with_log, progress
+    )
+
+
+def _write_backup(
+    settings: ServerSettings,
+    config: Path,
+    out: Path,
+    now: datetime,
+    log_file: Path | None,
+    pg_heads: dict[str, tuple[int, str]] | None,
+    with_log: bool,
+    progress: Callable[[str], None],
+) -> Summary:
+    archive = _archive_dir(settings, config)
+    state = settings.server.state_dir.resolve()
+    sources: dict[Path, None] = {config.resolve(): None}
+    for path in _named_files(settings):
+        if path.resolve() != state and path.resolve().is_file():
+            sources[path.resolve()] = None
+    if state.is_dir():
+        for path in sorted(state.rglob("*")):
+            skip = path == log_file or (
+                log_file is not None and path.name in {log_file.name + s for s in _SQLITE_SIDE}
+            )
+            if path.is_file() and not skip and archive not in path.parents:
+                sources[path.resolve()] = None
+    entries: list[dict[str, Any]] = []
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)  # mode 0600 from mkstemp
+    tmp = Path(tmp_name)
+    try:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            for number, path in enumerate(sources):
+                try:
+                    data, mode = path.read_bytes(), path.stat().st_mode
+                except FileNotFoundError:  # a cache file replaced while walking: a cache
+                    continue
+                except OSError as exc:
+                    raise BackupError(f"cannot read {path}: {exc}") from None
+                name = f"files/{number:04d}/{path.name}"
+                zf.writestr(name, data)
+                cache = state in path.parents and (
+                    path.relative_to(state).parts[0].startswith("configuration")
+                    or path.relative_to(state).parts[0] == "ocsp"
+                )
+                entries.append(_entry(name, path, data, mode, cache))
+                progress(str(path))
+            if log_file is None:
+                assert pg_heads is not None
+                heads, how = pg_heads, "postgresql"
+            elif not with_log:
+                heads, how = _sqlite_heads(log_file), "left out"
+            else:
+                with tempfile.TemporaryDirectory(dir=out.parent) as folder:
+                    copy = Path(folder) / "messagelog.db"
+                    _sqlite_snapshot(log_file, copy)
+                    heads, how = _sqlite_heads(copy), "included"
+                    zf.write(copy, LOG_MEMBER)
+                    data = copy.read_bytes()
+                entries.append(_entry(LOG_MEMBER, log_file, data, 0o600))
+                progress(f"{log_file} (message log)")
+            manifest = {
+                "format": FORMAT,
+                "server": settings.server.id,
+                "taken_at": format_time(now),
+                "settings": str(config.resolve()),
+                "files": entries,
+                "log": {"kind": how, "chains": {c: list(h) for c, h in heads.items()}},
+            }
+            zf.writestr(MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
+        tmp.replace(out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return Summary(files=len(entries), written=0, unchanged=0, heads=heads, log=how)
+
+
+def _sqlite_snapshot(source: Path, target: Path) -> None:
+    """A consistent copy of a SQLite database another process may be writing."""
+    try:
+        src = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
+        dst = sqlite3.connect(target)
+        try:
+            src.backup(dst)
+        finally:
+            dst.close()
+            src.close()
+    except sqlite3.Error as exc:
+        raise BackupError(f"cannot copy the message log {source}: {exc}") from None
+
+
+def _read(path: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """The manifest and every file's content, each checked against its SHA-256 and size."""
+    try:
+        zf = zipfile.ZipFile(path)
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise BackupError(f"{path} is not a readable backup: {exc}") from None
+    with zf:
+        try:
+            manifest = json.loads(zf.read(MANIFEST))
+        except (KeyError, ValueError) as exc:
+            raise BackupError(f"{path} has no readable {MANIFEST}: {exc}") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise BackupError(f"{path} is not a security server backup of format {FORMAT}")
+        contents: dict[str, bytes] = {}
+        for entry in manifest["files"]:
+            try:
+                data = zf.read(entry["name"])
+            except (KeyError, zipfile.BadZipFile) as exc:
+                raise BackupError(f"the backup lacks {entry['name']}: {exc}") from None
+            if len(data) != entry["size"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+                raise BackupError(
+                    f"{entry['path']} in the backup does not match its SHA-256: the backup is "
+                    "damaged; nothing was restored"
+                )
+            contents[entry["name"]] = data
+    return manifest, contents
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def restore(
+    source: Path, *, force: bool = False, progress: Callable[[str], None] = lambda _: None
+) -> Summary:
+    """Put the files of a backup back where they were (see the module's description)."""
+    manifest, contents = _read(source)
+    wanted = {c: (int(h[0]), str(h[1])) for c, h in manifest["log"]["chains"].items()}
+    plan: list[tuple[Path, bytes, int, bool]] = []  # path, content, mode, is the log
+    conflicts: list[str] = []
+    unchanged = kept = 0
+    log_how = str(manifest["log"]["kind"])
+    for entry in manifest["files"]:
+        path = Path(PurePosixPath(entry["path"]))
+        data = contents[entry["name"]]
+        if entry["name"] == LOG_MEMBER:
+            if path.exists():
+                heads = _sqlite_heads(path)
+                behind = [c for c, (seq, _) in wanted.items() if heads.get(c, (0, ""))[0] < seq]
+                if behind and not force:
+                    conflicts.append(
+                        f"{path}: the message log there ends before the backup's "
+                        f"(chains {', '.join(sorted(behind))}); move it away to restore the "
+                        "backup's"
+                    )
+                elif not behind:
+                    log_how = "kept"
+                    continue
+            log_how = "restored"
+            plan.append((path, data, 0o600, True))
+            continue
+        if path.exists() and entry.get("cache"):
+            kept += 1
+            continue
+        if path.exists():
+            try:
+                same = path.read_bytes() == data
+            except OSError as exc:
+                raise BackupError(f"cannot read {path}: {exc}") from None
+            if same:
+                unchanged += 1
+                continue
+            if not force:
+                conflicts.append(f"{path}: exists with other content")
+                continue
+        plan.append((path, data, int(entry["mode"]), False))
+    if conflicts:
+        raise BackupError(
+            "nothing was restored; these would be replaced (--force replaces them):\n  "
+            + "\n  ".join(conflicts)
+        )
+    for path, data, mode, is_log in plan:
+        for side in _SQLITE_SIDE if is_log else ():  # of a log replaced (--force)
+            path.with_name(path.name + side).unlink(missing_ok=True)
+        _write(path, data, mode)
+        progress(str(path))
+    return Summary(
+        files=len(manifest["files"]),
+        written=len(plan),
+        unchanged=unchanged + kept,
+        heads=wanted,
+        log=log_how,
+    )
