@@ -1,5 +1,5 @@
 """A PostgreSQL outage under load: the population registry's security server logs to a
-PostgreSQL database of this module's own, which goes away for two seconds while the
+PostgreSQL database of this module's own, which goes away for ten seconds while the
 clinics call (every connection to it is cut and new ones are refused, as in a restart),
 then comes back. Calls that cannot be logged are refused with a code (fail closed:
 nothing answered unlogged), the server resumes by itself, and its chain verifies."""
@@ -50,7 +50,8 @@ def test_calls_are_refused_while_the_log_is_down_and_resume_after(
     outage: tuple[Runner, str, str],
 ) -> None:
     runner, name, url = outage
-    down_at, up_at, seconds = 1.0, 3.0, 6.0
+    # as issue 17 asks: the database away for 10 s under load
+    down_at, up_at, seconds = 1.0, 11.0, 14.0
 
     async def database() -> None:
         await asyncio.sleep(down_at)
@@ -73,9 +74,11 @@ def test_calls_are_refused_while_the_log_is_down_and_resume_after(
     assert [o for o in during if o.ok] == []
     # resumed by itself
     assert after and all(o.ok for o in after), [o for o in after if not o.ok][:3]
+    recovered = min(s for s, o in results if s > up_at and o.ok) - up_at
     print(
-        f"\noutage: {len(results)} calls, {len(refused)} refused while the database was "
-        f"down ({sorted({o.error or '' for o in refused})}), {len(after)} answered after"
+        f"\noutage of {up_at - down_at:.0f} s: {len(results)} calls, {len(refused)} refused "
+        f"while the database was down ({sorted({o.error or '' for o in refused})}), first "
+        f"call answered {recovered:.2f} s after it came back, {len(after)} answered after"
     )
     # every answered call is in the provider's log, and the chain verifies
     answered = {o.message_id for _, o in results if o.ok}

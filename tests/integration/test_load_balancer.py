@@ -1,9 +1,11 @@
 """Two replicas of the population registry's security server behind HAProxy (TCP mode:
-mutual TLS end to end), sharing one PostgreSQL log, each with its own chain. The
-registered address of ss-dnic is HAProxy's. Under load, the replica carrying the calls is
-killed (`kill -9`): only the calls in flight on it may fail, HAProxy sends the consumer's
-new stream to the other replica, no request reaches two backends (every message id in
-one chain only), every answered call is in a chain, and both chains verify."""
+mutual TLS end to end), sharing one PostgreSQL log, each with its own chain, and a second
+DNIC server hosting the same subsystem (its own SQLite log). The registered address of
+ss-dnic is HAProxy's. Under load, the second server is killed (`kill -9`), then the
+replica carrying the calls: only the calls in flight on each may fail, the consumer fails
+over to the balancer and HAProxy sends its new stream to the other replica, no request
+reaches two backends (every message id in one log only), every answered call is in a
+log, and every chain verifies."""
 
 from __future__ import annotations
 
@@ -19,9 +21,17 @@ from collections.abc import Iterator
 
 import pytest
 
-from gateway_demo.runner import Runner
+from gateway_demo.runner import TEMPLATE, Runner
 
-from .conftest import DNIC, postgres_database, postgres_rows, run_gateway, timed_calls
+from .conftest import (
+    DNIC,
+    audit_verify,
+    postgres_database,
+    postgres_rows,
+    query_log,
+    run_gateway,
+    timed_calls,
+)
 
 POSTGRES = os.environ.get("GATEWAY_TEST_POSTGRES_URL")
 HAPROXY = shutil.which("haproxy")
@@ -56,6 +66,16 @@ backend replicas
 """
 
 
+DNIC2 = "UY/GOV/DNIC/ss2"
+SECOND_SERVER = f"""
+[[servers]]
+id = "{DNIC2}"
+address = "127.0.0.1:7103"
+auth_certificate = "pki/auth/UY_GOV_DNIC_ss2.crt"
+subsystems = ["UY/GOV/DNIC/identity"]
+"""
+
+
 async def _chains(url: str) -> dict[str, list[str]]:
     """The message ids of the provider requests in each chain of the shared log."""
     chains: dict[str, list[str]] = {}
@@ -85,7 +105,9 @@ def balanced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Runner,
     assert POSTGRES is not None and HAPROXY is not None
     with postgres_database("balanced_test") as (_, url):
         folder = tmp_path_factory.mktemp("balanced")
-        runner = Runner(folder / "run")
+        template = folder / "topology.toml"
+        template.write_text(TEMPLATE.read_text() + SECOND_SERVER)
+        runner = Runner(folder / "run", template=template)
         haproxy: subprocess.Popen[bytes] | None = None
         try:
             runner.prepare()
@@ -120,37 +142,59 @@ def balanced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Runner,
             runner.close()
 
 
-def test_a_replica_killed_behind_the_balancer_fails_only_calls_in_flight(
+def second_server_requests(runner: Runner) -> list[str]:
+    """The message ids of the requests the second DNIC server logged (after a kill too)."""
+    rows = query_log(
+        runner.log_db(DNIC2),
+        "SELECT message_id FROM message_log WHERE role = 'provider' AND kind = 'request'",
+    )
+    return [r["message_id"] for r in rows]
+
+
+def test_a_server_and_a_replica_killed_under_load_fail_only_calls_in_flight(
     balanced: tuple[Runner, str, str],
 ) -> None:
     runner, second, url = balanced
     processes = {"dnic-a": runner.server_names[DNIC], "dnic-b": second}
-    kill_at, seconds = 1.5, 4.5
+    first_kill, second_kill, seconds = 1.5, 3.5, 6.0
     killed: list[str] = []
+    carried: dict[str, int] = {}
 
     async def killer() -> None:
-        await asyncio.sleep(kill_at)
+        await asyncio.sleep(first_kill)
+        carried[DNIC2] = len(second_server_requests(runner))
+        killed.append(runner.server_names[DNIC2])
+        await asyncio.to_thread(runner.stop, killed[-1], kill=True)
+        await asyncio.sleep(second_kill - first_kill)
         chains = await _chains(url)
         busiest = max(processes, key=lambda c: len(chains.get(c, [])))
-        killed.append(busiest)
+        carried[busiest] = len(chains.get(busiest, []))
+        killed.append(processes[busiest])
         await asyncio.to_thread(runner.stop, processes[busiest], kill=True)
 
     timed = asyncio.run(timed_calls(runner, seconds, during=killer))
     results = [(start, outcome) for start, _, outcome in timed]
     failed = [(s, o) for s, o in results if not o.ok]
     answered = [o for _, o in results if o.ok]
-    print(
-        f"\nbalanced: replica {killed[0]} killed; {len(results)} calls attempted, "
-        f"{len(failed)} failed, {len(answered)} answered"
-    )
-    assert all(s <= kill_at + 1.0 for s, _ in failed), failed[:3]
-    assert len(failed) <= 8
-    late = [o for s, o in results if s > kill_at + 1.5]
-    assert late and all(o.ok for o in late)
     chains = asyncio.run(_chains(url))
-    seen = Counter(m for ids in chains.values() for m in ids)
-    assert max(seen.values()) == 1  # no request reached two backends
-    assert {o.message_id for o in answered} <= set(seen)
+    seen = Counter([m for ids in chains.values() for m in ids] + second_server_requests(runner))
+    duplicated = sum(n - 1 for n in seen.values())
+    print(
+        f"\nkilled {killed[0]}, then replica {killed[1]} (requests carried before each kill: "
+        f"{carried}); {len(results)} calls attempted, {len(failed)} failed, "
+        f"{len(answered)} answered, {duplicated} delivered twice"
+    )
+    # only calls in flight at a kill fail: those begun just before one
+    assert all(
+        any(kill - 1.0 <= s <= kill + 1.0 for kill in (first_kill, second_kill)) for s, _ in failed
+    ), failed[:3]
+    assert len(failed) <= 16
+    late = [o for s, o in results if s > second_kill + 1.5]
+    assert late and all(o.ok for o in late)
+    assert duplicated == 0  # no request reached two backends
+    assert {o.message_id for o in answered} <= set(seen)  # every answer is in a log
     assert set(chains) == {"dnic-a", "dnic-b"}  # each replica served some
     done = run_gateway("audit", "verify", "--db", url, "--quiet", "--stamp-grace", "-1")
+    assert done.returncode == 0, done.stdout + done.stderr
+    done = audit_verify(runner.log_db(DNIC2), "--stamp-grace", "-1")
     assert done.returncode == 0, done.stdout + done.stderr
