@@ -397,7 +397,9 @@ def _registry_backup(ns: argparse.Namespace) -> int:
                 )
                 done = f"backup written to {ns.out}"
             else:
-                summary = await restore(store, ns.source, progress=shown)
+                summary = await restore(
+                    store, ns.source, progress=shown, skip_versions=ns.skip_versions
+                )
                 done = f"restored from {ns.source}"
         except BackupError as exc:
             print(f"error: {exc}", file=sys.stderr)
@@ -927,6 +929,15 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--out", type=Path, required=True, help="the zip file to write")
         else:
             p.add_argument("--from", dest="source", type=Path, required=True, help="the backup")
+            p.add_argument(
+                "--skip-versions",
+                type=int,
+                default=10_000,
+                metavar="N",
+                help="go on with the configuration's versions N past the backup's (default "
+                "10000: more than a registry publishes between a backup and its restore), so "
+                "that security servers take the restored registry's next version",
+            )
         p.set_defaults(func=_registry_backup)
 
     srv = commands.add_parser("server", help="a security server").add_subparsers(

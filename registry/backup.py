@@ -11,8 +11,10 @@ signing key and the token key are files the operator keeps (and backs up) apart.
 Restore checks every table's SHA-256 and count against the manifest, and that the
 manifest's schema revision is the database's (run by the same version of the gateway),
 then writes the rows into an empty database in one transaction, and verifies the admin
-log's chain. The restored registry goes on with the admin log's chain and the
-configuration's version sequence where the backup left them. A database that already
+log's chain. The restored registry goes on with the admin log's chain where the backup
+left it, and with the configuration's version sequence `SKIP_VERSIONS` (10,000) past the
+backup's (`--skip-versions`): the versions published after the backup was taken are not in
+it, and security servers take only versions newer than the one they hold. A database that already
 holds a registry is refused: restore never merges.
 """
 
@@ -36,9 +38,20 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from gateway.audit import ADMIN_LOG as ADMIN_LOG_FORMAT
 from gateway.audit import ChainBrokenError, ChainHead, verify_chain
 from gateway.timeutil import format_time
-from registry.store import RegistryStore, admin_head, admin_log, admin_record, metadata
+from registry.store import (
+    RegistryStore,
+    admin_head,
+    admin_log,
+    admin_record,
+    configurations,
+    metadata,
+)
 
 FORMAT = "gateway-registry-backup/1"
+# how far past the backup's version a restored registry's version counter goes on: further
+# than the versions a registry publishes between a backup and its restore (a change or a
+# refresh each), so that security servers, which take only newer versions, take its next
+SKIP_VERSIONS = 10_000
 MANIFEST = "manifest.json"
 
 
@@ -162,8 +175,14 @@ async def restore(
     path: Path,
     *,
     progress: Callable[[str, int], None] = lambda table, rows: None,
+    skip_versions: int = SKIP_VERSIONS,
 ) -> Summary:
-    """Restore a backup into the store's database, which must hold no registry yet."""
+    """Restore a backup into the store's database, which must hold no registry yet. The
+    configuration's version counter goes on `skip_versions` past the backup's, so that the
+    restored registry's next version is newer than any published after the backup was
+    taken (security servers take only newer versions)."""
+    if skip_versions < 0:
+        raise BackupError(f"skip_versions must not be negative, not {skip_versions}")
     manifest, rows = read_backup(path)
     async with store.engine.begin() as conn:
         revision = await conn.run_sync(_revision)
@@ -203,6 +222,10 @@ async def restore(
                             )
                         )
         await _verify_admin_log(conn)
+        # only the newest version is stored: it carries the counter on
+        await conn.execute(
+            configurations.update().values(version=configurations.c.version + skip_versions)
+        )
     return await _summary(store, {k: len(v) for k, v in rows.items()}, revision)
 
 

@@ -1,19 +1,43 @@
-"""Faults with real processes: backends, peers and the registry stopped, killed and restarted."""
+"""Faults with real processes: backends, peers and the registry stopped, killed and restarted.
+
+The tests that need no settings of their own share one topology (`shared`), each leaving
+it running as it found it; the last of them backs the registry and a server up, wipes
+them and restores them."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import shutil
+import subprocess
+import sys
 import time
+import tomllib
+import urllib.request
 import uuid
+import zipfile
 from collections.abc import Callable
+from pathlib import Path
 
 import grpc
+import pytest
 
 from gateway_demo.client import Outcome, call_raw, routing_metadata
 from gateway_demo.generated import population_pb2 as population
 from gateway_demo.runner import Runner
+from security_server.backup import restore
 
-from .conftest import CLINICS, DNIC, GET_PERSON, MSP, POPULATION, audit_verify, log_rows
+from .clinics import get_person
+from .conftest import (
+    CLINICS,
+    DNIC,
+    GET_PERSON,
+    MSP,
+    POPULATION,
+    audit_verify,
+    log_rows,
+    query_log,
+)
 
 PERSON = population.GetPersonRequest(national_id="1.234.567-8").SerializeToString()
 
@@ -43,11 +67,15 @@ async def until(predicate: Callable[[Outcome], bool], runner: Runner, seconds: f
         await asyncio.sleep(0.2)
 
 
-async def test_backend_down_gives_unavailable_and_is_logged(
-    make_runner: Callable[..., Runner],
-) -> None:
+@pytest.fixture(scope="module")
+def shared(make_runner: Callable[..., Runner]) -> Runner:
+    """The demo topology, shared by the tests below that restore what they stop."""
+    return make_runner()
+
+
+async def test_backend_down_gives_unavailable_and_is_logged(shared: Runner) -> None:
     """With the provider's backend stopped, the call fails UNAVAILABLE/backend_unavailable, logged on both sides."""
-    runner = make_runner()
+    runner = shared
     assert (await person(runner)).ok
     runner.stop("backend-population")
     message_id = uuid.uuid4().hex
@@ -67,9 +95,9 @@ async def test_backend_down_gives_unavailable_and_is_logged(
     assert (await until(lambda o: o.ok, runner, 10)).ok
 
 
-async def test_provider_server_down_then_back(make_runner: Callable[..., Runner]) -> None:
+async def test_provider_server_down_then_back(shared: Runner) -> None:
     """With the provider's security server down the call fails provider_unavailable; it resumes after restart."""
-    runner = make_runner()
+    runner = shared
     assert (await person(runner)).ok
     runner.stop("ss-dnic", kill=True)
     outcome = await person(runner)
@@ -98,20 +126,21 @@ async def test_registry_down_cached_then_expired_then_resumes(
 
 
 async def test_server_restarts_from_cached_configuration_while_registry_is_down(
-    make_runner: Callable[..., Runner],
+    shared: Runner,
 ) -> None:
     """A security server restarted while the registry is down starts from its configuration on disk."""
-    runner = make_runner()
+    runner = shared
     assert (await person(runner)).ok
     runner.stop("registry", kill=True)
     runner.stop("ss-msp")
     runner.start("ss-msp")
     assert (await person(runner)).ok
+    runner.start("registry")
 
 
-async def test_provider_killed_under_load_loses_nothing(make_runner: Callable[..., Runner]) -> None:
+async def test_provider_killed_under_load_loses_nothing(shared: Runner) -> None:
     """Killing the provider mid-load leaves both logs verifiable, and every answered call logged by it."""
-    runner = make_runner()
+    runner = shared
     stop, enough = asyncio.Event(), asyncio.Event()
     answered: list[str] = []
 
@@ -152,3 +181,112 @@ async def test_calls_over_the_concurrency_limit_are_refused_with_a_code(
     }
     rows = log_rows(runner.log_db(MSP), refused[0].message_id or "")
     assert [(r["kind"], r["error_code"]) for r in rows] == [("refusal", "overloaded")]
+
+
+# ---- backup, wipe, restore (the last user of the shared topology) ----------------------
+
+
+def chain_head(db: Path) -> tuple[int, bytes]:
+    (row,) = query_log(db, "SELECT seq, hash FROM message_log ORDER BY seq DESC LIMIT 1")
+    return int(row["seq"]), bytes(row["hash"])
+
+
+async def answered(runner: Runner, calls: int) -> int:
+    """How many of `calls` GetPerson calls through ss-msp are answered."""
+    async with runner.consumer_channel(MSP) as channel:
+        outcomes = [await get_person(channel) for _ in range(calls)]
+    return sum(o.ok for o in outcomes)
+
+
+def gateway_at_once(*commands: list[str | Path]) -> list[str]:
+    """Run `gateway` commands side by side, as an operator's script would; their outputs
+    (each must succeed)."""
+    running = [
+        subprocess.Popen(
+            [sys.executable, "-m", "gateway_cli.main", *map(str, args)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for args in commands
+    ]
+    outputs = []
+    for process in running:
+        out, err = process.communicate(timeout=120)
+        assert process.returncode == 0, f"{process.args}: {err}"
+        outputs.append(out)
+    return outputs
+
+
+def test_backup_wipe_restore_and_resume(shared: Runner, tmp_path: Path) -> None:
+    """Backup, wipe, restore (issue 17): the registry and the population registry's
+    security server are backed up while they run (`gateway registry backup`, `gateway
+    server backup`), then lost with their machine (killed; the registry's database, the
+    server's settings, keys, state folder and SQLite log wiped), restored (`restore`) and
+    started again. They resume: the clinics' calls are answered, the server's log chain
+    goes on from the record the backup ended at and verifies, the admin log verifies, and
+    the configuration's versions go on past the last one."""
+    runner = shared
+    server = runner.server_names[DNIC]
+    assert asyncio.run(answered(runner, 5)) == 5
+    log_db = runner.log_db(DNIC)
+    settings_file = runner.workdir / f"{server}.toml"
+    settings = tomllib.loads(settings_file.read_text())
+    registry_settings = runner.workdir / "registry.toml"
+    version = runner.processes["registry"].ready["version"]
+    head = chain_head(log_db)
+
+    server_out, _ = gateway_at_once(
+        ["server", "backup", "--config", settings_file, "--out", tmp_path / "server.zip"],
+        ["registry", "backup", "--config", registry_settings, "--out", tmp_path / "registry.zip"],
+    )
+    assert f"message log included (main at record {head[0]})" in server_out
+    # the backup holds the keys: only its owner may read it
+    assert (tmp_path / "server.zip").stat().st_mode & 0o077 == 0
+    with zipfile.ZipFile(tmp_path / "server.zip") as zf:
+        listed = {f["path"] for f in json.loads(zf.read("manifest.json"))["files"]}
+    (signing,) = settings["signing"].values()
+    keys = {settings["provider"]["tls_key"], signing["key"]}
+    assert keys <= listed
+
+    # the machine is lost: the processes; the server's settings, keys, state and log; the
+    # registry's database
+    runner.stop(server, kill=True)
+    runner.stop("registry", kill=True)
+    wiped = [settings_file, *map(Path, keys), Path(settings["provider"]["tls_certificate"])]
+    for path in wiped:
+        path.unlink()
+    shutil.rmtree(settings["server"]["state_dir"])
+    assert not log_db.exists()
+    (runner.workdir / "state" / "registry.db").unlink()
+
+    server_out, _ = gateway_at_once(
+        ["server", "restore", "--from", tmp_path / "server.zip"],
+        ["registry", "restore", "--config", registry_settings, "--from", tmp_path / "registry.zip"],
+    )
+    assert "message log restored" in server_out
+    assert all(path.exists() for path in wiped)
+    assert chain_head(log_db) == head
+
+    # never an old number again: past every version published after the backup
+    assert runner.start("registry")["version"] > version + 1000
+    runner.start(server)
+    assert asyncio.run(answered(runner, 5)) == 5
+    seq, _ = chain_head(log_db)
+    assert seq > head[0]  # the chain went on from where the backup ended
+    (first,) = query_log(log_db, "SELECT prev_hash FROM message_log WHERE seq = ?", head[0] + 1)
+    assert bytes(first["prev_hash"]) == head[1]
+    verified = audit_verify(log_db)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    request = urllib.request.Request(
+        f"{runner.api_url}/v1/admin-log/verify",
+        headers={"Authorization": f"Bearer {runner.token('auditor')}"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert json.load(response)["verified"] is True
+
+    # a second restore over the newer state writes nothing: the newer log and caches stay
+    runner.stop(server, kill=True)
+    again = restore(tmp_path / "server.zip")
+    assert (again.written, again.log) == (0, "kept")
+    assert chain_head(log_db)[0] == seq

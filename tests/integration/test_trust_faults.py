@@ -76,6 +76,22 @@ def make_runner(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[.
         runner.close()
 
 
+@pytest.fixture(scope="module")
+def short_ocsp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runner]:
+    """A topology with short OCSP periods, shared by the staple test and then the revocation
+    of ss-msp's signing certificate, which ends what ss-msp can do (so it comes last)."""
+    runner = Runner(
+        tmp_path_factory.mktemp("trust") / "run",
+        ocsp={"refresh_seconds": OCSP_REFRESH, "freshness_seconds": OCSP_FRESHNESS},
+    )
+    try:
+        runner.prepare()
+        runner.start_all()
+        yield runner
+    finally:
+        runner.close()
+
+
 def tails(runner: Runner, *names: str) -> str:
     return "".join(f"\n--- {name} ---\n{runner.tail(name)}" for name in names)
 
@@ -451,14 +467,10 @@ def decode_id(envelope: pb.SignedEnvelope) -> str:
     return decode_request(envelope.header).message_id
 
 
-async def test_stale_and_missing_staples_are_refused_by_the_provider(
-    make_runner: Callable[..., Runner],
-) -> None:
+async def test_stale_and_missing_staples_are_refused_by_the_provider(short_ocsp: Runner) -> None:
     """Staples older than ocsp.freshness_seconds: certificate_status_stale, for the signer
     (envelope) and for the TLS peer (stream); no staple on the stream: certificate_status_invalid."""
-    runner = make_runner(
-        ocsp={"refresh_seconds": OCSP_REFRESH, "freshness_seconds": OCSP_FRESHNESS}
-    )
+    runner = short_ocsp
     keys = Pki.of(runner)
     old_sign, old_auth = keys.sign_status(), keys.auth_status()
     envelope, answer = await keys.send(auth_staple=old_auth, signer_staple=old_sign)
@@ -510,13 +522,11 @@ async def test_stale_and_missing_staples_are_refused_by_the_provider(
         assert (outcome := await person(channel)).ok, outcome
 
 
-async def test_revoked_signing_certificate(make_runner: Callable[..., Runner]) -> None:
+async def test_revoked_signing_certificate(short_ocsp: Runner) -> None:
     """After `gateway pki revoke` of ss-msp's signing certificate, ss-msp refuses its own
     calls with signer_certificate_revoked within freshness + refresh seconds, and ss-dnic
     refuses a request stapled with the revoked status on its own."""
-    runner = make_runner(
-        ocsp={"refresh_seconds": OCSP_REFRESH, "freshness_seconds": OCSP_FRESHNESS}
-    )
+    runner = short_ocsp
     keys = Pki.of(runner)
     async with runner.consumer_channel(MSP) as channel:
         assert (first := await person(channel)).ok, first
