@@ -213,7 +213,7 @@ def gateway_at_once(*commands: list[str | Path]) -> list[str]:
     outputs = []
     for process in running:
         out, err = process.communicate(timeout=120)
-        assert process.returncode == 0, f"{process.args}: {err}"
+        assert process.returncode == 0, f"{process.args!r}: {err}"
         outputs.append(out)
     return outputs
 
