@@ -1160,8 +1160,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gateway_ops.runtime import configure_logging, die_with_parent, private_umask
+    from gateway_ops.runtime import (
+        configure_logging,
+        die_with_parent,
+        private_umask,
+        tune_garbage_collector,
+    )
 
+    tune_garbage_collector()
     private_umask()
     die_with_parent()
     ns = build_parser().parse_args(argv)

@@ -4,6 +4,7 @@ ready files and settings files."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -129,8 +130,25 @@ def die_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+# the cyclic garbage collector's first threshold (allocations less deallocations between
+# collections of the youngest generation; CPython's default is 700). Importing the
+# project's libraries allocates hundreds of thousands of objects that live as long as the
+# process, and the default threshold collects over them hundreds of times: about a tenth
+# of the CPU a process spends starting, and a steady cost per call on the data path.
+GC_THRESHOLD = 20_000
+
+
+def tune_garbage_collector() -> None:
+    """Collect the youngest generation every GC_THRESHOLD allocations (see there), the older
+    ones at CPython's default ratios."""
+    gc.set_threshold(GC_THRESHOLD, 10, 10)
+
+
 def run(main: Callable[[], Awaitable[T]]) -> T:
-    """Run a coroutine on uvloop when it is installed, else on asyncio's loop."""
+    """Run a coroutine on uvloop when it is installed, else on asyncio's loop. What exists
+    by then (modules, settings, keys) lives as long as the process: it is moved out of the
+    collector's reach (`gc.freeze`), so collections no longer walk it."""
+    gc.freeze()
     try:
         import uvloop
 

@@ -47,6 +47,8 @@ LONGEST_FIRST = (
     "tests/integration/test_auditor_api.py",
     "tests/integration/test_federation_api.py",
     "tests/integration/test_failover.py",
+    "tests/integration/test_load_balancer.py",
+    "tests/integration/test_database_outage.py",
     "tests/integration/test_tracing.py",
 )
 

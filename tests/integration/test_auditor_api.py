@@ -636,98 +636,7 @@ def test_every_query_is_logged_with_its_outcome(world: World) -> None:
     assert any((r["purpose"] or "").startswith("kind=audit-query") for r in again)
 
 
-# ---- 8. tampering seen per result ------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tampered(make_runner: Callable[..., Runner]) -> tuple[Runner, list[Call]]:
-    """A separate topology with 4 allowed calls, whose live MSP log an attacker then edits:
-    the request of call 1 altered (hash left), the request of call 2 altered and re-hashed,
-    the request of call 3 deleted."""
-    runner = make_runner()
-    calls = asyncio.run(make_calls(runner, [(ALLOWED, None)] * 4))
-    db = runner.log_db(MSP)
-
-    def request(message_id: str) -> dict[str, Any]:
-        conn = sqlite3.connect(db)
-        try:
-            conn.row_factory = sqlite3.Row
-            row = conn.execute(
-                "SELECT * FROM message_log WHERE message_id = ? AND kind = 'request'",
-                (message_id,),
-            ).fetchone()
-            return dict(row)
-        finally:
-            conn.close()
-
-    altered, rehashed, deleted = (request(c.message_id) for c in calls[1:4])
-    rehashed["purpose"] = "marketing"
-    new_hash = record_hash(
-        rehashed["seq"], rehashed["prev_hash"], {k: rehashed[k] for k in RECORD_FIELDS}
-    )
-    tamper_sqlite(
-        db,
-        (
-            "UPDATE message_log SET purpose = 'marketing' WHERE chain = ? AND seq = ?",
-            (altered["chain"], altered["seq"]),
-        ),
-        (
-            "UPDATE message_log SET purpose = 'marketing', hash = ? WHERE chain = ? AND seq = ?",
-            (new_hash, rehashed["chain"], rehashed["seq"]),
-        ),
-        (
-            "DELETE FROM message_log WHERE chain = ? AND seq = ?",
-            (deleted["chain"], deleted["seq"]),
-        ),
-    )
-    return runner, calls
-
-
-def test_tampered_records_are_flagged_in_results(tampered: tuple[Runner, list[Call]]) -> None:
-    """On a live log edited behind the server's back, the API flags each result on its own:
-    an altered record as altered, the record after a re-hashed edit as not linking, the
-    record after a deleted one as missing its predecessor; untouched records still verify,
-    and the CLI's search exits 1."""
-    runner, calls = tampered
-    url = runner.auditor_url(MSP)
-    token = runner.token("auditor")
-
-    def records(call: Call) -> dict[str, dict[str, Any]]:
-        found = search(url, token, {"message_id": call.message_id})
-        return {r["kind"]: r for r in found}
-
-    intact = records(calls[0])
-    assert all(r["verified"] for r in intact.values()), intact
-
-    altered = records(calls[1])
-    assert altered["request"]["purpose"] == "marketing"
-    assert altered["request"]["verified"] is False
-    assert any("altered" in p for p in altered["request"]["problems"]), altered["request"]
-    assert altered["request"]["signature_status"] == "valid"  # the header was not touched
-    assert altered["response"]["verified"] is True  # its link to the stored hash holds
-
-    rehashed = records(calls[2])
-    assert rehashed["request"]["verified"] is True  # consistent on its own...
-    assert rehashed["request"]["purpose"] == "marketing"
-    follower = rehashed["response"]
-    assert follower["seq"] == rehashed["request"]["seq"] + 1, "the next record is not the response"
-    assert follower["verified"] is False
-    assert any("link" in p for p in follower["problems"]), follower  # ...but the next is not
-
-    deleted = records(calls[3])
-    assert set(deleted) == {"response"}
-    assert deleted["response"]["verified"] is False
-    assert any("missing" in p for p in deleted["response"]["problems"]), deleted["response"]
-
-    result = gateway(
-        "audit", "search", "--url", url, "--message-id", calls[1].message_id, token=token
-    )
-    assert result.returncode == 1, result
-    assert "NO: its content does not match" in result.stdout, result.stdout
-    assert "1 record(s) do NOT verify" in result.stderr
-
-
-# ---- 9. the command line ---------------------------------------------------------------------
+# ---- 8. the command line ---------------------------------------------------------------------
 
 
 def gateway(*args: str, token: str | None) -> subprocess.CompletedProcess[str]:
@@ -812,3 +721,94 @@ def test_cli_with_a_member_admin_token_is_forbidden(world: World) -> None:
     result = gateway("audit", "trace", "x", "--url", world.msp, "--url", world.dnic, token=token)
     assert result.returncode == 2, result
     assert "403" in result.stderr and "forbidden" in result.stderr
+
+
+# ---- 9. tampering seen per result (last: it edits the log) ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tampered(world: World) -> tuple[Runner, list[Call]]:
+    """4 more allowed calls in the topology, whose live MSP log an attacker then edits: the
+    request of call 1 altered (hash left), the request of call 2 altered and re-hashed, the
+    request of call 3 deleted. Last in this file: the other tests see an intact log."""
+    runner = world.runner
+    calls = asyncio.run(make_calls(runner, [(ALLOWED, None)] * 4))
+    db = runner.log_db(MSP)
+
+    def request(message_id: str) -> dict[str, Any]:
+        conn = sqlite3.connect(db)
+        try:
+            conn.row_factory = sqlite3.Row
+            row = conn.execute(
+                "SELECT * FROM message_log WHERE message_id = ? AND kind = 'request'",
+                (message_id,),
+            ).fetchone()
+            return dict(row)
+        finally:
+            conn.close()
+
+    altered, rehashed, deleted = (request(c.message_id) for c in calls[1:4])
+    rehashed["purpose"] = "marketing"
+    new_hash = record_hash(
+        rehashed["seq"], rehashed["prev_hash"], {k: rehashed[k] for k in RECORD_FIELDS}
+    )
+    tamper_sqlite(
+        db,
+        (
+            "UPDATE message_log SET purpose = 'marketing' WHERE chain = ? AND seq = ?",
+            (altered["chain"], altered["seq"]),
+        ),
+        (
+            "UPDATE message_log SET purpose = 'marketing', hash = ? WHERE chain = ? AND seq = ?",
+            (new_hash, rehashed["chain"], rehashed["seq"]),
+        ),
+        (
+            "DELETE FROM message_log WHERE chain = ? AND seq = ?",
+            (deleted["chain"], deleted["seq"]),
+        ),
+    )
+    return runner, calls
+
+
+def test_tampered_records_are_flagged_in_results(tampered: tuple[Runner, list[Call]]) -> None:
+    """On a live log edited behind the server's back, the API flags each result on its own:
+    an altered record as altered, the record after a re-hashed edit as not linking, the
+    record after a deleted one as missing its predecessor; untouched records still verify,
+    and the CLI's search exits 1."""
+    runner, calls = tampered
+    url = runner.auditor_url(MSP)
+    token = runner.token("auditor")
+
+    def records(call: Call) -> dict[str, dict[str, Any]]:
+        found = search(url, token, {"message_id": call.message_id})
+        return {r["kind"]: r for r in found}
+
+    intact = records(calls[0])
+    assert all(r["verified"] for r in intact.values()), intact
+
+    altered = records(calls[1])
+    assert altered["request"]["purpose"] == "marketing"
+    assert altered["request"]["verified"] is False
+    assert any("altered" in p for p in altered["request"]["problems"]), altered["request"]
+    assert altered["request"]["signature_status"] == "valid"  # the header was not touched
+    assert altered["response"]["verified"] is True  # its link to the stored hash holds
+
+    rehashed = records(calls[2])
+    assert rehashed["request"]["verified"] is True  # consistent on its own...
+    assert rehashed["request"]["purpose"] == "marketing"
+    follower = rehashed["response"]
+    assert follower["seq"] == rehashed["request"]["seq"] + 1, "the next record is not the response"
+    assert follower["verified"] is False
+    assert any("link" in p for p in follower["problems"]), follower  # ...but the next is not
+
+    deleted = records(calls[3])
+    assert set(deleted) == {"response"}
+    assert deleted["response"]["verified"] is False
+    assert any("missing" in p for p in deleted["response"]["problems"]), deleted["response"]
+
+    result = gateway(
+        "audit", "search", "--url", url, "--message-id", calls[1].message_id, token=token
+    )
+    assert result.returncode == 1, result
+    assert "NO: its content does not match" in result.stdout, result.stdout
+    assert "1 record(s) do NOT verify" in result.stderr

@@ -54,7 +54,8 @@ METADATA = routing_metadata(client=CLINICS, service=POPULATION, purpose=PURPOSE)
 
 STAMPING = {"interval_seconds": 0.2}
 # the outage lasts 2.5 s plus the TSA's restart, which takes seconds on a loaded machine
-SHORT_FAILURE_PERIOD = 10.0
+# (the test runs beside others): a period well above both
+SHORT_FAILURE_PERIOD = 30.0
 LONG_OUTAGE_FAILURE_PERIOD = 2.0
 OCSP_REFRESH, OCSP_FRESHNESS = 1.0, 4.0
 
@@ -248,7 +249,6 @@ def run_load(
     results.put(asyncio.run(load()))
 
 
-@pytest.mark.serial  # the outage, TSA restart included, must stay within the failure period
 def test_tsa_outage_shorter_than_failure_period_under_load(
     make_runner: Callable[..., Runner],
 ) -> None:
