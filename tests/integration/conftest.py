@@ -132,6 +132,18 @@ async def reopen_database(name: str) -> None:
     await postgres_admin(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
 
 
+# a second security server of DNIC hosting the population registry's subsystem, for the
+# failover and balancer tests (appended to the demo topology template)
+DNIC2 = "UY/GOV/DNIC/ss2"
+SECOND_DNIC_SERVER = f"""
+[[servers]]
+id = "{DNIC2}"
+address = "127.0.0.1:7103"
+auth_certificate = "pki/auth/UY_GOV_DNIC_ss2.crt"
+subsystems = ["UY/GOV/DNIC/identity"]
+"""
+
+
 def template_with(tmp: Path, extra_agreements: list[dict[str, Any]]) -> Path:
     """The demo topology with extra agreements, written to a new template file."""
     doc = tomllib.loads(TEMPLATE.read_text())

@@ -18,23 +18,16 @@ import pytest
 from gateway_demo.client import Outcome
 from gateway_demo.runner import TEMPLATE, Runner
 
-from .conftest import timed_calls
+from .conftest import DNIC2, SECOND_DNIC_SERVER, timed_calls
 
-MSP, DNIC1, DNIC2 = "UY/GOV/MSP/ss1", "UY/GOV/DNIC/ss1", "UY/GOV/DNIC/ss2"
-SECOND_SERVER = f"""
-[[servers]]
-id = "{DNIC2}"
-address = "127.0.0.1:7103"
-auth_certificate = "pki/auth/UY_GOV_DNIC_ss2.crt"
-subsystems = ["UY/GOV/DNIC/identity"]
-"""
+MSP, DNIC1 = "UY/GOV/MSP/ss1", "UY/GOV/DNIC/ss1"
 
 
 @pytest.fixture(scope="module")
 def runner(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runner]:
     folder = tmp_path_factory.mktemp("failover")
     template = folder / "topology.toml"
-    template.write_text(TEMPLATE.read_text() + SECOND_SERVER)
+    template.write_text(TEMPLATE.read_text() + SECOND_DNIC_SERVER)
     runner = Runner(folder / "run", template=template)
     try:
         runner.prepare()

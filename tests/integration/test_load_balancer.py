@@ -25,6 +25,8 @@ from gateway_demo.runner import TEMPLATE, Runner
 
 from .conftest import (
     DNIC,
+    DNIC2,
+    SECOND_DNIC_SERVER,
     audit_verify,
     postgres_database,
     postgres_rows,
@@ -66,16 +68,6 @@ backend replicas
 """
 
 
-DNIC2 = "UY/GOV/DNIC/ss2"
-SECOND_SERVER = f"""
-[[servers]]
-id = "{DNIC2}"
-address = "127.0.0.1:7103"
-auth_certificate = "pki/auth/UY_GOV_DNIC_ss2.crt"
-subsystems = ["UY/GOV/DNIC/identity"]
-"""
-
-
 async def _chains(url: str) -> dict[str, list[str]]:
     """The message ids of the provider requests in each chain of the shared log."""
     chains: dict[str, list[str]] = {}
@@ -106,7 +98,7 @@ def balanced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Runner,
     with postgres_database("balanced_test") as (_, url):
         folder = tmp_path_factory.mktemp("balanced")
         template = folder / "topology.toml"
-        template.write_text(TEMPLATE.read_text() + SECOND_SERVER)
+        template.write_text(TEMPLATE.read_text() + SECOND_DNIC_SERVER)
         runner = Runner(folder / "run", template=template)
         haproxy: subprocess.Popen[bytes] | None = None
         try:
