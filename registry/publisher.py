@@ -58,6 +58,9 @@ log = structlog.get_logger("registry.publisher")
 # versions whose changed buckets are remembered, for watchers that fell behind
 HISTORY = 1024
 NO_CHANGE = BucketChange(where={}, agreements={}, contents={})
+# a version another registry process stored this recently, covering what the database holds,
+# is served by a process asked to publish (it published the same change first)
+PUBLISH_TAKES_OVER = timedelta(seconds=5)
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,16 +149,27 @@ class Publisher:
     async def _sync(self, mode: Mode, fresh: timedelta = timedelta(0)) -> Version | None:
         async with self._lock:
             elapsed = timer()
+            if self.current is None and self._admin_seq < 0:
+                # the first reading of the whole database, outside the publishing lock: at
+                # national scale it takes seconds, which no change should wait for
+                catalogue, buckets, _, seq = await self._read_changes()
+                assert buckets is not None
+                self.book.catalogue, self.book.buckets, self._admin_seq = catalogue, buckets, seq
             async with self.store.publishing() as slot:
                 latest, now = slot.latest, self.clock()
-                # the newest stored version covers what the database holds now, and is
-                # recent enough to serve instead of a new one
+                if slot.head_seq < self._admin_seq:  # the database was restored: read it anew
+                    self._admin_seq = -1
+                # the newest stored version covers what the database holds now and is recent
+                # enough to serve instead of a new one (PUBLISH: another process has just
+                # published the change this one was asked to)
+                if mode is Mode.PUBLISH:
+                    fresh = PUBLISH_TAKES_OVER
                 takeable = (
-                    mode is not Mode.PUBLISH
-                    and latest is not None
+                    latest is not None
                     and latest.generated_at is not None
                     and latest.admin_seq == slot.head_seq
                     and (mode is Mode.FOLLOW or latest.generated_at > now - fresh)
+                    and (mode is not Mode.PUBLISH or latest.number > self.version)
                 )
                 if takeable and latest is not None and latest.number <= self.version:
                     return None if mode is Mode.FOLLOW else self.current
@@ -226,6 +240,8 @@ class Publisher:
         """`latest` as this process's version when its content is what this process read
         from the database; else None (logged: the processes' settings may differ)."""
         doc = canonical.decode(latest.signed.content)
+        if doc.get("version") != latest.number:  # renumbered by a restore: never served
+            return None
         if (
             doc.get("catalogue_sha256") != catalogue_sha256.hex()
             or doc.get("agreements_root") != root.hex()
