@@ -270,7 +270,15 @@ def _create_token_key(path: Path) -> ec.EllipticCurvePrivateKey:
             f.write(pem)
             f.flush()
             os.fsync(f.fileno())
-        os.link(tmp, path)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise
+        except OSError:  # a file system without hard links: create it exclusively instead
+            with open(path, "xb") as f:
+                f.write(pem)
+                f.flush()
+                os.fsync(f.fileno())
     except FileExistsError:
         return load_or_create_token_key(path)
     finally:

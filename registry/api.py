@@ -414,7 +414,8 @@ class AdminApi:
                 return _error(
                     503,
                     "database_unavailable",
-                    "the registry's database does not answer; nothing was changed, try again",
+                    "the registry's database does not answer, so the request was not carried "
+                    "out; try again later",
                 )
             log.exception("admin_request_failed", method=request.method, path=request.path)
             return _error(500, "internal_error", "the registry failed; see its log")

@@ -395,12 +395,22 @@ async def serve(
             metrics=metrics,
             max_message_bytes=settings.max_message_bytes,
         )
+
+        async def publish_after_change() -> None:
+            # the change is committed: a failure to publish it now must not fail the
+            # request (its client would try it again); the next refresh, or another registry
+            # process, publishes it
+            try:
+                await publisher.publish()
+            except Exception as exc:  # whatever the database or signing meets
+                log.error("publish_after_change_failed", error=failure_reason(exc))
+
         governance = Governance(
             store,
             instance=settings.instance,
             policy=Policy(registry_approval_required=settings.policy.registry_approval_required),
             clock=clock,
-            on_change=publisher.publish,
+            on_change=publish_after_change,
         )
 
         async def import_topology() -> None:

@@ -17,8 +17,12 @@ A backup is one zip file holding:
 
 Restore checks every file against the manifest first, and refuses a file that exists with
 other content (unless forced) and a log that exists and ends before the backup's heads;
-then it writes each missing file atomically with its mode. Caches that exist (the
-configuration and OCSP answers, newer than the backup's) are kept. An existing log at or beyond
+then it writes each missing file atomically with its permission bits (and, run as root,
+its owner). It writes only the backup's settings file, the files those settings name, the
+log and what lies in the state folder, whatever else a manifest names (a backup stored
+apart could be edited; its SHA-256s show damage, not tampering). Caches that exist (the
+configuration and OCSP answers, newer than the backup's) are kept, and so is an existing log
+that holds the backup's head record (same hash) or more. An existing log at or beyond
 the backup's heads is kept: a restore never takes records away. The restored server goes
 on with its log's chain where the log ends.
 
@@ -36,6 +40,7 @@ import os
 import sqlite3
 import stat
 import tempfile
+import tomllib
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -46,7 +51,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from gateway.settings import database_url
+from gateway.settings import database_url, load_settings
 from gateway.timeutil import format_time
 from gateway_ops.runtime import read_settings
 from security_server.settings import ServerSettings
@@ -136,9 +141,19 @@ async def _postgres_heads(url: str) -> dict[str, tuple[int, str]]:
         await engine.dispose()
 
 
-def _entry(name: str, path: Path, data: bytes, mode: int, cache: bool = False) -> dict[str, Any]:
+def _entry(
+    name: str,
+    path: Path,
+    data: bytes,
+    mode: int,
+    cache: bool = False,
+    owner: tuple[int, int] = (-1, -1),
+) -> dict[str, Any]:
     return {
         "name": name,
+        # the owner, restored when restore runs as root (a service user's keys stay its own)
+        "uid": owner[0],
+        "gid": owner[1],
         # a cache (configuration, OCSP answers) that exists at restore is newer: kept
         "cache": cache,
         "path": str(path),
@@ -201,7 +216,7 @@ def _write_backup(
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
             for number, path in enumerate(sources):
                 try:
-                    data, mode = path.read_bytes(), path.stat().st_mode
+                    data, info = path.read_bytes(), path.stat()
                 except FileNotFoundError:  # a cache file replaced while walking: a cache
                     continue
                 except OSError as exc:
@@ -212,7 +227,9 @@ def _write_backup(
                     path.relative_to(state).parts[0].startswith("configuration")
                     or path.relative_to(state).parts[0] == "ocsp"
                 )
-                entries.append(_entry(name, path, data, mode, cache))
+                entries.append(
+                    _entry(name, path, data, info.st_mode, cache, (info.st_uid, info.st_gid))
+                )
                 progress(str(path))
             if log_file is None:
                 assert pg_heads is not None
@@ -226,7 +243,10 @@ def _write_backup(
                     heads, how = _sqlite_heads(copy), "included"
                     zf.write(copy, LOG_MEMBER)
                     data = copy.read_bytes()
-                entries.append(_entry(LOG_MEMBER, log_file, data, 0o600))
+                info = log_file.stat()
+                entries.append(
+                    _entry(LOG_MEMBER, log_file, data, 0o600, owner=(info.st_uid, info.st_gid))
+                )
                 progress(f"{log_file} (message log)")
             manifest = {
                 "format": FORMAT,
@@ -286,7 +306,11 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
     return manifest, contents
 
 
-def _write(path: Path, data: bytes, mode: int) -> None:
+def _write(
+    path: Path, data: bytes, mode: int, owner: tuple[int, int], before_replace: Callable[[], None]
+) -> None:
+    """Write `data` beside `path` and rename it into place, with `mode` (permission bits
+    only) and, when running as root, `owner`."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -294,11 +318,55 @@ def _write(path: Path, data: bytes, mode: int) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, mode)
+        os.chmod(tmp, mode & 0o777)
+        if os.geteuid() == 0 and min(owner) >= 0:
+            os.chown(tmp, *owner)
+        before_replace()
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _allowed(manifest: dict[str, Any], contents: dict[str, bytes]) -> Callable[[Path], bool]:
+    """Whether a path may be written: the backup's settings file, the files its settings
+    name, the message log and what lies in the state folder; nothing else, whatever the
+    manifest says (a backup stored apart could be edited)."""
+    settings_path = Path(manifest["settings"])
+    (entry,) = [e for e in manifest["files"] if e["path"] == str(settings_path)] or [None]
+    if entry is None or not settings_path.is_absolute():
+        raise BackupError("the backup does not hold its settings file")
+    try:
+        doc = tomllib.loads(contents[entry["name"]].decode())
+        settings = load_settings(ServerSettings, doc, base=settings_path.parent, env=os.environ)
+    except Exception as exc:  # whatever a damaged settings file shows
+        raise BackupError(f"the backup's settings file cannot be read: {exc}") from None
+    _, log_file = _log_location(settings, settings_path)
+    named = {settings_path, *(p.resolve() for p in _named_files(settings))}
+    if log_file is not None:
+        named.add(log_file)
+    state = settings.server.state_dir.resolve()
+
+    def allowed(path: Path) -> bool:
+        if not path.is_absolute() or ".." in path.parts:
+            return False
+        return path in named or state in path.parents
+
+    return allowed
+
+
+def _hash_at(path: Path, chain: str, seq: int) -> str | None:
+    """The hash (hex) of a log's record `seq` of `chain`, or None when it has none."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        row = db.execute(
+            "SELECT hash FROM message_log WHERE chain = ? AND seq = ?", (chain, seq)
+        ).fetchone()
+    except sqlite3.Error as exc:
+        raise BackupError(f"cannot read the message log {path}: {exc}") from None
+    finally:
+        db.close()
+    return None if row is None else bytes(row[0]).hex()
 
 
 def restore(
@@ -306,29 +374,48 @@ def restore(
 ) -> Summary:
     """Put the files of a backup back where they were (see the module's description)."""
     manifest, contents = _read(source)
+    allowed = _allowed(manifest, contents)
     wanted = {c: (int(h[0]), str(h[1])) for c, h in manifest["log"]["chains"].items()}
-    plan: list[tuple[Path, bytes, int, bool]] = []  # path, content, mode, is the log
+    # path, content, mode, owner, is the log
+    plan: list[tuple[Path, bytes, int, tuple[int, int], bool]] = []
     conflicts: list[str] = []
     unchanged = kept = 0
     log_how = str(manifest["log"]["kind"])
     for entry in manifest["files"]:
         path = Path(PurePosixPath(entry["path"]))
         data = contents[entry["name"]]
+        owner = (int(entry.get("uid", -1)), int(entry.get("gid", -1)))
+        if not allowed(path):
+            raise BackupError(
+                f"the backup names {entry['path']}, which is neither its settings file, a file "
+                "they name, the message log nor in the state folder: nothing was restored"
+            )
         if entry["name"] == LOG_MEMBER:
             if path.exists():
                 heads = _sqlite_heads(path)
                 behind = [c for c, (seq, _) in wanted.items() if heads.get(c, (0, ""))[0] < seq]
+                other = [
+                    c
+                    for c, (seq, digest) in wanted.items()
+                    if c not in behind and _hash_at(path, c, seq) != digest
+                ]
                 if behind and not force:
                     conflicts.append(
                         f"{path}: the message log there ends before the backup's "
                         f"(chains {', '.join(sorted(behind))}); move it away to restore the "
                         "backup's"
                     )
-                elif not behind:
+                elif other and not force:
+                    conflicts.append(
+                        f"{path}: the message log there has another history than the "
+                        f"backup's (chains {', '.join(sorted(other))}); move it away to "
+                        "restore the backup's"
+                    )
+                elif not behind and not other:
                     log_how = "kept"
                     continue
             log_how = "restored"
-            plan.append((path, data, 0o600, True))
+            plan.append((path, data, 0o600, owner, True))
             continue
         if path.exists() and entry.get("cache"):
             kept += 1
@@ -344,16 +431,21 @@ def restore(
             if not force:
                 conflicts.append(f"{path}: exists with other content")
                 continue
-        plan.append((path, data, int(entry["mode"]), False))
+        plan.append((path, data, int(entry["mode"]), owner, False))
     if conflicts:
         raise BackupError(
             "nothing was restored; these would be replaced (--force replaces them):\n  "
             + "\n  ".join(conflicts)
         )
-    for path, data, mode, is_log in plan:
-        for side in _SQLITE_SIDE if is_log else ():  # of a log replaced (--force)
-            path.with_name(path.name + side).unlink(missing_ok=True)
-        _write(path, data, mode)
+    for path, data, mode, owner, is_log in plan:
+
+        def drop_sides(path: Path = path, is_log: bool = is_log) -> None:
+            # the journal of a log being replaced (--force) belongs to the old one; dropped
+            # only once the new one is written in full beside it
+            for side in _SQLITE_SIDE if is_log else ():
+                path.with_name(path.name + side).unlink(missing_ok=True)
+
+        _write(path, data, mode, owner, drop_sides)
         progress(str(path))
     return Summary(
         files=len(manifest["files"]),

