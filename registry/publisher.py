@@ -127,7 +127,9 @@ class Publisher:
         self._certificate_expiry: datetime | None = None
 
     async def publish(self) -> Version:
-        """Publish a new version with what changed since the last one."""
+        """Publish a new version with what changed since the last one, unless another
+        registry process stored one covering the same admin log entry in the last
+        PUBLISH_TAKES_OVER (it published this change first): that one is served."""
         version = await self._sync(Mode.PUBLISH)
         assert version is not None
         return version
