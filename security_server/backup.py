@@ -37,6 +37,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import sqlite3
 import stat
 import tempfile
@@ -46,7 +47,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import IO, Any, BinaryIO
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -59,6 +60,8 @@ from security_server.settings import ServerSettings
 FORMAT = "gateway-server-backup/1"
 MANIFEST = "manifest.json"
 LOG_MEMBER = "log/messagelog.db"
+# bytes read at a time from a message log, which may be large
+CHUNK = 1 << 20
 # SQLite's files beside a database: never copied as they stand
 _SQLITE_SIDE = ("-wal", "-shm", "-journal")
 
@@ -242,11 +245,11 @@ def _write_backup(
                     _sqlite_snapshot(log_file, copy)
                     heads, how = _sqlite_heads(copy), "included"
                     zf.write(copy, LOG_MEMBER)
-                    data = copy.read_bytes()
+                    with copy.open("rb") as snapshot:
+                        size, digest = _digest(snapshot)
                 info = log_file.stat()
-                entries.append(
-                    _entry(LOG_MEMBER, log_file, data, 0o600, owner=(info.st_uid, info.st_gid))
-                )
+                entry = _entry(LOG_MEMBER, log_file, b"", 0o600, owner=(info.st_uid, info.st_gid))
+                entries.append({**entry, "size": size, "sha256": digest})
                 progress(f"{log_file} (message log)")
             manifest = {
                 "format": FORMAT,
@@ -278,8 +281,18 @@ def _sqlite_snapshot(source: Path, target: Path) -> None:
         raise BackupError(f"cannot copy the message log {source}: {exc}") from None
 
 
+def _digest(stream: IO[bytes]) -> tuple[int, str]:
+    """The size and SHA-256 (hex) of what a stream holds, read a chunk at a time."""
+    digest, size = hashlib.sha256(), 0
+    while chunk := stream.read(CHUNK):
+        digest.update(chunk)
+        size += len(chunk)
+    return size, digest.hexdigest()
+
+
 def _read(path: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
-    """The manifest and every file's content, each checked against its SHA-256 and size."""
+    """The manifest and every file's content but the message log's (which may be large: it
+    is read from the zip again when written), each checked against its SHA-256 and size."""
     try:
         zf = zipfile.ZipFile(path)
     except (OSError, zipfile.BadZipFile) as exc:
@@ -294,28 +307,37 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
         contents: dict[str, bytes] = {}
         for entry in manifest["files"]:
             try:
-                data = zf.read(entry["name"])
+                if entry["name"] == LOG_MEMBER:
+                    with zf.open(LOG_MEMBER) as member:
+                        size, digest = _digest(member)
+                else:
+                    data = zf.read(entry["name"])
+                    size, digest = len(data), hashlib.sha256(data).hexdigest()
+                    contents[entry["name"]] = data
             except (KeyError, zipfile.BadZipFile) as exc:
                 raise BackupError(f"the backup lacks {entry['name']}: {exc}") from None
-            if len(data) != entry["size"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            if size != entry["size"] or digest != entry["sha256"]:
                 raise BackupError(
                     f"{entry['path']} in the backup does not match its SHA-256: the backup is "
                     "damaged; nothing was restored"
                 )
-            contents[entry["name"]] = data
     return manifest, contents
 
 
 def _write(
-    path: Path, data: bytes, mode: int, owner: tuple[int, int], before_replace: Callable[[], None]
+    path: Path,
+    fill: Callable[[BinaryIO], None],
+    mode: int,
+    owner: tuple[int, int],
+    before_replace: Callable[[], None],
 ) -> None:
-    """Write `data` beside `path` and rename it into place, with `mode` (permission bits
-    only) and, when running as root, `owner`."""
+    """Write what `fill` writes beside `path` and rename it into place, with `mode`
+    (permission bits only) and, when running as root, `owner`."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            fill(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, mode & 0o777)
@@ -383,7 +405,7 @@ def restore(
     log_how = str(manifest["log"]["kind"])
     for entry in manifest["files"]:
         path = Path(PurePosixPath(entry["path"]))
-        data = contents[entry["name"]]
+        data = contents.get(entry["name"], b"")  # the log's is read when written
         owner = (int(entry.get("uid", -1)), int(entry.get("gid", -1)))
         if not allowed(path):
             raise BackupError(
@@ -445,7 +467,14 @@ def restore(
             for side in _SQLITE_SIDE if is_log else ():
                 path.with_name(path.name + side).unlink(missing_ok=True)
 
-        _write(path, data, mode, owner, drop_sides)
+        def fill(out: BinaryIO, data: bytes = data, is_log: bool = is_log) -> None:
+            if not is_log:
+                out.write(data)
+                return
+            with zipfile.ZipFile(source) as zf, zf.open(LOG_MEMBER) as member:
+                shutil.copyfileobj(member, out, CHUNK)
+
+        _write(path, fill, mode, owner, drop_sides)
         progress(str(path))
     return Summary(
         files=len(manifest["files"]),
