@@ -1,6 +1,6 @@
 """`gateway server backup` and `restore` on a server's files (no process): what a backup
 holds, and what a restore refuses before writing anything. The whole cycle with real
-processes is tests/integration/test_backup_restore.py."""
+processes is test_backup_wipe_restore_and_resume in tests/integration/test_faults.py."""
 
 from __future__ import annotations
 
