@@ -59,7 +59,7 @@ def test_calls_are_refused_while_the_log_is_down_and_resume_after(
         await asyncio.sleep(up_at - down_at)
         await reopen_database(name)
 
-    timed = asyncio.run(timed_calls(runner, seconds, callers=4, pause=0.01, during=database))
+    timed = asyncio.run(timed_calls(runner, seconds, callers=4, pause=0.05, during=database))
     results = [(start, outcome) for start, _, outcome in timed]
     before = [o for s, o in results if s < down_at - 0.2]
     during = [o for s, o in results if down_at + 0.3 < s < up_at]
