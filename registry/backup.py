@@ -38,6 +38,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from gateway.audit import ADMIN_LOG as ADMIN_LOG_FORMAT
 from gateway.audit import ChainBrokenError, ChainHead, verify_chain
 from gateway.timeutil import format_time
+from gateway_ops.runtime import BACKUP_MANIFEST as MANIFEST
+from gateway_ops.runtime import BackupFileError, opened_backup
 from registry.store import (
     RegistryStore,
     admin_head,
@@ -52,7 +54,6 @@ FORMAT = "gateway-registry-backup/1"
 # than the versions a registry publishes between a backup and its restore (a change or a
 # refresh each), so that security servers, which take only newer versions, take its next
 SKIP_VERSIONS = 10_000
-MANIFEST = "manifest.json"
 
 
 class BackupError(Exception):
@@ -133,41 +134,38 @@ def read_backup(path: Path) -> tuple[dict[str, Any], dict[str, list[dict[str, An
     """The manifest and every table's rows, each table checked against its SHA-256 and row
     count; `BackupError` naming what does not hold."""
     try:
-        archive = zipfile.ZipFile(path)
-    except (OSError, zipfile.BadZipFile) as exc:
-        raise BackupError(f"{path} is not a readable backup: {exc}") from None
-    with archive:
+        with opened_backup(path, FORMAT, "registry") as (archive, manifest):
+            return manifest, _rows(archive, manifest)
+    except BackupFileError as exc:
+        raise BackupError(str(exc)) from None
+
+
+def _rows(archive: zipfile.ZipFile, manifest: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for table in metadata.sorted_tables:
+        listed = manifest["tables"].get(table.name)
+        if listed is None:
+            raise BackupError(f"the backup lacks table {table.name}")
         try:
-            manifest = json.loads(archive.read(MANIFEST))
-        except (KeyError, ValueError) as exc:
-            raise BackupError(f"{path} has no readable {MANIFEST}: {exc}") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise BackupError(f"{path} is not a registry backup of format {FORMAT}")
-        rows: dict[str, list[dict[str, Any]]] = {}
-        for table in metadata.sorted_tables:
-            listed = manifest["tables"].get(table.name)
-            if listed is None:
-                raise BackupError(f"the backup lacks table {table.name}")
-            try:
-                data = archive.read(f"{table.name}.jsonl")
-            except KeyError:
-                raise BackupError(f"the backup lacks the file of table {table.name}") from None
-            if hashlib.sha256(data).hexdigest() != listed["sha256"]:
-                raise BackupError(
-                    f"table {table.name} does not match its SHA-256 in the manifest: the "
-                    "backup was altered or damaged"
-                )
-            docs = [
-                {k: _decode(v) for k, v in json.loads(line).items()}
-                for line in data.splitlines()
-                if line
-            ]
-            if len(docs) != listed["rows"]:
-                raise BackupError(
-                    f"table {table.name} holds {len(docs)} rows, the manifest says {listed['rows']}"
-                )
-            rows[table.name] = docs
-    return manifest, rows
+            data = archive.read(f"{table.name}.jsonl")
+        except KeyError:
+            raise BackupError(f"the backup lacks the file of table {table.name}") from None
+        if hashlib.sha256(data).hexdigest() != listed["sha256"]:
+            raise BackupError(
+                f"table {table.name} does not match its SHA-256 in the manifest: the "
+                "backup was altered or damaged"
+            )
+        docs = [
+            {k: _decode(v) for k, v in json.loads(line).items()}
+            for line in data.splitlines()
+            if line
+        ]
+        if len(docs) != listed["rows"]:
+            raise BackupError(
+                f"table {table.name} holds {len(docs)} rows, the manifest says {listed['rows']}"
+            )
+        rows[table.name] = docs
+    return rows
 
 
 async def restore(

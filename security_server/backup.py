@@ -54,11 +54,11 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from gateway.settings import database_url, load_settings
 from gateway.timeutil import format_time
-from gateway_ops.runtime import read_settings
+from gateway_ops.runtime import BACKUP_MANIFEST as MANIFEST
+from gateway_ops.runtime import BackupFileError, opened_backup, read_settings
 from security_server.settings import ServerSettings
 
 FORMAT = "gateway-server-backup/1"
-MANIFEST = "manifest.json"
 LOG_MEMBER = "log/messagelog.db"
 # bytes read at a time from a message log, which may be large
 CHUNK = 1 << 20
@@ -294,34 +294,33 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
     """The manifest and every file's content but the message log's (which may be large: it
     is read from the zip again when written), each checked against its SHA-256 and size."""
     try:
-        zf = zipfile.ZipFile(path)
-    except (OSError, zipfile.BadZipFile) as exc:
-        raise BackupError(f"{path} is not a readable backup: {exc}") from None
-    with zf:
+        with opened_backup(path, FORMAT, "security server") as (zf, manifest):
+            return manifest, _checked(zf, manifest)
+    except BackupFileError as exc:
+        raise BackupError(str(exc)) from None
+
+
+def _checked(zf: zipfile.ZipFile, manifest: dict[str, Any]) -> dict[str, bytes]:
+    """Every file's content but the message log's, each checked against its SHA-256 and
+    size."""
+    contents: dict[str, bytes] = {}
+    for entry in manifest["files"]:
         try:
-            manifest = json.loads(zf.read(MANIFEST))
-        except (KeyError, ValueError) as exc:
-            raise BackupError(f"{path} has no readable {MANIFEST}: {exc}") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise BackupError(f"{path} is not a security server backup of format {FORMAT}")
-        contents: dict[str, bytes] = {}
-        for entry in manifest["files"]:
-            try:
-                if entry["name"] == LOG_MEMBER:
-                    with zf.open(LOG_MEMBER) as member:
-                        size, digest = _digest(member)
-                else:
-                    data = zf.read(entry["name"])
-                    size, digest = len(data), hashlib.sha256(data).hexdigest()
-                    contents[entry["name"]] = data
-            except (KeyError, zipfile.BadZipFile) as exc:
-                raise BackupError(f"the backup lacks {entry['name']}: {exc}") from None
-            if size != entry["size"] or digest != entry["sha256"]:
-                raise BackupError(
-                    f"{entry['path']} in the backup does not match its SHA-256: the backup is "
-                    "damaged; nothing was restored"
-                )
-    return manifest, contents
+            if entry["name"] == LOG_MEMBER:
+                with zf.open(LOG_MEMBER) as member:
+                    size, digest = _digest(member)
+            else:
+                data = zf.read(entry["name"])
+                size, digest = len(data), hashlib.sha256(data).hexdigest()
+                contents[entry["name"]] = data
+        except (KeyError, zipfile.BadZipFile) as exc:
+            raise BackupError(f"the backup lacks {entry['name']}: {exc}") from None
+        if size != entry["size"] or digest != entry["sha256"]:
+            raise BackupError(
+                f"{entry['path']} in the backup does not match its SHA-256: the backup is "
+                "damaged; nothing was restored"
+            )
+    return contents
 
 
 def _write(
