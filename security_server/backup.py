@@ -12,8 +12,8 @@ A backup is one zip file holding:
   consistently while the server runs (SQLite's online backup), unless `--without-log`. A
   PostgreSQL log is backed up with PostgreSQL's own tools; the backup records its chains'
   heads;
-- `manifest.json`: the format, the server, when it was taken, each file's path, size, mode
-  and SHA-256, and the head (last record and its hash) of every chain of the log.
+- `manifest.json`: the format, the server, when it was taken, each file's path, size, mode,
+  owner and SHA-256, and the head (last record and its hash) of every chain of the log.
 
 Restore checks every file against the manifest first, and refuses a file that exists with
 other content (unless forced) and a log that exists and ends before the backup's heads;
@@ -22,9 +22,8 @@ its owner). It writes only the backup's settings file, the files those settings 
 log and what lies in the state folder, whatever else a manifest names (a backup stored
 apart could be edited; its SHA-256s show damage, not tampering). Caches that exist (the
 configuration and OCSP answers, newer than the backup's) are kept, and so is an existing log
-that holds the backup's head record (same hash) or more. An existing log at or beyond
-the backup's heads is kept: a restore never takes records away. The restored server goes
-on with its log's chain where the log ends.
+that holds the backup's head records (same hashes) and maybe more: a restore never takes
+records away. The restored server goes on with its log's chain where the log ends.
 
 The backup holds the server's private keys: keep it as the keys are kept (the file is
 written with mode 0600).
