@@ -241,7 +241,7 @@ def _write_backup(
             else:
                 with tempfile.TemporaryDirectory(dir=out.parent) as folder:
                     copy = Path(folder) / "messagelog.db"
-                    _sqlite_snapshot(log_file, copy)
+                    sqlite_snapshot(log_file, copy)
                     heads, how = _sqlite_heads(copy), "included"
                     zf.write(copy, LOG_MEMBER)
                     with copy.open("rb") as snapshot:
@@ -266,7 +266,7 @@ def _write_backup(
     return Summary(files=len(entries), written=0, unchanged=0, heads=heads, log=how)
 
 
-def _sqlite_snapshot(source: Path, target: Path) -> None:
+def sqlite_snapshot(source: Path, target: Path) -> None:
     """A consistent copy of a SQLite database another process may be writing."""
     try:
         src = sqlite3.connect(f"file:{source}?mode=ro", uri=True)

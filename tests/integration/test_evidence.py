@@ -26,6 +26,7 @@ import pytest
 from gateway_demo.client import call_raw, routing_metadata
 from gateway_demo.generated import population_pb2
 from gateway_demo.runner import Runner
+from security_server.backup import sqlite_snapshot
 
 from .conftest import audit_verify, run_gateway
 
@@ -334,16 +335,8 @@ def test_audit_verify_checks_the_time_stamps(exchange: tuple[Runner, str, Path])
 
 
 def _copy_log(runner: Runner, server: str, into: Path) -> Path:
-    """A consistent copy of a live SQLite log (through SQLite's backup API)."""
-    import sqlite3
-
-    source = sqlite3.connect(f"file:{runner.log_db(server)}?mode=ro", uri=True)
-    target = sqlite3.connect(into)
-    try:
-        source.backup(target)
-    finally:
-        source.close()
-        target.close()
+    """A consistent copy of a live SQLite log (as `gateway server backup` takes it)."""
+    sqlite_snapshot(runner.log_db(server), into)
     return into
 
 
