@@ -551,7 +551,7 @@ def run_scale_bench(
             flush=True,
         )
         for name in runner.processes:
-            if name.startswith("backend-") or name in ("ocsp", "tsa"):
+            if name.startswith("backend-") or name in runner.trust_services:
                 runner.start(name)
         began = time.monotonic()
         runner.start("registry", timeout=60.0 + 120.0 * scale)

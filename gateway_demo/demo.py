@@ -374,8 +374,13 @@ def run_demo(*, workdir: Path, keep_running: bool) -> int:
     # client certificates; the other agency's endpoint is plain gRPC on loopback
     # bodies are kept in the logs so that the evidence bundle of step 7 includes them
     # the servers' local policy allows exchanges with Argentina (steps 9 to 12)
+    # the CA's OCSP responder and TSA run as two processes, each with its operations port
     runner = Runner(
-        workdir, consumer_tls=frozenset({MSP}), store_bodies=True, federation_allowed=("AR",)
+        workdir,
+        consumer_tls=frozenset({MSP}),
+        store_bodies=True,
+        federation_allowed=("AR",),
+        separate_trust_services=True,
     )
     ar: Runner | None = None
     print(f"Interoperability gateway demo (workdir {runner.workdir})")

@@ -31,7 +31,9 @@ PURPOSE = "healthcare-identification"
 
 
 def start_ar(workdir: Path) -> Runner:
-    ar = Runner(workdir, template=TEMPLATE_AR, federation_allowed=("UY",))
+    ar = Runner(
+        workdir, template=TEMPLATE_AR, federation_allowed=("UY",), separate_trust_services=True
+    )
     ar.prepare()
     ar.start_all()
     for name, proc in ar.processes.items():

@@ -105,6 +105,7 @@ class Runner:
         env: dict[str, str] | None = None,
         registry_replicas: int = 1,
         registry_database: str | None = None,
+        separate_trust_services: bool = False,
     ) -> None:
         self.workdir = workdir.resolve()
         # registry processes over one database (more than one needs `registry_database`, a
@@ -112,6 +113,10 @@ class Runner:
         if registry_replicas > 1 and not (registry_database or "").startswith("postgresql"):
             raise ValueError("registry replicas need a PostgreSQL registry_database")
         self.registry_replicas = registry_replicas
+        # the CA's OCSP responder and TSA as one `pki serve` process named "trust" (a
+        # process less to start: the tests start dozens of topologies), or as two named
+        # "ocsp" and "tsa" that can be stopped one without the other
+        self.trust_services = ("ocsp", "tsa") if separate_trust_services else ("trust",)
         self.registry_database = registry_database
         # overrides of the servers' [ops] settings (metrics off, for the benchmark)
         self.ops = dict(ops or {})
@@ -205,13 +210,12 @@ class Runner:
             },
         )
         self._write_registry(instance)
-        # the CA's trust services: OCSP responder and time-stamping authority, one process each
-        for name, flag, address in (
-            ("ocsp", "--ocsp", self.ocsp_address),
-            ("tsa", "--tsa", self.tsa_address),
-        ):
+        # the CA's trust services: OCSP responder and time-stamping authority
+        flags = {"ocsp": ["--ocsp", self.ocsp_address], "tsa": ["--tsa", self.tsa_address]}
+        flags["trust"] = flags["ocsp"] + flags["tsa"]
+        for name in self.trust_services:
             self.processes[name] = self._process(
-                name, ["pki", "serve", "--dir", str(self.pki), flag, address]
+                name, ["pki", "serve", "--dir", str(self.pki), *flags[name]]
             )
         for server in topology["servers"]:
             self._write_server(server)
@@ -476,7 +480,7 @@ class Runner:
 
     def start_all(self) -> None:
         order = [n for n in self.processes if n.startswith("backend-")]
-        order += ["ocsp", "tsa"]
+        order += self.trust_services
         for name in order:
             self.start(name)
         for name in self.registries:  # replicas start together, as a deployment's would
@@ -564,7 +568,7 @@ class Runner:
     def close(self) -> None:
         # the security servers and backends first, together; then the registry and the
         # trust services they may still talk to while shutting down
-        services = {*self.registries, "ocsp", "tsa"}
+        services = {*self.registries, *self.trust_services}
         self._stop_together([n for n in self.processes if n not in services])
         self._stop_together([n for n in self.processes if n in services])
         for reserved in self._reserved:

@@ -207,7 +207,11 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     try:
         uy.prepare()
         # every call here is refused before a backend would be called: none is started
-        for name in ["ocsp", "tsa", "registry", *(n for n in uy.processes if n.startswith("ss-"))]:
+        for name in [
+            *uy.trust_services,
+            "registry",
+            *(n for n in uy.processes if n.startswith("ss-")),
+        ]:
             uy.start(name)
         anchor = Anchor(
             instance="AR",

@@ -89,7 +89,7 @@ def eventually(read: Callable[[], T], holds: Callable[[T], bool], what: str) -> 
 
 @pytest.fixture(scope="module")
 def runner(make_runner: Callable[..., Runner]) -> Runner:
-    return make_runner()
+    return make_runner(separate_trust_services=True)
 
 
 @pytest.fixture(scope="module")

@@ -148,7 +148,7 @@ def topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
             (pki / "ca.crt").read_bytes(),
         )
         provider.start()
-        for name in ("ocsp", "tsa", "registry", runner.server_names[MSP]):
+        for name in (*runner.trust_services, "registry", runner.server_names[MSP]):
             runner.start(name)
         yield Topology(
             runner=runner,

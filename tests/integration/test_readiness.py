@@ -72,6 +72,7 @@ def runner(
         validity_seconds=VALIDITY,
         refresh_seconds=REFRESH,
         timestamping={"interval_seconds": 0.2, "failure_period_seconds": FAILURE_PERIOD},
+        separate_trust_services=True,  # the TSA stops, not the OCSP responder
     ) as runner:
         runner.prepare()
         if registry_database is not None:
@@ -278,7 +279,7 @@ async def test_server_starting_without_a_configuration(
         assert status == 503, body
         assert "no global configuration" in body["failed"]["configuration"], body
         assert not runner.processes["ss-msp"].ready_path.exists()
-        for name in ("ocsp", "tsa", "registry"):
+        for name in (*runner.trust_services, "registry"):
             runner.start(name)
         runner.wait_ready("ss-msp")
         assert runner.ops_url("ss-msp") == f"http://{ops}"

@@ -31,6 +31,7 @@ def runner(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runner]:
     r = Runner(
         tmp_path_factory.mktemp("stamp-recovery"),
         timestamping={"interval_seconds": 0.2, "failure_period_seconds": 300},
+        separate_trust_services=True,  # the TSA stops, not the OCSP responder
     )
     try:
         r.prepare()

@@ -254,7 +254,10 @@ def test_tsa_outage_shorter_than_failure_period_under_load(
 ) -> None:
     """8 callers keep calling through a 2.5 s TSA outage: nothing fails, and the backlog of
     the outage is stamped by one token once the TSA is back, on both servers."""
-    runner = make_runner(timestamping={**STAMPING, "failure_period_seconds": SHORT_FAILURE_PERIOD})
+    runner = make_runner(
+        timestamping={**STAMPING, "failure_period_seconds": SHORT_FAILURE_PERIOD},
+        separate_trust_services=True,  # the TSA stops, not the OCSP responder
+    )
     spawn = multiprocessing.get_context("spawn")
     stop, ready = spawn.Event(), spawn.Event()
     results: multiprocessing.queues.Queue[list[Call]] = spawn.Queue()
@@ -319,7 +322,10 @@ async def test_tsa_outage_longer_than_failure_period_refuses_then_resumes(
     """Past the failure period calls are refused with timestamping_unavailable (logged);
     they resume by themselves once the TSA is back, and both logs end up stamped."""
     period = LONG_OUTAGE_FAILURE_PERIOD
-    runner = make_runner(timestamping={**STAMPING, "failure_period_seconds": period})
+    runner = make_runner(
+        timestamping={**STAMPING, "failure_period_seconds": period},
+        separate_trust_services=True,  # the TSA stops, not the OCSP responder
+    )
     async with runner.consumer_channel(MSP) as channel:
         assert (first := await person(channel)).ok, first
         wait_all_stamped(runner, 5)
