@@ -771,7 +771,16 @@ def _backend(ns: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+# the first argument of every command (`build_parser` builds only that one's part)
+COMMANDS = frozenset(
+    ("pki", "registry", "server", "audit", "admin", "demo", "bench", "demo-backend")
+)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line, or (`command`, the first argument) that command's part and
+    the plain groups: the audit API and admin commands import their clients, which a
+    `gateway server serve` process would otherwise load for nothing."""
     from cryptography import x509
 
     parser = argparse.ArgumentParser(prog="gateway", description="The interoperability gateway.")
@@ -1063,9 +1072,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-records", type=int, default=100_000, help="most records per archive file")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=_audit_archive)
-    from gateway_cli.audit import add_commands as add_audit_api_commands
+    if command in (None, "audit"):
+        from gateway_cli.audit import add_commands as add_audit_api_commands
 
-    add_audit_api_commands(aud)
+        add_audit_api_commands(aud)
     p = aud.add_parser("export", help="write the evidence bundle of one exchange (zip)")
     p.add_argument("--db", required=True, help="message log: SQLite file or database URL")
     p.add_argument("--message-id", required=True, help="the exchange's message id")
@@ -1080,13 +1090,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="the CA certificates (PEM) you trust; default: the bundle's own ca.pem",
     )
     p.set_defaults(func=_audit_verify_bundle)
-    from gateway_cli.verify import add_export_command
+    if command in (None, "audit"):
+        from gateway_cli.verify import add_export_command
 
-    add_export_command(aud)
+        add_export_command(aud)
+    if command in (None, "admin"):
+        from gateway_cli.admin import add_admin_commands
 
-    from gateway_cli.admin import add_admin_commands
-
-    add_admin_commands(commands)
+        add_admin_commands(commands)
 
     p = commands.add_parser("demo", help="run the demonstration topology")
     p.add_argument(
@@ -1160,6 +1171,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # structlog imports `rich`, when it is installed, to pretty-print exceptions in a
+    # terminal. Our processes log JSON lines and never use it; only development tools
+    # install it (import-linter, schemathesis), and importing it cost about 60 ms of CPU in
+    # each of the hundreds of processes `make test` starts. Marked absent before structlog
+    # is imported, so that a development machine starts a process as a production one does.
+    sys.modules.setdefault("rich", None)  # type: ignore[arg-type]
     from gateway_ops.runtime import (
         configure_logging,
         die_with_parent,
@@ -1170,7 +1187,8 @@ def main(argv: list[str] | None = None) -> int:
     tune_garbage_collector()
     private_umask()
     die_with_parent()
-    ns = build_parser().parse_args(argv)
+    args = sys.argv[1:] if argv is None else argv
+    ns = build_parser(args[0] if args and args[0] in COMMANDS else None).parse_args(args)
     configure_logging()
     try:
         return int(ns.func(ns))

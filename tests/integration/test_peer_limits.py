@@ -158,7 +158,11 @@ async def test_a_peer_that_never_reads_is_held_back_and_others_are_still_served(
     # about 36 MiB (756 frames) seen with the whole suite running beside it: the bound
     # on what the provider's own memory grows by is the one that matters (below)
     assert stalled_at < 256 + 900, f"the provider read {stalled_at} frames of {total}"
-    assert grown_mib < 40, f"the provider grew by {grown_mib:.1f} MiB"
+    # the provider's own share of that transport, its HTTP/2 receive window, is most of its
+    # growth (its 16 frames in progress hold under 2 MiB): 50.7 MiB seen once in a clean CI
+    # run with load beside it; a provider that took all 1,200 frames would hold their 56 MiB
+    # of requests and 56 MiB of answers
+    assert grown_mib < 64, f"the provider grew by {grown_mib:.1f} MiB"
     assert latency < 2.0
 
 
