@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import hmac
 import json
 import math
 import os
@@ -194,6 +195,12 @@ class TokenIssuer:
         self.issuer = issuer
         self.audience = audience
         self.key_id = _key_id(self.public_key)
+
+    def derived_secret(self, purpose: str) -> bytes:
+        """A 32-byte secret for `purpose` derived from the token-signing key: the same in
+        every registry process that shares the key, and telling nothing about the key."""
+        private = self._key.private_numbers().private_value.to_bytes(32, "big")
+        return hmac.new(private, b"gateway-derived-secret\0" + purpose.encode(), "sha256").digest()
 
     def issue(
         self,

@@ -383,6 +383,14 @@ def entry_json(row: Any) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True, slots=True)
+class _PartiesOf:
+    """The two members of an agreement, as `Governance._parties` reads them from a row."""
+
+    client_member: str
+    provider_member: str
+
+
 class Governance:
     def __init__(
         self,
@@ -1042,6 +1050,39 @@ class Governance:
         if row is None or not (_sees_everything(actor) or self._is_party(actor, row)):
             raise NotFound(f"agreement {agreement_id} does not exist")
         return agreement_json(row)
+
+    def actions_for(self, actor: Principal, agreement: dict[str, Any]) -> list[Action]:
+        """What `actor` may do now to an agreement it can see (`agreement_json` form): the
+        same rule `act` applies, asked without changing anything."""
+        if actor.role not in (Role.REGISTRY_ADMIN, Role.MEMBER_ADMIN):
+            return []
+        service = ServiceId.parse(agreement["service"])
+        row = _PartiesOf(
+            client_member=str(SubsystemId.parse(agreement["client"]).member),
+            provider_member=str(service.subsystem.member),
+        )
+        try:
+            parties = self._parties(actor, row)
+        except Forbidden:
+            return []
+        state = AgreementState(agreement["state"])
+        possible: list[Action] = []
+        for action in Action:
+            if action is Action.EXPIRE:
+                continue
+            try:
+                apply(state, action, parties, self.policy)
+            except TransitionError:
+                continue
+            possible.append(action)
+        return possible
+
+    async def agreement_history(self, actor: Principal, agreement_id: str) -> list[dict[str, Any]]:
+        """The admin log entries about one agreement, oldest first (NotFound when `actor`
+        may not see the agreement)."""
+        await self.get_agreement(actor, agreement_id)
+        rows = await self.store.admin_entries(target=agreement_id)
+        return [entry_json(r) for r in rows]
 
     async def list_agreements(
         self,

@@ -65,6 +65,11 @@ class ApiSettings:
     token_ttl_seconds: float = 3600.0
     # tokens of an external OpenID Connect provider, accepted alongside the registry's own
     oidc: OidcSettings | None = None
+    # the web console at /console/ on the same address (see registry.console)
+    console: bool = True
+    # the longest a console session lasts, in seconds (the token signed in with may end it
+    # sooner)
+    console_session_seconds: float = 900.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -449,7 +454,22 @@ async def serve(
             checkpoints=checkpoints,
             metrics=metrics,
         )
-        runner = web.AppRunner(api.app(), access_log=None)
+        app = api.app()
+        if settings.api.console:
+            from registry.console import Console
+
+            if not settings.api.console_session_seconds > 0:
+                raise ConfigFileError("api.console_session_seconds must be a positive number")
+
+            console = Console(
+                governance,
+                verifier,
+                issuer,
+                clock=clock,
+                session_seconds=settings.api.console_session_seconds,
+            )
+            app.add_subapp("/console", console.app())
+        runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         api_host, api_port = settings.api.listen.rsplit(":", 1)
         site = web.TCPSite(

@@ -649,10 +649,18 @@ class RegistryStore:
         return {str(r.target) for r in rows}, max((int(r.seq) for r in rows), default=after)
 
     async def admin_entries(
-        self, *, member: MemberId | None = None, after: int = 0, limit: int | None = None
+        self,
+        *,
+        member: MemberId | None = None,
+        after: int = 0,
+        limit: int | None = None,
+        target: str | None = None,
     ) -> Sequence[Any]:
-        """Admin log rows in order; only those concerning `member` when one is given."""
+        """Admin log rows in order; only those concerning `member` when one is given, and
+        only those about `target` (an agreement's id, say) when one is given."""
         query = sa.select(admin_log).where(admin_log.c.seq > after).order_by(admin_log.c.seq)
+        if target is not None:
+            query = query.where(admin_log.c.target == target)
         if member is not None:
             # `||` on both databases (SQLite has concat() only from 3.44)
             padded = sa.literal(" ") + admin_log.c.members + sa.literal(" ")

@@ -1009,3 +1009,23 @@ def test_arbitrary_json_to_any_post_is_never_a_server_error(
     assert response.status < 500, body
     if response.status >= 400:
         assert set(body) == {"error", "message"}
+
+
+def test_the_console_is_served_beside_the_api(runner: Runner) -> None:
+    """`gateway registry serve` mounts the web console at /console/ on the API's address
+    (its pages are tested in-process in test_console.py)."""
+    host, port = runner.api_address.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        conn.request("GET", "/console/")
+        answer = conn.getresponse()
+        answer.read()
+        assert (answer.status, answer.headers["Location"]) == (303, "/console/sign-in")
+        conn.request("GET", "/console/sign-in", headers={"Accept-Language": "pt-BR"})
+        answer = conn.getresponse()
+        page = answer.read().decode()
+    finally:
+        conn.close()
+    assert answer.status == 200 and '<html lang="pt">' in page and "Entrar" in page
+    assert "default-src 'none'" in answer.headers["Content-Security-Policy"]
+    assert "HttpOnly" in answer.headers["Set-Cookie"] and "Secure" in answer.headers["Set-Cookie"]

@@ -1,0 +1,520 @@
+"""The registry's web console, at `/console/` on the admin API's address.
+
+Pages for registry administrators, member administrators and auditors, rendered on the
+server (Jinja2, autoescaped) over the same governance operations as the admin API
+(`registry.governance`): every rule, every role and scope check and every admin-log entry
+is the same whichever way a change is made.
+
+Sign-in. The sign-in form takes an access token: one from `gateway registry token`, or
+one of the configured OpenID Connect provider (checked by the same `TokenVerifier` as the
+API; the browser flow of OpenID Connect is not built yet). The console answers with a
+session cookie holding a token the registry issues for the same principal and for at
+most `session_seconds` (never past the presented token's own end): HttpOnly, Secure,
+SameSite=Strict, path `/console`. Every request verifies it again; an expired or invalid
+one leads back to the sign-in page. The admin API never reads cookies, so the session
+cannot be used against it from another site.
+
+Forms. Every form carries a CSRF token: an HMAC of the session cookie under a secret
+derived from the registry's token-signing key (the same in every registry process that
+shares the key). The sign-in form, before there is a session, carries a random value also
+set in a short-lived cookie. A POST without the right value is refused (403) and logged.
+
+Headers. Every answer carries a Content Security Policy allowing only this origin's
+style sheet and no script at all, and forbids framing, sniffing, referrers and caching.
+
+Languages: Spanish, English and Portuguese (`registry.console.text`), chosen by a `lang`
+query parameter (kept in a cookie) or the browser's Accept-Language; dates and numbers
+in that locale (Babel).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import jwt
+import structlog
+from aiohttp import web
+from babel.dates import format_datetime
+from babel.numbers import format_decimal
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+from gateway.agreements import AgreementState
+from gateway.timeutil import parse_time
+from gateway.workflow import Action
+from gateway_ops.auth import AuthError, Principal, Role, TokenIssuer, TokenVerifier
+from registry.console.text import DEFAULT_LANGUAGE, LANGUAGE_NAMES, LANGUAGES, TEXT, text
+from registry.governance import (
+    AdminError,
+    Conflict,
+    Forbidden,
+    Governance,
+    InvalidRequest,
+    NotFound,
+)
+
+log = structlog.get_logger("registry.console")
+
+HERE = Path(__file__).resolve().parent
+SESSION_COOKIE = "gateway_console"
+SIGNIN_COOKIE = "gateway_console_signin"
+LANGUAGE_COOKIE = "gateway_console_lang"
+PATH = "/console"
+# the longest a console session lasts (the presented token's end comes first if sooner)
+SESSION_SECONDS = 900.0
+# active agreements ending within this many days are shown on the home page
+EXPIRING_DAYS = 30
+MAX_TOKEN_CHARS = 16_384
+MAX_REASON_CHARS = 2000
+# the admin log page shows the newest entries (the API and `gateway admin log` page through all)
+LOG_ENTRIES_SHOWN = 200
+
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
+        "frame-ancestors 'none'; base-uri 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+PRINCIPAL = web.RequestKey("console_principal", Principal)
+SESSION = web.RequestKey("console_session", str)
+LANGUAGE = web.RequestKey("console_language", str)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Refusal(Exception):
+    """A console request refused before it reaches governance: status and text key."""
+
+    status: int
+    key: str
+
+
+def _see_other(location: str) -> web.Response:
+    """303 See Other: after a form, the browser GETs `location`."""
+    return web.Response(status=303, headers={"Location": location})
+
+
+class Console:
+    def __init__(
+        self,
+        governance: Governance,
+        verifier: TokenVerifier,
+        issuer: TokenIssuer,
+        *,
+        clock: Callable[[], datetime],
+        session_seconds: float = SESSION_SECONDS,
+    ) -> None:
+        self.gov = governance
+        self.verifier = verifier
+        self.issuer = issuer
+        self.clock = clock
+        self.session_seconds = session_seconds
+        self._csrf_key = issuer.derived_secret("console-csrf")
+        self.templates = Environment(
+            loader=FileSystemLoader(HERE / "templates"),
+            autoescape=select_autoescape(default=True),
+            trim_blocks=True,
+            lstrip_blocks=True,
+        )
+
+    # ---- the application -------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._headers, self._errors, self._session])
+        r = app.router
+        r.add_get("/", self.home)
+        r.add_get("/sign-in", self.sign_in_page)
+        r.add_post("/sign-in", self.sign_in)
+        r.add_post("/sign-out", self.sign_out)
+        r.add_get("/agreements", self.agreements)
+        r.add_get("/agreements/{id}", self.agreement)
+        actions = "|".join(a.value for a in Action if a is not Action.EXPIRE)
+        r.add_post("/agreements/{id}/{action:" + actions + "}", self.act)
+        r.add_get("/admin-log", self.admin_log)
+        r.add_static("/static", HERE / "static", append_version=True)
+        return app
+
+    # ---- middleware --------------------------------------------------------------------
+
+    @web.middleware
+    async def _headers(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:  # aiohttp's own: 404 for an unknown path, say
+            exc.headers.update(SECURITY_HEADERS)
+            raise
+        response.headers.update(SECURITY_HEADERS)
+        return response
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except AdminError as exc:
+            principal = request.get(PRINCIPAL)
+            log.info(
+                "console_request_refused",
+                method=request.method,
+                path=request.path,
+                status=exc.status,
+                subject=principal.subject if principal else None,
+                reason=exc.message,
+            )
+            key = {
+                Forbidden: "error.forbidden",
+                NotFound: "error.not_found",
+                Conflict: "error.conflict",
+                InvalidRequest: "error.invalid",
+            }.get(type(exc), "error.invalid")
+            return self._page(
+                request,
+                "error.html",
+                status=exc.status,
+                message=self._t(request, key, message=exc.message),
+            )
+        except _Refusal as exc:
+            return self._page(
+                request, "error.html", status=exc.status, message=self._t(request, exc.key)
+            )
+
+    @web.middleware
+    async def _session(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        request[LANGUAGE] = self._language(request)
+        public = request.path in (f"{PATH}/sign-in",) or request.path.startswith(f"{PATH}/static/")
+        cookie = request.cookies.get(SESSION_COOKIE)
+        if cookie:
+            try:
+                request[PRINCIPAL] = await self.verifier.verify(cookie, now=self.clock())
+                request[SESSION] = cookie
+            except AuthError:
+                if not public:
+                    return self._to_sign_in(expired=True)
+        elif not public:
+            return self._to_sign_in(expired=False)
+        if request.method == "POST" and request.path != f"{PATH}/sign-in":
+            form = await request.post()
+            if not hmac.compare_digest(str(form.get("csrf", "")), self._csrf(request[SESSION])):
+                log.warning(
+                    "console_csrf_refused",
+                    path=request.path,
+                    subject=request[PRINCIPAL].subject,
+                )
+                raise _Refusal(403, "error.csrf")
+        response = await handler(request)
+        lang = request.query.get("lang")
+        if lang in LANGUAGES:
+            response.set_cookie(
+                LANGUAGE_COOKIE,
+                lang,
+                max_age=365 * 86400,
+                path=PATH,
+                secure=True,
+                httponly=True,
+                samesite="Strict",
+            )
+        return response
+
+    def _to_sign_in(self, *, expired: bool) -> web.Response:
+        redirect = _see_other(f"{PATH}/sign-in" + ("?expired=1" if expired else ""))
+        if expired:
+            redirect.del_cookie(SESSION_COOKIE, path=PATH)
+        return redirect
+
+    # ---- helpers -----------------------------------------------------------------------
+
+    def _language(self, request: web.Request) -> str:
+        asked = request.query.get("lang") or request.cookies.get(LANGUAGE_COOKIE)
+        if asked in LANGUAGES:
+            return str(asked)
+        best, weight = DEFAULT_LANGUAGE, 0.0
+        for part in request.headers.get("Accept-Language", "").split(",")[:20]:
+            tag, _, params = part.strip().partition(";")
+            primary = tag.strip().lower().split("-")[0]
+            q = 1.0
+            if params.strip().startswith("q="):
+                try:
+                    q = float(params.strip()[2:])
+                except ValueError:
+                    continue
+            if primary in LANGUAGES and q > weight:
+                best, weight = primary, q
+        return best
+
+    def _t(self, request: web.Request, key: str, **values: object) -> str:
+        return text(request.get(LANGUAGE, DEFAULT_LANGUAGE), key, **values)
+
+    def _csrf(self, session: str) -> str:
+        return hmac.new(self._csrf_key, session.encode(), hashlib.sha256).hexdigest()
+
+    def _page(
+        self, request: web.Request, template: str, *, status: int = 200, **values: Any
+    ) -> web.Response:
+        lang = request.get(LANGUAGE, DEFAULT_LANGUAGE)
+        principal = request.get(PRINCIPAL)
+
+        def t(key: str, **kw: object) -> str:
+            return text(lang, key, **kw)
+
+        def when(value: str | None) -> str:
+            if not value:
+                return t("state.none")
+            return format_datetime(parse_time(value), "medium", tzinfo=UTC, locale=lang)
+
+        def number(value: int) -> str:
+            return format_decimal(value, locale=lang)
+
+        def role_name(p: Principal) -> str:
+            if p.role is Role.MEMBER_ADMIN:
+                return t("role.member-admin", member=p.member)
+            if p.role is Role.AUDITOR and p.member is not None:
+                return t("role.auditor-member", member=p.member)
+            return t(f"role.{p.role.value}")
+
+        catalogue = TEXT[lang]
+
+        def action_name(action: str) -> str:
+            for key in (f"action.{action}", f"log.action.{action}"):
+                if key in catalogue:
+                    return t(key)
+            return t("action.other", action=action)  # a code this console does not know
+
+        def state_name(state: str | None) -> str:
+            for key in (f"state.{state}", f"status.{state}"):
+                if state and key in catalogue:
+                    return t(key)
+            return state or t("state.none")
+
+        def switch(language: str) -> str:
+            query = {k: v for k, v in request.query.items() if k != "lang"}
+            query["lang"] = language
+            return f"{request.path}?{urlencode(query)}"
+
+        html = self.templates.get_template(template).render(
+            t=t,
+            when=when,
+            number=number,
+            role_name=role_name,
+            action_name=action_name,
+            state_name=state_name,
+            switch=switch,
+            lang=lang,
+            languages=LANGUAGE_NAMES,
+            principal=principal,
+            csrf=self._csrf(request[SESSION]) if SESSION in request else "",
+            instance=self.gov.instance,
+            path=request.path,
+            **values,
+        )
+        return web.Response(text=html, status=status, content_type="text/html", charset="utf-8")
+
+    # ---- sign-in -----------------------------------------------------------------------
+
+    async def sign_in_page(self, request: web.Request) -> web.Response:
+        notice = None
+        if request.query.get("expired"):
+            notice = self._t(request, "signin.expired")
+        elif request.query.get("signed-out"):
+            notice = self._t(request, "signin.signed_out")
+        return self._sign_in_form(request, notice=notice)
+
+    def _sign_in_form(
+        self, request: web.Request, *, notice: str | None = None, error: str | None = None
+    ) -> web.Response:
+        nonce = secrets.token_urlsafe(24)
+        response = self._page(
+            request,
+            "sign_in.html",
+            status=400 if error else 200,
+            nonce=nonce,
+            notice=notice,
+            error=error,
+        )
+        response.set_cookie(
+            SIGNIN_COOKIE,
+            nonce,
+            max_age=600,
+            path=PATH,
+            secure=True,
+            httponly=True,
+            samesite="Strict",
+        )
+        return response
+
+    async def sign_in(self, request: web.Request) -> web.StreamResponse:
+        form = await request.post()
+        nonce = request.cookies.get(SIGNIN_COOKIE, "")
+        if not nonce or not hmac.compare_digest(str(form.get("nonce", "")), nonce):
+            log.warning("console_signin_csrf_refused")
+            return self._sign_in_form(request, error=self._t(request, "signin.retry"))
+        token = str(form.get("token", "")).strip()
+        now = self.clock()
+        try:
+            if len(token) > MAX_TOKEN_CHARS:
+                raise AuthError(f"the token is longer than {MAX_TOKEN_CHARS} characters")
+            principal = await self.verifier.verify(token, now=now)
+        except AuthError as exc:
+            log.info("console_signin_refused", reason=exc.message)
+            return self._sign_in_form(
+                request, error=self._t(request, "signin.refused", reason=exc.message)
+            )
+        if principal.role is Role.SECURITY_SERVER:
+            log.info("console_signin_refused", reason="security-server token")
+            return self._sign_in_form(request, error=self._t(request, "signin.not_for_console"))
+        # the session ends when the presented token would have, if that is sooner
+        claims = jwt.decode(token, options={"verify_signature": False})
+        left = float(claims["exp"]) - now.timestamp() if "exp" in claims else self.session_seconds
+        seconds = max(1.0, min(self.session_seconds, left))
+        session = self.issuer.issue(
+            subject=principal.subject,
+            role=principal.role,
+            member=principal.member,
+            server=principal.server,
+            now=now,
+            ttl=timedelta(seconds=seconds),
+        )
+        log.info(
+            "console_signed_in",
+            subject=principal.subject,
+            role=principal.role.value,
+            member=str(principal.member) if principal.member else None,
+            seconds=round(seconds),
+        )
+        response = _see_other(f"{PATH}/")
+        response.set_cookie(
+            SESSION_COOKIE,
+            session,
+            max_age=int(seconds),
+            path=PATH,
+            secure=True,
+            httponly=True,
+            samesite="Strict",
+        )
+        response.del_cookie(SIGNIN_COOKIE, path=PATH)
+        return response
+
+    async def sign_out(self, request: web.Request) -> web.StreamResponse:
+        log.info("console_signed_out", subject=request[PRINCIPAL].subject)
+        response = _see_other(f"{PATH}/sign-in?signed-out=1")
+        response.del_cookie(SESSION_COOKIE, path=PATH)
+        return response
+
+    # ---- pages -------------------------------------------------------------------------
+
+    async def home(self, request: web.Request) -> web.Response:
+        actor = request[PRINCIPAL]
+        visible = await self.gov.list_agreements(actor)
+        awaiting = [a for a in visible if Action.APPROVE in self.gov.actions_for(actor, a)]
+        soon = self.clock() + timedelta(days=EXPIRING_DAYS)
+        expiring = [
+            a
+            for a in visible
+            if a["state"] == AgreementState.ACTIVE.value
+            and a["valid_until"]
+            and parse_time(a["valid_until"]) <= soon
+        ]
+        servers = []
+        if actor.role in (Role.REGISTRY_ADMIN, Role.MEMBER_ADMIN):
+            servers = [
+                s
+                for s in await self.gov.list_servers(actor)
+                if s["status"] == "pending"
+                and (actor.role is Role.REGISTRY_ADMIN or s["id"].startswith(f"{actor.member}/"))
+            ]
+        return self._page(
+            request,
+            "home.html",
+            awaiting=awaiting,
+            expiring=sorted(expiring, key=lambda a: a["valid_until"]),
+            servers=servers,
+            federations=await self.gov.list_federations(actor),
+            days=EXPIRING_DAYS,
+        )
+
+    async def agreements(self, request: web.Request) -> web.Response:
+        actor = request[PRINCIPAL]
+        state_text = request.query.get("state", "")
+        state = None
+        if state_text:
+            try:
+                state = AgreementState(state_text)
+            except ValueError:
+                raise InvalidRequest(f"no agreement state is called {state_text[:40]!r}") from None
+        search = request.query.get("q", "").strip()[:200]
+        rows = await self.gov.list_agreements(actor, state=state)
+        if search:
+            needle = search.lower()
+            rows = [
+                a
+                for a in rows
+                if needle in a["id"].lower()
+                or needle in a["client"].lower()
+                or needle in a["service"].lower()
+                or any(needle in p.lower() for p in a["purposes"])
+            ]
+        return self._page(
+            request,
+            "agreements.html",
+            agreements=rows,
+            states=[s.value for s in AgreementState],
+            state=state_text,
+            search=search,
+        )
+
+    async def agreement(self, request: web.Request) -> web.Response:
+        actor = request[PRINCIPAL]
+        agreement_id = request.match_info["id"]
+        doc = await self.gov.get_agreement(actor, agreement_id)
+        done = request.query.get("done")
+        return self._page(
+            request,
+            "agreement.html",
+            agreement=doc,
+            history=await self.gov.agreement_history(actor, agreement_id),
+            actions=[a.value for a in self.gov.actions_for(actor, doc)],
+            done=done if done in {a.value for a in Action} else None,
+        )
+
+    async def act(self, request: web.Request) -> web.StreamResponse:
+        actor = request[PRINCIPAL]
+        agreement_id = request.match_info["id"]
+        action = Action(request.match_info["action"])
+        form = await request.post()
+        reason = str(form.get("reason", ""))
+        if len(reason) > MAX_REASON_CHARS:
+            raise InvalidRequest(f"the reason is longer than {MAX_REASON_CHARS} characters")
+        await self.gov.act(actor, agreement_id, action, reason)
+        log.info(
+            "console_agreement_changed",
+            subject=actor.subject,
+            agreement=agreement_id,
+            action=action.value,
+        )
+        return _see_other(f"{PATH}/agreements/{quote(agreement_id)}?done={action.value}")
+
+    async def admin_log(self, request: web.Request) -> web.Response:
+        actor = request[PRINCIPAL]
+        # the newest entries, newest first
+        last = (await self.gov.store.admin_head()).next_seq - 1
+        entries = await self.gov.admin_log(
+            actor, after=max(0, last - LOG_ENTRIES_SHOWN), limit=LOG_ENTRIES_SHOWN
+        )
+        verification = None
+        with contextlib.suppress(Forbidden):  # member-scoped: their entries, unverified
+            verification = await self.gov.verify_admin_log(actor)
+        return self._page(
+            request, "admin_log.html", entries=entries[::-1], verification=verification
+        )

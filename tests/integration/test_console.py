@@ -1,0 +1,469 @@
+"""The registry's web console, in-process: a real store (SQLite) seeded with the demo
+topology, the real governance, token issuer and verifier, and the console's aiohttp
+application mounted on the admin API's as `gateway registry serve` mounts it, spoken to
+over loopback HTTP.
+
+Sign-in and its cookies, CSRF, roles and member scopes (pages, forms and direct POSTs),
+expiry, the approval workflow through the console (the same admin log entries as the
+API), and every page in each of the three languages with no string left untranslated.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+import shutil
+import tomllib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from http.cookies import SimpleCookie
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from certs.pki import init_pki
+from gateway.agreements import AgreementState, LegalBasis, LegalBasisKind
+from gateway.identifiers import MemberId, SecurityServerId, ServiceId, SubsystemId
+from gateway.settings import database_url
+from gateway.workflow import Policy
+from gateway_demo.runner import TEMPLATE
+from gateway_ops.auth import Principal, Role, TokenIssuer, TokenVerifier
+from registry.api import AdminApi
+from registry.console import SECURITY_HEADERS, SESSION_COOKIE, SIGNIN_COOKIE, Console
+from registry.console.text import LANGUAGES, TEXT
+from registry.governance import AgreementRequest, Governance
+from registry.store import RegistryStore
+from registry.topology import load_topology
+
+MSP, DNIC, BPS = (MemberId.parse(m) for m in ("UY/GOV/MSP", "UY/GOV/DNIC", "UY/GOV/BPS"))
+VACCINATION = ServiceId.parse("UY/GOV/MSP/clinics/vaccination/v1")
+POPULATION = ServiceId.parse("UY/GOV/DNIC/identity/population/v1")
+SESSION_SECONDS = 600.0
+
+
+@dataclass
+class Clock:
+    now: datetime = field(default_factory=lambda: datetime.now(UTC).replace(microsecond=0))
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@dataclass
+class World:
+    client: TestClient[Any, Any]
+    gov: Governance
+    issuer: TokenIssuer
+    clock: Clock
+    pending: str  # DNIC asks for the vaccination register: waits for MSP
+    other: str  # BPS asks for the population registry: MSP is no party
+
+    def token(self, subject: str, role: Role, member: MemberId | None = None, **kw: Any) -> str:
+        return self.issuer.issue(
+            subject=subject,
+            role=role,
+            member=member,
+            now=self.clock(),
+            ttl=timedelta(hours=1),
+            **kw,
+        )
+
+    async def state(self, agreement_id: str) -> str:
+        doc = await self.gov.get_agreement(REGISTRY, agreement_id)
+        return str(doc["state"])
+
+
+REGISTRY = Principal(
+    subject="root@registry", role=Role.REGISTRY_ADMIN, member=None, server=None, issuer="test"
+)
+
+
+@pytest.fixture
+async def world(tmp_path: Path) -> AsyncIterator[World]:
+    shutil.copyfile(TEMPLATE, tmp_path / "topology.toml")
+    doc = tomllib.loads((tmp_path / "topology.toml").read_text())
+    clock = Clock()
+    init_pki(
+        tmp_path / "pki",
+        instance="UY",
+        members=[MemberId.parse(m["id"]) for m in doc["members"]],
+        servers=[SecurityServerId.parse(s["id"]) for s in doc["servers"]],
+        registry_addresses=["127.0.0.1:1"],
+        now=clock(),
+    )
+    store = await RegistryStore.open(database_url(str(tmp_path / "registry.db"), base=tmp_path))
+
+    async def published() -> None:
+        return None
+
+    gov = Governance(store, instance="UY", policy=Policy(), clock=clock, on_change=published)
+    await gov.seed(load_topology(tmp_path / "topology.toml"), "topology.toml")
+    await gov.add_member(REGISTRY, BPS, "Banco de Previsión Social")
+    await gov.add_subsystem(REGISTRY, SubsystemId.parse("UY/GOV/BPS/benefits"))
+    basis = LegalBasis(kind=LegalBasisKind.LAW, reference="Ley 18.331")
+    pending = await gov.request_agreement(
+        member_admin("diego@dnic", DNIC),
+        AgreementRequest(
+            client=SubsystemId.parse("UY/GOV/DNIC/identity"),
+            service=VACCINATION,
+            purposes=("identity-check",),
+            legal_basis=basis,
+            valid_until=clock() + timedelta(days=10),
+        ),
+    )
+    other = await gov.request_agreement(
+        member_admin("beatriz@bps", BPS),
+        AgreementRequest(
+            client=SubsystemId.parse("UY/GOV/BPS/benefits"),
+            service=POPULATION,
+            purposes=("benefits",),
+            legal_basis=basis,
+        ),
+    )
+    issuer = TokenIssuer(
+        ec.generate_private_key(ec.SECP256R1()), issuer="registry-UY", audience="gateway-admin"
+    )
+    verifier = TokenVerifier(issuer=issuer)
+    api = AdminApi(gov, verifier, issuer, max_body_bytes=65536, clock=clock)
+    app = api.app()
+    app.add_subapp(
+        "/console",
+        Console(gov, verifier, issuer, clock=clock, session_seconds=SESSION_SECONDS).app(),
+    )
+    client: TestClient[Any, Any] = TestClient(TestServer(app))
+    await client.start_server()
+    try:
+        yield World(client, gov, issuer, clock, pending["id"], other["id"])
+    finally:
+        await client.close()
+        await store.close()
+
+
+def member_admin(subject: str, member: MemberId) -> Principal:
+    return Principal(
+        subject=subject, role=Role.MEMBER_ADMIN, member=member, server=None, issuer="t"
+    )
+
+
+# ---- a browser, by hand: cookies as the server set them ---------------------------------
+
+
+@dataclass
+class Browser:
+    world: World
+    language: str = "en"
+    cookies: dict[str, str] = field(default_factory=dict)
+    last_set: dict[str, SimpleCookie] = field(default_factory=dict)
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Accept-Language": self.language}
+        if self.cookies:
+            headers["Cookie"] = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
+        return headers
+
+    def _keep(self, response: Any) -> None:
+        for header in response.headers.getall("Set-Cookie", []):
+            jar: SimpleCookie = SimpleCookie()
+            jar.load(header)
+            for name, morsel in jar.items():
+                self.last_set[name] = jar
+                if morsel["max-age"] == "0" or morsel.value == "":
+                    self.cookies.pop(name, None)
+                else:
+                    self.cookies[name] = morsel.value
+
+    async def get(self, path: str, status: int = 200) -> str:
+        response = await self.world.client.get(path, headers=self._headers(), allow_redirects=False)
+        self._keep(response)
+        body = await response.text()
+        assert response.status == status, (path, response.status, body[:2000])
+        for name, value in SECURITY_HEADERS.items():
+            assert response.headers.get(name) == value, (path, name)
+        return body
+
+    async def post(self, path: str, form: dict[str, str], status: int = 303) -> Any:
+        response = await self.world.client.post(
+            path, data=form, headers=self._headers(), allow_redirects=False
+        )
+        self._keep(response)
+        body = await response.text()
+        assert response.status == status, (path, response.status, body[:2000])
+        return response
+
+    async def sign_in(self, token: str, status: int = 303) -> Any:
+        page = await self.get("/console/sign-in")
+        nonce = re.search(r'name="nonce" value="([^"]+)"', page)
+        assert nonce is not None
+        return await self.post(
+            "/console/sign-in", {"nonce": nonce.group(1), "token": token}, status
+        )
+
+    async def csrf(self, path: str = "/console/") -> str:
+        found = re.search(r'name="csrf" value="([0-9a-f]{64})"', await self.get(path))
+        assert found is not None
+        return found.group(1)
+
+
+async def signed_in(
+    world: World, subject: str, role: Role, member: MemberId | None = None
+) -> Browser:
+    browser = Browser(world)
+    await browser.sign_in(world.token(subject, role, member))
+    return browser
+
+
+def visible_text(page: str) -> str:
+    return html.unescape(re.sub(r"<[^>]+>", " ", page))
+
+
+# ---- sign-in --------------------------------------------------------------------------
+
+
+async def test_sign_in_gives_a_short_hardened_session_cookie(world: World) -> None:
+    browser = Browser(world)
+    answer = await browser.world.client.get("/console/", allow_redirects=False)
+    assert (answer.status, answer.headers["Location"]) == (303, "/console/sign-in")
+    signed = await browser.sign_in(world.token("carla@msp", Role.MEMBER_ADMIN, MSP))
+    assert signed.headers["Location"] == "/console/"
+    cookie = browser.last_set[SESSION_COOKIE][SESSION_COOKIE]
+    assert cookie["httponly"] and cookie["secure"]
+    assert cookie["samesite"] == "Strict" and cookie["path"] == "/console"
+    assert 0 < int(cookie["max-age"]) <= SESSION_SECONDS
+    home = await browser.get("/console/")
+    assert "carla@msp" in home and "administrator of UY/GOV/MSP" in visible_text(home)
+    # no script anywhere, and the policy allows none
+    assert "<script" not in home and "script-src" not in SECURITY_HEADERS["Content-Security-Policy"]
+    assert "default-src 'none'" in SECURITY_HEADERS["Content-Security-Policy"]
+
+
+async def test_sign_in_refusals(world: World) -> None:
+    browser = Browser(world)
+    await browser.sign_in("not-a-token", status=400)
+    assert SESSION_COOKIE not in browser.cookies
+    server_token = world.token(
+        "ss", Role.SECURITY_SERVER, MSP, server=SecurityServerId.parse("UY/GOV/MSP/ss1")
+    )
+    refused = await browser.sign_in(server_token, status=400)
+    assert "Security server tokens do not open the console" in await refused.text()
+    assert SESSION_COOKIE not in browser.cookies
+    # a sign-in posted from elsewhere carries no nonce of this browser's form
+    stranger = Browser(world)
+    await stranger.post(
+        "/console/sign-in", {"token": world.token("x", Role.REGISTRY_ADMIN)}, status=400
+    )
+    assert SESSION_COOKIE not in stranger.cookies and SIGNIN_COOKIE in stranger.cookies
+
+
+async def test_an_expired_session_returns_to_sign_in(world: World) -> None:
+    browser = await signed_in(world, "root@registry", Role.REGISTRY_ADMIN)
+    await browser.get("/console/")
+    world.clock.now += timedelta(seconds=SESSION_SECONDS + 60)  # past the verifier's leeway
+    answer = await world.client.get(
+        "/console/agreements", headers=browser._headers(), allow_redirects=False
+    )
+    assert (answer.status, answer.headers["Location"]) == (303, "/console/sign-in?expired=1")
+    browser._keep(answer)
+    assert SESSION_COOKIE not in browser.cookies
+    assert "Your session ended" in await browser.get("/console/sign-in?expired=1")
+
+
+async def test_the_session_ends_with_the_token_signed_in_with(world: World) -> None:
+    short = world.issuer.issue(
+        subject="carla@msp",
+        role=Role.MEMBER_ADMIN,
+        member=MSP,
+        now=world.clock(),
+        ttl=timedelta(seconds=120),
+    )
+    browser = Browser(world)
+    await browser.sign_in(short)
+    assert int(browser.last_set[SESSION_COOKIE][SESSION_COOKIE]["max-age"]) <= 120
+
+
+async def test_sign_out(world: World) -> None:
+    browser = await signed_in(world, "root@registry", Role.REGISTRY_ADMIN)
+    answer = await browser.post("/console/sign-out", {"csrf": await browser.csrf()})
+    assert answer.headers["Location"] == "/console/sign-in?signed-out=1"
+    assert SESSION_COOKIE not in browser.cookies
+
+
+# ---- the workflow through the console ---------------------------------------------------
+
+
+async def test_approval_from_the_home_page_by_both_sides_then_revocation(world: World) -> None:
+    msp = await signed_in(world, "carla@msp", Role.MEMBER_ADMIN, MSP)
+    home = await msp.get("/console/")
+    awaiting = home.split('id="awaiting"')[1].split("</section>")[0]
+    assert world.pending in awaiting and world.other not in awaiting
+    await msp.post(
+        f"/console/agreements/{world.pending}/approve", {"csrf": await msp.csrf(), "reason": ""}
+    )
+    assert await world.state(world.pending) == AgreementState.APPROVED_BY_PROVIDER.value
+    # now it waits for the registry, not for MSP
+    assert (
+        world.pending
+        not in (await msp.get("/console/")).split('id="awaiting"')[1].split("</section>")[0]
+    )
+    registry = await signed_in(world, "root@registry", Role.REGISTRY_ADMIN)
+    home = await registry.get("/console/")
+    assert world.pending in home.split('id="awaiting"')[1].split("</section>")[0]
+    done = await registry.post(
+        f"/console/agreements/{world.pending}/approve", {"csrf": await registry.csrf()}
+    )
+    assert done.headers["Location"] == f"/console/agreements/{world.pending}?done=approve"
+    assert await world.state(world.pending) == AgreementState.ACTIVE.value
+    # revoking needs a reason, as in the API
+    csrf = await registry.csrf()
+    refused = await registry.post(
+        f"/console/agreements/{world.pending}/revoke", {"csrf": csrf, "reason": " "}, status=400
+    )
+    assert "revoke needs a reason" in await refused.text()
+    await registry.post(
+        f"/console/agreements/{world.pending}/revoke",
+        {"csrf": csrf, "reason": "the law changed"},
+    )
+    assert await world.state(world.pending) == AgreementState.REVOKED.value
+    # the same admin log entries as the API writes, and the timeline shows them
+    history = await world.gov.agreement_history(REGISTRY, world.pending)
+    assert [(e["action"], e["actor"], e["role"]) for e in history] == [
+        ("request", "diego@dnic", "member-admin:UY/GOV/DNIC"),
+        ("approve", "carla@msp", "member-admin:UY/GOV/MSP"),
+        ("approve", "root@registry", "registry-admin"),
+        ("revoke", "root@registry", "registry-admin"),
+    ]
+    page = " ".join(
+        visible_text(await registry.get(f"/console/agreements/{world.pending}")).split()
+    )
+    assert "Reason: the law changed" in page
+    assert "(approved by the provider → active)" in page and "(active → revoked)" in page
+    assert (await world.gov.verify_admin_log(REGISTRY))["verified"] is True
+
+
+async def test_a_member_admin_cannot_see_or_act_on_another_members_items(world: World) -> None:
+    msp = await signed_in(world, "carla@msp", Role.MEMBER_ADMIN, MSP)
+    listing = await msp.get("/console/agreements")
+    assert world.pending in listing and world.other not in listing
+    assert world.other not in await msp.get("/console/admin-log")
+    await msp.get(f"/console/agreements/{world.other}", status=404)
+    csrf = await msp.csrf()
+    for action in ("approve", "reject", "revoke"):
+        await msp.post(
+            f"/console/agreements/{world.other}/{action}",
+            {"csrf": csrf, "reason": "not mine"},
+            status=404,
+        )
+    assert await world.state(world.other) == AgreementState.REQUESTED.value
+    # a consumer cannot approve for the provider either
+    dnic = await signed_in(world, "diego@dnic", Role.MEMBER_ADMIN, DNIC)
+    page = await dnic.get(f"/console/agreements/{world.pending}")
+    assert "/approve" not in page.split('id="actions"')[1]
+    await dnic.post(
+        f"/console/agreements/{world.pending}/approve", {"csrf": await dnic.csrf()}, status=403
+    )
+    assert await world.state(world.pending) == AgreementState.REQUESTED.value
+
+
+async def test_an_auditor_reads_but_cannot_act(world: World) -> None:
+    auditor = await signed_in(world, "ana@auditoria", Role.AUDITOR)
+    page = await auditor.get(f"/console/agreements/{world.pending}")
+    assert "You cannot change this agreement" in page
+    await auditor.post(
+        f"/console/agreements/{world.pending}/approve", {"csrf": await auditor.csrf()}, status=403
+    )
+    log = visible_text(await auditor.get("/console/admin-log"))
+    assert "The admin log's chain verifies" in log
+
+
+async def test_posts_without_this_sessions_csrf_token_are_refused(world: World) -> None:
+    registry = await signed_in(world, "root@registry", Role.REGISTRY_ADMIN)
+    other = await signed_in(world, "carla@msp", Role.MEMBER_ADMIN, MSP)
+    path = f"/console/agreements/{world.other}/reject"
+    for form in ({"reason": "x"}, {"csrf": "0" * 64, "reason": "x"}, {"csrf": await other.csrf()}):
+        refused = await registry.post(path, {"reason": "x", **form}, status=403)
+        assert "valid mark of this session" in await refused.text()
+    await registry.post("/console/sign-out", {}, status=403)
+    assert SESSION_COOKIE in registry.cookies
+    assert await world.state(world.other) == AgreementState.REQUESTED.value
+
+
+# ---- languages ------------------------------------------------------------------------
+
+
+async def pages(world: World, browser: Browser) -> dict[str, str]:
+    return {
+        "home": await browser.get("/console/"),
+        "agreements": await browser.get("/console/agreements?state=requested&q=UY"),
+        "agreement": await browser.get(f"/console/agreements/{world.pending}"),
+        "active": await browser.get("/console/agreements/AGR-2026-0001"),
+        "admin-log": await browser.get("/console/admin-log"),
+        "not-found": await browser.get("/console/agreements/AGR-0000-0000", status=404),
+        "bad-filter": await browser.get("/console/agreements?state=nonsense", status=400),
+    }
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+async def test_every_page_in_each_language_has_no_untranslated_string(
+    world: World, language: str
+) -> None:
+    browser = await signed_in(world, "root@registry", Role.REGISTRY_ADMIN)
+    browser.language = language
+    rendered = await pages(world, browser)
+    browser.cookies.pop(SESSION_COOKIE)
+    rendered["sign-in"] = await browser.get("/console/sign-in?expired=1")
+    # the strings of the other languages that this one says differently
+    foreign = {
+        value
+        for other in LANGUAGES
+        if other != language
+        for key, value in TEXT[other].items()
+        if value != TEXT[language][key]
+        and value not in TEXT[language].values()
+        and "{" not in value
+        and len(value) > 3
+        and re.search(r"[a-z]{3}", value)
+    }
+    for name, page in rendered.items():
+        assert f'<html lang="{language}">' in page, name
+        text = visible_text(page)
+        leaked = sorted(v for v in foreign if re.search(rf"(?<!\w){re.escape(v)}(?!\w)", text))
+        assert not leaked, (language, name, leaked)
+
+
+async def test_the_language_follows_the_browser_then_the_switch(world: World) -> None:
+    browser = await signed_in(world, "root@registry", Role.REGISTRY_ADMIN)
+    browser.language = "pt-BR,pt;q=0.9,en;q=0.8"
+    page = await browser.get("/console/agreements/AGR-2026-0001")
+    assert '<html lang="pt">' in page and "Acordo AGR-2026-0001" in page
+    assert "jan." in page  # valid from 1 January 2026, in Portuguese
+    page = await browser.get("/console/agreements/AGR-2026-0001?lang=es")
+    assert '<html lang="es">' in page and "ene" in page
+    # the switch is kept
+    assert '<html lang="es">' in await browser.get("/console/")
+    browser.cookies.pop("gateway_console_lang")
+    browser.language = "en-US"
+    assert "Jan 1, 2026" in await browser.get("/console/agreements/AGR-2026-0001")
+
+
+async def test_static_and_unknown_paths_carry_the_security_headers(world: World) -> None:
+    answer = await world.client.get("/console/static/console.css")
+    assert answer.status == 200
+    assert answer.headers["Content-Security-Policy"] == SECURITY_HEADERS["Content-Security-Policy"]
+    # the API is unchanged: bearer tokens only, a console cookie is no credential there
+    browser = await signed_in(world, "root@registry", Role.REGISTRY_ADMIN)
+    answer = await world.client.get("/v1/agreements", headers=browser._headers())
+    assert answer.status == 401
+
+
+def test_templates_hold_no_words_of_their_own() -> None:
+    """Every word a page shows comes from `registry.console.text` (or from the data): the
+    templates, once their tags, expressions and markup are taken out, hold no letters."""
+    folder = Path(__file__).resolve().parents[2] / "registry" / "console" / "templates"
+    for template in sorted(folder.glob("*.html")):
+        source = template.read_text()
+        source = re.sub(r"\{\{.*?\}\}|\{%.*?%\}|\{#.*?#\}", " ", source, flags=re.S)
+        source = re.sub(r"<!DOCTYPE html>|<[^>]*>", " ", source)
+        assert not re.search(r"[^\W\d_]{2,}", source), (template.name, source.split())
