@@ -293,6 +293,93 @@ def _audit(runner: Runner, message_id: str) -> bool:
     return ok
 
 
+def console_links(runner: Runner) -> dict[str, str]:
+    """A sign-in link to the registry's web console for each kind of user of the demo: the
+    token travels in the fragment, which the browser never sends (see registry.console)."""
+    base = f"{runner.api_url}/console/sign-in#token="
+    return {
+        "registry administrator (ana.perez@agesic)": base
+        + runner.token("registry-admin", subject="ana.perez@agesic"),
+        "MSP administrator (martin.garcia@msp)": base
+        + runner.token("member-admin", member="UY/GOV/MSP", subject="martin.garcia@msp"),
+        "DNIC administrator (lucia.silva@dnic)": base
+        + runner.token("member-admin", member="UY/GOV/DNIC", subject="lucia.silva@dnic"),
+        "auditor (carla.mendez@auditoria)": base
+        + runner.token("auditor", subject="carla.mendez@auditoria"),
+    }
+
+
+def _console(runner: Runner) -> bool:
+    """Step 13: the clinics ask for statistics from the population registry; DNIC's
+    administrator signs in to the console (as a browser would, over HTTP) and finds the
+    request waiting on the home page. True when it does."""
+    msp_admin = AdminClient(
+        runner.api_url,
+        runner.token("member-admin", member="UY/GOV/MSP", subject="martin.garcia@msp"),
+    )
+    created = msp_admin.request_agreement(
+        client=CLINICS,
+        service=POPULATION,
+        purposes=["statistics"],
+        legal_basis_kind="law",
+        legal_basis_reference="Ley 18.331, art. 9 (demo)",
+        reason="monthly vaccination coverage by department",
+    )
+    agreement = str(created["id"])
+    print(f"   MSP's administrator requests {agreement} (statistics): it waits for DNIC")
+    home = _console_home(
+        runner, runner.token("member-admin", member="UY/GOV/DNIC", subject="lucia.silva@dnic")
+    )
+    waiting = agreement in home.split('id="awaiting"', 1)[-1].split("</section>", 1)[0]
+    print(
+        f"   DNIC's administrator signs in to the console: {agreement} "
+        + ("waits for their approval on the home page" if waiting else "is NOT on the home page")
+    )
+    print(f"   console: {runner.api_url}/console/  (sign-in links, each valid for an hour:)")
+    for who, link in console_links(runner).items():
+        print(f"     {who}:\n       {link}")
+    return waiting
+
+
+def _console_home(runner: Runner, token: str) -> str:
+    """The console's home page, signed in with `token` as a browser would."""
+    import http.client
+    import re
+    from http.cookies import SimpleCookie
+    from urllib.parse import urlencode
+
+    host, port = runner.api_address.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    cookies: dict[str, str] = {}
+
+    def request(method: str, path: str, form: dict[str, str] | None = None) -> str:
+        headers = {
+            "Accept-Language": "es",
+            "Cookie": "; ".join(f"{k}={v}" for k, v in cookies.items()),
+        }
+        body = None
+        if form is not None:
+            body = urlencode(form)
+            headers["Content-Type"] = "application/x-www-form-urlencoded"
+        conn.request(method, path, body=body, headers=headers)
+        answer = conn.getresponse()
+        for header in answer.headers.get_all("Set-Cookie") or []:
+            jar: SimpleCookie = SimpleCookie()
+            jar.load(header)
+            cookies.update({name: morsel.value for name, morsel in jar.items()})
+        return answer.read().decode()
+
+    try:
+        form = request("GET", "/console/sign-in")
+        nonce = re.search(r'name="nonce" value="([^"]+)"', form)
+        request(
+            "POST", "/console/sign-in", {"nonce": nonce.group(1) if nonce else "", "token": token}
+        )
+        return request("GET", "/console/")
+    finally:
+        conn.close()
+
+
 def describe(runner: Runner) -> dict[str, Any]:
     """The content of `topology.json`: what a local client needs to call the demo."""
     topology = tomllib.loads((runner.workdir / "topology.toml").read_text())
@@ -319,6 +406,7 @@ def describe(runner: Runner) -> dict[str, Any]:
             }
         )
     return {
+        "console": {"url": f"{runner.api_url}/console/", "sign_in": console_links(runner)},
         "instance": MemberId.parse(topology["members"][0]["id"]).instance,
         "registry": runner.registry_address,
         "registry_api": runner.api_url,
@@ -434,8 +522,11 @@ def run_demo(*, workdir: Path, keep_running: bool) -> int:
         cross_traced = cross.message_id is not None and federation.trace_both_countries(
             runner, ar, cross.message_id
         )
+        _title("13. The registry's web console: what waits for each administrator")
+        console = _console(runner)
         expected = (
-            allowed.ok
+            console
+            and allowed.ok
             and no_agreement.error == "no_agreement"
             and wrong_purpose.error == "purpose_not_covered"
             and subscribed

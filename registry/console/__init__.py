@@ -19,8 +19,10 @@ derived from the registry's token-signing key (the same in every registry proces
 shares the key). The sign-in form, before there is a session, carries a random value also
 set in a short-lived cookie. A POST without the right value is refused (403) and logged.
 
-Headers. Every answer carries a Content Security Policy allowing only this origin's
-style sheet and no script at all, and forbids framing, sniffing, referrers and caching.
+Headers. Every answer carries a Content Security Policy allowing only this origin's style
+sheet and script files (no inline script or style; the one script, on the sign-in page,
+signs in with a token given in the address's fragment, as the links `make demo` prints),
+and forbids framing, sniffing, referrers and caching.
 
 Languages: Spanish, English and Portuguese (`registry.console.text`), chosen by a `lang`
 query parameter (kept in a cookie) or the browser's Accept-Language; dates and numbers
@@ -79,7 +81,8 @@ LOG_ENTRIES_SHOWN = 200
 
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
-        "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+        "form-action 'self'; "
         "frame-ancestors 'none'; base-uri 'none'"
     ),
     "X-Content-Type-Options": "nosniff",

@@ -80,7 +80,21 @@ def check_every_step(out: str) -> None:
     assert "OK: the evidence of message" in out
     assert out.count("OCSP good") == 2
     assert out.count("body matches") == 2
+    assert "waits for their approval on the home page" in out
+    assert out.count("/console/sign-in#token=") == 4  # one link for each kind of user
     assert "demo succeeded" in out
+
+
+def check_console(topology: dict[str, Any]) -> None:
+    """topology.json names the console and a sign-in link for each kind of user; the
+    console's sign-in page answers while the topology keeps running."""
+    console = topology["console"]
+    assert len(console["sign_in"]) == 4
+    assert all(
+        link.startswith(console["url"] + "sign-in#token=") for link in console["sign_in"].values()
+    )
+    with urllib.request.urlopen(console["url"] + "sign-in", timeout=5) as answer:
+        assert answer.status == 200 and "sign-in.js" in answer.read().decode()
 
 
 def check_operations_ports(topology: dict[str, Any], targets_file: Path) -> None:
@@ -145,6 +159,7 @@ def test_demo_runs_every_step_then_keeps_a_usable_topology(tmp_path: Path) -> No
         )
         assert outcome.ok, outcome
         check_operations_ports(topology, workdir / "prometheus-targets.json")
+        check_console(topology)
         demo.send_signal(signal.SIGINT)
         demo.wait(timeout=60)
         output = printed.read_text()
