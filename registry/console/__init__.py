@@ -45,6 +45,7 @@ from urllib.parse import quote, urlencode
 import jwt
 import structlog
 from aiohttp import web
+from babel import Locale, UnknownLocaleError
 from babel.dates import format_datetime
 from babel.numbers import format_decimal
 from jinja2 import Environment, FileSystemLoader, select_autoescape
@@ -94,6 +95,9 @@ SECURITY_HEADERS = {
 PRINCIPAL = web.RequestKey("console_principal", Principal)
 SESSION = web.RequestKey("console_session", str)
 LANGUAGE = web.RequestKey("console_language", str)
+# the Babel locale for dates and numbers: the browser's tag for that language ("es_UY",
+# "pt_BR") when Babel knows it, else the language
+LOCALE = web.RequestKey("console_locale", str)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -197,6 +201,7 @@ class Console:
     @web.middleware
     async def _session(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         request[LANGUAGE] = self._language(request)
+        request[LOCALE] = self._locale(request, request[LANGUAGE])
         public = request.path in (f"{PATH}/sign-in",) or request.path.startswith(f"{PATH}/static/")
         cookie = request.cookies.get(SESSION_COOKIE)
         if cookie:
@@ -257,6 +262,18 @@ class Console:
                 best, weight = primary, q
         return best
 
+    @staticmethod
+    def _locale(request: web.Request, language: str) -> str:
+        for part in request.headers.get("Accept-Language", "").split(",")[:20]:
+            tag = part.strip().partition(";")[0].strip()
+            if tag.lower().split("-")[0] != language or "-" not in tag:
+                continue
+            try:
+                return str(Locale.parse(tag, sep="-"))
+            except (ValueError, UnknownLocaleError):
+                continue
+        return language
+
     def _t(self, request: web.Request, key: str, **values: object) -> str:
         return text(request.get(LANGUAGE, DEFAULT_LANGUAGE), key, **values)
 
@@ -272,13 +289,15 @@ class Console:
         def t(key: str, **kw: object) -> str:
             return text(lang, key, **kw)
 
+        locale = request.get(LOCALE, lang)
+
         def when(value: str | None) -> str:
             if not value:
                 return t("state.none")
-            return format_datetime(parse_time(value), "medium", tzinfo=UTC, locale=lang)
+            return format_datetime(parse_time(value), "medium", tzinfo=UTC, locale=locale)
 
         def number(value: int) -> str:
-            return format_decimal(value, locale=lang)
+            return format_decimal(value, locale=locale)
 
         def role_name(p: Principal) -> str:
             if p.role is Role.MEMBER_ADMIN:
@@ -290,10 +309,18 @@ class Console:
         catalogue = TEXT[lang]
 
         def action_name(action: str) -> str:
-            for key in (f"action.{action}", f"log.action.{action}"):
+            """A button: what one may do to an agreement."""
+            return t(f"action.{action}")
+
+        def event_name(action: str) -> str:
+            """What an admin log entry records: an agreement's step, or another change."""
+            for key in (f"event.{action}", f"log.action.{action}"):
                 if key in catalogue:
                     return t(key)
             return t("action.other", action=action)  # a code this console does not know
+
+        def basis_name(kind: str) -> str:
+            return t(f"basis.{kind}") if f"basis.{kind}" in catalogue else kind
 
         def state_name(state: str | None) -> str:
             for key in (f"state.{state}", f"status.{state}"):
@@ -312,6 +339,8 @@ class Console:
             number=number,
             role_name=role_name,
             action_name=action_name,
+            event_name=event_name,
+            basis_name=basis_name,
             state_name=state_name,
             switch=switch,
             lang=lang,

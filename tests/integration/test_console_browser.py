@@ -1,0 +1,210 @@
+"""The registry's web console in a real browser: headless Chromium (Debian's package,
+driven by Playwright) against a real topology (registry, both security servers, backends).
+
+As each kind of user, through the sign-in links `make demo` prints: DNIC's call to the
+vaccination register is refused; MSP's administrator finds the request on the home page
+and approves it, the registry administrator approves it too, and the call is allowed;
+the registry administrator revokes it with a reason, and the call is refused again; an
+auditor reads the agreement's timeline and the admin log, verified. Every page passes
+axe-core with no serious or critical violation, and a screenshot of each is saved in
+`var/console-screenshots/` (git-ignored) for people to look at.
+
+The refusals (other members' items, CSRF, expiry) and the languages are tested in-process
+in test_console.py; this file shows what only a browser can: cookies, the fragment
+sign-in script under the Content Security Policy, forms, redirects and rendering.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from gateway_client.admin import AdminClient
+from gateway_demo.client import routing_metadata
+from gateway_demo.demo import console_links
+from gateway_demo.generated import vaccination_pb2 as vaccination
+from gateway_demo.runner import Runner
+
+playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+axe_module = pytest.importorskip("axe_playwright_python.sync_playwright")
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="Debian's chromium is not installed (scripts/debian-packages installs it as root)",
+)
+
+DNIC = "UY/GOV/DNIC/ss1"
+IDENTITY = "UY/GOV/DNIC/identity"
+VACCINATION = "UY/GOV/MSP/clinics/vaccination/v1"
+GET_RECORD = "/demo.vaccination.v1.VaccinationRegister/GetRecord"
+SCREENSHOTS = Path(__file__).resolve().parents[2] / "var" / "console-screenshots"
+
+
+@pytest.fixture(scope="module")
+def runner(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runner]:
+    runner = Runner(tmp_path_factory.mktemp("console-browser") / "run")
+    runner.prepare()
+    try:
+        runner.start_all()
+        yield runner
+    finally:
+        runner.close()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    with playwright_api.sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+def call(runner: Runner) -> str:
+    """DNIC's identity subsystem reads the vaccination register: "ok" or the refusal's code."""
+    body = vaccination.GetRecordRequest(national_id="1.234.567-8").SerializeToString()
+    metadata = routing_metadata(client=IDENTITY, service=VACCINATION, purpose="identity-check")
+    with grpc.insecure_channel(runner.consumers[DNIC]) as channel:
+        method: Any = channel.unary_unary(GET_RECORD, None, None)
+        try:
+            method(body, metadata=tuple(metadata), timeout=10)
+        except grpc.RpcError as exc:
+            failed: Any = exc  # a grpc.Call as well
+            trailing = {k: str(v) for k, v in failed.trailing_metadata() or ()}
+            return trailing.get("gateway-error", str(failed.code()))
+    return "ok"
+
+
+def until(runner: Runner, expected: str, seconds: float = 15.0) -> str:
+    """Call until the outcome is `expected` (the registry pushes each change to the servers)."""
+    deadline = time.monotonic() + seconds
+    outcome = call(runner)
+    while outcome != expected and time.monotonic() < deadline:
+        time.sleep(0.1)
+        outcome = call(runner)
+    return outcome
+
+
+class Session:
+    """One user's browser context, signed in through a `make demo` sign-in link."""
+
+    def __init__(self, browser: Any, link: str, name: str) -> None:
+        self.context = browser.new_context(locale="en-GB")
+        self.page = self.context.new_page()
+        self.name = name
+        self.problems: list[str] = []
+        self.page.on("console", self._console_message)
+        self.page.goto(link)
+        self.page.wait_for_url("**/console/")
+
+    def _console_message(self, message: Any) -> None:
+        if message.type == "error":  # a resource refused by the policy, a script error...
+            self.problems.append(message.text)
+
+    def check(self, label: str) -> None:
+        """Screenshot, then axe-core: no serious or critical violation; nothing blocked."""
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        self.page.screenshot(path=str(SCREENSHOTS / f"{self.name}-{label}.png"), full_page=True)
+        results = axe_module.Axe().run(self.page)
+        serious = [
+            f"{v['id']} ({v['impact']}): {v['help']}"
+            for v in results.response["violations"]
+            if v["impact"] in ("serious", "critical")
+        ]
+        assert not serious, (self.name, label, serious)
+        assert not self.problems, (self.name, label, self.problems)  # e.g. a CSP violation
+
+    def close(self) -> None:
+        self.context.close()
+
+
+def test_approve_from_the_home_page_see_the_call_allowed_then_revoke(
+    runner: Runner, browser: Any
+) -> None:
+    assert call(runner) == "no_agreement"
+    dnic_admin = AdminClient(
+        runner.api_url,
+        runner.token("member-admin", member="UY/GOV/DNIC", subject="lucia.silva@dnic"),
+    )
+    agreement = str(
+        dnic_admin.request_agreement(
+            client=IDENTITY,
+            service=VACCINATION,
+            purposes=["identity-check"],
+            legal_basis_kind="law",
+            legal_basis_reference="Ley 18.331, art. 9",
+        )["id"]
+    )
+    links = {who.split(" ")[0]: link for who, link in console_links(runner).items()}
+
+    msp = Session(browser, links["MSP"], "msp-admin")
+    # the token has left the address bar; the session is in an HttpOnly cookie
+    assert "#token" not in msp.page.url
+    cookie = next(c for c in msp.context.cookies() if c["name"] == "gateway_console")
+    assert cookie["httpOnly"] and cookie["secure"] and cookie["sameSite"] == "Strict"
+    msp.check("home")
+    msp.page.get_by_role("link", name=agreement).first.click()
+    msp.check("agreement-requested")
+    msp.page.get_by_label("Reason").fill("the register may be read for this")
+    msp.page.get_by_role("button", name="Approve").click()
+    msp.page.wait_for_url(f"**/agreements/{agreement}?done=approve")
+    assert "approved by the provider" in msp.page.inner_text("main")
+    msp.check("agreement-approved-by-provider")
+    assert until(runner, "no_agreement") == "no_agreement"  # the registry has not approved
+
+    registry = Session(browser, links["registry"], "registry-admin")
+    registry.page.get_by_role("link", name=agreement).first.click()
+    registry.page.get_by_role("button", name="Approve").click()
+    registry.page.wait_for_url(f"**/agreements/{agreement}?done=approve")
+    assert "active" in registry.page.inner_text("main")
+    registry.check("agreement-active")
+    assert until(runner, "ok") == "ok"
+
+    registry.page.get_by_label("Reason").fill("the legal basis was withdrawn")
+    registry.page.get_by_role("button", name="Revoke").click()
+    registry.page.wait_for_url(f"**/agreements/{agreement}?done=revoke")
+    main = registry.page.inner_text("main")
+    assert "revoked" in main and "the legal basis was withdrawn" in main
+    registry.check("agreement-revoked")
+    assert until(runner, "agreement_revoked") == "agreement_revoked"
+    registry.page.get_by_role("link", name="Agreements").click()
+    registry.page.get_by_label("State").select_option("revoked")
+    registry.page.get_by_role("button", name="Filter").click()
+    assert agreement in registry.page.inner_text("main")
+    registry.check("agreements-revoked")
+
+    auditor = Session(browser, links["auditor"], "auditor")
+    auditor.check("home")
+    auditor.page.goto(f"{runner.api_url}/console/agreements/{agreement}")
+    timeline = auditor.page.inner_text("#history ~ ol")
+    for step in ("Request", "Approve", "Revoke"):
+        assert step.lower() in timeline.lower(), timeline
+    auditor.check("agreement-timeline")
+    auditor.page.get_by_role("link", name="Admin log").click()
+    assert "The admin log's chain verifies" in auditor.page.inner_text("main")
+    auditor.check("admin-log")
+
+    # the languages, chosen by the switch and kept
+    auditor.page.get_by_role("link", name="Español").click()
+    assert auditor.page.locator("html").get_attribute("lang") == "es"
+    assert "La cadena del registro verifica" in auditor.page.inner_text("main")
+    auditor.check("admin-log-es")
+    auditor.page.get_by_role("link", name="Inicio").click()
+    assert "Lo que espera por usted" in auditor.page.inner_text("main")
+
+    # signing out ends the session: the next page asks to sign in
+    msp.page.get_by_role("button", name="Sign out").click()
+    msp.page.wait_for_url("**/console/sign-in?signed-out=1")
+    msp.check("signed-out")
+    msp.page.goto(f"{runner.api_url}/console/")
+    assert msp.page.url.endswith("/console/sign-in")
+    for session in (msp, registry, auditor):
+        session.close()
