@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import re
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -50,13 +51,16 @@ from babel.dates import format_datetime
 from babel.numbers import format_decimal
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-from gateway.agreements import AgreementState
+from gateway.agreements import AgreementState, LegalBasis, LegalBasisKind
+from gateway.errors import GatewayError
+from gateway.identifiers import ServiceId, SubsystemId
 from gateway.timeutil import parse_time
 from gateway.workflow import Action
 from gateway_ops.auth import AuthError, Principal, Role, TokenIssuer, TokenVerifier
 from registry.console.text import DEFAULT_LANGUAGE, LANGUAGE_NAMES, LANGUAGES, TEXT, text
 from registry.governance import (
     AdminError,
+    AgreementRequest,
     Conflict,
     Forbidden,
     Governance,
@@ -151,6 +155,9 @@ class Console:
         r.add_get("/agreements/{id}", self.agreement)
         actions = "|".join(a.value for a in Action if a is not Action.EXPIRE)
         r.add_post("/agreements/{id}/{action:" + actions + "}", self.act)
+        r.add_post("/agreements", self.request_agreement)
+        r.add_get("/catalogue", self.catalogue)
+        r.add_get("/services/{id:.+}", self.service)
         r.add_get("/admin-log", self.admin_log)
         r.add_static("/static", HERE / "static", append_version=True)
         return app
@@ -196,6 +203,14 @@ class Console:
         except _Refusal as exc:
             return self._page(
                 request, "error.html", status=exc.status, message=self._t(request, exc.key)
+            )
+        except GatewayError as exc:  # a malformed identifier or purpose in a form, say
+            log.info("console_request_refused", path=request.path, status=400, reason=exc.message)
+            return self._page(
+                request,
+                "error.html",
+                status=400,
+                message=self._t(request, "error.invalid", message=exc.message),
             )
 
     @web.middleware
@@ -517,7 +532,7 @@ class Console:
             agreement=doc,
             history=await self.gov.agreement_history(actor, agreement_id),
             actions=[a.value for a in self.gov.actions_for(actor, doc)],
-            done=done if done in {a.value for a in Action} else None,
+            done=done if done in {*(a.value for a in Action), "request"} else None,
         )
 
     async def act(self, request: web.Request) -> web.StreamResponse:
@@ -536,6 +551,107 @@ class Console:
             action=action.value,
         )
         return _see_other(f"{PATH}/agreements/{quote(agreement_id)}?done={action.value}")
+
+    async def catalogue(self, request: web.Request) -> web.Response:
+        """Members with their subsystems, security servers and services, searched."""
+        actor = request[PRINCIPAL]
+        search = request.query.get("q", "").strip()[:200]
+        needle = search.lower()
+        members = await self.gov.list_members(actor)
+        servers = await self.gov.list_servers(actor)
+        services = await self.gov.search_services(actor, text=search or None)
+        if needle:
+            members = [
+                m
+                for m in members
+                if needle in m["id"].lower()
+                or needle in m["name"].lower()
+                or any(needle in x.lower() for x in m["subsystems"])
+            ]
+            servers = [s for s in servers if needle in s["id"].lower()]
+        return self._page(
+            request,
+            "catalogue.html",
+            members=members,
+            servers=servers,
+            services=services,
+            search=search,
+        )
+
+    async def service(self, request: web.Request) -> web.Response:
+        """One service: what it offers, its agreements in my scope, and a request form for
+        the administrators of members with subsystems."""
+        actor = request[PRINCIPAL]
+        service_id = request.match_info["id"]
+        ServiceId.parse(service_id)  # GatewayError (400) when malformed
+        found = [s for s in await self.gov.search_services(actor) if s["id"] == service_id]
+        if not found:
+            raise NotFound(f"service {service_id} is not in the catalogue")
+        clients: list[str] = []
+        if actor.role is Role.MEMBER_ADMIN:
+            mine = [m for m in await self.gov.list_members(actor) if m["id"] == str(actor.member)]
+            clients = mine[0]["subsystems"] if mine else []
+        return self._page(
+            request,
+            "service.html",
+            service=found[0],
+            agreements=[
+                a for a in await self.gov.list_agreements(actor) if a["service"] == service_id
+            ],
+            clients=clients,
+            kinds=[k.value for k in LegalBasisKind],
+        )
+
+    async def request_agreement(self, request: web.Request) -> web.StreamResponse:
+        """The request form of a service's page: the same request as the API's."""
+        actor = request[PRINCIPAL]
+        form = await request.post()
+
+        def field(name: str, longest: int = 500) -> str:
+            value = str(form.get(name, "")).strip()
+            if len(value) > longest:
+                raise InvalidRequest(f"{name} is longer than {longest} characters")
+            return value
+
+        purposes = tuple(p for p in re.split(r"[\s,]+", field("purposes")) if p)
+        if not purposes:
+            raise InvalidRequest("name at least one purpose")
+        try:
+            kind = LegalBasisKind(field("legal_basis_kind"))
+        except ValueError:
+            raise InvalidRequest("choose the kind of legal basis") from None
+        reference = field("legal_basis_reference")
+        if not reference:
+            raise InvalidRequest("name the legal basis (the law and article, say)")
+        until_text = field("valid_until", 10)
+        valid_until = None
+        if until_text:
+            try:
+                day = datetime.strptime(until_text, "%Y-%m-%d").replace(tzinfo=UTC)
+            except ValueError:
+                raise InvalidRequest("valid until must be a date (YYYY-MM-DD)") from None
+            valid_until = day + timedelta(days=1)  # to the end of that day
+        created = await self.gov.request_agreement(
+            actor,
+            AgreementRequest(
+                client=SubsystemId.parse(field("client")),
+                service=ServiceId.parse(field("service")),
+                purposes=purposes,
+                legal_basis=LegalBasis(kind=kind, reference=reference),
+                data_categories=tuple(
+                    str(c)[:64] for c in form.getall("data_categories", [])[:100]
+                ),
+                valid_until=valid_until,
+                reason=field("reason", MAX_REASON_CHARS),
+            ),
+        )
+        log.info(
+            "console_agreement_requested",
+            subject=actor.subject,
+            agreement=created["id"],
+            service=created["service"],
+        )
+        return _see_other(f"{PATH}/agreements/{quote(created['id'])}?done=request")
 
     async def admin_log(self, request: web.Request) -> web.Response:
         actor = request[PRINCIPAL]

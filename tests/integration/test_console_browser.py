@@ -2,8 +2,9 @@
 driven by Playwright) against a real topology (registry, both security servers, backends).
 
 As each kind of user, through the sign-in links `make demo` prints: DNIC's call to the
-vaccination register is refused; MSP's administrator finds the request on the home page
-and approves it, the registry administrator approves it too, and the call is allowed;
+vaccination register is refused; DNIC's administrator finds the register in the catalogue
+and requests an agreement from its page; MSP's administrator finds the request on the
+home page and approves it, the registry administrator approves it too, and the call is allowed;
 the registry administrator revokes it with a reason, and the call is refused again; an
 auditor reads the agreement's timeline and the admin log, verified. Every page passes
 axe-core with no serious or critical violation, and a screenshot of each is saved in
@@ -25,7 +26,6 @@ from typing import Any
 import grpc
 import pytest
 
-from gateway_client.admin import AdminClient
 from gateway_demo.client import routing_metadata
 from gateway_demo.demo import console_links
 from gateway_demo.generated import vaccination_pb2 as vaccination
@@ -130,20 +130,24 @@ def test_approve_from_the_home_page_see_the_call_allowed_then_revoke(
     runner: Runner, browser: Any
 ) -> None:
     assert call(runner) == "no_agreement"
-    dnic_admin = AdminClient(
-        runner.api_url,
-        runner.token("member-admin", member="UY/GOV/DNIC", subject="lucia.silva@dnic"),
-    )
-    agreement = str(
-        dnic_admin.request_agreement(
-            client=IDENTITY,
-            service=VACCINATION,
-            purposes=["identity-check"],
-            legal_basis_kind="law",
-            legal_basis_reference="Ley 18.331, art. 9",
-        )["id"]
-    )
     links = {who.split(" ")[0]: link for who, link in console_links(runner).items()}
+
+    # DNIC's administrator finds the vaccination register in the catalogue and asks for it
+    dnic = Session(browser, links["DNIC"], "dnic-admin")
+    dnic.page.get_by_role("link", name="Catalogue").click()
+    dnic.page.get_by_label("Search").fill("vaccination")
+    dnic.page.get_by_role("button", name="Filter").click()
+    dnic.check("catalogue")
+    dnic.page.get_by_role("link", name=VACCINATION).click()
+    dnic.page.get_by_label("Purposes").fill("identity-check")
+    dnic.page.get_by_label("Kind of legal basis").select_option("law")
+    dnic.page.get_by_label("Legal basis (").fill("Ley 18.331, art. 9")
+    dnic.check("service")
+    dnic.page.get_by_role("button", name="Request").click()
+    dnic.page.wait_for_url("**?done=request")
+    agreement = dnic.page.url.split("/agreements/")[1].split("?")[0]
+    assert "requested" in dnic.page.inner_text("main")
+    dnic.check("agreement-requested")
 
     msp = Session(browser, links["MSP"], "msp-admin")
     # the token has left the address bar; the session is in an HttpOnly cookie
@@ -152,7 +156,7 @@ def test_approve_from_the_home_page_see_the_call_allowed_then_revoke(
     assert cookie["httpOnly"] and cookie["secure"] and cookie["sameSite"] == "Strict"
     msp.check("home")
     msp.page.get_by_role("link", name=agreement).first.click()
-    msp.check("agreement-requested")
+    msp.check("agreement-to-approve")
     msp.page.get_by_label("Reason").fill("the register may be read for this")
     msp.page.get_by_role("button", name="Approve").click()
     msp.page.wait_for_url(f"**/agreements/{agreement}?done=approve")
@@ -206,5 +210,5 @@ def test_approve_from_the_home_page_see_the_call_allowed_then_revoke(
     msp.check("signed-out")
     msp.page.goto(f"{runner.api_url}/console/")
     assert msp.page.url.endswith("/console/sign-in")
-    for session in (msp, registry, auditor):
+    for session in (dnic, msp, registry, auditor):
         session.close()
