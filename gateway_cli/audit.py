@@ -18,13 +18,13 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
 from gateway_cli.admin import Column, render_table
 from gateway_client.admin import TOKEN_VARIABLE, AdminApiError, AdminClient
+from gateway_client.audit import subject_report, trace_checks
 
 PATH = "/audit/v1/records"
 FILTERS = ("message_id", "client", "service", "purpose", "status", "kind", "role", "since", "until")
@@ -126,66 +126,6 @@ def _search(ns: argparse.Namespace) -> int:
 # ---- data-subject report --------------------------------------------------------------------
 
 
-@dataclass
-class Access:
-    """One exchange about the subject, as the servers logged it."""
-
-    message_id: str
-    time: str = ""
-    client: str | None = None
-    service: str | None = None
-    purpose: str | None = None
-    agreement: str | None = None
-    result: str = "no answer logged"
-    seen_by: list[str] = field(default_factory=list)
-    verified: bool = True
-
-    def doc(self) -> dict[str, Any]:
-        return {
-            "message_id": self.message_id,
-            "time": self.time,
-            "client": self.client,
-            "service": self.service,
-            "purpose": self.purpose,
-            "agreement": self.agreement,
-            "result": self.result,
-            "logged_by": self.seen_by,
-            "verified": self.verified,
-        }
-
-
-def _result(r: dict[str, Any]) -> str | None:
-    if r["kind"] == "refusal" or r["status"] == "error":
-        return f"refused: {r['error_code'] or r['status']}"
-    if r["kind"] == "response":
-        return "answered" if r["status"] == "ok" else f"answered with {r['status']}"
-    return None
-
-
-def subject_report(found: Sequence[tuple[str, dict[str, Any]]]) -> list[Access]:
-    """Accesses per message id, from (server url, record) pairs; the provider's view of the
-    result wins, as the provider decided."""
-    accesses: dict[str, Access] = {}
-    ranked: dict[str, int] = {}
-    for url, r in sorted(found, key=lambda p: p[1]["logged_at"]):
-        a = accesses.setdefault(r["message_id"] or "-", Access(message_id=r["message_id"] or "-"))
-        if not a.time:
-            a.time = r["logged_at"]
-        for name in ("client", "service", "purpose"):
-            if getattr(a, name) is None:
-                setattr(a, name, r[name])
-        a.agreement = a.agreement or r.get("agreement_id")
-        if url not in a.seen_by:
-            a.seen_by.append(url)
-        a.verified = a.verified and bool(r["verified"])
-        outcome = _result(r)
-        rank = 2 if r["role"] == "provider" else 1
-        if outcome is not None and rank >= ranked.get(a.message_id, 0):
-            a.result = outcome
-            ranked[a.message_id] = rank
-    return sorted(accesses.values(), key=lambda a: a.time)
-
-
 SUBJECT_COLUMNS = (
     Column("TIME", lambda a: a["time"], None),
     Column("CLIENT", lambda a: a["client"], None),
@@ -217,48 +157,6 @@ def _subject(ns: argparse.Namespace) -> int:
 
 def _ms(start: str, moment: str) -> float:
     return (datetime.fromisoformat(moment) - datetime.fromisoformat(start)).total_seconds() * 1000
-
-
-def trace_checks(found: Sequence[tuple[str, dict[str, Any]]]) -> list[tuple[bool, str]]:
-    """What both sides must agree on: each signed header, its signature and body digest."""
-    checks: list[tuple[bool, str]] = []
-    for kind in ("request", "response"):
-        by_role = {
-            r["role"]: r for _, r in found if r["kind"] == kind and r.get("header") is not None
-        }
-        consumer, provider = by_role.get("consumer"), by_role.get("provider")
-        if consumer is None or provider is None:
-            missing = "consumer" if consumer is None else "provider"
-            checks.append(
-                (False, f"{kind}: the {missing}'s signed {kind} is not among the records")
-            )
-            continue
-        differ = [
-            name
-            for name in ("header", "signature", "body_sha256", "signer_certificate_sha256")
-            if consumer[name] != provider[name]
-        ]
-        if differ:
-            checks.append(
-                (False, f"{kind}: consumer and provider logged different {', '.join(differ)}")
-            )
-        else:
-            checks.append(
-                (
-                    True,
-                    f"{kind}: consumer and provider logged the same signed header, signature "
-                    f"and body digest ({str(consumer['body_sha256'])[:16]}…)",
-                )
-            )
-    for url, r in found:
-        if not r["verified"]:
-            checks.append(
-                (
-                    False,
-                    f"{url} {r['chain']}#{r['seq']}: does not verify: {'; '.join(r['problems'])}",
-                )
-            )
-    return checks
 
 
 def _trace(ns: argparse.Namespace) -> int:

@@ -252,7 +252,12 @@ class Runner:
                 "signing_key": str(self.pki / "configuration-signing.key"),
                 "validity_seconds": self.validity_seconds,
                 "refresh_seconds": self.refresh_seconds,
-                "api": {"listen": api, "token_key": str(self.pki / "registry-token.key")},
+                "api": {
+                    "listen": api,
+                    "token_key": str(self.pki / "registry-token.key"),
+                    # the console's auditor pages read the servers' auditor APIs
+                    "auditor_apis": {sid: f"http://{a}" for sid, a in self.auditors.items()},
+                },
                 "policy": {
                     "registry_approval_required": self.registry_approval_required,
                     **(

@@ -70,6 +70,9 @@ class ApiSettings:
     # the longest a console session lasts, in seconds (the token signed in with may end it
     # sooner)
     console_session_seconds: float = 900.0
+    # the security servers' auditor APIs the console's auditor pages read, by server id
+    # ("UY/GOV/MSP/ss1" = "https://ss1.msp.example:7443"), with the auditor's own session
+    auditor_apis: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -467,6 +470,7 @@ async def serve(
                 issuer,
                 clock=clock,
                 session_seconds=settings.api.console_session_seconds,
+                auditor_apis=settings.api.auditor_apis,
             )
             app.add_subapp("/console", console.app())
         runner = web.AppRunner(app, access_log=None)

@@ -36,13 +36,14 @@ import hashlib
 import hmac
 import re
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
+import aiohttp
 import jwt
 import structlog
 from aiohttp import web
@@ -56,6 +57,7 @@ from gateway.errors import GatewayError
 from gateway.identifiers import ServiceId, SubsystemId
 from gateway.timeutil import parse_time
 from gateway.workflow import Action
+from gateway_client.audit import compare_sides, subject_report
 from gateway_ops.auth import AuthError, Principal, Role, TokenIssuer, TokenVerifier
 from registry.console.text import DEFAULT_LANGUAGE, LANGUAGE_NAMES, LANGUAGES, TEXT, text
 from registry.governance import (
@@ -81,6 +83,20 @@ SESSION_SECONDS = 900.0
 EXPIRING_DAYS = 30
 MAX_TOKEN_CHARS = 16_384
 MAX_REASON_CHARS = 2000
+# the auditor API of a security server (security_server.auditor_api), its filters, and the
+# most records one page reads from each server
+AUDIT_PATH = "/audit/v1/records"
+AUDIT_FILTERS = (
+    "message_id",
+    "client",
+    "service",
+    "purpose",
+    "status",
+    "since",
+    "until",
+    "subject",
+)
+AUDIT_RECORDS = 200
 # the admin log page shows the newest entries (the API and `gateway admin log` page through all)
 LOG_ENTRIES_SHOWN = 200
 
@@ -128,7 +144,13 @@ class Console:
         *,
         clock: Callable[[], datetime],
         session_seconds: float = SESSION_SECONDS,
+        auditor_apis: Mapping[str, str] | None = None,
     ) -> None:
+        self.auditor_apis = dict(auditor_apis or {})
+        for server, url in self.auditor_apis.items():
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"the auditor API of {server} must be an http(s) URL, not {url!r}")
+        self._http: aiohttp.ClientSession | None = None
         self.gov = governance
         self.verifier = verifier
         self.issuer = issuer
@@ -159,8 +181,16 @@ class Console:
         r.add_get("/catalogue", self.catalogue)
         r.add_get("/services/{id:.+}", self.service)
         r.add_get("/admin-log", self.admin_log)
+        r.add_get("/audit", self.audit_search)
+        r.add_get("/audit/trace/{message_id}", self.audit_trace)
+        r.add_get("/audit/subject", self.audit_subject)
         r.add_static("/static", HERE / "static", append_version=True)
+        app.on_cleanup.append(self._close_http)
         return app
+
+    async def _close_http(self, _app: web.Application) -> None:
+        if self._http is not None:
+            await self._http.close()
 
     # ---- middleware --------------------------------------------------------------------
 
@@ -334,6 +364,10 @@ class Console:
                     return t(key)
             return t("action.other", action=action)  # a code this console does not know
 
+        def record_kind(r: dict[str, Any]) -> str:
+            key = f"kind.{r.get('kind')}"
+            return t(key) if key in catalogue else str(r.get("kind"))
+
         def basis_name(kind: str) -> str:
             return t(f"basis.{kind}") if f"basis.{kind}" in catalogue else kind
 
@@ -356,6 +390,7 @@ class Console:
             action_name=action_name,
             event_name=event_name,
             basis_name=basis_name,
+            record_kind=record_kind,
             state_name=state_name,
             switch=switch,
             lang=lang,
@@ -652,6 +687,109 @@ class Console:
             service=created["service"],
         )
         return _see_other(f"{PATH}/agreements/{quote(created['id'])}?done=request")
+
+    # ---- auditor pages: the security servers' auditor APIs, with the auditor's session ----
+
+    def _auditor(self, request: web.Request) -> Principal:
+        actor = request[PRINCIPAL]
+        if actor.role is not Role.AUDITOR:
+            raise Forbidden("the auditor pages are for auditors")
+        return actor
+
+    async def _records(
+        self, request: web.Request, params: dict[str, str], servers: list[str] | None = None
+    ) -> tuple[list[tuple[str, dict[str, Any]]], dict[str, str]]:
+        """(server, record) pairs from each server's auditor API, read with this session's
+        token (which the servers verify against the registry's keys, as any auditor token),
+        and the servers that could not answer, with why."""
+        if self._http is None:
+            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+        found: list[tuple[str, dict[str, Any]]] = []
+        failed: dict[str, str] = {}
+        headers = {"Authorization": f"Bearer {request[SESSION]}"}
+        for server in servers if servers is not None else sorted(self.auditor_apis):
+            url = self.auditor_apis[server].rstrip("/") + AUDIT_PATH
+            query = {k: v for k, v in params.items() if v}
+            try:
+                async with self._http.get(
+                    url, params={**query, "limit": str(AUDIT_RECORDS)}, headers=headers
+                ) as answer:
+                    doc = await answer.json(content_type=None)
+                    if answer.status != 200:
+                        failed[server] = str(doc.get("message", answer.status))[:300]
+                        continue
+            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                failed[server] = f"{type(exc).__name__}: {exc}"[:300]
+                continue
+            found += [(server, r) for r in doc["records"]]
+        log.info(
+            "console_audit_query",
+            subject=request[PRINCIPAL].subject,
+            filters=sorted(k for k, v in params.items() if v),
+            servers=len(self.auditor_apis),
+            failed=sorted(failed),
+        )
+        return found, failed
+
+    async def audit_search(self, request: web.Request) -> web.Response:
+        self._auditor(request)
+        params = {name: request.query.get(name, "").strip()[:256] for name in AUDIT_FILTERS}
+        server = request.query.get("server", "")
+        if server and server not in self.auditor_apis:
+            raise InvalidRequest(f"no auditor API is configured for server {server[:100]!r}")
+        searched = any(params.values()) or "server" in request.query
+        found, failed = (
+            await self._records(request, params, [server] if server else None)
+            if searched
+            else ([], {})
+        )
+        found.sort(key=lambda p: p[1]["logged_at"], reverse=True)
+        return self._page(
+            request,
+            "audit_search.html",
+            servers=sorted(self.auditor_apis),
+            server=server,
+            params=params,
+            searched=searched,
+            found=found,
+            failed=failed,
+        )
+
+    async def audit_trace(self, request: web.Request) -> web.Response:
+        self._auditor(request)
+        message_id = request.match_info["message_id"][:256]
+        found, failed = await self._records(request, {"message_id": message_id})
+        found.sort(key=lambda p: p[1]["logged_at"])
+        start = parse_time(found[0][1]["logged_at"]) if found else None
+        timeline = [
+            (server, r, (parse_time(r["logged_at"]) - start).total_seconds() * 1000 if start else 0)
+            for server, r in found
+        ]
+        return self._page(
+            request,
+            "audit_trace.html",
+            message_id=message_id,
+            timeline=timeline,
+            sides=compare_sides(found) if found else [],
+            failed=failed,
+        )
+
+    async def audit_subject(self, request: web.Request) -> web.Response:
+        self._auditor(request)
+        subject = request.query.get("subject", "").strip()[:256]
+        params = {
+            "subject": subject,
+            "since": request.query.get("since", "").strip()[:40],
+            "until": request.query.get("until", "").strip()[:40],
+        }
+        found, failed = await self._records(request, params) if subject else ([], {})
+        return self._page(
+            request,
+            "audit_subject.html",
+            params=params,
+            accesses=subject_report(found),
+            failed=failed,
+        )
 
     async def admin_log(self, request: web.Request) -> web.Response:
         actor = request[PRINCIPAL]

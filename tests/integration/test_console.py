@@ -13,6 +13,7 @@ from __future__ import annotations
 import html
 import re
 import shutil
+import socket
 import tomllib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -132,7 +133,15 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
     app = api.app()
     app.add_subapp(
         "/console",
-        Console(gov, verifier, issuer, clock=clock, session_seconds=SESSION_SECONDS).app(),
+        Console(
+            gov,
+            verifier,
+            issuer,
+            clock=clock,
+            session_seconds=SESSION_SECONDS,
+            # nothing listens there: the auditor pages say so (a real one: the browser test)
+            auditor_apis={"UY/GOV/MSP/ss1": f"http://127.0.0.1:{closed_port()}"},
+        ).app(),
     )
     client: TestClient[Any, Any] = TestClient(TestServer(app))
     await client.start_server()
@@ -141,6 +150,12 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
     finally:
         await client.close()
         await store.close()
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def member_admin(subject: str, member: MemberId) -> Principal:
@@ -441,6 +456,28 @@ async def test_a_member_admin_requests_an_agreement_from_a_services_page(world: 
     await registry.get("/console/services/UY/GOV/MSP/clinics/nothing/v1", status=404)
 
 
+# ---- auditor pages ----------------------------------------------------------------------
+
+
+async def test_the_auditor_pages_are_for_auditors_and_say_which_server_did_not_answer(
+    world: World,
+) -> None:
+    registry = await signed_in(world, "root@registry", Role.REGISTRY_ADMIN)
+    for path in ("/console/audit", "/console/audit/trace/abc", "/console/audit/subject?subject=1"):
+        refused = await registry.get(path, status=403)
+        assert "the auditor pages are for auditors" in refused
+    assert "/console/audit" not in await registry.get("/console/")  # no link either
+    auditor = await signed_in(world, "ana@auditoria", Role.AUDITOR)
+    assert 'href="/console/audit"' in await auditor.get("/console/")
+    page = visible_text(await auditor.get("/console/audit?server=UY/GOV/MSP/ss1&client=x"))
+    assert "Some servers did not answer:" in page and "UY/GOV/MSP/ss1: ClientConnectorError" in page
+    await auditor.get("/console/audit?server=UY/GOV/XX/ss9", status=400)
+    page = visible_text(await auditor.get("/console/audit/trace/abc"))
+    assert "No server logged this message." in page
+    page = visible_text(await auditor.get("/console/audit/subject?subject=1.234.567-8"))
+    assert "0 accesses" in page
+
+
 # ---- languages ------------------------------------------------------------------------
 
 
@@ -467,6 +504,11 @@ async def rendered_in(world: World, language: str) -> dict[str, str]:
     member.language = language
     rendered["service-request-form"] = await member.get(f"/console/services/{VACCINATION}")
     assert 'action="/console/agreements"' in rendered["service-request-form"]
+    auditor = await signed_in(world, "ana@auditoria", Role.AUDITOR)
+    auditor.language = language
+    rendered["audit"] = await auditor.get("/console/audit?client=x")
+    rendered["audit-trace"] = await auditor.get("/console/audit/trace/abc")
+    rendered["audit-subject"] = await auditor.get("/console/audit/subject?subject=1")
     browser.cookies.pop(SESSION_COOKIE)
     rendered["sign-in"] = await browser.get("/console/sign-in?expired=1")
     return rendered
@@ -548,7 +590,7 @@ def test_templates_hold_no_words_of_their_own() -> None:
 def test_every_language_translates_every_string() -> None:
     """The same keys in each language, each with the same placeholders, and no string left
     as another language's: only these say the same in every language."""
-    the_same_everywhere = {"state.none", "action.other", "agreement.transition"}
+    the_same_everywhere = {"state.none", "action.other", "agreement.transition", "audit.offset"}
     for language in LANGUAGES:
         assert TEXT[language].keys() == TEXT["en"].keys(), language
         for key, value in TEXT[language].items():

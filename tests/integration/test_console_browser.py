@@ -68,18 +68,26 @@ def browser() -> Iterator[Any]:
             chromium.close()
 
 
+SUBJECT = "1.234.567-8"
+ANSWERED: list[str] = []  # the message ids of the calls answered
+
+
 def call(runner: Runner) -> str:
-    """DNIC's identity subsystem reads the vaccination register: "ok" or the refusal's code."""
-    body = vaccination.GetRecordRequest(national_id="1.234.567-8").SerializeToString()
-    metadata = routing_metadata(client=IDENTITY, service=VACCINATION, purpose="identity-check")
+    """DNIC's identity subsystem reads one person's vaccination record: "ok" or the
+    refusal's code."""
+    body = vaccination.GetRecordRequest(national_id=SUBJECT).SerializeToString()
+    metadata = routing_metadata(
+        client=IDENTITY, service=VACCINATION, purpose="identity-check", subject=SUBJECT
+    )
     with grpc.insecure_channel(runner.consumers[DNIC]) as channel:
         method: Any = channel.unary_unary(GET_RECORD, None, None)
         try:
-            method(body, metadata=tuple(metadata), timeout=10)
+            _, answered = method.with_call(body, metadata=tuple(metadata), timeout=10)
         except grpc.RpcError as exc:
             failed: Any = exc  # a grpc.Call as well
             trailing = {k: str(v) for k, v in failed.trailing_metadata() or ()}
             return trailing.get("gateway-error", str(failed.code()))
+    ANSWERED.append(dict(answered.trailing_metadata())["gateway-id"])
     return "ok"
 
 
@@ -192,6 +200,33 @@ def test_approve_from_the_home_page_see_the_call_allowed_then_revoke(
     for step in ("Request", "Approve", "Revoke"):
         assert step.lower() in timeline.lower(), timeline
     auditor.check("agreement-timeline")
+    # the allowed call, traced across both servers, then the person's report
+    message_id = ANSWERED[-1]
+    auditor.page.get_by_role("link", name="Audit").click()
+    auditor.page.get_by_label("Message id").fill(message_id)
+    auditor.page.get_by_role("button", name="Filter").click()
+    assert "4 records" in auditor.page.inner_text("main")  # request and response, both sides
+    auditor.check("audit-search")
+    auditor.page.get_by_role("link", name=message_id).first.click()
+    auditor.page.wait_for_url(f"**/audit/trace/{message_id}")
+    deadline = time.monotonic() + 15  # until the batch time-stamps cover every record
+    while auditor.page.inner_text("main").count("time-stamped at") < 4:
+        assert time.monotonic() < deadline, auditor.page.inner_text("main")
+        time.sleep(0.3)
+        auditor.page.reload()
+    trace = auditor.page.inner_text("main")
+    assert trace.count("consumer and provider logged the same signed header") == 2, trace
+    assert trace.count("the record verifies") == 4 and "NOT" not in trace, trace
+    auditor.check("audit-trace")
+    auditor.page.get_by_role("link", name="Audit").click()
+    auditor.page.get_by_role("link", name="Data-subject report").click()
+    auditor.page.get_by_label("Data subject").fill(SUBJECT)
+    auditor.page.get_by_role("button", name="Report").click()
+    report = auditor.page.inner_text("main")
+    assert "answered (ok)" in report and agreement in report, report
+    assert "refused: agreement_revoked" in report and "refused: no_agreement" in report, report
+    auditor.check("audit-subject")
+
     auditor.page.get_by_role("link", name="Admin log").click()
     assert "The admin log's chain verifies" in auditor.page.inner_text("main")
     auditor.check("admin-log")
