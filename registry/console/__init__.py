@@ -36,6 +36,7 @@ import hashlib
 import hmac
 import re
 import secrets
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -55,10 +56,11 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from gateway.agreements import AgreementState, LegalBasis, LegalBasisKind
 from gateway.errors import GatewayError
 from gateway.identifiers import ServiceId, SubsystemId
-from gateway.timeutil import parse_time
+from gateway.timeutil import format_time, parse_time
 from gateway.workflow import Action
 from gateway_client.audit import compare_sides, subject_report
 from gateway_ops.auth import AuthError, Principal, Role, TokenIssuer, TokenVerifier
+from registry.console.charts import Bar, Series, bars, stacked_columns
 from registry.console.text import DEFAULT_LANGUAGE, LANGUAGE_NAMES, LANGUAGES, TEXT, text
 from registry.governance import (
     AdminError,
@@ -97,6 +99,20 @@ AUDIT_FILTERS = (
     "subject",
 )
 AUDIT_RECORDS = 200
+# the audit page's charts: from at most this many records of each server, for so many services
+CHART_RECORDS = 2000
+MAX_CHARTS = 12
+GOOD, BAD, WAITING, NEUTRAL = "#1d6b2f", "#9b1c1c", "#0b4f8a", "#5c5c5c"
+STATE_COLOURS = {
+    AgreementState.REQUESTED: WAITING,
+    AgreementState.APPROVED_BY_PROVIDER: WAITING,
+    AgreementState.APPROVED_BY_REGISTRY: WAITING,
+    AgreementState.ACTIVE: GOOD,
+    AgreementState.REJECTED: NEUTRAL,
+    AgreementState.SUSPENDED: BAD,
+    AgreementState.REVOKED: BAD,
+    AgreementState.EXPIRED: NEUTRAL,
+}
 # the admin log page shows the newest entries (the API and `gateway admin log` page through all)
 LOG_ENTRIES_SHOWN = 200
 
@@ -516,9 +532,19 @@ class Console:
                 if s["status"] == "pending"
                 and (actor.role is Role.REGISTRY_ADMIN or s["id"].startswith(f"{actor.member}/"))
             ]
+        by_state = Counter(a["state"] for a in visible)
+        chart = bars(
+            self._t(request, "charts.agreements"),
+            [
+                Bar(self._t(request, f"state.{s.value}"), by_state[s.value], STATE_COLOURS[s])
+                for s in AgreementState
+            ],
+        )
         return self._page(
             request,
             "home.html",
+            chart=chart,
+            by_state=[(s.value, by_state[s.value]) for s in AgreementState],
             awaiting=awaiting,
             expiring=sorted(expiring, key=lambda a: a["valid_until"]),
             servers=servers,
@@ -697,11 +723,16 @@ class Console:
         return actor
 
     async def _records(
-        self, request: web.Request, params: dict[str, str], servers: list[str] | None = None
+        self,
+        request: web.Request,
+        params: dict[str, str],
+        servers: list[str] | None = None,
+        most: int = AUDIT_RECORDS,
     ) -> tuple[list[tuple[str, dict[str, Any]]], dict[str, str]]:
-        """(server, record) pairs from each server's auditor API, read with this session's
-        token (which the servers verify against the registry's keys, as any auditor token),
-        and the servers that could not answer, with why."""
+        """(server, record) pairs from each server's auditor API (at most `most` from each,
+        newest pages first as the API orders them), read with this session's token (which
+        the servers verify against the registry's keys, as any auditor token), and the
+        servers that could not answer, with why."""
         if self._http is None:
             self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
         found: list[tuple[str, dict[str, Any]]] = []
@@ -710,18 +741,25 @@ class Console:
         for server in servers if servers is not None else sorted(self.auditor_apis):
             url = self.auditor_apis[server].rstrip("/") + AUDIT_PATH
             query = {k: v for k, v in params.items() if v}
-            try:
-                async with self._http.get(
-                    url, params={**query, "limit": str(AUDIT_RECORDS)}, headers=headers
-                ) as answer:
-                    doc = await answer.json(content_type=None)
-                    if answer.status != 200:
-                        failed[server] = str(doc.get("message", answer.status))[:300]
-                        continue
-            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-                failed[server] = f"{type(exc).__name__}: {exc}"[:300]
-                continue
-            found += [(server, r) for r in doc["records"]]
+            taken, after = 0, None
+            while taken < most:
+                page = {**query, "limit": str(min(AUDIT_RECORDS, most - taken))}
+                if after:
+                    page["after"] = after
+                try:
+                    async with self._http.get(url, params=page, headers=headers) as answer:
+                        doc = await answer.json(content_type=None)
+                        if answer.status != 200:
+                            failed[server] = str(doc.get("message", answer.status))[:300]
+                            break
+                except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                    failed[server] = f"{type(exc).__name__}: {exc}"[:300]
+                    break
+                found += [(server, r) for r in doc["records"]]
+                taken += len(doc["records"])
+                after = doc.get("next")
+                if not after or not doc["records"]:
+                    break
         log.info(
             "console_audit_query",
             subject=request[PRINCIPAL].subject,
@@ -738,15 +776,23 @@ class Console:
         if server and server not in self.auditor_apis:
             raise InvalidRequest(f"no auditor API is configured for server {server[:100]!r}")
         searched = any(params.values()) or "server" in request.query
-        found, failed = (
-            await self._records(request, params, [server] if server else None)
-            if searched
-            else ([], {})
-        )
+        charts: list[dict[str, Any]] = []
+        if searched:
+            found, failed = await self._records(request, params, [server] if server else None)
+        else:  # the landing page: the last day's exchanges, per service and hour
+            found, failed = await self._records(
+                request,
+                {"role": "consumer", "since": format_time(self.clock() - timedelta(hours=24))},
+                most=CHART_RECORDS,
+            )
+            charts = self._exchange_charts(request, found)
+            found = []
         found.sort(key=lambda p: p[1]["logged_at"], reverse=True)
         return self._page(
             request,
             "audit_search.html",
+            charts=charts,
+            chart_records=CHART_RECORDS,
             servers=sorted(self.auditor_apis),
             server=server,
             params=params,
@@ -754,6 +800,43 @@ class Console:
             found=found,
             failed=failed,
         )
+
+    def _exchange_charts(
+        self, request: web.Request, found: list[tuple[str, dict[str, Any]]]
+    ) -> list[dict[str, Any]]:
+        """Per service, exchanges answered and refused in each of the last 24 hours (UTC),
+        counted once each, from the consumer's side."""
+        start = self.clock().replace(minute=0, second=0, microsecond=0) - timedelta(hours=23)
+        counts: dict[str, tuple[list[int], list[int]]] = {}
+        for _, r in found:
+            if r["kind"] not in ("response", "refusal") or not r.get("service"):
+                continue
+            hour = int((parse_time(r["logged_at"]) - start).total_seconds() // 3600)
+            if not 0 <= hour < 24:
+                continue
+            answered, refused = counts.setdefault(r["service"], ([0] * 24, [0] * 24))
+            (answered if r["kind"] == "response" else refused)[hour] += 1
+        ticks = [(start + timedelta(hours=i)).strftime("%H:%M") for i in range(24)]
+        charts = []
+        for service, (answered, refused) in sorted(counts.items())[:MAX_CHARTS]:
+            title = self._t(request, "charts.exchanges", service=service)
+            charts.append(
+                {
+                    "service": service,
+                    "title": title,
+                    "svg": stacked_columns(
+                        title,
+                        ticks,
+                        [
+                            Series(self._t(request, "charts.answered"), GOOD, answered),
+                            Series(self._t(request, "charts.refused"), BAD, refused),
+                        ],
+                    ),
+                    "answered": sum(answered),
+                    "refused": sum(refused),
+                }
+            )
+        return charts
 
     async def audit_trace(self, request: web.Request) -> web.Response:
         self._auditor(request)

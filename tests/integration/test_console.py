@@ -359,6 +359,22 @@ async def test_approval_from_the_home_page_by_both_sides_then_revocation(world: 
     assert (await world.gov.verify_admin_log(REGISTRY))["verified"] is True
 
 
+async def test_the_home_page_charts_agreements_by_state_in_scope(world: World) -> None:
+    """An SVG bar per state (no script, no inline style), and the same figures in a table."""
+    registry = await signed_in(world, "root@registry", Role.REGISTRY_ADMIN)
+    page = await registry.get("/console/")
+    svg = page.split("<svg", 1)[1].split("</svg>", 1)[0]
+    assert 'role="img"' in svg and "<title>Agreements by state</title>" in svg
+    assert "style=" not in svg and "<script" not in svg
+    figures = dict(re.findall(r"<tr><td>([a-z ]+)</td><td>(\d+)</td></tr>", page))
+    assert (figures["requested"], figures["active"], figures["revoked"]) == ("2", "1", "0")
+    msp = await signed_in(world, "carla@msp", Role.MEMBER_ADMIN, MSP)
+    figures = dict(
+        re.findall(r"<tr><td>([a-z ]+)</td><td>(\d+)</td></tr>", await msp.get("/console/"))
+    )
+    assert (figures["requested"], figures["active"]) == ("1", "1")  # BPS's request is not MSP's
+
+
 async def test_a_member_admin_cannot_see_or_act_on_another_members_items(world: World) -> None:
     msp = await signed_in(world, "carla@msp", Role.MEMBER_ADMIN, MSP)
     listing = await msp.get("/console/agreements")

@@ -17,6 +17,7 @@ sign-in script under the Content Security Policy, forms, redirects and rendering
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -200,9 +201,16 @@ def test_approve_from_the_home_page_see_the_call_allowed_then_revoke(
     for step in ("Request", "Approve", "Revoke"):
         assert step.lower() in timeline.lower(), timeline
     auditor.check("agreement-timeline")
+    # the last day's exchanges, charted per service from the servers' logs
+    auditor.page.get_by_role("link", name="Audit").click()
+    chart = auditor.page.locator("figure", has_text=VACCINATION)
+    totals = re.search(r"(\d+) answered and (\d+) refused", chart.inner_text())
+    assert totals is not None and int(totals.group(1)) >= 1 and int(totals.group(2)) >= 2
+    assert (chart.locator("svg[role=img] title").text_content() or "").startswith(VACCINATION)
+    auditor.check("audit")
+
     # the allowed call, traced across both servers, then the person's report
     message_id = ANSWERED[-1]
-    auditor.page.get_by_role("link", name="Audit").click()
     auditor.page.get_by_label("Message id").fill(message_id)
     auditor.page.get_by_role("button", name="Filter").click()
     assert "4 records" in auditor.page.inner_text("main")  # request and response, both sides
