@@ -2,6 +2,8 @@
 
     GET /audit/v1/records?message_id=&client=&service=&purpose=&status=&kind=&role=
                           &since=&until=&subject=&limit=&after=
+    GET /audit/v1/evidence/{message_id}    the exchange's evidence bundle (a zip), as
+                                           `gateway audit export` writes it
 
 Bearer tokens (JWT) with the `auditor` role only, verified against the registry's keys
 (its JWKS URL) or an OpenID Connect provider's: an auditor scoped to a member sees only
@@ -33,12 +35,14 @@ from urllib.parse import urlencode
 
 import structlog
 from aiohttp import web
+from multidict import MultiDict
 
 from gateway.audit import RecordKind, Role
-from gateway.errors import GatewayError
+from gateway.errors import AuditError, GatewayError
 from gateway.records import record
 from gateway_ops.auth import AuthError, Principal, TokenVerifier
 from gateway_ops.auth import Role as TokenRole
+from security_server.evidence import export_records, zip_bytes
 from security_server.floods import RefusalCounter, TokenBuckets, retry_after
 from security_server.message_log import MessageLog
 from security_server.search import KINDS, CursorError, Query, Searcher, decode_cursor
@@ -46,6 +50,7 @@ from security_server.search import KINDS, CursorError, Query, Searcher, decode_c
 log = structlog.get_logger("security_server.auditor_api")
 
 PATH = "/audit/v1/records"
+EVIDENCE_PATH = "/audit/v1/evidence/{message_id}"
 _TEXT_PARAMS = ("message_id", "client", "service", "purpose", "status", "subject")
 _PARAMS = frozenset((*_TEXT_PARAMS, "kind", "role", "since", "until", "limit", "after"))
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -180,6 +185,7 @@ class AuditorApi:
     def app(self) -> web.Application:
         app = web.Application(client_max_size=16 * 1024)
         app.router.add_get(PATH, self.records)
+        app.router.add_get(EVIDENCE_PATH, self.evidence)
         return app
 
     async def _log_query(
@@ -190,6 +196,7 @@ class AuditorApi:
         subject_ref: str | None,
         status: str,
         error: tuple[str, str] | None = None,
+        method: str = f"GET {PATH}",
     ) -> None:
         """Append the query's own record; raises `GatewayError` when it cannot be written."""
         await self.log.append_audit(
@@ -203,7 +210,7 @@ class AuditorApi:
                     if principal is None
                     else (str(principal.member) if principal.member else "instance")
                 ),
-                method=f"GET {PATH}",
+                method=method,
                 purpose=urlencode(logged) or None,
                 user_id=None if principal is None else f"{principal.subject} ({principal.issuer})",
                 subject_ref=subject_ref,
@@ -278,7 +285,9 @@ class AuditorApi:
             wait=wait,
         )
 
-    async def records(self, request: web.Request) -> web.Response:
+    async def _authenticate(self, request: web.Request) -> Principal | web.Response:
+        """The auditor behind the request, or the answer that refuses it (rate limits, no
+        or bad token, another role), counted or logged as `records` does."""
         source = request.remote or "unknown"
         if limited := self._over_rate(self.source_limit, source, source, by="source"):
             return limited
@@ -310,6 +319,67 @@ class AuditorApi:
                 "forbidden",
                 f"the auditor API needs a token with the auditor role, not {principal.role.value}",
             )
+        return principal
+
+    async def evidence(self, request: web.Request) -> web.StreamResponse:
+        """The evidence bundle of one exchange in the auditor's scope (404 otherwise, as for
+        an exchange this log does not hold); the request is logged before it is answered."""
+        principal = await self._authenticate(request)
+        if isinstance(principal, web.Response):
+            return principal
+        method = "GET " + EVIDENCE_PATH.split("{")[0]
+        message_id = request.match_info["message_id"]
+        try:
+            query, logged = parse_query(
+                MultiDict(message_id=message_id), principal, self.pseudonym, self.max_page
+            )
+        except QueryError as exc:
+            return await self._refuse(request, principal, 400, "bad_request", str(exc))
+        logged = {"evidence": message_id}
+        found, _ = await self.searcher.search(query)
+        if not any(r["kind"] in ("request", "response") for r in found):
+            log.info("audit_evidence_refused", subject=principal.subject, message_id=message_id)
+            try:
+                await self._log_query(
+                    request,
+                    principal,
+                    logged,
+                    None,
+                    "refused",
+                    ("not_found", "no exchange of that id in this log and the auditor's scope"),
+                    method=method,
+                )
+            except GatewayError as err:
+                log.error("audit_query_not_logged", error=err.message)
+            return _error(
+                404, "not_found", f"this log holds no exchange {message_id} in your scope"
+            )
+        try:
+            await self._log_query(request, principal, logged, None, "ok", method=method)
+        except GatewayError as err:
+            log.error("audit_query_not_logged", error=err.message)
+            return _error(
+                503, "log_unavailable", "this request cannot be logged, so it is not answered"
+            )
+        try:
+            async with self.log.engine.connect() as conn:
+                files = await export_records(conn, message_id)
+        except AuditError as exc:
+            return _error(404, "not_found", exc.message)
+        log.info("audit_evidence", subject=principal.subject, message_id=message_id)
+        return web.Response(
+            body=zip_bytes(files),
+            content_type="application/zip",
+            headers={
+                "Content-Disposition": f'attachment; filename="evidence-{message_id}.zip"',
+                "Cache-Control": "no-store",
+            },
+        )
+
+    async def records(self, request: web.Request) -> web.Response:
+        principal = await self._authenticate(request)
+        if isinstance(principal, web.Response):
+            return principal
         try:
             query, logged = parse_query(request.query, principal, self.pseudonym, self.max_page)
         except QueryError as exc:

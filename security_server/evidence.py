@@ -49,12 +49,13 @@ async def export_bundle(url: str, message_id: str) -> dict[str, bytes]:
     engine = create_async_engine(url)
     try:
         async with engine.connect() as conn:
-            return await _export(conn, message_id)
+            return await export_records(conn, message_id)
     finally:
         await engine.dispose()
 
 
-async def _export(conn: AsyncConnection, message_id: str) -> dict[str, bytes]:
+async def export_records(conn: AsyncConnection, message_id: str) -> dict[str, bytes]:
+    """The bundle's files, read on an open connection to the log (the auditor API's)."""
     rows = await conn.execute(
         sa.select(message_log)
         .where(
@@ -194,13 +195,17 @@ def _text(value: object) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def write_zip(path: str, files: Mapping[str, bytes]) -> None:
+def zip_bytes(files: Mapping[str, bytes]) -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
         for name in sorted(files):
             archive.writestr(name, files[name])
+    return buffer.getvalue()
+
+
+def write_zip(path: str, files: Mapping[str, bytes]) -> None:
     with open_private(path) as out:
-        out.write(buffer.getvalue())
+        out.write(zip_bytes(files))
 
 
 def read_zip(path: str, max_bytes: int = 256 * 1024 * 1024) -> dict[str, bytes]:

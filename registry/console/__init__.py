@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import json
 import re
 import secrets
 from collections import Counter
@@ -88,6 +89,7 @@ MAX_REASON_CHARS = 2000
 # the auditor API of a security server (security_server.auditor_api), its filters, and the
 # most records one page reads from each server
 AUDIT_PATH = "/audit/v1/records"
+EVIDENCE_PATH = "/audit/v1/evidence/"
 AUDIT_FILTERS = (
     "message_id",
     "client",
@@ -200,6 +202,7 @@ class Console:
         r.add_get("/audit", self.audit_search)
         r.add_get("/audit/trace/{message_id}", self.audit_trace)
         r.add_get("/audit/subject", self.audit_subject)
+        r.add_get("/audit/evidence", self.audit_evidence)
         r.add_static("/static", HERE / "static", append_version=True)
         app.on_cleanup.append(self._close_http)
         return app
@@ -855,6 +858,43 @@ class Console:
             timeline=timeline,
             sides=compare_sides(found) if found else [],
             failed=failed,
+        )
+
+    async def audit_evidence(self, request: web.Request) -> web.StreamResponse:
+        """An exchange's evidence bundle, from one server's auditor API (which checks the
+        auditor's scope and logs the request), handed to the browser as a download."""
+        actor = self._auditor(request)
+        server = request.query.get("server", "")
+        message_id = request.query.get("message_id", "")[:256]
+        if server not in self.auditor_apis or not message_id:
+            raise InvalidRequest("name a server with an auditor API and a message id")
+        if self._http is None:
+            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+        url = f"{self.auditor_apis[server].rstrip('/')}{EVIDENCE_PATH}{quote(message_id, safe='')}"
+        try:
+            async with self._http.get(
+                url, headers={"Authorization": f"Bearer {request[SESSION]}"}
+            ) as answer:
+                body = await answer.read()
+                if answer.status != 200:
+                    try:
+                        reason = str(json.loads(body).get("message", answer.status))
+                    except ValueError:
+                        reason = str(answer.status)
+                    if answer.status == 404:
+                        raise NotFound(reason)
+                    if answer.status == 403:
+                        raise Forbidden(reason)
+                    raise Conflict(f"{server} answered {answer.status}: {reason}")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise Conflict(f"{server} cannot be reached: {type(exc).__name__}") from None
+        log.info("console_evidence", subject=actor.subject, server=server, message_id=message_id)
+        return web.Response(
+            body=body,
+            content_type="application/zip",
+            headers={
+                "Content-Disposition": f'attachment; filename="evidence-{quote(message_id)}.zip"'
+            },
         )
 
     async def audit_subject(self, request: web.Request) -> web.Response:

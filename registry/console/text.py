@@ -113,6 +113,8 @@ TEXT: dict[str, dict[str, str]] = {
         "error.csrf": "El formulario no lleva una marca válida de esta sesión; "
         "vuelva a la página e inténtelo de nuevo.",
         "error.back": "Volver al inicio",
+        "audit.evidence": "Paquete de evidencia",
+        "audit.evidence_from": "Descargar el paquete de evidencia de {server} (zip, verificable sin conexión)",
         "charts.agreements": "Acuerdos por estado",
         "charts.figures": "Las cifras",
         "charts.count": "Cantidad",
@@ -319,6 +321,8 @@ TEXT: dict[str, dict[str, str]] = {
         "error.csrf": "The form does not carry a valid mark of this session; go back to the "
         "page and try again.",
         "error.back": "Back to the home page",
+        "audit.evidence": "Evidence bundle",
+        "audit.evidence_from": "Download the evidence bundle from {server} (zip, verifiable offline)",
         "charts.agreements": "Agreements by state",
         "charts.figures": "The figures",
         "charts.count": "Count",
@@ -525,6 +529,8 @@ TEXT: dict[str, dict[str, str]] = {
         "error.csrf": "O formulário não traz uma marca válida desta sessão; volte à página e "
         "tente novamente.",
         "error.back": "Voltar ao início",
+        "audit.evidence": "Pacote de evidências",
+        "audit.evidence_from": "Baixar o pacote de evidências de {server} (zip, verificável offline)",
         "charts.agreements": "Acordos por estado",
         "charts.figures": "Os números",
         "charts.count": "Quantidade",

@@ -239,6 +239,46 @@ def test_instance_auditor_finds_the_exchange_on_both_servers_verified_and_stampe
             assert consumer[name] == provider[name], (kind, name)
 
 
+def download(base: str, message_id: str, token: str | None) -> tuple[int, bytes, Mapping[str, str]]:
+    headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+    request = urllib.request.Request(f"{base}/audit/v1/evidence/{message_id}", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+            return response.status, response.read(), dict(response.headers)
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read(), dict(exc.headers)
+
+
+def test_evidence_bundle_over_the_api_verifies_offline_and_keeps_to_the_scope(
+    world: World, tmp_path: Path
+) -> None:
+    """GET /audit/v1/evidence/{id} answers the zip `gateway audit export` writes, which
+    `gateway audit verify-bundle` accepts; a member auditor of neither side and the other
+    roles get none, and every request is logged."""
+    call = world.first(SUBJECT)
+    status, body, headers = download(world.dnic, call.message_id, world.auditor())
+    assert status == 200 and headers["Content-Type"] == "application/zip", body[:300]
+    assert f"evidence-{call.message_id}.zip" in headers["Content-Disposition"]
+    bundle = tmp_path / "bundle.zip"
+    bundle.write_bytes(body)
+    verified = gateway("audit", "verify-bundle", str(bundle), token=None)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    # the consumer's member may; a member of neither side is told it does not exist
+    assert download(world.msp, call.message_id, world.auditor("UY/GOV/MSP"))[0] == 200
+    assert download(world.msp, call.message_id, world.auditor("UY/GOV/BPS"))[0] == 404
+    assert download(world.msp, "no-such-message", world.auditor())[0] == 404
+    admin = world.runner.token("member-admin", member="UY/GOV/MSP", subject="an-admin")
+    assert download(world.msp, call.message_id, admin)[0] == 403
+    assert download(world.msp, call.message_id, None)[0] == 401
+    rows = sqlite3.connect(f"file:{world.runner.log_db(MSP)}?mode=ro", uri=True).execute(
+        "SELECT status, purpose FROM message_log WHERE kind = 'audit-query' "
+        "AND method = 'GET /audit/v1/evidence/' ORDER BY seq"
+    )
+    logged = [tuple(r) for r in rows]
+    assert ("ok", f"evidence={call.message_id}") in logged
+    assert ("refused", f"evidence={call.message_id}") in logged  # the other member's try
+
+
 # ---- 2. scopes -------------------------------------------------------------------------------
 
 

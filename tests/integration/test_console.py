@@ -492,6 +492,11 @@ async def test_the_auditor_pages_are_for_auditors_and_say_which_server_did_not_a
     assert "No server logged this message." in page
     page = visible_text(await auditor.get("/console/audit/subject?subject=1.234.567-8"))
     assert "0 accesses" in page
+    # the evidence download: from a configured server only, and it says when it cannot
+    page = await auditor.get("/console/audit/evidence?server=UY/GOV/MSP/ss1&message_id=m", 409)
+    assert "UY/GOV/MSP/ss1 cannot be reached" in page
+    await auditor.get("/console/audit/evidence?server=UY/GOV/XX/ss9&message_id=m", status=400)
+    await registry.get("/console/audit/evidence?server=UY/GOV/MSP/ss1&message_id=m", 403)
 
 
 # ---- languages ------------------------------------------------------------------------

@@ -26,11 +26,14 @@ from typing import Any
 
 import grpc
 import pytest
+from cryptography import x509
 
+from gateway.evidence import verify_bundle
 from gateway_demo.client import routing_metadata
 from gateway_demo.demo import console_links
 from gateway_demo.generated import vaccination_pb2 as vaccination
 from gateway_demo.runner import Runner
+from security_server.evidence import read_zip
 
 playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 axe_module = pytest.importorskip("axe_playwright_python.sync_playwright")
@@ -226,6 +229,14 @@ def test_approve_from_the_home_page_see_the_call_allowed_then_revoke(
     assert trace.count("consumer and provider logged the same signed header") == 2, trace
     assert trace.count("the record verifies") == 4 and "NOT" not in trace, trace
     auditor.check("audit-trace")
+    with auditor.page.expect_download() as downloading:
+        auditor.page.get_by_role("link", name=f"Download the evidence bundle from {DNIC}").click()
+    bundle = downloading.value
+    assert bundle.suggested_filename == f"evidence-{message_id}.zip"
+    # the same verification as `gateway audit verify-bundle`, against the instance's CA
+    ca = x509.load_pem_x509_certificate((runner.pki / "ca.crt").read_bytes())
+    report = verify_bundle(read_zip(str(bundle.path())), trusted=[ca])
+    assert report.message_id == message_id and len(report.records) == 2
     auditor.page.get_by_role("link", name="Audit").click()
     auditor.page.get_by_role("link", name="Data-subject report").click()
     auditor.page.get_by_label("Data subject").fill(SUBJECT)
