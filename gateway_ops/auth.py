@@ -123,12 +123,36 @@ class OidcSettings:
     # issuer trusted as much as the registry (a security server trusts the registry's
     # tokens through its JWKS URL); an external provider's tokens must name a member
     instance_wide_auditors: bool = False
+    # the registry console's browser sign-in (authorization code with PKCE): the provider's
+    # authorization and token endpoints, the console's client id, and its callback as
+    # registered with the provider (https://REGISTRY/console/oidc/callback); all or none.
+    # The provider's ID tokens must carry `audience` and the role claims above.
+    authorization_url: str = ""
+    token_url: str = ""
+    client_id: str = ""
+    redirect_url: str = ""
+
+    @property
+    def browser_sign_in(self) -> bool:
+        return bool(self.authorization_url)
 
     def __post_init__(self) -> None:
-        url = urlsplit(self.jwks_url)
-        if url.scheme != "https" and not (url.scheme == "http" and url.hostname in _LOOPBACK_HOSTS):
+        for name in ("jwks_url", "authorization_url", "token_url", "redirect_url"):
+            value = getattr(self, name)
+            url = urlsplit(value)
+            if (
+                (value or name == "jwks_url")
+                and url.scheme != "https"
+                and not (url.scheme == "http" and url.hostname in _LOOPBACK_HOSTS)
+            ):
+                raise ValueError(
+                    f"OIDC {name} {value!r} must be an https URL (http only on loopback)"
+                )
+        flow = (self.authorization_url, self.token_url, self.client_id, self.redirect_url)
+        if any(flow) and not all(flow):
             raise ValueError(
-                f"OIDC jwks_url {self.jwks_url!r} must be an https URL (http only on loopback)"
+                "OIDC browser sign-in needs authorization_url, token_url, client_id and "
+                "redirect_url together"
             )
         for name in ("issuer", "audience", "role_claim", "member_claim", "server_claim"):
             if not getattr(self, name):

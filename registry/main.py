@@ -471,6 +471,7 @@ async def serve(
                 clock=clock,
                 session_seconds=settings.api.console_session_seconds,
                 auditor_apis=settings.api.auditor_apis,
+                oidc=settings.api.oidc,
             )
             app.add_subapp("/console", console.app())
         runner = web.AppRunner(app, access_log=None)

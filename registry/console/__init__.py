@@ -31,6 +31,7 @@ in that locale (Babel).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import hmac
@@ -60,7 +61,14 @@ from gateway.identifiers import ServiceId, SubsystemId
 from gateway.timeutil import format_time, parse_time
 from gateway.workflow import Action
 from gateway_client.audit import compare_sides, subject_report
-from gateway_ops.auth import AuthError, Principal, Role, TokenIssuer, TokenVerifier
+from gateway_ops.auth import (
+    AuthError,
+    OidcSettings,
+    Principal,
+    Role,
+    TokenIssuer,
+    TokenVerifier,
+)
 from registry.console.charts import Bar, Series, bars, stacked_columns
 from registry.console.text import DEFAULT_LANGUAGE, LANGUAGE_NAMES, LANGUAGES, TEXT, text
 from registry.governance import (
@@ -78,6 +86,9 @@ log = structlog.get_logger("registry.console")
 HERE = Path(__file__).resolve().parent
 SESSION_COOKIE = "gateway_console"
 SIGNIN_COOKIE = "gateway_console_signin"
+OIDC_COOKIE = "gateway_console_oidc"
+# how long a browser may take at the provider before coming back
+OIDC_SECONDS = 600.0
 LANGUAGE_COOKIE = "gateway_console_lang"
 PATH = "/console"
 # the longest a console session lasts (the presented token's end comes first if sooner)
@@ -163,7 +174,10 @@ class Console:
         clock: Callable[[], datetime],
         session_seconds: float = SESSION_SECONDS,
         auditor_apis: Mapping[str, str] | None = None,
+        oidc: OidcSettings | None = None,
     ) -> None:
+        # the provider's browser sign-in, when its settings name one
+        self.oidc = oidc if oidc is not None and oidc.browser_sign_in else None
         self.auditor_apis = dict(auditor_apis or {})
         for server, url in self.auditor_apis.items():
             if not url.startswith(("http://", "https://")):
@@ -175,6 +189,7 @@ class Console:
         self.clock = clock
         self.session_seconds = session_seconds
         self._csrf_key = issuer.derived_secret("console-csrf")
+        self._oidc_key = issuer.derived_secret("console-oidc")
         self.templates = Environment(
             loader=FileSystemLoader(HERE / "templates"),
             autoescape=select_autoescape(default=True),
@@ -191,6 +206,8 @@ class Console:
         r.add_get("/sign-in", self.sign_in_page)
         r.add_post("/sign-in", self.sign_in)
         r.add_post("/sign-out", self.sign_out)
+        r.add_get("/oidc/start", self.oidc_start)
+        r.add_get("/oidc/callback", self.oidc_callback)
         r.add_get("/agreements", self.agreements)
         r.add_get("/agreements/{id}", self.agreement)
         actions = "|".join(a.value for a in Action if a is not Action.EXPIRE)
@@ -266,7 +283,11 @@ class Console:
     async def _session(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         request[LANGUAGE] = self._language(request)
         request[LOCALE] = self._locale(request, request[LANGUAGE])
-        public = request.path in (f"{PATH}/sign-in",) or request.path.startswith(f"{PATH}/static/")
+        public = request.path in (
+            f"{PATH}/sign-in",
+            f"{PATH}/oidc/start",
+            f"{PATH}/oidc/callback",
+        ) or request.path.startswith(f"{PATH}/static/")
         cookie = request.cookies.get(SESSION_COOKIE)
         if cookie:
             try:
@@ -443,6 +464,7 @@ class Console:
             nonce=nonce,
             notice=notice,
             error=error,
+            oidc=self.oidc is not None,
         )
         response.set_cookie(
             SIGNIN_COOKIE,
@@ -475,6 +497,11 @@ class Console:
         if principal.role is Role.SECURITY_SERVER:
             log.info("console_signin_refused", reason="security-server token")
             return self._sign_in_form(request, error=self._t(request, "signin.not_for_console"))
+        return self._start_session(principal, token, how="token")
+
+    def _start_session(self, principal: Principal, token: str, *, how: str) -> web.Response:
+        """The session cookie for `principal`, signed in with `token` (already verified)."""
+        now = self.clock()
         # the session ends when the presented token would have, if that is sooner
         claims = jwt.decode(token, options={"verify_signature": False})
         left = float(claims["exp"]) - now.timestamp() if "exp" in claims else self.session_seconds
@@ -493,6 +520,7 @@ class Console:
             role=principal.role.value,
             member=str(principal.member) if principal.member else None,
             seconds=round(seconds),
+            how=how,
         )
         response = _see_other(f"{PATH}/")
         response.set_cookie(
@@ -505,6 +533,125 @@ class Console:
             samesite="Strict",
         )
         response.del_cookie(SIGNIN_COOKIE, path=PATH)
+        return response
+
+    # ---- OpenID Connect: authorization code with PKCE ----------------------------------
+
+    def _seal(self, doc: dict[str, Any]) -> str:
+        body = base64.urlsafe_b64encode(json.dumps(doc).encode()).decode().rstrip("=")
+        mac = hmac.new(self._oidc_key, body.encode(), hashlib.sha256).hexdigest()
+        return f"{body}.{mac}"
+
+    def _unseal(self, value: str) -> dict[str, Any] | None:
+        body, _, mac = value.partition(".")
+        good = hmac.new(self._oidc_key, body.encode(), hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(mac, good):
+            return None
+        doc: dict[str, Any] = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+        return doc if float(doc.get("exp", 0)) > self.clock().timestamp() else None
+
+    async def oidc_start(self, request: web.Request) -> web.StreamResponse:
+        """Off to the provider, with a fresh state, nonce and PKCE verifier kept (sealed)
+        in a short cookie that comes back with the provider's redirect."""
+        if self.oidc is None:
+            raise NotFound("no OpenID Connect sign-in is configured")
+        state, nonce, verifier = (secrets.token_urlsafe(32) for _ in range(3))
+        challenge = (
+            base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest())
+            .decode()
+            .rstrip("=")
+        )
+        query = urlencode(
+            {
+                "response_type": "code",
+                "client_id": self.oidc.client_id,
+                "redirect_uri": self.oidc.redirect_url,
+                "scope": "openid",
+                "state": state,
+                "nonce": nonce,
+                "code_challenge": challenge,
+                "code_challenge_method": "S256",
+            }
+        )
+        separator = "&" if "?" in self.oidc.authorization_url else "?"
+        response = _see_other(f"{self.oidc.authorization_url}{separator}{query}")
+        sealed = self._seal(
+            {
+                "state": state,
+                "nonce": nonce,
+                "verifier": verifier,
+                "exp": self.clock().timestamp() + OIDC_SECONDS,
+            }
+        )
+        # Lax, not Strict: it must come back with the provider's (cross-site) redirect
+        response.set_cookie(
+            OIDC_COOKIE,
+            sealed,
+            max_age=int(OIDC_SECONDS),
+            path=f"{PATH}/oidc",
+            secure=True,
+            httponly=True,
+            samesite="Lax",
+        )
+        return response
+
+    async def oidc_callback(self, request: web.Request) -> web.StreamResponse:
+        """Back from the provider: the state must match the sealed cookie's, the code is
+        exchanged with the PKCE verifier, and the ID token must verify as any token the
+        API accepts and carry the nonce sent."""
+        if self.oidc is None:
+            raise NotFound("no OpenID Connect sign-in is configured")
+        sealed = self._unseal(request.cookies.get(OIDC_COOKIE, ""))
+
+        def refuse(reason: str) -> web.Response:
+            log.warning("console_oidc_refused", reason=reason)
+            response = self._sign_in_form(
+                request, error=self._t(request, "signin.refused", reason=reason)
+            )
+            response.del_cookie(OIDC_COOKIE, path=f"{PATH}/oidc")
+            return response
+
+        if sealed is None:
+            return refuse("the sign-in took too long or did not start here; start again")
+        if not hmac.compare_digest(request.query.get("state", ""), str(sealed["state"])):
+            return refuse("the provider's answer is not for this sign-in (state)")
+        if "error" in request.query:
+            return refuse(f"the provider said {request.query['error'][:100]}")
+        code = request.query.get("code", "")
+        if not code or len(code) > MAX_TOKEN_CHARS:
+            return refuse("the provider gave no code")
+        if self._http is None:
+            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+        try:
+            async with self._http.post(
+                self.oidc.token_url,
+                data={
+                    "grant_type": "authorization_code",
+                    "code": code,
+                    "redirect_uri": self.oidc.redirect_url,
+                    "client_id": self.oidc.client_id,
+                    "code_verifier": str(sealed["verifier"]),
+                },
+            ) as answer:
+                doc = await answer.json(content_type=None)
+                if answer.status != 200:
+                    return refuse(f"the provider refused the code ({answer.status})")
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            return refuse(f"the provider's token endpoint failed: {type(exc).__name__}")
+        token = doc.get("id_token") if isinstance(doc, dict) else None
+        if not isinstance(token, str) or len(token) > MAX_TOKEN_CHARS:
+            return refuse("the provider sent no ID token")
+        try:
+            principal = await self.verifier.verify(token, now=self.clock())
+        except AuthError as exc:
+            return refuse(exc.message)
+        claims = jwt.decode(token, options={"verify_signature": False})
+        if not hmac.compare_digest(str(claims.get("nonce", "")), str(sealed["nonce"])):
+            return refuse("the ID token is not for this sign-in (nonce)")
+        if principal.role is Role.SECURITY_SERVER:
+            return refuse("security-server tokens do not open the console")
+        response = self._start_session(principal, token, how="oidc")
+        response.del_cookie(OIDC_COOKIE, path=f"{PATH}/oidc")
         return response
 
     async def sign_out(self, request: web.Request) -> web.StreamResponse:

@@ -113,6 +113,8 @@ TEXT: dict[str, dict[str, str]] = {
         "error.csrf": "El formulario no lleva una marca válida de esta sesión; "
         "vuelva a la página e inténtelo de nuevo.",
         "error.back": "Volver al inicio",
+        "signin.oidc": "Entrar con el proveedor de identidad de su institución",
+        "signin.or_token": "O bien, con un token:",
         "audit.evidence": "Paquete de evidencia",
         "audit.evidence_from": "Descargar el paquete de evidencia de {server} (zip, verificable sin conexión)",
         "charts.agreements": "Acuerdos por estado",
@@ -321,6 +323,8 @@ TEXT: dict[str, dict[str, str]] = {
         "error.csrf": "The form does not carry a valid mark of this session; go back to the "
         "page and try again.",
         "error.back": "Back to the home page",
+        "signin.oidc": "Sign in with your institution's identity provider",
+        "signin.or_token": "Or, with a token:",
         "audit.evidence": "Evidence bundle",
         "audit.evidence_from": "Download the evidence bundle from {server} (zip, verifiable offline)",
         "charts.agreements": "Agreements by state",
@@ -529,6 +533,8 @@ TEXT: dict[str, dict[str, str]] = {
         "error.csrf": "O formulário não traz uma marca válida desta sessão; volte à página e "
         "tente novamente.",
         "error.back": "Voltar ao início",
+        "signin.oidc": "Entrar com o provedor de identidade da sua instituição",
+        "signin.or_token": "Ou, com um token:",
         "audit.evidence": "Pacote de evidências",
         "audit.evidence_from": "Baixar o pacote de evidências de {server} (zip, verificável offline)",
         "charts.agreements": "Acordos por estado",
