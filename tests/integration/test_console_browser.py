@@ -258,6 +258,12 @@ def test_approve_from_the_home_page_see_the_call_allowed_then_revoke(
     auditor.page.get_by_role("link", name="Inicio").click()
     assert "Lo que espera por usted" in auditor.page.inner_text("main")
 
+    # an error page: an agreement that does not exist
+    auditor.page.goto(f"{runner.api_url}/console/agreements/AGR-1999-0000")
+    assert "No existe" in auditor.page.inner_text("main")  # still in Spanish
+    auditor.problems.clear()  # the browser reports the 404 of the page itself
+    auditor.check("error-es")
+
     # signing out ends the session: the next page asks to sign in
     msp.page.get_by_role("button", name="Sign out").click()
     msp.page.wait_for_url("**/console/sign-in?signed-out=1")
