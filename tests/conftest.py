@@ -35,6 +35,7 @@ _DATABASE = pytest.StashKey[str]()  # the name of the database this process crea
 # The files that take longest (`pytest --durations`), started first; only the order changes.
 LONGEST_FIRST = (
     "tests/integration/test_demo.py",
+    "tests/integration/test_console_browser.py",
     "tests/integration/test_faults.py",
     "tests/integration/test_evidence.py",
     "tests/integration/test_trust_faults.py",
