@@ -57,7 +57,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from gateway.agreements import AgreementState, LegalBasis, LegalBasisKind
 from gateway.errors import GatewayError
-from gateway.identifiers import ServiceId, SubsystemId
+from gateway.identifiers import SecurityServerId, ServiceId, SubsystemId
 from gateway.timeutil import format_time, parse_time
 from gateway.workflow import Action
 from gateway_client.audit import compare_sides, subject_report
@@ -213,6 +213,7 @@ class Console:
         actions = "|".join(a.value for a in Action if a is not Action.EXPIRE)
         r.add_post("/agreements/{id}/{action:" + actions + "}", self.act)
         r.add_post("/agreements", self.request_agreement)
+        r.add_post("/servers/approve", self.approve_server)
         r.add_get("/catalogue", self.catalogue)
         r.add_get("/services/{id:.+}", self.service)
         r.add_get("/admin-log", self.admin_log)
@@ -700,6 +701,7 @@ class Console:
             servers=servers,
             federations=await self.gov.list_federations(actor),
             days=EXPIRING_DAYS,
+            approved=request.query.get("approved", "")[:200],
         )
 
     async def agreements(self, request: web.Request) -> web.Response:
@@ -762,6 +764,17 @@ class Console:
             action=action.value,
         )
         return _see_other(f"{PATH}/agreements/{quote(agreement_id)}?done={action.value}")
+
+    async def approve_server(self, request: web.Request) -> web.StreamResponse:
+        """A registry administrator approves a pending security server from the home page
+        (the same operation, rules and admin log entry as the API's)."""
+        actor = request[PRINCIPAL]
+        form = await request.post()
+        server = SecurityServerId.parse(str(form.get("server", "")))
+        reason = str(form.get("reason", ""))[:MAX_REASON_CHARS]
+        await self.gov.approve_server(actor, server, reason)
+        log.info("console_server_approved", subject=actor.subject, server=str(server))
+        return _see_other(f"{PATH}/?approved={quote(str(server), safe='')}")
 
     async def catalogue(self, request: web.Request) -> web.Response:
         """Members with their subsystems, security servers and services, searched."""

@@ -113,6 +113,8 @@ TEXT: dict[str, dict[str, str]] = {
         "error.csrf": "El formulario no lleva una marca válida de esta sesión; "
         "vuelva a la página e inténtelo de nuevo.",
         "error.back": "Volver al inicio",
+        "home.server_approved": "Servidor {server} aprobado.",
+        "home.approve_server": "Aprobar el servidor {server}",
         "signin.oidc": "Entrar con el proveedor de identidad de su institución",
         "signin.or_token": "O bien, con un token:",
         "audit.evidence": "Paquete de evidencia",
@@ -323,6 +325,8 @@ TEXT: dict[str, dict[str, str]] = {
         "error.csrf": "The form does not carry a valid mark of this session; go back to the "
         "page and try again.",
         "error.back": "Back to the home page",
+        "home.server_approved": "Server {server} approved.",
+        "home.approve_server": "Approve server {server}",
         "signin.oidc": "Sign in with your institution's identity provider",
         "signin.or_token": "Or, with a token:",
         "audit.evidence": "Evidence bundle",
@@ -533,6 +537,8 @@ TEXT: dict[str, dict[str, str]] = {
         "error.csrf": "O formulário não traz uma marca válida desta sessão; volte à página e "
         "tente novamente.",
         "error.back": "Voltar ao início",
+        "home.server_approved": "Servidor {server} aprovado.",
+        "home.approve_server": "Aprovar o servidor {server}",
         "signin.oidc": "Entrar com o provedor de identidade da sua instituição",
         "signin.or_token": "Ou, com um token:",
         "audit.evidence": "Pacote de evidências",

@@ -24,9 +24,10 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from certs.pki import init_pki
+from certs.pki import init_pki, issue, load_issued
 from gateway.agreements import AgreementState, LegalBasis, LegalBasisKind
 from gateway.identifiers import MemberId, SecurityServerId, ServiceId, SubsystemId
 from gateway.settings import database_url
@@ -373,6 +374,47 @@ async def test_the_home_page_charts_agreements_by_state_in_scope(world: World) -
         re.findall(r"<tr><td>([a-z ]+)</td><td>(\d+)</td></tr>", await msp.get("/console/"))
     )
     assert (figures["requested"], figures["active"]) == ("1", "1")  # BPS's request is not MSP's
+
+
+async def test_a_registry_admin_approves_a_pending_server_from_the_home_page(
+    world: World, tmp_path: Path
+) -> None:
+    certificate = issue(
+        common_name="BPS ss1",
+        issuer=load_issued(tmp_path / "pki", "ca"),
+        now=world.clock(),
+        days=30,
+        kind="auth",
+    ).certificate
+    await world.gov.submit_server(
+        member_admin("beatriz@bps", BPS),
+        server=SecurityServerId.parse("UY/GOV/BPS/ss1"),
+        address="127.0.0.1:7190",
+        auth_certificate_pem=certificate.public_bytes(serialization.Encoding.PEM).decode(),
+        subsystems_hosted=(SubsystemId.parse("UY/GOV/BPS/benefits"),),
+    )
+    # its member's administrator sees it waiting, and cannot approve it
+    bps = await signed_in(world, "beatriz@bps", Role.MEMBER_ADMIN, BPS)
+    home = await bps.get("/console/")
+    assert "UY/GOV/BPS/ss1" in home and "/console/servers/approve" not in home
+    form = {"csrf": await bps.csrf(), "server": "UY/GOV/BPS/ss1"}
+    await bps.post("/console/servers/approve", form, status=403)
+    assert "UY/GOV/BPS/ss1" not in await (await signed_in(world, "c", Role.MEMBER_ADMIN, MSP)).get(
+        "/console/"
+    )
+    registry = await signed_in(world, "root@registry", Role.REGISTRY_ADMIN)
+    assert 'value="UY/GOV/BPS/ss1"' in await registry.get("/console/")
+    done = await registry.post(
+        "/console/servers/approve", {"csrf": await registry.csrf(), "server": "UY/GOV/BPS/ss1"}
+    )
+    assert done.headers["Location"] == "/console/?approved=UY%2FGOV%2FBPS%2Fss1"
+    assert "Server UY/GOV/BPS/ss1 approved." in await registry.get(done.headers["Location"])
+    entries = await world.gov.admin_log(REGISTRY)
+    assert (entries[-1]["action"], entries[-1]["actor"]) == ("approve_server", "root@registry")
+    again = await registry.post(
+        "/console/servers/approve", form | {"csrf": await registry.csrf()}, 409
+    )
+    assert "not pending" in html.unescape(await again.text())
 
 
 async def test_a_member_admin_cannot_see_or_act_on_another_members_items(world: World) -> None:
