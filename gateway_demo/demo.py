@@ -22,7 +22,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from certs.pki import slug
+from certs.pki import slug, write_atomically
 from gateway.identifiers import MemberId, ServiceId
 from gateway.settings import database_url
 from gateway_client.admin import AdminClient
@@ -540,7 +540,9 @@ def run_demo(*, workdir: Path, keep_running: bool) -> int:
         )
         if keep_running:
             path = runner.workdir / "topology.json"
-            path.write_text(json.dumps(describe(runner), indent=2))
+            # owner-only, its sign-in links holding tokens (a registry administrator's among
+            # them), and whole when it appears
+            write_atomically(path, json.dumps(describe(runner), indent=2).encode(), 0o600)
             # both instances' processes, for Prometheus (deploy/prometheus/prometheus.yml)
             targets = runner.workdir / TARGETS_FILE
             write_scrape_targets(targets, [r for r in (runner, ar) if r is not None])

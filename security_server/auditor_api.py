@@ -363,9 +363,13 @@ class AuditorApi:
             )
         try:
             async with self.log.engine.connect() as conn:
-                files = await export_records(conn, message_id)
-        except AuditError as exc:
-            return _error(404, "not_found", exc.message)
+                files = await export_records(
+                    conn,
+                    message_id,
+                    member=str(principal.member) if principal.member else None,
+                )
+        except AuditError as exc:  # several exchanges under one id: no bundle for any
+            return _error(409, "ambiguous", exc.message)
         log.info("audit_evidence", subject=principal.subject, message_id=message_id)
         return web.Response(
             body=zip_bytes(files),

@@ -54,18 +54,35 @@ async def export_bundle(url: str, message_id: str) -> dict[str, bytes]:
         await engine.dispose()
 
 
-async def export_records(conn: AsyncConnection, message_id: str) -> dict[str, bytes]:
-    """The bundle's files, read on an open connection to the log (the auditor API's)."""
-    rows = await conn.execute(
-        sa.select(message_log)
-        .where(
-            message_log.c.message_id == message_id, message_log.c.kind.in_(("request", "response"))
+async def export_records(
+    conn: AsyncConnection, message_id: str, *, member: str | None = None
+) -> dict[str, bytes]:
+    """The bundle's files, read on an open connection to the log (the auditor API's): only
+    the records whose client or service belongs to `member` when one is given. A message
+    id names one exchange; when the log holds requests of several under it (a client
+    chooses its message ids), no bundle is made: `AuditError`."""
+    query = sa.select(message_log).where(
+        message_log.c.message_id == message_id, message_log.c.kind.in_(("request", "response"))
+    )
+    if member is not None:
+        query = query.where(
+            sa.or_(
+                message_log.c.client.startswith(f"{member}/", autoescape=True),
+                message_log.c.service.startswith(f"{member}/", autoescape=True),
+            )
         )
-        .order_by(message_log.c.logged_at, message_log.c.chain, message_log.c.seq)
+    rows = await conn.execute(
+        query.order_by(message_log.c.logged_at, message_log.c.chain, message_log.c.seq)
     )
     records = [row_to_record(r) for r in rows]
     if not records:
         raise AuditError(f"this log holds no request or response of message {message_id}")
+    exchanges = {(r.fields.get("client"), r.fields.get("service")) for r in records}
+    if len(exchanges) > 1:
+        raise AuditError(
+            f"message id {message_id} names {len(exchanges)} exchanges in this log (different "
+            "clients or services); no single bundle can be made"
+        )
     files: dict[str, bytes] = {}
     cas: dict[str, bytes] = {}
     tsa: dict[str, bytes] = {}

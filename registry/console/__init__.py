@@ -5,14 +5,21 @@ server (Jinja2, autoescaped) over the same governance operations as the admin AP
 (`registry.governance`): every rule, every role and scope check and every admin-log entry
 is the same whichever way a change is made.
 
-Sign-in. The sign-in form takes an access token: one from `gateway registry token`, or
-one of the configured OpenID Connect provider (checked by the same `TokenVerifier` as the
-API; the browser flow of OpenID Connect is not built yet). The console answers with a
-session cookie holding a token the registry issues for the same principal and for at
-most `session_seconds` (never past the presented token's own end): HttpOnly, Secure,
-SameSite=Strict, path `/console`. Every request verifies it again; an expired or invalid
-one leads back to the sign-in page. The admin API never reads cookies, so the session
-cannot be used against it from another site.
+Sign-in. Through the configured OpenID Connect provider (authorization code with PKCE,
+see `oidc_start`), or with an access token pasted into the sign-in form: one from
+`gateway registry token`, or one of that provider (checked by the same `TokenVerifier` as
+the API). The console answers with a session cookie: a value sealed (HMAC) with a key of
+its own, naming the principal and an end at most `session_seconds` away (never past the
+presented token's own end); HttpOnly, Secure, SameSite=Strict, path `/console`. It is no
+bearer token: the admin API and the servers' auditor APIs have no use for it. Every
+request checks it again; an expired, forged or signed-out one leads back to the sign-in
+page (sign-out is remembered by the process that served it, until the session's end).
+The auditor pages call the servers' auditor APIs with a registry token of one minute
+for the same auditor.
+
+A link `/console/sign-in#token=...` fills the form (the fragment never reaches a server)
+and shows whose token it is; the user still presses the button, so that a link someone
+else sent cannot silently sign a browser in as them.
 
 Forms. Every form carries a CSRF token: an HMAC of the session cookie under a secret
 derived from the registry's token-signing key (the same in every registry process that
@@ -44,7 +51,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, urlencode, urlsplit
 
 import aiohttp
 import jwt
@@ -57,7 +64,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from gateway.agreements import AgreementState, LegalBasis, LegalBasisKind
 from gateway.errors import GatewayError
-from gateway.identifiers import SecurityServerId, ServiceId, SubsystemId
+from gateway.identifiers import MemberId, SecurityServerId, ServiceId, SubsystemId
 from gateway.timeutil import format_time, parse_time
 from gateway.workflow import Action
 from gateway_client.audit import compare_sides, subject_report
@@ -89,6 +96,8 @@ SIGNIN_COOKIE = "gateway_console_signin"
 OIDC_COOKIE = "gateway_console_oidc"
 # how long a browser may take at the provider before coming back
 OIDC_SECONDS = 600.0
+# the life of the token the auditor pages send to the servers' auditor APIs
+FORWARD_SECONDS = 60.0
 LANGUAGE_COOKIE = "gateway_console_lang"
 PATH = "/console"
 # the longest a console session lasts (the presented token's end comes first if sooner)
@@ -159,6 +168,11 @@ class _Refusal(Exception):
     key: str
 
 
+def _same(given: str, expected: str) -> bool:
+    """Constant-time comparison of two texts, whatever characters `given` holds."""
+    return hmac.compare_digest(given.encode(), expected.encode())
+
+
 def _see_other(location: str) -> web.Response:
     """303 See Other: after a form, the browser GETs `location`."""
     return web.Response(status=303, headers={"Location": location})
@@ -180,8 +194,14 @@ class Console:
         self.oidc = oidc if oidc is not None and oidc.browser_sign_in else None
         self.auditor_apis = dict(auditor_apis or {})
         for server, url in self.auditor_apis.items():
-            if not url.startswith(("http://", "https://")):
-                raise ValueError(f"the auditor API of {server} must be an http(s) URL, not {url!r}")
+            parts = urlsplit(url)
+            if parts.scheme != "https" and not (
+                parts.scheme == "http" and parts.hostname in ("127.0.0.1", "::1", "localhost")
+            ):
+                raise ValueError(
+                    f"the auditor API of {server} must be an https URL (http only on loopback), "
+                    f"not {url!r}"
+                )
         self._http: aiohttp.ClientSession | None = None
         self.gov = governance
         self.verifier = verifier
@@ -190,6 +210,9 @@ class Console:
         self.session_seconds = session_seconds
         self._csrf_key = issuer.derived_secret("console-csrf")
         self._oidc_key = issuer.derived_secret("console-oidc")
+        self._session_key = issuer.derived_secret("console-session")
+        # sessions signed out in this process, until they would have ended (jti -> end)
+        self._signed_out: dict[str, float] = {}
         self.templates = Environment(
             loader=FileSystemLoader(HERE / "templates"),
             autoescape=select_autoescape(default=True),
@@ -200,7 +223,8 @@ class Console:
     # ---- the application -------------------------------------------------------------
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._headers, self._errors, self._session])
+        app = web.Application(middlewares=[self._errors, self._session])
+        app.on_response_prepare.append(self._headers)
         r = app.router
         r.add_get("/", self.home)
         r.add_get("/sign-in", self.sign_in_page)
@@ -231,15 +255,10 @@ class Console:
 
     # ---- middleware --------------------------------------------------------------------
 
-    @web.middleware
-    async def _headers(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        try:
-            response = await handler(request)
-        except web.HTTPException as exc:  # aiohttp's own: 404 for an unknown path, say
-            exc.headers.update(SECURITY_HEADERS)
-            raise
+    @staticmethod
+    async def _headers(request: web.Request, response: web.StreamResponse) -> None:
+        """On every answer under /console/, errors aiohttp or the API's middleware made too."""
         response.headers.update(SECURITY_HEADERS)
-        return response
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -291,21 +310,22 @@ class Console:
         ) or request.path.startswith(f"{PATH}/static/")
         cookie = request.cookies.get(SESSION_COOKIE)
         if cookie:
-            try:
-                request[PRINCIPAL] = await self.verifier.verify(cookie, now=self.clock())
+            principal = self._session_principal(cookie)
+            if principal is not None:
+                request[PRINCIPAL] = principal
                 request[SESSION] = cookie
-            except AuthError:
-                if not public:
-                    return self._to_sign_in(expired=True)
+            elif not public:
+                return self._to_sign_in(expired=True)
         elif not public:
             return self._to_sign_in(expired=False)
         if request.method == "POST" and request.path != f"{PATH}/sign-in":
             form = await request.post()
-            if not hmac.compare_digest(str(form.get("csrf", "")), self._csrf(request[SESSION])):
+            session = request.get(SESSION)
+            if session is None or not _same(str(form.get("csrf", "")), self._csrf(session)):
                 log.warning(
                     "console_csrf_refused",
                     path=request.path,
-                    subject=request[PRINCIPAL].subject,
+                    subject=principal.subject if (principal := request.get(PRINCIPAL)) else None,
                 )
                 raise _Refusal(403, "error.csrf")
         response = await handler(request)
@@ -481,7 +501,7 @@ class Console:
     async def sign_in(self, request: web.Request) -> web.StreamResponse:
         form = await request.post()
         nonce = request.cookies.get(SIGNIN_COOKIE, "")
-        if not nonce or not hmac.compare_digest(str(form.get("nonce", "")), nonce):
+        if not nonce or not _same(str(form.get("nonce", "")), nonce):
             log.warning("console_signin_csrf_refused")
             return self._sign_in_form(request, error=self._t(request, "signin.retry"))
         token = str(form.get("token", "")).strip()
@@ -507,13 +527,18 @@ class Console:
         claims = jwt.decode(token, options={"verify_signature": False})
         left = float(claims["exp"]) - now.timestamp() if "exp" in claims else self.session_seconds
         seconds = max(1.0, min(self.session_seconds, left))
-        session = self.issuer.issue(
-            subject=principal.subject,
-            role=principal.role,
-            member=principal.member,
-            server=principal.server,
-            now=now,
-            ttl=timedelta(seconds=seconds),
+        # a value sealed with a key of the console's own, not a token: the admin API and the
+        # servers' auditor APIs, which take bearer tokens, have no use for it
+        session = self._seal(
+            self._session_key,
+            {
+                "sub": principal.subject,
+                "role": principal.role.value,
+                "member": str(principal.member) if principal.member else None,
+                "iss": principal.issuer,
+                "exp": now.timestamp() + seconds,
+                "jti": secrets.token_urlsafe(16),
+            },
         )
         log.info(
             "console_signed_in",
@@ -538,18 +563,41 @@ class Console:
 
     # ---- OpenID Connect: authorization code with PKCE ----------------------------------
 
-    def _seal(self, doc: dict[str, Any]) -> str:
+    def _seal(self, key: bytes, doc: dict[str, Any]) -> str:
         body = base64.urlsafe_b64encode(json.dumps(doc).encode()).decode().rstrip("=")
-        mac = hmac.new(self._oidc_key, body.encode(), hashlib.sha256).hexdigest()
+        mac = hmac.new(key, body.encode(), hashlib.sha256).hexdigest()
         return f"{body}.{mac}"
 
-    def _unseal(self, value: str) -> dict[str, Any] | None:
+    def _unseal(self, key: bytes, value: str) -> dict[str, Any] | None:
+        """What `_seal` sealed with `key`, if it is intact and its `exp` has not passed."""
         body, _, mac = value.partition(".")
-        good = hmac.new(self._oidc_key, body.encode(), hashlib.sha256).hexdigest()
-        if not hmac.compare_digest(mac, good):
+        good = hmac.new(key, body.encode(), hashlib.sha256).hexdigest()
+        if not _same(mac, good):
             return None
         doc: dict[str, Any] = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
         return doc if float(doc.get("exp", 0)) > self.clock().timestamp() else None
+
+    def _session_principal(self, cookie: str) -> Principal | None:
+        doc = self._unseal(self._session_key, cookie)
+        if doc is None or doc.get("jti") in self._signed_out:
+            return None
+        return Principal(
+            subject=str(doc["sub"]),
+            role=Role(doc["role"]),
+            member=MemberId.parse(doc["member"]) if doc.get("member") else None,
+            server=None,
+            issuer=str(doc["iss"]),
+        )
+
+    def _forward_token(self, actor: Principal) -> str:
+        """A token of a minute for the servers' auditor APIs, standing for the auditor."""
+        return self.issuer.issue(
+            subject=actor.subject,
+            role=actor.role,
+            member=actor.member,
+            now=self.clock(),
+            ttl=timedelta(seconds=FORWARD_SECONDS),
+        )
 
     async def oidc_start(self, request: web.Request) -> web.StreamResponse:
         """Off to the provider, with a fresh state, nonce and PKCE verifier kept (sealed)
@@ -577,12 +625,13 @@ class Console:
         separator = "&" if "?" in self.oidc.authorization_url else "?"
         response = _see_other(f"{self.oidc.authorization_url}{separator}{query}")
         sealed = self._seal(
+            self._oidc_key,
             {
                 "state": state,
                 "nonce": nonce,
                 "verifier": verifier,
                 "exp": self.clock().timestamp() + OIDC_SECONDS,
-            }
+            },
         )
         # Lax, not Strict: it must come back with the provider's (cross-site) redirect
         response.set_cookie(
@@ -602,7 +651,7 @@ class Console:
         API accepts and carry the nonce sent."""
         if self.oidc is None:
             raise NotFound("no OpenID Connect sign-in is configured")
-        sealed = self._unseal(request.cookies.get(OIDC_COOKIE, ""))
+        sealed = self._unseal(self._oidc_key, request.cookies.get(OIDC_COOKIE, ""))
 
         def refuse(reason: str) -> web.Response:
             log.warning("console_oidc_refused", reason=reason)
@@ -614,7 +663,7 @@ class Console:
 
         if sealed is None:
             return refuse("the sign-in took too long or did not start here; start again")
-        if not hmac.compare_digest(request.query.get("state", ""), str(sealed["state"])):
+        if not _same(request.query.get("state", ""), str(sealed["state"])):
             return refuse("the provider's answer is not for this sign-in (state)")
         if "error" in request.query:
             return refuse(f"the provider said {request.query['error'][:100]}")
@@ -647,7 +696,7 @@ class Console:
         except AuthError as exc:
             return refuse(exc.message)
         claims = jwt.decode(token, options={"verify_signature": False})
-        if not hmac.compare_digest(str(claims.get("nonce", "")), str(sealed["nonce"])):
+        if not _same(str(claims.get("nonce", "")), str(sealed["nonce"])):
             return refuse("the ID token is not for this sign-in (nonce)")
         if principal.role is Role.SECURITY_SERVER:
             return refuse("security-server tokens do not open the console")
@@ -657,6 +706,11 @@ class Console:
 
     async def sign_out(self, request: web.Request) -> web.StreamResponse:
         log.info("console_signed_out", subject=request[PRINCIPAL].subject)
+        doc = self._unseal(self._session_key, request[SESSION])
+        now = self.clock().timestamp()
+        self._signed_out = {j: end for j, end in self._signed_out.items() if end > now}
+        if doc is not None:
+            self._signed_out[str(doc["jti"])] = float(doc["exp"])
         response = _see_other(f"{PATH}/sign-in?signed-out=1")
         response.del_cookie(SESSION_COOKIE, path=PATH)
         return response
@@ -900,7 +954,7 @@ class Console:
             self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
         found: list[tuple[str, dict[str, Any]]] = []
         failed: dict[str, str] = {}
-        headers = {"Authorization": f"Bearer {request[SESSION]}"}
+        headers = {"Authorization": f"Bearer {self._forward_token(request[PRINCIPAL])}"}
         for server in servers if servers is not None else sorted(self.auditor_apis):
             url = self.auditor_apis[server].rstrip("/") + AUDIT_PATH
             query = {k: v for k, v in params.items() if v}
@@ -1033,7 +1087,7 @@ class Console:
         url = f"{self.auditor_apis[server].rstrip('/')}{EVIDENCE_PATH}{quote(message_id, safe='')}"
         try:
             async with self._http.get(
-                url, headers={"Authorization": f"Bearer {request[SESSION]}"}
+                url, headers={"Authorization": f"Bearer {self._forward_token(actor)}"}
             ) as answer:
                 body = await answer.read()
                 if answer.status != 200:

@@ -113,6 +113,7 @@ TEXT: dict[str, dict[str, str]] = {
         "error.csrf": "El formulario no lleva una marca válida de esta sesión; "
         "vuelva a la página e inténtelo de nuevo.",
         "error.back": "Volver al inicio",
+        "signin.link_for": "Este enlace inicia la sesión de:",
         "home.server_approved": "Servidor {server} aprobado.",
         "home.approve_server": "Aprobar el servidor {server}",
         "signin.oidc": "Entrar con el proveedor de identidad de su institución",
@@ -325,6 +326,7 @@ TEXT: dict[str, dict[str, str]] = {
         "error.csrf": "The form does not carry a valid mark of this session; go back to the "
         "page and try again.",
         "error.back": "Back to the home page",
+        "signin.link_for": "This link signs you in as:",
         "home.server_approved": "Server {server} approved.",
         "home.approve_server": "Approve server {server}",
         "signin.oidc": "Sign in with your institution's identity provider",
@@ -537,6 +539,7 @@ TEXT: dict[str, dict[str, str]] = {
         "error.csrf": "O formulário não traz uma marca válida desta sessão; volte à página e "
         "tente novamente.",
         "error.back": "Voltar ao início",
+        "signin.link_for": "Este link inicia a sessão de:",
         "home.server_approved": "Servidor {server} aprovado.",
         "home.approve_server": "Aprovar o servidor {server}",
         "signin.oidc": "Entrar com o provedor de identidade da sua instituição",

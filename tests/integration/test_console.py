@@ -625,14 +625,49 @@ async def test_the_language_follows_the_browser_then_the_switch(world: World) ->
     assert "Jan 1, 2026" in await browser.get("/console/agreements/AGR-2026-0001")
 
 
-async def test_static_and_unknown_paths_carry_the_security_headers(world: World) -> None:
-    answer = await world.client.get("/console/static/console.css")
-    assert answer.status == 200
-    assert answer.headers["Content-Security-Policy"] == SECURITY_HEADERS["Content-Security-Policy"]
-    # the API is unchanged: bearer tokens only, a console cookie is no credential there
+async def test_static_unknown_and_refused_paths_carry_the_security_headers(world: World) -> None:
     browser = await signed_in(world, "root@registry", Role.REGISTRY_ADMIN)
-    answer = await world.client.get("/v1/agreements", headers=browser._headers())
+    for method, path, status in (
+        ("GET", "/console/static/console.css", 200),
+        ("GET", "/console/no-such-page", 404),
+        ("GET", "/console/sign-out", 405),
+        # any POST needs this session's mark first, whatever its path
+        ("POST", "/console/oidc/start", 403),
+        ("POST", "/console/static/console.css", 403),
+    ):
+        answer = await world.client.request(
+            method, path, headers=browser._headers(), allow_redirects=False
+        )
+        assert answer.status == status, (path, await answer.text())
+        for name, value in SECURITY_HEADERS.items():
+            assert answer.headers.get(name) == value, (path, name)
+    # odd characters in a form's marks are refused, not a crash
+    for form in ({"csrf": "é" * 64}, {"csrf": "\x00"}):
+        await browser.post("/console/sign-out", form, status=403)
+    stranger = Browser(world)
+    await stranger.post("/console/sign-in", {"nonce": "ñ", "token": "x"}, status=400)
+    await stranger.post("/console/oidc/start", {}, status=403)  # no session: no mark
+
+
+async def test_the_session_is_no_token_and_ends_at_sign_out(world: World) -> None:
+    """The session cookie is a value only the console reads: no API takes it as a bearer
+    token. Signed out, it opens nothing, even sent again by hand."""
+    browser = await signed_in(world, "root@registry", Role.REGISTRY_ADMIN)
+    session = browser.cookies[SESSION_COOKIE]
+    answer = await world.client.get(
+        "/v1/agreements", headers={"Authorization": f"Bearer {session}"}
+    )
     assert answer.status == 401
+    await browser.post("/console/sign-out", {"csrf": await browser.csrf()})
+    browser.cookies[SESSION_COOKIE] = session
+    answer = await world.client.get("/console/", headers=browser._headers(), allow_redirects=False)
+    assert (answer.status, answer.headers["Location"]) == (303, "/console/sign-in?expired=1")
+    # a forged one: another principal, the same seal
+    body, _, seal = session.partition(".")
+    forged = body[:-4] + ("AAAA" if not body.endswith("AAAA") else "BBBB")
+    browser.cookies[SESSION_COOKIE] = f"{forged}.{seal}"
+    answer = await world.client.get("/console/", headers=browser._headers(), allow_redirects=False)
+    assert answer.status == 303
 
 
 def test_templates_hold_no_words_of_their_own() -> None:

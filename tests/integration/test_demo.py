@@ -136,6 +136,7 @@ def test_demo_runs_every_step_then_keeps_a_usable_topology(tmp_path: Path) -> No
             assert time.monotonic() < deadline, "topology.json was not written"
             time.sleep(0.1)
         topology = json.loads(described.read_text())
+        assert described.stat().st_mode & 0o777 == 0o600  # it holds sign-in tokens
         endpoint = next(
             e for e in topology["consumer_endpoints"] if "UY/GOV/MSP/clinics" in e["clients"]
         )

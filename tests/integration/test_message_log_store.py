@@ -308,3 +308,35 @@ async def test_audit_records_wait_behind_the_data_path_in_a_bounded_queue(tmp_pa
     data_seqs, audit_seqs = await asyncio.gather(asyncio.gather(*data), asyncio.gather(*audit))
     assert max(data_seqs) < min(audit_seqs), (data_seqs, audit_seqs)
     await log.close()
+
+
+async def test_an_evidence_bundle_covers_one_exchange_in_one_scope(url: str) -> None:
+    """A client chooses its message ids: when two exchanges share one in a log, no bundle is
+    made of them together, and a member auditor's bundle holds its own member's records
+    only (a member that is neither's client nor provider gets none)."""
+    from gateway.errors import AuditError
+    from security_server.evidence import export_records
+
+    log = await MessageLog.open(url)
+    mine = fields(1) | {"message_id": "shared"}
+    theirs = fields(2) | {
+        "message_id": "shared",
+        "client": "UY/GOV/BPS/benefits",
+        "service": "UY/GOV/MSP/clinics/vaccination/v1",
+    }
+    await log.append(mine)
+    await log.append(theirs)
+    await log.close()
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as conn:
+            with pytest.raises(AuditError, match="names 2 exchanges"):
+                await export_records(conn, "shared")
+            with pytest.raises(AuditError, match="no request or response"):
+                await export_records(conn, "shared", member="UY/GOV/OTHER")
+            for member in ("UY/GOV/DNIC", "UY/GOV/BPS"):  # one exchange each: past the check
+                with pytest.raises(AuditError) as failed:
+                    await export_records(conn, "shared", member=member)
+                assert "exchanges" not in str(failed.value)  # it stops at the missing evidence
+    finally:
+        await engine.dispose()
