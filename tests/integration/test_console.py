@@ -13,7 +13,6 @@ from __future__ import annotations
 import html
 import re
 import shutil
-import socket
 import tomllib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from gateway.agreements import AgreementState, LegalBasis, LegalBasisKind
 from gateway.identifiers import MemberId, SecurityServerId, ServiceId, SubsystemId
 from gateway.settings import database_url
 from gateway.workflow import Policy
-from gateway_demo.runner import TEMPLATE
+from gateway_demo.runner import TEMPLATE, reserve_port
 from gateway_ops.auth import Principal, Role, TokenIssuer, TokenVerifier
 from registry.api import AdminApi
 from registry.console import SECURITY_HEADERS, SESSION_COOKIE, SIGNIN_COOKIE, Console
@@ -131,6 +130,8 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
     )
     verifier = TokenVerifier(issuer=issuer)
     api = AdminApi(gov, verifier, issuer, max_body_bytes=65536, clock=clock)
+    # a port bound and never listening, for the fixture's life: connections are refused
+    nobody = reserve_port()
     app = api.app()
     app.add_subapp(
         "/console",
@@ -141,7 +142,7 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
             clock=clock,
             session_seconds=SESSION_SECONDS,
             # nothing listens there: the auditor pages say so (a real one: the browser test)
-            auditor_apis={"UY/GOV/MSP/ss1": f"http://127.0.0.1:{closed_port()}"},
+            auditor_apis={"UY/GOV/MSP/ss1": f"http://127.0.0.1:{nobody.getsockname()[1]}"},
         ).app(),
     )
     client: TestClient[Any, Any] = TestClient(TestServer(app))
@@ -149,14 +150,9 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
     try:
         yield World(client, gov, issuer, clock, pending["id"], other["id"])
     finally:
+        nobody.close()
         await client.close()
         await store.close()
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def member_admin(subject: str, member: MemberId) -> Principal:

@@ -8,9 +8,9 @@ refusal, a wrong nonce, a token the verifier refuses, a security-server role.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import secrets
-import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -38,12 +38,6 @@ from registry.store import RegistryStore
 
 ISSUER = "https://login.example.gub.uy/"
 CLIENT = "gateway-console"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -179,7 +173,7 @@ async def setup(tmp_path: Path) -> AsyncIterator[Setup]:
     site = web.TCPSite(provider_runner, "127.0.0.1", 0)
     await site.start()
     provider.url = f"http://127.0.0.1:{provider_runner.addresses[0][1]}"
-    port = free_port()
+    # the callback's address is known once the console listens (port 0): set just below
     oidc = OidcSettings(
         jwks_url=f"{provider.url}/jwks",
         issuer=ISSUER,
@@ -187,7 +181,7 @@ async def setup(tmp_path: Path) -> AsyncIterator[Setup]:
         authorization_url=f"{provider.url}/authorize",
         token_url=f"{provider.url}/token",
         client_id=CLIENT,
-        redirect_url=f"http://127.0.0.1:{port}/console/oidc/callback",
+        redirect_url="http://127.0.0.1:1/console/oidc/callback",
     )
     store = await RegistryStore.open(database_url(str(tmp_path / "registry.db"), base=tmp_path))
 
@@ -205,9 +199,13 @@ async def setup(tmp_path: Path) -> AsyncIterator[Setup]:
     )
     verifier = TokenVerifier(issuer=issuer, oidc=oidc)
     app = AdminApi(gov, verifier, issuer, max_body_bytes=65536, clock=clock).app()
-    app.add_subapp("/console", Console(gov, verifier, issuer, clock=clock, oidc=oidc).app())
-    console: TestClient[Any, Any] = TestClient(TestServer(app, port=port))
+    pages = Console(gov, verifier, issuer, clock=clock, oidc=oidc)
+    app.add_subapp("/console", pages.app())
+    console: TestClient[Any, Any] = TestClient(TestServer(app, port=0))
     await console.start_server()
+    pages.oidc = dataclasses.replace(
+        oidc, redirect_url=str(console.make_url("/console/oidc/callback"))
+    )
     async with aiohttp.ClientSession() as http:
         skew.append(Setup(provider, console, http))
         try:
