@@ -746,26 +746,32 @@ def _bench(ns: argparse.Namespace) -> int:
 
 
 def _backend(ns: argparse.Namespace) -> int:
-    from gateway_demo.backends import serve_backend
+    from gateway_demo.backends import serve_backends
     from gateway_ops.runtime import ready_writer, run, signal_events
     from gateway_ops.tracing import Tracing, TracingSettings
 
+    listens = ns.listen or ["127.0.0.1:0"] * len(ns.names)
+    if len(listens) != len(ns.names) or len(set(ns.names)) != len(ns.names):
+        print("error: give each backend once, and one --listen for each", file=sys.stderr)
+        return 2
+
     async def main() -> None:
         stop, _ = signal_events()
-        tracing = Tracing(
-            TracingSettings(
-                otlp_endpoint=ns.otlp_endpoint,
-                service_name=os.environ.get("OTEL_SERVICE_NAME", ""),
-            ),
-            service_name=f"demo-backend-{ns.name}",
-        )
-        await serve_backend(
-            ns.name,
-            ns.listen,
-            stop=stop,
-            on_ready=ready_writer(ns.ready_file),
-            tracing=tracing,
-        )
+        backends = [
+            (
+                name,
+                listen,
+                Tracing(
+                    TracingSettings(
+                        otlp_endpoint=ns.otlp_endpoint,
+                        service_name=os.environ.get("OTEL_SERVICE_NAME", ""),
+                    ),
+                    service_name=f"demo-backend-{name}",
+                ),
+            )
+            for name, listen in zip(ns.names, listens, strict=True)
+        ]
+        await serve_backends(backends, stop=stop, on_ready=ready_writer(ns.ready_file))
 
     run(main)
     return 0
@@ -1156,9 +1162,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--watchers", type=int, default=20, help="--scale: concurrent Watch streams")
     p.set_defaults(func=_bench)
 
-    p = commands.add_parser("demo-backend", help="run one of the demo's sample backends")
-    p.add_argument("name", choices=["population", "vaccination"])
-    p.add_argument("--listen", default="127.0.0.1:0")
+    p = commands.add_parser("demo-backend", help="run the demo's sample backends")
+    p.add_argument("names", nargs="+", choices=["population", "vaccination"], metavar="NAME")
+    p.add_argument(
+        "--listen",
+        action="append",
+        help="host:port of each NAME, in their order (default 127.0.0.1:0 for each)",
+    )
     p.add_argument(
         "--otlp-endpoint",
         default=os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""),

@@ -153,12 +153,33 @@ async def serve_backend(
     on_ready: Callable[[dict[str, Any]], None],
     tracing: Tracing = OFF,
 ) -> None:
+    await serve_backends([(name, listen, tracing)], stop=stop, on_ready=on_ready)
+
+
+async def serve_backends(
+    backends: list[tuple[str, str, Tracing]],
+    *,
+    stop: asyncio.Event,
+    on_ready: Callable[[dict[str, Any]], None],
+) -> None:
+    """Sample backends, (name, host:port, tracing) each, in one gRPC server: each address
+    answers every backend's methods (their services differ), which costs one process for
+    all (the tests start dozens of topologies)."""
     server = grpc.aio.server()
-    server.add_generic_rpc_handlers((handler(name, tracing),))
-    port = server.add_insecure_port(listen)
+    server.add_generic_rpc_handlers(tuple(handler(name, tracing) for name, _, tracing in backends))
+    ports = [server.add_insecure_port(listen) for _, listen, _ in backends]
     await server.start()
-    on_ready({"backend": name, "listen": f"{listen.rsplit(':', 1)[0]}:{port}"})
+    bound = {
+        name: f"{listen.rsplit(':', 1)[0]}:{port}"
+        for (name, listen, _), port in zip(backends, ports, strict=True)
+    }
+    if len(bound) == 1:
+        ((name, address),) = bound.items()
+        on_ready({"backend": name, "listen": address})
+    else:
+        on_ready({"backends": bound})
     await stop.wait()
     await server.stop(grace=1.0)
     # the spans of the last calls, exported before the process ends
-    await tracing.close()
+    for _, _, tracing in backends:
+        await tracing.close()

@@ -374,7 +374,13 @@ def run_bench(
         "trace_backends": False,
     }
     topologies = {
-        name: Runner(workdir / name, **options, **(traced if name == "traced" else {}))
+        # one process per backend: its CPU per call is read from /proc
+        name: Runner(
+            workdir / name,
+            separate_backends=True,
+            **options,
+            **(traced if name == "traced" else {}),
+        )
         for name, _, options in TOPOLOGIES
     }
     runner = topologies["gateway"]

@@ -469,6 +469,7 @@ def run_demo(*, workdir: Path, keep_running: bool) -> int:
         store_bodies=True,
         federation_allowed=("AR",),
         separate_trust_services=True,
+        separate_backends=True,
     )
     ar: Runner | None = None
     print(f"Interoperability gateway demo (workdir {runner.workdir})")

@@ -32,7 +32,11 @@ PURPOSE = "healthcare-identification"
 
 def start_ar(workdir: Path) -> Runner:
     ar = Runner(
-        workdir, template=TEMPLATE_AR, federation_allowed=("UY",), separate_trust_services=True
+        workdir,
+        template=TEMPLATE_AR,
+        federation_allowed=("UY",),
+        separate_trust_services=True,
+        separate_backends=True,
     )
     ar.prepare()
     ar.start_all()

@@ -106,6 +106,7 @@ class Runner:
         registry_replicas: int = 1,
         registry_database: str | None = None,
         separate_trust_services: bool = False,
+        separate_backends: bool = False,
     ) -> None:
         self.workdir = workdir.resolve()
         # registry processes over one database (more than one needs `registry_database`, a
@@ -117,6 +118,9 @@ class Runner:
         # process less to start: the tests start dozens of topologies), or as two named
         # "ocsp" and "tsa" that can be stopped one without the other
         self.trust_services = ("ocsp", "tsa") if separate_trust_services else ("trust",)
+        # the sample backends in one process "backend-all", or one each ("backend-NAME",
+        # which a test can stop alone, and whose CPU the benchmark reads)
+        self.separate_backends = separate_backends
         self.registry_database = registry_database
         # overrides of the servers' [ops] settings (metrics off, for the benchmark)
         self.ops = dict(ops or {})
@@ -219,11 +223,17 @@ class Runner:
             )
         for server in topology["servers"]:
             self._write_server(server)
-        for name, address in self.backends.items():
-            otlp = self.tracing.get("otlp_endpoint") if self.trace_backends else None
-            self.processes[f"backend-{name}"] = self._process(
-                f"backend-{name}",
-                ["demo-backend", name, "--listen", address]
+        otlp = self.tracing.get("otlp_endpoint") if self.trace_backends else None
+        groups = (
+            [(f"backend-{name}", [name]) for name in self.backends]
+            if self.separate_backends
+            else [("backend-all", list(self.backends))]
+        )
+        for process, names in groups:
+            self.processes[process] = self._process(
+                process,
+                ["demo-backend", *names]
+                + [a for name in names for a in ("--listen", self.backends[name])]
                 + (["--otlp-endpoint", otlp] if otlp else []),
             )
 

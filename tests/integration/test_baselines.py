@@ -20,7 +20,7 @@ from gateway_demo.runner import Runner
 @pytest.fixture(scope="module")
 def runner(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runner]:
     """Only the PKI and the population backend of the demo topology."""
-    runner = Runner(tmp_path_factory.mktemp("baselines") / "run")
+    runner = Runner(tmp_path_factory.mktemp("baselines") / "run", separate_backends=True)
     try:
         runner.prepare()
         runner.start("backend-population")

@@ -69,8 +69,9 @@ async def until(predicate: Callable[[Outcome], bool], runner: Runner, seconds: f
 
 @pytest.fixture(scope="module")
 def shared(make_runner: Callable[..., Runner]) -> Runner:
-    """The demo topology, shared by the tests below that restore what they stop."""
-    return make_runner()
+    """The demo topology, shared by the tests below that restore what they stop (the
+    population backend among them, in a process of its own)."""
+    return make_runner(separate_backends=True)
 
 
 async def test_backend_down_gives_unavailable_and_is_logged(shared: Runner) -> None:
