@@ -215,6 +215,14 @@ configurations = sa.Table(
     sa.Column("generated_at", sa.String(40)),
 )
 
+# the web console's signed-out sessions, until they would have ended (see registry.console)
+console_signouts = sa.Table(
+    "console_signouts",
+    metadata,
+    sa.Column("session", sa.String(64), primary_key=True),
+    sa.Column("ends_at", sa.Float, nullable=False),
+)
+
 
 # PostgreSQL's notification channel for published versions (payload: the version number)
 CONFIGURATION_CHANNEL = "gateway_configuration"
@@ -669,6 +677,22 @@ class RegistryStore:
             query = query.limit(limit)
         async with self.engine.connect() as conn:
             return (await conn.execute(query)).all()
+
+    async def sign_out(self, session: str, ends_at: float, now: float) -> None:
+        """Record a console session as signed out until `ends_at`; forget ended ones."""
+        async with self.engine.begin() as conn:
+            await conn.execute(console_signouts.delete().where(console_signouts.c.ends_at < now))
+            await conn.execute(
+                console_signouts.delete().where(console_signouts.c.session == session)
+            )
+            await conn.execute(console_signouts.insert().values(session=session, ends_at=ends_at))
+
+    async def signed_out(self, session: str) -> bool:
+        async with self.engine.connect() as conn:
+            found = await conn.scalar(
+                sa.select(console_signouts.c.session).where(console_signouts.c.session == session)
+            )
+        return found is not None
 
     async def admin_head(self) -> ChainHead:
         """Where the admin log says it ends (updated with every change)."""

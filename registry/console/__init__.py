@@ -13,7 +13,8 @@ its own, naming the principal and an end at most `session_seconds` away (never p
 presented token's own end); HttpOnly, Secure, SameSite=Strict, path `/console`. It is no
 bearer token: the admin API and the servers' auditor APIs have no use for it. Every
 request checks it again; an expired, forged or signed-out one leads back to the sign-in
-page (sign-out is remembered by the process that served it, until the session's end).
+page (a sign-out is recorded in the registry's database, so no replica accepts the
+session again).
 The auditor pages call the servers' auditor APIs with a registry token of one minute
 for the same auditor.
 
@@ -211,8 +212,6 @@ class Console:
         self._csrf_key = issuer.derived_secret("console-csrf")
         self._oidc_key = issuer.derived_secret("console-oidc")
         self._session_key = issuer.derived_secret("console-session")
-        # sessions signed out in this process, until they would have ended (jti -> end)
-        self._signed_out: dict[str, float] = {}
         self.templates = Environment(
             loader=FileSystemLoader(HERE / "templates"),
             autoescape=select_autoescape(default=True),
@@ -310,7 +309,7 @@ class Console:
         ) or request.path.startswith(f"{PATH}/static/")
         cookie = request.cookies.get(SESSION_COOKIE)
         if cookie:
-            principal = self._session_principal(cookie)
+            principal = await self._session_principal(cookie)
             if principal is not None:
                 request[PRINCIPAL] = principal
                 request[SESSION] = cookie
@@ -577,9 +576,9 @@ class Console:
         doc: dict[str, Any] = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
         return doc if float(doc.get("exp", 0)) > self.clock().timestamp() else None
 
-    def _session_principal(self, cookie: str) -> Principal | None:
+    async def _session_principal(self, cookie: str) -> Principal | None:
         doc = self._unseal(self._session_key, cookie)
-        if doc is None or doc.get("jti") in self._signed_out:
+        if doc is None or await self.gov.store.signed_out(str(doc.get("jti"))):
             return None
         return Principal(
             subject=str(doc["sub"]),
@@ -707,10 +706,10 @@ class Console:
     async def sign_out(self, request: web.Request) -> web.StreamResponse:
         log.info("console_signed_out", subject=request[PRINCIPAL].subject)
         doc = self._unseal(self._session_key, request[SESSION])
-        now = self.clock().timestamp()
-        self._signed_out = {j: end for j, end in self._signed_out.items() if end > now}
-        if doc is not None:
-            self._signed_out[str(doc["jti"])] = float(doc["exp"])
+        if doc is not None:  # no registry process takes it again, even sent by hand
+            await self.gov.store.sign_out(
+                str(doc["jti"]), float(doc["exp"]), self.clock().timestamp()
+            )
         response = _see_other(f"{PATH}/sign-in?signed-out=1")
         response.del_cookie(SESSION_COOKIE, path=PATH)
         return response

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -619,6 +620,31 @@ async def test_the_language_follows_the_browser_then_the_switch(world: World) ->
     browser.cookies.pop("gateway_console_lang")
     browser.language = "en-US"
     assert "Jan 1, 2026" in await browser.get("/console/agreements/AGR-2026-0001")
+
+
+async def test_a_sign_out_holds_on_every_registry_replica(world: World) -> None:
+    """Two registry processes over one database (and one token key) accept each other's
+    sessions; a sign-out on one is refused by the other too."""
+    other = web.Application()
+    other.add_subapp(
+        "/console",
+        Console(
+            world.gov, TokenVerifier(issuer=world.issuer), world.issuer, clock=world.clock
+        ).app(),
+    )
+    replica: TestClient[Any, Any] = TestClient(TestServer(other))
+    await replica.start_server()
+    try:
+        browser = await signed_in(world, "root@registry", Role.REGISTRY_ADMIN)
+        headers = browser._headers()
+        assert (
+            await replica.get("/console/", headers=headers, allow_redirects=False)
+        ).status == 200
+        await browser.post("/console/sign-out", {"csrf": await browser.csrf()})
+        answer = await replica.get("/console/", headers=headers, allow_redirects=False)
+        assert (answer.status, answer.headers["Location"]) == (303, "/console/sign-in?expired=1")
+    finally:
+        await replica.close()
 
 
 async def test_static_unknown_and_refused_paths_carry_the_security_headers(world: World) -> None:
