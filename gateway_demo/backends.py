@@ -145,17 +145,6 @@ def handler(name: str, tracing: Tracing = OFF) -> Any:
     )
 
 
-async def serve_backend(
-    name: str,
-    listen: str,
-    *,
-    stop: asyncio.Event,
-    on_ready: Callable[[dict[str, Any]], None],
-    tracing: Tracing = OFF,
-) -> None:
-    await serve_backends([(name, listen, tracing)], stop=stop, on_ready=on_ready)
-
-
 async def serve_backends(
     backends: list[tuple[str, str, Tracing]],
     *,
