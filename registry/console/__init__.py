@@ -248,6 +248,13 @@ class Console:
         app.on_cleanup.append(self._close_http)
         return app
 
+    def _client(self) -> aiohttp.ClientSession:
+        """The console's HTTP client (the auditor APIs, the OpenID Connect provider),
+        made when first needed: inside the event loop, as aiohttp wants."""
+        if self._http is None:
+            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+        return self._http
+
     async def _close_http(self, _app: web.Application) -> None:
         if self._http is not None:
             await self._http.close()
@@ -300,8 +307,7 @@ class Console:
 
     @web.middleware
     async def _session(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        request[LANGUAGE] = self._language(request)
-        request[LOCALE] = self._locale(request, request[LANGUAGE])
+        request[LANGUAGE], request[LOCALE] = self._language(request)
         public = request.path in (
             f"{PATH}/sign-in",
             f"{PATH}/oidc/start",
@@ -349,35 +355,37 @@ class Console:
 
     # ---- helpers -----------------------------------------------------------------------
 
-    def _language(self, request: web.Request) -> str:
-        asked = request.query.get("lang") or request.cookies.get(LANGUAGE_COOKIE)
-        if asked in LANGUAGES:
-            return str(asked)
-        best, weight = DEFAULT_LANGUAGE, 0.0
+    @staticmethod
+    def _language(request: web.Request) -> tuple[str, str]:
+        """(language, Babel locale): the language a `lang` query parameter or its cookie
+        asks for, else the browser's best-weighted one we have; the locale is the browser's
+        first tag of that language with a region Babel knows ("es-UY"), else the language."""
+        accepted: list[tuple[str, str, float]] = []  # (tag, language, weight)
         for part in request.headers.get("Accept-Language", "").split(",")[:20]:
             tag, _, params = part.strip().partition(";")
-            primary = tag.strip().lower().split("-")[0]
+            tag = tag.strip()
             q = 1.0
             if params.strip().startswith("q="):
                 try:
                     q = float(params.strip()[2:])
                 except ValueError:
+                    q = -1.0  # never chosen for the language; still a locale for it
+            accepted.append((tag, tag.lower().split("-")[0], q))
+        asked = request.query.get("lang") or request.cookies.get(LANGUAGE_COOKIE)
+        language, weight = DEFAULT_LANGUAGE, 0.0
+        if asked in LANGUAGES:
+            language = str(asked)
+        else:
+            for _, primary, q in accepted:
+                if primary in LANGUAGES and q > weight:
+                    language, weight = primary, q
+        for tag, primary, _ in accepted:
+            if primary == language and "-" in tag:
+                try:
+                    return language, str(Locale.parse(tag, sep="-"))
+                except (ValueError, UnknownLocaleError):
                     continue
-            if primary in LANGUAGES and q > weight:
-                best, weight = primary, q
-        return best
-
-    @staticmethod
-    def _locale(request: web.Request, language: str) -> str:
-        for part in request.headers.get("Accept-Language", "").split(",")[:20]:
-            tag = part.strip().partition(";")[0].strip()
-            if tag.lower().split("-")[0] != language or "-" not in tag:
-                continue
-            try:
-                return str(Locale.parse(tag, sep="-"))
-            except (ValueError, UnknownLocaleError):
-                continue
-        return language
+        return language, language
 
     def _t(self, request: web.Request, key: str, **values: object) -> str:
         return text(request.get(LANGUAGE, DEFAULT_LANGUAGE), key, **values)
@@ -669,10 +677,8 @@ class Console:
         code = request.query.get("code", "")
         if not code or len(code) > MAX_TOKEN_CHARS:
             return refuse("the provider gave no code")
-        if self._http is None:
-            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
         try:
-            async with self._http.post(
+            async with self._client().post(
                 self.oidc.token_url,
                 data={
                     "grant_type": "authorization_code",
@@ -949,8 +955,6 @@ class Console:
         newest pages first as the API orders them), read with this session's token (which
         the servers verify against the registry's keys, as any auditor token), and the
         servers that could not answer, with why."""
-        if self._http is None:
-            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
         found: list[tuple[str, dict[str, Any]]] = []
         failed: dict[str, str] = {}
         headers = {"Authorization": f"Bearer {self._forward_token(request[PRINCIPAL])}"}
@@ -963,7 +967,7 @@ class Console:
                 if after:
                     page["after"] = after
                 try:
-                    async with self._http.get(url, params=page, headers=headers) as answer:
+                    async with self._client().get(url, params=page, headers=headers) as answer:
                         doc = await answer.json(content_type=None)
                         if answer.status != 200:
                             failed[server] = str(doc.get("message", answer.status))[:300]
@@ -1081,11 +1085,9 @@ class Console:
         message_id = request.query.get("message_id", "")[:256]
         if server not in self.auditor_apis or not message_id:
             raise InvalidRequest("name a server with an auditor API and a message id")
-        if self._http is None:
-            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
         url = f"{self.auditor_apis[server].rstrip('/')}{EVIDENCE_PATH}{quote(message_id, safe='')}"
         try:
-            async with self._http.get(
+            async with self._client().get(
                 url, headers={"Authorization": f"Bearer {self._forward_token(actor)}"}
             ) as answer:
                 body = await answer.read()
