@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
+from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import Any
 
@@ -240,3 +241,17 @@ def run_gateway(*args: str | Path) -> subprocess.CompletedProcess[str]:
 def audit_verify(db: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     """Run `gateway audit verify` on a log as an auditor would."""
     return run_gateway("audit", "verify", "--quiet", "--db", db, *extra)
+
+
+def keep_cookies(response: Any, cookies: dict[str, str]) -> SimpleCookie:
+    """Apply a response's Set-Cookie headers to `cookies` as a browser would (a cookie set
+    empty or with Max-Age=0 is deleted); the cookies as set, with their attributes."""
+    jar: SimpleCookie = SimpleCookie()
+    for header in response.headers.getall("Set-Cookie", []):
+        jar.load(header)
+    for name, morsel in jar.items():
+        if morsel["max-age"] == "0" or not morsel.value:
+            cookies.pop(name, None)
+        else:
+            cookies[name] = morsel.value
+    return jar

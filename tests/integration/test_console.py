@@ -40,6 +40,7 @@ from registry.console.text import LANGUAGES, TEXT
 from registry.governance import AgreementRequest, Governance
 from registry.store import RegistryStore
 from registry.topology import load_topology
+from tests.integration.conftest import keep_cookies
 
 MSP, DNIC, BPS = (MemberId.parse(m) for m in ("UY/GOV/MSP", "UY/GOV/DNIC", "UY/GOV/BPS"))
 VACCINATION = ServiceId.parse("UY/GOV/MSP/clinics/vaccination/v1")
@@ -179,15 +180,8 @@ class Browser:
         return headers
 
     def _keep(self, response: Any) -> None:
-        for header in response.headers.getall("Set-Cookie", []):
-            jar: SimpleCookie = SimpleCookie()
-            jar.load(header)
-            for name, morsel in jar.items():
-                self.last_set[name] = jar
-                if morsel["max-age"] == "0" or morsel.value == "":
-                    self.cookies.pop(name, None)
-                else:
-                    self.cookies[name] = morsel.value
+        jar = keep_cookies(response, self.cookies)
+        self.last_set.update(dict.fromkeys(jar, jar))
 
     async def get(self, path: str, status: int = 200) -> str:
         response = await self.world.client.get(path, headers=self._headers(), allow_redirects=False)

@@ -35,6 +35,7 @@ from registry.api import AdminApi
 from registry.console import OIDC_COOKIE, SESSION_COOKIE, Console
 from registry.governance import Governance
 from registry.store import RegistryStore
+from tests.integration.conftest import keep_cookies
 
 ISSUER = "https://login.example.gub.uy/"
 CLIENT = "gateway-console"
@@ -126,15 +127,7 @@ class Setup:
     skew: timedelta = timedelta(0)  # added to the console's clock
 
     def keep(self, response: aiohttp.ClientResponse) -> SimpleCookie:
-        jar: SimpleCookie = SimpleCookie()
-        for header in response.headers.getall("Set-Cookie", []):
-            jar.load(header)
-        for name, morsel in jar.items():
-            if morsel["max-age"] == "0" or not morsel.value:
-                self.cookies.pop(name, None)
-            else:
-                self.cookies[name] = morsel.value
-        return jar
+        return keep_cookies(response, self.cookies)
 
     async def get(self, url: str) -> aiohttp.ClientResponse:
         headers = {"Accept-Language": "en"}
