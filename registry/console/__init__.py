@@ -174,6 +174,27 @@ def _same(given: str, expected: str) -> bool:
     return hmac.compare_digest(given.encode(), expected.encode())
 
 
+def _set_cookie(
+    response: web.StreamResponse,
+    name: str,
+    value: str,
+    seconds: float,
+    *,
+    path: str = PATH,
+    samesite: str = "Strict",
+) -> None:
+    """Every console cookie: HttpOnly and Secure, for `seconds`, on the console's paths."""
+    response.set_cookie(
+        name,
+        value,
+        max_age=int(seconds),
+        path=path,
+        secure=True,
+        httponly=True,
+        samesite=samesite,
+    )
+
+
 def _see_other(location: str) -> web.Response:
     """303 See Other: after a form, the browser GETs `location`."""
     return web.Response(status=303, headers={"Location": location})
@@ -336,15 +357,7 @@ class Console:
         response = await handler(request)
         lang = request.query.get("lang")
         if lang in LANGUAGES:
-            response.set_cookie(
-                LANGUAGE_COOKIE,
-                lang,
-                max_age=365 * 86400,
-                path=PATH,
-                secure=True,
-                httponly=True,
-                samesite="Strict",
-            )
+            _set_cookie(response, LANGUAGE_COOKIE, lang, 365 * 86400)
         return response
 
     def _to_sign_in(self, *, expired: bool) -> web.Response:
@@ -494,15 +507,7 @@ class Console:
             error=error,
             oidc=self.oidc is not None,
         )
-        response.set_cookie(
-            SIGNIN_COOKIE,
-            nonce,
-            max_age=600,
-            path=PATH,
-            secure=True,
-            httponly=True,
-            samesite="Strict",
-        )
+        _set_cookie(response, SIGNIN_COOKIE, nonce, 600)
         return response
 
     async def sign_in(self, request: web.Request) -> web.StreamResponse:
@@ -556,15 +561,7 @@ class Console:
             how=how,
         )
         response = _see_other(f"{PATH}/")
-        response.set_cookie(
-            SESSION_COOKIE,
-            session,
-            max_age=int(seconds),
-            path=PATH,
-            secure=True,
-            httponly=True,
-            samesite="Strict",
-        )
+        _set_cookie(response, SESSION_COOKIE, session, int(seconds))
         response.del_cookie(SIGNIN_COOKIE, path=PATH)
         return response
 
@@ -641,14 +638,8 @@ class Console:
             },
         )
         # Lax, not Strict: it must come back with the provider's (cross-site) redirect
-        response.set_cookie(
-            OIDC_COOKIE,
-            sealed,
-            max_age=int(OIDC_SECONDS),
-            path=f"{PATH}/oidc",
-            secure=True,
-            httponly=True,
-            samesite="Lax",
+        _set_cookie(
+            response, OIDC_COOKIE, sealed, int(OIDC_SECONDS), path=f"{PATH}/oidc", samesite="Lax"
         )
         return response
 
