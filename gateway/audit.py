@@ -35,6 +35,9 @@ class RecordKind(StrEnum):
     REQUEST = "request"
     RESPONSE = "response"
     REFUSAL = "refusal"
+    # the end of a stream's request direction, with the consumer's signed close (a
+    # stream's response direction ends with a `response` record holding the provider's)
+    STREAM_CLOSE = "stream-close"
     # a query made through the auditor API (auditor access is itself logged)
     AUDIT_QUERY = "audit-query"
     # refusals counted over an interval instead of logged one by one (floods; see

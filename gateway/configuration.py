@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives import serialization
 
 from gateway import canonical
 from gateway.agreements import Agreement, AgreementIndex
+from gateway.envelope import STREAM_KINDS
 from gateway.errors import Code, ConfigurationError, GatewayError, TrustError
 from gateway.identifiers import MemberId, SecurityServerId, ServiceId, SubsystemId
 from gateway.signing import Signer, TrustStore, pem_bundle, verify_signature
@@ -89,6 +90,16 @@ class Service:
     description: str
     # full gRPC method paths this service consists of; empty means any method
     methods: tuple[str, ...]
+    # the streaming methods among them, with their kind (`STREAM_KINDS`): the consumer
+    # server learns here how to take a call; a method not listed is unary
+    streams: tuple[tuple[str, str], ...] = ()
+
+    def stream_kind(self, method: str) -> str | None:
+        """The method's streaming kind, or None for a unary method."""
+        for path, kind in self.streams:
+            if path == method:
+                return kind
+        return None
 
     def check_method(self, method: str) -> None:
         """Raise `GatewayError(UNKNOWN_METHOD)` unless the gRPC method belongs to this service."""
@@ -266,7 +277,14 @@ def catalogue_json(
         ),
         "services": sorted(
             (
-                {"id": str(s.id), "description": s.description, "methods": sorted(s.methods)}
+                {
+                    "id": str(s.id),
+                    "description": s.description,
+                    "methods": sorted(s.methods),
+                    # only when it has streaming methods, so that other services' entries
+                    # (and configurations without any) are unchanged
+                    **({"streams": dict(s.streams)} if s.streams else {}),
+                }
                 for s in services
             ),
             key=lambda d: str(d["id"]),
@@ -393,6 +411,31 @@ class Anchor:
                 "anchor lists no signing certificate", code=Code.CONFIGURATION_INVALID
             )
         return anchor
+
+
+def check_streams(
+    streams: Mapping[str, str], methods: Iterable[str]
+) -> tuple[tuple[str, str], ...]:
+    """A service's streaming methods, sorted, each with a known kind and (when the service
+    lists its methods) among them; `ValueError` otherwise."""
+    listed = set(methods)
+    for method, kind in streams.items():
+        if kind not in STREAM_KINDS:
+            raise ValueError(
+                f"method {method} has streaming kind {kind!r}; use one of {', '.join(STREAM_KINDS)}"
+            )
+        if listed and method not in listed:
+            raise ValueError(f"streaming method {method} is not one of the service's methods")
+    return tuple(sorted((str(m), str(k)) for m, k in streams.items()))
+
+
+def _streams(doc: Any, service: Any, methods: Any) -> tuple[tuple[str, str], ...]:
+    if not isinstance(doc, dict):
+        raise _invalid(f"service {service}: streams must be an object")
+    try:
+        return check_streams(doc, methods)
+    except ValueError as exc:
+        raise _invalid(f"service {service}: {exc}") from None
 
 
 def _invalid(why: str) -> ConfigurationError:
@@ -528,6 +571,7 @@ def assemble(
                 id=ServiceId.parse(d["id"]),
                 description=str(d["description"]),
                 methods=tuple(str(x) for x in d["methods"]),
+                streams=_streams(d.get("streams", {}), d["id"], d["methods"]),
             )
             for d in doc["services"]
         )

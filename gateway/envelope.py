@@ -93,10 +93,16 @@ class RequestHeader:
     # the data subject's keyed pseudonym (HMAC under the instance's key), never the
     # identifier itself: the header is kept in both message logs
     subject_ref: str | None = None
+    # a streaming call's kind ("server", "client" or "bidi"); None for a unary call. A
+    # stream's messages travel after the header, each extending a hash chain, and each
+    # side signs its direction's digest when it closes (`StreamClose`); `body_sha256` is
+    # then the digest of no bytes.
+    stream: str | None = None
 
     def encode(self) -> bytes:
         return canonical.encode(
             {
+                **({"stream": self.stream} if self.stream is not None else {}),
                 "v": PROTOCOL_VERSION,
                 "type": "request",
                 "message_id": self.message_id,
@@ -144,6 +150,53 @@ class ResponseHeader:
         )
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StreamClose:
+    """The signed end of one direction of a streaming call: how many messages were sent,
+    their bytes, and the last link of their hash chain (`gateway.streams`), bound to the
+    request header. The response direction's close is the stream's response: it carries
+    the backend's status, and also signs what its sender received of the request stream
+    (`request_count`, `request_digest`), as a unary response signs the request."""
+
+    message_id: str
+    request_sha256: str
+    service: ServiceId
+    direction: str  # "request" or "response"
+    sender: SecurityServerId
+    created_at: datetime
+    count: int
+    size: int
+    digest: str
+    grpc_status: int = 0
+    grpc_message: str = ""
+    request_count: int | None = None
+    request_digest: str | None = None
+
+    # a close carries no body of its own (the stream's messages are covered by `digest`)
+    body_sha256: str = ""
+
+    def encode(self) -> bytes:
+        return canonical.encode(
+            {
+                "v": PROTOCOL_VERSION,
+                "type": "stream-close",
+                "message_id": self.message_id,
+                "request_sha256": self.request_sha256,
+                "service": str(self.service),
+                "direction": self.direction,
+                "sender": str(self.sender),
+                "created_at": format_time(self.created_at),
+                "count": self.count,
+                "bytes": self.size,
+                "digest": self.digest,
+                "grpc_status": self.grpc_status,
+                "grpc_message": self.grpc_message,
+                "request_count": self.request_count,
+                "request_digest": self.request_digest,
+            }
+        )
+
+
 def _malformed(why: str) -> TrustError:
     return TrustError(f"envelope header is malformed: {why}", code=Code.MALFORMED_ENVELOPE)
 
@@ -155,7 +208,7 @@ def _fields(data: bytes, kind: str, keys: set[str]) -> dict[str, Any]:
         raise _malformed(str(exc)) from None
     if not isinstance(value, dict):
         raise _malformed("not a JSON object")
-    if set(value) != keys:
+    if set(value) != keys and not (kind == "request" and set(value) == keys | {"stream"}):
         raise _malformed(f"fields {quote(', '.join(sorted(value)))} differ from {sorted(keys)}")
     version = value["v"]
     if type(version) is not int or version != PROTOCOL_VERSION or value["type"] != kind:
@@ -176,6 +229,12 @@ _REQUEST_KEYS = {
     "v", "type", "message_id", "client", "service", "method", "purpose", "sender",
     "created_at", "body_sha256", "user_id", "subject_ref",
 }  # fmt: skip
+_CLOSE_KEYS = {
+    "v", "type", "message_id", "request_sha256", "service", "direction", "sender",
+    "created_at", "count", "bytes", "digest", "grpc_status", "grpc_message",
+    "request_count", "request_digest",
+}  # fmt: skip
+STREAM_KINDS = ("server", "client", "bidi")
 _RESPONSE_KEYS = {
     "v", "type", "message_id", "request_sha256", "service", "sender", "created_at",
     "body_sha256", "grpc_status", "grpc_message",
@@ -197,6 +256,9 @@ def decode_request(data: bytes) -> RequestHeader:
         subject_ref = _text(f, "subject_ref", optional=True)
         if subject_ref is not None and not _DIGEST.fullmatch(subject_ref):
             raise _malformed("field 'subject_ref' is not a pseudonym (64 hex digits)")
+        stream = f.get("stream")
+        if stream is not None and stream not in STREAM_KINDS:
+            raise _malformed(f"field 'stream' must be one of {', '.join(STREAM_KINDS)}")
         return RequestHeader(
             message_id=check_message_id(_text(f, "message_id")),
             client=SubsystemId.parse(_text(f, "client")),
@@ -208,6 +270,7 @@ def decode_request(data: bytes) -> RequestHeader:
             body_sha256=_digest(f, "body_sha256"),
             user_id=None if user_id is None else check_free_text("user id", user_id),
             subject_ref=subject_ref,
+            stream=stream,
         )
     except (GatewayError, ValueError) as exc:
         if isinstance(exc, TrustError):
@@ -236,6 +299,59 @@ def decode_response(data: bytes) -> ResponseHeader:
         if isinstance(exc, TrustError):
             raise
         raise _malformed(str(exc)) from None
+
+
+def _count(fields: dict[str, Any], key: str, *, optional: bool = False) -> int | None:
+    value = fields[key]
+    if value is None and optional:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**63:
+        raise _malformed(f"field {key!r} must be a count")
+    return value
+
+
+def decode_close(data: bytes) -> StreamClose:
+    """Parse and check the canonical bytes of a stream's close."""
+    f = _fields(data, "stream-close", _CLOSE_KEYS)
+    status = f["grpc_status"]
+    if not isinstance(status, int) or isinstance(status, bool) or not 0 <= status <= 16:
+        raise _malformed("field 'grpc_status' must be a gRPC status number")
+    direction = f["direction"]
+    if direction not in ("request", "response"):
+        raise _malformed("field 'direction' must be 'request' or 'response'")
+    request_count = _count(f, "request_count", optional=True)
+    request_digest = None if f["request_digest"] is None else _digest(f, "request_digest")
+    if (direction == "response") != (request_count is not None and request_digest is not None):
+        raise _malformed("only a response close, and every response close, names the request's")
+    try:
+        return StreamClose(
+            message_id=check_message_id(_text(f, "message_id")),
+            request_sha256=_digest(f, "request_sha256"),
+            service=ServiceId.parse(_text(f, "service")),
+            direction=direction,
+            sender=SecurityServerId.parse(_text(f, "sender")),
+            created_at=parse_time(_text(f, "created_at")),
+            count=_count(f, "count") or 0,
+            size=_count(f, "bytes") or 0,
+            digest=_digest(f, "digest"),
+            grpc_status=status,
+            grpc_message=_text(f, "grpc_message"),
+            request_count=request_count,
+            request_digest=request_digest,
+        )
+    except (GatewayError, ValueError) as exc:
+        if isinstance(exc, TrustError):
+            raise
+        raise _malformed(str(exc)) from None
+
+
+def decode_answer(data: bytes) -> ResponseHeader | StreamClose:
+    """A response header, or a stream's close (what a `response` record holds)."""
+    try:
+        kind = canonical.decode(data).get("type")
+    except (canonical.NotCanonicalError, AttributeError):
+        kind = None
+    return decode_close(data) if kind == "stream-close" else decode_response(data)
 
 
 def check_body(header_body_sha256: str, body: bytes) -> None:

@@ -29,6 +29,7 @@ class Status(StrEnum):
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
     UNAVAILABLE = "UNAVAILABLE"
     UNIMPLEMENTED = "UNIMPLEMENTED"
+    DATA_LOSS = "DATA_LOSS"
     INTERNAL = "INTERNAL"
 
 
@@ -62,6 +63,15 @@ class Code(StrEnum):
     RESPONSE_MISMATCH = "response_mismatch"
     REPLAYED_MESSAGE = "replayed_message"
     STALE_MESSAGE = "stale_message"
+    # streams (security_server.streams): a message out of sequence (missing, repeated or
+    # reordered), a message or close whose hash chain does not match, a stream that ended
+    # without its signed close, and the stream limits
+    STREAM_OUT_OF_ORDER = "stream_out_of_order"
+    STREAM_DIGEST_MISMATCH = "stream_digest_mismatch"
+    STREAM_INCOMPLETE = "stream_incomplete"
+    STREAM_TOO_LONG = "stream_too_long"
+    STREAM_TOO_MANY_MESSAGES = "stream_too_many_messages"
+    TOO_MANY_STREAMS = "too_many_streams"
     # certificate status (OCSP) and time-stamps
     SIGNER_CERTIFICATE_REVOKED = "signer_certificate_revoked"
     PEER_CERTIFICATE_REVOKED = "peer_certificate_revoked"
@@ -115,6 +125,12 @@ STATUS_BY_CODE: dict[Code, Status] = {
     Code.RESPONSE_MISMATCH: Status.UNAUTHENTICATED,
     Code.REPLAYED_MESSAGE: Status.ALREADY_EXISTS,
     Code.STALE_MESSAGE: Status.FAILED_PRECONDITION,
+    Code.STREAM_OUT_OF_ORDER: Status.DATA_LOSS,
+    Code.STREAM_DIGEST_MISMATCH: Status.DATA_LOSS,
+    Code.STREAM_INCOMPLETE: Status.DATA_LOSS,
+    Code.STREAM_TOO_LONG: Status.DEADLINE_EXCEEDED,
+    Code.STREAM_TOO_MANY_MESSAGES: Status.RESOURCE_EXHAUSTED,
+    Code.TOO_MANY_STREAMS: Status.RESOURCE_EXHAUSTED,
     Code.SIGNER_CERTIFICATE_REVOKED: Status.UNAUTHENTICATED,
     Code.PEER_CERTIFICATE_REVOKED: Status.UNAUTHENTICATED,
     Code.CERTIFICATE_STATUS_STALE: Status.UNAUTHENTICATED,

@@ -62,6 +62,7 @@ from gateway.identifiers import MemberId, SecurityServerId, ServiceId, Subsystem
 from gateway.records import MAX_RECORD_TEXT, Facts, LogRecord, claimed
 from gateway.replay import ReplayGuard
 from gateway.signing import EcdsaSigner, certificate_sha256, common_name, verify_signature
+from gateway.streams import check_kind
 
 # what a log keeps beside a record: SHA-256 -> (kind, bytes) (certificates, OCSP, bodies)
 Evidence = Mapping[str, tuple[str, bytes]]
@@ -255,6 +256,9 @@ class Call:
     # the common names of the caller's TLS certificate when callers must authenticate
     # (consumer.client_ca); None when they need not
     tls_names: tuple[str, ...] | None = None
+    # the kind of a streaming call ("server", "client" or "bidi", from the catalogue), whose
+    # messages follow the signed header (`gateway.streams`); None for a unary call
+    stream: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -378,6 +382,12 @@ def _start(
         )
     progress.service = service
     service.check_method(method)
+    if call.stream != service.stream_kind(method):
+        raise GatewayError(
+            f"method {method} is {service.stream_kind(method) or 'unary'} in the catalogue of "
+            f"{remote.instance}; call it with a stub of that kind",
+            code=Code.UNKNOWN_METHOD,
+        )
     facts.agreement_id = remote.agreements.decide(client, service_id, purpose, now).id
     if remote is not config:
         check_outbound_approval(config, client, service_id, purpose)
@@ -401,6 +411,7 @@ def _start(
         body_sha256=sha256_hex(body),
         user_id=user_id,
         subject_ref=facts.subject_ref,
+        stream=call.stream,
     )
     header_bytes = header.encode()
     signature = signer.sign(header_bytes)
@@ -440,6 +451,15 @@ def _start(
         ),
         evidence=evidence,
     )
+
+
+def check_still_agreed(header: RequestHeader, node: ExchangeNode, now: datetime) -> None:
+    """For an open stream: its agreement is still in force in the current configuration of
+    the service's instance (`GatewayError` naming why not: suspended, revoked, expired)."""
+    own = node.config.require(now)
+    instance = header.service.member.instance
+    config = own if instance == own.instance else node.federated.require(instance, now)
+    config.agreements.decide(header.client, header.service, header.purpose, now)
 
 
 def check_generated_id(given: str, generated: str) -> None:
@@ -772,13 +792,16 @@ def accept_request(
     backends: Container[str],
     now: datetime,
     monotonic: Callable[[], float] = time.monotonic,
+    *,
+    stream: bool = False,
 ) -> Accepted | Refusal:
     """Decide whether the provider serves a request envelope from `peer` (None: the frame
-    held no request). A refusal's record keeps a bounded prefix of what the peer sent, and
-    the client and service it names as claims until its signature is verified."""
+    held no request); `stream` when it opens a streaming call. A refusal's record keeps a
+    bounded prefix of what the peer sent, and the client and service it names as claims
+    until its signature is verified."""
     progress = Progress(peer=peer.name)
     try:
-        return _accept(envelope, peer, node, backends, now, monotonic, progress)
+        return _accept(envelope, peer, node, backends, now, monotonic, progress, stream)
     except GatewayError as err:
         name = progress.peer or peer.name
         if progress.header is not None:
@@ -801,6 +824,7 @@ def _accept(
     now: datetime,
     monotonic: Callable[[], float],
     progress: Progress,
+    stream: bool,
 ) -> Accepted:
     config = node.config.require(now)
     # the peer's instance vouches for the peer: its servers, CAs and OCSP responders
@@ -812,6 +836,13 @@ def _accept(
         raise TrustError("expected a request frame", code=Code.MALFORMED_ENVELOPE)
     header = decode_request(envelope.header)
     progress.header = header
+    if (header.stream is not None) != stream:
+        raise TrustError(
+            "a unary request cannot open a stream: it travels in an exchange frame"
+            if stream
+            else "a streaming request must open a stream (Exchange.Stream), not ride in a frame",
+            code=Code.MALFORMED_ENVELOPE,
+        )
     if len(envelope.body) > node.limits.max_message_bytes:
         raise GatewayError(
             f"the request body has {len(envelope.body)} bytes, over the limit of "
@@ -846,6 +877,7 @@ def _accept(
         )
     progress.service = service
     service.check_method(header.method)
+    check_kind(header, service.stream_kind(header.method))
     agreement = config.agreements.decide(header.client, header.service, header.purpose, now)
     # a client our configuration names in an agreement: a bounded label
     progress.client = str(header.client)

@@ -13,7 +13,8 @@ backend instrumented with OpenTelemetry would have.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import hashlib
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -74,6 +75,40 @@ async def echo(request: population.EchoMessage, context: Context) -> population.
     return request
 
 
+async def export_people(
+    request: population.ExportRequest, context: Context
+) -> AsyncIterator[population.Person]:
+    for person in PEOPLE.values():
+        if person.birth_date >= request.born_since:
+            yield person
+
+
+async def download(
+    request: population.DownloadRequest, context: Context
+) -> AsyncIterator[population.EchoMessage]:
+    payload = population.EchoMessage(payload=b"\x5a" * request.size)
+    for _ in range(request.count):
+        yield payload
+
+
+async def upload(
+    requests: AsyncIterator[population.EchoMessage], context: Context
+) -> population.UploadSummary:
+    count, size, digest = 0, 0, hashlib.sha256()
+    async for message in requests:
+        count += 1
+        size += len(message.payload)
+        digest.update(message.payload)
+    return population.UploadSummary(count=count, bytes=size, sha256=digest.hexdigest())
+
+
+async def chat(
+    requests: AsyncIterator[population.EchoMessage], context: Context
+) -> AsyncIterator[population.EchoMessage]:
+    async for message in requests:
+        yield message
+
+
 async def get_record(
     request: vaccination.GetRecordRequest, context: Context
 ) -> vaccination.VaccinationRecord:
@@ -107,6 +142,20 @@ def traced(fn: Any, name: str, tracing: Tracing) -> Any:
     return handle
 
 
+# the streaming methods of the backends, by kind (the catalogue lists them alike)
+STREAMING = {
+    "ExportPeople": "server",
+    "Download": "server",
+    "Upload": "client",
+    "Chat": "bidi",
+}
+_HANDLERS = {
+    None: grpc.unary_unary_rpc_method_handler,
+    "server": grpc.unary_stream_rpc_method_handler,
+    "client": grpc.stream_unary_rpc_method_handler,
+    "bidi": grpc.stream_stream_rpc_method_handler,
+}
+
 # each backend: its gRPC service and methods (handler, request and response classes)
 METHODS: dict[str, tuple[str, dict[str, tuple[Any, Any, Any]]]] = {
     "population": (
@@ -114,6 +163,10 @@ METHODS: dict[str, tuple[str, dict[str, tuple[Any, Any, Any]]]] = {
         {
             "GetPerson": (get_person, population.GetPersonRequest, population.Person),
             "Echo": (echo, population.EchoMessage, population.EchoMessage),
+            "ExportPeople": (export_people, population.ExportRequest, population.Person),
+            "Download": (download, population.DownloadRequest, population.EchoMessage),
+            "Upload": (upload, population.EchoMessage, population.UploadSummary),
+            "Chat": (chat, population.EchoMessage, population.EchoMessage),
         },
     ),
     "vaccination": (
@@ -135,8 +188,8 @@ def handler(name: str, tracing: Tracing = OFF) -> Any:
     return grpc.method_handlers_generic_handler(
         service,
         {
-            method: grpc.unary_unary_rpc_method_handler(
-                traced(fn, f"{service}/{method}", tracing),
+            method: _HANDLERS[STREAMING.get(method)](
+                fn if method in STREAMING else traced(fn, f"{service}/{method}", tracing),
                 request_deserializer=request_type.FromString,
                 response_serializer=response_type.SerializeToString,
             )

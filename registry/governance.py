@@ -28,8 +28,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -44,7 +44,7 @@ from gateway.agreements import Agreement, AgreementState, LegalBasis, LegalBasis
 from gateway.audit import ADMIN_LOG as ADMIN_LOG_FORMAT
 from gateway.audit import ChainBrokenError, ChainHead, verify_chain
 from gateway.certificate_profile import Profile, check_certificate
-from gateway.configuration import Anchor
+from gateway.configuration import Anchor, check_streams
 from gateway.envelope import check_method, check_purpose
 from gateway.errors import ConfigurationError, GatewayError
 from gateway.identifiers import MemberId, SecurityServerId, ServiceId, SubsystemId
@@ -123,6 +123,8 @@ class ServiceEntry:
     id: ServiceId
     description: str
     methods: tuple[str, ...] = ()
+    # the streaming methods among them: {method path: "server" | "client" | "bidi"}
+    streams: Mapping[str, str] = field(default_factory=dict)
     interface: str = ""
     data_categories: tuple[str, ...] = ()
     legal_basis: str = ""
@@ -226,6 +228,7 @@ def service_json(row: Any) -> dict[str, Any]:
         "provider": row.subsystem,
         "description": row.description,
         "methods": json.loads(row.methods),
+        "streams": json.loads(row.streams or "{}"),
         "interface": row.interface,
         "data_categories": json.loads(row.data_categories),
         "legal_basis": row.legal_basis,
@@ -809,8 +812,13 @@ class Governance:
         await self._require_subsystem(ch, entry.id.subsystem)
         try:
             methods = tuple(check_method(m) for m in entry.methods)
+            streams = check_streams(entry.streams, methods)
+            for method, _ in streams:
+                check_method(method)
         except GatewayError as exc:
             raise InvalidRequest(exc.message) from None
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
         if await _exists(ch.conn, services, str(entry.id)):
             raise Conflict(f"service {entry.id} is already in the catalogue")
         await ch.conn.execute(
@@ -820,6 +828,7 @@ class Governance:
                 member=str(entry.id.member),
                 description=entry.description,
                 methods=json.dumps(sorted(methods)),
+                streams=json.dumps(dict(streams)),
                 interface=entry.interface,
                 data_categories=json.dumps(sorted(set(entry.data_categories))),
                 legal_basis=entry.legal_basis,
@@ -834,7 +843,11 @@ class Governance:
             target=str(entry.id),
             reason=reason,
             concerns=[entry.id.member],
-            details={"methods": sorted(methods), "data_categories": sorted(entry.data_categories)},
+            details={
+                "methods": sorted(methods),
+                **({"streams": dict(streams)} if streams else {}),
+                "data_categories": sorted(entry.data_categories),
+            },
         )
 
     async def search_services(
@@ -1552,6 +1565,7 @@ class Governance:
                             id=svc.id,
                             description=svc.description,
                             methods=svc.methods,
+                            streams=dict(svc.streams),
                             data_categories=tuple(details.get("data_categories", ())),
                             legal_basis=str(details.get("legal_basis", "")),
                             contact=str(details.get("contact", "")),

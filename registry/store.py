@@ -103,6 +103,8 @@ services = sa.Table(
     sa.Column("member", sa.String(200), sa.ForeignKey("members.id"), nullable=False, index=True),
     sa.Column("description", sa.Text, nullable=False),
     sa.Column("methods", sa.Text, nullable=False),  # JSON list
+    # JSON object {method path: "server" | "client" | "bidi"}: the streaming methods
+    sa.Column("streams", sa.Text, nullable=False, server_default="{}"),
     sa.Column("interface", sa.Text, nullable=False),  # .proto source, may be empty
     sa.Column("data_categories", sa.Text, nullable=False),  # JSON list
     sa.Column("legal_basis", sa.Text, nullable=False),
@@ -391,7 +393,10 @@ def server_from_row(r: Any, next_certificates: tuple[bytes, ...] = ()) -> Securi
 
 def service_from_row(r: Any) -> Service:
     return Service(
-        id=ServiceId.parse(r.id), description=r.description, methods=tuple(_json_list(r.methods))
+        id=ServiceId.parse(r.id),
+        description=r.description,
+        methods=tuple(_json_list(r.methods)),
+        streams=tuple(sorted(json.loads(r.streams or "{}").items())),
     )
 
 

@@ -2,7 +2,9 @@
 
     [[members]]      id, name
     [[servers]]      id, address, auth_certificate (PEM path), subsystems
-    [[services]]     id, description, methods, data_categories, legal_basis, contact
+    [[services]]     id, description, methods, streams = {method = kind} (optional: the
+                     streaming methods, kind server, client or bidi), data_categories,
+                     legal_basis, contact
     [[agreements]]   id, client, service, purposes, valid_from, valid_until (optional),
                      legal_basis = {kind, reference}, data_categories,
                      rate_limit = {requests, per_seconds} (optional)
@@ -14,7 +16,7 @@ datetimes with a timezone (or RFC 3339 strings). Every error names the entry and
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from gateway.agreements import Agreement, LegalBasis, LegalBasisKind, RateLimit
-from gateway.configuration import Member, SecurityServer, Service
+from gateway.configuration import Member, SecurityServer, Service, check_streams
 from gateway.envelope import check_method, check_purpose
 from gateway.errors import ConfigFileError, GatewayError
 from gateway.identifiers import MemberId, SecurityServerId, ServiceId, SubsystemId
@@ -42,7 +44,15 @@ class Topology:
 _KEYS = {
     "members": {"id", "name"},
     "servers": {"id", "address", "auth_certificate", "subsystems"},
-    "services": {"id", "description", "methods", "data_categories", "legal_basis", "contact"},
+    "services": {
+        "id",
+        "description",
+        "methods",
+        "streams",
+        "data_categories",
+        "legal_basis",
+        "contact",
+    },
     "agreements": {
         "id",
         "client",
@@ -108,6 +118,15 @@ def load_topology(path: Path) -> Topology:
                 id=ServiceId.parse(s["id"]),
                 description=str(s.get("description", "")),
                 methods=tuple(check_method(m) for m in s.get("methods", [])),
+            )
+            streams = s.get("streams", {})
+            if not isinstance(streams, dict):
+                raise ValueError("streams must be a table {method path = kind}")
+            service = replace(
+                service,
+                streams=check_streams(
+                    {check_method(m): str(k) for m, k in streams.items()}, service.methods
+                ),
             )
             services.append(service)
             service_details[service.id] = {

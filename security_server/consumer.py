@@ -49,6 +49,7 @@ from gateway.exchange import (
     provider_refusal,
     start_call,
 )
+from gateway.identifiers import ServiceId
 from gateway_ops.tracing import (
     NO_TRACE,
     OFF,
@@ -69,6 +70,7 @@ from security_server.peers import (
     signed_envelope,
 )
 from security_server.status import ID_KEY, abort
+from security_server.streams import ConsumerStreams
 
 log = structlog.get_logger("security_server.consumer")
 
@@ -113,10 +115,33 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         self.refusals = RefusalCounter() if refusals is None else refusals
         self._handlers: dict[str, Any] = {}
         self.in_flight = 0
+        self.streams = ConsumerStreams(self)
+
+    def _stream_kind(self, method: str, metadata: Any) -> str | None:
+        """The streaming kind the catalogue gives the method of the service a call names
+        (`gateway-service`), or None: a unary call (also when the service is unknown, or
+        no configuration is held yet; the unary path then refuses it with its code)."""
+        service_name = next((v for k, v in metadata or () if k == "gateway-service"), None)
+        if not isinstance(service_name, str):
+            return None
+        try:
+            service_id = ServiceId.parse(service_name)
+            now = self.node.clock()
+            config = self.node.config.require(now)
+            instance = service_id.member.instance
+            if instance != config.instance:
+                config = self.node.federated.require(instance, now)
+        except GatewayError:
+            return None
+        service = config.services.get(service_id)
+        return None if service is None else service.stream_kind(method)
 
     # grpc.GenericRpcHandler: one unary handler per method path, bytes in and out
     def service(self, handler_call_details: Any) -> Any:
         method = handler_call_details.method
+        kind = self._stream_kind(method, handler_call_details.invocation_metadata)
+        if kind is not None:
+            return self.streams.handler(method, kind)
         handler = self._handlers.get(method)
         if handler is None:
 

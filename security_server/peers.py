@@ -13,6 +13,7 @@ response.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import time
 from collections.abc import Callable
@@ -20,6 +21,8 @@ from typing import Any
 
 import grpc
 import structlog
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from gateway.configuration import GlobalConfiguration, SecurityServer
 from gateway.errors import Code, GatewayError, UnavailableError
@@ -363,6 +366,18 @@ class ProviderChoice:
 
     def unreachable(self, server: SecurityServer) -> None:
         self._down_until[server.id] = self.clock() + self.retry_seconds
+
+
+def peer_certificate(
+    context: grpc.aio.ServicerContext[Any, Any],
+) -> tuple[x509.Certificate | None, str | None]:
+    """The TLS peer's certificate and the SHA-256 of its DER, or (None, None) without one."""
+    pems = context.auth_context().get("x509_pem_cert")
+    if not pems:
+        return None, None
+    certificate = x509.load_pem_x509_certificate(next(iter(pems)))
+    der = certificate.public_bytes(serialization.Encoding.DER)
+    return certificate, hashlib.sha256(der).hexdigest()
 
 
 def envelope_of(env: pb.SignedEnvelope) -> Envelope:

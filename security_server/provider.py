@@ -38,15 +38,12 @@ nothing: it is only ever a parent id (see `gateway_ops.tracing`).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 import structlog
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from opentelemetry.trace import SpanKind
 
 from gateway.audit import RecordKind, Role
@@ -68,8 +65,9 @@ from gateway.v1 import exchange_pb2 as pb
 from gateway_ops.tracing import OFF, TRACEPARENT, CallTrace, Tracing, current_call
 from security_server.metrics import CallLabels, ServerMetrics, backend_code
 from security_server.node import Node
-from security_server.peers import FrameBatcher, envelope_of, signed_envelope
+from security_server.peers import FrameBatcher, envelope_of, peer_certificate, signed_envelope
 from security_server.status import abort
+from security_server.streams import ProviderStreams
 
 log = structlog.get_logger("security_server.provider")
 
@@ -79,18 +77,6 @@ CLAIMS_WAIT_SECONDS = 2.0
 
 # put in a stream's answer queue when the server starts draining: sent as `Frames.draining`
 DRAIN = pb.Frame()
-
-
-def peer_certificate(
-    context: grpc.aio.ServicerContext[Any, Any],
-) -> tuple[x509.Certificate | None, str | None]:
-    """The TLS peer's certificate and the SHA-256 of its DER, or (None, None) without one."""
-    pems = context.auth_context().get("x509_pem_cert")
-    if not pems:
-        return None, None
-    certificate = x509.load_pem_x509_certificate(next(iter(pems)))
-    der = certificate.public_bytes(serialization.Encoding.DER)
-    return certificate, hashlib.sha256(der).hexdigest()
 
 
 class PeerSlots:
@@ -136,21 +122,24 @@ class BackendClient:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._methods: dict[tuple[str, str], Any] = {}
 
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(
+                address,
+                options=[
+                    ("grpc.max_send_message_length", self.max_bytes),
+                    ("grpc.max_receive_message_length", self.max_bytes),
+                ],
+            )
+            self._channels[address] = channel
+        return channel
+
     def _method(self, address: str, method: str) -> Any:
         key = (address, method)
         callable_ = self._methods.get(key)
         if callable_ is None:
-            channel = self._channels.get(address)
-            if channel is None:
-                channel = grpc.aio.insecure_channel(
-                    address,
-                    options=[
-                        ("grpc.max_send_message_length", self.max_bytes),
-                        ("grpc.max_receive_message_length", self.max_bytes),
-                    ],
-                )
-                self._channels[address] = channel
-            callable_ = channel.unary_unary(method, None, None)
+            callable_ = self._channel(address).unary_unary(method, None, None)
             if len(self._methods) < 10_000:
                 self._methods[key] = callable_
         return callable_
@@ -181,6 +170,12 @@ class BackendClient:
                 ) from None
             return int(code.value[0]), str(exc.details() or ""), b""
 
+    def open_stream(self, service: str, method: str, wait_seconds: float) -> Any:
+        """A streaming call to the backend of `service` (any kind: on the wire each is a
+        stream of messages each way), forwarding opaque bytes."""
+        channel = self._channel(self.addresses[service])
+        return channel.stream_stream(method, None, None)(None, timeout=wait_seconds)
+
     async def close(self) -> None:
         for channel in self._channels.values():
             await channel.close(None)
@@ -205,6 +200,7 @@ class ProviderService:
         # the answer queues of the open streams, and whether the server is draining
         self._outs: set[asyncio.Queue[pb.Frame | None]] = set()
         self.draining = False
+        self.stream_calls = ProviderStreams(self)
 
     def drain(self) -> None:
         """The server is stopping: tell every peer on every open stream (`Frames.draining`)
@@ -222,7 +218,12 @@ class ProviderService:
                     self.exchange,
                     request_deserializer=pb.Frames.FromString,
                     response_serializer=pb.Frames.SerializeToString,
-                )
+                ),
+                "Stream": grpc.stream_stream_rpc_method_handler(
+                    self.stream_calls.stream,
+                    request_deserializer=pb.StreamMessage.FromString,
+                    response_serializer=pb.StreamMessage.SerializeToString,
+                ),
             },
         )
 

@@ -44,7 +44,12 @@ from security_server.message_log import (
 
 # what `kind` may be; audit-query records are shown only when asked for
 KINDS = tuple(k.value for k in RecordKind)
-EXCHANGE_KINDS = (RecordKind.REQUEST.value, RecordKind.RESPONSE.value, RecordKind.REFUSAL.value)
+EXCHANGE_KINDS = (
+    RecordKind.REQUEST.value,
+    RecordKind.RESPONSE.value,
+    RecordKind.STREAM_CLOSE.value,
+    RecordKind.REFUSAL.value,
+)
 
 
 class CursorError(ValueError):

@@ -214,8 +214,30 @@ class LimitsSection:
     # on SIGTERM, how long the calls in flight may take to finish before the server
     # exits, in seconds (readiness turns false and peers are told at once)
     drain_seconds: float = 10.0
+    # streaming calls (each message is at most max_message_bytes): how long one may last,
+    # in seconds; how many messages each direction may carry; how many streaming calls
+    # one client subsystem may have open at once on this server (consumer endpoint) and
+    # one peer server (provider endpoint). Past each, the stream ends with its own code
+    # (stream_too_long, stream_too_many_messages, too_many_streams)
+    max_stream_seconds: float = 3600.0
+    max_stream_messages: int = 10_000_000
+    max_streams_per_client: int = 100
+    # how often an open stream's agreement is checked again, in seconds: a suspended or
+    # revoked agreement ends its streams within this (plus the configuration's delivery)
+    stream_check_seconds: float = 0.5
 
     def __post_init__(self) -> None:
+        if (
+            self.max_stream_seconds <= 0
+            or self.max_stream_messages < 1
+            or self.max_streams_per_client < 1
+            or not 0 < self.stream_check_seconds <= 10
+        ):
+            raise ValueError(
+                "limits.max_stream_seconds must be positive, limits.max_stream_messages and "
+                "limits.max_streams_per_client at least 1, limits.stream_check_seconds "
+                "between 0 and 10"
+            )
         if self.max_frames_per_stream < 1 or self.max_streams_per_peer < 1:
             raise ValueError(
                 "limits.max_frames_per_stream and limits.max_streams_per_peer must be at least 1"

@@ -24,21 +24,27 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19gateway/v1/exchange.proto\x12\ngateway.v1\"R\n\x06\x46rames\x12!\n\x06\x66rames\x18\x01 \x03(\x0b\x32\x11.gateway.v1.Frame\x12\x13\n\x0bocsp_staple\x18\x02 \x01(\x0c\x12\x10\n\x08\x64raining\x18\x03 \x01(\x08\"\x88\x02\n\x05\x46rame\x12\x16\n\x0e\x63orrelation_id\x18\x01 \x01(\x04\x12-\n\x07request\x18\x02 \x01(\x0b\x32\x1a.gateway.v1.SignedEnvelopeH\x00\x12.\n\x08response\x18\x03 \x01(\x0b\x32\x1a.gateway.v1.SignedEnvelopeH\x00\x12&\n\x07refusal\x18\x04 \x01(\x0b\x32\x13.gateway.v1.RefusalH\x00\x12\x12\n\ntimeout_ms\x18\x05 \x01(\r\x12\x17\n\x0fprovider_micros\x18\x06 \x01(\x04\x12\x16\n\x0e\x62\x61\x63kend_micros\x18\x07 \x01(\x04\x12\x13\n\x0btraceparent\x18\x08 \x01(\x0c\x42\x06\n\x04kind\"r\n\x0eSignedEnvelope\x12\x0e\n\x06header\x18\x01 \x01(\x0c\x12\x0c\n\x04\x62ody\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\x12\x1a\n\x12signer_certificate\x18\x04 \x01(\x0c\x12\x13\n\x0bsigner_ocsp\x18\x05 \x01(\x0c\"<\n\x07Refusal\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x12\n\nmessage_id\x18\x03 \x01(\t2B\n\x08\x45xchange\x12\x36\n\x08\x45xchange\x12\x12.gateway.v1.Frames\x1a\x12.gateway.v1.Frames(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19gateway/v1/exchange.proto\x12\ngateway.v1\"\xd1\x01\n\rStreamMessage\x12&\n\x04open\x18\x01 \x01(\x0b\x32\x16.gateway.v1.StreamOpenH\x00\x12&\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x16.gateway.v1.StreamDataH\x00\x12+\n\x05\x63lose\x18\x03 \x01(\x0b\x32\x1a.gateway.v1.SignedEnvelopeH\x00\x12&\n\x07refusal\x18\x04 \x01(\x0b\x32\x13.gateway.v1.RefusalH\x00\x12\x13\n\x0bocsp_staple\x18\x05 \x01(\x0c\x42\x06\n\x04kind\"b\n\nStreamOpen\x12+\n\x07request\x18\x01 \x01(\x0b\x32\x1a.gateway.v1.SignedEnvelope\x12\x12\n\ntimeout_ms\x18\x02 \x01(\r\x12\x13\n\x0btraceparent\x18\x03 \x01(\x0c\"5\n\nStreamData\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04\x62ody\x18\x02 \x01(\x0c\x12\x0c\n\x04link\x18\x03 \x01(\x0c\"R\n\x06\x46rames\x12!\n\x06\x66rames\x18\x01 \x03(\x0b\x32\x11.gateway.v1.Frame\x12\x13\n\x0bocsp_staple\x18\x02 \x01(\x0c\x12\x10\n\x08\x64raining\x18\x03 \x01(\x08\"\x88\x02\n\x05\x46rame\x12\x16\n\x0e\x63orrelation_id\x18\x01 \x01(\x04\x12-\n\x07request\x18\x02 \x01(\x0b\x32\x1a.gateway.v1.SignedEnvelopeH\x00\x12.\n\x08response\x18\x03 \x01(\x0b\x32\x1a.gateway.v1.SignedEnvelopeH\x00\x12&\n\x07refusal\x18\x04 \x01(\x0b\x32\x13.gateway.v1.RefusalH\x00\x12\x12\n\ntimeout_ms\x18\x05 \x01(\r\x12\x17\n\x0fprovider_micros\x18\x06 \x01(\x04\x12\x16\n\x0e\x62\x61\x63kend_micros\x18\x07 \x01(\x04\x12\x13\n\x0btraceparent\x18\x08 \x01(\x0c\x42\x06\n\x04kind\"r\n\x0eSignedEnvelope\x12\x0e\n\x06header\x18\x01 \x01(\x0c\x12\x0c\n\x04\x62ody\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\x12\x1a\n\x12signer_certificate\x18\x04 \x01(\x0c\x12\x13\n\x0bsigner_ocsp\x18\x05 \x01(\x0c\"<\n\x07Refusal\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x12\n\nmessage_id\x18\x03 \x01(\t2\x86\x01\n\x08\x45xchange\x12\x36\n\x08\x45xchange\x12\x12.gateway.v1.Frames\x1a\x12.gateway.v1.Frames(\x01\x30\x01\x12\x42\n\x06Stream\x12\x19.gateway.v1.StreamMessage\x1a\x19.gateway.v1.StreamMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gateway.v1.exchange_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FRAMES']._serialized_start=41
-  _globals['_FRAMES']._serialized_end=123
-  _globals['_FRAME']._serialized_start=126
-  _globals['_FRAME']._serialized_end=390
-  _globals['_SIGNEDENVELOPE']._serialized_start=392
-  _globals['_SIGNEDENVELOPE']._serialized_end=506
-  _globals['_REFUSAL']._serialized_start=508
-  _globals['_REFUSAL']._serialized_end=568
-  _globals['_EXCHANGE']._serialized_start=570
-  _globals['_EXCHANGE']._serialized_end=636
+  _globals['_STREAMMESSAGE']._serialized_start=42
+  _globals['_STREAMMESSAGE']._serialized_end=251
+  _globals['_STREAMOPEN']._serialized_start=253
+  _globals['_STREAMOPEN']._serialized_end=351
+  _globals['_STREAMDATA']._serialized_start=353
+  _globals['_STREAMDATA']._serialized_end=406
+  _globals['_FRAMES']._serialized_start=408
+  _globals['_FRAMES']._serialized_end=490
+  _globals['_FRAME']._serialized_start=493
+  _globals['_FRAME']._serialized_end=757
+  _globals['_SIGNEDENVELOPE']._serialized_start=759
+  _globals['_SIGNEDENVELOPE']._serialized_end=873
+  _globals['_REFUSAL']._serialized_start=875
+  _globals['_REFUSAL']._serialized_end=935
+  _globals['_EXCHANGE']._serialized_start=938
+  _globals['_EXCHANGE']._serialized_end=1072
 # @@protoc_insertion_point(module_scope)

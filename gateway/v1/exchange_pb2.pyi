@@ -6,6 +6,40 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class StreamMessage(_message.Message):
+    __slots__ = ("open", "data", "close", "refusal", "ocsp_staple")
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    CLOSE_FIELD_NUMBER: _ClassVar[int]
+    REFUSAL_FIELD_NUMBER: _ClassVar[int]
+    OCSP_STAPLE_FIELD_NUMBER: _ClassVar[int]
+    open: StreamOpen
+    data: StreamData
+    close: SignedEnvelope
+    refusal: Refusal
+    ocsp_staple: bytes
+    def __init__(self, open: _Optional[_Union[StreamOpen, _Mapping]] = ..., data: _Optional[_Union[StreamData, _Mapping]] = ..., close: _Optional[_Union[SignedEnvelope, _Mapping]] = ..., refusal: _Optional[_Union[Refusal, _Mapping]] = ..., ocsp_staple: _Optional[bytes] = ...) -> None: ...
+
+class StreamOpen(_message.Message):
+    __slots__ = ("request", "timeout_ms", "traceparent")
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
+    request: SignedEnvelope
+    timeout_ms: int
+    traceparent: bytes
+    def __init__(self, request: _Optional[_Union[SignedEnvelope, _Mapping]] = ..., timeout_ms: _Optional[int] = ..., traceparent: _Optional[bytes] = ...) -> None: ...
+
+class StreamData(_message.Message):
+    __slots__ = ("seq", "body", "link")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    BODY_FIELD_NUMBER: _ClassVar[int]
+    LINK_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    body: bytes
+    link: bytes
+    def __init__(self, seq: _Optional[int] = ..., body: _Optional[bytes] = ..., link: _Optional[bytes] = ...) -> None: ...
+
 class Frames(_message.Message):
     __slots__ = ("frames", "ocsp_staple", "draining")
     FRAMES_FIELD_NUMBER: _ClassVar[int]

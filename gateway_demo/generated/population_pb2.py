@@ -24,19 +24,25 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10population.proto\x12\x12\x64\x65mo.population.v1\"\'\n\x10GetPersonRequest\x12\x13\n\x0bnational_id\x18\x01 \x01(\t\"i\n\x06Person\x12\x13\n\x0bnational_id\x18\x01 \x01(\t\x12\x12\n\ngiven_name\x18\x02 \x01(\t\x12\x13\n\x0b\x66\x61mily_name\x18\x03 \x01(\t\x12\x12\n\nbirth_date\x18\x04 \x01(\t\x12\r\n\x05\x61live\x18\x05 \x01(\x08\"\x1e\n\x0b\x45\x63hoMessage\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x32\xad\x01\n\x12PopulationRegistry\x12M\n\tGetPerson\x12$.demo.population.v1.GetPersonRequest\x1a\x1a.demo.population.v1.Person\x12H\n\x04\x45\x63ho\x12\x1f.demo.population.v1.EchoMessage\x1a\x1f.demo.population.v1.EchoMessageb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10population.proto\x12\x12\x64\x65mo.population.v1\"#\n\rExportRequest\x12\x12\n\nborn_since\x18\x01 \x01(\t\".\n\x0f\x44ownloadRequest\x12\r\n\x05\x63ount\x18\x01 \x01(\r\x12\x0c\n\x04size\x18\x02 \x01(\r\"=\n\rUploadSummary\x12\r\n\x05\x63ount\x18\x01 \x01(\x04\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"\'\n\x10GetPersonRequest\x12\x13\n\x0bnational_id\x18\x01 \x01(\t\"i\n\x06Person\x12\x13\n\x0bnational_id\x18\x01 \x01(\t\x12\x12\n\ngiven_name\x18\x02 \x01(\t\x12\x13\n\x0b\x66\x61mily_name\x18\x03 \x01(\t\x12\x12\n\nbirth_date\x18\x04 \x01(\t\x12\r\n\x05\x61live\x18\x05 \x01(\x08\"\x1e\n\x0b\x45\x63hoMessage\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x32\xf0\x03\n\x12PopulationRegistry\x12M\n\tGetPerson\x12$.demo.population.v1.GetPersonRequest\x1a\x1a.demo.population.v1.Person\x12H\n\x04\x45\x63ho\x12\x1f.demo.population.v1.EchoMessage\x1a\x1f.demo.population.v1.EchoMessage\x12O\n\x0c\x45xportPeople\x12!.demo.population.v1.ExportRequest\x1a\x1a.demo.population.v1.Person0\x01\x12R\n\x08\x44ownload\x12#.demo.population.v1.DownloadRequest\x1a\x1f.demo.population.v1.EchoMessage0\x01\x12N\n\x06Upload\x12\x1f.demo.population.v1.EchoMessage\x1a!.demo.population.v1.UploadSummary(\x01\x12L\n\x04\x43hat\x12\x1f.demo.population.v1.EchoMessage\x1a\x1f.demo.population.v1.EchoMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'population_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GETPERSONREQUEST']._serialized_start=40
-  _globals['_GETPERSONREQUEST']._serialized_end=79
-  _globals['_PERSON']._serialized_start=81
-  _globals['_PERSON']._serialized_end=186
-  _globals['_ECHOMESSAGE']._serialized_start=188
-  _globals['_ECHOMESSAGE']._serialized_end=218
-  _globals['_POPULATIONREGISTRY']._serialized_start=221
-  _globals['_POPULATIONREGISTRY']._serialized_end=394
+  _globals['_EXPORTREQUEST']._serialized_start=40
+  _globals['_EXPORTREQUEST']._serialized_end=75
+  _globals['_DOWNLOADREQUEST']._serialized_start=77
+  _globals['_DOWNLOADREQUEST']._serialized_end=123
+  _globals['_UPLOADSUMMARY']._serialized_start=125
+  _globals['_UPLOADSUMMARY']._serialized_end=186
+  _globals['_GETPERSONREQUEST']._serialized_start=188
+  _globals['_GETPERSONREQUEST']._serialized_end=227
+  _globals['_PERSON']._serialized_start=229
+  _globals['_PERSON']._serialized_end=334
+  _globals['_ECHOMESSAGE']._serialized_start=336
+  _globals['_ECHOMESSAGE']._serialized_end=366
+  _globals['_POPULATIONREGISTRY']._serialized_start=369
+  _globals['_POPULATIONREGISTRY']._serialized_end=865
 # @@protoc_insertion_point(module_scope)

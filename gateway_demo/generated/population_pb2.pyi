@@ -4,6 +4,30 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ExportRequest(_message.Message):
+    __slots__ = ("born_since",)
+    BORN_SINCE_FIELD_NUMBER: _ClassVar[int]
+    born_since: str
+    def __init__(self, born_since: _Optional[str] = ...) -> None: ...
+
+class DownloadRequest(_message.Message):
+    __slots__ = ("count", "size")
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    count: int
+    size: int
+    def __init__(self, count: _Optional[int] = ..., size: _Optional[int] = ...) -> None: ...
+
+class UploadSummary(_message.Message):
+    __slots__ = ("count", "bytes", "sha256")
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    count: int
+    bytes: int
+    sha256: str
+    def __init__(self, count: _Optional[int] = ..., bytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+
 class GetPersonRequest(_message.Message):
     __slots__ = ("national_id",)
     NATIONAL_ID_FIELD_NUMBER: _ClassVar[int]

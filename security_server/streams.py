@@ -1,0 +1,764 @@
+"""Streaming calls through both security servers (server, client and bidirectional).
+
+The consumer endpoint takes a call as a stream when the catalogue lists its method as
+streaming (`Service.streams`); the agency's stub needs nothing else. The call's signed
+header goes through the same decisions as a unary call (`gateway.exchange`), its record is
+made durable, and then it opens its own HTTP/2 stream to the provider server
+(`Exchange.Stream`), which checks it in turn, makes its own record durable and opens the
+backend call. Messages are then forwarded as they come, one at a time in each direction:
+a server reads the next message only once the previous one was handed on, so a slow
+reader slows the writer through both servers (HTTP/2 flow control) and neither server
+holds more than one message per direction of a stream beyond gRPC's HTTP/2 windows.
+
+Each message extends its direction's hash chain and is checked by the receiving server
+(`gateway.streams`); each side signs and logs its direction's close. Deadlines and
+cancellation travel with the gRPC calls in both directions. While a stream is open, both
+servers check its agreement again every `limits.stream_check_seconds`: a suspended or
+revoked agreement ends it with `agreement_suspended` or `agreement_revoked`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import structlog
+
+from gateway.audit import RecordKind, Role
+from gateway.envelope import StreamClose
+from gateway.errors import Code, GatewayError, TrustError, UnavailableError, bound_message
+from gateway.exchange import (
+    Accepted,
+    Call,
+    Outgoing,
+    Peer,
+    Refusal,
+    accept_request,
+    check_provider_not_revoked,
+    check_still_agreed,
+    consumer_refusal,
+    provider_refusal,
+    refuse_accepted,
+    registered_peer,
+    start_call,
+)
+from gateway.records import Facts, LogRecord
+from gateway.signing import certificate_sha256
+from gateway.streams import (
+    KEPT_LINKS,
+    REQUEST,
+    RESPONSE,
+    Chain,
+    SignedClose,
+    check_close,
+    close_record,
+    incomplete,
+    sign_close,
+    too_large,
+    too_long,
+    too_many,
+)
+from gateway.v1 import exchange_pb2 as pb
+from security_server.metrics import CallLabels, backend_code
+from security_server.peers import envelope_of, error_from_rpc, peer_certificate, signed_envelope
+from security_server.status import ID_KEY, abort
+
+if TYPE_CHECKING:
+    from security_server.consumer import ConsumerService
+    from security_server.provider import ProviderService
+
+log = structlog.get_logger("security_server.streams")
+
+STREAM_METHOD = "/gateway.v1.Exchange/Stream"
+# how long a provider waits for a stream's `open`, and, once its backend has ended, for
+# the consumer's close of the request direction (a server-streaming call's arrives at once)
+OPEN_WAIT_SECONDS = 5.0
+CLOSE_WAIT_SECONDS = 2.0
+# what writing to (or ending) a gRPC call raises once the call has ended
+ENDED = (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError)
+
+
+class OpenStreams:
+    """Streaming calls open per key (a client subsystem), bounded by `limit`."""
+
+    def __init__(self) -> None:
+        self.open: dict[str, int] = {}
+
+    def take(self, key: str, limit: int) -> None:
+        held = self.open.get(key, 0)
+        if held >= limit:
+            raise GatewayError(
+                f"{key} has {held} streaming calls open here, the most allowed "
+                "(limits.max_streams_per_client); end one before opening another",
+                code=Code.TOO_MANY_STREAMS,
+            )
+        self.open[key] = held + 1
+
+    def give(self, key: str) -> None:
+        held = self.open.get(key, 0)
+        if held > 1:
+            self.open[key] = held - 1
+        else:
+            self.open.pop(key, None)
+
+    @property
+    def total(self) -> int:
+        return sum(self.open.values())
+
+
+async def _watch(
+    check: Callable[[], None], every: float, started: float, limit: float
+) -> GatewayError:
+    """Wait until `check` raises or the stream outlives `limit` seconds; the error."""
+    while True:
+        await asyncio.sleep(every)
+        if time.monotonic() - started > limit:
+            return too_long(time.monotonic() - started, limit)
+        try:
+            check()
+        except GatewayError as err:
+            return err
+
+
+async def _first(*jobs: Awaitable[Any]) -> None:
+    """Run `jobs` until the first ends; cancel the others; raise what the first raised."""
+    tasks = [asyncio.ensure_future(job) for job in jobs]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+    for task in tasks:
+        if task in done and not task.cancelled():
+            task.result()
+
+
+class Outlet:
+    """One side's writes, one at a time and never cut off: a task cancelled while writing
+    (its stream is ending) leaves the write to finish, so that the refusal written next
+    does not meet a half-done write."""
+
+    __slots__ = ("_pending", "_write")
+
+    def __init__(self, write: Callable[[Any], Awaitable[None]]) -> None:
+        self._write = write
+        self._pending: asyncio.Future[None] | None = None
+
+    async def write(self, message: Any) -> None:
+        self._pending = asyncio.ensure_future(self._write(message))
+        await asyncio.shield(self._pending)
+
+    async def settle(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for a write under way; whether none is left."""
+        pending = self._pending
+        if pending is None or pending.done():
+            return True
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.shield(pending), timeout)
+        return pending.done()
+
+
+class StreamError(Exception):
+    """Ends a stream: `error` goes to the caller (and the log) as a refusal."""
+
+    def __init__(self, error: GatewayError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+# ---- consumer ----------------------------------------------------------------------------
+
+
+class ConsumerStreams:
+    """The consumer endpoint's streaming calls."""
+
+    def __init__(self, service: ConsumerService) -> None:
+        self.service = service
+        self.node = service.node
+        self.clients = OpenStreams()
+
+    def handler(self, method: str, kind: str) -> Any:
+        async def handle(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+            await self.call(method, kind, requests, context)
+
+        return grpc.stream_stream_rpc_method_handler(handle)
+
+    async def call(
+        self,
+        method: str,
+        kind: str,
+        requests: Any,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> None:
+        node, service = self.node, self.service
+        labels = CallLabels()
+        started = time.perf_counter()
+        metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+        call = Call(
+            method=method,
+            metadata=metadata,
+            body=b"",
+            in_flight=service.in_flight + 1,
+            generated_id=uuid.uuid4().hex,
+            tls_names=service._tls_names(context) if service.authenticate_clients else None,
+            stream=kind,
+        )
+        out = start_call(call, node, node.clock())
+        if isinstance(out, Refusal):
+            await service._refuse(context, out, labels)
+            return
+        client = str(out.header.client)
+        labels.client = client
+        try:
+            self.clients.take(client, node.limits.max_streams_per_client)
+        except GatewayError as err:
+            await service._refuse(context, consumer_refusal(err, out, node.clock()), labels)
+            return
+        try:
+            await self._call(out, requests, context, labels)
+        finally:
+            self.clients.give(client)
+            if service.metrics is not None:
+                service.metrics.call("consumer", labels, time.perf_counter() - started)
+
+    async def _call(
+        self,
+        out: Outgoing,
+        requests: Any,
+        context: grpc.aio.ServicerContext[Any, Any],
+        labels: CallLabels,
+    ) -> None:
+        node, service = self.node, self.service
+        message_id = out.header.message_id
+        try:
+            out, link = await service._route(out)
+        except GatewayError as err:
+            await service._refuse(context, consumer_refusal(err, out, node.clock()), labels)
+            return
+        try:
+            await node.log.append(out.record.fields(), out.evidence)
+        except GatewayError as err:
+            await service._abort(context, err, message_id, labels)
+            return
+        limits = node.limits
+        remaining = context.time_remaining()
+        wait = min(remaining if remaining is not None else 1e9, limits.max_stream_seconds)
+        header_bytes = out.envelope.header
+        sent = Chain(REQUEST, header_bytes, keep=KEPT_LINKS)
+        received = Chain(RESPONSE, header_bytes)
+        signer = node.signer_for(out.header.client.member)
+        rpc: Any = None
+        peer_staple = [link.peer_staple]
+        to_caller = Outlet(context.write)
+        try:
+            check_provider_not_revoked(link.peer_staple, out, node, node.clock())
+            rpc = link.channel.stream_stream(
+                STREAM_METHOD,
+                request_serializer=pb.StreamMessage.SerializeToString,
+                response_deserializer=pb.StreamMessage.FromString,
+            )(None, timeout=wait)
+            await rpc.write(
+                pb.StreamMessage(
+                    open=pb.StreamOpen(
+                        request=signed_envelope(out.envelope), timeout_ms=int(wait * 1000)
+                    ),
+                    ocsp_staple=link.staple(),
+                )
+            )
+
+            async def forward_requests() -> None:
+                # past the provider's end of its stream, what it sent says how the call ends
+                with contextlib.suppress(*ENDED):
+                    await send_requests()
+                await asyncio.Future()  # the request direction is done: wait for the answer
+
+            async def send_requests() -> None:
+                async for body in requests:
+                    if len(body) > limits.max_message_bytes:
+                        raise StreamError(too_large(REQUEST, len(body), limits.max_message_bytes))
+                    if sent.count >= limits.max_stream_messages:
+                        raise StreamError(
+                            too_many(REQUEST, sent.count + 1, limits.max_stream_messages)
+                        )
+                    seq, chained = sent.extend(body)
+                    await rpc.write(
+                        pb.StreamMessage(data=pb.StreamData(seq=seq, body=body, link=chained))
+                    )
+                now = node.clock()
+                signed = sign_close(out.header, header_bytes, sent, signer, node.server_id, now)
+                staple = node.own_status.staple(signer.certificate_sha256)
+                staple_sha, evidence = node.evidence(
+                    signer.certificate,
+                    signer.certificate_der,
+                    signer.certificate_sha256,
+                    staple,
+                    b"",
+                    "",
+                    out.remote,
+                )
+                record = close_record(
+                    out.record.role, out.facts, signed, signer.certificate_sha256, staple_sha, now
+                )
+                await node.log.append(record.fields(), evidence)
+                await rpc.write(pb.StreamMessage(close=_close_envelope(signed, signer, staple)))
+                await rpc.done_writing()
+
+            async def forward_responses() -> None:
+                async for message in rpc:
+                    if message.ocsp_staple:
+                        peer_staple[0] = message.ocsp_staple
+                    which = message.WhichOneof("kind")
+                    if which == "data":
+                        data = message.data
+                        if len(data.body) > limits.max_message_bytes:
+                            raise StreamError(
+                                too_large(RESPONSE, len(data.body), limits.max_message_bytes)
+                            )
+                        received.accept(data.seq, data.body, data.link)
+                        await to_caller.write(data.body)
+                    elif which == "close":
+                        ended = await self._closed(
+                            out, message.close, sent, received, peer_staple[0]
+                        )
+                        # the last messages reach the caller before the status
+                        await to_caller.settle(CLOSE_WAIT_SECONDS)
+                        trailing = ((ID_KEY, out.header.message_id),)
+                        if ended.grpc_status != 0:
+                            await context.abort(
+                                grpc.StatusCode[_STATUS_NAMES[ended.grpc_status]],
+                                bound_message(ended.grpc_message),
+                                trailing_metadata=trailing,
+                            )
+                        context.set_trailing_metadata(trailing)
+                        return
+                    elif which == "refusal":
+                        raise provider_refusal(message.refusal.code, message.refusal.message)
+                    else:
+                        raise TrustError(
+                            "the provider sent a stream message that is neither data, a close "
+                            "nor a refusal",
+                            code=Code.MALFORMED_ENVELOPE,
+                        )
+                raise incomplete(RESPONSE, "the provider's stream ended")
+
+            await _first(
+                forward_requests(),
+                forward_responses(),
+                self._watch(out),
+            )
+        except StreamError as exc:
+            await self._fail(exc.error, out, context, labels)
+        except GatewayError as err:
+            await self._fail(err, out, context, labels)
+        except grpc.aio.AioRpcError as exc:
+            failed = error_from_rpc(exc, out.provider)
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                failed = GatewayError(
+                    "the stream did not end within its deadline", code=Code.DEADLINE_EXCEEDED
+                )
+            elif failed.code is Code.PROVIDER_UNAVAILABLE:
+                failed = incomplete(RESPONSE, f"the provider's server {out.provider.id} went away")
+            await self._fail(failed, out, context, labels)
+        except asyncio.CancelledError:
+            # the caller cancelled (or its deadline passed): the provider's stream is
+            # cancelled too, and the record says the stream was not closed
+            if rpc is not None:
+                rpc.cancel()
+            gone = incomplete(REQUEST, "the caller cancelled")
+            labels.code = gone.code.value
+            await node.log_failure(consumer_refusal(gone, out, node.clock()).record.fields())
+            raise
+        finally:
+            if rpc is not None:
+                rpc.cancel()
+
+    async def _watch(self, out: Outgoing) -> None:
+        node = self.node
+        err = await _watch(
+            lambda: check_still_agreed(out.header, node, node.clock()),
+            node.limits.stream_check_seconds,
+            time.monotonic(),
+            node.limits.max_stream_seconds,
+        )
+        raise StreamError(err)
+
+    async def _closed(
+        self,
+        out: Outgoing,
+        close: pb.SignedEnvelope,
+        sent: Chain,
+        received: Chain,
+        peer_staple: bytes,
+    ) -> StreamClose:
+        """The provider's close: checked and logged."""
+        node = self.node
+        now = node.clock()
+        config = out.remote
+        node.status.peer_server(peer_staple, out.provider, config, now)
+        ended = check_close(
+            close.header,
+            close.signature,
+            close.signer_certificate,
+            request=out.header,
+            request_header=out.envelope.header,
+            received=received,
+            sender=out.provider.id,
+            config=config,
+            now=now,
+            sent=sent,
+        )
+        certificate, _ = config.trust.signing_member(close.signer_certificate, now)
+        node.status.signer(close.signer_ocsp, certificate, config, now)
+        signer_sha = certificate_sha256(close.signer_certificate)
+        staple_sha, evidence = node.evidence(
+            certificate, close.signer_certificate, signer_sha, close.signer_ocsp, b"", "", config
+        )
+        record = close_record(
+            out.record.role,
+            out.facts,
+            (close.header, ended, close.signature),
+            signer_sha,
+            staple_sha,
+            now,
+        )
+        await node.log.append(record.fields(), evidence)
+        return ended
+
+    async def _fail(
+        self,
+        err: GatewayError,
+        out: Outgoing,
+        context: grpc.aio.ServicerContext[Any, Any],
+        labels: CallLabels,
+    ) -> None:
+        if err.code is Code.PROVIDER_UNAVAILABLE:
+            self.service.choice.unreachable(out.provider)
+        log.info("stream_ended", code=err.code.value, message_id=out.header.message_id)
+        await self.service._refuse(context, consumer_refusal(err, out, self.node.clock()), labels)
+
+
+def _close_envelope(signed: SignedClose, signer: Any, staple: bytes) -> pb.SignedEnvelope:
+    return pb.SignedEnvelope(
+        header=signed.header,
+        signature=signed.signature,
+        signer_certificate=signer.certificate_der,
+        signer_ocsp=staple,
+    )
+
+
+# ---- provider ----------------------------------------------------------------------------
+
+
+class ProviderStreams:
+    """The provider endpoint's streaming calls (`Exchange.Stream`)."""
+
+    def __init__(self, service: ProviderService) -> None:
+        self.service = service
+        self.node = service.node
+        self.clients = OpenStreams()
+
+    async def stream(self, messages: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        node = self.node
+        certificate, fingerprint = peer_certificate(context)
+        peer = Peer(certificate, fingerprint)
+        try:
+            registered_peer(node.federated, peer, node.clock())
+        except GatewayError as err:
+            log.warning("peer_refused", code=err.code.value, peer_certificate=fingerprint)
+            await node.log_failure(
+                LogRecord(
+                    kind=RecordKind.REFUSAL,
+                    role=Role.PROVIDER,
+                    logged_at=node.clock(),
+                    facts=Facts(message_id=None, peer=peer.name),
+                    status="refused",
+                    error_code=err.code.value,
+                    error_message=err.message,
+                ).fields()
+            )
+            await abort(context, err.code, err.message, None)
+            return
+        try:
+            first = await asyncio.wait_for(context.read(), OPEN_WAIT_SECONDS)
+        except (TimeoutError, grpc.aio.AioRpcError):
+            return
+        if first is grpc.aio.EOF:  # type: ignore[attr-defined]
+            return
+        if first.ocsp_staple:
+            peer.staple = first.ocsp_staple
+        now = node.clock()
+        accepted = accept_request(
+            envelope_of(first.open.request) if first.HasField("open") else None,
+            peer,
+            node,
+            self.service.backends.addresses,
+            now,
+            stream=True,
+        )
+        if isinstance(accepted, Accepted) and node.replay_ledger is not None:
+            try:
+                await node.replay_ledger.claim(accepted.header.message_id, now)
+            except GatewayError as err:
+                accepted = refuse_accepted(accepted, err, node.clock())
+        if isinstance(accepted, Accepted):
+            try:
+                self.clients.take(str(accepted.header.client), node.limits.max_streams_per_client)
+            except GatewayError as err:
+                accepted = refuse_accepted(accepted, err, node.clock())
+        if isinstance(accepted, Refusal):
+            log.warning(
+                "stream_refused",
+                code=accepted.error.code.value,
+                peer=accepted.record.facts.peer,
+                message_id=accepted.record.facts.message_id,
+            )
+            await node.log_failure(accepted.record.fields())
+            await self._refusal(context.write, accepted.error, accepted.record.facts.message_id)
+            return
+        try:
+            await self._serve(accepted, first, peer, context)
+        finally:
+            self.clients.give(str(accepted.header.client))
+
+    async def _serve(
+        self,
+        accepted: Accepted,
+        first: pb.StreamMessage,
+        peer: Peer,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> None:
+        node, limits = self.node, self.node.limits
+        header = accepted.header
+        labels = CallLabels()
+        labels.known_service(accepted.config.services[header.service], header.method)
+        labels.client = str(header.client)
+        started = time.perf_counter()
+        try:
+            await node.log.append(accepted.record.fields(), accepted.evidence)
+        except GatewayError as err:
+            await self._refusal(context.write, err, header.message_id)
+            return
+        header_bytes = accepted.envelope.header
+        received = Chain(REQUEST, header_bytes)
+        sent = Chain(RESPONSE, header_bytes)
+        timeout = first.open.timeout_ms / 1000 if first.open.timeout_ms else 1e9
+        wait = min(timeout, limits.max_stream_seconds)
+        backends = self.service.backends
+        backend = backends.open_stream(str(header.service), header.method, wait)
+        outlet = Outlet(context.write)
+        request_done = asyncio.Event()
+        backend_writable = [True]
+
+        async def forward_requests() -> None:
+            while True:
+                message = await context.read()
+                if message is grpc.aio.EOF:  # type: ignore[attr-defined]
+                    raise incomplete(REQUEST, "the consumer's stream ended")
+                if message.ocsp_staple:
+                    peer.staple = message.ocsp_staple
+                which = message.WhichOneof("kind")
+                if which == "data":
+                    data = message.data
+                    if len(data.body) > limits.max_message_bytes:
+                        raise StreamError(
+                            too_large(REQUEST, len(data.body), limits.max_message_bytes)
+                        )
+                    if data.seq > limits.max_stream_messages:
+                        raise StreamError(too_many(REQUEST, data.seq, limits.max_stream_messages))
+                    received.accept(data.seq, data.body, data.link)
+                    if backend_writable[0]:
+                        try:
+                            await backend.write(data.body)
+                        except ENDED:
+                            backend_writable[0] = False  # the backend has ended: keep checking
+                elif which == "close":
+                    await self._request_closed(accepted, message.close, received, peer)
+                    request_done.set()
+                    if backend_writable[0]:
+                        with contextlib.suppress(*ENDED):
+                            await backend.done_writing()
+                    await asyncio.Future()  # done: the answer ends the stream
+                else:
+                    raise TrustError(
+                        "the consumer sent a stream message that is neither data nor a close",
+                        code=Code.MALFORMED_ENVELOPE,
+                    )
+
+        async def forward_responses() -> None:
+            status, details = 0, ""
+            stapled = False
+            try:
+                async for body in backend:
+                    if len(body) > limits.max_message_bytes:
+                        raise StreamError(too_large(RESPONSE, len(body), limits.max_message_bytes))
+                    if sent.count >= limits.max_stream_messages:
+                        raise StreamError(
+                            too_many(RESPONSE, sent.count + 1, limits.max_stream_messages)
+                        )
+                    seq, chained = sent.extend(body)
+                    message = pb.StreamMessage(data=pb.StreamData(seq=seq, body=body, link=chained))
+                    if not stapled:
+                        message.ocsp_staple = node.own_status.staple(node.auth_sha256)
+                        stapled = True
+                    await outlet.write(message)
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                if code == grpc.StatusCode.UNAVAILABLE and sent.count == 0:
+                    raise UnavailableError(
+                        f"the provider's backend for {header.service} is unavailable; retry later",
+                        code=Code.BACKEND_UNAVAILABLE,
+                    ) from None
+                if code == grpc.StatusCode.CANCELLED:
+                    raise
+                status, details = int(code.value[0]), str(exc.details() or "")
+            labels.code = backend_code(status)
+            # a server-streaming call's request close arrives at once; a bidirectional call
+            # whose backend ended first signs what it received so far
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(request_done.wait(), CLOSE_WAIT_SECONDS)
+            await self._answer(accepted, sent, received, status, details, outlet, stapled)
+
+        try:
+            await _first(forward_requests(), forward_responses(), self._watch(accepted))
+        except StreamError as exc:
+            await self._fail(accepted, exc.error, outlet, labels)
+        except GatewayError as err:
+            await self._fail(accepted, err, outlet, labels)
+        except (grpc.aio.AioRpcError, asyncio.CancelledError) as exc:
+            # the consumer went away (cancelled, or its server died): the backend call ends
+            # and the record says the stream was not closed
+            backend.cancel()
+            gone = incomplete(REQUEST, "the consumer's stream was cancelled")
+            labels.code = gone.code.value
+            log.warning("stream_ended", code=gone.code.value, message_id=header.message_id)
+            await node.log_failure(refuse_accepted(accepted, gone, node.clock()).record.fields())
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+        finally:
+            backend.cancel()
+            if self.service.metrics is not None:
+                self.service.metrics.call("provider", labels, time.perf_counter() - started)
+
+    async def _watch(self, accepted: Accepted) -> None:
+        node = self.node
+        err = await _watch(
+            lambda: check_still_agreed(accepted.header, node, node.clock()),
+            node.limits.stream_check_seconds,
+            time.monotonic(),
+            node.limits.max_stream_seconds,
+        )
+        raise StreamError(err)
+
+    async def _request_closed(
+        self, accepted: Accepted, close: pb.SignedEnvelope, received: Chain, peer: Peer
+    ) -> None:
+        node = self.node
+        now = node.clock()
+        config = accepted.peer_config
+        ended = check_close(
+            close.header,
+            close.signature,
+            close.signer_certificate,
+            request=accepted.header,
+            request_header=accepted.envelope.header,
+            received=received,
+            sender=accepted.header.sender,
+            config=config,
+            now=now,
+        )
+        certificate, _ = config.trust.signing_member(close.signer_certificate, now)
+        node.status.signer(close.signer_ocsp, certificate, config, now)
+        signer_sha = certificate_sha256(close.signer_certificate)
+        staple_sha, evidence = node.evidence(
+            certificate, close.signer_certificate, signer_sha, close.signer_ocsp, b"", "", config
+        )
+        record = close_record(
+            accepted.record.role,
+            accepted.facts,
+            (close.header, ended, close.signature),
+            signer_sha,
+            staple_sha,
+            now,
+        )
+        await node.log.append(record.fields(), evidence)
+
+    async def _answer(
+        self,
+        accepted: Accepted,
+        sent: Chain,
+        received: Chain,
+        status: int,
+        details: str,
+        outlet: Outlet,
+        stapled: bool,
+    ) -> None:
+        node = self.node
+        now = node.clock()
+        signer = accepted.signer
+        signed = sign_close(
+            accepted.header,
+            accepted.envelope.header,
+            sent,
+            signer,
+            node.server_id,
+            now,
+            received=received,
+            grpc_status=status,
+            grpc_message=details,
+        )
+        staple_sha, evidence = node.evidence(
+            signer.certificate,
+            signer.certificate_der,
+            signer.certificate_sha256,
+            accepted.own_staple,
+            b"",
+            "",
+            accepted.config,
+        )
+        record = close_record(
+            accepted.record.role, accepted.facts, signed, signer.certificate_sha256, staple_sha, now
+        )
+        await node.log.append(record.fields(), evidence)
+        message = pb.StreamMessage(close=_close_envelope(signed, signer, accepted.own_staple))
+        if not stapled:
+            message.ocsp_staple = node.own_status.staple(node.auth_sha256)
+        await outlet.write(message)
+
+    async def _fail(
+        self,
+        accepted: Accepted,
+        err: GatewayError,
+        outlet: Outlet,
+        labels: CallLabels,
+    ) -> None:
+        labels.code = err.code.value
+        log.warning("stream_ended", code=err.code.value, message_id=accepted.header.message_id)
+        await self.node.log_failure(
+            refuse_accepted(accepted, err, self.node.clock()).record.fields()
+        )
+        # the refusal follows the message being written, if the consumer takes it in time
+        if await outlet.settle(CLOSE_WAIT_SECONDS):
+            await self._refusal(outlet.write, err, accepted.header.message_id)
+
+    @staticmethod
+    async def _refusal(
+        write: Callable[[Any], Awaitable[None]], err: GatewayError, message_id: str | None
+    ) -> None:
+        with contextlib.suppress(*ENDED):
+            await write(
+                pb.StreamMessage(
+                    refusal=pb.Refusal(
+                        code=err.code.value,
+                        message=bound_message(err.message),
+                        message_id=message_id or "",
+                    )
+                )
+            )
+
+
+_STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}

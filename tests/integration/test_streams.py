@@ -1,0 +1,533 @@
+"""Streaming calls of every kind through both security servers, with real processes: what
+only they can show. The calls themselves and both logs; the README's OpenSSL procedure;
+misbehaving peers on either side (a consumer server sending a tampered, dropped, reordered
+or replayed message, or a bad close, to the real provider; a provider doing the same to the
+real consumer); a revocation ending an open stream; and `kill -9` of either server
+mid-stream. The rules themselves (chains, closes) are unit-tested in
+tests/unit/test_streams.py.
+
+The tests run in file order on one topology: those that kill or replace a server come last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import grpc
+import pytest
+
+from gateway.envelope import decode_close, decode_request
+from gateway.signing import EcdsaSigner, load_certificate, load_private_key
+from gateway.streams import REQUEST, RESPONSE, Chain
+from gateway.v1 import exchange_pb2 as pb
+from gateway_demo.client import routing_metadata
+from gateway_demo.generated import population_pb2 as population
+from gateway_demo.revocation import AdminApi, active_agreement
+from gateway_demo.runner import Runner
+from tests.integration.attacker import fetch_ocsp
+
+from .conftest import CLINICS, DNIC, MSP, POPULATION, audit_verify, log_rows
+from .stream_peer import StreamingConsumer, StreamingProvider, data, signed_close, stream_open
+
+EXPORT = "/demo.population.v1.PopulationRegistry/ExportPeople"
+DOWNLOAD = "/demo.population.v1.PopulationRegistry/Download"
+UPLOAD = "/demo.population.v1.PopulationRegistry/Upload"
+CHAT = "/demo.population.v1.PopulationRegistry/Chat"
+PURPOSE = "healthcare-identification"
+# the end of a stream as grpc.aio reads it (untyped in its stubs)
+EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+@pytest.fixture(scope="module")
+def runner(make_runner: Callable[..., Runner]) -> Runner:
+    return make_runner()
+
+
+@pytest.fixture
+async def msp(runner: Runner) -> AsyncIterator[Any]:
+    async with grpc.aio.insecure_channel(runner.consumers[MSP]) as channel:
+        yield channel
+
+
+def metadata(message_id: str | None = None, purpose: str = PURPOSE) -> list[tuple[str, str]]:
+    return routing_metadata(
+        client=CLINICS, service=POPULATION, purpose=purpose, message_id=message_id
+    )
+
+
+def trailing_of(metadata: Any) -> dict[str, str]:
+    return {str(k): str(v) for k, v in (metadata or ())}
+
+
+def new_id() -> str:
+    return f"stream-{uuid.uuid4().hex}"
+
+
+def kinds(runner: Runner, server: str, message_id: str) -> list[tuple[str, str | None]]:
+    return [(r["kind"], r["error_code"]) for r in log_rows(runner.log_db(server), message_id)]
+
+
+def download(channel: Any, count: int, size: int, message_id: str) -> Any:
+    return channel.unary_stream(
+        DOWNLOAD,
+        request_serializer=population.DownloadRequest.SerializeToString,
+        response_deserializer=population.EchoMessage.FromString,
+    )(
+        population.DownloadRequest(count=count, size=size),
+        metadata=metadata(message_id),
+        timeout=30,
+    )
+
+
+# ---- every kind passes, and both servers log it ------------------------------------------
+
+
+async def test_server_streaming_export(runner: Runner, msp: Any) -> None:
+    message_id = new_id()
+    call = msp.unary_stream(
+        EXPORT,
+        request_serializer=population.ExportRequest.SerializeToString,
+        response_deserializer=population.Person.FromString,
+    )(population.ExportRequest(), metadata=metadata(message_id), timeout=10)
+    people = [p async for p in call]
+    assert {p.given_name for p in people} == {"Ana", "Jorge", "Lucía"}
+    assert await call.code() == grpc.StatusCode.OK
+    assert dict(await call.trailing_metadata())["gateway-id"] == message_id
+    for server in (MSP, DNIC):
+        rows = log_rows(runner.log_db(server), message_id)
+        assert [r["kind"] for r in rows] == ["request", "stream-close", "response"], server
+        request = decode_request(rows[0]["header"])
+        assert request.stream == "server"
+        request_close, response_close = (
+            decode_close(rows[1]["header"]),
+            decode_close(rows[2]["header"]),
+        )
+        assert (request_close.direction, request_close.count) == (REQUEST, 1)
+        assert (response_close.direction, response_close.count) == (RESPONSE, 3)
+        assert response_close.request_digest == request_close.digest
+        assert rows[2]["status"] == "ok"
+
+
+async def test_client_streaming_upload(msp: Any) -> None:
+    payloads = [bytes([i]) * (100 + i) for i in range(50)]
+
+    async def messages() -> AsyncIterator[population.EchoMessage]:
+        for p in payloads:
+            yield population.EchoMessage(payload=p)
+
+    summary = await msp.stream_unary(
+        UPLOAD,
+        request_serializer=population.EchoMessage.SerializeToString,
+        response_deserializer=population.UploadSummary.FromString,
+    )(messages(), metadata=metadata(), timeout=10)
+    assert (summary.count, summary.bytes) == (50, sum(map(len, payloads)))
+    assert summary.sha256 == hashlib.sha256(b"".join(payloads)).hexdigest()
+
+
+async def test_bidirectional_chat_answers_each_message_as_it_comes(msp: Any) -> None:
+    call = msp.stream_stream(
+        CHAT,
+        request_serializer=population.EchoMessage.SerializeToString,
+        response_deserializer=population.EchoMessage.FromString,
+    )(metadata=metadata(), timeout=10)
+    for i in range(20):
+        await call.write(population.EchoMessage(payload=str(i).encode()))
+        assert (await call.read()).payload == str(i).encode()
+    await call.done_writing()
+    assert await call.read() is EOF
+    assert await call.code() == grpc.StatusCode.OK
+
+
+async def test_a_stream_outside_any_agreement_is_refused_before_it_opens(
+    runner: Runner, msp: Any
+) -> None:
+    message_id = new_id()
+    call_metadata = metadata(message_id, purpose="marketing")
+    call = msp.unary_stream(DOWNLOAD)(b"", metadata=call_metadata, timeout=10)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in call:
+            pass
+    trailing = trailing_of(caught.value.trailing_metadata())
+    assert (caught.value.code(), trailing.get("gateway-error")) == (
+        grpc.StatusCode.PERMISSION_DENIED,
+        "purpose_not_covered",
+    )
+    assert kinds(runner, MSP, message_id) == [("refusal", "purpose_not_covered")]
+    assert kinds(runner, DNIC, message_id) == []
+
+
+async def test_readme_openssl_procedure_verifies_a_stream(
+    runner: Runner, msp: Any, tmp_path: Path
+) -> None:
+    """The README's procedure, run as written, verifies the chain and the close's signature
+    with OpenSSL alone."""
+    message_id = new_id()
+    call = download(msp, 12, 1000, message_id)
+    bodies = [m.SerializeToString() async for m in call]
+    assert len(bodies) == 12
+    rows = log_rows(runner.log_db(MSP), message_id)
+    request, response = rows[0], rows[-1]
+    (tmp_path / "request").mkdir()
+    (tmp_path / "response").mkdir()
+    (tmp_path / "request" / "header.json").write_bytes(request["header"])
+    (tmp_path / "response" / "header.json").write_bytes(response["header"])
+    (tmp_path / "response" / "signature.der").write_bytes(response["signature"])
+    (tmp_path / "response" / "signer.pem").write_bytes(
+        (runner.pki / "sign" / "UY_GOV_DNIC.crt").read_bytes()
+    )
+    for i, body in enumerate(bodies, 1):
+        (tmp_path / f"msg-{i}.bin").write_bytes(body)
+    text = README.read_text()
+    start = text.index("**Verifying a stream.**")
+    script = text[
+        text.index("```sh\n", start) + 6 : text.index("```", text.index("```sh\n", start) + 6)
+    ]
+    done = await asyncio.to_thread(
+        subprocess.run,
+        ["sh", "-e", "-c", script],
+        cwd=tmp_path,
+        env={"COUNT": "12", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    close = decode_close(response["header"])
+    assert close.count == 12
+    assert done.stdout.splitlines() == [close.digest, "Verified OK"]
+
+
+# ---- a misbehaving consumer server, against the real provider ----------------------------
+
+
+@dataclass
+class Peer:
+    runner: Runner
+    signer: EcdsaSigner
+    ocsp: bytes
+    consumer: StreamingConsumer
+    header: bytes
+    chain: Chain
+
+    async def refused(self) -> str:
+        return (await self.consumer.refusal()).code
+
+
+def _signer(pki: Path, stem: str) -> EcdsaSigner:
+    return EcdsaSigner(
+        load_private_key((pki / "sign" / f"{stem}.key").read_bytes()),
+        load_certificate((pki / "sign" / f"{stem}.crt").read_bytes()),
+    )
+
+
+async def open_peer(runner: Runner, message_id: str) -> Peer:
+    """ss-msp's keys, speaking to ss-dnic's provider endpoint directly: a bidirectional
+    Chat stream, correctly opened."""
+    pki = runner.pki
+    ca = (pki / "ca.crt").read_bytes()
+    auth = (pki / "auth" / "UY_GOV_MSP_ss1.crt").read_bytes()
+    signer = _signer(pki, "UY_GOV_MSP")
+    ocsp = fetch_ocsp(runner.ocsp_url, (pki / "sign" / "UY_GOV_MSP.crt").read_bytes(), ca)
+    consumer = StreamingConsumer(
+        runner.providers[DNIC], DNIC, ca, auth, (pki / "auth" / "UY_GOV_MSP_ss1.key").read_bytes()
+    )
+    opened = stream_open(
+        signer,
+        message_id=message_id,
+        client=CLINICS,
+        service=POPULATION,
+        method=CHAT,
+        purpose=PURPOSE,
+        sender=MSP,
+        kind="bidi",
+        created_at=datetime.now(UTC),
+        signer_ocsp=ocsp,
+    )
+    await consumer.send(
+        pb.StreamMessage(open=opened, ocsp_staple=fetch_ocsp(runner.ocsp_url, auth, ca))
+    )
+    header = opened.request.header
+    return Peer(runner, signer, ocsp, consumer, header, Chain(REQUEST, header))
+
+
+def _message(n: int) -> bytes:
+    return population.EchoMessage(payload=f"message {n}".encode()).SerializeToString()
+
+
+async def _tampered(peer: Peer) -> None:
+    _, link = peer.chain.extend(_message(1))
+    await peer.consumer.send(data(1, _message(666), link))
+
+
+async def _dropped(peer: Peer) -> None:
+    for n in (1, 2, 3):
+        seq, link = peer.chain.extend(_message(n))
+        if n != 2:
+            await peer.consumer.send(data(seq, _message(n), link))
+
+
+async def _reordered(peer: Peer) -> None:
+    sent = [peer.chain.extend(_message(n)) for n in (1, 2)]
+    for seq, link in reversed(sent):
+        await peer.consumer.send(data(seq, _message(seq), link))
+
+
+async def _replayed(peer: Peer) -> None:
+    seq, link = peer.chain.extend(_message(1))
+    await peer.consumer.send(data(seq, _message(1), link))
+    assert (await peer.consumer.read()) is not None  # the backend's echo of message 1
+    await peer.consumer.send(data(seq, _message(1), link))
+
+
+async def _close_miscounted(peer: Peer) -> None:
+    seq, link = peer.chain.extend(_message(1))
+    await peer.consumer.send(data(seq, _message(1), link))
+    await peer.consumer.send(
+        signed_close(
+            peer.signer, peer.ocsp, peer.header, peer.chain, MSP, datetime.now(UTC), count=5
+        )
+    )
+
+
+async def _close_signed_by_another_member(peer: Peer) -> None:
+    other = _signer(peer.runner.pki, "UY_GOV_DNIC")
+    await peer.consumer.send(
+        signed_close(other, peer.ocsp, peer.header, peer.chain, MSP, datetime.now(UTC))
+    )
+
+
+@pytest.mark.parametrize(
+    ("attack", "code"),
+    [
+        (_tampered, "stream_digest_mismatch"),
+        (_dropped, "stream_out_of_order"),
+        (_reordered, "stream_out_of_order"),
+        (_replayed, "stream_out_of_order"),
+        (_close_miscounted, "stream_digest_mismatch"),
+        (_close_signed_by_another_member, "untrusted_signer"),
+    ],
+)
+async def test_provider_refuses_a_misbehaving_consumer_stream(
+    runner: Runner, attack: Callable[[Peer], Any], code: str
+) -> None:
+    message_id = new_id()
+    peer = await open_peer(runner, message_id)
+    try:
+        await attack(peer)
+        assert await peer.refused() == code
+    finally:
+        await peer.consumer.close()
+    rows = kinds(runner, DNIC, message_id)
+    assert rows[0] == ("request", None)
+    assert rows[-1] == ("refusal", code), rows
+
+
+# ---- an agreement revoked while a stream is open -----------------------------------------
+
+
+async def test_revocation_ends_an_open_stream_within_two_seconds(runner: Runner, msp: Any) -> None:
+    purpose = f"stream-revocation-{time.time_ns()}"
+    async with aiohttp.ClientSession() as session:
+        api = AdminApi(session, runner.api_url)
+        agreement = await active_agreement(api, runner, purpose, "stream revocation test")
+        call = msp.stream_stream(
+            CHAT,
+            request_serializer=population.EchoMessage.SerializeToString,
+            response_deserializer=population.EchoMessage.FromString,
+        )
+        # the new agreement reaches both servers within seconds
+        deadline = time.monotonic() + 20
+        while True:
+            chat = call(metadata=metadata(purpose=purpose), timeout=30)
+            await chat.write(population.EchoMessage(payload=b"hello"))
+            try:
+                assert (await chat.read()).payload == b"hello"
+                break
+            except (grpc.aio.AioRpcError, AttributeError):
+                assert time.monotonic() < deadline, "the agreement never reached the servers"
+                await asyncio.sleep(0.3)
+        admin = runner.token("registry-admin", subject="registry-admin")
+        await api.post(f"/v1/agreements/{agreement}/revoke", admin, {"reason": "test"})
+        revoked = time.monotonic()
+
+        try:
+            while True:
+                await chat.write(population.EchoMessage(payload=b"still there?"))
+                await chat.read()
+                await asyncio.sleep(0.05)
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            ended_in = time.monotonic() - revoked
+    code, trailing = await chat.code(), trailing_of(await chat.trailing_metadata())
+    assert (code, trailing.get("gateway-error")) == (
+        grpc.StatusCode.PERMISSION_DENIED,
+        "agreement_revoked",
+    )
+    assert ended_in < 2.0, f"the stream ended {ended_in:.2f} s after the revocation"
+
+
+# ---- kill -9 of either server mid-stream -------------------------------------------------
+
+
+async def _start_download(runner: Runner, message_id: str) -> tuple[Any, Any]:
+    channel: Any = grpc.aio.insecure_channel(runner.consumers[MSP])
+    call = download(channel, 200_000, 4096, message_id)
+    for _ in range(10):
+        await call.read()
+    return channel, call
+
+
+async def _error_of(job: Any) -> grpc.aio.AioRpcError:
+    """The gRPC error `job` ends with (failing if it ends without one)."""
+    try:
+        await job
+    except grpc.aio.AioRpcError as exc:
+        return exc
+    raise AssertionError("the call ended without an error")
+
+
+async def _drain(call: Any) -> grpc.aio.AioRpcError:
+    async def read_all() -> None:
+        while await call.read() is not EOF:
+            pass
+        await call  # an OK end would not raise
+
+    return await _error_of(read_all())
+
+
+def _verifies(runner: Runner, server: str) -> None:
+    done = audit_verify(runner.log_db(server))
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+async def test_kill_the_consumer_server_mid_stream(runner: Runner) -> None:
+    message_id = new_id()
+    channel, call = await _start_download(runner, message_id)
+    runner.stop("ss-msp", kill=True)
+    error = await _drain(call)
+    await channel.close(None)
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    runner.start("ss-msp")
+    # the provider ends the backend call and records the stream as not closed
+    deadline = time.monotonic() + 10
+    while ("refusal", "stream_incomplete") not in kinds(runner, DNIC, message_id):
+        assert time.monotonic() < deadline, kinds(runner, DNIC, message_id)
+        await asyncio.sleep(0.2)
+    provider = kinds(runner, DNIC, message_id)
+    assert ("response", None) not in provider
+    consumer = kinds(runner, MSP, message_id)
+    assert consumer[0] == ("request", None) and ("response", None) not in consumer
+    for server in (MSP, DNIC):
+        _verifies(runner, server)
+
+
+async def test_kill_the_provider_server_mid_stream(runner: Runner) -> None:
+    message_id = new_id()
+    channel, call = await _start_download(runner, message_id)
+    runner.stop("ss-dnic", kill=True)
+    error = await _drain(call)
+    await channel.close(None)
+    trailing = trailing_of(error.trailing_metadata())
+    assert (error.code(), trailing.get("gateway-error")) == (
+        grpc.StatusCode.DATA_LOSS,
+        "stream_incomplete",
+    ), error
+    consumer = kinds(runner, MSP, message_id)
+    assert consumer[0] == ("request", None)
+    assert consumer[-1] == ("refusal", "stream_incomplete")
+    assert ("response", None) not in kinds(runner, DNIC, message_id)
+    for server in (MSP, DNIC):
+        _verifies(runner, server)
+
+
+# ---- a misbehaving provider server, against the real consumer (ss-dnic stays down) -------
+
+
+@pytest.fixture(scope="module")
+def fake_dnic(runner: Runner) -> Iterator[StreamingProvider]:
+    runner.stop("ss-dnic", kill=True)
+    pki = runner.pki
+    provider = StreamingProvider(
+        runner.providers[DNIC],
+        (pki / "auth" / "UY_GOV_DNIC_ss1.crt").read_bytes(),
+        (pki / "auth" / "UY_GOV_DNIC_ss1.key").read_bytes(),
+        (pki / "ca.crt").read_bytes(),
+    )
+    provider.start()
+    try:
+        yield provider
+    finally:
+        provider.stop()
+
+
+def _answers(runner: Runner, how: str) -> Callable[[pb.StreamOpen], Iterator[pb.StreamMessage]]:
+    pki = runner.pki
+    signer = _signer(pki, "UY_GOV_DNIC")
+    ca = (pki / "ca.crt").read_bytes()
+    ocsp = fetch_ocsp(runner.ocsp_url, (pki / "sign" / "UY_GOV_DNIC.crt").read_bytes(), ca)
+    staple = fetch_ocsp(runner.ocsp_url, (pki / "auth" / "UY_GOV_DNIC_ss1.crt").read_bytes(), ca)
+
+    def behaviour(opened: pb.StreamOpen) -> Iterator[pb.StreamMessage]:
+        header = opened.request.header
+        chain, received = Chain(RESPONSE, header), Chain(REQUEST, header)
+        bodies = [_message(n) for n in (1, 2, 3)]
+        links = [chain.extend(b) for b in bodies]
+        order = {
+            "tampered": [0, 1, 2],
+            "dropped": [0, 2],
+            "reordered": [1, 0, 2],
+            "replayed": [0, 0],
+        }
+        first = True
+        for i in order.get(how, [0, 1, 2]):
+            seq, link = links[i]
+            body = _message(999) if how == "tampered" and i == 1 else bodies[i]
+            message = data(seq, body, link)
+            if first:
+                message.ocsp_staple, first = staple, False
+            yield message
+        if how == "no-close":
+            return
+        count = 7 if how == "miscounted" else None
+        yield signed_close(
+            signer, ocsp, header, chain, DNIC, datetime.now(UTC), received=received, count=count
+        )
+
+    return behaviour
+
+
+@pytest.mark.parametrize(
+    ("how", "code"),
+    [
+        ("tampered", "stream_digest_mismatch"),
+        ("dropped", "stream_out_of_order"),
+        ("reordered", "stream_out_of_order"),
+        ("replayed", "stream_out_of_order"),
+        ("miscounted", "stream_digest_mismatch"),
+        ("no-close", "stream_incomplete"),
+    ],
+)
+async def test_consumer_refuses_a_misbehaving_provider_stream(
+    runner: Runner, fake_dnic: StreamingProvider, how: str, code: str
+) -> None:
+    fake_dnic.behaviour = _answers(runner, how)
+    message_id = new_id()
+    channel: Any
+    async with grpc.aio.insecure_channel(runner.consumers[MSP]) as channel:
+        call = channel.unary_stream(DOWNLOAD)(b"", metadata=metadata(message_id), timeout=10)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in call:
+                pass
+    trailing = trailing_of(caught.value.trailing_metadata())
+    assert trailing.get("gateway-error") == code, caught.value
+    assert kinds(runner, MSP, message_id)[-1] == ("refusal", code)
