@@ -321,7 +321,8 @@ def decode_close(data: bytes) -> StreamClose:
         raise _malformed("field 'direction' must be 'request' or 'response'")
     request_count = _count(f, "request_count", optional=True)
     request_digest = None if f["request_digest"] is None else _digest(f, "request_digest")
-    if (direction == "response") != (request_count is not None and request_digest is not None):
+    named = (request_count is not None, request_digest is not None)
+    if named != ((direction == "response"),) * 2:
         raise _malformed("only a response close, and every response close, names the request's")
     try:
         return StreamClose(

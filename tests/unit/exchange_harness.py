@@ -275,6 +275,10 @@ class World:
         self._ids = itertools.count(1)
 
     def configuration(self, **changes: object) -> GlobalConfiguration:
+        return parse_content(self.content(**changes))
+
+    def content(self, **changes: object) -> bytes:
+        """The signed content of the configuration both servers hold, with `changes`."""
         args: dict[str, object] = {
             "instance": INSTANCE,
             "version": 1,
@@ -302,7 +306,7 @@ class World:
             "agreements": self.agreements,
             **changes,
         }
-        return parse_content(build_content(**args))  # type: ignore[arg-type]
+        return build_content(**args)  # type: ignore[arg-type]
 
     def publish(self, **changes: object) -> None:
         """A new configuration reaches both servers."""
