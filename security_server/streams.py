@@ -247,7 +247,8 @@ class ConsumerStreams:
             return
         limits = node.limits
         remaining = context.time_remaining()
-        wait = min(remaining if remaining is not None else 1e9, limits.max_stream_seconds)
+        # the caller's deadline; past limits.max_stream_seconds the watcher ends it first
+        wait = min(remaining if remaining is not None else 1e9, limits.max_stream_seconds + 5)
         header_bytes = out.envelope.header
         sent = Chain(REQUEST, header_bytes, keep=KEPT_LINKS)
         received = Chain(RESPONSE, header_bytes)
@@ -547,7 +548,7 @@ class ProviderStreams:
         received = Chain(REQUEST, header_bytes)
         sent = Chain(RESPONSE, header_bytes)
         timeout = first.open.timeout_ms / 1000 if first.open.timeout_ms else 1e9
-        wait = min(timeout, limits.max_stream_seconds)
+        wait = min(timeout, limits.max_stream_seconds + 5)
         backends = self.service.backends
         backend = backends.open_stream(str(header.service), header.method, wait)
         outlet = Outlet(context.write)

@@ -49,9 +49,18 @@ EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 
+# small stream limits, so that each is reached in a test within a second or a few
+LIMITS = {
+    "max_message_bytes": 65536,
+    "max_stream_messages": 2000,
+    "max_streams_per_client": 3,
+    "max_stream_seconds": 4,
+}
+
+
 @pytest.fixture(scope="module")
 def runner(make_runner: Callable[..., Runner]) -> Runner:
-    return make_runner()
+    return make_runner(limits=LIMITS)
 
 
 @pytest.fixture
@@ -333,6 +342,107 @@ async def test_provider_refuses_a_misbehaving_consumer_stream(
     assert rows[-1] == ("refusal", code), rows
 
 
+# ---- limits and cancellation ------------------------------------------------------------
+
+
+def chat(channel: Any, message_id: str | None = None) -> Any:
+    return channel.stream_stream(
+        CHAT,
+        request_serializer=population.EchoMessage.SerializeToString,
+        response_deserializer=population.EchoMessage.FromString,
+    )(metadata=metadata(message_id), timeout=30)
+
+
+async def upload(channel: Any, payloads: list[bytes], message_id: str) -> Any:
+    async def messages() -> AsyncIterator[population.EchoMessage]:
+        for p in payloads:
+            yield population.EchoMessage(payload=p)
+
+    return await channel.stream_unary(
+        UPLOAD,
+        request_serializer=population.EchoMessage.SerializeToString,
+        response_deserializer=population.UploadSummary.FromString,
+    )(messages(), metadata=metadata(message_id), timeout=30)
+
+
+def refused_with(error: grpc.aio.AioRpcError, code: str) -> bool:
+    return trailing_of(error.trailing_metadata()).get("gateway-error") == code
+
+
+async def test_too_many_messages_are_refused_by_the_consumer(runner: Runner, msp: Any) -> None:
+    message_id = new_id()
+    error = await _error_of(upload(msp, [b"x"] * 2001, message_id))
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert refused_with(error, "stream_too_many_messages"), error
+    assert kinds(runner, MSP, message_id)[-1] == ("refusal", "stream_too_many_messages")
+
+
+async def test_too_many_answers_are_refused_by_the_provider(runner: Runner, msp: Any) -> None:
+    message_id = new_id()
+    error = await _drain(download(msp, 2001, 1, message_id))
+    assert refused_with(error, "stream_too_many_messages"), error
+    assert kinds(runner, DNIC, message_id)[-1] == ("refusal", "stream_too_many_messages")
+    assert kinds(runner, MSP, message_id)[-1] == ("refusal", "stream_too_many_messages")
+
+
+async def test_a_message_over_the_size_limit_is_refused(runner: Runner, msp: Any) -> None:
+    message_id = new_id()
+    error = await _error_of(upload(msp, [b"x" * 70_000], message_id))
+    assert refused_with(error, "body_too_large"), error
+    assert kinds(runner, MSP, message_id)[-1] == ("refusal", "body_too_large")
+
+
+async def test_too_many_open_streams_per_client_are_refused(msp: Any) -> None:
+    open_ = [chat(msp) for _ in range(3)]
+    for call in open_:
+        await call.write(population.EchoMessage(payload=b"hi"))
+        assert (await call.read()).payload == b"hi"
+    fourth = chat(msp)
+    error = await _error_of(fourth.read())
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert refused_with(error, "too_many_streams"), error
+    for call in open_:
+        await call.done_writing()
+        assert await call.read() is EOF
+        assert await call.code() == grpc.StatusCode.OK
+    again = chat(msp)  # the slots came back
+    await again.write(population.EchoMessage(payload=b"again"))
+    assert (await again.read()).payload == b"again"
+    await again.done_writing()
+
+
+async def test_a_stream_past_its_longest_duration_is_ended(runner: Runner, msp: Any) -> None:
+    message_id = new_id()
+    call = chat(msp, message_id)
+    await call.write(population.EchoMessage(payload=b"hi"))
+    await call.read()
+    started = time.monotonic()
+    error = await _error_of(call.read())
+    assert refused_with(error, "stream_too_long"), error
+    assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.monotonic() - started < LIMITS["max_stream_seconds"] + 1.5
+
+
+async def test_a_cancelled_caller_cancels_the_stream_on_both_servers(
+    runner: Runner, msp: Any
+) -> None:
+    message_id = new_id()
+    call = chat(msp, message_id)
+    await call.write(population.EchoMessage(payload=b"hi"))
+    await call.read()
+    call.cancel()
+    deadline = time.monotonic() + 10
+    while not (
+        kinds(runner, MSP, message_id)[-1:] == [("refusal", "stream_incomplete")]
+        and kinds(runner, DNIC, message_id)[-1:] == [("refusal", "stream_incomplete")]
+    ):
+        assert time.monotonic() < deadline, (
+            kinds(runner, MSP, message_id),
+            kinds(runner, DNIC, message_id),
+        )
+        await asyncio.sleep(0.1)
+
+
 # ---- an agreement revoked while a stream is open -----------------------------------------
 
 
@@ -381,7 +491,8 @@ async def test_revocation_ends_an_open_stream_within_two_seconds(runner: Runner,
 
 async def _start_download(runner: Runner, message_id: str) -> tuple[Any, Any]:
     channel: Any = grpc.aio.insecure_channel(runner.consumers[MSP])
-    call = download(channel, 200_000, 4096, message_id)
+    # 114 MB, under every limit: the kill comes long before its end
+    call = download(channel, 1900, 60_000, message_id)
     for _ in range(10):
         await call.read()
     return channel, call
