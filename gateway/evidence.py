@@ -35,7 +35,14 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from gateway import merkle, ocsp, tsp
 from gateway.audit import RECORD_FIELDS, FieldValue, parse_preimage
-from gateway.envelope import decode_request, decode_response, sha256_hex
+from gateway.envelope import (
+    RequestHeader,
+    ResponseHeader,
+    StreamClose,
+    decode_answer,
+    decode_request,
+    sha256_hex,
+)
 from gateway.errors import AuditError, GatewayError
 from gateway.signing import TrustStore, verify_signature
 from gateway.timeutil import parse_time
@@ -140,16 +147,18 @@ def verify_bundle(
     checker = _RecordChecker(files, TrustStore(cas=tuple(cas)), cas, tsa_certificates, message_id)
     for folder in folders:
         report.records.append(checker.verify(folder))
-    # the response answers the request (when the bundle has both)
-    request, response = checker.headers.get("request"), checker.headers.get("response")
-    if (
-        request is not None
-        and response is not None
-        and decode_response(response[1]).request_sha256 != sha256_hex(request[1])
-    ):
-        raise BundleError(
-            f"{response[0]}/header.json", "does not answer the request's header in the bundle"
-        )
+    # the response (and a stream's close) answers the request (when the bundle has both)
+    request = checker.headers.get("request")
+    for kind in ("response", "stream-close"):
+        answer = checker.headers.get(kind)
+        if (
+            request is not None
+            and answer is not None
+            and decode_answer(answer[1]).request_sha256 != sha256_hex(request[1])
+        ):
+            raise BundleError(
+                f"{answer[0]}/header.json", "does not answer the request's header in the bundle"
+            )
     # the manifest's digests (a convenience for `sha256sum`; each piece was checked above)
     for name, digest in digests.items():
         if name in files and hashlib.sha256(files[name]).hexdigest() != digest:
@@ -207,7 +216,9 @@ class _RecordChecker:
         if header != fields["header"]:
             raise BundleError(piece("header.json"), "is not the header the record holds")
         try:
-            decoded = decode_request(header) if kind == "request" else decode_response(header)
+            decoded: RequestHeader | ResponseHeader | StreamClose = (
+                decode_request(header) if kind == "request" else decode_answer(header)
+            )
         except GatewayError as err:
             raise BundleError(piece("header.json"), err.message) from None
         self.headers[kind] = (folder, header)

@@ -103,7 +103,9 @@ class SideCheck:
 
 def compare_sides(found: Sequence[tuple[str, dict[str, Any]]]) -> list[SideCheck]:
     checks = []
-    for kind in ("request", "response"):
+    # a stream's close of its request direction, when the exchange was a stream
+    streamed = any(r["kind"] == "stream-close" for _, r in found)
+    for kind in ("request", "stream-close", "response") if streamed else ("request", "response"):
         by_role = {
             r["role"]: r for _, r in found if r["kind"] == kind and r.get("header") is not None
         }

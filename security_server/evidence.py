@@ -54,6 +54,11 @@ async def export_bundle(url: str, message_id: str) -> dict[str, bytes]:
         await engine.dispose()
 
 
+# the records of an exchange that hold a signed message: its request and response, and a
+# stream's close of its request direction
+EVIDENCE_KINDS = ("request", "response", "stream-close")
+
+
 async def export_records(
     conn: AsyncConnection, message_id: str, *, member: str | None = None
 ) -> dict[str, bytes]:
@@ -62,7 +67,7 @@ async def export_records(
     id names one exchange; when the log holds requests of several under it (a client
     chooses its message ids), no bundle is made: `AuditError`."""
     query = sa.select(message_log).where(
-        message_log.c.message_id == message_id, message_log.c.kind.in_(("request", "response"))
+        message_log.c.message_id == message_id, message_log.c.kind.in_(EVIDENCE_KINDS)
     )
     if member is not None:
         query = query.where(

@@ -134,7 +134,7 @@ def evidence_of(
     if staple:
         staple_sha = hashlib.sha256(staple).hexdigest()
         kept[staple_sha] = ("ocsp", staple)
-    if store_bodies:
+    if store_bodies and body_sha256:  # a stream's close has no body of its own
         kept[body_sha256] = ("body", body)
     return staple_sha, kept
 

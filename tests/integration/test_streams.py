@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import subprocess
 import time
 import uuid
+import zipfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -36,7 +38,7 @@ from gateway_demo.revocation import AdminApi, active_agreement
 from gateway_demo.runner import Runner
 from tests.integration.attacker import fetch_ocsp
 
-from .conftest import CLINICS, DNIC, MSP, POPULATION, audit_verify, log_rows
+from .conftest import CLINICS, DNIC, MSP, POPULATION, audit_verify, log_rows, run_gateway
 from .stream_peer import StreamingConsumer, StreamingProvider, data, signed_close, stream_open
 
 EXPORT = "/demo.population.v1.PopulationRegistry/ExportPeople"
@@ -54,7 +56,7 @@ LIMITS = {
     "max_message_bytes": 65536,
     "max_stream_messages": 2000,
     "max_streams_per_client": 3,
-    "max_stream_seconds": 4,
+    "max_stream_seconds": 6,
 }
 
 
@@ -215,6 +217,43 @@ async def test_readme_openssl_procedure_verifies_a_stream(
     close = decode_close(response["header"])
     assert close.count == 12
     assert done.stdout.splitlines() == [close.digest, "Verified OK"]
+
+
+async def test_a_streams_evidence_bundles_verify_and_its_trace_is_consistent(
+    runner: Runner, msp: Any, tmp_path: Path
+) -> None:
+    """Each side's bundle holds the open and both closes and verifies offline; the trace
+    over both auditor APIs compares the three signed messages of both sides."""
+    message_id = new_id()
+    assert len([m async for m in download(msp, 5, 100, message_id)]) == 5
+    deadline = time.monotonic() + 20
+    for server in (MSP, DNIC):
+        out = tmp_path / f"{server.replace('/', '_')}.zip"
+        while True:
+            exported = await asyncio.to_thread(
+                run_gateway,
+                "audit", "export", "--db", runner.log_db(server),
+                "--message-id", message_id, "--out", out,
+            )  # fmt: skip
+            if exported.returncode == 0:
+                break
+            assert "not time-stamped yet" in exported.stderr, exported.stderr
+            assert time.monotonic() < deadline, exported.stderr
+            await asyncio.sleep(0.2)
+        with zipfile.ZipFile(out) as bundle:
+            manifest = json.loads(bundle.read("manifest.json"))
+        assert manifest["records"] == ["1-request", "2-stream-close", "3-response"]
+        verified = await asyncio.to_thread(run_gateway, "audit", "verify-bundle", out)
+        assert verified.returncode == 0, verified.stdout + verified.stderr
+    token = runner.token("auditor", subject="auditor")
+    traced = await asyncio.to_thread(
+        run_gateway,
+        "audit", "trace", message_id,
+        "--url", runner.auditor_url(MSP), "--url", runner.auditor_url(DNIC), "--token", token,
+    )  # fmt: skip
+    assert traced.returncode == 0, traced.stdout + traced.stderr
+    assert "stream-close: consumer and provider logged the same signed header" in traced.stdout
+    assert "consistent on both sides" in traced.stdout
 
 
 # ---- a misbehaving consumer server, against the real provider ----------------------------
@@ -467,6 +506,11 @@ async def test_revocation_ends_an_open_stream_within_two_seconds(runner: Runner,
             except (grpc.aio.AioRpcError, AttributeError):
                 assert time.monotonic() < deadline, "the agreement never reached the servers"
                 await asyncio.sleep(0.3)
+        await chat.done_writing()
+        # a stream opened just before the revocation (well within the duration limit)
+        chat = call(metadata=metadata(purpose=purpose), timeout=30)
+        await chat.write(population.EchoMessage(payload=b"hello again"))
+        assert (await chat.read()).payload == b"hello again"
         admin = runner.token("registry-admin", subject="registry-admin")
         await api.post(f"/v1/agreements/{agreement}/revoke", admin, {"reason": "test"})
         revoked = time.monotonic()
