@@ -39,6 +39,7 @@ MSP, DNIC = "UY/GOV/MSP/ss1", "UY/GOV/DNIC/ss1"
 CLINICS, IDENTITY = "UY/GOV/MSP/clinics", "UY/GOV/DNIC/identity"
 POPULATION, VACCINATION = "UY/GOV/DNIC/identity/population/v1", "UY/GOV/MSP/clinics/vaccination/v1"
 GET_PERSON = "/demo.population.v1.PopulationRegistry/GetPerson"
+EXPORT_PEOPLE = "/demo.population.v1.PopulationRegistry/ExportPeople"
 GET_RECORD = "/demo.vaccination.v1.VaccinationRegister/GetRecord"
 
 EXAMPLES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -60,7 +61,7 @@ def _show(outcome: Outcome) -> None:
         print(f"   message id {outcome.message_id}")
 
 
-async def _calls(runner: Runner) -> tuple[Outcome, Outcome, Outcome]:
+async def _calls(runner: Runner) -> tuple[Outcome, Outcome, Outcome, bool]:
     async with (
         runner.consumer_channel(MSP, CLINICS) as msp,
         runner.consumer_channel(DNIC, IDENTITY) as dnic,
@@ -92,6 +93,12 @@ async def _calls(runner: Runner) -> tuple[Outcome, Outcome, Outcome]:
                 f"{allowed.trailing.get('gateway-provider-us')} us, backend {allowed.trailing.get('gateway-backend-us')} us"
             )
 
+        _title(
+            "1b. The clinic streams the population registry's export (server streaming: every "
+            "message hash-chained, each direction's end signed and logged by both servers)"
+        )
+        streamed = await _export(msp)
+
         _title("2. The population registry reads the vaccination register (no agreement)")
         print(f"   {IDENTITY} -> {VACCINATION}  purpose=identity-check")
         no_agreement = await call_raw(
@@ -111,7 +118,32 @@ async def _calls(runner: Runner) -> tuple[Outcome, Outcome, Outcome]:
             routing_metadata(client=CLINICS, service=POPULATION, purpose="marketing"),
         )
         _show(wrong_purpose)
-    return allowed, no_agreement, wrong_purpose
+    return allowed, no_agreement, wrong_purpose, streamed
+
+
+async def _export(channel: Any) -> bool:
+    """The people born since 1950, streamed with the population registry's own stub kind."""
+    call = channel.unary_stream(
+        EXPORT_PEOPLE,
+        request_serializer=population.ExportRequest.SerializeToString,
+        response_deserializer=population.Person.FromString,
+    )(
+        population.ExportRequest(born_since="1950-01-01"),
+        metadata=routing_metadata(
+            client=CLINICS, service=POPULATION, purpose="healthcare-identification"
+        ),
+        timeout=30,
+    )
+    try:
+        people = [person async for person in call]
+    except Exception as exc:  # shown, and the demo fails
+        print(f"   stream failed: {exc}")
+        return False
+    for person in people:
+        print(f"   {person.national_id:<12} {person.given_name} {person.family_name}")
+    trailing = dict(await call.trailing_metadata() or ())
+    print(f"   {len(people)} people, stream closed OK, message id {trailing.get('gateway-id')}")
+    return len(people) == 3
 
 
 async def _subscription(runner: Runner) -> bool:
@@ -479,7 +511,7 @@ def run_demo(*, workdir: Path, keep_running: bool) -> int:
         runner.start_all()
         for name, proc in runner.processes.items():
             print(f"   {name:<20} pid {proc.ready.get('pid')}  {_addresses(proc.ready)}")
-        allowed, no_agreement, wrong_purpose = asyncio.run(_calls(runner))
+        allowed, no_agreement, wrong_purpose, streamed = asyncio.run(_calls(runner))
         _title(
             "4. The population registry subscribes to the vaccination register, live: "
             "refused, requested, approved by both sides, allowed, revoked, refused"
@@ -528,6 +560,7 @@ def run_demo(*, workdir: Path, keep_running: bool) -> int:
         expected = (
             console
             and allowed.ok
+            and streamed
             and no_agreement.error == "no_agreement"
             and wrong_purpose.error == "purpose_not_covered"
             and subscribed

@@ -54,6 +54,7 @@ def check_every_step(out: str) -> None:
     """The demo made the allowed call, both refusals, the live subscription, printed both logs
     and verified them, then federated with a second instance for a cross-border call."""
     assert "answer: Ana Pereira" in out
+    assert "3 people, stream closed OK, message id " in out
     assert "[no_agreement]" in out
     assert "[purpose_not_covered]" in out
     # the live subscription: refused, requested, approved twice, allowed, revoked, refused
