@@ -60,6 +60,7 @@ bench: debian-packages $(STAMP)
 	$(BIN)/gateway bench --audit --records 1000000 --repeats 3 --queries 300
 	$(BIN)/gateway bench --federation --repeats 5 --workdir var/bench-federation
 	$(BIN)/gateway bench --scale 0.1 --repeats 3 --workdir var/bench-scale
+	$(BIN)/gateway bench --streams --repeats 3 --seconds 5 --workdir var/bench-streams
 
 # Regenerate the committed protobuf modules from proto/ (tests check they match).
 proto: $(STAMP)

@@ -711,6 +711,12 @@ def _demo(ns: argparse.Namespace) -> int:
 def _bench(ns: argparse.Namespace) -> int:
     from gateway_demo.bench import run_bench
 
+    if ns.streams:
+        from gateway_demo.bench_streams import run_streams_bench
+
+        return run_streams_bench(
+            workdir=ns.workdir, mib=ns.stream_mib, seconds=ns.seconds, repeats=ns.repeats
+        )
     if ns.federation:
         from gateway_demo.bench_federation import run_federation_bench
 
@@ -1151,6 +1157,19 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--calls", type=int, default=300, help="--federation: sequential calls per target"
+    )
+    p.add_argument(
+        "--streams",
+        action="store_true",
+        help="measure streaming calls instead: a large server-streamed transfer (MB/s, and "
+        "each security server's peak memory growth) and 1 KiB messages on a bidirectional "
+        "stream (messages/s), through the gateway and direct",
+    )
+    p.add_argument(
+        "--stream-mib",
+        type=int,
+        default=1024,
+        help="--streams: MiB of the transfer, in 1 MiB messages (default 1024: 1 GiB)",
     )
     p.add_argument(
         "--scale",
