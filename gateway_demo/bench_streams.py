@@ -89,7 +89,7 @@ async def chat_rate(target: str, seconds: float, via_gateway: bool) -> float:
     """Messages per second echoed on one bidirectional stream of 1 KiB messages."""
     payload = population.EchoMessage(payload=b"\x5a" * 1024)
     async with grpc.aio.insecure_channel(target) as channel:
-        call = channel.stream_stream(
+        call: Any = channel.stream_stream(
             CHAT,
             request_serializer=population.EchoMessage.SerializeToString,
             response_deserializer=population.EchoMessage.FromString,
