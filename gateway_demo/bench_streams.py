@@ -93,7 +93,7 @@ async def chat_rate(target: str, seconds: float, via_gateway: bool) -> float:
             CHAT,
             request_serializer=population.EchoMessage.SerializeToString,
             response_deserializer=population.EchoMessage.FromString,
-        )(metadata=_metadata() if via_gateway else None, timeout=seconds + 60)
+        )(None, metadata=_metadata() if via_gateway else None, timeout=seconds + 60)
         window = asyncio.Semaphore(WINDOW)
         stop = time.perf_counter() + seconds
         sent = 0
