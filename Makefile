@@ -9,7 +9,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint types unit bench proto clean debian-packages
+.PHONY: demo test lint types unit bench proto clean debian-packages js-client
 
 # Create the virtual environment when it is missing or pyproject.toml changed. uv (from
 # PyPI) installs the same versions as pip in about a quarter of the time (14 s against
@@ -45,9 +45,22 @@ unit: $(STAMP)
 # cores pay. `PYTEST_WORKERS=0 make test` runs everything in one process.
 PYTEST_WORKERS ?= 4
 
-test: debian-packages lint types $(STAMP)
+test: debian-packages js-client lint types $(STAMP)
 	$(BIN)/pytest -m serial -p no:xdist || [ $$? -eq 5 ]  # 5: no test is marked serial
 	$(BIN)/pytest -m "not serial" -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25
+
+# The grpc-js client of the interoperability tests (tests/interop/js), from the npm
+# registry at the versions of its package-lock.json; without npm it says so, and the test
+# needing it skips.
+JS := tests/interop/js
+JS_STAMP := $(JS)/node_modules/.installed
+
+js-client: $(JS_STAMP)
+
+$(JS_STAMP): $(JS)/package-lock.json
+	@if command -v npm >/dev/null; then \
+		npm ci --prefix $(JS) --no-audit --no-fund --loglevel=error && touch $(JS_STAMP); \
+	else echo "npm is missing: the grpc-js interoperability test will skip"; fi
 
 # The Debian packages the tests use (openssl, prometheus), installed when missing and when
 # run as root with apt-get; otherwise it says why, and the tests needing them skip.

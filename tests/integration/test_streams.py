@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import shutil
 import subprocess
 import time
 import uuid
@@ -254,6 +255,34 @@ async def test_a_streams_evidence_bundles_verify_and_its_trace_is_consistent(
     assert traced.returncode == 0, traced.stdout + traced.stderr
     assert "stream-close: consumer and provider logged the same signed header" in traced.stdout
     assert "consistent on both sides" in traced.stdout
+
+
+JS_CLIENT = Path(__file__).resolve().parents[1] / "interop" / "js"
+
+
+@pytest.mark.skipif(
+    shutil.which("node") is None or not (JS_CLIENT / "node_modules" / "@grpc").is_dir(),
+    reason="Node.js or the grpc-js client's packages are missing (make js-client installs them)",
+)
+async def test_a_grpc_js_client_calls_every_kind_of_method(runner: Runner) -> None:
+    """An agency's Node.js backend, with grpc-js and the provider's .proto, calls each kind
+    of method through the gateway as it would call the provider directly."""
+    proto = Path(__file__).resolve().parents[2] / "gateway_demo" / "protos" / "population.proto"
+    done = await asyncio.to_thread(
+        subprocess.run,
+        ["node", str(JS_CLIENT / "client.js"), runner.consumers[MSP], str(proto)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["unary"] == "Ana"
+    assert result["server_streaming"] == ["Ana", "Jorge", "Lucía"]
+    summary = result["client_streaming"]
+    assert (summary["count"], summary["sha256"]) == (40, result["expected_upload_sha256"])
+    assert result["bidirectional"] == [f"message {i}" for i in range(10)]
+    assert result["refused"] == {"code": 7, "error": "purpose_not_covered"}
 
 
 # ---- a misbehaving consumer server, against the real provider ----------------------------
