@@ -258,6 +258,7 @@ async def test_a_streams_evidence_bundles_verify_and_its_trace_is_consistent(
 
 
 JS_CLIENT = Path(__file__).resolve().parents[1] / "interop" / "js"
+PROTO = Path(__file__).resolve().parents[2] / "gateway_demo" / "protos" / "population.proto"
 
 
 @pytest.mark.skipif(
@@ -267,10 +268,9 @@ JS_CLIENT = Path(__file__).resolve().parents[1] / "interop" / "js"
 async def test_a_grpc_js_client_calls_every_kind_of_method(runner: Runner) -> None:
     """An agency's Node.js backend, with grpc-js and the provider's .proto, calls each kind
     of method through the gateway as it would call the provider directly."""
-    proto = Path(__file__).resolve().parents[2] / "gateway_demo" / "protos" / "population.proto"
     done = await asyncio.to_thread(
         subprocess.run,
-        ["node", str(JS_CLIENT / "client.js"), runner.consumers[MSP], str(proto)],
+        ["node", str(JS_CLIENT / "client.js"), runner.consumers[MSP], str(PROTO)],
         capture_output=True,
         text=True,
         timeout=60,
