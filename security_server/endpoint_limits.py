@@ -33,6 +33,15 @@ def backstop(limits: LimitsSection) -> int:
     return max(2 * limits.max_concurrent_calls, limits.max_concurrent_calls + 1000)
 
 
+def window_options(limits: LimitsSection) -> list[tuple[str, int]]:
+    """The HTTP/2 flow-control window of every stream (`limits.stream_window_bytes`): fixed,
+    since gRPC's bandwidth-delay probing would otherwise grow it as it sees fit."""
+    return [
+        ("grpc.http2.lookahead_bytes", limits.stream_window_bytes),
+        ("grpc.http2.bdp_probe", 0),
+    ]
+
+
 def consumer_options(
     limits: LimitsSection, *, max_receive: int, max_send: int
 ) -> list[tuple[str, int]]:
@@ -47,4 +56,5 @@ def consumer_options(
         ("grpc.server.max_pending_requests_hard_limit", 2 * pending),
         ("grpc.max_metadata_size", METADATA_BYTES),
         ("grpc.absolute_max_metadata_size", METADATA_BYTES),
+        *window_options(limits),
     ]

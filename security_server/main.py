@@ -38,7 +38,7 @@ from security_server.certificate_status import OwnStatus, StatusChecker, der_sha
 from security_server.checkpoints import CheckpointSender
 from security_server.config_client import ConfigurationClient
 from security_server.consumer import ConsumerService
-from security_server.endpoint_limits import consumer_options
+from security_server.endpoint_limits import consumer_options, window_options
 from security_server.federation import Federations
 from security_server.floods import AggregateFlusher, CountedEndpoint, RefusalCounter, TokenBuckets
 from security_server.health import ReadinessHealth
@@ -288,8 +288,9 @@ async def serve(
         tls_key=tls_key,
         max_bytes=max_frame,
         staple=own_status.staple,
+        options=window_options(settings.limits),
     )
-    backends = BackendClient(dict(settings.backends), max_frame)
+    backends = BackendClient(dict(settings.backends), max_frame, window_options(settings.limits))
     servers: list[grpc.aio.Server] = []
     provider_service: ProviderService | None = None
     closers: list[Callable[[], Awaitable[None]]] = []
@@ -365,6 +366,7 @@ async def serve(
             options=[
                 ("grpc.max_receive_message_length", max_frame),
                 ("grpc.max_send_message_length", max_frame),
+                *window_options(settings.limits),
             ]
         )
         health.register(provider)

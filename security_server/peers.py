@@ -16,7 +16,7 @@ import asyncio
 import hashlib
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
@@ -117,6 +117,7 @@ class PeerLink:
         credentials: grpc.ChannelCredentials,
         max_bytes: int,
         staple: Callable[[], bytes] = bytes,
+        options: Sequence[tuple[str, int]] = (),
     ) -> None:
         self.server = server
         # our authentication certificate's current OCSP answer, and the provider's latest
@@ -136,6 +137,7 @@ class PeerLink:
                 # own backoff grows to 2 minutes), so that failover finds it
                 ("grpc.initial_reconnect_backoff_ms", 500),
                 ("grpc.max_reconnect_backoff_ms", 2_000),
+                *options,
             ],
         )
         self._open: Any = self.channel.stream_stream(
@@ -291,10 +293,13 @@ class PeerPool:
         tls_key: bytes,
         max_bytes: int,
         staple: Callable[[str], bytes] = lambda sha: b"",
+        options: Sequence[tuple[str, int]] = (),
     ) -> None:
         # the current OCSP answer about one of our certificates, by the SHA-256 of its DER
         self.staple = staple
         self.max_bytes = max_bytes
+        # gRPC options of every link (the HTTP/2 window: endpoint_limits.window_options)
+        self.options = tuple(options)
         self._links: dict[SecurityServerId, tuple[tuple[str, bytes, bytes], PeerLink]] = {}
         self._retired: list[PeerLink] = []
         self.use(tls_certificate, tls_key)
@@ -322,7 +327,7 @@ class PeerPool:
         )
         # a stream staples the answer about the certificate it was opened with
         sha = self._sha
-        link = PeerLink(server, credentials, self.max_bytes, lambda: self.staple(sha))
+        link = PeerLink(server, credentials, self.max_bytes, lambda: self.staple(sha), self.options)
         self._links[server.id] = (key, link)
         return link
 

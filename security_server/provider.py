@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import grpc
@@ -116,9 +116,15 @@ class PeerSlots:
 class BackendClient:
     """Plain gRPC calls to the provider's backends, forwarding opaque bytes."""
 
-    def __init__(self, addresses: dict[str, str], max_bytes: int) -> None:
+    def __init__(
+        self,
+        addresses: dict[str, str],
+        max_bytes: int,
+        options: Sequence[tuple[str, int]] = (),
+    ) -> None:
         self.addresses = addresses
         self.max_bytes = max_bytes
+        self.options = tuple(options)
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._methods: dict[tuple[str, str], Any] = {}
 
@@ -130,6 +136,7 @@ class BackendClient:
                 options=[
                     ("grpc.max_send_message_length", self.max_bytes),
                     ("grpc.max_receive_message_length", self.max_bytes),
+                    *self.options,
                 ],
             )
             self._channels[address] = channel

@@ -511,6 +511,37 @@ async def test_a_cancelled_caller_cancels_the_stream_on_both_servers(
         await asyncio.sleep(0.1)
 
 
+async def test_a_reader_that_stops_reading_stops_the_writer_through_both_servers(
+    msp: Any,
+) -> None:
+    """A caller that writes to Chat and reads nothing is stopped after a bounded number of
+    messages: the echoes back up through the backend and both servers to its own writes.
+    Then it reads, and every message comes back in order."""
+    call = chat(msp)
+    payload = population.EchoMessage(payload=b"\x5a" * 60_000)
+    written = [0]
+
+    async def write() -> None:
+        for _ in range(1900):  # 114 MB: without flow control end to end, all would be taken
+            await call.write(payload)
+            written[0] += 1
+        await call.done_writing()
+
+    writer = asyncio.create_task(write())
+    await asyncio.sleep(2.0)
+    stalled = written[0]
+    await asyncio.sleep(0.5)
+    assert written[0] == stalled < 1900, "the writer was never slowed down"
+    assert stalled * 60_000 < 80 * 1024 * 1024, stalled
+    echoed = 0
+    while (message := await call.read()) is not EOF:
+        assert message.payload == payload.payload
+        echoed += 1
+    await writer
+    assert echoed == 1900
+    assert await call.code() == grpc.StatusCode.OK
+
+
 # ---- an agreement revoked while a stream is open -----------------------------------------
 
 
