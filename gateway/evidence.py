@@ -45,6 +45,7 @@ from gateway.envelope import (
 )
 from gateway.errors import AuditError, GatewayError
 from gateway.signing import TrustStore, verify_signature
+from gateway.streams import chain_of
 from gateway.timeutil import parse_time
 
 FORMAT = "gateway-evidence/1"
@@ -243,10 +244,15 @@ class _RecordChecker:
         except GatewayError as err:
             raise BundleError(piece("signature.der"), err.message) from None
 
-        # the body, when stored
+        # the body, when stored; a stream's messages, when kept, against its close
         body = self.files.get(piece("body.bin"))
         if body is not None and sha256_hex(body) != decoded.body_sha256:
             raise BundleError(piece("body.bin"), "does not match the digest in the signed header")
+        messages = self._messages(folder)
+        if messages and not isinstance(decoded, StreamClose):
+            raise BundleError(piece("messages"), "only a stream's close may hold messages")
+        if messages and isinstance(decoded, StreamClose):
+            self._check_messages(folder, decoded, messages)
 
         # the signing certificate's OCSP status when the message was made
         answer = self.need(piece("ocsp.der"))
@@ -297,5 +303,26 @@ class _RecordChecker:
             ocsp_status=status.status.value,
             ocsp_this_update=status.this_update,
             stamped_at=stamp.gen_time,
-            body=body is not None,
+            body=body is not None or bool(messages),
         )
+
+    def _messages(self, folder: str) -> list[bytes]:
+        """A close's kept messages, msg-1.bin onwards (a gap in the numbering is refused)."""
+        prefix = f"{folder}/messages/"
+        names = [n for n in self.files if n.startswith(prefix)]
+        expected = [f"{prefix}msg-{i}.bin" for i in range(1, len(names) + 1)]
+        if sorted(names) != sorted(expected):
+            raise BundleError(prefix, "must hold msg-1.bin to msg-N.bin and nothing else")
+        return [self.files[n] for n in expected]
+
+    def _check_messages(self, folder: str, close: StreamClose, messages: list[bytes]) -> None:
+        request = self.headers.get("request")
+        if request is None:
+            raise BundleError(f"{folder}/messages", "cannot be checked without the request")
+        chain = chain_of(close.direction, request[1], messages)
+        if (chain.count, chain.digest) != (close.count, close.digest):
+            raise BundleError(
+                f"{folder}/messages",
+                f"lead to {chain.count} messages ending in {chain.digest[:16]}…, not to the "
+                f"{close.count} ending in {close.digest[:16]}… that the close signs",
+            )

@@ -46,6 +46,34 @@ KEPT_LINKS = 65536
 EMPTY_SHA256 = sha256_hex(b"")
 
 
+def frame_messages(messages: list[bytes]) -> bytes:
+    """Messages as the log keeps a direction's: each as its 4-byte big-endian length and its
+    bytes."""
+    return b"".join(len(m).to_bytes(4, "big") + m for m in messages)
+
+
+def unframe_messages(data: bytes) -> list[bytes]:
+    """The messages of `frame_messages`; `ValueError` when `data` is not such a framing."""
+    messages, at = [], 0
+    while at < len(data):
+        if at + 4 > len(data):
+            raise ValueError("a message's length is cut short")
+        size = int.from_bytes(data[at : at + 4], "big")
+        if at + 4 + size > len(data):
+            raise ValueError("a message is cut short")
+        messages.append(data[at + 4 : at + 4 + size])
+        at += 4 + size
+    return messages
+
+
+def chain_of(direction: str, request_header: bytes, messages: list[bytes]) -> Chain:
+    """The chain of `messages` sent in `direction` (to check a close against them)."""
+    chain = Chain(direction, request_header)
+    for message in messages:
+        chain.extend(message)
+    return chain
+
+
 def seed(direction: str, request_header: bytes) -> bytes:
     """The first link of a direction's chain, bound to the signed request header."""
     return hashlib.sha256(direction.encode() + b"\n" + request_header).digest()
@@ -54,21 +82,31 @@ def seed(direction: str, request_header: bytes) -> bytes:
 class Chain:
     """One direction's hash chain, as its sender extends it or its receiver checks it."""
 
-    __slots__ = ("_kept", "count", "direction", "link", "size")
+    __slots__ = ("_bodies", "_cap", "_kept", "count", "direction", "link", "size")
 
-    def __init__(self, direction: str, request_header: bytes, *, keep: int = 0) -> None:
+    def __init__(
+        self, direction: str, request_header: bytes, *, keep: int = 0, bodies: int = 0
+    ) -> None:
         self.direction = direction
         self.link = seed(direction, request_header)
         self.count = 0
         self.size = 0
         # (count, link) of the last `keep` messages (a sender's, see KEPT_LINKS)
         self._kept: deque[tuple[int, bytes]] | None = deque(maxlen=keep) if keep else None
+        # the messages themselves, framed (`frame_messages`), while they fit in `bodies`
+        # bytes (log.stream_body_bytes); None once they do not, or when none are kept
+        self._cap = bodies
+        self._bodies: bytearray | None = bytearray() if bodies else None
 
     def extend(self, body: bytes) -> tuple[int, bytes]:
         """Add the next message; its number and link."""
-        self.link = hashlib.sha256(self.link + body).digest()
+        digest = hashlib.sha256(self.link)
+        digest.update(body)
+        self.link = digest.digest()
         self.count += 1
         self.size += len(body)
+        if self._bodies is not None:
+            self._keep(body)
         if self._kept is not None:
             self._kept.append((self.count, self.link))
         return self.count, self.link
@@ -83,7 +121,9 @@ class Chain:
                 f"({what})",
                 code=Code.STREAM_OUT_OF_ORDER,
             )
-        expected = hashlib.sha256(self.link + body).digest()
+        digest = hashlib.sha256(self.link)
+        digest.update(body)
+        expected = digest.digest()
         if link != expected:
             raise TrustError(
                 f"{self.direction} stream message {seq} does not extend the hash chain: it was "
@@ -93,6 +133,21 @@ class Chain:
         self.link = expected
         self.count = seq
         self.size += len(body)
+        if self._bodies is not None:
+            self._keep(body)
+
+    def _keep(self, body: bytes) -> None:
+        assert self._bodies is not None
+        if len(self._bodies) + 4 + len(body) > self._cap:
+            self._bodies = None  # over the cap: none of this direction's messages are kept
+        else:
+            self._bodies += len(body).to_bytes(4, "big")
+            self._bodies += body
+
+    @property
+    def bodies(self) -> bytes | None:
+        """The direction's messages, framed, when they were kept and fit the cap."""
+        return None if self._bodies is None else bytes(self._bodies)
 
     def link_at(self, count: int) -> bytes | None:
         """The link after message `count` (0: the seed is not kept; None when not kept)."""
@@ -256,6 +311,7 @@ def close_record(
     signer_certificate_sha256: str,
     signer_ocsp_sha256: str | None,
     now: datetime,
+    bodies_sha256: str | None = None,
 ) -> LogRecord:
     """The record of a direction's close: `stream-close` for the request direction,
     `response` for the response direction (the stream's answer, with the backend's status)."""
@@ -274,6 +330,8 @@ def close_record(
         signature=signature,
         signer_certificate_sha256=signer_certificate_sha256,
         signer_ocsp_sha256=signer_ocsp_sha256,
+        # the direction's messages, framed, when the log keeps them (log.store_bodies)
+        body_sha256=bodies_sha256,
         status=("ok" if close.grpc_status == 0 else "backend_error") if response else "ok",
         error_message=close.grpc_message or None,
     )

@@ -22,8 +22,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
 from gateway import merkle
 from gateway.audit import ChainedRecord, record_preimage
-from gateway.errors import AuditError
+from gateway.envelope import StreamClose, decode_answer
+from gateway.errors import AuditError, GatewayError
 from gateway.evidence import FORMAT, encode_fields
+from gateway.streams import unframe_messages
 from gateway.timeutil import format_time
 from security_server.message_log import log_evidence, message_log, row_to_record, timestamp_batches
 from security_server.private_files import open_private
@@ -38,6 +40,13 @@ async def _evidence(conn: AsyncConnection, sha: str | None) -> tuple[str, bytes]
         )
     ).first()
     return None if row is None else (str(row.kind), bytes(row.data))
+
+
+def _is_close(header: bytes) -> bool:
+    try:
+        return isinstance(decode_answer(header), StreamClose)
+    except GatewayError:
+        return False
 
 
 def _pem(der: bytes) -> bytes:
@@ -161,7 +170,11 @@ async def _export_record(
         raise AuditError(f"record {record.seq}: its OCSP answer is not in the log")
     files[f"{folder}/ocsp.der"] = answer[1]
     body = await _evidence(conn, _text(f["body_sha256"]))
-    if body is not None:
+    if body is not None and _is_close(header):
+        # a stream's kept messages: one file each, as the README's OpenSSL procedure reads them
+        for number, message in enumerate(unframe_messages(body[1]), start=1):
+            files[f"{folder}/messages/msg-{number}.bin"] = message
+    elif body is not None:
         files[f"{folder}/body.bin"] = body[1]
     issuer = x509.load_der_x509_certificate(certificate[1]).issuer
     for row in await conn.execute(
@@ -267,7 +280,20 @@ def verify_text(message_id: str, folders: list[str], files: Mapping[str, bytes])
             f"-signature {folder}/signature.der {folder}/header.json",
             "",
         ]
-        if f"{folder}/body.bin" in files:
+        messages = sum(1 for name in files if name.startswith(f"{folder}/messages/"))
+        if messages:
+            lines += [
+                f"3. The {messages} messages of this direction of the stream lead to the close's",
+                '   `"digest"` (use "request" instead of "response" for a `stream-close`):',
+                "",
+                "       { printf 'response\\n'; cat 1-request/header.json; } | "
+                "openssl dgst -sha256 -binary > link.bin",
+                f"       for i in $(seq 1 {messages}); do cat link.bin {folder}/messages/msg-$i.bin"
+                " | openssl dgst -sha256 -binary > next.bin && mv next.bin link.bin; done",
+                "       od -An -v -tx1 link.bin | tr -d ' \\n'",
+                "",
+            ]
+        elif f"{folder}/body.bin" in files:
             lines += [
                 "3. The body matches the `body_sha256` of the signed header:",
                 "",

@@ -255,6 +255,7 @@ async def serve(
         status=StatusChecker(settings.ocsp.freshness_seconds),
         timestamper=timestamper,
         store_bodies=settings.log.store_bodies,
+        stream_body_bytes=settings.log.stream_body_bytes if settings.log.store_bodies else 0,
         signers=signers,
         config=config,
         log=message_log,

@@ -57,6 +57,9 @@ class Node:
     timestamper: Timestamper | None = None
     # keep bodies in the log's evidence (log.store_bodies)
     store_bodies: bool = False
+    # with them, up to this many bytes of each direction of a stream (log.stream_body_bytes;
+    # 0: none)
+    stream_body_bytes: int = 0
     # message ids claimed in the log database shared by replicas (PostgreSQL; None: SQLite)
     replay_ledger: ReplayLedger | None = None
 

@@ -64,6 +64,10 @@ class LogSection:
     # keep request and response bodies beside their records (for evidence bundles); they
     # hold personal data, so this is off unless the agency's rules require it
     store_bodies: bool = False
+    # with store_bodies, the messages of each direction of a stream are kept too, while they
+    # add up to at most this many bytes (framed: 4 bytes of length before each); a direction
+    # over it keeps none, only its digests
+    stream_body_bytes: int = 1024 * 1024
     # this writer's hash chain; replicas sharing one database each need their own name
     # (letters, digits, '.', '_', '-'), such as the pod name
     chain: str = "main"

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -35,6 +36,7 @@ from gateway.errors import Code, GatewayError, TrustError, UnavailableError, bou
 from gateway.exchange import (
     Accepted,
     Call,
+    Evidence,
     Outgoing,
     Peer,
     Refusal,
@@ -250,8 +252,9 @@ class ConsumerStreams:
         # the caller's deadline; past limits.max_stream_seconds the watcher ends it first
         wait = min(remaining if remaining is not None else 1e9, limits.max_stream_seconds + 5)
         header_bytes = out.envelope.header
-        sent = Chain(REQUEST, header_bytes, keep=KEPT_LINKS)
-        received = Chain(RESPONSE, header_bytes)
+        kept = node.stream_body_bytes
+        sent = Chain(REQUEST, header_bytes, keep=KEPT_LINKS, bodies=kept)
+        received = Chain(RESPONSE, header_bytes, bodies=kept)
         signer = node.signer_for(out.header.client.member)
         rpc: Any = None
         peer_staple = [link.peer_staple]
@@ -302,8 +305,15 @@ class ConsumerStreams:
                     "",
                     out.remote,
                 )
+                bodies_sha, evidence = _with_bodies(sent, evidence)
                 record = close_record(
-                    out.record.role, out.facts, signed, signer.certificate_sha256, staple_sha, now
+                    out.record.role,
+                    out.facts,
+                    signed,
+                    signer.certificate_sha256,
+                    staple_sha,
+                    now,
+                    bodies_sha,
                 )
                 await node.log.append(record.fields(), evidence)
                 await rpc.write(pb.StreamMessage(close=_close_envelope(signed, signer, staple)))
@@ -374,6 +384,17 @@ class ConsumerStreams:
             labels.code = gone.code.value
             await node.log_failure(consumer_refusal(gone, out, node.clock()).record.fields())
             raise
+        except Exception:
+            # a write to a caller that went away (grpc raises its own errors for it), or a
+            # bug; either way the stream is recorded as not closed
+            gone = (
+                incomplete(RESPONSE, "the caller went away")
+                if context.done()
+                else GatewayError("internal error in the consumer's server", code=Code.INTERNAL)
+            )
+            labels.code = gone.code.value
+            log.exception("stream_failed", code=gone.code.value, message_id=out.header.message_id)
+            await node.log_failure(consumer_refusal(gone, out, node.clock()).record.fields())
         finally:
             if rpc is not None:
                 rpc.cancel()
@@ -419,6 +440,7 @@ class ConsumerStreams:
         staple_sha, evidence = node.evidence(
             certificate, close.signer_certificate, signer_sha, close.signer_ocsp, b"", "", config
         )
+        bodies_sha, evidence = _with_bodies(received, evidence)
         record = close_record(
             out.record.role,
             out.facts,
@@ -426,6 +448,7 @@ class ConsumerStreams:
             signer_sha,
             staple_sha,
             now,
+            bodies_sha,
         )
         await node.log.append(record.fields(), evidence)
         return ended
@@ -441,6 +464,16 @@ class ConsumerStreams:
             self.service.choice.unreachable(out.provider)
         log.info("stream_ended", code=err.code.value, message_id=out.header.message_id)
         await self.service._refuse(context, consumer_refusal(err, out, self.node.clock()), labels)
+
+
+def _with_bodies(chain: Chain, evidence: Evidence) -> tuple[str | None, Evidence]:
+    """The SHA-256 of a direction's kept messages (framed), and the evidence with them; (None,
+    the evidence) when the log keeps no messages, or they were over log.stream_body_bytes."""
+    bodies = chain.bodies
+    if bodies is None:
+        return None, evidence
+    digest = hashlib.sha256(bodies).hexdigest()
+    return digest, {**evidence, digest: ("body", bodies)}
 
 
 def _close_envelope(signed: SignedClose, signer: Any, staple: bytes) -> pb.SignedEnvelope:
@@ -545,8 +578,8 @@ class ProviderStreams:
             await self._refusal(context.write, err, header.message_id)
             return
         header_bytes = accepted.envelope.header
-        received = Chain(REQUEST, header_bytes)
-        sent = Chain(RESPONSE, header_bytes)
+        received = Chain(REQUEST, header_bytes, bodies=node.stream_body_bytes)
+        sent = Chain(RESPONSE, header_bytes, bodies=node.stream_body_bytes)
         timeout = first.open.timeout_ms / 1000 if first.open.timeout_ms else 1e9
         wait = min(timeout, limits.max_stream_seconds + 5)
         backends = self.service.backends
@@ -640,6 +673,18 @@ class ProviderStreams:
             await node.log_failure(refuse_accepted(accepted, gone, node.clock()).record.fields())
             if isinstance(exc, asyncio.CancelledError):
                 raise
+        except Exception:
+            # a write to a call that has ended (grpc raises its own errors for it: the
+            # consumer went away), or a bug; either way the stream is recorded as not closed
+            backend.cancel()
+            gone = (
+                incomplete(REQUEST, "the consumer's stream ended")
+                if context.done()
+                else GatewayError("internal error in the provider's server", code=Code.INTERNAL)
+            )
+            labels.code = gone.code.value
+            log.exception("stream_failed", code=gone.code.value, message_id=header.message_id)
+            await node.log_failure(refuse_accepted(accepted, gone, node.clock()).record.fields())
         finally:
             backend.cancel()
             if self.service.metrics is not None:
@@ -678,6 +723,7 @@ class ProviderStreams:
         staple_sha, evidence = node.evidence(
             certificate, close.signer_certificate, signer_sha, close.signer_ocsp, b"", "", config
         )
+        bodies_sha, evidence = _with_bodies(received, evidence)
         record = close_record(
             accepted.record.role,
             accepted.facts,
@@ -685,6 +731,7 @@ class ProviderStreams:
             signer_sha,
             staple_sha,
             now,
+            bodies_sha,
         )
         await node.log.append(record.fields(), evidence)
 
@@ -721,8 +768,15 @@ class ProviderStreams:
             "",
             accepted.config,
         )
+        bodies_sha, evidence = _with_bodies(sent, evidence)
         record = close_record(
-            accepted.record.role, accepted.facts, signed, signer.certificate_sha256, staple_sha, now
+            accepted.record.role,
+            accepted.facts,
+            signed,
+            signer.certificate_sha256,
+            staple_sha,
+            now,
+            bodies_sha,
         )
         await node.log.append(record.fields(), evidence)
         message = pb.StreamMessage(close=_close_envelope(signed, signer, accepted.own_staple))

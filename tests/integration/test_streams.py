@@ -63,7 +63,8 @@ LIMITS = {
 
 @pytest.fixture(scope="module")
 def runner(make_runner: Callable[..., Runner]) -> Runner:
-    return make_runner(limits=LIMITS)
+    # the messages of streams are kept beside their closes (up to log.stream_body_bytes)
+    return make_runner(limits=LIMITS, store_bodies=True)
 
 
 @pytest.fixture
@@ -243,9 +244,22 @@ async def test_a_streams_evidence_bundles_verify_and_its_trace_is_consistent(
             await asyncio.sleep(0.2)
         with zipfile.ZipFile(out) as bundle:
             manifest = json.loads(bundle.read("manifest.json"))
+            files = {name: bundle.read(name) for name in bundle.namelist()}
         assert manifest["records"] == ["1-request", "2-stream-close", "3-response"]
+        # the kept messages: the one request, the five answers
+        assert "2-stream-close/messages/msg-1.bin" in files
+        answers = sorted(n for n in files if n.startswith("3-response/messages/"))
+        assert len(answers) == 5
         verified = await asyncio.to_thread(run_gateway, "audit", "verify-bundle", out)
         assert verified.returncode == 0, verified.stdout + verified.stderr
+        # one altered message no longer leads to the signed close
+        altered = tmp_path / "altered.zip"
+        with zipfile.ZipFile(altered, "w") as bundle:
+            for name, data in files.items():
+                bundle.writestr(name, data + b"!" if name == answers[2] else data)
+        refused = await asyncio.to_thread(run_gateway, "audit", "verify-bundle", altered)
+        assert refused.returncode != 0
+        assert "3-response/messages" in refused.stdout + refused.stderr
     token = runner.token("auditor", subject="auditor")
     traced = await asyncio.to_thread(
         run_gateway,

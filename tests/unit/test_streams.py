@@ -30,10 +30,13 @@ from gateway.streams import (
     RESPONSE,
     Chain,
     SignedClose,
+    chain_of,
     check_close,
     close_record,
+    frame_messages,
     seed,
     sign_close,
+    unframe_messages,
 )
 from tests.unit.exchange_harness import (
     CLINICS,
@@ -501,3 +504,21 @@ def test_a_configuration_with_an_unknown_stream_kind_is_refused() -> None:
         parse_content(tampered)
     assert caught.value.code is Code.CONFIGURATION_INVALID
     assert "streaming kind 'sideways'" in caught.value.message
+
+
+def test_a_chain_keeps_its_messages_framed_up_to_its_cap() -> None:
+    chain = Chain(RESPONSE, b"h", bodies=20)
+    chain.extend(b"abc")
+    chain.extend(b"defgh")
+    assert chain.bodies == frame_messages([b"abc", b"defgh"])
+    assert unframe_messages(chain.bodies) == [b"abc", b"defgh"]
+    assert chain_of(RESPONSE, b"h", [b"abc", b"defgh"]).digest == chain.digest
+    chain.extend(b"too much for the cap")
+    assert chain.bodies is None  # over the cap: none kept, only the digests
+    assert Chain(RESPONSE, b"h").bodies is None  # the log keeps no bodies
+
+
+@pytest.mark.parametrize("framed", [b"\x00\x00\x00", b"\x00\x00\x00\x05abc"])
+def test_a_cut_framing_is_refused(framed: bytes) -> None:
+    with pytest.raises(ValueError, match="cut short"):
+        unframe_messages(framed)
