@@ -46,6 +46,14 @@ EXAMPLES: dict[str, tuple[str, dict[str, Any]]] = {
     GET_PERSON: ("population.proto", {"national_id": "1.234.567-8"}),
     "/demo.population.v1.PopulationRegistry/Echo": ("population.proto", {"payload": "aGVsbG8="}),
     GET_RECORD: ("vaccination.proto", {"national_id": "1.234.567-8"}),
+    # streaming methods: the first request message
+    EXPORT_PEOPLE: ("population.proto", {"born_since": "1950-01-01"}),
+    "/demo.population.v1.PopulationRegistry/Download": (
+        "population.proto",
+        {"count": 3, "size": 16},
+    ),
+    "/demo.population.v1.PopulationRegistry/Upload": ("population.proto", {"payload": "aGVsbG8="}),
+    "/demo.population.v1.PopulationRegistry/Chat": ("population.proto", {"payload": "aGVsbG8="}),
 }
 
 
@@ -418,9 +426,12 @@ def describe(runner: Runner) -> dict[str, Any]:
     services = []
     for s in topology["services"]:
         methods = []
+        streams = s.get("streams", {})
         for m in s["methods"]:
             _, example = EXAMPLES[m]
-            methods.append({"method": m, "example_request": example})
+            methods.append(
+                {"method": m, "kind": streams.get(m, "unary"), "example_request": example}
+            )
         proto_file = EXAMPLES[s["methods"][0]][0]
         provider = next(
             x["id"]

@@ -131,7 +131,7 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             instance = service_id.member.instance
             if instance != config.instance:
                 config = self.node.federated.require(instance, now)
-        except GatewayError:
+        except Exception:  # whatever is wrong, the unary path says it with its code
             return None
         service = config.services.get(service_id)
         return None if service is None else service.stream_kind(method)

@@ -81,8 +81,14 @@ STREAM_METHOD = "/gateway.v1.Exchange/Stream"
 # the consumer's close of the request direction (a server-streaming call's arrives at once)
 OPEN_WAIT_SECONDS = 5.0
 CLOSE_WAIT_SECONDS = 2.0
+
+
+class PeerGone(Exception):
+    """A write to a call that has ended: the other side went away."""
+
+
 # what writing to (or ending) a gRPC call raises once the call has ended
-ENDED = (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError)
+ENDED = (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError, PeerGone)
 
 
 class OpenStreams:
@@ -152,8 +158,15 @@ class Outlet:
         self._pending: asyncio.Future[None] | None = None
 
     async def write(self, message: Any) -> None:
+        """Write `message`; `PeerGone` when the call has ended under it (grpc raises errors
+        of its own, some private, for a write to a call that has ended)."""
         self._pending = asyncio.ensure_future(self._write(message))
-        await asyncio.shield(self._pending)
+        try:
+            await asyncio.shield(self._pending)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise PeerGone(str(exc)) from exc
 
     async def settle(self, timeout: float) -> bool:
         """Wait up to `timeout` seconds for a write under way; whether none is left."""
@@ -257,6 +270,8 @@ class ConsumerStreams:
         received = Chain(RESPONSE, header_bytes, bodies=kept)
         signer = node.signer_for(out.header.client.member)
         rpc: Any = None
+        # the caller's messages have ended, and our close of them is logged and sent
+        requests_ended, request_closed = asyncio.Event(), asyncio.Event()
         peer_staple = [link.peer_staple]
         to_caller = Outlet(context.write)
         try:
@@ -282,6 +297,12 @@ class ConsumerStreams:
                 await asyncio.Future()  # the request direction is done: wait for the answer
 
             async def send_requests() -> None:
+                try:
+                    await send_messages()
+                finally:
+                    request_closed.set()
+
+            async def send_messages() -> None:
                 async for body in requests:
                     if len(body) > limits.max_message_bytes:
                         raise StreamError(too_large(REQUEST, len(body), limits.max_message_bytes))
@@ -293,6 +314,7 @@ class ConsumerStreams:
                     await rpc.write(
                         pb.StreamMessage(data=pb.StreamData(seq=seq, body=body, link=chained))
                     )
+                requests_ended.set()
                 now = node.clock()
                 signed = sign_close(out.header, header_bytes, sent, signer, node.server_id, now)
                 staple = node.own_status.staple(signer.certificate_sha256)
@@ -336,6 +358,11 @@ class ConsumerStreams:
                         ended = await self._closed(
                             out, message.close, sent, received, peer_staple[0]
                         )
+                        # our own close, when the caller's messages have ended, is logged
+                        # before the call ends
+                        if requests_ended.is_set():
+                            with contextlib.suppress(TimeoutError):
+                                await asyncio.wait_for(request_closed.wait(), CLOSE_WAIT_SECONDS)
                         # the last messages reach the caller before the status
                         await to_caller.settle(CLOSE_WAIT_SECONDS)
                         trailing = ((ID_KEY, out.header.message_id),)
@@ -384,14 +411,13 @@ class ConsumerStreams:
             labels.code = gone.code.value
             await node.log_failure(consumer_refusal(gone, out, node.clock()).record.fields())
             raise
-        except Exception:
-            # a write to a caller that went away (grpc raises its own errors for it), or a
-            # bug; either way the stream is recorded as not closed
-            gone = (
-                incomplete(RESPONSE, "the caller went away")
-                if context.done()
-                else GatewayError("internal error in the consumer's server", code=Code.INTERNAL)
-            )
+        except PeerGone:
+            gone = incomplete(RESPONSE, "the caller went away")
+            labels.code = gone.code.value
+            log.info("stream_ended", code=gone.code.value, message_id=out.header.message_id)
+            await node.log_failure(consumer_refusal(gone, out, node.clock()).record.fields())
+        except Exception:  # a bug: the stream is recorded as not closed, with what happened
+            gone = GatewayError("internal error in the consumer's server", code=Code.INTERNAL)
             labels.code = gone.code.value
             log.exception("stream_failed", code=gone.code.value, message_id=out.header.message_id)
             await node.log_failure(consumer_refusal(gone, out, node.clock()).record.fields())
@@ -651,10 +677,13 @@ class ProviderStreams:
                     raise
                 status, details = int(code.value[0]), str(exc.details() or "")
             labels.code = backend_code(status)
-            # a server-streaming call's request close arrives at once; a bidirectional call
-            # whose backend ended first signs what it received so far
+            # a server-streaming call's request close follows its one message at once (it is
+            # waited for, within the stream's limits); a bidirectional call whose backend
+            # ended first signs what it received so far
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(request_done.wait(), CLOSE_WAIT_SECONDS)
+                await asyncio.wait_for(
+                    request_done.wait(), None if header.stream == "server" else CLOSE_WAIT_SECONDS
+                )
             await self._answer(accepted, sent, received, status, details, outlet, stapled)
 
         try:
@@ -663,7 +692,7 @@ class ProviderStreams:
             await self._fail(accepted, exc.error, outlet, labels)
         except GatewayError as err:
             await self._fail(accepted, err, outlet, labels)
-        except (grpc.aio.AioRpcError, asyncio.CancelledError) as exc:
+        except (grpc.aio.AioRpcError, PeerGone, asyncio.CancelledError) as exc:
             # the consumer went away (cancelled, or its server died): the backend call ends
             # and the record says the stream was not closed
             backend.cancel()
@@ -673,15 +702,9 @@ class ProviderStreams:
             await node.log_failure(refuse_accepted(accepted, gone, node.clock()).record.fields())
             if isinstance(exc, asyncio.CancelledError):
                 raise
-        except Exception:
-            # a write to a call that has ended (grpc raises its own errors for it: the
-            # consumer went away), or a bug; either way the stream is recorded as not closed
+        except Exception:  # a bug: the stream is recorded as not closed, with what happened
             backend.cancel()
-            gone = (
-                incomplete(REQUEST, "the consumer's stream ended")
-                if context.done()
-                else GatewayError("internal error in the provider's server", code=Code.INTERNAL)
-            )
+            gone = GatewayError("internal error in the provider's server", code=Code.INTERNAL)
             labels.code = gone.code.value
             log.exception("stream_failed", code=gone.code.value, message_id=header.message_id)
             await node.log_failure(refuse_accepted(accepted, gone, node.clock()).record.fields())

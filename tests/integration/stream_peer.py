@@ -11,6 +11,7 @@ real server should have done.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -136,7 +137,10 @@ class StreamingConsumer:
         )(None, timeout=20)
 
     async def send(self, message: pb.StreamMessage) -> None:
-        await self.call.write(message)
+        """Write a message; nothing happens once the provider has ended the stream (what it
+        sent before ending, a refusal say, is still there to read)."""
+        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            await self.call.write(message)
 
     async def read(self, timeout: float = 10.0) -> pb.StreamMessage | None:
         """The provider's next message; None once its stream ended."""

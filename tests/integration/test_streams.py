@@ -556,6 +556,30 @@ async def test_a_reader_that_stops_reading_stops_the_writer_through_both_servers
     assert await call.code() == grpc.StatusCode.OK
 
 
+async def test_the_callers_deadline_ends_the_stream_on_both_servers(
+    runner: Runner, msp: Any
+) -> None:
+    message_id = new_id()
+    call = msp.stream_stream(
+        CHAT,
+        request_serializer=population.EchoMessage.SerializeToString,
+        response_deserializer=population.EchoMessage.FromString,
+    )(None, metadata=metadata(message_id), timeout=1.5)
+    await call.write(population.EchoMessage(payload=b"hi"))
+    await call.read()
+    assert await call.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.monotonic() + 10
+    while not (
+        kinds(runner, MSP, message_id)[-1:] == [("refusal", "stream_incomplete")]
+        and kinds(runner, DNIC, message_id)[-1:] == [("refusal", "stream_incomplete")]
+    ):
+        assert time.monotonic() < deadline, (
+            kinds(runner, MSP, message_id),
+            kinds(runner, DNIC, message_id),
+        )
+        await asyncio.sleep(0.1)
+
+
 # ---- an agreement revoked while a stream is open -----------------------------------------
 
 
@@ -573,11 +597,11 @@ async def test_revocation_ends_an_open_stream_within_two_seconds(runner: Runner,
         deadline = time.monotonic() + 20
         while True:
             chat = call(metadata=metadata(purpose=purpose), timeout=30)
-            await chat.write(population.EchoMessage(payload=b"hello"))
             try:
+                await chat.write(population.EchoMessage(payload=b"hello"))
                 assert (await chat.read()).payload == b"hello"
                 break
-            except (grpc.aio.AioRpcError, AttributeError):
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError, AttributeError):
                 assert time.monotonic() < deadline, "the agreement never reached the servers"
                 await asyncio.sleep(0.3)
         await chat.done_writing()
