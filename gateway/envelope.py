@@ -257,7 +257,7 @@ def decode_request(data: bytes) -> RequestHeader:
         if subject_ref is not None and not _DIGEST.fullmatch(subject_ref):
             raise _malformed("field 'subject_ref' is not a pseudonym (64 hex digits)")
         stream = f.get("stream")
-        if stream is not None and stream not in STREAM_KINDS:
+        if "stream" in f and stream not in STREAM_KINDS:
             raise _malformed(f"field 'stream' must be one of {', '.join(STREAM_KINDS)}")
         return RequestHeader(
             message_id=check_message_id(_text(f, "message_id")),

@@ -222,6 +222,18 @@ class _RecordChecker:
             )
         except GatewayError as err:
             raise BundleError(piece("header.json"), err.message) from None
+        if kind in self.headers:
+            raise BundleError(
+                piece("record.json"), f"is a second {kind} record: a bundle holds one exchange"
+            )
+        if isinstance(decoded, StreamClose) != (kind == "stream-close") and not (
+            kind == "response" and isinstance(decoded, StreamClose)
+        ):
+            raise BundleError(piece("header.json"), f"is not the header of a {kind} record")
+        if isinstance(decoded, StreamClose) and decoded.direction != (
+            "request" if kind == "stream-close" else "response"
+        ):
+            raise BundleError(piece("header.json"), f"closes the wrong direction for a {kind}")
         self.headers[kind] = (folder, header)
         signature = self.need(piece("signature.der"))
         if signature != fields["signature"]:
@@ -320,7 +332,7 @@ class _RecordChecker:
         if request is None:
             raise BundleError(f"{folder}/messages", "cannot be checked without the request")
         chain = chain_of(close.direction, request[1], messages)
-        if (chain.count, chain.digest) != (close.count, close.digest):
+        if (chain.count, chain.size, chain.digest) != (close.count, close.size, close.digest):
             raise BundleError(
                 f"{folder}/messages",
                 f"lead to {chain.count} messages ending in {chain.digest[:16]}…, not to the "

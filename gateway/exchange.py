@@ -453,13 +453,18 @@ def _start(
     )
 
 
-def check_still_agreed(header: RequestHeader, node: ExchangeNode, now: datetime) -> None:
+def check_still_agreed(
+    header: RequestHeader, node: ExchangeNode, now: datetime, *, consumer: bool = False
+) -> None:
     """For an open stream: its agreement is still in force in the current configuration of
-    the service's instance (`GatewayError` naming why not: suspended, revoked, expired)."""
+    the service's instance (`GatewayError` naming why not: suspended, revoked, expired);
+    on the `consumer` side of a cross-border stream, its own instance's approval too."""
     own = node.config.require(now)
     instance = header.service.member.instance
     config = own if instance == own.instance else node.federated.require(instance, now)
     config.agreements.decide(header.client, header.service, header.purpose, now)
+    if consumer and config is not own:
+        check_outbound_approval(own, header.client, header.service, header.purpose)
 
 
 def check_generated_id(given: str, generated: str) -> None:

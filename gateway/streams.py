@@ -24,7 +24,6 @@ Nothing here reads a clock, a socket or a file.
 from __future__ import annotations
 
 import hashlib
-from collections import deque
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -38,10 +37,11 @@ from gateway.signing import EcdsaSigner, verify_signature
 
 REQUEST, RESPONSE = "request", "response"
 
-# the links a sender keeps of the messages it sent: a provider whose backend ends before
-# the request stream does signs the count it received, which may be behind what was sent
-# by as many messages as the HTTP/2 windows held
-KEPT_LINKS = 65536
+# the links a sender keeps of the messages it sent (32 bytes each, 128 KiB in all): a
+# provider whose backend ends before the request stream does signs the count it received,
+# which may be behind what was sent by the messages the HTTP/2 windows held; a count further
+# behind than this is refused (stream_digest_mismatch)
+KEPT_LINKS = 4096
 
 EMPTY_SHA256 = sha256_hex(b"")
 
@@ -91,8 +91,9 @@ class Chain:
         self.link = seed(direction, request_header)
         self.count = 0
         self.size = 0
-        # (count, link) of the last `keep` messages (a sender's, see KEPT_LINKS)
-        self._kept: deque[tuple[int, bytes]] | None = deque(maxlen=keep) if keep else None
+        # the links of the last `keep` messages (a sender's, see KEPT_LINKS): message n's at
+        # ((n - 1) % keep) * 32
+        self._kept = bytearray(32 * keep) if keep else None
         # the messages themselves, framed (`frame_messages`), while they fit in `bodies`
         # bytes (log.stream_body_bytes); None once they do not, or when none are kept
         self._cap = bodies
@@ -108,7 +109,8 @@ class Chain:
         if self._bodies is not None:
             self._keep(body)
         if self._kept is not None:
-            self._kept.append((self.count, self.link))
+            at = ((self.count - 1) * 32) % len(self._kept)
+            self._kept[at : at + 32] = self.link
         return self.count, self.link
 
     def accept(self, seq: int, body: bytes, link: bytes) -> None:
@@ -153,12 +155,12 @@ class Chain:
         """The link after message `count` (0: the seed is not kept; None when not kept)."""
         if count == self.count:
             return self.link
-        if self._kept is None:
+        if self._kept is None or not 0 < count <= self.count:
             return None
-        for n, link in self._kept:
-            if n == count:
-                return link
-        return None
+        if self.count - count >= len(self._kept) // 32:
+            return None  # older than what is kept
+        at = ((count - 1) * 32) % len(self._kept)
+        return bytes(self._kept[at : at + 32])
 
     @property
     def digest(self) -> str:
@@ -242,11 +244,11 @@ def check_close(
             code=Code.UNTRUSTED_SIGNER,
         )
     verify_signature(certificate, header, signature)
-    if close.count != received.count or close.digest != received.digest:
+    if (close.count, close.size, close.digest) != (received.count, received.size, received.digest):
         raise TrustError(
-            f"the {received.direction} stream's close signs {close.count} messages ending in "
-            f"{close.digest[:16]}…, but {received.count} arrived ending in "
-            f"{received.digest[:16]}…",
+            f"the {received.direction} stream's close signs {close.count} messages of "
+            f"{close.size} bytes ending in {close.digest[:16]}…, but {received.count} of "
+            f"{received.size} bytes arrived ending in {received.digest[:16]}…",
             code=Code.STREAM_DIGEST_MISMATCH,
         )
     if sent is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -78,6 +79,8 @@ async def echo(request: population.EchoMessage, context: Context) -> population.
 async def export_people(
     request: population.ExportRequest, context: Context
 ) -> AsyncIterator[population.Person]:
+    if request.born_since and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", request.born_since):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "born_since must be YYYY-MM-DD")
     for person in PEOPLE.values():
         if person.birth_date >= request.born_since:
             yield person

@@ -282,11 +282,13 @@ def verify_text(message_id: str, folders: list[str], files: Mapping[str, bytes])
         ]
         messages = sum(1 for name in files if name.startswith(f"{folder}/messages/"))
         if messages:
+            direction = "request" if folder.endswith("-stream-close") else "response"
+            request = next((f for f in folders if f.endswith("-request")), "1-request")
             lines += [
                 f"3. The {messages} messages of this direction of the stream lead to the close's",
-                '   `"digest"` (use "request" instead of "response" for a `stream-close`):',
+                '   `"digest"`:',
                 "",
-                "       { printf 'response\\n'; cat 1-request/header.json; } | "
+                f"       {{ printf '{direction}\\n'; cat {request}/header.json; }} | "
                 "openssl dgst -sha256 -binary > link.bin",
                 f"       for i in $(seq 1 {messages}); do cat link.bin {folder}/messages/msg-$i.bin"
                 " | openssl dgst -sha256 -binary > next.bin && mv next.bin link.bin; done",

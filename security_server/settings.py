@@ -226,6 +226,9 @@ class LimitsSection:
     max_stream_seconds: float = 3600.0
     max_stream_messages: int = 10_000_000
     max_streams_per_client: int = 100
+    # streaming calls open at once on each endpoint of this server, in all (on the provider,
+    # with those whose open has not arrived yet): past it, too_many_streams
+    max_streams: int = 1000
     # the HTTP/2 flow-control window of each stream on every connection of this server (its
     # endpoints, its links to providers and to backends), in bytes: what gRPC may hold of a
     # stream before its reader takes it; with one message per direction held by our own
@@ -240,12 +243,14 @@ class LimitsSection:
             self.max_stream_seconds <= 0
             or self.max_stream_messages < 1
             or self.max_streams_per_client < 1
+            or self.max_streams < 1
             or not 0 < self.stream_check_seconds <= 10
             or not 65535 <= self.stream_window_bytes <= 2**31 - 1
         ):
             raise ValueError(
-                "limits.max_stream_seconds must be positive, limits.max_stream_messages and "
-                "limits.max_streams_per_client at least 1, limits.stream_check_seconds "
+                "limits.max_stream_seconds must be positive, limits.max_stream_messages, "
+                "limits.max_streams_per_client and limits.max_streams at least 1, "
+                "limits.stream_check_seconds "
                 "between 0 and 10, limits.stream_window_bytes between 65535 and 2147483647"
             )
         if self.max_frames_per_stream < 1 or self.max_streams_per_peer < 1:

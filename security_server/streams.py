@@ -81,6 +81,9 @@ STREAM_METHOD = "/gateway.v1.Exchange/Stream"
 # the consumer's close of the request direction (a server-streaming call's arrives at once)
 OPEN_WAIT_SECONDS = 5.0
 CLOSE_WAIT_SECONDS = 2.0
+# a server-streaming call's request close follows its one message at once: waited for
+# longer, as a consumer under load may be slow to send it
+SERVER_CLOSE_WAIT_SECONDS = 10.0
 
 
 class PeerGone(Exception):
@@ -92,13 +95,26 @@ ENDED = (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError, P
 
 
 class OpenStreams:
-    """Streaming calls open per key (a client subsystem), bounded by `limit`."""
+    """Streaming calls open per key (a client subsystem), bounded by `limit`, and in all
+    (with those still opening on a provider), bounded by `total`."""
 
     def __init__(self) -> None:
         self.open: dict[str, int] = {}
+        self.total = 0
+        # provider: streams whose open has not arrived yet
+        self.opening = 0
 
-    def take(self, key: str, limit: int) -> None:
+    def check_total(self, total: int) -> None:
+        if self.total + self.opening >= total:
+            raise GatewayError(
+                f"this security server has {self.total + self.opening} streaming calls open, "
+                "the most allowed (limits.max_streams); retry later",
+                code=Code.TOO_MANY_STREAMS,
+            )
+
+    def take(self, key: str, limit: int, total: int) -> None:
         held = self.open.get(key, 0)
+        self.check_total(total)
         if held >= limit:
             raise GatewayError(
                 f"{key} has {held} streaming calls open here, the most allowed "
@@ -106,6 +122,7 @@ class OpenStreams:
                 code=Code.TOO_MANY_STREAMS,
             )
         self.open[key] = held + 1
+        self.total += 1
 
     def give(self, key: str) -> None:
         held = self.open.get(key, 0)
@@ -113,10 +130,8 @@ class OpenStreams:
             self.open[key] = held - 1
         else:
             self.open.pop(key, None)
-
-    @property
-    def total(self) -> int:
-        return sum(self.open.values())
+        if held:
+            self.total -= 1
 
 
 async def _watch(
@@ -134,16 +149,21 @@ async def _watch(
 
 
 async def _first(*jobs: Awaitable[Any]) -> None:
-    """Run `jobs` until the first ends; cancel the others; raise what the first raised."""
+    """Run `jobs` until one ends; cancel the others and wait for them; raise what the ended
+    one raised. When several end at once, a normal end wins (a stream whose closes were both
+    checked is not then refused by a watcher that fired in the same instant)."""
     tasks = [asyncio.ensure_future(job) for job in jobs]
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:
         for task in tasks:
             task.cancel()
-    for task in tasks:
-        if task in done and not task.cancelled():
-            task.result()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    ended = [t for t in tasks if t in done and not t.cancelled()]
+    if any(t.exception() is None for t in ended):
+        return
+    for task in ended:
+        task.result()
 
 
 class Outlet:
@@ -163,9 +183,7 @@ class Outlet:
         self._pending = asyncio.ensure_future(self._write(message))
         try:
             await asyncio.shield(self._pending)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
+        except (grpc.aio.BaseError, grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
             raise PeerGone(str(exc)) from exc
 
     async def settle(self, timeout: float) -> bool:
@@ -230,7 +248,7 @@ class ConsumerStreams:
         client = str(out.header.client)
         labels.client = client
         try:
-            self.clients.take(client, node.limits.max_streams_per_client)
+            self.clients.take(client, node.limits.max_streams_per_client, node.limits.max_streams)
         except GatewayError as err:
             await service._refuse(context, consumer_refusal(err, out, node.clock()), labels)
             return
@@ -272,6 +290,8 @@ class ConsumerStreams:
         rpc: Any = None
         # the caller's messages have ended, and our close of them is logged and sent
         requests_ended, request_closed = asyncio.Event(), asyncio.Event()
+        # the provider's close was checked and logged: the stream has its answer
+        answered = asyncio.Event()
         peer_staple = [link.peer_staple]
         to_caller = Outlet(context.write)
         try:
@@ -352,12 +372,17 @@ class ConsumerStreams:
                             raise StreamError(
                                 too_large(RESPONSE, len(data.body), limits.max_message_bytes)
                             )
+                        if data.seq > limits.max_stream_messages:
+                            raise StreamError(
+                                too_many(RESPONSE, data.seq, limits.max_stream_messages)
+                            )
                         received.accept(data.seq, data.body, data.link)
                         await to_caller.write(data.body)
                     elif which == "close":
                         ended = await self._closed(
                             out, message.close, sent, received, peer_staple[0]
                         )
+                        answered.set()
                         # our own close, when the caller's messages have ended, is logged
                         # before the call ends
                         if requests_ended.is_set():
@@ -390,9 +415,9 @@ class ConsumerStreams:
                 self._watch(out),
             )
         except StreamError as exc:
-            await self._fail(exc.error, out, context, labels)
+            await self._fail(exc.error, out, context, to_caller, labels)
         except GatewayError as err:
-            await self._fail(err, out, context, labels)
+            await self._fail(err, out, context, to_caller, labels)
         except grpc.aio.AioRpcError as exc:
             failed = error_from_rpc(exc, out.provider)
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -401,16 +426,21 @@ class ConsumerStreams:
                 )
             elif failed.code is Code.PROVIDER_UNAVAILABLE:
                 failed = incomplete(RESPONSE, f"the provider's server {out.provider.id} went away")
-            await self._fail(failed, out, context, labels)
+            await self._fail(failed, out, context, to_caller, labels)
         except asyncio.CancelledError:
             # the caller cancelled (or its deadline passed): the provider's stream is
-            # cancelled too, and the record says the stream was not closed
+            # cancelled too, and the record says the stream was not closed (unless both
+            # closes were logged)
             if rpc is not None:
                 rpc.cancel()
+            if answered.is_set():
+                raise
             gone = incomplete(REQUEST, "the caller cancelled")
             labels.code = gone.code.value
             await node.log_failure(consumer_refusal(gone, out, node.clock()).record.fields())
             raise
+        except grpc.aio.AbortError:
+            raise  # the backend's own status, passed to the caller after both closes
         except PeerGone:
             gone = incomplete(RESPONSE, "the caller went away")
             labels.code = gone.code.value
@@ -428,7 +458,7 @@ class ConsumerStreams:
     async def _watch(self, out: Outgoing) -> None:
         node = self.node
         err = await _watch(
-            lambda: check_still_agreed(out.header, node, node.clock()),
+            lambda: check_still_agreed(out.header, node, node.clock(), consumer=True),
             node.limits.stream_check_seconds,
             time.monotonic(),
             node.limits.max_stream_seconds,
@@ -484,11 +514,13 @@ class ConsumerStreams:
         err: GatewayError,
         out: Outgoing,
         context: grpc.aio.ServicerContext[Any, Any],
+        to_caller: Outlet,
         labels: CallLabels,
     ) -> None:
         if err.code is Code.PROVIDER_UNAVAILABLE:
             self.service.choice.unreachable(out.provider)
         log.info("stream_ended", code=err.code.value, message_id=out.header.message_id)
+        await to_caller.settle(CLOSE_WAIT_SECONDS)
         await self.service._refuse(context, consumer_refusal(err, out, self.node.clock()), labels)
 
 
@@ -544,10 +576,45 @@ class ProviderStreams:
             await abort(context, err.code, err.message, None)
             return
         try:
-            first = await asyncio.wait_for(context.read(), OPEN_WAIT_SECONDS)
-        except (TimeoutError, grpc.aio.AioRpcError):
+            self.clients.check_total(node.limits.max_streams)
+        except GatewayError as err:
+            # refused before anything is read: what the peer may hold here is bounded
+            log.warning("stream_refused", code=err.code.value, peer=peer.name)
+            await abort(context, err.code, err.message, None)
             return
-        if first is grpc.aio.EOF:  # type: ignore[attr-defined]
+        self.clients.opening += 1
+        try:
+            await self._open(messages, peer, context)
+        finally:
+            self.clients.opening -= 1
+
+    async def _open(
+        self, messages: Any, peer: Peer, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        node = self.node
+        try:
+            first = await asyncio.wait_for(context.read(), OPEN_WAIT_SECONDS)
+        except grpc.aio.AioRpcError:
+            return  # the peer went away before opening
+        except TimeoutError:
+            first = None
+        if first is None or first is grpc.aio.EOF:  # type: ignore[attr-defined]
+            late = TrustError(
+                f"no stream open arrived within {OPEN_WAIT_SECONDS:.0f} s",
+                code=Code.MALFORMED_ENVELOPE,
+            )
+            await node.log_failure(
+                LogRecord(
+                    kind=RecordKind.REFUSAL,
+                    role=Role.PROVIDER,
+                    logged_at=node.clock(),
+                    facts=Facts(message_id=None, peer=peer.name),
+                    status="refused",
+                    error_code=late.code.value,
+                    error_message=late.message,
+                ).fields()
+            )
+            await abort(context, late.code, late.message, None)
             return
         if first.ocsp_staple:
             peer.staple = first.ocsp_staple
@@ -567,7 +634,11 @@ class ProviderStreams:
                 accepted = refuse_accepted(accepted, err, node.clock())
         if isinstance(accepted, Accepted):
             try:
-                self.clients.take(str(accepted.header.client), node.limits.max_streams_per_client)
+                self.clients.take(
+                    str(accepted.header.client),
+                    node.limits.max_streams_per_client,
+                    node.limits.max_streams + 1,  # this one's opening slot is given back
+                )
             except GatewayError as err:
                 accepted = refuse_accepted(accepted, err, node.clock())
         if isinstance(accepted, Refusal):
@@ -612,6 +683,8 @@ class ProviderStreams:
         backend = backends.open_stream(str(header.service), header.method, wait)
         outlet = Outlet(context.write)
         request_done = asyncio.Event()
+        # our close was logged and handed to gRPC: the stream has its answer
+        answered = asyncio.Event()
         backend_writable = [True]
 
         async def forward_requests() -> None:
@@ -673,8 +746,6 @@ class ProviderStreams:
                         f"the provider's backend for {header.service} is unavailable; retry later",
                         code=Code.BACKEND_UNAVAILABLE,
                     ) from None
-                if code == grpc.StatusCode.CANCELLED:
-                    raise
                 status, details = int(code.value[0]), str(exc.details() or "")
             labels.code = backend_code(status)
             # a server-streaming call's request close follows its one message at once (it is
@@ -682,20 +753,25 @@ class ProviderStreams:
             # ended first signs what it received so far
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(
-                    request_done.wait(), None if header.stream == "server" else CLOSE_WAIT_SECONDS
+                    request_done.wait(),
+                    SERVER_CLOSE_WAIT_SECONDS if header.stream == "server" else CLOSE_WAIT_SECONDS,
                 )
             await self._answer(accepted, sent, received, status, details, outlet, stapled)
+            answered.set()
 
         try:
             await _first(forward_requests(), forward_responses(), self._watch(accepted))
         except StreamError as exc:
-            await self._fail(accepted, exc.error, outlet, labels)
+            await self._fail(accepted, exc.error, outlet, backend, labels)
         except GatewayError as err:
-            await self._fail(accepted, err, outlet, labels)
+            await self._fail(accepted, err, outlet, backend, labels)
         except (grpc.aio.AioRpcError, PeerGone, asyncio.CancelledError) as exc:
             # the consumer went away (cancelled, or its server died): the backend call ends
-            # and the record says the stream was not closed
+            # and the record says the stream was not closed (unless it was answered: the
+            # consumer then ends its side as soon as it has the close)
             backend.cancel()
+            if answered.is_set():
+                raise
             gone = incomplete(REQUEST, "the consumer's stream was cancelled")
             labels.code = gone.code.value
             log.warning("stream_ended", code=gone.code.value, message_id=header.message_id)
@@ -812,16 +888,22 @@ class ProviderStreams:
         accepted: Accepted,
         err: GatewayError,
         outlet: Outlet,
+        backend: Any,
         labels: CallLabels,
     ) -> None:
         labels.code = err.code.value
+        backend.cancel()
         log.warning("stream_ended", code=err.code.value, message_id=accepted.header.message_id)
         await self.node.log_failure(
             refuse_accepted(accepted, err, self.node.clock()).record.fields()
         )
-        # the refusal follows the message being written, if the consumer takes it in time
+        # the refusal follows the message being written, if the consumer takes either in time
         if await outlet.settle(CLOSE_WAIT_SECONDS):
-            await self._refusal(outlet.write, err, accepted.header.message_id)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._refusal(outlet.write, err, accepted.header.message_id),
+                    CLOSE_WAIT_SECONDS,
+                )
 
     @staticmethod
     async def _refusal(
