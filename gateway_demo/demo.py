@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -593,6 +594,10 @@ def run_demo(*, workdir: Path, keep_running: bool) -> int:
             write_scrape_targets(targets, [r for r in (runner, ar) if r is not None])
             _title(f"The topology keeps running; it is described in {path}. Press Ctrl-C to stop.")
             print(f"   {prometheus_hint(targets)}")
+            # Ctrl-C (and SIGTERM) stop it even when the demo was started with SIGINT ignored,
+            # as a shell does for a command it runs in the background
+            for number in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(number, signal.default_int_handler)
             try:
                 while all(
                     p.popen is not None and p.popen.poll() is None
