@@ -31,7 +31,8 @@ import grpc
 import structlog
 
 from gateway.audit import RecordKind, Role
-from gateway.envelope import StreamClose
+from gateway.configuration import GlobalConfiguration
+from gateway.envelope import RequestHeader, StreamClose
 from gateway.errors import Code, GatewayError, TrustError, UnavailableError, bound_message
 from gateway.exchange import (
     Accepted,
@@ -49,8 +50,9 @@ from gateway.exchange import (
     registered_peer,
     start_call,
 )
+from gateway.identifiers import SecurityServerId
 from gateway.records import Facts, LogRecord
-from gateway.signing import certificate_sha256
+from gateway.signing import EcdsaSigner, certificate_sha256
 from gateway.streams import (
     KEPT_LINKS,
     REQUEST,
@@ -67,6 +69,7 @@ from gateway.streams import (
 )
 from gateway.v1 import exchange_pb2 as pb
 from security_server.metrics import CallLabels, backend_code
+from security_server.node import Node
 from security_server.peers import envelope_of, error_from_rpc, peer_certificate, signed_envelope
 from security_server.status import ID_KEY, abort
 
@@ -338,26 +341,7 @@ class ConsumerStreams:
                 now = node.clock()
                 signed = sign_close(out.header, header_bytes, sent, signer, node.server_id, now)
                 staple = node.own_status.staple(signer.certificate_sha256)
-                staple_sha, evidence = node.evidence(
-                    signer.certificate,
-                    signer.certificate_der,
-                    signer.certificate_sha256,
-                    staple,
-                    b"",
-                    "",
-                    out.remote,
-                )
-                bodies_sha, evidence = _with_bodies(sent, evidence)
-                record = close_record(
-                    out.record.role,
-                    out.facts,
-                    signed,
-                    signer.certificate_sha256,
-                    staple_sha,
-                    now,
-                    bodies_sha,
-                )
-                await node.log.append(record.fields(), evidence)
+                await _log_own_close(node, signed, signer, staple, sent, out.record, out.remote)
                 await rpc.write(pb.StreamMessage(close=_close_envelope(signed, signer, staple)))
                 await rpc.done_writing()
 
@@ -476,38 +460,10 @@ class ConsumerStreams:
         """The provider's close: checked and logged."""
         node = self.node
         now = node.clock()
-        config = out.remote
-        node.status.peer_server(peer_staple, out.provider, config, now)
-        ended = check_close(
-            close.header,
-            close.signature,
-            close.signer_certificate,
-            request=out.header,
-            request_header=out.envelope.header,
-            received=received,
-            sender=out.provider.id,
-            config=config,
-            now=now,
-            sent=sent,
+        node.status.peer_server(peer_staple, out.provider, out.remote, now)
+        return await _log_received_close(
+            node, close, out.header, out.record, received, out.provider.id, out.remote, sent
         )
-        certificate, _ = config.trust.signing_member(close.signer_certificate, now)
-        node.status.signer(close.signer_ocsp, certificate, config, now)
-        signer_sha = certificate_sha256(close.signer_certificate)
-        staple_sha, evidence = node.evidence(
-            certificate, close.signer_certificate, signer_sha, close.signer_ocsp, b"", "", config
-        )
-        bodies_sha, evidence = _with_bodies(received, evidence)
-        record = close_record(
-            out.record.role,
-            out.facts,
-            (close.header, ended, close.signature),
-            signer_sha,
-            staple_sha,
-            now,
-            bodies_sha,
-        )
-        await node.log.append(record.fields(), evidence)
-        return ended
 
     async def _fail(
         self,
@@ -522,6 +478,85 @@ class ConsumerStreams:
         log.info("stream_ended", code=err.code.value, message_id=out.header.message_id)
         await to_caller.settle(CLOSE_WAIT_SECONDS)
         await self.service._refuse(context, consumer_refusal(err, out, self.node.clock()), labels)
+
+
+async def _log_own_close(
+    node: Node,
+    signed: SignedClose,
+    signer: EcdsaSigner,
+    staple: bytes,
+    sent: Chain,
+    opened: LogRecord,
+    config: GlobalConfiguration,
+) -> None:
+    """Log the close this server signed of the direction it `sent` (durable before it
+    leaves), beside the record of the stream's open."""
+    staple_sha, evidence = node.evidence(
+        signer.certificate,
+        signer.certificate_der,
+        signer.certificate_sha256,
+        staple,
+        b"",
+        "",
+        config,
+    )
+    bodies_sha, evidence = _with_bodies(sent, evidence)
+    record = close_record(
+        opened.role,
+        opened.facts,
+        signed,
+        signer.certificate_sha256,
+        staple_sha,
+        node.clock(),
+        bodies_sha,
+    )
+    await node.log.append(record.fields(), evidence)
+
+
+async def _log_received_close(
+    node: Node,
+    close: pb.SignedEnvelope,
+    request: RequestHeader,
+    opened: LogRecord,
+    received: Chain,
+    sender: SecurityServerId,
+    config: GlobalConfiguration,
+    sent: Chain | None = None,
+) -> StreamClose:
+    """Check the close the other server signed of the direction this one `received`
+    (`gateway.streams.check_close`, and the OCSP answer about its signing certificate),
+    and log it; the close."""
+    now = node.clock()
+    ended = check_close(
+        close.header,
+        close.signature,
+        close.signer_certificate,
+        request=request,
+        request_header=opened.header or b"",
+        received=received,
+        sender=sender,
+        config=config,
+        now=now,
+        sent=sent,
+    )
+    certificate, _ = config.trust.signing_member(close.signer_certificate, now)
+    node.status.signer(close.signer_ocsp, certificate, config, now)
+    signer_sha = certificate_sha256(close.signer_certificate)
+    staple_sha, evidence = node.evidence(
+        certificate, close.signer_certificate, signer_sha, close.signer_ocsp, b"", "", config
+    )
+    bodies_sha, evidence = _with_bodies(received, evidence)
+    record = close_record(
+        opened.role,
+        opened.facts,
+        (close.header, ended, close.signature),
+        signer_sha,
+        staple_sha,
+        now,
+        bodies_sha,
+    )
+    await node.log.append(record.fields(), evidence)
+    return ended
 
 
 def _with_bodies(chain: Chain, evidence: Evidence) -> tuple[str | None, Evidence]:
@@ -802,37 +837,15 @@ class ProviderStreams:
     async def _request_closed(
         self, accepted: Accepted, close: pb.SignedEnvelope, received: Chain, peer: Peer
     ) -> None:
-        node = self.node
-        now = node.clock()
-        config = accepted.peer_config
-        ended = check_close(
-            close.header,
-            close.signature,
-            close.signer_certificate,
-            request=accepted.header,
-            request_header=accepted.envelope.header,
-            received=received,
-            sender=accepted.header.sender,
-            config=config,
-            now=now,
+        await _log_received_close(
+            self.node,
+            close,
+            accepted.header,
+            accepted.record,
+            received,
+            accepted.header.sender,
+            accepted.peer_config,
         )
-        certificate, _ = config.trust.signing_member(close.signer_certificate, now)
-        node.status.signer(close.signer_ocsp, certificate, config, now)
-        signer_sha = certificate_sha256(close.signer_certificate)
-        staple_sha, evidence = node.evidence(
-            certificate, close.signer_certificate, signer_sha, close.signer_ocsp, b"", "", config
-        )
-        bodies_sha, evidence = _with_bodies(received, evidence)
-        record = close_record(
-            accepted.record.role,
-            accepted.facts,
-            (close.header, ended, close.signature),
-            signer_sha,
-            staple_sha,
-            now,
-            bodies_sha,
-        )
-        await node.log.append(record.fields(), evidence)
 
     async def _answer(
         self,
@@ -858,26 +871,9 @@ class ProviderStreams:
             grpc_status=status,
             grpc_message=details,
         )
-        staple_sha, evidence = node.evidence(
-            signer.certificate,
-            signer.certificate_der,
-            signer.certificate_sha256,
-            accepted.own_staple,
-            b"",
-            "",
-            accepted.config,
+        await _log_own_close(
+            node, signed, signer, accepted.own_staple, sent, accepted.record, accepted.config
         )
-        bodies_sha, evidence = _with_bodies(sent, evidence)
-        record = close_record(
-            accepted.record.role,
-            accepted.facts,
-            signed,
-            signer.certificate_sha256,
-            staple_sha,
-            now,
-            bodies_sha,
-        )
-        await node.log.append(record.fields(), evidence)
         message = pb.StreamMessage(close=_close_envelope(signed, signer, accepted.own_staple))
         if not stapled:
             message.ocsp_staple = node.own_status.staple(node.auth_sha256)
