@@ -84,6 +84,18 @@ def trailing_of(metadata: Any) -> dict[str, str]:
     return {str(k): str(v) for k, v in (metadata or ())}
 
 
+async def recorded_not_closed(runner: Runner, message_id: str, servers: tuple[str, ...]) -> None:
+    """Wait (10 s at most) until each server's last record of the stream says it was not
+    closed (`stream_incomplete`)."""
+    deadline = time.monotonic() + 10
+    while any(
+        kinds(runner, server, message_id)[-1:] != [("refusal", "stream_incomplete")]
+        for server in servers
+    ):
+        assert time.monotonic() < deadline, [kinds(runner, s, message_id) for s in servers]
+        await asyncio.sleep(0.1)
+
+
 def new_id() -> str:
     return f"stream-{uuid.uuid4().hex}"
 
@@ -553,16 +565,7 @@ async def test_a_cancelled_caller_cancels_the_stream_on_both_servers(
     await call.write(population.EchoMessage(payload=b"hi"))
     await call.read()
     call.cancel()
-    deadline = time.monotonic() + 10
-    while not (
-        kinds(runner, MSP, message_id)[-1:] == [("refusal", "stream_incomplete")]
-        and kinds(runner, DNIC, message_id)[-1:] == [("refusal", "stream_incomplete")]
-    ):
-        assert time.monotonic() < deadline, (
-            kinds(runner, MSP, message_id),
-            kinds(runner, DNIC, message_id),
-        )
-        await asyncio.sleep(0.1)
+    await recorded_not_closed(runner, message_id, (MSP, DNIC))
 
 
 async def test_a_reader_that_stops_reading_stops_the_writer_through_both_servers(
@@ -608,16 +611,7 @@ async def test_the_callers_deadline_ends_the_stream_on_both_servers(
     await call.write(population.EchoMessage(payload=b"hi"))
     await call.read()
     assert await call.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    deadline = time.monotonic() + 10
-    while not (
-        kinds(runner, MSP, message_id)[-1:] == [("refusal", "stream_incomplete")]
-        and kinds(runner, DNIC, message_id)[-1:] == [("refusal", "stream_incomplete")]
-    ):
-        assert time.monotonic() < deadline, (
-            kinds(runner, MSP, message_id),
-            kinds(runner, DNIC, message_id),
-        )
-        await asyncio.sleep(0.1)
+    await recorded_not_closed(runner, message_id, (MSP, DNIC))
 
 
 # ---- an agreement revoked while a stream is open -----------------------------------------
@@ -712,10 +706,7 @@ async def test_kill_the_consumer_server_mid_stream(runner: Runner) -> None:
     assert error.code() == grpc.StatusCode.UNAVAILABLE
     runner.start("ss-msp")
     # the provider ends the backend call and records the stream as not closed
-    deadline = time.monotonic() + 10
-    while ("refusal", "stream_incomplete") not in kinds(runner, DNIC, message_id):
-        assert time.monotonic() < deadline, kinds(runner, DNIC, message_id)
-        await asyncio.sleep(0.2)
+    await recorded_not_closed(runner, message_id, (DNIC,))
     provider = kinds(runner, DNIC, message_id)
     assert ("response", None) not in provider
     consumer = kinds(runner, MSP, message_id)
