@@ -341,7 +341,9 @@ class ConsumerStreams:
                 now = node.clock()
                 signed = sign_close(out.header, header_bytes, sent, signer, node.server_id, now)
                 staple = node.own_status.staple(signer.certificate_sha256)
-                await _log_own_close(node, signed, signer, staple, sent, out.record, out.remote)
+                # our own certificate: its CA is in our instance's configuration
+                own = node.config.require(now)
+                await _log_own_close(node, signed, signer, staple, sent, out.record, own)
                 await rpc.write(pb.StreamMessage(close=_close_envelope(signed, signer, staple)))
                 await rpc.done_writing()
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -25,7 +26,7 @@ import pytest
 
 from gateway.v1 import exchange_pb2 as pb
 from gateway_client.admin import AdminClient
-from gateway_demo.client import Outcome
+from gateway_demo.client import Outcome, routing_metadata
 from gateway_demo.federation import (
     AR_POPULATION,
     PURPOSE,
@@ -38,7 +39,7 @@ from gateway_demo.runner import TEMPLATE_AR, Runner
 
 from .attacker import fetch_ocsp, open_stream, request_frame
 from .clinics import person_query, signed_request, signer_of
-from .conftest import CLINICS, DNIC, IDENTITY, MSP, POPULATION, run_gateway
+from .conftest import CLINICS, DNIC, IDENTITY, MSP, POPULATION, log_rows, run_gateway
 
 AR_IDENTITY = "AR/GOB/RENAPER/identidad"
 
@@ -153,6 +154,33 @@ def test_agreement_and_outbound_approval_are_both_needed(instances: Instances) -
     assert outcome.ok, outcome
     person = population.Person.FromString(outcome.body or b"")
     assert person.national_id == "20.123.456"
+
+
+def test_a_stream_crosses_the_border(instances: Instances) -> None:
+    """The Uruguayan clinics stream the Argentine register's export: the consumer learns the
+    method's kind from AR's catalogue; both countries' servers log the open and both
+    closes."""
+    message_id = f"stream-{uuid.uuid4().hex}"
+
+    async def export() -> list[str]:
+        async with instances.uy.consumer_channel(MSP, CLINICS) as channel:
+            call = channel.unary_stream(
+                "/demo.population.v1.PopulationRegistry/ExportPeople",
+                request_serializer=population.ExportRequest.SerializeToString,
+                response_deserializer=population.Person.FromString,
+            )(
+                population.ExportRequest(),
+                metadata=routing_metadata(
+                    client=CLINICS, service=AR_POPULATION, purpose=PURPOSE, message_id=message_id
+                ),
+                timeout=15,
+            )
+            return [person.given_name async for person in call]
+
+    assert "Lucía" in asyncio.run(export())
+    for runner, server in ((instances.uy, MSP), (instances.ar, RENAPER)):
+        kinds = [r["kind"] for r in log_rows(runner.log_db(server), message_id)]
+        assert kinds == ["request", "stream-close", "response"], (server, kinds)
 
 
 def test_local_policy_not_allowing_the_instance_is_refused(instances: Instances) -> None:
