@@ -250,6 +250,7 @@ class ConsumerStreams:
             return
         client = str(out.header.client)
         labels.client = client
+        labels.known_service(out.remote.services[out.header.service], method)
         try:
             self.clients.take(client, node.limits.max_streams_per_client, node.limits.max_streams)
         except GatewayError as err:
