@@ -43,8 +43,6 @@ REQUEST, RESPONSE = "request", "response"
 # behind than this is refused (stream_digest_mismatch)
 KEPT_LINKS = 4096
 
-EMPTY_SHA256 = sha256_hex(b"")
-
 
 def frame_messages(messages: list[bytes]) -> bytes:
     """Messages as the log keeps a direction's: each as its 4-byte big-endian length and its
