@@ -246,11 +246,23 @@ def _services_search(c: AdminClient, ns: argparse.Namespace) -> Shown:
     return _table(found, SERVICES)
 
 
+def _streams(given: list[str]) -> dict[str, str]:
+    """--stream METHOD=KIND values as the API takes them."""
+    streams = {}
+    for value in given:
+        method, equals, kind = value.rpartition("=")
+        if not equals or not method:
+            raise _UsageError(f"--stream {value!r}: write METHOD=KIND, e.g. /pkg.Svc/Export=server")
+        streams[method] = kind
+    return streams
+
+
 def _services_add(c: AdminClient, ns: argparse.Namespace) -> Shown:
     fields: dict[str, Any] = {
         "id": ns.id,
         "description": ns.description,
         "methods": ns.method,
+        "streams": _streams(ns.stream),
         "data_categories": ns.category,
         "legal_basis": ns.legal_basis,
         "contact": ns.contact,
@@ -508,6 +520,13 @@ def add_admin_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
         default=[],
         metavar="M",
         help="a full gRPC method path, e.g. /pkg.Service/Method (repeat; none: any method)",
+    )
+    p.add_argument(
+        "--stream",
+        action="append",
+        default=[],
+        metavar="M=KIND",
+        help="a streaming method among them and its kind: server, client or bidi (repeat)",
     )
     p.add_argument("--interface", type=Path, metavar="PROTO_FILE", help="its .proto source")
     p.add_argument(

@@ -203,3 +203,42 @@ def test_registry_token_command_issues_a_token_the_api_accepts(runner: Runner) -
     )
     assert unscoped.returncode == 2
     assert "member" in unscoped.stderr
+
+
+def test_a_service_with_streaming_methods_from_the_command_line(runner: Runner) -> None:
+    """`services add --stream M=KIND` lists a streaming method in the catalogue; a kind the
+    gateway does not know, or one of a method the service does not list, is refused."""
+    token = runner.token("member-admin", member="UY/GOV/DNIC", subject="dnic-admin")
+    service = "UY/GOV/DNIC/identity/census/v1"
+    export = "/demo.census.v1.Census/Export"
+    base = ("services", "add", "--id", service, "--description", "census exports")
+    added = json.loads(
+        ok(
+            admin(
+                "--json",
+                *base,
+                "--method",
+                export,
+                "--stream",
+                f"{export}=server",
+                url=runner.api_url,
+                token=token,
+            )
+        )
+    )
+    assert added["streams"] == {export: "server"}
+    other = ("--id", "UY/GOV/DNIC/identity/census2/v1", "--description", "d", "--method", export)
+    refused = admin(
+        "services", "add", *other, "--stream", f"{export}=sideways",
+        url=runner.api_url, token=token,
+    )  # fmt: skip
+    assert refused.returncode == 1 and "sideways" in refused.stderr, refused.stderr
+    unlisted = admin(
+        "services", "add", *other, "--stream", "/demo.census.v1.Census/Other=bidi",
+        url=runner.api_url, token=token,
+    )  # fmt: skip
+    assert unlisted.returncode == 1 and "not one of the service's methods" in unlisted.stderr
+    malformed = admin(
+        "services", "add", *other, "--stream", "server", url=runner.api_url, token=token
+    )
+    assert malformed.returncode == 2 and "METHOD=KIND" in malformed.stderr
