@@ -151,13 +151,15 @@ async def _watch(
             return err
 
 
-async def _first(*jobs: Awaitable[Any]) -> None:
-    """Run `jobs` until one ends; cancel the others and wait for them; raise what the ended
-    one raised. When several end at once, a normal end wins (a stream whose closes were both
-    checked is not then refused by a watcher that fired in the same instant)."""
+async def _first(*jobs: Awaitable[Any], outlet: Outlet) -> None:
+    """Run `jobs` until one ends; settle `outlet` (no write is cut off), cancel the others
+    and wait for them; raise what the ended one raised. When several end at once, a normal
+    end wins (a stream whose closes were both checked is not then refused by a watcher that
+    fired in the same instant)."""
     tasks = [asyncio.ensure_future(job) for job in jobs]
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        await outlet.settle(CLOSE_WAIT_SECONDS)
     finally:
         for task in tasks:
             task.cancel()
@@ -170,33 +172,43 @@ async def _first(*jobs: Awaitable[Any]) -> None:
 
 
 class Outlet:
-    """One side's writes, one at a time and never cut off: a task cancelled while writing
-    (its stream is ending) leaves the write to finish, so that the refusal written next
-    does not meet a half-done write."""
+    """One side's writes, one at a time, never cut off by the stream's own ending: before
+    the jobs of a stream are cancelled, `settle` stops further writes and waits for the one
+    under way, so that a refusal written next does not meet a half-done write."""
 
-    __slots__ = ("_pending", "_write")
+    __slots__ = ("_idle", "_write", "stopped")
 
     def __init__(self, write: Callable[[Any], Awaitable[None]]) -> None:
         self._write = write
-        self._pending: asyncio.Future[None] | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.stopped = False
 
     async def write(self, message: Any) -> None:
         """Write `message`; `PeerGone` when the call has ended under it (grpc raises errors
-        of its own, some private, for a write to a call that has ended)."""
-        self._pending = asyncio.ensure_future(self._write(message))
+        of its own, some private, for a write to a call that has ended), or the stream is
+        ending (`settle`)."""
+        if self.stopped:
+            raise PeerGone("the stream is ending")
+        self._idle.clear()
         try:
-            await asyncio.shield(self._pending)
+            await self._write(message)
         except (grpc.aio.BaseError, grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
             raise PeerGone(str(exc)) from exc
+        finally:
+            self._idle.set()
 
     async def settle(self, timeout: float) -> bool:
-        """Wait up to `timeout` seconds for a write under way; whether none is left."""
-        pending = self._pending
-        if pending is None or pending.done():
-            return True
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(asyncio.shield(pending), timeout)
-        return pending.done()
+        """Take no more writes, and wait up to `timeout` seconds for the one under way;
+        whether none is left."""
+        self.stopped = True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        return self._idle.is_set()
+
+    async def last(self, message: Any) -> None:
+        """Write the stream's last message (a refusal), once settled."""
+        await self._write(message)
 
 
 class StreamError(Exception):
@@ -397,9 +409,7 @@ class ConsumerStreams:
                 raise incomplete(RESPONSE, "the provider's stream ended")
 
             await _first(
-                forward_requests(),
-                forward_responses(),
-                self._watch(out),
+                forward_requests(), forward_responses(), self._watch(out), outlet=to_caller
             )
         except StreamError as exc:
             await self._fail(exc.error, out, context, to_caller, labels)
@@ -798,7 +808,9 @@ class ProviderStreams:
             answered.set()
 
         try:
-            await _first(forward_requests(), forward_responses(), self._watch(accepted))
+            await _first(
+                forward_requests(), forward_responses(), self._watch(accepted), outlet=outlet
+            )
         except StreamError as exc:
             await self._fail(accepted, exc.error, outlet, backend, labels)
         except GatewayError as err:
@@ -900,7 +912,7 @@ class ProviderStreams:
         if await outlet.settle(CLOSE_WAIT_SECONDS):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(
-                    self._refusal(outlet.write, err, accepted.header.message_id),
+                    self._refusal(outlet.last, err, accepted.header.message_id),
                     CLOSE_WAIT_SECONDS,
                 )
 
