@@ -465,6 +465,11 @@ async def test_a_member_admin_requests_an_agreement_from_a_services_page(world: 
     assert "UY/GOV/DNIC/identity/population/v1" not in catalogue  # searched out
     page = await bps.get(f"/console/services/{VACCINATION}")
     assert '<option value="UY/GOV/BPS/benefits">' in page
+    # a service's streaming methods are named with their kind
+    population = await bps.get(f"/console/services/{POPULATION}")
+    assert "ExportPeople</code> (server streaming)" in population
+    assert "Chat</code> (bidirectional streaming)" in population
+    assert "GetPerson</code></li>" in population
     form = {
         "csrf": await bps.csrf(f"/console/services/{VACCINATION}"),
         "service": str(VACCINATION),
