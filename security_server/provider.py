@@ -177,11 +177,17 @@ class BackendClient:
                 ) from None
             return int(code.value[0]), str(exc.details() or ""), b""
 
-    def open_stream(self, service: str, method: str, wait_seconds: float) -> Any:
+    def open_stream(
+        self, service: str, method: str, wait_seconds: float, traceparent: str = ""
+    ) -> Any:
         """A streaming call to the backend of `service` (any kind: on the wire each is a
-        stream of messages each way), forwarding opaque bytes."""
+        stream of messages each way), forwarding opaque bytes; `traceparent`, when given,
+        goes to the backend in metadata."""
         channel = self._channel(self.addresses[service])
-        return channel.stream_stream(method, None, None)(None, timeout=wait_seconds)
+        metadata = ((TRACEPARENT, traceparent),) if traceparent else None
+        return channel.stream_stream(method, None, None)(
+            None, timeout=wait_seconds, metadata=metadata
+        )
 
     async def close(self) -> None:
         for channel in self._channels.values():

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 import structlog
+from opentelemetry.trace import SpanKind
 
 from gateway.audit import RecordKind, Role
 from gateway.configuration import GlobalConfiguration
@@ -68,6 +69,7 @@ from gateway.streams import (
     too_many,
 )
 from gateway.v1 import exchange_pb2 as pb
+from gateway_ops.tracing import OK, CallTrace, traceparent_of
 from security_server.metrics import CallLabels, backend_code
 from security_server.node import Node
 from security_server.peers import envelope_of, error_from_rpc, peer_certificate, signed_envelope
@@ -243,6 +245,23 @@ class ConsumerStreams:
         requests: Any,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> None:
+        service = self.service
+        trace = service.tracing.start_call(
+            "consumer stream", traceparent_of(context.invocation_metadata())
+        )
+        try:
+            await self._open(method, kind, requests, context, trace)
+        finally:
+            trace.finish()
+
+    async def _open(
+        self,
+        method: str,
+        kind: str,
+        requests: Any,
+        context: grpc.aio.ServicerContext[Any, Any],
+        trace: CallTrace,
+    ) -> None:
         node, service = self.node, self.service
         labels = CallLabels()
         started = time.perf_counter()
@@ -258,8 +277,16 @@ class ConsumerStreams:
         )
         out = start_call(call, node, node.clock())
         if isinstance(out, Refusal):
+            trace.outcome(out.error.code.value)
             await service._refuse(context, out, labels)
             return
+        # checked against the configuration: safe to name in spans
+        trace.describe(
+            client=str(out.header.client),
+            service=str(out.header.service),
+            method=method,
+            message_id=out.header.message_id,
+        )
         client = str(out.header.client)
         labels.client = client
         labels.known_service(out.remote.services[out.header.service], method)
@@ -269,8 +296,9 @@ class ConsumerStreams:
             await service._refuse(context, consumer_refusal(err, out, node.clock()), labels)
             return
         try:
-            await self._call(out, requests, context, labels)
+            await self._call(out, requests, context, labels, trace)
         finally:
+            trace.outcome(labels.code)
             self.clients.give(client)
             if service.metrics is not None:
                 service.metrics.call("consumer", labels, time.perf_counter() - started)
@@ -281,6 +309,7 @@ class ConsumerStreams:
         requests: Any,
         context: grpc.aio.ServicerContext[Any, Any],
         labels: CallLabels,
+        trace: CallTrace,
     ) -> None:
         node, service = self.node, self.service
         message_id = out.header.message_id
@@ -310,6 +339,8 @@ class ConsumerStreams:
         answered = asyncio.Event()
         peer_staple = [link.peer_staple]
         to_caller = Outlet(context.write)
+        # the provider leg: the provider's spans are its children
+        leg = trace.start("provider leg", SpanKind.CLIENT)
         try:
             check_provider_not_revoked(link.peer_staple, out, node, node.clock())
             rpc = link.channel.stream_stream(
@@ -320,7 +351,9 @@ class ConsumerStreams:
             await rpc.write(
                 pb.StreamMessage(
                     open=pb.StreamOpen(
-                        request=signed_envelope(out.envelope), timeout_ms=int(wait * 1000)
+                        request=signed_envelope(out.envelope),
+                        timeout_ms=int(wait * 1000),
+                        traceparent=trace.traceparent(leg).encode(),
                     ),
                     ocsp_staple=link.staple(),
                 )
@@ -390,6 +423,7 @@ class ConsumerStreams:
                         # the last messages reach the caller before the status
                         await to_caller.settle(CLOSE_WAIT_SECONDS)
                         trailing = ((ID_KEY, out.header.message_id),)
+                        labels.code = backend_code(ended.grpc_status)
                         if ended.grpc_status != 0:
                             await context.abort(
                                 grpc.StatusCode[_STATUS_NAMES[ended.grpc_status]],
@@ -449,6 +483,7 @@ class ConsumerStreams:
             log.exception("stream_failed", code=gone.code.value, message_id=out.header.message_id)
             await node.log_failure(consumer_refusal(gone, out, node.clock()).record.fields())
         finally:
+            trace.end(leg, None if labels.code == OK else labels.code)
             if rpc is not None:
                 rpc.cancel()
 
@@ -666,6 +701,24 @@ class ProviderStreams:
             return
         if first.ocsp_staple:
             peer.staple = first.ocsp_staple
+        # the stream's span, child of the consumer's provider leg (its traceparent is never
+        # trusted for anything else)
+        trace = self.service.tracing.start_call(
+            "provider stream", first.open.traceparent if first.HasField("open") else None
+        )
+        try:
+            await self._accept(first, peer, context, trace)
+        finally:
+            trace.finish()
+
+    async def _accept(
+        self,
+        first: pb.StreamMessage,
+        peer: Peer,
+        context: grpc.aio.ServicerContext[Any, Any],
+        trace: CallTrace,
+    ) -> None:
+        node = self.node
         now = node.clock()
         accepted = accept_request(
             envelope_of(first.open.request) if first.HasField("open") else None,
@@ -690,6 +743,7 @@ class ProviderStreams:
             except GatewayError as err:
                 accepted = refuse_accepted(accepted, err, node.clock())
         if isinstance(accepted, Refusal):
+            trace.outcome(accepted.error.code.value)
             log.warning(
                 "stream_refused",
                 code=accepted.error.code.value,
@@ -699,9 +753,18 @@ class ProviderStreams:
             await node.log_failure(accepted.record.fields())
             await self._refusal(context.write, accepted.error, accepted.record.facts.message_id)
             return
+        # verified and checked against the configuration: safe to name in spans
+        trace.describe(
+            client=str(accepted.header.client),
+            service=str(accepted.header.service),
+            method=accepted.header.method,
+            message_id=accepted.header.message_id,
+        )
+        labels = CallLabels()
         try:
-            await self._serve(accepted, first, peer, context)
+            await self._serve(accepted, first, peer, context, labels, trace)
         finally:
+            trace.outcome(labels.code)
             self.clients.give(str(accepted.header.client))
 
     async def _serve(
@@ -710,10 +773,11 @@ class ProviderStreams:
         first: pb.StreamMessage,
         peer: Peer,
         context: grpc.aio.ServicerContext[Any, Any],
+        labels: CallLabels,
+        trace: CallTrace,
     ) -> None:
         node, limits = self.node, self.node.limits
         header = accepted.header
-        labels = CallLabels()
         labels.known_service(accepted.config.services[header.service], header.method)
         labels.client = str(header.client)
         started = time.perf_counter()
@@ -728,7 +792,10 @@ class ProviderStreams:
         timeout = first.open.timeout_ms / 1000 if first.open.timeout_ms else 1e9
         wait = min(timeout, limits.max_stream_seconds + 5)
         backends = self.service.backends
-        backend = backends.open_stream(str(header.service), header.method, wait)
+        call_span = trace.start("backend call", SpanKind.CLIENT)
+        backend = backends.open_stream(
+            str(header.service), header.method, wait, trace.traceparent(call_span)
+        )
         outlet = Outlet(context.write)
         request_done = asyncio.Event()
         # our close was logged and handed to gRPC: the stream has its answer
@@ -836,6 +903,7 @@ class ProviderStreams:
             await node.log_failure(refuse_accepted(accepted, gone, node.clock()).record.fields())
         finally:
             backend.cancel()
+            trace.end(call_span, None if labels.code == OK else labels.code)
             if self.service.metrics is not None:
                 self.service.metrics.call("provider", labels, time.perf_counter() - started)
 

@@ -152,6 +152,43 @@ def assert_one_call(trace: list[Span], caller_span: str, outcome: Outcome) -> No
         }
 
 
+async def test_a_stream_is_one_trace_across_both_servers(topology: Topology) -> None:
+    """A streaming call's spans: the consumer's stream and its provider leg, the provider's
+    stream (child of that leg) and its backend call, in the caller's trace."""
+    traceparent, trace_id, caller_span = new_traceparent()
+    async with grpc.aio.insecure_channel(topology.runner.consumers[MSP]) as channel:
+        call = channel.unary_stream(
+            "/demo.population.v1.PopulationRegistry/ExportPeople",
+            request_serializer=population.ExportRequest.SerializeToString,
+            response_deserializer=population.Person.FromString,
+        )(
+            population.ExportRequest(),
+            metadata=[
+                *routing_metadata(client=CLINICS, service=POPULATION, purpose=PURPOSE),
+                ("traceparent", traceparent),
+            ],
+            timeout=10,
+        )
+        assert len([p async for p in call]) == 3
+    spans = topology.collector.wait(
+        lambda spans: len([s for s in spans if s.trace_id == trace_id]) >= 4
+    )
+    trace = {(s.service, s.name): s for s in spans if s.trace_id == trace_id}
+    assert set(trace) == {
+        (MSP, "consumer stream"),
+        (MSP, "provider leg"),
+        (DNIC, "provider stream"),
+        (DNIC, "backend call"),
+    }
+    assert trace[MSP, "consumer stream"].parent_id == caller_span
+    assert trace[MSP, "provider leg"].parent_id == trace[MSP, "consumer stream"].span_id
+    assert trace[DNIC, "provider stream"].parent_id == trace[MSP, "provider leg"].span_id
+    assert trace[DNIC, "backend call"].parent_id == trace[DNIC, "provider stream"].span_id
+    for name in ((MSP, "consumer stream"), (DNIC, "provider stream")):
+        assert trace[name].attributes["gateway.outcome"] == "ok"
+        assert trace[name].attributes["gateway.method"].endswith("/ExportPeople")
+
+
 async def test_log_lines_of_a_call_carry_its_trace_id(topology: Topology) -> None:
     """A refused call's log line carries the caller's trace id; its span names the refusal's code."""
     traceparent, trace_id, _ = new_traceparent()
