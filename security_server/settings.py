@@ -220,9 +220,9 @@ class LimitsSection:
     drain_seconds: float = 10.0
     # streaming calls (each message is at most max_message_bytes): how long one may last,
     # in seconds; how many messages each direction may carry; how many streaming calls
-    # one client subsystem may have open at once on this server (consumer endpoint) and
-    # one peer server (provider endpoint). Past each, the stream ends with its own code
-    # (stream_too_long, stream_too_many_messages, too_many_streams)
+    # one client subsystem may have open at once on each endpoint of this server. Past
+    # each, the stream ends with its own code (stream_too_long, stream_too_many_messages,
+    # too_many_streams)
     max_stream_seconds: float = 3600.0
     max_stream_messages: int = 10_000_000
     max_streams_per_client: int = 100
