@@ -645,18 +645,7 @@ class ProviderStreams:
             registered_peer(node.federated, peer, node.clock())
         except GatewayError as err:
             log.warning("peer_refused", code=err.code.value, peer_certificate=fingerprint)
-            await node.log_failure(
-                LogRecord(
-                    kind=RecordKind.REFUSAL,
-                    role=Role.PROVIDER,
-                    logged_at=node.clock(),
-                    facts=Facts(message_id=None, peer=peer.name),
-                    status="refused",
-                    error_code=err.code.value,
-                    error_message=err.message,
-                ).fields()
-            )
-            await abort(context, err.code, err.message, None)
+            await self._refuse_peer(peer, err, context)
             return
         try:
             self.clients.check_total(node.limits.max_streams)
@@ -671,10 +660,27 @@ class ProviderStreams:
         finally:
             self.clients.opening -= 1
 
+    async def _refuse_peer(
+        self, peer: Peer, err: GatewayError, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        """Log and refuse a stream before any request of it was read (no message id)."""
+        node = self.node
+        await node.log_failure(
+            LogRecord(
+                kind=RecordKind.REFUSAL,
+                role=Role.PROVIDER,
+                logged_at=node.clock(),
+                facts=Facts(message_id=None, peer=peer.name),
+                status="refused",
+                error_code=err.code.value,
+                error_message=err.message,
+            ).fields()
+        )
+        await abort(context, err.code, err.message, None)
+
     async def _open(
         self, messages: Any, peer: Peer, context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
-        node = self.node
         try:
             first = await asyncio.wait_for(context.read(), OPEN_WAIT_SECONDS)
         except grpc.aio.AioRpcError:
@@ -686,18 +692,7 @@ class ProviderStreams:
                 f"no stream open arrived within {OPEN_WAIT_SECONDS:.0f} s",
                 code=Code.MALFORMED_ENVELOPE,
             )
-            await node.log_failure(
-                LogRecord(
-                    kind=RecordKind.REFUSAL,
-                    role=Role.PROVIDER,
-                    logged_at=node.clock(),
-                    facts=Facts(message_id=None, peer=peer.name),
-                    status="refused",
-                    error_code=late.code.value,
-                    error_message=late.message,
-                ).fields()
-            )
-            await abort(context, late.code, late.message, None)
+            await self._refuse_peer(peer, late, context)
             return
         if first.ocsp_staple:
             peer.staple = first.ocsp_staple

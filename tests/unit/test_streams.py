@@ -145,7 +145,7 @@ def streaming_world() -> World:
 
 
 def stream_call(
-    world: World, *, method: str = CHAT, kind: str | None = "bidi"
+    world: World, *, method: str = CHAT, kind: str | None = "bidi", message_id: str = "generated-1"
 ) -> Outgoing | Refusal:
     return start_call(
         Call(
@@ -157,7 +157,7 @@ def stream_call(
             },
             body=b"",
             in_flight=1,
-            generated_id="generated-1",
+            generated_id=message_id,
             stream=kind,
         ),
         world.consumer,
@@ -358,22 +358,7 @@ def test_a_close_signed_by_another_member_is_refused() -> None:
 def test_a_close_of_another_stream_or_tampered_is_refused() -> None:
     first = opened(streaming_world())
     world = first.world
-    second_out = start_call(
-        Call(
-            method=CHAT,
-            metadata={
-                "gateway-client": str(CLINICS),
-                "gateway-service": str(POPULATION),
-                "gateway-purpose": PURPOSE,
-            },
-            body=b"",
-            in_flight=1,
-            generated_id="generated-2",
-            stream="bidi",
-        ),
-        world.consumer,
-        world.now,
-    )
+    second_out = stream_call(world, message_id="generated-2")
     assert isinstance(second_out, Outgoing)
     signer = world.consumer.signers[CLINICS.member]
     other = sign_close(
