@@ -73,6 +73,7 @@ from gateway_ops.tracing import OK, CallTrace, traceparent_of
 from security_server.metrics import CallLabels, backend_code
 from security_server.node import Node
 from security_server.peers import envelope_of, error_from_rpc, peer_certificate, signed_envelope
+from security_server.settings import LimitsSection
 from security_server.status import ID_KEY, abort
 
 if TYPE_CHECKING:
@@ -219,6 +220,28 @@ class StreamError(Exception):
     def __init__(self, error: GatewayError) -> None:
         super().__init__(error.message)
         self.error = error
+
+
+def outgoing(body: bytes, sent: Chain, limits: LimitsSection) -> pb.StreamMessage:
+    """The stream message carrying the next message a server sends in `sent`'s direction,
+    within the limits of a message's size and a direction's count."""
+    if len(body) > limits.max_message_bytes:
+        raise StreamError(too_large(sent.direction, len(body), limits.max_message_bytes))
+    if sent.count >= limits.max_stream_messages:
+        raise StreamError(too_many(sent.direction, sent.count + 1, limits.max_stream_messages))
+    seq, link = sent.extend(body)
+    return pb.StreamMessage(data=pb.StreamData(seq=seq, body=body, link=link))
+
+
+def incoming(data: pb.StreamData, received: Chain, limits: LimitsSection) -> bytes:
+    """A message received in `received`'s direction, checked against the limits and the
+    chain (`Chain.accept`); its bytes, to forward."""
+    if len(data.body) > limits.max_message_bytes:
+        raise StreamError(too_large(received.direction, len(data.body), limits.max_message_bytes))
+    if data.seq > limits.max_stream_messages:
+        raise StreamError(too_many(received.direction, data.seq, limits.max_stream_messages))
+    received.accept(data.seq, data.body, data.link)
+    return data.body
 
 
 # ---- consumer ----------------------------------------------------------------------------
@@ -373,16 +396,7 @@ class ConsumerStreams:
 
             async def send_messages() -> None:
                 async for body in requests:
-                    if len(body) > limits.max_message_bytes:
-                        raise StreamError(too_large(REQUEST, len(body), limits.max_message_bytes))
-                    if sent.count >= limits.max_stream_messages:
-                        raise StreamError(
-                            too_many(REQUEST, sent.count + 1, limits.max_stream_messages)
-                        )
-                    seq, chained = sent.extend(body)
-                    await rpc.write(
-                        pb.StreamMessage(data=pb.StreamData(seq=seq, body=body, link=chained))
-                    )
+                    await rpc.write(outgoing(body, sent, limits))
                 requests_ended.set()
                 now = node.clock()
                 signed = sign_close(out.header, header_bytes, sent, signer, node.server_id, now)
@@ -399,17 +413,7 @@ class ConsumerStreams:
                         peer_staple[0] = message.ocsp_staple
                     which = message.WhichOneof("kind")
                     if which == "data":
-                        data = message.data
-                        if len(data.body) > limits.max_message_bytes:
-                            raise StreamError(
-                                too_large(RESPONSE, len(data.body), limits.max_message_bytes)
-                            )
-                        if data.seq > limits.max_stream_messages:
-                            raise StreamError(
-                                too_many(RESPONSE, data.seq, limits.max_stream_messages)
-                            )
-                        received.accept(data.seq, data.body, data.link)
-                        await to_caller.write(data.body)
+                        await to_caller.write(incoming(message.data, received, limits))
                     elif which == "close":
                         ended = await self._closed(
                             out, message.close, sent, received, peer_staple[0]
@@ -806,17 +810,10 @@ class ProviderStreams:
                     peer.staple = message.ocsp_staple
                 which = message.WhichOneof("kind")
                 if which == "data":
-                    data = message.data
-                    if len(data.body) > limits.max_message_bytes:
-                        raise StreamError(
-                            too_large(REQUEST, len(data.body), limits.max_message_bytes)
-                        )
-                    if data.seq > limits.max_stream_messages:
-                        raise StreamError(too_many(REQUEST, data.seq, limits.max_stream_messages))
-                    received.accept(data.seq, data.body, data.link)
+                    body = incoming(message.data, received, limits)
                     if backend_writable[0]:
                         try:
-                            await backend.write(data.body)
+                            await backend.write(body)
                         except ENDED:
                             backend_writable[0] = False  # the backend has ended: keep checking
                 elif which == "close":
@@ -837,14 +834,7 @@ class ProviderStreams:
             stapled = False
             try:
                 async for body in backend:
-                    if len(body) > limits.max_message_bytes:
-                        raise StreamError(too_large(RESPONSE, len(body), limits.max_message_bytes))
-                    if sent.count >= limits.max_stream_messages:
-                        raise StreamError(
-                            too_many(RESPONSE, sent.count + 1, limits.max_stream_messages)
-                        )
-                    seq, chained = sent.extend(body)
-                    message = pb.StreamMessage(data=pb.StreamData(seq=seq, body=body, link=chained))
+                    message = outgoing(body, sent, limits)
                     if not stapled:
                         message.ocsp_staple = node.own_status.staple(node.auth_sha256)
                         stapled = True
