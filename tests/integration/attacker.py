@@ -127,10 +127,19 @@ def open_stream(
     `server_id_for_tls_name`, as a real consumer security server does; `cert_pem` and
     `key_pem` are the client certificate and key the attacker presents.
     """
+    channel = peer_channel(address, server_id_for_tls_name, ca_pem, cert_pem, key_pem)
+    return AttackStream(channel, timeout, staple)
+
+
+def peer_channel(
+    address: str, server_id_for_tls_name: str, ca_pem: bytes, cert_pem: bytes, key_pem: bytes
+) -> grpc.aio.Channel:
+    """A mutual-TLS channel to a provider endpoint, checking its certificate as a consumer
+    security server does, presenting `cert_pem` and `key_pem`."""
     credentials = grpc.ssl_channel_credentials(
         root_certificates=ca_pem, private_key=key_pem, certificate_chain=cert_pem
     )
-    channel = grpc.aio.secure_channel(
+    return grpc.aio.secure_channel(
         address,
         credentials,
         options=[
@@ -142,7 +151,6 @@ def open_stream(
             ("grpc.max_receive_message_length", 16 * 1024 * 1024),
         ],
     )
-    return AttackStream(channel, timeout, staple)
 
 
 def fetch_ocsp(url: str, certificate_pem: bytes, issuer_pem: bytes) -> bytes:
@@ -169,8 +177,10 @@ def request_header(
     sender: str,
     body: bytes,
     created_at: datetime,
+    stream: str | None = None,
 ) -> RequestHeader:
-    """The request header a consumer security server would sign for these facts."""
+    """The request header a consumer security server would sign for these facts (`stream`:
+    the kind of a streaming call it opens, whose body is empty)."""
     return RequestHeader(
         message_id=message_id,
         client=SubsystemId.parse(client),
@@ -180,6 +190,7 @@ def request_header(
         sender=SecurityServerId.parse(sender),
         created_at=created_at,
         body_sha256=sha256_hex(body),
+        stream=stream,
     )
 
 

@@ -4,7 +4,8 @@ It listens on a registered provider's address with that server's own TLS certifi
 key (the real process stays stopped), so a real consumer security server connects to it
 exactly as to the real provider. What it answers to each request frame is chosen by the
 test: `behaviour` maps the request frame to a `Reply` (an answer frame and the stream
-staple to send with it, or nothing and the end of the stream). It never checks anything
+staple to send with it, or nothing and the end of the stream), and `stream_behaviour` maps
+a streaming call's open to the messages it answers with (`Exchange.Stream`). It never checks anything
 itself; the tests decide what the consumer should have done.
 
 It runs on gRPC's thread-based server, so one instance serves a whole test module
@@ -35,6 +36,7 @@ class Reply:
 
 
 Behaviour = Callable[[pb.Frame], Reply]
+StreamBehaviour = Callable[[pb.StreamOpen], Iterator[pb.StreamMessage]]
 
 
 def _hang_up(_: pb.Frame) -> Reply:
@@ -48,6 +50,7 @@ class MaliciousProvider:
         self.address = address
         self._lock = threading.Lock()
         self._behaviour: Behaviour = _hang_up
+        self._stream_behaviour: StreamBehaviour = lambda _: iter(())
         self.requests: list[pb.Frame] = []
         self._server = grpc.server(
             ThreadPoolExecutor(max_workers=4),
@@ -61,8 +64,17 @@ class MaliciousProvider:
             request_deserializer=pb.Frames.FromString,
             response_serializer=pb.Frames.SerializeToString,
         )
+        stream = grpc.stream_stream_rpc_method_handler(
+            self._stream,
+            request_deserializer=pb.StreamMessage.FromString,
+            response_serializer=pb.StreamMessage.SerializeToString,
+        )
         self._server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler("gateway.v1.Exchange", {"Exchange": handler}),)
+            (
+                grpc.method_handlers_generic_handler(
+                    "gateway.v1.Exchange", {"Exchange": handler, "Stream": stream}
+                ),
+            )
         )
         credentials = grpc.ssl_server_credentials(
             [(key_pem, cert_pem)], root_certificates=ca_pem, require_client_auth=True
@@ -79,6 +91,22 @@ class MaliciousProvider:
     def behaviour(self, behaviour: Behaviour) -> None:
         with self._lock:
             self._behaviour = behaviour
+
+    @property
+    def stream_behaviour(self) -> StreamBehaviour:
+        with self._lock:
+            return self._stream_behaviour
+
+    @stream_behaviour.setter
+    def stream_behaviour(self, behaviour: StreamBehaviour) -> None:
+        with self._lock:
+            self._stream_behaviour = behaviour
+
+    def _stream(
+        self, messages: Iterator[pb.StreamMessage], context: Any
+    ) -> Iterator[pb.StreamMessage]:
+        first = next(messages)
+        yield from self.stream_behaviour(first.open)
 
     def _exchange(self, messages: Iterator[pb.Frames], context: Any) -> Iterator[pb.Frames]:
         for message in messages:

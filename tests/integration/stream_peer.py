@@ -1,30 +1,27 @@
-"""Misbehaving peers for streaming calls, over real mutual TLS.
+"""A misbehaving consumer server for streaming calls, over real mutual TLS.
 
 `StreamingConsumer` speaks `Exchange.Stream` to a provider security server as a consumer
 server does, with a registered server's TLS keys and its member's signing key, but lets a
-test send any message in any order. `StreamingProvider` listens on a registered provider's
-address with that server's keys (the real process stopped) and answers a real consumer
-server's streams as the test says. Neither checks anything: the tests decide what the
-real server should have done.
+test send any message in any order. It checks nothing: the tests decide what the real
+server should have done. (The misbehaving provider is `malicious_provider.MaliciousProvider`,
+whose `stream_behaviour` answers streams.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
 
 import grpc
 
-from gateway.envelope import RequestHeader, StreamClose, decode_request, sha256_hex
-from gateway.identifiers import SecurityServerId, ServiceId, SubsystemId, server_dns_name
+from gateway.envelope import StreamClose, decode_request, sha256_hex
+from gateway.identifiers import SecurityServerId
 from gateway.signing import EcdsaSigner
-from gateway.streams import REQUEST, RESPONSE, Chain
+from gateway.streams import Chain
 from gateway.v1 import exchange_pb2 as pb
+from tests.integration.attacker import peer_channel, request_header
 
 STREAM_METHOD = "/gateway.v1.Exchange/Stream"
 
@@ -42,15 +39,15 @@ def stream_open(
     created_at: datetime,
     signer_ocsp: bytes,
 ) -> pb.StreamOpen:
-    header = RequestHeader(
+    header = request_header(
         message_id=message_id,
-        client=SubsystemId.parse(client),
-        service=ServiceId.parse(service),
+        client=client,
+        service=service,
         method=method,
         purpose=purpose,
-        sender=SecurityServerId.parse(sender),
+        sender=sender,
+        body=b"",
         created_at=created_at,
-        body_sha256=sha256_hex(b""),
         stream=kind,
     ).encode()
     return pb.StreamOpen(
@@ -117,19 +114,7 @@ class StreamingConsumer:
         cert_pem: bytes,
         key_pem: bytes,
     ) -> None:
-        credentials = grpc.ssl_channel_credentials(
-            root_certificates=ca_pem, private_key=key_pem, certificate_chain=cert_pem
-        )
-        self.channel = grpc.aio.secure_channel(
-            address,
-            credentials,
-            options=[
-                (
-                    "grpc.ssl_target_name_override",
-                    server_dns_name(SecurityServerId.parse(provider_id)),
-                ),
-            ],
-        )
+        self.channel = peer_channel(address, provider_id, ca_pem, cert_pem, key_pem)
         self.call: Any = self.channel.stream_stream(
             STREAM_METHOD,
             request_serializer=pb.StreamMessage.SerializeToString,
@@ -158,59 +143,3 @@ class StreamingConsumer:
     async def close(self) -> None:
         self.call.cancel()
         await self.channel.close(None)
-
-
-Behaviour = Callable[[pb.StreamOpen], Iterator[pb.StreamMessage]]
-
-
-class StreamingProvider:
-    """A provider endpoint whose `Exchange.Stream` answers with `behaviour(open)`'s
-    messages (after reading the consumer's open), on gRPC's thread-based server."""
-
-    def __init__(self, address: str, cert_pem: bytes, key_pem: bytes, ca_pem: bytes) -> None:
-        self._lock = threading.Lock()
-        self._behaviour: Behaviour = lambda _: iter(())
-        self._server = grpc.server(ThreadPoolExecutor(max_workers=4))
-        handler = grpc.stream_stream_rpc_method_handler(
-            self._stream,
-            request_deserializer=pb.StreamMessage.FromString,
-            response_serializer=pb.StreamMessage.SerializeToString,
-        )
-        self._server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler("gateway.v1.Exchange", {"Stream": handler}),)
-        )
-        credentials = grpc.ssl_server_credentials(
-            [(key_pem, cert_pem)], root_certificates=ca_pem, require_client_auth=True
-        )
-        if self._server.add_secure_port(address, credentials) == 0:
-            raise RuntimeError(f"cannot listen on {address}")
-
-    @property
-    def behaviour(self) -> Behaviour:
-        with self._lock:
-            return self._behaviour
-
-    @behaviour.setter
-    def behaviour(self, behaviour: Behaviour) -> None:
-        with self._lock:
-            self._behaviour = behaviour
-
-    def _stream(
-        self, messages: Iterator[pb.StreamMessage], context: Any
-    ) -> Iterator[pb.StreamMessage]:
-        first = next(messages)
-        yield from self.behaviour(first.open)
-
-    def start(self) -> None:
-        self._server.start()
-
-    def stop(self) -> None:
-        self._server.stop(None).wait()
-
-
-def response_chain(request_header: bytes) -> Chain:
-    return Chain(RESPONSE, request_header)
-
-
-def request_chain(request_header: bytes) -> Chain:
-    return Chain(REQUEST, request_header)

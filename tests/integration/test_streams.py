@@ -41,7 +41,8 @@ from gateway_demo.runner import Runner
 from tests.integration.attacker import fetch_ocsp
 
 from .conftest import CLINICS, DNIC, MSP, POPULATION, audit_verify, log_rows, run_gateway
-from .stream_peer import StreamingConsumer, StreamingProvider, data, signed_close, stream_open
+from .malicious_provider import MaliciousProvider
+from .stream_peer import StreamingConsumer, data, signed_close, stream_open
 
 EXPORT = "/demo.population.v1.PopulationRegistry/ExportPeople"
 DOWNLOAD = "/demo.population.v1.PopulationRegistry/Download"
@@ -738,10 +739,10 @@ async def test_kill_the_provider_server_mid_stream(runner: Runner) -> None:
 
 
 @pytest.fixture(scope="module")
-def fake_dnic(runner: Runner) -> Iterator[StreamingProvider]:
+def fake_dnic(runner: Runner) -> Iterator[MaliciousProvider]:
     runner.stop("ss-dnic", kill=True)
     pki = runner.pki
-    provider = StreamingProvider(
+    provider = MaliciousProvider(
         runner.providers[DNIC],
         (pki / "auth" / "UY_GOV_DNIC_ss1.crt").read_bytes(),
         (pki / "auth" / "UY_GOV_DNIC_ss1.key").read_bytes(),
@@ -802,9 +803,9 @@ def _answers(runner: Runner, how: str) -> Callable[[pb.StreamOpen], Iterator[pb.
     ],
 )
 async def test_consumer_refuses_a_misbehaving_provider_stream(
-    runner: Runner, fake_dnic: StreamingProvider, how: str, code: str
+    runner: Runner, fake_dnic: MaliciousProvider, how: str, code: str
 ) -> None:
-    fake_dnic.behaviour = _answers(runner, how)
+    fake_dnic.stream_behaviour = _answers(runner, how)
     message_id = new_id()
     channel: Any
     async with grpc.aio.insecure_channel(runner.consumers[MSP]) as channel:
