@@ -317,6 +317,19 @@ def test_tampered_content() -> None:
     refused(lambda: verify_token(flip(token, at), digest=DIGEST, cas=[ca()]), "message-digest")
 
 
+def test_tampered_signed_attribute() -> None:
+    """A changed signing time, which no other rule reads: the signature covers the signed
+    attributes exactly as received."""
+    token = stamp()
+    signer = cms.ContentInfo.load(token)["content"]["signer_infos"][0]
+    signing_time = next(a for a in signer["signed_attrs"] if a["type"].native == "signing_time")
+    encoded = signing_time["values"][0].chosen.contents  # e.g. b"261201163000Z"
+    # the last occurrence: the TSTInfo's genTime, earlier in the token, may hold the same digits
+    at = token.rindex(encoded) + len(encoded) - 2  # a digit of the seconds
+    tampered = token[:at] + bytes([ord("0") + (token[at] - ord("0") + 1) % 10]) + token[at + 1 :]
+    refused(lambda: verify_token(tampered, digest=DIGEST, cas=[ca()]), "signature does not verify")
+
+
 def test_signed_by_a_certificate_without_time_stamping_usage() -> None:
     sign = pki()["sign"]
     token = stamp(authority(sign.key, sign.certificate))
