@@ -25,7 +25,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -43,7 +43,8 @@ from gateway.envelope import (
     decode_request,
     sha256_hex,
 )
-from gateway.errors import AuditError, GatewayError
+from gateway.errors import AuditError, GatewayError, IdentifierError
+from gateway.identifiers import SubsystemId
 from gateway.signing import TrustStore, verify_signature
 from gateway.streams import chain_of
 from gateway.timeutil import parse_time
@@ -255,6 +256,7 @@ class _RecordChecker:
             verify_signature(certificate, header, signature)
         except GatewayError as err:
             raise BundleError(piece("signature.der"), err.message) from None
+        self._check_signatory(piece, kind, decoded, fields, der, at)
 
         # the body, when stored; a stream's messages, when kept, against its close
         body = self.files.get(piece("body.bin"))
@@ -317,6 +319,52 @@ class _RecordChecker:
             stamped_at=stamp.gen_time,
             body=body is not None or bool(messages),
         )
+
+    def _check_signatory(
+        self,
+        piece: Callable[[str], str],
+        kind: str,
+        decoded: RequestHeader | ResponseHeader | StreamClose,
+        fields: Mapping[str, FieldValue],
+        der: bytes,
+        at: datetime,
+    ) -> None:
+        """The signer is the member the message speaks for: the client's member for a request
+        (and the close of its stream), the service's member for an answer. A valid signature
+        by any other member's certificate from a trusted CA proves nothing about who asked or
+        who answered; and the record's client and service are those the header signs."""
+        try:
+            _, signed_by = self.trust.signing_member(der, at)
+        except GatewayError as err:
+            raise BundleError(piece("signer.pem"), err.message) from None
+        try:
+            client = SubsystemId.parse(str(fields["client"]))
+        except IdentifierError:
+            raise BundleError(
+                piece("record.json"), f"names no valid client ({fields['client']!r})"
+            ) from None
+        if str(decoded.service) != fields["service"]:
+            raise BundleError(
+                piece("record.json"),
+                f"names the service {fields['service']!r}, the signed header {decoded.service}",
+            )
+        if isinstance(decoded, RequestHeader) and decoded.client != client:
+            raise BundleError(
+                piece("record.json"),
+                f"names the client {client}, the signed header {decoded.client}",
+            )
+        for_client = isinstance(decoded, RequestHeader) or (
+            isinstance(decoded, StreamClose) and decoded.direction == "request"
+        )
+        party, expected = (
+            ("client", client.member) if for_client else ("service", decoded.service.member)
+        )
+        if signed_by != expected:
+            raise BundleError(
+                piece("signer.pem"),
+                f"is the signing certificate of {signed_by}, but a {kind} is signed by the "
+                f"{party}'s member, {expected}",
+            )
 
     def _messages(self, folder: str) -> list[bytes]:
         """A close's kept messages, msg-1.bin onwards (a gap in the numbering is refused)."""

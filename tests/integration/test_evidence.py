@@ -15,6 +15,7 @@ import json
 import shutil
 import subprocess
 import time
+import urllib.request
 import uuid
 import zipfile
 from collections.abc import Callable, Iterator
@@ -22,7 +23,13 @@ from pathlib import Path
 
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
+from gateway import merkle, tsp
+from gateway.audit import FieldValue, record_preimage
+from gateway.evidence import decode_fields, encode_fields
 from gateway_demo.client import call_raw, routing_metadata
 from gateway_demo.generated import population_pb2
 from gateway_demo.runner import Runner
@@ -171,6 +178,12 @@ def test_openssl_verifies_every_piece(bundles: dict[str, Path], side: str, tmp_p
     for record in ("1-request", "2-response"):
         chain = openssl("verify", "-CAfile", "ca.pem", f"{record}/signer.pem", cwd=folder)
         assert chain.returncode == 0 and ": OK" in chain.stdout, chain.stdout + chain.stderr
+        # the member who speaks: the client's for the request, the service's for the response
+        subject = openssl("x509", "-in", f"{record}/signer.pem", "-noout", "-subject", cwd=folder)
+        member = "UY/GOV/MSP" if record == "1-request" else "UY/GOV/DNIC"
+        assert f"CN = {member}" in subject.stdout or f"CN={member}" in subject.stdout, (
+            subject.stdout + subject.stderr
+        )
 
         pub = openssl("x509", "-in", f"{record}/signer.pem", "-noout", "-pubkey", cwd=folder)
         (folder / record / "signer.pub").write_text(pub.stdout)
@@ -284,6 +297,130 @@ def test_tampered_bundle_fails_naming_the_piece(
     result = run_gateway("audit", "verify-bundle", repack(folder, tmp_path / "tampered.zip"))
     assert result.returncode == 1, result.stdout + result.stderr
     assert result.stdout.startswith(f"FAILED: {piece}:"), result.stdout
+
+
+def _resign(
+    runner: Runner,
+    folder: Path,
+    record: str,
+    member: str,
+    like: str,
+    edit: Callable[[dict[str, FieldValue]], object] = lambda fields: None,
+) -> None:
+    """What the operator of a server holding `member`'s signing key can put in its own log,
+    which the TSA stamps like any other: the record of `record` with its header signed by that
+    member's key (certificate and OCSP answer as in folder `like`, a record it signed) and its
+    fields changed by `edit`, chained and stamped by the topology's real TSA in a batch of its
+    own."""
+    key = serialization.load_pem_private_key(
+        (runner.pki / "sign" / f"{member.replace('/', '_')}.key").read_bytes(), None
+    )
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    piece = folder / record
+    for name in ("signer.pem", "ocsp.der"):
+        (piece / name).write_bytes((folder / like / name).read_bytes())
+    signature = key.sign((piece / "header.json").read_bytes(), ec.ECDSA(hashes.SHA256()))
+    (piece / "signature.der").write_bytes(signature)
+    certificate = x509.load_pem_x509_certificate((piece / "signer.pem").read_bytes())
+    doc = json.loads((piece / "record.json").read_text())
+    fields = decode_fields(doc["fields"])
+    fields["signature"] = signature
+    fields["signer_certificate_sha256"] = certificate.fingerprint(hashes.SHA256()).hex()
+    fields["signer_ocsp_sha256"] = hashlib.sha256((piece / "ocsp.der").read_bytes()).hexdigest()
+    edit(fields)
+    preimage = record_preimage(int(doc["seq"]), bytes.fromhex(doc["prev_hash"]), fields)
+    record_hash = hashlib.sha256(preimage).digest()
+    doc["fields"], doc["hash"] = encode_fields(fields), record_hash.hex()
+    (piece / "record.json").write_text(json.dumps(doc))
+    (piece / "record.bin").write_bytes(preimage)
+    root = merkle.root([record_hash])
+    proof = {"index": 0, "size": 1, "proof": [], "root": root.hex()}
+    (piece / "merkle.json").write_text(json.dumps(proof))
+    nonce = 7
+    request = urllib.request.Request(
+        f"http://{runner.tsa_address}/",
+        data=tsp.build_request(root, nonce),
+        headers={"Content-Type": "application/timestamp-query"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        token = tsp.token_from_response(answer.read(), digest=root, nonce=nonce)
+    (piece / "timestamp.tst").write_bytes(token)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["sha256"] = {
+        name: hashlib.sha256((folder / name).read_bytes()).hexdigest()
+        for name in manifest["sha256"]
+    }
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(
+    ("record", "member", "like", "owner", "refusal"),
+    [
+        (
+            "1-request",
+            "UY/GOV/DNIC",
+            "2-response",
+            "UY/GOV/MSP",
+            "is the signing certificate of UY/GOV/DNIC, but a request is signed by the "
+            "client's member, UY/GOV/MSP",
+        ),
+        (
+            "2-response",
+            "UY/GOV/MSP",
+            "1-request",
+            "UY/GOV/DNIC",
+            "is the signing certificate of UY/GOV/MSP, but a response is signed by the "
+            "service's member, UY/GOV/DNIC",
+        ),
+    ],
+)
+def test_a_message_signed_by_another_member_is_refused(
+    exchange: tuple[Runner, str, Path],
+    bundles: dict[str, Path],
+    record: str,
+    member: str,
+    like: str,
+    owner: str,
+    refusal: str,
+    tmp_path: Path,
+) -> None:
+    """An operator holding its own member's signing key, and a log the TSA stamps, could make
+    a request the clinics never sent (or an answer the registry never gave) with every other
+    piece valid: the bundle names the member who signed, and it is not the one who speaks."""
+    runner, _, _ = exchange
+    forged = unpack(bundles["provider"], tmp_path / "forged")
+    _resign(runner, forged, record, member, like)
+    result = run_gateway("audit", "verify-bundle", repack(forged, tmp_path / "forged.zip"))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stdout.startswith(f"FAILED: {record}/signer.pem: {refusal}"), result.stdout
+    # the control: the same re-signing with the key of the member who speaks verifies
+    control = unpack(bundles["provider"], tmp_path / "control")
+    _resign(runner, control, record, owner, like=record)
+    result = run_gateway("audit", "verify-bundle", repack(control, tmp_path / "control.zip"))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_record_naming_another_client_than_its_header_is_refused(
+    exchange: tuple[Runner, str, Path], bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    """An auditor searches records by client: a record filed under another subsystem than the
+    one its signed header names would hide a request from that subsystem's audit."""
+    runner, _, _ = exchange
+    forged = unpack(bundles["consumer"], tmp_path / "forged")
+    _resign(
+        runner,
+        forged,
+        "1-request",
+        "UY/GOV/MSP",
+        like="1-request",
+        edit=lambda fields: fields.update(client="UY/GOV/MSP/hospitals"),
+    )
+    result = run_gateway("audit", "verify-bundle", repack(forged, tmp_path / "forged.zip"))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stdout.startswith(
+        "FAILED: 1-request/record.json: names the client UY/GOV/MSP/hospitals, the signed "
+        f"header {CLIENT}"
+    ), result.stdout
 
 
 def test_missing_piece_and_bad_archives_are_refused(
