@@ -184,13 +184,23 @@ class TrustStore:
                 raise TrustError(
                     "signer certificate is not valid DER", code=Code.UNTRUSTED_SIGNER
                 ) from None
-            if not is_signing_certificate(certificate):
+            try:
+                # cryptography parses extensions and names lazily: a malformed one raises
+                # here, from a sender's bytes, and is refused like any untrusted signer
+                signing = is_signing_certificate(certificate)
+                name = common_name(certificate) if signing else ""
+            except (ValueError, TypeError, x509.DuplicateExtension):
+                raise TrustError(
+                    "signer certificate has a malformed extension or subject",
+                    code=Code.UNTRUSTED_SIGNER,
+                ) from None
+            if not signing:
                 raise TrustError(
                     "certificate is not a signing certificate (no non-repudiation key usage)",
                     code=Code.UNTRUSTED_SIGNER,
                 )
             try:
-                member = MemberId.parse(common_name(certificate))
+                member = MemberId.parse(name)
             except IdentifierError:
                 raise TrustError(
                     "signing certificate does not name a member", code=Code.UNTRUSTED_SIGNER

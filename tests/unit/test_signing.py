@@ -212,6 +212,32 @@ def test_signing_member_rejects_auth_certificate_naming_a_member(
     assert "non-repudiation" in err.message
 
 
+def test_signing_member_refuses_a_malformed_key_usage(ca: EcdsaSigner, now: datetime) -> None:
+    """A key-usage extension that is not DER, even under the trusted CA's signature (a peer
+    sends whatever bytes it likes): cryptography parses it lazily and raises ValueError,
+    which must come out as UNTRUSTED_SIGNER, a refusal, not an internal error."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "UY/GOV/MSP")]))
+        .issuer_name(ca.certificate.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(
+            x509.UnrecognizedExtension(x509.oid.ExtensionOID.KEY_USAGE, b"\x04\x02no"), False
+        )
+        .sign(ca.key, hashes.SHA256())
+    )
+    store = TrustStore((ca.certificate,))
+    err = expect_trust_error(
+        Code.UNTRUSTED_SIGNER,
+        lambda: store.signing_member(certificate.public_bytes(serialization.Encoding.DER), now),
+    )
+    assert "malformed extension" in err.message
+
+
 def test_signing_member_rejects_certificate_of_another_ca(
     ca: EcdsaSigner, other_ca: EcdsaSigner, issue: IssueCert, now: datetime
 ) -> None:
