@@ -45,6 +45,7 @@ from gateway.envelope import (
 )
 from gateway.errors import AuditError, GatewayError, IdentifierError
 from gateway.identifiers import SubsystemId
+from gateway.records import MAX_RECORD_TEXT
 from gateway.signing import TrustStore, verify_signature
 from gateway.streams import chain_of
 from gateway.timeutil import parse_time
@@ -149,23 +150,47 @@ def verify_bundle(
     checker = _RecordChecker(files, TrustStore(cas=tuple(cas)), cas, tsa_certificates, message_id)
     for folder in folders:
         report.records.append(checker.verify(folder))
-    # the response (and a stream's close) answers the request (when the bundle has both)
+    # the response (and a stream's close) answers the request (when the bundle has both), and
+    # its record files it under the request's client, method, purpose, user and subject
     request = checker.headers.get("request")
     for kind in ("response", "stream-close"):
         answer = checker.headers.get(kind)
-        if (
-            request is not None
-            and answer is not None
-            and decode_answer(answer[1]).request_sha256 != sha256_hex(request[1])
-        ):
+        if request is None or answer is None:
+            continue
+        if decode_answer(answer[1]).request_sha256 != sha256_hex(request[1]):
             raise BundleError(
                 f"{answer[0]}/header.json", "does not answer the request's header in the bundle"
             )
+        name, fields = checker.fields[kind]
+        _check_record_says(name, fields, request_facts(decode_request(request[1])), "the request")
     # the manifest's digests (a convenience for `sha256sum`; each piece was checked above)
     for name, digest in digests.items():
         if name in files and hashlib.sha256(files[name]).hexdigest() != digest:
             raise BundleError(name, "does not match its digest in manifest.json")
     return report
+
+
+def request_facts(header: RequestHeader) -> dict[str, str | None]:
+    """What a request's header signs that every record of its exchange files it under."""
+    return {
+        "client": str(header.client),
+        "method": header.method,
+        "purpose": header.purpose,
+        "user_id": header.user_id,
+        "subject_ref": header.subject_ref,
+    }
+
+
+def _check_record_says(
+    where: str, fields: Mapping[str, FieldValue], signed: Mapping[str, str | None], source: str
+) -> None:
+    """Each record column in `signed` holds the signed value (texts cut as the log cuts them:
+    `gateway.records`; digests and pseudonyms are never cut)."""
+    for name, value in signed.items():
+        cut = value is not None and name not in ("subject_ref", "body_sha256")
+        expected = value[:MAX_RECORD_TEXT] if cut and value is not None else value
+        if fields[name] != expected:
+            raise BundleError(where, f"names the {name} {fields[name]!r}, {source} {expected!r}")
 
 
 class _RecordChecker:
@@ -182,8 +207,9 @@ class _RecordChecker:
         self.cas = cas
         self.tsa_certificates = tsa_certificates
         self.message_id = message_id
-        # kind -> (folder, signed header bytes)
+        # kind -> (folder, signed header bytes), and (record.json's name, the record's fields)
         self.headers: dict[str, tuple[str, bytes]] = {}
+        self.fields: dict[str, tuple[str, Mapping[str, FieldValue]]] = {}
 
     def need(self, name: str) -> bytes:
         return _need(self.files, name)
@@ -332,27 +358,28 @@ class _RecordChecker:
         """The signer is the member the message speaks for: the client's member for a request
         (and the close of its stream), the service's member for an answer. A valid signature
         by any other member's certificate from a trusted CA proves nothing about who asked or
-        who answered; and the record's client and service are those the header signs."""
+        who answered. And the record says what the header signs: auditors search and report
+        by the record's columns, so an operator re-filing a genuine signed message under
+        another id, client or purpose would mislead them."""
         try:
             _, signed_by = self.trust.signing_member(der, at)
         except GatewayError as err:
             raise BundleError(piece("signer.pem"), err.message) from None
+        signed: dict[str, str | None] = {
+            "message_id": decoded.message_id,
+            "service": str(decoded.service),
+        }
+        if isinstance(decoded, RequestHeader):
+            signed |= request_facts(decoded)
+        if isinstance(decoded, RequestHeader | ResponseHeader):
+            signed["body_sha256"] = decoded.body_sha256
+        _check_record_says(piece("record.json"), fields, signed, "the signed header")
         try:
             client = SubsystemId.parse(str(fields["client"]))
         except IdentifierError:
             raise BundleError(
                 piece("record.json"), f"names no valid client ({fields['client']!r})"
             ) from None
-        if str(decoded.service) != fields["service"]:
-            raise BundleError(
-                piece("record.json"),
-                f"names the service {fields['service']!r}, the signed header {decoded.service}",
-            )
-        if isinstance(decoded, RequestHeader) and decoded.client != client:
-            raise BundleError(
-                piece("record.json"),
-                f"names the client {client}, the signed header {decoded.client}",
-            )
         for_client = isinstance(decoded, RequestHeader) or (
             isinstance(decoded, StreamClose) and decoded.direction == "request"
         )
@@ -365,6 +392,7 @@ class _RecordChecker:
                 f"is the signing certificate of {signed_by}, but a {kind} is signed by the "
                 f"{party}'s member, {expected}",
             )
+        self.fields[kind] = (piece("record.json"), fields)
 
     def _messages(self, folder: str) -> list[bytes]:
         """A close's kept messages, msg-1.bin onwards (a gap in the numbering is refused)."""

@@ -400,26 +400,36 @@ def test_a_message_signed_by_another_member_is_refused(
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_a_record_naming_another_client_than_its_header_is_refused(
-    exchange: tuple[Runner, str, Path], bundles: dict[str, Path], tmp_path: Path
+@pytest.mark.parametrize(
+    ("record", "field", "value", "source"),
+    [
+        ("1-request", "client", "UY/GOV/MSP/hospitals", f"the signed header '{CLIENT}'"),
+        ("1-request", "purpose", "marketing", f"the signed header '{PURPOSE}'"),
+        ("1-request", "user_id", "dr-nobody", "the signed header None"),
+        ("2-response", "purpose", "marketing", f"the request '{PURPOSE}'"),
+        ("2-response", "method", "/x.Y/Z", f"the request '{METHOD}'"),
+    ],
+)
+def test_a_record_filed_under_other_facts_than_it_signs_is_refused(
+    exchange: tuple[Runner, str, Path],
+    bundles: dict[str, Path],
+    record: str,
+    field: str,
+    value: str,
+    source: str,
+    tmp_path: Path,
 ) -> None:
-    """An auditor searches records by client: a record filed under another subsystem than the
-    one its signed header names would hide a request from that subsystem's audit."""
+    """Auditors search and report by a record's columns: an operator re-filing a genuine
+    signed message under another client, purpose, user or method (its own record, re-chained
+    and stamped by the real TSA) would hide it from one audit and put it in another."""
     runner, _, _ = exchange
     forged = unpack(bundles["consumer"], tmp_path / "forged")
-    _resign(
-        runner,
-        forged,
-        "1-request",
-        "UY/GOV/MSP",
-        like="1-request",
-        edit=lambda fields: fields.update(client="UY/GOV/MSP/hospitals"),
-    )
+    own = "UY/GOV/MSP" if record == "1-request" else "UY/GOV/DNIC"
+    _resign(runner, forged, record, own, like=record, edit=lambda f: f.update({field: value}))
     result = run_gateway("audit", "verify-bundle", repack(forged, tmp_path / "forged.zip"))
     assert result.returncode == 1, result.stdout + result.stderr
     assert result.stdout.startswith(
-        "FAILED: 1-request/record.json: names the client UY/GOV/MSP/hospitals, the signed "
-        f"header {CLIENT}"
+        f"FAILED: {record}/record.json: names the {field} '{value}', {source}"
     ), result.stdout
 
 
