@@ -162,7 +162,9 @@ async def verify_log(
             listed = [
                 _Listed(number, found[chain][number].name, None) for number in sorted(found[chain])
             ]
-            head, stamped = _verify_archives(chain, archive_dir, listed, checks, counter)
+            head, stamped, unstamped = _verify_archives(chain, archive_dir, listed, checks, counter)
+            if stale_after is not None and unstamped is not None:
+                _refuse_stale(chain, unstamped[0], unstamped[1], head, stamped, stale_after, now)
             report.heads[chain] = head
             report.stamped[chain] = stamped
             report.archived[chain] = head.next_seq - 1
@@ -237,10 +239,10 @@ async def _verify_one_chain(
             "(--archive-dir) to verify them",
             chain=chain,
         )
-    head, stamped = (
+    head, stamped, unstamped = (
         _verify_archives(chain, archive_dir, listed, checks, counter)
         if listed and archive_dir is not None
-        else (ChainHead(), 0)
+        else (ChainHead(), 0, None)
     )
     after = head.next_seq - 1
     if archive_dir is not None:
@@ -264,26 +266,48 @@ async def _verify_one_chain(
     head = verify_chain(batch, head)
     checks.collect(chain, batch)
     counter.add(len(batch))
-    stamped += await _verify_stamps(engine, chain, head, after, checks)
+    in_database = await _verify_stamps(engine, chain, head, after, checks)
+    stamped += in_database
     if stale_after is not None and stamped < head.next_seq - 1:
-        async with engine.connect() as conn:
-            oldest = (
-                await conn.execute(
-                    sa.select(message_log.c.logged_at).where(
-                        message_log.c.chain == chain, message_log.c.seq == stamped + 1
+        # the oldest record no time-stamp covers: in an archive, or else the first after
+        # the database's stamped batches (which follow the archives one after another)
+        oldest: object
+        if unstamped is not None:
+            first, oldest = unstamped
+        else:
+            first = after + in_database + 1
+            async with engine.connect() as conn:
+                oldest = (
+                    await conn.execute(
+                        sa.select(message_log.c.logged_at).where(
+                            message_log.c.chain == chain, message_log.c.seq == first
+                        )
                     )
-                )
-            ).scalar()
-        if oldest is not None and parse_time(str(oldest)) < now() - stale_after:
-            raise ChainBrokenError(
-                stamped + 1,
-                None,
-                f"and the {head.next_seq - 1 - stamped} record(s) after it are not "
-                f"time-stamped although logged at {oldest}, more than {stale_after} ago: "
-                "a time-stamp was deleted, or the server's TSAs have been failing since",
-                chain=chain,
-            )
+                ).scalar()
+        if oldest is not None:
+            _refuse_stale(chain, first, str(oldest), head, stamped, stale_after, now)
     return head, stamped, after
+
+
+def _refuse_stale(
+    chain: str,
+    first: int,
+    logged_at: str,
+    head: ChainHead,
+    stamped: int,
+    stale_after: timedelta,
+    now: Callable[[], datetime],
+) -> None:
+    """Fail when `first`, the oldest record no time-stamp covers, is older than the grace."""
+    if parse_time(logged_at) < now() - stale_after:
+        raise ChainBrokenError(
+            first,
+            None,
+            f"and the {head.next_seq - 2 - stamped} other record(s) no time-stamp covers "
+            f"are not time-stamped although logged at {logged_at}, more than {stale_after} "
+            "ago: a time-stamp was deleted, or the server's TSAs have been failing since",
+            chain=chain,
+        )
 
 
 async def _check_no_unregistered_archive(
@@ -371,13 +395,21 @@ def _verify_archives(
     listed: list[_Listed],
     checks: _Checks,
     counter: _Progress,
-) -> tuple[ChainHead, int]:
-    """Verify a chain's archive files in order; return the head after the last and the
-    number of records their time-stamps cover."""
+) -> tuple[ChainHead, int, tuple[int, str] | None]:
+    """Verify a chain's archive files in order; return the head after the last, the
+    number of records their time-stamps cover, and (seq, logged_at) of the first archived
+    record no time-stamp covers (None when every one is covered).
+
+    Archiving moves whole time-stamped batches, never a record not stamped yet once a
+    chain is stamped at all: so an archive with batches is covered by them exactly, one
+    after another, and none without batches follows one with them (only a chain kept
+    without a TSA at first has archives without any)."""
     assert folder is not None
     head = ChainHead()
     prev_sha = archive_format.NO_ARCHIVE
     stamped = 0
+    unstamped: tuple[int, str] | None = None
+    was_stamped = False
     digests = {item.sha256: item.number for item in listed if item.sha256}
     for expected, item in enumerate(listed, start=1):
         name = item.file_name
@@ -461,7 +493,30 @@ def _verify_archives(
         checks.collect(chain, list(parsed.records))
         # the CAs kept in the archive's evidence are never trusted: only `checks.cas`
         by_seq = {r.seq: r for r in parsed.records}
+        if parsed.records and not parsed.batches:
+            if was_stamped:
+                raise ChainBrokenError(
+                    parsed.records[0].seq,
+                    None,
+                    f"{where} holds records no time-stamp covers, after archives that are "
+                    "stamped: its batches were removed",
+                    chain=chain,
+                )
+            if unstamped is None:
+                first = parsed.records[0]
+                unstamped = (first.seq, str(first.fields["logged_at"]))
+        next_first = parsed.records[0].seq if parsed.records else head.next_seq
         for batch in parsed.batches:
+            if batch.first_seq != next_first or batch.last_seq > parsed.last_seq:
+                raise ChainBrokenError(
+                    batch.first_seq,
+                    None,
+                    f"{where}: its time-stamped batches must cover its records "
+                    f"{next_first}..{parsed.last_seq} one after another, and batch "
+                    f"{batch.first_seq}..{batch.last_seq} does not follow on",
+                    chain=chain,
+                )
+            next_first = batch.last_seq + 1
             covered = [by_seq[s] for s in range(batch.first_seq, batch.last_seq + 1) if s in by_seq]
             _check_batch(
                 chain,
@@ -474,8 +529,18 @@ def _verify_archives(
                 [parse_time(str(r.fields["logged_at"])) for r in covered] if checks.timed else [],
             )
             stamped += len(covered)
+        if parsed.batches:
+            if next_first != parsed.last_seq + 1:
+                raise ChainBrokenError(
+                    next_first,
+                    None,
+                    f"{where}: its time-stamped batches end at {next_first - 1}, before its "
+                    f"last record {parsed.last_seq}: a batch was removed",
+                    chain=chain,
+                )
+            was_stamped = True
         prev_sha = digest
-    return head, stamped
+    return head, stamped, unstamped
 
 
 def _check_batch(

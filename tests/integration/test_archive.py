@@ -622,6 +622,95 @@ async def test_consistently_rewritten_archive_does_not_link(
     assert "was edited" in str(await verify_fails(url, folder))
 
 
+async def _stamped_archives(url: str, folder: Path) -> None:
+    """Records 1..10 time-stamped in two batches and archived with them (one file); 11..14
+    stamped and still in the database."""
+    log = await open_log(url)
+    await fill(log, 10, age=OLD)
+    await stamp(log, 5)
+    await stamp(log, 5)
+    await fill(log, 4)
+    await stamp(log, 4)
+    await log.close()
+    assert await archive(url, folder) == [(1, 1, 10)]
+
+
+async def _rewrite(url: str, folder: Path, *, seq: int, keep_batches: int) -> None:
+    """The operator's rewrite: record `seq` (archived) gets another purpose, every hash
+    after it is recomputed, archive 1 is written again with only its first `keep_batches`
+    batches, its registration updated, the database's batches deleted."""
+    path = folder / ARCHIVE_1
+    original = read_archive(path)
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as conn:
+            rows = [
+                row_to_record(r)
+                for r in await conn.execute(
+                    sa.select(message_log)
+                    .where(message_log.c.chain == "main")
+                    .order_by(message_log.c.seq)
+                )
+            ]
+    finally:
+        await engine.dispose()
+    head = ChainHead()
+    forged = [
+        dataclasses.replace(
+            head.link({**r.fields, "purpose": "marketing"} if r.seq == seq else r.fields),
+            chain="main",
+        )
+        for r in [*original.records, *rows]
+    ]
+    data = fmt.encode(
+        dataclasses.replace(original, records=forged[:10], batches=original.batches[:keep_batches])
+    )
+    path.write_bytes(data)
+    await tamper(
+        url,
+        "DELETE FROM timestamp_batches",
+        f"UPDATE log_archives SET sha256 = '{fmt.sha256_hex(data)}', "
+        f"last_hash = {blob(url, forged[9].hash)}",
+        *[
+            f"UPDATE message_log SET prev_hash = {blob(url, r.prev_hash)}, "
+            f"hash = {blob(url, r.hash)} WHERE chain = 'main' AND seq = {r.seq}"
+            for r in forged[10:]
+        ],
+    )
+
+
+async def test_archived_rewrite_with_every_time_stamp_dropped_is_named(
+    url: str, tmp_path: Path
+) -> None:
+    """An operator rewrites an archived record, re-chains the whole log and drops every
+    time-stamp (archive and database) so that no token contradicts it: the archived records
+    are then old and unstamped, which `--stamp-grace` refuses (it was only looked for in the
+    database, where pruned records no longer are). Found by a red-team review."""
+    folder = tmp_path / "archive"
+    await _stamped_archives(url, folder)
+    kept = {"cas": [authority()[1]], "archive_dir": folder, "stale_after": timedelta(hours=1)}
+    assert (await verify_log(url, **kept)).stamped["main"] == 14  # type: ignore[arg-type]
+    await _rewrite(url, folder, seq=3, keep_batches=0)
+    with pytest.raises(ChainBrokenError) as caught:
+        await verify_log(url, **kept)  # type: ignore[arg-type]
+    assert caught.value.seq == 1
+    assert "no time-stamp covers are not time-stamped although logged at" in str(caught.value)
+
+
+async def test_archive_whose_last_batch_was_removed_is_named(url: str, tmp_path: Path) -> None:
+    """The same rewrite of record 8, keeping archive 1's first batch (1..5, still intact) and
+    dropping the second (6..10), which the rewrite breaks: an archive's batches must cover
+    its records one after another."""
+    folder = tmp_path / "archive"
+    await _stamped_archives(url, folder)
+    await _rewrite(url, folder, seq=8, keep_batches=1)
+    error = await verify_fails(url, folder)
+    assert str(error).startswith(
+        f"chain main, record 6: archive 1 of chain main ({ARCHIVE_1}): its time-stamped "
+        "batches end at 5, before its last record 10: a batch was removed"
+    ), str(error)
+
+
 async def test_swapped_archive_files_are_named(two_archives: tuple[str, Path]) -> None:
     """Two archive files renamed into each other's place: "reordered", with the database
     (by the registered digests) and offline (by the numbers inside the files)."""
