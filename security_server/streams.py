@@ -43,6 +43,7 @@ from gateway.exchange import (
     Peer,
     Refusal,
     accept_request,
+    check_peer_still_registered,
     check_provider_not_revoked,
     check_still_agreed,
     consumer_refusal,
@@ -861,7 +862,7 @@ class ProviderStreams:
 
         try:
             await _first(
-                forward_requests(), forward_responses(), self._watch(accepted), outlet=outlet
+                forward_requests(), forward_responses(), self._watch(accepted, peer), outlet=outlet
             )
         except StreamError as exc:
             await self._fail(accepted, exc.error, outlet, backend, labels)
@@ -892,10 +893,16 @@ class ProviderStreams:
             if self.service.metrics is not None:
                 self.service.metrics.call("provider", labels, time.perf_counter() - started)
 
-    async def _watch(self, accepted: Accepted) -> None:
+    async def _watch(self, accepted: Accepted, peer: Peer) -> None:
         node = self.node
+
+        def check() -> None:
+            now = node.clock()
+            check_peer_still_registered(peer, node, now)
+            check_still_agreed(accepted.header, node, now)
+
         err = await _watch(
-            lambda: check_still_agreed(accepted.header, node, node.clock()),
+            check,
             node.limits.stream_check_seconds,
             time.monotonic(),
             node.limits.max_stream_seconds,

@@ -20,10 +20,12 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import grpc
 import pytest
 
+from gateway.streams import REQUEST, Chain
 from gateway.v1 import exchange_pb2 as pb
 from gateway_client.admin import AdminClient
 from gateway_demo.client import Outcome, routing_metadata
@@ -40,6 +42,9 @@ from gateway_demo.runner import TEMPLATE_AR, Runner
 from .attacker import fetch_ocsp, open_stream, request_frame
 from .clinics import person_query, signed_request, signer_of
 from .conftest import CLINICS, DNIC, IDENTITY, MSP, POPULATION, log_rows, run_gateway
+from .stream_peer import StreamingConsumer, data, stream_open
+
+CHAT = "/demo.population.v1.PopulationRegistry/Chat"
 
 AR_IDENTITY = "AR/GOB/RENAPER/identidad"
 
@@ -280,8 +285,10 @@ def test_a_federation_ended_by_the_providers_instance_is_refused_as_ended(
 ) -> None:
     """AR's registry administrator ends the federation: on a stream ss-msp's keys opened to
     AR's provider before, the next requests are refused federation_ended (not
-    peer_not_registered) and AR records the client they name as a claim; the clinics'
-    calls get federation_ended too. Federating again restores them."""
+    peer_not_registered) and AR records the client they name as a claim; a streaming call
+    opened before, by a consumer server that goes on regardless, is ended federation_ended
+    by AR's provider within seconds; the clinics' calls get federation_ended too.
+    Federating again restores them."""
     uy, ar = instances.uy, instances.ar
     uy_ca = (uy.pki / "ca.crt").read_bytes()
     auth_cert = (uy.pki / "auth" / "UY_GOV_MSP_ss1.crt").read_bytes()
@@ -298,7 +305,58 @@ def test_a_federation_ended_by_the_providers_instance_is_refused_as_ended(
             )
         )
 
-    async def end_on_an_open_stream() -> object:
+    async def refused_after_the_end(peer: StreamingConsumer) -> tuple[str, float]:
+        """Keep a stream talking, as a consumer server that ignores the end would, until
+        the provider refuses it: (code, seconds after the federation's end)."""
+        chain = Chain(REQUEST, opened.request.header)
+        ended_at = time.monotonic()
+        refused: pb.Refusal | None = None
+        while refused is None and time.monotonic() - ended_at < 15:
+            body = population.EchoMessage(payload=b"still there?").SerializeToString()
+            seq, link = chain.extend(body)
+            await peer.send(data(seq, body, link))
+            try:
+                message = await peer.read()
+            except grpc.aio.AioRpcError:  # ended otherwise than by a refusal
+                break
+            if message is None or message.WhichOneof("kind") == "refusal":
+                refused = None if message is None else message.refusal
+                break
+        return ("" if refused is None else refused.code), time.monotonic() - ended_at
+
+    # a streaming call opened before the end by ss-msp's keys, straight to AR's provider: a
+    # consumer server that goes on as if nothing ended (UY's own configuration still
+    # federates with AR), so only AR's provider can end it
+    opened = stream_open(
+        signer,
+        message_id=f"stream-{uuid.uuid4().hex}",
+        client=CLINICS,
+        service=AR_POPULATION,
+        method=CHAT,
+        purpose=PURPOSE,
+        sender=MSP,
+        kind="bidi",
+        created_at=datetime.now(UTC),
+        signer_ocsp=fetch_ocsp(uy.ocsp_url, signer_pem, uy_ca),
+    )
+
+    async def end_on_an_open_stream() -> tuple[object, tuple[str, float]]:
+        peer = StreamingConsumer(
+            ar.providers[RENAPER],
+            RENAPER,
+            (ar.pki / "ca.crt").read_bytes(),
+            auth_cert,
+            (uy.pki / "auth" / "UY_GOV_MSP_ss1.key").read_bytes(),
+        )
+        try:
+            await peer.send(
+                pb.StreamMessage(open=opened, ocsp_staple=fetch_ocsp(uy.ocsp_url, auth_cert, uy_ca))
+            )
+            return await end_on_open_streams(peer)
+        finally:
+            await peer.close()
+
+    async def end_on_open_streams(peer: StreamingConsumer) -> tuple[object, tuple[str, float]]:
         async with open_stream(
             ar.providers[RENAPER],
             RENAPER,
@@ -310,15 +368,18 @@ def test_a_federation_ended_by_the_providers_instance_is_refused_as_ended(
             first = await stream.send(request())
             assert getattr(first, "WhichOneof", lambda _: None)("kind") == "response", first
             instances.admin(ar, "registry-admin").end_federation("UY", "treaty suspended")
+            streamed = await refused_after_the_end(peer)
             deadline = time.monotonic() + 10
             while True:
                 answer = await stream.send(request())
                 refused = getattr(answer, "refusal", None)
                 if (refused is not None and refused.code) or time.monotonic() > deadline:
-                    return answer
+                    return answer, streamed
                 await asyncio.sleep(0.2)
 
-    answer = asyncio.run(end_on_an_open_stream())
+    answer, (stream_code, stream_seconds) = asyncio.run(end_on_an_open_stream())
+    assert stream_code == "federation_ended", stream_code
+    assert stream_seconds < 10, stream_seconds
     refusal = getattr(answer, "refusal", None)
     assert refusal is not None and refusal.code == "federation_ended", answer
     records = run_gateway(
