@@ -53,6 +53,13 @@ from gateway.timeutil import parse_time
 FORMAT = "gateway-evidence/1"
 # how old an OCSP answer may have been when the message was sent, for an auditor
 OCSP_AGE_LIMIT = timedelta(days=1)
+# how far the clocks of a server and its TSA may differ, and how late a batch's token may
+# be after a record (the default TSA failure period, stamping interval and TSA timeout,
+# plus the skew): as `gateway audit verify` judges a token's time
+CLOCK_SKEW = timedelta(seconds=300)
+TOKEN_GRACE = timedelta(seconds=600 + 1 + 5) + CLOCK_SKEW
+# JSON errors of a hostile file: deep nesting raises RecursionError, not ValueError
+_MALFORMED = (ValueError, KeyError, TypeError, AttributeError, RecursionError)
 
 
 class BundleError(AuditError):
@@ -122,9 +129,18 @@ def _fingerprint(certificate: x509.Certificate) -> str:
 
 
 def verify_bundle(
-    files: Mapping[str, bytes], *, trusted: Sequence[x509.Certificate] | None = None
+    files: Mapping[str, bytes],
+    *,
+    trusted: Sequence[x509.Certificate] | None = None,
+    token_grace: timedelta = TOKEN_GRACE,
+    clock_skew: timedelta = CLOCK_SKEW,
 ) -> BundleReport:
-    """Verify a bundle's files; `trusted` pins the CAs (else the bundle's own ca.pem is used)."""
+    """Verify a bundle's files; `trusted` pins the CAs (else the bundle's own ca.pem is used).
+
+    Times: each record was logged within `clock_skew` before and `token_grace` after the
+    header it holds was made, and its token within `clock_skew` before and `token_grace`
+    after it was logged (a token asked for later would let an operator stamp a record
+    rewritten since); an answer was made no earlier than its request."""
 
     try:
         manifest = json.loads(_need(files, "manifest.json"))
@@ -133,7 +149,7 @@ def verify_bundle(
         folders = [str(f) for f in manifest["records"]]
         message_id = str(manifest["message_id"])
         digests = {str(k): str(v) for k, v in dict(manifest["sha256"]).items()}
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    except _MALFORMED as exc:
         raise BundleError("manifest.json", f"is malformed ({exc})") from None
     if not folders:
         raise BundleError("manifest.json", "lists no records")
@@ -147,7 +163,15 @@ def verify_bundle(
                 )
     tsa_certificates = _load_pems(files["tsa.pem"], "tsa.pem") if "tsa.pem" in files else []
     report = BundleReport(message_id=message_id, ca_fingerprints=[_fingerprint(c) for c in cas])
-    checker = _RecordChecker(files, TrustStore(cas=tuple(cas)), cas, tsa_certificates, message_id)
+    checker = _RecordChecker(
+        files,
+        TrustStore(cas=tuple(cas)),
+        cas,
+        tsa_certificates,
+        message_id,
+        token_grace,
+        clock_skew,
+    )
     for folder in folders:
         report.records.append(checker.verify(folder))
     # the response (and a stream's close) answers the request (when the bundle has both), and
@@ -157,12 +181,20 @@ def verify_bundle(
         answer = checker.headers.get(kind)
         if request is None or answer is None:
             continue
-        if decode_answer(answer[1]).request_sha256 != sha256_hex(request[1]):
+        answered = decode_answer(answer[1])
+        asked = decode_request(request[1])
+        if answered.request_sha256 != sha256_hex(request[1]):
             raise BundleError(
                 f"{answer[0]}/header.json", "does not answer the request's header in the bundle"
             )
+        if answered.created_at < asked.created_at - clock_skew:
+            raise BundleError(
+                f"{answer[0]}/header.json",
+                f"was made at {answered.created_at.isoformat()}, before the request it answers "
+                f"({asked.created_at.isoformat()})",
+            )
         name, fields = checker.fields[kind]
-        _check_record_says(name, fields, request_facts(decode_request(request[1])), "the request")
+        _check_record_says(name, fields, request_facts(asked), "the request")
     # the manifest's digests (a convenience for `sha256sum`; each piece was checked above)
     for name, digest in digests.items():
         if name in files and hashlib.sha256(files[name]).hexdigest() != digest:
@@ -201,7 +233,11 @@ class _RecordChecker:
         cas: Sequence[x509.Certificate],
         tsa_certificates: Sequence[x509.Certificate],
         message_id: str,
+        token_grace: timedelta,
+        clock_skew: timedelta,
     ) -> None:
+        self.token_grace = token_grace
+        self.clock_skew = clock_skew
         self.files = files
         self.trust = trust
         self.cas = cas
@@ -224,7 +260,7 @@ class _RecordChecker:
             record_hash = bytes.fromhex(doc["hash"])
             seq, prev = int(doc["seq"]), bytes.fromhex(doc["prev_hash"])
             fields = decode_fields(doc["fields"])
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        except _MALFORMED as exc:
             raise BundleError(piece("record.json"), f"is malformed ({exc})") from None
         preimage = self.need(piece("record.bin"))
         if hashlib.sha256(preimage).digest() != record_hash:
@@ -317,7 +353,7 @@ class _RecordChecker:
                 int(proof_doc["size"]),
                 [bytes.fromhex(h) for h in proof_doc["proof"]],
             )
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        except _MALFORMED as exc:
             raise BundleError(piece("merkle.json"), f"is malformed ({exc})") from None
         if computed != root:
             raise BundleError(
@@ -332,9 +368,26 @@ class _RecordChecker:
             )
         except GatewayError as err:
             raise BundleError(piece("timestamp.tst"), err.message) from None
-        logged_at = parse_time(str(fields["logged_at"]))
-        if stamp.gen_time < logged_at - timedelta(minutes=5):
+        try:
+            logged_at = parse_time(str(fields["logged_at"]))
+        except ValueError as exc:
+            raise BundleError(piece("record.json"), f"has a malformed logged_at ({exc})") from None
+        if not at - self.clock_skew <= logged_at <= at + self.token_grace:
+            raise BundleError(
+                piece("record.json"),
+                f"was logged at {logged_at.isoformat()}, too far from its header's time "
+                f"{at.isoformat()} (at most {self.clock_skew} before, {self.token_grace} after)",
+            )
+        if stamp.gen_time < logged_at - self.clock_skew:
             raise BundleError(piece("timestamp.tst"), "is older than the record it stamps")
+        if stamp.gen_time > logged_at + self.token_grace:
+            raise BundleError(
+                piece("timestamp.tst"),
+                f"was made at {stamp.gen_time.isoformat()}, more than {self.token_grace} after "
+                f"the record it stamps was logged ({logged_at.isoformat()}): a token asked "
+                "for that late proves nothing about the record as first logged (widen "
+                "--token-grace knowingly for a log whose TSAs were down longer)",
+            )
         return RecordReport(
             folder=folder,
             kind=kind,

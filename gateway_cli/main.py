@@ -682,9 +682,17 @@ def _audit_verify_bundle(ns: argparse.Namespace) -> int:
         print(f"error: cannot read {ns.bundle}: {exc}", file=sys.stderr)
         return 2
     try:
-        report = verify_bundle(files, trusted=cas)
+        report = verify_bundle(
+            files,
+            trusted=cas,
+            token_grace=timedelta(seconds=ns.token_grace),
+            clock_skew=timedelta(seconds=ns.clock_skew),
+        )
     except BundleError as exc:
         print(f"FAILED: {exc.message}")
+        return 1
+    except Exception as exc:  # a hostile bundle must fail, never crash the auditor's tool
+        print(f"FAILED: the bundle is malformed ({type(exc).__name__}: {exc})")
         return 1
     for r in report.records:
         print(
@@ -1100,6 +1108,21 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         type=Path,
         action="append",
         help="the CA certificates (PEM) you trust; default: the bundle's own ca.pem",
+    )
+    p.add_argument(
+        "--token-grace",
+        type=float,
+        default=DEFAULT_TOKEN_GRACE,
+        metavar="SECONDS",
+        help="fail when a record was stamped, or logged, later than its header's time by "
+        f"more than this (default {DEFAULT_TOKEN_GRACE:g}, as `audit verify`)",
+    )
+    p.add_argument(
+        "--clock-skew",
+        type=float,
+        default=DEFAULT_CLOCK_SKEW,
+        metavar="SECONDS",
+        help=f"how far clocks may differ (default {DEFAULT_CLOCK_SKEW:g})",
     )
     p.set_defaults(func=_audit_verify_bundle)
     if command in (None, "audit"):

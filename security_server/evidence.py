@@ -248,6 +248,16 @@ def read_zip(path: str, max_bytes: int = 256 * 1024 * 1024) -> dict[str, bytes]:
     with zipfile.ZipFile(path) as archive:
         if sum(i.file_size for i in archive.infolist()) > max_bytes:
             raise AuditError(f"{path} unpacks to more than {max_bytes} bytes")
+        for info in archive.infolist():
+            # `gateway audit export` writes plain deflated entries: anything else is not
+            # a bundle of ours (zipfile raises RuntimeError and NotImplementedError for them)
+            if info.flag_bits & 0x1:
+                raise AuditError(f"{path}: {info.filename} is encrypted")
+            if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+                raise AuditError(
+                    f"{path}: {info.filename} uses compression method {info.compress_type}, "
+                    "not stored or deflated"
+                )
         return {i.filename: archive.read(i) for i in archive.infolist() if not i.is_dir()}
 
 

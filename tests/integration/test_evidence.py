@@ -19,6 +19,7 @@ import urllib.request
 import uuid
 import zipfile
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
@@ -27,9 +28,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from certs.tsa import TimeStampAuthority
 from gateway import merkle, tsp
 from gateway.audit import FieldValue, record_preimage
 from gateway.evidence import decode_fields, encode_fields
+from gateway.timeutil import format_time, parse_time
 from gateway_demo.client import call_raw, routing_metadata
 from gateway_demo.generated import population_pb2
 from gateway_demo.runner import Runner
@@ -306,6 +309,7 @@ def _resign(
     member: str,
     like: str,
     edit: Callable[[dict[str, FieldValue]], object] = lambda fields: None,
+    days_late: int = 0,
 ) -> None:
     """What the operator of a server holding `member`'s signing key can put in its own log,
     which the TSA stamps like any other: the record of `record` with its header signed by that
@@ -337,13 +341,24 @@ def _resign(
     proof = {"index": 0, "size": 1, "proof": [], "root": root.hex()}
     (piece / "merkle.json").write_text(json.dumps(proof))
     nonce = 7
-    request = urllib.request.Request(
-        f"http://{runner.tsa_address}/",
-        data=tsp.build_request(root, nonce),
-        headers={"Content-Type": "application/timestamp-query"},
-    )
-    with urllib.request.urlopen(request, timeout=10) as answer:
-        token = tsp.token_from_response(answer.read(), digest=root, nonce=nonce)
+    if days_late:  # the same TSA, asked that many days later (its key, its clock moved on)
+        tsa_key = serialization.load_pem_private_key((runner.pki / "tsa.key").read_bytes(), None)
+        assert isinstance(tsa_key, ec.EllipticCurvePrivateKey)
+        late = TimeStampAuthority(
+            key=tsa_key,
+            certificate=x509.load_pem_x509_certificate((runner.pki / "tsa.crt").read_bytes()),
+            clock=lambda: datetime.now(UTC) + timedelta(days=days_late),
+        )
+        reply = late.respond(tsp.build_request(root, nonce))
+    else:
+        request = urllib.request.Request(
+            f"http://{runner.tsa_address}/",
+            data=tsp.build_request(root, nonce),
+            headers={"Content-Type": "application/timestamp-query"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            reply = answer.read()
+    token = tsp.token_from_response(reply, digest=root, nonce=nonce)
     (piece / "timestamp.tst").write_bytes(token)
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["sha256"] = {
@@ -430,6 +445,45 @@ def test_a_record_filed_under_other_facts_than_it_signs_is_refused(
     assert result.returncode == 1, result.stdout + result.stderr
     assert result.stdout.startswith(
         f"FAILED: {record}/record.json: names the {field} '{value}', {source}"
+    ), result.stdout
+
+
+def test_a_token_asked_for_long_after_the_record_is_refused(
+    exchange: tuple[Runner, str, Path], bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    """The provider's operator re-signs its answer 200 days later (its own key, the
+    original times in the header and the record) and has it stamped then: the token's time
+    gives it away, as `audit verify --token-grace` would."""
+    runner, _, _ = exchange
+    forged = unpack(bundles["provider"], tmp_path / "forged")
+    _resign(runner, forged, "2-response", "UY/GOV/DNIC", like="2-response", days_late=200)
+    result = run_gateway("audit", "verify-bundle", repack(forged, tmp_path / "forged.zip"))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stdout.startswith("FAILED: 2-response/timestamp.tst: was made at "), result.stdout
+    assert "more than 0:15:06 after the record it stamps was logged" in result.stdout
+
+
+def test_a_record_logged_long_after_its_header_is_refused(
+    exchange: tuple[Runner, str, Path], bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    """A record whose time is moved to match a late token no longer matches the time its
+    signed header was made."""
+    runner, _, _ = exchange
+    forged = unpack(bundles["provider"], tmp_path / "forged")
+    moved = format_time(datetime.now(UTC) + timedelta(days=2))
+    _resign(
+        runner,
+        forged,
+        "2-response",
+        "UY/GOV/DNIC",
+        like="2-response",
+        edit=lambda fields: fields.update(logged_at=moved),
+    )
+    result = run_gateway("audit", "verify-bundle", repack(forged, tmp_path / "forged.zip"))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stdout.startswith(
+        f"FAILED: 2-response/record.json: was logged at {parse_time(moved).isoformat()}, too "
+        "far from its header's time"
     ), result.stdout
 
 
