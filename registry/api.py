@@ -293,7 +293,7 @@ async def _body(request: web.Request, schema: str) -> dict[str, Any]:
         raise InvalidRequest(f"the body is not valid JSON: {exc}") from None
     errors = sorted(_VALIDATORS[schema].iter_errors(doc), key=lambda e: list(e.absolute_path))
     if not errors:
-        _refuse_nul(doc, "body")
+        refuse_unstorable(doc, "body")
     if errors:
         first = errors[0]
         where = "body" + "".join(
@@ -304,17 +304,26 @@ async def _body(request: web.Request, schema: str) -> dict[str, Any]:
     return doc
 
 
-def _refuse_nul(value: Any, where: str) -> None:
-    """Refuse NUL characters: no database stores them alike (PostgreSQL refuses them)."""
+def refuse_unstorable(value: Any, where: str) -> None:
+    """Refuse text that no database stores alike: NUL characters (PostgreSQL refuses them)
+    and lone UTF-16 surrogates (JSON's `\\ud800` escapes, which are not UTF-8: SQLite's
+    driver raises on them). Keys and values, at any depth."""
     if isinstance(value, str):
         if "\x00" in value:
             raise InvalidRequest(f"{where}: NUL characters are not allowed")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidRequest(
+                f"{where}: holds a lone UTF-16 surrogate, which is not a character"
+            ) from None
     elif isinstance(value, dict):
         for k, v in value.items():
-            _refuse_nul(v, f"{where}.{k}")
+            refuse_unstorable(k, f"{where} (a key)")
+            refuse_unstorable(v, f"{where}.{k}")
     elif isinstance(value, list):
         for i, v in enumerate(value):
-            _refuse_nul(v, f"{where}[{i}]")
+            refuse_unstorable(v, f"{where}[{i}]")
 
 
 def _parse(kind: Any, text: str, what: str) -> Any:
@@ -436,9 +445,9 @@ class AdminApi:
 
     @web.middleware
     async def _authenticate(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        _refuse_nul(request.path, "path")
+        refuse_unstorable(request.path, "path")
         for name, value in request.query.items():
-            _refuse_nul(value, f"query parameter {name}")
+            refuse_unstorable(value, f"query parameter {name}")
         if request.path.startswith("/v1/"):
             header = request.headers.get("Authorization", "")
             scheme, _, token = header.partition(" ")

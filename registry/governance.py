@@ -109,6 +109,8 @@ SYSTEM = Principal(
 )
 
 _NUMBER = re.compile(r"[0-9]{1,9}")
+# a port: ASCII digits only (str.isdigit() also takes "²" and other scripts' digits)
+_PORT = re.compile(r"[0-9]{1,5}")
 # an instance code, as in `gateway.identifiers`: UY, UY-TEST
 _INSTANCE = re.compile(r"[A-Z]{2}(?:-[A-Z0-9]{1,16})?")
 
@@ -345,7 +347,7 @@ def _check_anchor(doc: Any, now: datetime) -> Anchor:
         )
     for address in anchor.addresses:
         host, _, port = address.rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        if not host or not _PORT.fullmatch(port) or not 0 < int(port) < 65536:
             raise InvalidRequest(
                 f"anchor of {anchor.instance}: address {address!r} is not HOST:PORT"
             )

@@ -77,6 +77,7 @@ from gateway_ops.auth import (
     TokenIssuer,
     TokenVerifier,
 )
+from registry.api import refuse_unstorable
 from registry.console.charts import Bar, Series, bars, stacked_columns
 from registry.console.text import DEFAULT_LANGUAGE, LANGUAGE_NAMES, LANGUAGES, TEXT, text
 from registry.governance import (
@@ -354,6 +355,10 @@ class Console:
                     subject=principal.subject if (principal := request.get(PRINCIPAL)) else None,
                 )
                 raise _Refusal(403, "error.csrf")
+            # then the API's rule for text: no NUL, no lone surrogate (the same rules
+            # whichever way a change is made)
+            for name, value in form.items():
+                refuse_unstorable(value, f"form field {name}")
         response = await handler(request)
         lang = request.query.get("lang")
         if lang in LANGUAGES:
@@ -902,9 +907,11 @@ class Console:
         if until_text:
             try:
                 day = datetime.strptime(until_text, "%Y-%m-%d").replace(tzinfo=UTC)
-            except ValueError:
-                raise InvalidRequest("valid until must be a date (YYYY-MM-DD)") from None
-            valid_until = day + timedelta(days=1)  # to the end of that day
+                valid_until = day + timedelta(days=1)  # to the end of that day
+            except (ValueError, OverflowError):  # 9999-12-31 has no end of day
+                raise InvalidRequest(
+                    "valid until must be a date (YYYY-MM-DD) before 9999-12-31"
+                ) from None
         created = await self.gov.request_agreement(
             actor,
             AgreementRequest(

@@ -499,6 +499,10 @@ async def test_a_member_admin_requests_an_agreement_from_a_services_page(world: 
         ({"legal_basis_reference": " "}, 400, "name the legal basis"),
         ({"legal_basis_kind": "whim"}, 400, "kind of legal basis"),
         ({"valid_until": "31/12/2099"}, 400, "must be a date"),
+        # the API's rules for text and dates hold here too (found by a red-team review:
+        # a NUL was stored, and the last day of year 9999 was an internal error)
+        ({"legal_basis_reference": "ley\x00 1"}, 400, "NUL characters are not allowed"),
+        ({"valid_until": "9999-12-31"}, 400, "must be a date"),
     ):
         refused = await bps.post("/console/agreements", {**form, **change}, status=status)
         assert words in html.unescape(await refused.text()), change

@@ -314,6 +314,9 @@ async def test_bad_anchors_are_refused(registry: Registry, pkis: Path) -> None:
         ),
         ({**anchor_of(pkis, "CL"), "addresses": []}, InvalidRequest, "no configuration address"),
         ({**anchor_of(pkis, "CL"), "addresses": ["nowhere"]}, InvalidRequest, "not HOST:PORT"),
+        # digits of other scripts: "²" was an internal error, Arabic-Indic ones were stored
+        ({**anchor_of(pkis, "CL"), "addresses": ["cfg.cl:²"]}, InvalidRequest, "not HOST:PORT"),
+        ({**anchor_of(pkis, "CL"), "addresses": ["cfg.cl:١٢٣"]}, InvalidRequest, "not HOST:PORT"),
         ({**anchor_of(pkis, "CL"), "instance": "chile"}, InvalidRequest, "not an instance code"),
         (_expired_anchor(pkis), InvalidRequest, "is not valid now"),
         (_rsa_anchor(pkis), InvalidRequest, "must hold an EC key"),

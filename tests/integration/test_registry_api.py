@@ -669,6 +669,22 @@ BAD_INPUT = [
         "body.name: NUL",
     ),
     (
+        "lone-surrogate",
+        "POST",
+        "/v1/members",
+        b'{"id": "UY/GOV/SUR", "name": "x\\ud800"}',
+        400,
+        "body.name: holds a lone UTF-16 surrogate",
+    ),
+    (
+        "lone-surrogate-in-a-key",
+        "POST",
+        "/v1/members",
+        b'{"id": "UY/GOV/SUR", "name": "X", "\\udfff": 1}',
+        400,
+        "",
+    ),
+    (
         "unknown-field",
         "POST",
         "/v1/members",
