@@ -882,7 +882,6 @@ def _accept(
     # signed by the client's member, with a certificate in good standing
     progress.verified = True
     node.replay.check_fresh(header.created_at, now)
-    node.replay.remember(header.message_id, now)
     service = config.services.get(header.service)
     if service is None or not node.hosts(config, header.service.subsystem):
         raise GatewayError(
@@ -907,6 +906,10 @@ def _accept(
     # nor do we serve with a TLS certificate whose status we could not staple
     node.status.peer(node.own_status.staple(node.auth_sha256), node.auth_certificate, config, now)
     node.check_timestamping()
+    # last: only a request about to be accepted claims its id (as the replica-wide ledger
+    # does), so that a member with no agreement cannot use up the ids another client will
+    # send, and a client refused for any other reason may send again with the same id
+    node.replay.remember(header.message_id, now)
     facts = request_facts(header, str(server.id))
     facts.agreement_id = agreement.id
     signer_sha = certificate_sha256(envelope.signer_certificate)

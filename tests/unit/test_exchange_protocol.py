@@ -12,9 +12,12 @@ import pytest
 
 from gateway import canonical
 from gateway.agreements import AgreementState, RateLimit
-from gateway.envelope import decode_request, decode_response
+from gateway.configuration import Member, SecurityServer
+from gateway.envelope import RequestHeader, decode_request, decode_response, sha256_hex
 from gateway.errors import Code, GatewayError
-from gateway.exchange import Envelope
+from gateway.exchange import Envelope, Peer, Refusal, accept_request
+from gateway.identifiers import MemberId, SecurityServerId, SubsystemId
+from security_server.certificate_status import der_sha256
 from tests.unit.conftest import NOW, build_ca, build_certificate
 from tests.unit.exchange_harness import (
     AGREEMENT,
@@ -169,6 +172,68 @@ def test_a_replayed_envelope_is_refused(world: World) -> None:
     assert first.error is None and first.outgoing is not None
     replay = world.call(resend=first.outgoing.envelope)
     assert (replay.refused_by, replay.code) == ("provider", Code.REPLAYED_MESSAGE.value)
+
+
+def test_a_refused_request_does_not_use_up_its_id(world: World) -> None:
+    """Only a request about to be accepted claims its id: one the provider refused (here
+    with its backend not configured) may be sent again with the same id once it can be."""
+    same = {"gateway-id": "order-2026-000123"}
+    backends = set(world.backends)
+    world.backends.clear()
+    refused = world.call(metadata=same)
+    assert (refused.refused_by, refused.code) == ("provider", Code.BACKEND_UNAVAILABLE.value)
+    world.backends.update(backends)
+    world.advance(seconds=1)
+    assert world.call(metadata=same).error is None
+
+
+def test_a_member_without_an_agreement_cannot_use_up_another_clients_ids(world: World) -> None:
+    """A member with its own registered server and signing key, but no agreement, sends the
+    ids the clinics will use (an order number, say): refused, they are not claimed, and the
+    clinics' calls with them go through. (Found by a red-team review.)"""
+    evil, ss_evil = MemberId.parse("UY/COM/EVIL"), SecurityServerId.parse("UY/COM/EVIL/ss1")
+    app = SubsystemId.parse("UY/COM/EVIL/app")
+    evil_auth = build_certificate(world.ca, str(ss_evil), kind="auth")
+    evil_sign = build_certificate(world.ca, str(evil), kind="sign")
+    config = world.configuration()
+    world.publish(
+        members=[*config.members.values(), Member(id=evil, name="EVIL")],
+        servers=[
+            *config.servers.values(),
+            SecurityServer(
+                id=ss_evil,
+                address="127.0.0.1:3",
+                auth_certificate=evil_auth.certificate_der,
+                subsystems=(app,),
+            ),
+        ],
+    )
+    header = RequestHeader(
+        message_id="order-2026-000123",
+        client=app,
+        service=POPULATION,
+        method=GET_PERSON,
+        purpose=PURPOSE,
+        sender=ss_evil,
+        created_at=world.now,
+        body_sha256=sha256_hex(b"x"),
+    ).encode()
+    envelope = Envelope(
+        header=header,
+        body=b"x",
+        signature=evil_sign.sign(header),
+        signer_certificate=evil_sign.certificate_der,
+        signer_ocsp=ocsp_answer(evil_sign.certificate, world.ca, world.now),
+    )
+    peer = Peer(
+        evil_auth.certificate,
+        der_sha256(evil_auth.certificate),
+        ocsp_answer(evil_auth.certificate, world.ca, world.now),
+    )
+    refused = accept_request(envelope, peer, world.provider, world.backends, world.now)
+    assert isinstance(refused, Refusal) and refused.error.code is Code.NO_AGREEMENT
+    world.advance(seconds=30)
+    assert world.call(metadata={"gateway-id": "order-2026-000123"}).error is None
 
 
 def test_a_stale_envelope_is_refused(world: World) -> None:
