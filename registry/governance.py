@@ -57,6 +57,7 @@ from registry.store import (
     OutboundState,
     RegistryStore,
     ServerStatus,
+    admin_log,
     admin_record,
     agreement_from_row,
     agreement_values,
@@ -1033,6 +1034,21 @@ class Governance:
             raise (Conflict if exc.conflict else Forbidden)(
                 f"cannot {action.value} agreement {agreement_id}: {exc.message}"
             ) from None
+        if action is Action.APPROVE:
+            # four eyes: each approval of one agreement by another person, whatever roles one
+            # person holds (the admin log says who approved it before)
+            approved_by = await ch.conn.execute(
+                sa.select(admin_log.c.actor).where(
+                    admin_log.c.target == agreement_id,
+                    admin_log.c.action == Action.APPROVE.value,
+                    admin_log.c.actor == actor.subject,
+                )
+            )
+            if approved_by.first() is not None:
+                raise Conflict(
+                    f"cannot approve agreement {agreement_id}: {actor.subject} approved it "
+                    "already, and each approval must come from another person"
+                )
         now = self.clock()
         done = await ch.conn.execute(
             agreements.update()

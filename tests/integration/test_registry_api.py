@@ -489,6 +489,26 @@ def test_member_admin_cannot_act_for_another_member(api: Api) -> None:
         assert named in answer.json()["message"], answer.json()
 
 
+def test_one_person_cannot_give_both_approvals(api: Api) -> None:
+    """Four eyes: the provider's member administrator and a registry administrator must be
+    two people. One subject holding both roles (two tokens) approves once; the second
+    approval is refused 409 and the agreement stays where it was. (Found by a red-team
+    review.)"""
+    agreement_id: str = api.ok("POST", "/v1/agreements", new_agreement())["id"]
+    as_provider = api.runner.token("member-admin", member=DNIC, subject="ana@dnic")
+    as_registry = api.runner.token("registry-admin", subject="ana@dnic")
+    path = f"/v1/agreements/{agreement_id}/approve"
+    first = api.call("POST", path, body={}, token=as_provider)
+    assert first.status == 200, first.body
+    second = api.call("POST", path, body={"reason": "checked"}, token=as_registry)
+    assert second.status == 409, second.body
+    assert "ana@dnic approved it already" in second.json()["message"]
+    state = api.ok("GET", f"/v1/agreements/{agreement_id}")["state"]
+    assert state == first.json()["state"] != "active"
+    api.ok("POST", path, {"reason": "checked"})  # another person: active
+    assert api.ok("GET", f"/v1/agreements/{agreement_id}")["state"] == "active"
+
+
 def test_an_unrelated_member_cannot_tell_that_an_agreement_exists(api: Api) -> None:
     """Reading or approving another members' agreement answers as if it did not exist."""
     agreement_id = api.agreement("requested")
