@@ -33,8 +33,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from gateway.audit import GENESIS, ChainedRecord, RecordKind, record_hash
 from gateway.errors import GatewayError
 from gateway.signing import verify_signature
-from gateway.timeutil import format_time
+from gateway.timeutil import format_time, parse_time
 from security_server.message_log import (
+    CHAIN_PATTERN,
     log_archives,
     log_evidence,
     message_log,
@@ -90,11 +91,17 @@ def decode_cursor(text: str) -> tuple[str, str, int]:
         isinstance(logged_at, str)
         and len(logged_at) <= 40
         and isinstance(chain, str)
-        and len(chain) <= 64
+        and CHAIN_PATTERN.fullmatch(chain)
         and type(seq) is int
         and 0 <= seq < 2**63
     ):
         raise CursorError("the cursor 'after' is not one this API returned")
+    try:
+        # the log's own time form only: JSON may carry lone surrogates and NULs, which
+        # no database binds alike
+        parse_time(logged_at)
+    except ValueError:
+        raise CursorError("the cursor 'after' is not one this API returned") from None
     return logged_at, chain, seq
 
 

@@ -452,6 +452,15 @@ BAD_QUERIES: list[tuple[str, list[tuple[str, str]], str]] = [
     ("cursor not base64 json", [("after", "!!not-a-cursor!!")], "after"),
     ("cursor of the wrong shape", [("after", _cursor(["a", "b"]))], "after"),
     ("cursor with wrong types", [("after", _cursor([1, "main", "3"]))], "after"),
+    # a lone surrogate in the cursor's time or chain was a 500, logged "ok" (found by a
+    # red-team review); a NUL, not the log's time form, would be one on PostgreSQL
+    ("cursor time with a surrogate", [("after", _cursor(["\ud800", "main", 1]))], "after"),
+    (
+        "cursor chain with a surrogate",
+        [("after", _cursor(["2026-01-01T00:00:00.000000Z", "\udfff", 1]))],
+        "after",
+    ),
+    ("cursor time with a NUL", [("after", _cursor(["2026\x00", "main", 1]))], "after"),
 ]
 
 
