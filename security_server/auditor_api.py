@@ -61,7 +61,13 @@ _MAX_MESSAGE = 300
 
 
 class QueryError(ValueError):
-    """A bad query parameter: the message names it (400)."""
+    """A bad query parameter: the message names it (400). `logged` is the message as the
+    audit log and the server's log keep it: without the caller's values, which may be a
+    data subject's identifier typed into the wrong field (the answer still quotes them)."""
+
+    def __init__(self, message: str, *, logged: str | None = None) -> None:
+        super().__init__(message)
+        self.logged = message if logged is None else logged
 
 
 def _error(status: int, kind: str, message: str) -> web.Response:
@@ -77,14 +83,20 @@ def _time(name: str, value: str) -> datetime:
     except ValueError:
         raise QueryError(
             f"{name} must be an ISO 8601 time with a zone, such as 2026-11-23T10:00:00Z; "
-            f"got {value!r}"
+            f"got {value!r}",
+            logged=f"{name} is not an ISO 8601 time with a zone",
         ) from None
     if moment.tzinfo is None:
-        raise QueryError(f"{name} must carry a time zone (end it with Z for UTC): {value!r}")
+        raise QueryError(
+            f"{name} must carry a time zone (end it with Z for UTC): {value!r}",
+            logged=f"{name} carries no time zone",
+        )
     try:
         return moment.astimezone(UTC)
     except OverflowError:
-        raise QueryError(f"{name} is out of range: {value!r}") from None
+        raise QueryError(
+            f"{name} is out of range: {value!r}", logged=f"{name} is out of range"
+        ) from None
 
 
 def parse_query(
@@ -97,7 +109,8 @@ def parse_query(
     unknown = sorted(set(params) - _PARAMS)
     if unknown:
         raise QueryError(
-            f"unknown query parameter(s): {', '.join(unknown)}; known: {', '.join(sorted(_PARAMS))}"
+            f"unknown query parameter(s): {', '.join(unknown)}; known: {', '.join(sorted(_PARAMS))}",
+            logged=f"{len(unknown)} unknown query parameter(s)",
         )
     values: dict[str, str] = {}
     for name in params:
@@ -114,14 +127,23 @@ def parse_query(
         values[name] = value
     kind = values.get("kind")
     if kind is not None and kind not in KINDS:
-        raise QueryError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
+        raise QueryError(
+            f"kind must be one of {', '.join(KINDS)}, not {kind!r}",
+            logged=f"kind must be one of {', '.join(KINDS)}",
+        )
     role = values.get("role")
     if role is not None and role not in _ROLES:
-        raise QueryError(f"role must be one of {', '.join(_ROLES)}, not {role!r}")
+        raise QueryError(
+            f"role must be one of {', '.join(_ROLES)}, not {role!r}",
+            logged=f"role must be one of {', '.join(_ROLES)}",
+        )
     limit = 50
     if "limit" in values:
         if not re.fullmatch(r"[0-9]{1,6}", values["limit"]):
-            raise QueryError(f"limit must be a whole number, not {values['limit']!r}")
+            raise QueryError(
+                f"limit must be a whole number, not {values['limit']!r}",
+                logged="limit must be a whole number",
+            )
         limit = int(values["limit"])
         if not 1 <= limit <= max_page:
             raise QueryError(f"limit must be between 1 and {max_page}, not {limit}")
@@ -229,19 +251,21 @@ class AuditorApi:
         kind: str,
         message: str,
         logged: dict[str, str] | None = None,
+        *,
+        logged_message: str | None = None,
     ) -> web.Response:
+        """Answer `message`; both logs keep `logged_message` (by default the same)."""
+        kept = message if logged_message is None else logged_message
         log.info(
             "audit_query_refused",
             status=status,
             error=kind,
-            reason=message,
+            reason=kept,
             subject=principal.subject if principal else None,
             peer=request.remote,
         )
         try:
-            await self._log_query(
-                request, principal, logged or {}, None, "refused", (kind, message)
-            )
+            await self._log_query(request, principal, logged or {}, None, "refused", (kind, kept))
         except GatewayError as err:
             log.error("audit_query_not_logged", error=err.message)
         return _error(status, kind, message)
@@ -334,7 +358,9 @@ class AuditorApi:
                 MultiDict(message_id=message_id), principal, self.pseudonym, self.max_page
             )
         except QueryError as exc:
-            return await self._refuse(request, principal, 400, "bad_request", str(exc))
+            return await self._refuse(
+                request, principal, 400, "bad_request", str(exc), logged_message=exc.logged
+            )
         logged = {"evidence": message_id}
         found, _ = await self.searcher.search(query)
         if not any(r["kind"] in ("request", "response") for r in found):
@@ -387,7 +413,9 @@ class AuditorApi:
         try:
             query, logged = parse_query(request.query, principal, self.pseudonym, self.max_page)
         except QueryError as exc:
-            return await self._refuse(request, principal, 400, "bad_request", str(exc))
+            return await self._refuse(
+                request, principal, 400, "bad_request", str(exc), logged_message=exc.logged
+            )
         try:
             await self._log_query(request, principal, logged, query.subject_ref, "ok")
         except GatewayError as err:

@@ -524,6 +524,30 @@ def test_overflowing_parameters_are_refused_and_logged(
     assert [(r["status"], r["error_code"]) for r in logged] == [("refused", "bad_request")]
 
 
+@pytest.mark.parametrize("name", ["kind", "role", "limit", "since", "(as a name)"])
+def test_a_refused_value_is_answered_but_not_kept_in_the_logs(world: World, name: str) -> None:
+    """A national id typed into the wrong field (or as a parameter's name) is quoted back to
+    the auditor, but neither the audit log's record of the refusal nor the server's log
+    keeps it: the subject's identifier is never stored. (Found by a red-team review.)"""
+    tag = uuid.uuid4().hex[:8]
+    since = datetime.now(UTC).isoformat()
+    token = world.runner.token("auditor", subject=f"typo-{tag}")
+    identifier = f"9.{tag[:3]}.{tag[3:6]}-1"
+    params = {identifier: "1"} if name == "(as a name)" else {name: identifier}
+    answer = get(world.msp, params, token=token)
+    assert answer.status == 400, answer
+    assert identifier in answer.body["message"]
+    logged = [
+        r
+        for r in search(world.msp, world.auditor(), {"kind": "audit-query", "since": since})
+        if (r["user_id"] or "").startswith(f"typo-{tag}")
+    ]
+    assert [(r["status"], r["error_code"]) for r in logged] == [("refused", "bad_request")]
+    assert identifier not in json.dumps(logged)
+    server_log = (world.runner.workdir / "logs" / "ss-msp.log").read_text(errors="replace")
+    assert identifier not in server_log
+
+
 # ---- 5. keyset pagination --------------------------------------------------------------------
 
 
