@@ -7,7 +7,8 @@ serves from it while the registry is unreachable. Calls are refused with
 a fresh one arrives: the watch stream reconnects with backoff, without a restart.
 
 A configuration arrives gzip-compressed and is inflated up to `max_message_bytes`
-(`limits.max_configuration_bytes`), the same bound as the gRPC message itself; a larger
+(`limits.max_configuration_bytes`; an update in parts, all its parts together), the same
+bound as the gRPC message itself; a larger
 one is refused and logged as `configuration_too_large`, not as an unreachable registry.
 Verifying, parsing and storing a national instance's configuration take seconds, so they
 run in a worker thread: the event loop goes on serving calls with the configuration in
@@ -27,7 +28,7 @@ from pathlib import Path
 import grpc
 import structlog
 
-from gateway.config_parts import Held, Update, apply_update, sha256
+from gateway.config_parts import BUCKETS, Held, Update, apply_update, sha256
 from gateway.configuration import (
     MAX_CONFIGURATION_BYTES,
     Anchor,
@@ -68,11 +69,34 @@ def signed_from_message(message: pb.SignedConfiguration, max_bytes: int) -> Sign
 
 
 def update_from_message(message: pb.PartsUpdate, max_bytes: int) -> Update:
-    """A parts update as the core checks it, its parts inflated (each up to `max_bytes`)."""
+    """A parts update as the core checks it, its parts inflated up to `max_bytes` in all
+    (the bound of a whole configuration, which holds every part an update may carry). This
+    runs before any signature is checked: each part bounded alone, a thousand parts of a
+    small message could inflate to tens of gigabytes. Bucket numbers are in range and
+    given once."""
+    left = [max_bytes]
 
     def inflate(data: bytes) -> bytes:
-        return inflate_content(data, max_bytes)
+        try:
+            content = inflate_content(data, left[0])
+        except ConfigurationError as err:
+            if "inflates to more than" not in err.message:
+                raise
+            raise ConfigurationError(
+                f"global configuration rejected: the update's parts inflate to more than "
+                f"{max_bytes} bytes in all (limits.max_configuration_bytes)",
+                code=Code.CONFIGURATION_INVALID,
+            ) from None
+        left[0] -= len(content)
+        return content
 
+    numbers = [b.bucket for b in message.buckets]
+    if len(set(numbers)) != len(numbers) or any(not 0 <= n < BUCKETS for n in numbers):
+        raise ConfigurationError(
+            f"global configuration rejected: the update's bucket numbers must be distinct "
+            f"and below {BUCKETS}",
+            code=Code.CONFIGURATION_INVALID,
+        )
     return Update(
         directory=signed_from_message(message.directory, max_bytes),
         base_version=message.base_version,
@@ -169,7 +193,11 @@ class ConfigurationClient:
 
     def load_cached(self) -> None:
         """Load the last good configuration from disk, if there is one that still verifies:
-        the one in parts when there is one, else the whole document."""
+        the one in parts when there is one, else the whole document. Parts that no longer
+        check out (a bucket of a subsystem hosted since is missing, say) load nothing: a
+        whole document beside them can only be older (one replaces the other on disk), and
+        installing it would roll back what the parts held (an agreement suspended since);
+        the registry's next answer installs the current one."""
         if (self.parts_dir / HELD).exists():
             try:
                 held = read_parts(
@@ -184,6 +212,7 @@ class ConfigurationClient:
                 )
             except ConfigurationError as exc:
                 log.warning("configuration_cache_rejected", error=exc.message)
+                return
             else:
                 self.held = held
                 self._install(held.config, None, persist=False)
@@ -282,6 +311,9 @@ class ConfigurationClient:
         for path in folder.iterdir():
             if path.name not in named and path.name != HELD:
                 path.unlink(missing_ok=True)
+        # parts replace a whole document kept before (as `_persist` does the reverse): an
+        # older version left beside them could be installed again by a later start
+        self.cache_file.unlink(missing_ok=True)
 
     async def receive_parts(self, message: pb.PartsUpdate, subsystems: tuple[str, ...]) -> bool:
         """Check a parts update (in a worker thread: inflating, verifying, parsing and

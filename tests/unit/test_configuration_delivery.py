@@ -34,7 +34,11 @@ from gateway.configuration import (
 from gateway.errors import Code, ConfigurationError
 from gateway.v1 import configuration_pb2 as pb
 from registry.parts import Buckets
-from security_server.config_client import ConfigurationClient, signed_from_message
+from security_server.config_client import (
+    ConfigurationClient,
+    signed_from_message,
+    update_from_message,
+)
 from tests.unit.test_configuration import IDENTITY, SS_DNIC, World, expect_invalid
 
 # the fixture `world` (a signed UY configuration), shared with the core's tests
@@ -331,3 +335,63 @@ async def test_a_good_delta_over_watchparts_is_installed_and_kept_on_disk(
     )
     again.load_cached()
     assert again.current is not None and again.current.version == 43
+
+
+async def test_parts_replace_the_whole_document_on_disk_and_an_older_one_is_never_loaded(
+    world: World, tmp_path: Path
+) -> None:
+    """Version 41 arrives whole, 42 in parts: the whole document leaves the disk. When the
+    subsystems hosted change (a federated instance's client is started again) and the parts
+    no longer check out (a bucket now needed is missing), nothing is loaded: version 41 left
+    beside them would have been, rolling back what 42 holds, such as an agreement suspended
+    since. (Found by a red-team review.)"""
+    hosted: list[tuple[str, ...]] = [(str(IDENTITY),)]
+    cache = tmp_path / "configuration.json"
+
+    def client() -> ConfigurationClient:
+        return ConfigurationClient(
+            anchor=world.anchor,
+            cache_file=cache,
+            clock=lambda: world.now,
+            subsystems=lambda: hosted[0],
+        )
+
+    first = client()
+    assert first.accept(
+        sign_configuration(
+            build_content(**{**world.content_args, "version": 41}), world.config_signer
+        )
+    )
+    assert cache.exists()
+    snapshot, _, _ = parts_messages(world)
+    assert await first.receive_parts(pb.PartsUpdate.FromString(snapshot), hosted[0])
+    assert first.current is not None and first.current.version == 42
+    assert not cache.exists()
+    again = client()
+    again.load_cached()
+    assert again.current is not None and again.current.version == 42
+    hosted[0] = (str(IDENTITY), "UY/GOV/BPS/benefits")  # its bucket is not on disk
+    restarted = client()
+    with capture_logs() as logged:
+        restarted.load_cached()
+    assert restarted.current is None
+    assert any(x["event"] == "configuration_cache_rejected" for x in logged)
+
+
+def test_an_updates_parts_are_bounded_in_all_before_any_signature_is_checked() -> None:
+    """Each part within the bound, but together over it: refused before anything is
+    verified (a small message of many parts could otherwise inflate to gigabytes; found by
+    a red-team review). Bucket numbers given twice, or out of range, are refused too."""
+    part = compress_content(b"x" * 400)
+
+    def update(*numbers: int) -> pb.PartsUpdate:
+        return pb.PartsUpdate(
+            catalogue_gzip=part, buckets=[pb.Bucket(bucket=n, gzip_content=part) for n in numbers]
+        )
+
+    with pytest.raises(ConfigurationError, match="inflate to more than 1000 bytes in all"):
+        update_from_message(update(1, 2), 1000)
+    assert len(update_from_message(update(1), 1000).buckets) == 1
+    for numbers in ((1, 1), (4096,)):
+        with pytest.raises(ConfigurationError, match="bucket numbers must be distinct"):
+            update_from_message(update(*numbers), 10_000)
