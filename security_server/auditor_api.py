@@ -380,13 +380,9 @@ class AuditorApi:
             return _error(
                 404, "not_found", f"this log holds no exchange {message_id} in your scope"
             )
-        try:
-            await self._log_query(request, principal, logged, None, "ok", method=method)
-        except GatewayError as err:
-            log.error("audit_query_not_logged", error=err.message)
-            return _error(
-                503, "log_unavailable", "this request cannot be logged, so it is not answered"
-            )
+        # the bundle is made first, so that the request's record says how it ended (it is
+        # still written before anything is answered)
+        refused: tuple[str, str] | None = None
         try:
             async with self.log.engine.connect() as conn:
                 files = await export_records(
@@ -394,8 +390,27 @@ class AuditorApi:
                     message_id,
                     member=str(principal.member) if principal.member else None,
                 )
-        except AuditError as exc:  # several exchanges under one id: no bundle for any
-            return _error(409, "ambiguous", exc.message)
+        except AuditError as exc:
+            # several exchanges under one id (no bundle for any), or not time-stamped yet
+            kind = "not_stamped_yet" if "not time-stamped yet" in exc.message else "ambiguous"
+            refused = (kind, exc.message)
+        try:
+            await self._log_query(
+                request,
+                principal,
+                logged,
+                None,
+                "ok" if refused is None else "refused",
+                refused,
+                method=method,
+            )
+        except GatewayError as err:
+            log.error("audit_query_not_logged", error=err.message)
+            return _error(
+                503, "log_unavailable", "this request cannot be logged, so it is not answered"
+            )
+        if refused is not None:
+            return _error(409, *refused)
         log.info("audit_evidence", subject=principal.subject, message_id=message_id)
         return web.Response(
             body=zip_bytes(files),
