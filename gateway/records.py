@@ -21,14 +21,23 @@ CLAIM_PREFIX = "claimed:"
 _MAX_CLAIM = 200
 
 
+def printable(value: str) -> str:
+    """`value` with each character that is not printable (control characters, line breaks,
+    bidirectional overrides) written as its Python escape: no record column shows an
+    auditor's terminal a fake line or a colour."""
+    if value.isprintable():
+        return value
+    return "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in value
+    )
+
+
 def claimed(value: str | None) -> str | None:
     """An unverified client or service id as a log column: `claimed:` + the value with
     control characters escaped, cut to 200 characters + `…sha256:<16 hex>` of the whole."""
     if value is None:
         return None
-    shown = "".join(
-        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in value
-    )
+    shown = printable(value)
     if len(shown) > _MAX_CLAIM:
         digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:16]
         shown = f"{shown[:_MAX_CLAIM]}…sha256:{digest}"
@@ -36,7 +45,9 @@ def claimed(value: str | None) -> str | None:
 
 
 def _clip(value: str | None) -> str | None:
-    return None if value is None else value[:_MAX_TEXT]
+    """A text column: printable (a refused call's unchecked purpose, user or method may hold
+    anything a raw HTTP/2 client sends), cut to its bound."""
+    return None if value is None else printable(value)[:_MAX_TEXT]
 
 
 @dataclass(slots=True, kw_only=True)

@@ -7,6 +7,7 @@ answered without its records)."""
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 import pytest
 
@@ -172,6 +173,29 @@ def test_a_replayed_envelope_is_refused(world: World) -> None:
     assert first.error is None and first.outgoing is not None
     replay = world.call(resend=first.outgoing.envelope)
     assert (replay.refused_by, replay.code) == ("provider", Code.REPLAYED_MESSAGE.value)
+
+
+@pytest.mark.parametrize(
+    ("change", "column"),
+    [
+        ({"purpose": "care\n2026 status=ok\x1b[31m"}, "purpose"),
+        ({"metadata": {"gateway-user-id": "alice\r\nINJECT\x00"}}, "user_id"),
+        ({"method": "/a.B/C\nX"}, "method"),
+        ({"purpose": "care\u202egnp.exe"}, "purpose"),
+    ],
+)
+def test_a_refused_calls_unchecked_text_is_logged_escaped(
+    world: World, change: dict[str, Any], column: str
+) -> None:
+    """gRPC's server takes any bytes in metadata from a raw HTTP/2 client: a refused call's
+    purpose, user or method reaches its record unchecked, and is written there with control
+    characters, line breaks and bidirectional overrides escaped, never raw. (Found by a
+    red-team review.)"""
+    outcome = world.call(**change)
+    assert outcome.code == Code.MALFORMED_IDENTIFIER.value
+    kept = world.consumer.log[-1].fields()[column]
+    assert isinstance(kept, str) and kept.isprintable(), kept
+    assert "\\" in kept  # the escapes stand for what was sent
 
 
 def test_a_refused_request_does_not_use_up_its_id(world: World) -> None:
