@@ -351,7 +351,9 @@ def _write(
 def _allowed(manifest: dict[str, Any], contents: dict[str, bytes]) -> Callable[[Path], bool]:
     """Whether a path may be written: the backup's settings file, the files its settings
     name, the message log and what lies in the state folder; nothing else, whatever the
-    manifest says (a backup stored apart could be edited)."""
+    manifest says (a backup stored apart could be edited). Limit: those places come from
+    the settings file in the backup, which an editor of the backup can change too (its
+    state folder set to /, say): see the README's restore row."""
     settings_path = Path(manifest["settings"])
     (entry,) = [e for e in manifest["files"] if e["path"] == str(settings_path)] or [None]
     if entry is None or not settings_path.is_absolute():
