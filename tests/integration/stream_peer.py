@@ -113,13 +113,15 @@ class StreamingConsumer:
         ca_pem: bytes,
         cert_pem: bytes,
         key_pem: bytes,
+        *,
+        timeout: float = 20.0,
     ) -> None:
         self.channel = peer_channel(address, provider_id, ca_pem, cert_pem, key_pem)
         self.call: Any = self.channel.stream_stream(
             STREAM_METHOD,
             request_serializer=pb.StreamMessage.SerializeToString,
             response_deserializer=pb.StreamMessage.FromString,
-        )(None, timeout=20)
+        )(None, timeout=timeout)
 
     async def send(self, message: pb.StreamMessage) -> None:
         """Write a message; nothing happens once the provider has ended the stream (what it

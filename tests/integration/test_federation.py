@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import grpc
 import pytest
@@ -311,14 +312,19 @@ def test_a_federation_ended_by_the_providers_instance_is_refused_as_ended(
         chain = Chain(REQUEST, opened.request.header)
         ended_at = time.monotonic()
         refused: pb.Refusal | None = None
-        while refused is None and time.monotonic() - ended_at < 15:
+        while refused is None and time.monotonic() - ended_at < 30:
             body = population.EchoMessage(payload=b"still there?").SerializeToString()
             seq, link = chain.extend(body)
             await peer.send(data(seq, body, link))
             try:
                 message = await peer.read()
-            except grpc.aio.AioRpcError:  # ended otherwise than by a refusal
-                break
+            except grpc.aio.AioRpcError as exc:  # ended otherwise than by a refusal message
+                trailing: Any = exc.trailing_metadata() or ()
+                error = next((v for k, v in trailing if k == "gateway-error"), "")
+                return (
+                    f"{error!s} ({exc.code().name}: {exc.details()})",
+                    time.monotonic() - ended_at,
+                )
             if message is None or message.WhichOneof("kind") == "refusal":
                 refused = None if message is None else message.refusal
                 break
@@ -347,6 +353,7 @@ def test_a_federation_ended_by_the_providers_instance_is_refused_as_ended(
             (ar.pki / "ca.crt").read_bytes(),
             auth_cert,
             (uy.pki / "auth" / "UY_GOV_MSP_ss1.key").read_bytes(),
+            timeout=120,  # the federation's end reaches AR's provider in seconds, on a slow day
         )
         try:
             await peer.send(
@@ -379,7 +386,7 @@ def test_a_federation_ended_by_the_providers_instance_is_refused_as_ended(
 
     answer, (stream_code, stream_seconds) = asyncio.run(end_on_an_open_stream())
     assert stream_code == "federation_ended", stream_code
-    assert stream_seconds < 10, stream_seconds
+    assert stream_seconds < 20, stream_seconds
     refusal = getattr(answer, "refusal", None)
     assert refusal is not None and refusal.code == "federation_ended", answer
     records = run_gateway(
