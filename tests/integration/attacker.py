@@ -206,8 +206,10 @@ def build_request(
     body: bytes,
     created_at: datetime,
     signer_ocsp: bytes = b"",
+    stream: str | None = None,
 ) -> pb.SignedEnvelope:
-    """A request envelope signed properly by `signer` (whatever key that is)."""
+    """A request envelope signed properly by `signer` (whatever key that is); `stream`, a
+    streaming call's kind, makes it a stream's open."""
     header = request_header(
         message_id=message_id,
         client=client,
@@ -217,6 +219,7 @@ def build_request(
         sender=sender,
         body=body,
         created_at=created_at,
+        stream=stream,
     ).encode()
     return pb.SignedEnvelope(
         header=header,

@@ -18,11 +18,14 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from gateway.v1 import exchange_pb2 as pb
+
+if TYPE_CHECKING:
+    from gateway_demo.runner import Runner
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -116,6 +119,19 @@ class MaliciousProvider:
                 if reply.frame is None:
                     return
                 yield pb.Frames(frames=[reply.frame], ocsp_staple=reply.staple)
+
+    @classmethod
+    def posing_as(cls, runner: Runner, server: str) -> MaliciousProvider:
+        """On `server`'s provider address, with its TLS certificate and key from `runner`'s
+        PKI (the server itself must be stopped); not started."""
+        stem = server.replace("/", "_")
+        pki = runner.pki
+        return cls(
+            runner.providers[server],
+            (pki / "auth" / f"{stem}.crt").read_bytes(),
+            (pki / "auth" / f"{stem}.key").read_bytes(),
+            (pki / "ca.crt").read_bytes(),
+        )
 
     def start(self) -> None:
         self._server.start()

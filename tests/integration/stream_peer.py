@@ -21,7 +21,7 @@ from gateway.identifiers import SecurityServerId
 from gateway.signing import EcdsaSigner
 from gateway.streams import Chain
 from gateway.v1 import exchange_pb2 as pb
-from tests.integration.attacker import peer_channel, request_header
+from tests.integration.attacker import build_request, peer_channel
 
 STREAM_METHOD = "/gateway.v1.Exchange/Stream"
 
@@ -39,7 +39,8 @@ def stream_open(
     created_at: datetime,
     signer_ocsp: bytes,
 ) -> pb.StreamOpen:
-    header = request_header(
+    request = build_request(
+        signer,
         message_id=message_id,
         client=client,
         service=service,
@@ -48,17 +49,10 @@ def stream_open(
         sender=sender,
         body=b"",
         created_at=created_at,
+        signer_ocsp=signer_ocsp,
         stream=kind,
-    ).encode()
-    return pb.StreamOpen(
-        request=pb.SignedEnvelope(
-            header=header,
-            signature=signer.sign(header),
-            signer_certificate=signer.certificate_der,
-            signer_ocsp=signer_ocsp,
-        ),
-        timeout_ms=10_000,
     )
+    return pb.StreamOpen(request=request, timeout_ms=10_000)
 
 
 def data(seq: int, body: bytes, link: bytes) -> pb.StreamMessage:

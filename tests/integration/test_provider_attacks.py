@@ -141,12 +141,7 @@ def topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
         runner.prepare()
         pki = runner.pki
         # ss-dnic stays stopped: the malicious provider takes its address and TLS identity
-        provider = MaliciousProvider(
-            runner.providers[DNIC],
-            (pki / "auth" / "UY_GOV_DNIC_ss1.crt").read_bytes(),
-            (pki / "auth" / "UY_GOV_DNIC_ss1.key").read_bytes(),
-            (pki / "ca.crt").read_bytes(),
-        )
+        provider = MaliciousProvider.posing_as(runner, DNIC)
         provider.start()
         for name in (*runner.trust_services, "registry", runner.server_names[MSP]):
             runner.start(name)

@@ -745,13 +745,7 @@ async def test_kill_the_provider_server_mid_stream(runner: Runner) -> None:
 @pytest.fixture(scope="module")
 def fake_dnic(runner: Runner) -> Iterator[MaliciousProvider]:
     runner.stop("ss-dnic", kill=True)
-    pki = runner.pki
-    provider = MaliciousProvider(
-        runner.providers[DNIC],
-        (pki / "auth" / "UY_GOV_DNIC_ss1.crt").read_bytes(),
-        (pki / "auth" / "UY_GOV_DNIC_ss1.key").read_bytes(),
-        (pki / "ca.crt").read_bytes(),
-    )
+    provider = MaliciousProvider.posing_as(runner, DNIC)
     provider.start()
     try:
         yield provider
