@@ -253,8 +253,10 @@ class AuditorApi:
         logged: dict[str, str] | None = None,
         *,
         logged_message: str | None = None,
+        method: str = f"GET {PATH}",
     ) -> web.Response:
-        """Answer `message`; both logs keep `logged_message` (by default the same)."""
+        """Answer `message`; both logs keep `logged_message` (by default the same). The
+        refusal is answered even when its record cannot be written."""
         kept = message if logged_message is None else logged_message
         log.info(
             "audit_query_refused",
@@ -265,7 +267,9 @@ class AuditorApi:
             peer=request.remote,
         )
         try:
-            await self._log_query(request, principal, logged or {}, None, "refused", (kind, kept))
+            await self._log_query(
+                request, principal, logged or {}, None, "refused", (kind, kept), method=method
+            )
         except GatewayError as err:
             log.error("audit_query_not_logged", error=err.message)
         return _error(status, kind, message)
@@ -364,25 +368,18 @@ class AuditorApi:
         logged = {"evidence": message_id}
         found, _ = await self.searcher.search(query)
         if not any(r["kind"] in ("request", "response") for r in found):
-            log.info("audit_evidence_refused", subject=principal.subject, message_id=message_id)
-            try:
-                await self._log_query(
-                    request,
-                    principal,
-                    logged,
-                    None,
-                    "refused",
-                    ("not_found", "no exchange of that id in this log and the auditor's scope"),
-                    method=method,
-                )
-            except GatewayError as err:
-                log.error("audit_query_not_logged", error=err.message)
-            return _error(
-                404, "not_found", f"this log holds no exchange {message_id} in your scope"
+            return await self._refuse(
+                request,
+                principal,
+                404,
+                "not_found",
+                f"this log holds no exchange {message_id} in your scope",
+                logged,
+                logged_message="no exchange of that id in this log and the auditor's scope",
+                method=method,
             )
-        # the bundle is made first, so that the request's record says how it ended (it is
-        # still written before anything is answered)
-        refused: tuple[str, str] | None = None
+        # the bundle is made before the request's record, so that the record says how it
+        # ended (it is still written before anything is answered)
         try:
             async with self.log.engine.connect() as conn:
                 files = await export_records(
@@ -393,24 +390,16 @@ class AuditorApi:
         except AuditError as exc:
             # several exchanges under one id (no bundle for any), or not time-stamped yet
             kind = "not_stamped_yet" if "not time-stamped yet" in exc.message else "ambiguous"
-            refused = (kind, exc.message)
-        try:
-            await self._log_query(
-                request,
-                principal,
-                logged,
-                None,
-                "ok" if refused is None else "refused",
-                refused,
-                method=method,
+            return await self._refuse(
+                request, principal, 409, kind, exc.message, logged, method=method
             )
+        try:
+            await self._log_query(request, principal, logged, None, "ok", method=method)
         except GatewayError as err:
             log.error("audit_query_not_logged", error=err.message)
             return _error(
                 503, "log_unavailable", "this request cannot be logged, so it is not answered"
             )
-        if refused is not None:
-            return _error(409, *refused)
         log.info("audit_evidence", subject=principal.subject, message_id=message_id)
         return web.Response(
             body=zip_bytes(files),
