@@ -467,15 +467,6 @@ def check_still_agreed(
         check_outbound_approval(own, header.client, header.service, header.purpose)
 
 
-def check_peer_still_registered(peer: Peer, node: ExchangeNode, now: datetime) -> None:
-    """For an open stream, on the provider: the peer is still a security server registered
-    by our configuration, or by an instance still federated with ours (`registered_peer`:
-    a federation ended, or a federated configuration gone stale, ends the stream with the
-    refusal a new one would get). The agreement alone is not enough: on the provider it is
-    always in our own configuration, which does not change when a federation ends."""
-    registered_peer(node.federated, peer, now)
-
-
 def check_generated_id(given: str, generated: str) -> None:
     """Refuse a malformed caller's message id, naming the id generated in its place (the
     one the refusal carries and its record keeps)."""

@@ -43,7 +43,6 @@ from gateway.exchange import (
     Peer,
     Refusal,
     accept_request,
-    check_peer_still_registered,
     check_provider_not_revoked,
     check_still_agreed,
     consumer_refusal,
@@ -898,7 +897,11 @@ class ProviderStreams:
 
         def check() -> None:
             now = node.clock()
-            check_peer_still_registered(peer, node, now)
+            # the peer too: a federation ended, or a federated configuration gone stale,
+            # ends the stream with the refusal a new one would get (the agreement alone is
+            # not enough: on the provider it lives in our own configuration, which does not
+            # change when a federation ends)
+            registered_peer(node.federated, peer, now)
             check_still_agreed(accepted.header, node, now)
 
         err = await _watch(
