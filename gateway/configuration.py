@@ -347,16 +347,20 @@ def compress_content(content: bytes) -> bytes:
     return gzip.compress(content, compresslevel=6, mtime=0)
 
 
-def inflate_content(compressed: bytes, max_bytes: int) -> bytes:
+def inflate_content(compressed: bytes, max_bytes: int, *, in_all: int | None = None) -> bytes:
     """The content a registry sent compressed, or `ConfigurationError(CONFIGURATION_INVALID)`
     when it is not gzip or would inflate past `max_bytes` (nothing beyond that is ever
-    inflated, so a small message cannot make a large allocation)."""
+    inflated, so a small message cannot make a large allocation). `in_all`: `max_bytes` is
+    what is left of this bound for all the parts of one update (the refusal names it)."""
     inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
     try:
         content = inflater.decompress(compressed, max_bytes)
         if inflater.unconsumed_tail:
             raise _invalid(
                 f"its content inflates to more than {max_bytes} bytes "
+                "(limits.max_configuration_bytes)"
+                if in_all is None
+                else f"the update's parts inflate to more than {in_all} bytes in all "
                 "(limits.max_configuration_bytes)"
             )
         if not inflater.eof or inflater.unused_data:

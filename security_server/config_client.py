@@ -77,16 +77,7 @@ def update_from_message(message: pb.PartsUpdate, max_bytes: int) -> Update:
     left = [max_bytes]
 
     def inflate(data: bytes) -> bytes:
-        try:
-            content = inflate_content(data, left[0])
-        except ConfigurationError as err:
-            if "inflates to more than" not in err.message:
-                raise
-            raise ConfigurationError(
-                f"global configuration rejected: the update's parts inflate to more than "
-                f"{max_bytes} bytes in all (limits.max_configuration_bytes)",
-                code=Code.CONFIGURATION_INVALID,
-            ) from None
+        content = inflate_content(data, left[0], in_all=max_bytes)
         left[0] -= len(content)
         return content
 
