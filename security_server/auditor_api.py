@@ -42,7 +42,7 @@ from gateway.errors import AuditError, GatewayError
 from gateway.records import record
 from gateway_ops.auth import AuthError, Principal, TokenVerifier
 from gateway_ops.auth import Role as TokenRole
-from security_server.evidence import export_records, zip_bytes
+from security_server.evidence import NotStampedYet, export_records, zip_bytes
 from security_server.floods import RefusalCounter, TokenBuckets, retry_after
 from security_server.message_log import MessageLog
 from security_server.search import KINDS, CursorError, Query, Searcher, decode_cursor
@@ -389,7 +389,7 @@ class AuditorApi:
                 )
         except AuditError as exc:
             # several exchanges under one id (no bundle for any), or not time-stamped yet
-            kind = "not_stamped_yet" if "not time-stamped yet" in exc.message else "ambiguous"
+            kind = "not_stamped_yet" if isinstance(exc, NotStampedYet) else "ambiguous"
             return await self._refuse(
                 request, principal, 409, kind, exc.message, logged, method=method
             )

@@ -31,6 +31,10 @@ from security_server.message_log import log_evidence, message_log, row_to_record
 from security_server.private_files import open_private
 
 
+class NotStampedYet(AuditError):
+    """A record of the exchange is not covered by a time-stamp yet: retry shortly."""
+
+
 async def _evidence(conn: AsyncConnection, sha: str | None) -> tuple[str, bytes] | None:
     if sha is None:
         return None
@@ -193,7 +197,7 @@ async def _export_record(
         )
     ).first()
     if batch is None:
-        raise AuditError(
+        raise NotStampedYet(
             f"record {record.seq} is not time-stamped yet (stamps are made every few seconds; "
             "retry shortly, and check the server's time-stamping authorities if it persists)"
         )
