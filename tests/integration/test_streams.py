@@ -577,10 +577,14 @@ async def test_a_reader_that_stops_reading_stops_the_writer_through_both_servers
     Then it reads, and every message comes back in order."""
     call = chat(msp)
     payload = population.EchoMessage(payload=b"\x5a" * 60_000)
+    total = 1200
     written = [0]
 
     async def write() -> None:
-        for _ in range(1900):  # 114 MB: without flow control end to end, all would be taken
+        # 72 MB, three times what the windows on the way hold: without flow control end to
+        # end, all would be taken (fewer than 114 MB, so that reading them all back fits in
+        # the topology's 6 s stream limit on a slow machine)
+        for _ in range(total):
             await call.write(payload)
             written[0] += 1
         await call.done_writing()
@@ -590,17 +594,17 @@ async def test_a_reader_that_stops_reading_stops_the_writer_through_both_servers
     # loaded machine fills them more slowly, so the wait is bounded, not fixed)
     deadline = time.monotonic() + 30
     stalled = -1
-    while written[0] != stalled and written[0] < 1900 and time.monotonic() < deadline:
+    while written[0] != stalled and written[0] < total and time.monotonic() < deadline:
         stalled = written[0]
         await asyncio.sleep(1.0)
-    assert written[0] == stalled < 1900, "the writer was never slowed down"
+    assert written[0] == stalled < total, "the writer was never slowed down"
     assert stalled * 60_000 < 80 * 1024 * 1024, stalled
     echoed = 0
     while (message := await call.read()) is not EOF:
         assert message.payload == payload.payload
         echoed += 1
     await writer
-    assert echoed == 1900
+    assert echoed == total
     assert await call.code() == grpc.StatusCode.OK
 
 
