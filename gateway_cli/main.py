@@ -333,19 +333,49 @@ def _registry_token(ns: argparse.Namespace) -> int:
     return 0
 
 
+# the --key of the backup commands
+KEY_HELP = (
+    "the backup key (`gateway backup-key`): authenticates what is backed up, and a restore "
+    "takes only a backup it authenticates"
+)
+
+
+def _backup_key(ns: argparse.Namespace) -> int:
+    from gateway_ops.backupfile import BackupFileError, create_key
+
+    try:
+        key = create_key(ns.out)
+    except BackupFileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"backup key {key.ident} written to {ns.out} (mode 0600): keep it, and a copy of it, "
+        "apart from the backups it authenticates"
+    )
+    return 0
+
+
 def _server_backup(ns: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
+    from gateway_ops.backupfile import BackupFileError, load_key
     from gateway_ops.runtime import run
     from security_server.backup import BackupError, Summary, backup, restore
 
     def shown(path: str) -> None:
         print(f"  {path}", file=sys.stderr)
 
+    try:
+        key = load_key(ns.key)
+    except BackupFileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
     async def main() -> Summary:
         return await backup(
             ns.config,
             ns.out,
+            key=key,
             now=datetime.now(UTC),
             with_log=not ns.without_log,
             progress=shown,
@@ -356,7 +386,7 @@ def _server_backup(ns: argparse.Namespace) -> int:
             summary = run(main)
             done = f"backup written to {ns.out}: {summary.files} files"
         else:
-            summary = restore(ns.source, force=ns.force, progress=shown)
+            summary = restore(ns.source, key=key, force=ns.force, progress=shown)
             done = (
                 f"restored from {ns.source}: {summary.written} files written, "
                 f"{summary.unchanged} already there"
@@ -373,11 +403,17 @@ def _registry_backup(ns: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
     from gateway.settings import database_url
+    from gateway_ops.backupfile import BackupFileError, load_key
     from gateway_ops.runtime import read_settings, run
     from registry.backup import BackupError, backup, restore
     from registry.main import RegistrySettings
     from registry.store import RegistryStore
 
+    try:
+        key = load_key(ns.key)
+    except BackupFileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     settings = read_settings(RegistrySettings, ns.config)
     url = database_url(settings.database, base=ns.config.resolve().parent)
 
@@ -391,6 +427,7 @@ def _registry_backup(ns: argparse.Namespace) -> int:
                 summary = await backup(
                     store,
                     ns.out,
+                    key=key,
                     instance=settings.instance,
                     now=datetime.now(UTC),
                     progress=shown,
@@ -398,7 +435,7 @@ def _registry_backup(ns: argparse.Namespace) -> int:
                 done = f"backup written to {ns.out}"
             else:
                 summary = await restore(
-                    store, ns.source, progress=shown, skip_versions=ns.skip_versions
+                    store, ns.source, key=key, progress=shown, skip_versions=ns.skip_versions
                 )
                 done = f"restored from {ns.source}"
         except BackupError as exc:
@@ -793,7 +830,7 @@ def _backend(ns: argparse.Namespace) -> int:
 
 # the first argument of every command (`build_parser` builds only that one's part)
 COMMANDS = frozenset(
-    ("pki", "registry", "server", "audit", "admin", "demo", "bench", "demo-backend")
+    ("pki", "registry", "server", "backup-key", "audit", "admin", "demo", "bench", "demo-backend")
 )
 
 
@@ -954,6 +991,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     ):
         p = reg.add_parser(action, help=what, description=what + "; see the README, Deploy.")
         p.add_argument("--config", type=Path, required=True, help="registry settings TOML")
+        p.add_argument("--key", type=Path, required=True, help=KEY_HELP)
         if action == "backup":
             p.add_argument("--out", type=Path, required=True, help="the zip file to write")
         else:
@@ -983,6 +1021,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p = srv.add_parser("backup", help=what, description=what + "; see the README, Deploy.")
     p.add_argument("--config", type=Path, required=True, help="security server settings TOML")
     p.add_argument("--out", type=Path, required=True, help="the zip file to write (mode 0600)")
+    p.add_argument("--key", type=Path, required=True, help=KEY_HELP)
     p.add_argument(
         "--without-log",
         action="store_true",
@@ -992,6 +1031,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     what = "put a security server's backup back where it was taken from (the server stopped)"
     p = srv.add_parser("restore", help=what, description=what + "; see the README, Deploy.")
     p.add_argument("--from", dest="source", type=Path, required=True, help="the backup")
+    p.add_argument("--key", type=Path, required=True, help=KEY_HELP)
     p.add_argument(
         "--force",
         action="store_true",
@@ -999,6 +1039,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         "before the backup's",
     )
     p.set_defaults(func=_server_backup)
+
+    what = (
+        "write a new backup key: the secret that authenticates registry and server backups, "
+        "kept apart from them"
+    )
+    p = commands.add_parser("backup-key", help=what, description=what + "; see the README.")
+    p.add_argument("--out", type=Path, required=True, help="the key file to create (mode 0600)")
+    p.set_defaults(func=_backup_key)
 
     aud = commands.add_parser("audit", help="auditor tools").add_subparsers(
         dest="action", required=True

@@ -12,9 +12,7 @@ import signal
 import stat
 import sys
 import tomllib
-import zipfile
-from collections.abc import Awaitable, Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -138,8 +136,6 @@ def die_with_parent() -> None:
 # process, and the default threshold collects over them hundreds of times: about a tenth
 # of the CPU a process spends starting, and a steady cost per call on the data path.
 GC_THRESHOLD = 20_000
-# the file of a backup's zip naming what it holds (gateway registry/server backup)
-BACKUP_MANIFEST = "manifest.json"
 
 
 def tune_garbage_collector() -> None:
@@ -196,27 +192,3 @@ def read_settings(cls: type[T], path: Path) -> T:
         return load_settings(cls, doc, base=path.resolve().parent, env=os.environ)
     except ConfigFileError as exc:
         raise ConfigFileError(f"{path}: {exc}") from None
-
-
-class BackupFileError(Exception):
-    """A backup file that cannot be read, or is not of the format expected; the message
-    says why."""
-
-
-@contextmanager
-def opened_backup(path: Path, fmt: str, kind: str) -> Iterator[tuple[zipfile.ZipFile, Any]]:
-    """A backup's zip file and its `manifest.json` (a JSON object whose `format` is `fmt`);
-    `BackupFileError` naming the problem otherwise (`kind` says what backup was expected,
-    such as "registry")."""
-    try:
-        archive = zipfile.ZipFile(path)
-    except (OSError, zipfile.BadZipFile) as exc:
-        raise BackupFileError(f"{path} is not a readable backup: {exc}") from None
-    with archive:
-        try:
-            manifest = json.loads(archive.read(BACKUP_MANIFEST))
-        except (KeyError, ValueError) as exc:
-            raise BackupFileError(f"{path} has no readable {BACKUP_MANIFEST}: {exc}") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != fmt:
-            raise BackupFileError(f"{path} is not a {kind} backup of format {fmt}")
-        yield archive, manifest

@@ -5,10 +5,14 @@ deferred transaction, PostgreSQL's REPEATABLE READ): one JSON-lines file per tab
 store (members, subsystems, servers, services, agreements, the admin log and its head,
 federations, outbound approvals, checkpoints, the configuration history), and
 `manifest.json` naming the format, the instance, the schema revision, when it was taken,
-and each table's row count and SHA-256. The backup holds no key: the configuration
-signing key and the token key are files the operator keeps (and backs up) apart.
+and each table's row count and SHA-256, and `manifest.mac`: the manifest's HMAC under the
+backup key (`gateway backup-key`), which the operator keeps apart from the backups. The
+backup holds no other key: the configuration signing key and the token key are files the
+operator keeps (and backs up) apart.
 
-Restore checks every table's SHA-256 and count against the manifest, and that the
+Restore checks the manifest's MAC under the backup key first (an edited backup would
+otherwise decide what the restored registry signs and publishes: members, agreements and an
+admin log rebuilt to match), every table's SHA-256 and count against the manifest, and that the
 manifest's schema revision is the database's (run by the same version of the gateway),
 then writes the rows into an empty database in one transaction, and verifies the admin
 log's chain. The restored registry goes on with the admin log's chain where the backup
@@ -38,8 +42,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from gateway.audit import ADMIN_LOG as ADMIN_LOG_FORMAT
 from gateway.audit import ChainBrokenError, ChainHead, verify_chain
 from gateway.timeutil import format_time
-from gateway_ops.runtime import BACKUP_MANIFEST as MANIFEST
-from gateway_ops.runtime import BackupFileError, opened_backup
+from gateway_ops.backupfile import BackupFileError, BackupKey, opened_backup, write_manifest
 from registry.store import (
     RegistryStore,
     admin_head,
@@ -49,7 +52,7 @@ from registry.store import (
     metadata,
 )
 
-FORMAT = "gateway-registry-backup/1"
+FORMAT = "gateway-registry-backup/2"
 # how far past the backup's version a restored registry's version counter goes on: further
 # than the versions a registry publishes between a backup and its restore (a change or a
 # refresh each), so that security servers, which take only newer versions, take its next
@@ -88,11 +91,13 @@ async def backup(
     store: RegistryStore,
     out: Path,
     *,
+    key: BackupKey,
     instance: str,
     now: datetime,
     progress: Callable[[str, int], None] = lambda table, rows: None,
 ) -> Summary:
-    """Write a consistent backup of the store to `out` (replaced atomically)."""
+    """Write a consistent backup of the store to `out` (replaced atomically), its manifest
+    authenticated with `key`."""
     tables: dict[str, dict[str, Any]] = {}
     tmp = out.with_name(out.name + ".tmp")
     async with store.engine.connect() as conn:
@@ -105,8 +110,8 @@ async def backup(
                 for table in metadata.sorted_tables:
                     lines = io.BytesIO()
                     count = 0
-                    key = list(table.primary_key.columns) or list(table.columns)[:1]
-                    result = await conn.execute(sa.select(table).order_by(*key))
+                    order = list(table.primary_key.columns) or list(table.columns)[:1]
+                    result = await conn.execute(sa.select(table).order_by(*order))
                     for row in result:
                         doc = {k: _encode(v) for k, v in row._mapping.items()}
                         lines.write(json.dumps(doc, sort_keys=True).encode() + b"\n")
@@ -125,16 +130,18 @@ async def backup(
                     "taken_at": format_time(now),
                     "tables": tables,
                 }
-                archive.writestr(MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
+                write_manifest(archive, manifest, key)
     tmp.replace(out)
     return await _summary(store, {k: v["rows"] for k, v in tables.items()}, revision)
 
 
-def read_backup(path: Path) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
-    """The manifest and every table's rows, each table checked against its SHA-256 and row
-    count; `BackupError` naming what does not hold."""
+def read_backup(
+    path: Path, key: BackupKey
+) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    """The manifest (authenticated by `key`) and every table's rows, each table checked
+    against its SHA-256 and row count; `BackupError` naming what does not hold."""
     try:
-        with opened_backup(path, FORMAT, "registry") as (archive, manifest):
+        with opened_backup(path, FORMAT, "registry", key) as (archive, manifest):
             return manifest, _rows(archive, manifest)
     except BackupFileError as exc:
         raise BackupError(str(exc)) from None
@@ -172,6 +179,7 @@ async def restore(
     store: RegistryStore,
     path: Path,
     *,
+    key: BackupKey,
     progress: Callable[[str, int], None] = lambda table, rows: None,
     skip_versions: int = SKIP_VERSIONS,
 ) -> Summary:
@@ -181,7 +189,7 @@ async def restore(
     taken (security servers take only newer versions)."""
     if skip_versions < 0:
         raise BackupError(f"skip_versions must not be negative, not {skip_versions}")
-    manifest, rows = read_backup(path)
+    manifest, rows = read_backup(path, key)
     async with store.engine.begin() as conn:
         revision = await conn.run_sync(_revision)
         if manifest.get("revision") != revision:

@@ -13,14 +13,19 @@ A backup is one zip file holding:
   PostgreSQL log is backed up with PostgreSQL's own tools; the backup records its chains'
   heads;
 - `manifest.json`: the format, the server, when it was taken, each file's path, size, mode,
-  owner and SHA-256, and the head (last record and its hash) of every chain of the log.
+  owner and SHA-256, and the head (last record and its hash) of every chain of the log;
+- `manifest.mac`: the manifest's HMAC under the backup key (`gateway backup-key`), a file
+  the operator keeps apart from the backups (a backup refuses to hold it).
 
-Restore checks every file against the manifest first, and refuses a file that exists with
+Restore checks the manifest's MAC under the backup key before it reads anything else: an
+edited backup decides where a restore writes (its settings name the places) and with which
+owner, so one the key did not make writes nothing. Then it checks every file against the
+manifest, and refuses a file that exists with
 other content (unless forced) and a log that exists and ends before the backup's heads;
 then it writes each missing file atomically with its permission bits (and, run as root,
 its owner). It writes only the backup's settings file, the files those settings name, the
-log and what lies in the state folder, whatever else a manifest names (a backup stored
-apart could be edited; its SHA-256s show damage, not tampering). Caches that exist (the
+log and what lies in the state folder, whatever else an authenticated manifest names. Caches
+that exist (the
 configuration and OCSP answers, newer than the backup's) are kept, and so is an existing log
 that holds the backup's head records (same hashes) and maybe more: a restore never takes
 records away. The restored server goes on with its log's chain where the log ends.
@@ -34,9 +39,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
-import json
 import os
-import shutil
 import sqlite3
 import stat
 import tempfile
@@ -53,11 +56,11 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from gateway.settings import database_url, load_settings
 from gateway.timeutil import format_time
-from gateway_ops.runtime import BACKUP_MANIFEST as MANIFEST
-from gateway_ops.runtime import BackupFileError, opened_backup, read_settings
+from gateway_ops.backupfile import BackupFileError, BackupKey, opened_backup, write_manifest
+from gateway_ops.runtime import read_settings
 from security_server.settings import ServerSettings
 
-FORMAT = "gateway-server-backup/1"
+FORMAT = "gateway-server-backup/2"
 LOG_MEMBER = "log/messagelog.db"
 # bytes read at a time from a message log, which may be large
 CHUNK = 1 << 20
@@ -169,12 +172,13 @@ async def backup(
     config: Path,
     out: Path,
     *,
+    key: BackupKey,
     now: datetime,
     with_log: bool = True,
     progress: Callable[[str], None] = lambda _: None,
 ) -> Summary:
     """Write a backup of the server whose settings file is `config` to `out` (mode 0600,
-    replaced atomically)."""
+    replaced atomically), its manifest authenticated with `key`."""
     try:
         settings = read_settings(ServerSettings, config)
     except Exception as exc:  # whatever the settings file shows
@@ -182,7 +186,7 @@ async def backup(
     url, log_file = _log_location(settings, config)
     heads = await _postgres_heads(url) if log_file is None else None
     return await asyncio.to_thread(
-        _write_backup, settings, config, out, now, log_file, heads, with_log, progress
+        _write_backup, settings, config, out, key, now, log_file, heads, with_log, progress
     )
 
 
@@ -190,6 +194,7 @@ def _write_backup(
     settings: ServerSettings,
     config: Path,
     out: Path,
+    key: BackupKey,
     now: datetime,
     log_file: Path | None,
     pg_heads: dict[str, tuple[int, str]] | None,
@@ -209,6 +214,11 @@ def _write_backup(
             )
             if path.is_file() and not skip and archive not in path.parents:
                 sources[path.resolve()] = None
+    if key.path in sources:
+        raise BackupError(
+            f"the backup key {key.path} would be in the backup (the settings name it, or it "
+            "lies in the state folder): keep it apart from what it authenticates"
+        )
     entries: list[dict[str, Any]] = []
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
@@ -258,7 +268,7 @@ def _write_backup(
                 "files": entries,
                 "log": {"kind": how, "chains": {c: list(h) for c, h in heads.items()}},
             }
-            zf.writestr(MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
+            write_manifest(zf, manifest, key)
         tmp.replace(out)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -289,11 +299,12 @@ def _digest(stream: IO[bytes]) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
-def _read(path: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
-    """The manifest and every file's content but the message log's (which may be large: it
-    is read from the zip again when written), each checked against its SHA-256 and size."""
+def _read(path: Path, key: BackupKey) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """The manifest (authenticated by `key`) and every file's content but the message log's
+    (which may be large: it is read from the zip again when written, and checked again as
+    it is), each checked against its SHA-256 and size."""
     try:
-        with opened_backup(path, FORMAT, "security server") as (zf, manifest):
+        with opened_backup(path, FORMAT, "security server", key) as (zf, manifest):
             return manifest, _checked(zf, manifest)
     except BackupFileError as exc:
         raise BackupError(str(exc)) from None
@@ -351,9 +362,8 @@ def _write(
 def _allowed(manifest: dict[str, Any], contents: dict[str, bytes]) -> Callable[[Path], bool]:
     """Whether a path may be written: the backup's settings file, the files its settings
     name, the message log and what lies in the state folder; nothing else, whatever the
-    manifest says (a backup stored apart could be edited). Limit: those places come from
-    the settings file in the backup, which an editor of the backup can change too (its
-    state folder set to /, say): see the README's restore row."""
+    manifest says. Those places come from the settings file in the backup: the manifest's
+    MAC, checked before, is what keeps them the server's."""
     settings_path = Path(manifest["settings"])
     (entry,) = [e for e in manifest["files"] if e["path"] == str(settings_path)] or [None]
     if entry is None or not settings_path.is_absolute():
@@ -392,10 +402,16 @@ def _hash_at(path: Path, chain: str, seq: int) -> str | None:
 
 
 def restore(
-    source: Path, *, force: bool = False, progress: Callable[[str], None] = lambda _: None
+    source: Path,
+    *,
+    key: BackupKey,
+    force: bool = False,
+    progress: Callable[[str], None] = lambda _: None,
 ) -> Summary:
-    """Put the files of a backup back where they were (see the module's description)."""
-    manifest, contents = _read(source)
+    """Put the files of a backup authenticated by `key` back where they were (see the
+    module's description)."""
+    manifest, contents = _read(source, key)
+    log_entry = next((e for e in manifest["files"] if e["name"] == LOG_MEMBER), None)
     allowed = _allowed(manifest, contents)
     wanted = {c: (int(h[0]), str(h[1])) for c, h in manifest["log"]["chains"].items()}
     # path, content, mode, owner, is the log
@@ -471,8 +487,22 @@ def restore(
             if not is_log:
                 out.write(data)
                 return
-            with zipfile.ZipFile(source) as zf, zf.open(LOG_MEMBER) as member:
-                shutil.copyfileobj(member, out, CHUNK)
+            # read again from the zip, which may have changed since it was checked: what is
+            # written is checked as it is copied, and never takes the log's place otherwise
+            assert log_entry is not None
+            digest, size = hashlib.sha256(), 0
+            try:
+                with zipfile.ZipFile(source) as zf, zf.open(LOG_MEMBER) as member:
+                    while chunk := member.read(CHUNK):
+                        digest.update(chunk)
+                        size += len(chunk)
+                        out.write(chunk)
+            except (OSError, KeyError, zipfile.BadZipFile) as exc:
+                raise BackupError(f"cannot read the message log from {source}: {exc}") from None
+            if size != log_entry["size"] or digest.hexdigest() != log_entry["sha256"]:
+                raise BackupError(
+                    f"the message log in {source} changed while it was restored; it was not written"
+                )
 
         _write(path, fill, mode, owner, drop_sides)
         progress(str(path))

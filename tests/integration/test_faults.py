@@ -25,6 +25,7 @@ import pytest
 from gateway_demo.client import Outcome, call_raw, routing_metadata
 from gateway_demo.generated import population_pb2 as population
 from gateway_demo.runner import Runner
+from gateway_ops.backupfile import load_key
 from security_server.backup import restore
 
 from .clinics import get_person
@@ -236,10 +237,32 @@ def test_backup_wipe_restore_and_resume(shared: Runner, tmp_path: Path) -> None:
     registry_settings = runner.workdir / "registry.toml"
     version = runner.processes["registry"].ready["version"]
     head = chain_head(log_db)
+    # the operator's backup key, kept apart from the machine
+    key = tmp_path / "backup.key"
+    (made,) = gateway_at_once(["backup-key", "--out", key])
+    assert f"written to {key} (mode 0600)" in made
 
     server_out, _ = gateway_at_once(
-        ["server", "backup", "--config", settings_file, "--out", tmp_path / "server.zip"],
-        ["registry", "backup", "--config", registry_settings, "--out", tmp_path / "registry.zip"],
+        [
+            "server",
+            "backup",
+            "--config",
+            settings_file,
+            "--key",
+            key,
+            "--out",
+            tmp_path / "server.zip",
+        ],
+        [
+            "registry",
+            "backup",
+            "--config",
+            registry_settings,
+            "--key",
+            key,
+            "--out",
+            tmp_path / "registry.zip",
+        ],
     )
     assert f"message log included (main at record {head[0]})" in server_out
     # the backup holds the keys: only its owner may read it
@@ -262,8 +285,17 @@ def test_backup_wipe_restore_and_resume(shared: Runner, tmp_path: Path) -> None:
     (runner.workdir / "state" / "registry.db").unlink()
 
     server_out, _ = gateway_at_once(
-        ["server", "restore", "--from", tmp_path / "server.zip"],
-        ["registry", "restore", "--config", registry_settings, "--from", tmp_path / "registry.zip"],
+        ["server", "restore", "--key", key, "--from", tmp_path / "server.zip"],
+        [
+            "registry",
+            "restore",
+            "--config",
+            registry_settings,
+            "--key",
+            key,
+            "--from",
+            tmp_path / "registry.zip",
+        ],
     )
     assert "message log restored" in server_out
     assert all(path.exists() for path in wiped)
@@ -288,6 +320,6 @@ def test_backup_wipe_restore_and_resume(shared: Runner, tmp_path: Path) -> None:
 
     # a second restore over the newer state writes nothing: the newer log and caches stay
     runner.stop(server, kill=True)
-    again = restore(tmp_path / "server.zip")
+    again = restore(tmp_path / "server.zip", key=load_key(key))
     assert (again.written, again.log) == (0, "kept")
     assert chain_head(log_db)[0] == seq

