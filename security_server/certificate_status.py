@@ -33,6 +33,7 @@ from gateway.configuration import GlobalConfiguration, SecurityServer
 from gateway.errors import Code, GatewayError, TrustError
 from gateway.ocsp import CertStatus, StatusCache, build_request, check_response
 from gateway.signing import certificate_fingerprint
+from gateway.timeutil import format_time
 from security_server.private_files import open_private
 from security_server.settings import OcspSection
 
@@ -283,6 +284,16 @@ class OwnStatus:
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise GatewayError(str(exc) or type(exc).__name__) from None
         if der != self.staples.get(sha):
+            # an answer older than the one held is never taken: whoever sits between this
+            # server and its responder (OCSP is plain HTTP) could otherwise replay a "good"
+            # answer over the "revoked" one, and this server would staple it while fresh
+            held_at = self.produced_at(sha)
+            if held_at is not None and info.produced_at < held_at:
+                raise GatewayError(
+                    f"the answer fetched was produced at {format_time(info.produced_at)}, "
+                    f"before the one held ({format_time(held_at)}): an older answer is not "
+                    "taken"
+                )
             self.staples[sha] = der
             self._persist(sha, der)
         return info.status
