@@ -90,6 +90,9 @@ CLOSE_WAIT_SECONDS = 2.0
 # a server-streaming call's request close follows its one message at once: waited for
 # longer, as a consumer under load may be slow to send it
 SERVER_CLOSE_WAIT_SECONDS = 10.0
+# how long a consumer goes on with a stream whose provider's last OCSP answer (held from an
+# earlier exchange) is not fresh, waiting for the fresh one the provider sends first
+STAPLE_WAIT_SECONDS = 10.0
 
 
 class PeerGone(Exception):
@@ -141,10 +144,17 @@ class OpenStreams:
 
 
 async def _watch(
-    check: Callable[[], None], every: float, started: float, limit: float
+    check: Callable[[], None],
+    every: float,
+    started: float,
+    limit: float,
+    push: Callable[[], Awaitable[None]],
 ) -> GatewayError:
-    """Wait until `check` raises or the stream outlives `limit` seconds; the error."""
+    """Wait until `check` raises or the stream outlives `limit` seconds; the error. Every
+    `every` seconds, from the start, `push` sends what the peer must have again (our newest
+    OCSP answer)."""
     while True:
+        await push()
         await asyncio.sleep(every)
         if time.monotonic() - started > limit:
             return too_long(time.monotonic() - started, limit)
@@ -174,32 +184,58 @@ async def _first(*jobs: Awaitable[Any], outlet: Outlet) -> None:
         task.result()
 
 
+class Staples:
+    """The OCSP answer about our TLS certificate that a stream's peer holds. It goes with
+    our first message on the stream, and again, alone in a message (`ocsp_staple` with no
+    `kind`), whenever a newer one is fetched: each side checks the other's every
+    `limits.stream_check_seconds`, so a stream outliving an answer's freshness, or a
+    certificate revoked meanwhile, ends as a new call would be refused."""
+
+    __slots__ = ("_own", "_sent")
+
+    def __init__(self, own: Callable[[], bytes]) -> None:
+        self._own = own
+        self._sent = b""
+
+    def due(self) -> bytes:
+        """Our answer, when the peer has not been sent it yet on this stream (b"" else);
+        once returned it counts as sent."""
+        staple = self._own()
+        if not staple or staple == self._sent:
+            return b""
+        self._sent = staple
+        return staple
+
+
 class Outlet:
     """One side's writes, one at a time, never cut off by the stream's own ending: before
     the jobs of a stream are cancelled, `settle` stops further writes and waits for the one
     under way, so that a refusal written next does not meet a half-done write."""
 
-    __slots__ = ("_idle", "_write", "stopped")
+    __slots__ = ("_idle", "_turn", "_write", "stopped")
 
     def __init__(self, write: Callable[[Any], Awaitable[None]]) -> None:
         self._write = write
         self._idle = asyncio.Event()
         self._idle.set()
+        # the stream's messages and the staples pushed beside them take turns
+        self._turn = asyncio.Lock()
         self.stopped = False
 
     async def write(self, message: Any) -> None:
         """Write `message`; `PeerGone` when the call has ended under it (grpc raises errors
         of its own, some private, for a write to a call that has ended), or the stream is
         ending (`settle`)."""
-        if self.stopped:
-            raise PeerGone("the stream is ending")
-        self._idle.clear()
-        try:
-            await self._write(message)
-        except (grpc.aio.BaseError, grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
-            raise PeerGone(str(exc)) from exc
-        finally:
-            self._idle.set()
+        async with self._turn:
+            if self.stopped:
+                raise PeerGone("the stream is ending")
+            self._idle.clear()
+            try:
+                await self._write(message)
+            except (grpc.aio.BaseError, grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
+                raise PeerGone(str(exc)) from exc
+            finally:
+                self._idle.set()
 
     async def settle(self, timeout: float) -> bool:
         """Take no more writes, and wait up to `timeout` seconds for the one under way;
@@ -361,6 +397,10 @@ class ConsumerStreams:
         # the provider's close was checked and logged: the stream has its answer
         answered = asyncio.Event()
         peer_staple = [link.peer_staple]
+        staples = Staples(link.staple)
+        # our writes to the provider: the caller's messages, our close and our staples take
+        # turns, and none follows the end of our direction
+        turn, writes_done = asyncio.Lock(), [False]
         to_caller = Outlet(context.write)
         # the provider leg: the provider's spans are its children
         leg = trace.start("provider leg", SpanKind.CLIENT)
@@ -378,9 +418,21 @@ class ConsumerStreams:
                         timeout_ms=int(wait * 1000),
                         traceparent=trace.traceparent(leg).encode(),
                     ),
-                    ocsp_staple=link.staple(),
+                    ocsp_staple=staples.due(),
                 )
             )
+
+            async def to_provider(message: pb.StreamMessage) -> None:
+                async with turn:
+                    await rpc.write(message)
+
+            async def push() -> None:
+                staple = staples.due()
+                if staple:
+                    async with turn:
+                        if not writes_done[0]:
+                            with contextlib.suppress(*ENDED):
+                                await rpc.write(pb.StreamMessage(ocsp_staple=staple))
 
             async def forward_requests() -> None:
                 # past the provider's end of its stream, what it sent says how the call ends
@@ -396,7 +448,7 @@ class ConsumerStreams:
 
             async def send_messages() -> None:
                 async for body in requests:
-                    await rpc.write(outgoing(body, sent, limits))
+                    await to_provider(outgoing(body, sent, limits))
                 requests_ended.set()
                 now = node.clock()
                 signed = sign_close(out.header, header_bytes, sent, signer, node.server_id, now)
@@ -404,8 +456,10 @@ class ConsumerStreams:
                 # our own certificate: its CA is in our instance's configuration
                 own = node.config.require(now)
                 await _log_own_close(node, signed, signer, staple, sent, out.record, own)
-                await rpc.write(pb.StreamMessage(close=_close_envelope(signed, signer, staple)))
-                await rpc.done_writing()
+                await to_provider(pb.StreamMessage(close=_close_envelope(signed, signer, staple)))
+                async with turn:
+                    writes_done[0] = True
+                    await rpc.done_writing()
 
             async def forward_responses() -> None:
                 async for message in rpc:
@@ -438,6 +492,8 @@ class ConsumerStreams:
                         return
                     elif which == "refusal":
                         raise provider_refusal(message.refusal.code, message.refusal.message)
+                    elif which is None and message.ocsp_staple:
+                        continue  # a newer answer about the provider's certificate: kept
                     else:
                         raise TrustError(
                             "the provider sent a stream message that is neither data, a close "
@@ -447,7 +503,10 @@ class ConsumerStreams:
                 raise incomplete(RESPONSE, "the provider's stream ended")
 
             await _first(
-                forward_requests(), forward_responses(), self._watch(out), outlet=to_caller
+                forward_requests(),
+                forward_responses(),
+                self._watch(out, peer_staple, push),
+                outlet=to_caller,
             )
         except StreamError as exc:
             await self._fail(exc.error, out, context, to_caller, labels)
@@ -491,13 +550,28 @@ class ConsumerStreams:
             if rpc is not None:
                 rpc.cancel()
 
-    async def _watch(self, out: Outgoing) -> None:
+    async def _watch(
+        self, out: Outgoing, peer_staple: list[bytes], push: Callable[[], Awaitable[None]]
+    ) -> None:
         node = self.node
+        opened = time.monotonic()
+
+        def check() -> None:
+            now = node.clock()
+            check_still_agreed(out.header, node, now, consumer=True)
+            # the provider's latest answer, as for a new call; one held from an earlier
+            # exchange may be stale at the start: the provider sends a fresh one first
+            try:
+                node.status.peer_server(peer_staple[0], out.provider, out.remote, now)
+            except TrustError as err:
+                if (
+                    err.code is Code.PEER_CERTIFICATE_REVOKED
+                    or time.monotonic() - opened > STAPLE_WAIT_SECONDS
+                ):
+                    raise
+
         err = await _watch(
-            lambda: check_still_agreed(out.header, node, node.clock(), consumer=True),
-            node.limits.stream_check_seconds,
-            time.monotonic(),
-            node.limits.max_stream_seconds,
+            check, node.limits.stream_check_seconds, opened, node.limits.max_stream_seconds, push
         )
         raise StreamError(err)
 
@@ -796,6 +870,7 @@ class ProviderStreams:
             str(header.service), header.method, wait, trace.traceparent(call_span)
         )
         outlet = Outlet(context.write)
+        staples = Staples(lambda: node.own_status.staple(node.auth_sha256))
         request_done = asyncio.Event()
         # our close was logged and handed to gRPC: the stream has its answer
         answered = asyncio.Event()
@@ -816,6 +891,8 @@ class ProviderStreams:
                             await backend.write(body)
                         except ENDED:
                             backend_writable[0] = False  # the backend has ended: keep checking
+                elif which is None and message.ocsp_staple:
+                    continue  # a newer answer about the consumer's certificate: kept
                 elif which == "close":
                     await self._request_closed(accepted, message.close, received, peer)
                     request_done.set()
@@ -831,13 +908,10 @@ class ProviderStreams:
 
         async def forward_responses() -> None:
             status, details = 0, ""
-            stapled = False
             try:
                 async for body in backend:
                     message = outgoing(body, sent, limits)
-                    if not stapled:
-                        message.ocsp_staple = node.own_status.staple(node.auth_sha256)
-                        stapled = True
+                    message.ocsp_staple = staples.due()
                     await outlet.write(message)
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
@@ -856,12 +930,20 @@ class ProviderStreams:
                     request_done.wait(),
                     SERVER_CLOSE_WAIT_SECONDS if header.stream == "server" else CLOSE_WAIT_SECONDS,
                 )
-            await self._answer(accepted, sent, received, status, details, outlet, stapled)
+            await self._answer(accepted, sent, received, status, details, outlet, staples)
             answered.set()
+
+        async def push() -> None:
+            staple = staples.due()
+            if staple:
+                await outlet.write(pb.StreamMessage(ocsp_staple=staple))
 
         try:
             await _first(
-                forward_requests(), forward_responses(), self._watch(accepted, peer), outlet=outlet
+                forward_requests(),
+                forward_responses(),
+                self._watch(accepted, peer, push),
+                outlet=outlet,
             )
         except StreamError as exc:
             await self._fail(accepted, exc.error, outlet, backend, labels)
@@ -892,7 +974,9 @@ class ProviderStreams:
             if self.service.metrics is not None:
                 self.service.metrics.call("provider", labels, time.perf_counter() - started)
 
-    async def _watch(self, accepted: Accepted, peer: Peer) -> None:
+    async def _watch(
+        self, accepted: Accepted, peer: Peer, push: Callable[[], Awaitable[None]]
+    ) -> None:
         node = self.node
 
         def check() -> None:
@@ -901,14 +985,18 @@ class ProviderStreams:
             # ends the stream with the refusal a new one would get (the agreement alone is
             # not enough: on the provider it lives in our own configuration, which does not
             # change when a federation ends)
-            registered_peer(node.federated, peer, now)
+            peer_config, _ = registered_peer(node.federated, peer, now)
             check_still_agreed(accepted.header, node, now)
+            # and the consumer's latest answer about its TLS certificate, as for a new call
+            assert peer.certificate is not None  # a registered peer presented one
+            node.status.peer(peer.staple, peer.certificate, peer_config, now)
 
         err = await _watch(
             check,
             node.limits.stream_check_seconds,
             time.monotonic(),
             node.limits.max_stream_seconds,
+            push,
         )
         raise StreamError(err)
 
@@ -933,7 +1021,7 @@ class ProviderStreams:
         status: int,
         details: str,
         outlet: Outlet,
-        stapled: bool,
+        staples: Staples,
     ) -> None:
         node = self.node
         now = node.clock()
@@ -953,8 +1041,7 @@ class ProviderStreams:
             node, signed, signer, accepted.own_staple, sent, accepted.record, accepted.config
         )
         message = pb.StreamMessage(close=_close_envelope(signed, signer, accepted.own_staple))
-        if not stapled:
-            message.ocsp_staple = node.own_status.staple(node.auth_sha256)
+        message.ocsp_staple = staples.due()
         await outlet.write(message)
 
     async def _fail(

@@ -16,11 +16,13 @@ stops it at the end.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import multiprocessing.queues
 import queue
 import sqlite3
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -34,6 +36,7 @@ from cryptography.x509 import ocsp
 
 from gateway.envelope import decode_request
 from gateway.signing import EcdsaSigner, load_certificate, load_private_key
+from gateway.streams import REQUEST, Chain
 from gateway.v1 import exchange_pb2 as pb
 from gateway_demo.client import Outcome, call_raw, routing_metadata
 from gateway_demo.generated import population_pb2
@@ -47,6 +50,8 @@ from tests.integration.attacker import (
 
 from .clinics import signed_request
 from .conftest import CLINICS, DNIC, GET_PERSON, MSP, POPULATION, audit_verify, run_gateway
+from .stream_peer import StreamingConsumer, stream_open
+from .stream_peer import data as stream_data
 
 PURPOSE = "healthcare-identification"
 PERSON = population_pb2.GetPersonRequest(national_id="1.234.567-8").SerializeToString()
@@ -528,6 +533,75 @@ async def test_stale_and_missing_staples_are_refused_by_the_provider(short_ocsp:
         assert (outcome := await person(channel)).ok, outcome
 
 
+CHAT = "/demo.population.v1.PopulationRegistry/Chat"
+
+
+def chat_message(n: int) -> bytes:
+    return population_pb2.EchoMessage(payload=f"message {n}".encode()).SerializeToString()
+
+
+async def test_a_stream_whose_consumer_stops_stapling_ends_when_its_answer_goes_stale(
+    short_ocsp: Runner,
+) -> None:
+    """A consumer server (an attacker holding ss-msp's keys, say, whose certificate is then
+    revoked) opens a Chat stream with a fresh staple, then goes on talking without ever
+    sending a newer one: ss-dnic ends the stream with certificate_status_stale once that
+    answer is older than ocsp.freshness_seconds, as it would refuse a new call, instead of
+    serving it to limits.max_stream_seconds (an hour by default)."""
+    runner = short_ocsp
+    keys = Pki.of(runner)
+    message_id = f"stale-stream-{uuid.uuid4().hex}"
+    consumer = StreamingConsumer(
+        runner.providers[DNIC],
+        DNIC,
+        keys.ca_pem,
+        keys.auth_cert,
+        keys.auth_key,
+        timeout=OCSP_FRESHNESS + 30,
+    )
+    opened = stream_open(
+        keys.signer,
+        message_id=message_id,
+        client=CLINICS,
+        service=POPULATION,
+        method=CHAT,
+        purpose=PURPOSE,
+        sender=MSP,
+        kind="bidi",
+        created_at=datetime.now(UTC),
+        signer_ocsp=keys.sign_status(),
+    )
+    staple = keys.auth_status()
+    await consumer.send(pb.StreamMessage(open=opened, ocsp_staple=staple))
+    chain = Chain(REQUEST, opened.request.header)
+
+    async def talk() -> None:
+        for n in range(1, 1000):
+            seq, link = chain.extend(chat_message(n))
+            await consumer.send(stream_data(seq, chat_message(n), link))
+            await asyncio.sleep(0.25)
+
+    talker = asyncio.create_task(talk())
+    try:
+        refusal = await asyncio.wait_for(consumer.refusal(), OCSP_FRESHNESS + 20)
+        ended_at = datetime.now(UTC)
+    finally:
+        talker.cancel()
+        await consumer.close()
+    assert refusal.code == "certificate_status_stale", refusal
+    assert "authentication certificate" in refusal.message, refusal.message
+    age = (ended_at - produced_at(staple)).total_seconds()
+    assert OCSP_FRESHNESS <= age <= OCSP_FRESHNESS + 5, age
+    assert chain.count > 4  # it was served meanwhile
+    rows = query(
+        runner, DNIC, "SELECT kind, error_code FROM message_log WHERE message_id = ?", message_id
+    )
+    assert [tuple(r) for r in rows] == [
+        ("request", None),
+        ("refusal", "certificate_status_stale"),
+    ]
+
+
 async def test_revoked_signing_certificate(short_ocsp: Runner) -> None:
     """After `gateway pki revoke` of ss-msp's signing certificate, ss-msp refuses its own
     calls with signer_certificate_revoked within freshness + refresh seconds, and ss-dnic
@@ -621,13 +695,42 @@ async def test_provider_with_a_revoked_certificate_serves_nothing(
 ) -> None:
     """Once the provider's own TLS certificate is revoked, it refuses every request itself
     (its backend is never called), and the consumer, having seen the revoked status on that
-    stream, stops sending requests to it at all."""
+    stream, stops sending requests to it at all. A Chat stream open before the revocation
+    is ended too: ss-dnic sends its newer answer on the stream, and ss-msp ends it with
+    peer_certificate_revoked, as it refuses new calls."""
     runner = make_runner(
         ocsp={"refresh_seconds": OCSP_REFRESH, "freshness_seconds": OCSP_FRESHNESS}
     )
     async with runner.consumer_channel(MSP) as channel:
         assert (first := await person(channel)).ok, first
+        stream = channel.stream_stream(
+            CHAT,
+            request_serializer=population_pb2.EchoMessage.SerializeToString,
+            response_deserializer=population_pb2.EchoMessage.FromString,
+        )(None, metadata=routing_metadata(client=CLINICS, service=POPULATION, purpose=PURPOSE))
+        echoed = 0
+
+        async def chat() -> None:
+            nonlocal echoed
+            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                for n in range(1, 1000):
+                    message = population_pb2.EchoMessage(payload=f"message {n}".encode())
+                    await stream.write(message)
+                    await stream.read()
+                    echoed += 1
+                    await asyncio.sleep(0.2)
+
+        chatting = asyncio.create_task(chat())
+        while echoed < 2:  # the stream is open and answered
+            assert not chatting.done(), chatting
+            await asyncio.sleep(0.05)
         revoke(runner, runner.pki / "auth" / "UY_GOV_DNIC_ss1.crt")
+        await asyncio.wait_for(chatting, OCSP_FRESHNESS + 10)
+        trailing = {str(k): str(v) for k, v in (await stream.trailing_metadata() or ())}
+        assert trailing.get("gateway-error") == "peer_certificate_revoked", (
+            await stream.code(),
+            await stream.details(),
+        )
         refused, _, _ = await poll_until(
             runner,
             channel,
