@@ -435,7 +435,14 @@ def _registry_backup(ns: argparse.Namespace) -> int:
                 done = f"backup written to {ns.out}"
             else:
                 summary = await restore(
-                    store, ns.source, key=key, progress=shown, skip_versions=ns.skip_versions
+                    store,
+                    ns.source,
+                    key=key,
+                    instance=settings.instance,
+                    now=datetime.now(UTC),
+                    refresh_seconds=settings.refresh_seconds,
+                    progress=shown,
+                    skip_versions=ns.skip_versions,
                 )
                 done = f"restored from {ns.source}"
         except BackupError as exc:
@@ -1001,9 +1008,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                 type=int,
                 default=10_000,
                 metavar="N",
-                help="go on with the configuration's versions N past the backup's (default "
-                "10000: more than a registry publishes between a backup and its restore), so "
-                "that security servers take the restored registry's next version",
+                help="go on with the configuration's versions N past the backup's, plus one "
+                "per second (or per refresh_seconds, when shorter) since the backup was taken "
+                "(default 10000: more than a registry's changes publish meanwhile), so that "
+                "security servers take the restored registry's next version",
             )
         p.set_defaults(func=_registry_backup)
 

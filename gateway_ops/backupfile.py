@@ -19,6 +19,7 @@ import os
 import re
 import stat
 import zipfile
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,6 +30,21 @@ from typing import Any
 BACKUP_MANIFEST = "manifest.json"
 BACKUP_MAC = "manifest.mac"
 KEY_BYTES = 32
+# the largest manifest read (a backup's manifest lists files and tables: a few kilobytes),
+# so that a crafted one cannot fill the memory before its MAC is checked
+MAX_MANIFEST_BYTES = 16 << 20
+# what reading a damaged zip member raises, besides zipfile's own errors: bad deflate data
+# (zlib.error), a member cut short (EOFError), an unsupported method or encryption
+# (NotImplementedError, RuntimeError)
+ZIP_ERRORS = (
+    zipfile.BadZipFile,
+    zlib.error,
+    EOFError,
+    OSError,
+    RuntimeError,
+    NotImplementedError,
+    KeyError,
+)
 # what the MAC covers besides the manifest: a MAC of another use of the key never passes
 _MAC_CONTEXT = b"gateway-backup-manifest/1\n"
 
@@ -77,11 +93,31 @@ def create_key(path: Path) -> BackupKey:
 
 
 def load_key(path: Path) -> BackupKey:
-    """The backup key in `path`: 64 hex digits, in a file only its owner may read or write."""
+    """The backup key in `path`: 64 hex digits, in a regular file (not a symbolic link) of
+    the user running the command (or root's), which only its owner may read or write.
+    Whoever could replace the key could make a backup that a restore run as root takes."""
     try:
-        info = path.stat()
-        text = path.read_text(encoding="ascii").strip()
-    except (OSError, UnicodeDecodeError) as exc:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        raise BackupFileError(f"cannot read the backup key {path}: {exc}") from None
+    try:
+        info = os.fstat(fd)  # the file read, not whatever the path names by then
+        if not stat.S_ISREG(info.st_mode):
+            raise BackupFileError(f"the backup key {path} is not a regular file")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            raw = f.read(KEY_BYTES * 2 + 2)
+    except OSError as exc:
+        raise BackupFileError(f"cannot read the backup key {path}: {exc}") from None
+    finally:
+        os.close(fd)
+    if info.st_uid not in (os.geteuid(), 0):
+        raise BackupFileError(
+            f"the backup key {path} belongs to user {info.st_uid}, not to the user running "
+            f"this command ({os.geteuid()}) or root: whoever owns it could replace it"
+        )
+    try:
+        text = raw.decode("ascii").strip()
+    except UnicodeDecodeError as exc:
         raise BackupFileError(f"cannot read the backup key {path}: {exc}") from None
     if stat.S_IMODE(info.st_mode) & 0o077:
         raise BackupFileError(
@@ -119,18 +155,16 @@ def opened_backup(
     except (OSError, zipfile.BadZipFile) as exc:
         raise BackupFileError(f"{path} is not a readable backup: {exc}") from None
     with archive:
-        try:
-            data = archive.read(BACKUP_MANIFEST)
-        except (KeyError, OSError, zipfile.BadZipFile, RuntimeError) as exc:
-            raise BackupFileError(f"{path} has no readable {BACKUP_MANIFEST}: {exc}") from None
-        try:
-            mac = archive.read(BACKUP_MAC).decode("ascii").strip()
-        except KeyError:
+        names = set(archive.namelist())
+        if BACKUP_MAC not in names:
             raise BackupFileError(
                 f"{path} is not authenticated (it has no {BACKUP_MAC}): it was taken "
                 "before backups were, or was edited; nothing was restored"
-            ) from None
-        except (OSError, zipfile.BadZipFile, RuntimeError, UnicodeDecodeError) as exc:
+            )
+        data = read_member(archive, BACKUP_MANIFEST, MAX_MANIFEST_BYTES, path)
+        try:
+            mac = read_member(archive, BACKUP_MAC, 1024, path).decode("ascii").strip()
+        except UnicodeDecodeError as exc:
             raise BackupFileError(f"{path} has no readable {BACKUP_MAC}: {exc}") from None
         if not hmac.compare_digest(mac, key.mac(data)):
             made_with = _key_named(data)
@@ -149,6 +183,27 @@ def opened_backup(
         if not isinstance(manifest, dict) or manifest.get("format") != fmt:
             raise BackupFileError(f"{path} is not a {kind} backup of format {fmt}")
         yield archive, manifest
+
+
+def read_member(archive: zipfile.ZipFile, name: str, limit: int, path: Path) -> bytes:
+    """A member of a backup's zip, refused when it says it holds more than `limit` bytes (it
+    is then not read) or cannot be read whole; `BackupFileError` naming why."""
+    try:
+        info = archive.getinfo(name)
+    except KeyError:
+        raise BackupFileError(f"{path} lacks {name}") from None
+    if info.file_size > limit:
+        raise BackupFileError(
+            f"{name} in {path} holds {info.file_size} bytes, more than the {limit} expected"
+        )
+    try:
+        with archive.open(info) as member:
+            data = member.read(limit + 1)
+    except ZIP_ERRORS as exc:
+        raise BackupFileError(f"{path} is damaged: {name} cannot be read ({exc})") from None
+    if len(data) > limit:
+        raise BackupFileError(f"{name} in {path} holds more than the {limit} bytes expected")
+    return data
 
 
 def _key_named(data: bytes) -> str | None:

@@ -16,8 +16,9 @@ admin log rebuilt to match), every table's SHA-256 and count against the manifes
 manifest's schema revision is the database's (run by the same version of the gateway),
 then writes the rows into an empty database in one transaction, and verifies the admin
 log's chain. The restored registry goes on with the admin log's chain where the backup
-left it, and with the configuration's version sequence `SKIP_VERSIONS` (10,000) past the
-backup's (`--skip-versions`): the versions published after the backup was taken are not in
+left it, and with the configuration's version sequence `SKIP_VERSIONS` (10,000,
+`--skip-versions`) plus one per second (or per refresh period, when shorter) since the
+backup was taken past the backup's: the versions published after the backup was taken are not in
 it, and security servers take only versions newer than the one they hold. A database that already
 holds a registry is refused: restore never merges.
 """
@@ -28,6 +29,7 @@ import base64
 import hashlib
 import io
 import json
+import math
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,8 +43,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.audit import ADMIN_LOG as ADMIN_LOG_FORMAT
 from gateway.audit import ChainBrokenError, ChainHead, verify_chain
-from gateway.timeutil import format_time
-from gateway_ops.backupfile import BackupFileError, BackupKey, opened_backup, write_manifest
+from gateway.timeutil import format_time, parse_time
+from gateway_ops.backupfile import (
+    BackupFileError,
+    BackupKey,
+    opened_backup,
+    read_member,
+    write_manifest,
+)
 from registry.store import (
     RegistryStore,
     admin_head,
@@ -120,6 +128,7 @@ async def backup(
                     archive.writestr(f"{table.name}.jsonl", data)
                     tables[table.name] = {
                         "rows": count,
+                        "bytes": len(data),
                         "sha256": hashlib.sha256(data).hexdigest(),
                     }
                     progress(table.name, count)
@@ -142,21 +151,21 @@ def read_backup(
     against its SHA-256 and row count; `BackupError` naming what does not hold."""
     try:
         with opened_backup(path, FORMAT, "registry", key) as (archive, manifest):
-            return manifest, _rows(archive, manifest)
+            return manifest, _rows(archive, manifest, path)
     except BackupFileError as exc:
         raise BackupError(str(exc)) from None
 
 
-def _rows(archive: zipfile.ZipFile, manifest: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+def _rows(
+    archive: zipfile.ZipFile, manifest: dict[str, Any], path: Path
+) -> dict[str, list[dict[str, Any]]]:
     rows: dict[str, list[dict[str, Any]]] = {}
     for table in metadata.sorted_tables:
         listed = manifest["tables"].get(table.name)
         if listed is None:
             raise BackupError(f"the backup lacks table {table.name}")
-        try:
-            data = archive.read(f"{table.name}.jsonl")
-        except KeyError:
-            raise BackupError(f"the backup lacks the file of table {table.name}") from None
+        # no more than the manifest says is read (a file swapped in could be a zip bomb)
+        data = read_member(archive, f"{table.name}.jsonl", int(listed["bytes"]), path)
         if hashlib.sha256(data).hexdigest() != listed["sha256"]:
             raise BackupError(
                 f"table {table.name} does not match its SHA-256 in the manifest: the "
@@ -180,16 +189,32 @@ async def restore(
     path: Path,
     *,
     key: BackupKey,
+    instance: str,
+    now: datetime,
+    refresh_seconds: float,
     progress: Callable[[str, int], None] = lambda table, rows: None,
     skip_versions: int = SKIP_VERSIONS,
 ) -> Summary:
-    """Restore a backup into the store's database, which must hold no registry yet. The
-    configuration's version counter goes on `skip_versions` past the backup's, so that the
-    restored registry's next version is newer than any published after the backup was
-    taken (security servers take only newer versions)."""
+    """Restore a backup of registry `instance` into the store's database, which must hold
+    no registry yet. The configuration's version counter goes on past the backup's by
+    `skip_versions` plus one per second, or per `refresh_seconds` when shorter, since the
+    backup was taken (a registry publishes a version every `refresh_seconds` even when
+    nothing changed), so that the restored registry's next version is newer than any
+    published after the backup was taken (security servers take only newer versions)."""
     if skip_versions < 0:
         raise BackupError(f"skip_versions must not be negative, not {skip_versions}")
     manifest, rows = read_backup(path, key)
+    if manifest.get("instance") != instance:
+        raise BackupError(
+            f"the backup is of instance {manifest.get('instance')!r}, this registry's "
+            f"{instance!r}: nothing was restored"
+        )
+    try:
+        taken_at = parse_time(str(manifest["taken_at"]))
+    except (KeyError, ValueError):
+        raise BackupError("the backup does not say when it was taken") from None
+    elapsed = max(0.0, (now - taken_at).total_seconds())
+    skip = skip_versions + math.ceil(elapsed / min(refresh_seconds, 1.0))
     async with store.engine.begin() as conn:
         revision = await conn.run_sync(_revision)
         if manifest.get("revision") != revision:
@@ -229,9 +254,7 @@ async def restore(
                         )
         await _verify_admin_log(conn)
         # only the newest version is stored: it carries the counter on
-        await conn.execute(
-            configurations.update().values(version=configurations.c.version + skip_versions)
-        )
+        await conn.execute(configurations.update().values(version=configurations.c.version + skip))
     return await _summary(store, {k: len(v) for k, v in rows.items()}, revision)
 
 

@@ -56,7 +56,14 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from gateway.settings import database_url, load_settings
 from gateway.timeutil import format_time
-from gateway_ops.backupfile import BackupFileError, BackupKey, opened_backup, write_manifest
+from gateway_ops.backupfile import (
+    ZIP_ERRORS,
+    BackupFileError,
+    BackupKey,
+    opened_backup,
+    read_member,
+    write_manifest,
+)
 from gateway_ops.runtime import read_settings
 from security_server.settings import ServerSettings
 
@@ -105,14 +112,22 @@ def _log_location(settings: ServerSettings, config: Path) -> tuple[str, Path | N
     """The log's database URL and, for SQLite, its file."""
     url = database_url(settings.log.database, base=config.resolve().parent)
     if url.startswith("sqlite"):
-        return url, Path(url.split("///", 1)[1]).resolve()
+        return url, _absolute(Path(url.split("///", 1)[1]))
     return url, None
 
 
 def _archive_dir(settings: ServerSettings, config: Path) -> Path:
     if settings.log.archive_dir:
-        return (config.resolve().parent / settings.log.archive_dir).resolve()
-    return (settings.server.state_dir / "archive").resolve()
+        return _absolute(config.resolve().parent / settings.log.archive_dir)
+    return _absolute(settings.server.state_dir / "archive")
+
+
+def _absolute(path: Path) -> Path:
+    """`path` made absolute and normal, its symbolic links not followed: a file is recorded
+    under the name the settings give it (a certificate named through a link, as certbot's
+    `live/` folder has them, is restored there), and nothing a link in the state folder
+    points to is taken for the server's own."""
+    return Path(os.path.abspath(path))
 
 
 def _sqlite_heads(path: Path) -> dict[str, tuple[int, str]]:
@@ -202,23 +217,32 @@ def _write_backup(
     progress: Callable[[str], None],
 ) -> Summary:
     archive = _archive_dir(settings, config)
-    state = settings.server.state_dir.resolve()
+    state = _absolute(settings.server.state_dir)
     sources: dict[Path, None] = {config.resolve(): None}
-    for path in _named_files(settings):
-        if path.resolve() != state and path.resolve().is_file():
-            sources[path.resolve()] = None
+    for named in _named_files(settings):
+        path = _absolute(named)
+        if path != state and path.is_file():
+            sources[path] = None
     if state.is_dir():
         for path in sorted(state.rglob("*")):
             skip = path == log_file or (
                 log_file is not None and path.name in {log_file.name + s for s in _SQLITE_SIDE}
             )
-            if path.is_file() and not skip and archive not in path.parents:
-                sources[path.resolve()] = None
-    if key.path in sources:
-        raise BackupError(
-            f"the backup key {key.path} would be in the backup (the settings name it, or it "
-            "lies in the state folder): keep it apart from what it authenticates"
-        )
+            if path.is_symlink():  # not the server's: whatever it points to stays out
+                progress(f"{path} (a symbolic link: left out)")
+            elif path.is_file() and not skip and archive not in path.parents:
+                sources[path] = None
+    # the backup restores: every file it holds is one a restore writes (see _places)
+    allowed = _places(settings, config.resolve(), log_file)
+    for path in sources:
+        if not allowed(path):
+            raise BackupError(f"{path} would be in the backup, but a restore would not write it")
+    try:
+        info = key.path.stat()
+        key_file = (info.st_dev, info.st_ino)
+    except OSError:
+        key_file = None
+
     entries: list[dict[str, Any]] = []
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
@@ -233,6 +257,12 @@ def _write_backup(
                     continue
                 except OSError as exc:
                     raise BackupError(f"cannot read {path}: {exc}") from None
+                if path == key.path or (info.st_dev, info.st_ino) == key_file:
+                    raise BackupError(
+                        f"the backup key {key.path} would be in the backup, as {path} (the "
+                        "settings name it, or it lies in the state folder): keep it apart "
+                        "from what it authenticates"
+                    )
                 name = f"files/{number:04d}/{path.name}"
                 zf.writestr(name, data)
                 cache = state in path.parents and (
@@ -315,16 +345,17 @@ def _checked(zf: zipfile.ZipFile, manifest: dict[str, Any]) -> dict[str, bytes]:
     size."""
     contents: dict[str, bytes] = {}
     for entry in manifest["files"]:
-        try:
-            if entry["name"] == LOG_MEMBER:
+        if entry["name"] == LOG_MEMBER:
+            try:
                 with zf.open(LOG_MEMBER) as member:
                     size, digest = _digest(member)
-            else:
-                data = zf.read(entry["name"])
-                size, digest = len(data), hashlib.sha256(data).hexdigest()
-                contents[entry["name"]] = data
-        except (KeyError, zipfile.BadZipFile) as exc:
-            raise BackupError(f"the backup lacks {entry['name']}: {exc}") from None
+            except ZIP_ERRORS as exc:
+                raise BackupError(f"the backup's message log cannot be read: {exc}") from None
+        else:
+            # no more than the manifest says is read (a file swapped in could be a zip bomb)
+            data = read_member(zf, entry["name"], int(entry["size"]), Path(zf.filename or ""))
+            size, digest = len(data), hashlib.sha256(data).hexdigest()
+            contents[entry["name"]] = data
         if size != entry["size"] or digest != entry["sha256"]:
             raise BackupError(
                 f"{entry['path']} in the backup does not match its SHA-256: the backup is "
@@ -359,6 +390,24 @@ def _write(
         raise
 
 
+def _places(
+    settings: ServerSettings, settings_path: Path, log_file: Path | None
+) -> Callable[[Path], bool]:
+    """Whether a path is one of a server's: its settings file, the files they name, its
+    SQLite log, or in its state folder."""
+    named = {settings_path, *(_absolute(p) for p in _named_files(settings))}
+    if log_file is not None:
+        named.add(log_file)
+    state = _absolute(settings.server.state_dir)
+
+    def allowed(path: Path) -> bool:
+        if not path.is_absolute() or ".." in path.parts:
+            return False
+        return path in named or state in path.parents
+
+    return allowed
+
+
 def _allowed(manifest: dict[str, Any], contents: dict[str, bytes]) -> Callable[[Path], bool]:
     """Whether a path may be written: the backup's settings file, the files its settings
     name, the message log and what lies in the state folder; nothing else, whatever the
@@ -374,17 +423,7 @@ def _allowed(manifest: dict[str, Any], contents: dict[str, bytes]) -> Callable[[
     except Exception as exc:  # whatever a damaged settings file shows
         raise BackupError(f"the backup's settings file cannot be read: {exc}") from None
     _, log_file = _log_location(settings, settings_path)
-    named = {settings_path, *(p.resolve() for p in _named_files(settings))}
-    if log_file is not None:
-        named.add(log_file)
-    state = settings.server.state_dir.resolve()
-
-    def allowed(path: Path) -> bool:
-        if not path.is_absolute() or ".." in path.parts:
-            return False
-        return path in named or state in path.parents
-
-    return allowed
+    return _places(settings, settings_path, log_file)
 
 
 def _hash_at(path: Path, chain: str, seq: int) -> str | None:
@@ -497,7 +536,7 @@ def restore(
                         digest.update(chunk)
                         size += len(chunk)
                         out.write(chunk)
-            except (OSError, KeyError, zipfile.BadZipFile) as exc:
+            except ZIP_ERRORS as exc:
                 raise BackupError(f"cannot read the message log from {source}: {exc}") from None
             if size != log_entry["size"] or digest.hexdigest() != log_entry["sha256"]:
                 raise BackupError(

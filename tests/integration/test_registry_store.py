@@ -734,6 +734,8 @@ async def test_renewal_publishes_both_certificates_then_only_the_successor(
 
 # the operator's backup key, kept apart from the backups
 BACKUP_KEY = BackupKey(b"k" * 32, Path("/nonexistent/backup.key"))
+# the restoring registry's settings.refresh_seconds (the default)
+EVERY_MINUTE = 60.0
 
 
 @asynccontextmanager
@@ -768,17 +770,43 @@ async def test_a_backup_restores_into_an_empty_database_and_goes_on(
     async with empty_database_like(url, tmp_path) as target:
         restored_store = await RegistryStore.open(target)
         try:
-            restored = await restore(restored_store, out, key=BACKUP_KEY)
+            with pytest.raises(BackupError, match="of instance 'UY', this registry's 'AR'"):
+                await restore(
+                    restored_store,
+                    out,
+                    key=BACKUP_KEY,
+                    instance="AR",
+                    now=START,
+                    refresh_seconds=EVERY_MINUTE,
+                )
+            # restored a week later: a registry refreshing every minute has published about
+            # 10,080 versions meanwhile, more than the fixed margin; one per second is counted
+            week = timedelta(days=7)
+            restored = await restore(
+                restored_store,
+                out,
+                key=BACKUP_KEY,
+                instance="UY",
+                now=START + week,
+                refresh_seconds=EVERY_MINUTE,
+            )
             assert restored.tables == taken.tables
             assert restored.admin_entries == taken.admin_entries
-            assert await restored_store.last_version() == 41 + SKIP_VERSIONS
+            assert await restored_store.last_version() == 41 + SKIP_VERSIONS + 7 * 86_400
             again = Registry(restored_store, FakeClock(START))
             # the admin log goes on from the restored head, and still verifies
             await again.gov.add_member(REGISTRY, MemberId.parse("UY/GOV/MEF"), "MEF")
             verified = await again.gov.verify_admin_log(REGISTRY)
             assert verified["verified"] and verified["entries"] == taken.admin_entries + 1
             with pytest.raises(BackupError, match="restore only into an empty database"):
-                await restore(restored_store, out, key=BACKUP_KEY)
+                await restore(
+                    restored_store,
+                    out,
+                    key=BACKUP_KEY,
+                    instance="UY",
+                    now=START,
+                    refresh_seconds=EVERY_MINUTE,
+                )
         finally:
             await restored_store.close()
 
@@ -814,6 +842,18 @@ async def test_a_backup_restores_into_an_empty_database_and_goes_on(
         copy.writestr(BACKUP_MAC, BackupKey(b"e" * 32, tmp_path / "evil.key").mac(raw))
     with pytest.raises(BackupError, match="does not match its MAC"):
         read_backup(edited, BACKUP_KEY)
+
+    # a byte flipped on the disk (in the first table holding BPS; stored uncompressed, so
+    # that only the CRC tells): a clear error, not zipfile's
+    stored = tmp_path / "stored.zip"
+    with zipfile.ZipFile(out) as source, zipfile.ZipFile(stored, "w") as copy:
+        for item in source.infolist():
+            copy.writestr(item.filename, source.read(item), zipfile.ZIP_STORED)
+    flipped = bytearray(stored.read_bytes())
+    flipped[flipped.index(b"UY/GOV/BPS")] ^= 1
+    stored.write_bytes(bytes(flipped))
+    with pytest.raises(BackupError, match=r"is damaged: \w+\.jsonl cannot be read \(Bad CRC"):
+        read_backup(stored, BACKUP_KEY)
 
 
 async def test_agreements_past_their_validity_are_marked_expired_by_the_sweep(

@@ -3,6 +3,7 @@ refused when others may read or change it, or when it is not a key."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -69,3 +70,20 @@ def test_the_commands_refuse_a_key_others_may_read_before_doing_anything(
     backup = tmp_path / "server.zip"
     assert main(["server", "restore", "--key", str(key), "--from", str(backup)]) == 2
     assert "chmod 600" in capsys.readouterr().err
+
+
+def test_a_key_through_a_link_or_of_another_user_is_refused(tmp_path: Path) -> None:
+    """Whoever could replace the key could forge a backup that a restore run as root
+    takes: a key reached through a symbolic link, or owned by another user than the one
+    running the command (or root), is refused."""
+    path = tmp_path / "backup.key"
+    create_key(path)
+    link = tmp_path / "link.key"
+    link.symlink_to(path)
+    with pytest.raises(BackupFileError, match="cannot read the backup key"):
+        load_key(link)
+    if os.geteuid() != 0:
+        pytest.skip("only root can give a file to another user")
+    os.chown(path, 65534, 65534)
+    with pytest.raises(BackupFileError, match="belongs to user 65534"):
+        load_key(path)

@@ -10,6 +10,7 @@ import json
 import shutil
 import sqlite3
 import zipfile
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -348,3 +349,81 @@ def test_a_log_swapped_in_the_zip_while_restoring_is_not_written(tmp_path: Path)
         restore(source, key=KEY, progress=swap)
     assert not (state / "messagelog.db").exists()
     assert list(state.glob(".messagelog.db.*")) == []  # no temporary file left
+
+
+# ---- links, hard links and damage -----------------------------------------------------------
+
+
+def test_a_link_in_the_state_folder_is_left_out_and_a_named_link_restores(
+    tmp_path: Path,
+) -> None:
+    """Whoever can write to the state folder (the server's own user) plants a link to a
+    file only root may read: a backup taken as root leaves it out, rather than holding the
+    file's content (and a manifest no restore would take). A certificate the settings name
+    through a link (certbot's `live/` folder) is recorded under that name, and restores
+    there on a wiped machine."""
+    config = make_server(tmp_path / "server")
+    secret = tmp_path / "root-only.txt"
+    secret.write_text("root's secret")
+    state = tmp_path / "server" / "state"
+    (state / "ocsp" / "planted.der").symlink_to(secret)
+    keys = tmp_path / "server" / "keys"
+    (tmp_path / "server" / "archive").mkdir()
+    (keys / "auth.crt").rename(tmp_path / "server" / "archive" / "auth1.crt")
+    (keys / "auth.crt").symlink_to(tmp_path / "server" / "archive" / "auth1.crt")
+    take(config, tmp_path / "backup.zip")
+    with zipfile.ZipFile(tmp_path / "backup.zip") as zf:
+        assert b"root's secret" not in b"".join(zf.read(n) for n in zf.namelist())
+        paths = {f["path"] for f in json.loads(zf.read("manifest.json"))["files"]}
+    assert str(keys / "auth.crt") in paths and str(state / "ocsp" / "planted.der") not in paths
+    shutil.rmtree(tmp_path / "server")
+    restore(tmp_path / "backup.zip", key=KEY)
+    assert (keys / "auth.crt").read_bytes() == b"content of auth.crt"
+
+
+def test_a_hard_link_to_the_key_in_the_state_folder_is_refused(tmp_path: Path) -> None:
+    config = make_server(tmp_path / "server")
+    key = tmp_path / "backup.key"
+    key.write_text("k" * 64)
+    (tmp_path / "server" / "state" / "innocent").hardlink_to(key)
+    with pytest.raises(BackupError, match=r"would be in the backup, as .*innocent"):
+        asyncio.run(backup(config, tmp_path / "b.zip", key=BackupKey(b"k" * 32, key), now=NOW))
+    assert not (tmp_path / "b.zip").exists()
+
+
+def rebuilt(source: Path, out: Path, change: Callable[[str, bytes], bytes]) -> None:
+    """`source` copied to `out` uncompressed, each member's content through `change`."""
+    with zipfile.ZipFile(source) as src, zipfile.ZipFile(out, "w") as dst:
+        for item in src.infolist():
+            dst.writestr(item.filename, change(item.filename, src.read(item)), zipfile.ZIP_STORED)
+
+
+def test_a_file_larger_than_its_manifest_says_is_not_read(tmp_path: Path) -> None:
+    """A file swapped into a backup (not the manifest: the MAC covers it) cannot make the
+    restore read more than the manifest says it holds: a zip bomb is refused unread."""
+    config = make_server(tmp_path / "server")
+    take(config, tmp_path / "backup.zip")
+    bomb = tmp_path / "bomb.zip"
+    with (
+        zipfile.ZipFile(tmp_path / "backup.zip") as src,
+        zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as dst,
+    ):
+        manifest = json.loads(src.read("manifest.json"))
+        target = next(f["name"] for f in manifest["files"] if f["path"].endswith("sign.crt"))
+        for item in src.infolist():
+            data = src.read(item)
+            dst.writestr(item, bytes(64 << 20) if item.filename == target else data)
+    with pytest.raises(BackupError, match="more than the 19 expected"):
+        restore(bomb, key=KEY)
+
+
+def test_damage_only_the_zip_can_tell_is_a_clear_error(tmp_path: Path) -> None:
+    config = make_server(tmp_path / "server")
+    take(config, tmp_path / "backup.zip")
+    stored = tmp_path / "stored.zip"
+    rebuilt(tmp_path / "backup.zip", stored, lambda name, data: data)
+    raw = bytearray(stored.read_bytes())
+    raw[raw.index(b"content of sign.key")] ^= 1  # the CRC no longer matches
+    stored.write_bytes(bytes(raw))
+    with pytest.raises(BackupError, match=r"is damaged: files/\d+/sign\.key cannot be read"):
+        restore(stored, key=KEY)
