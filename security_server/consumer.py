@@ -28,6 +28,7 @@ goes to the provider inside the request frame (see `gateway_ops.tracing`).
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from typing import Any
@@ -50,6 +51,7 @@ from gateway.exchange import (
     start_call,
 )
 from gateway.identifiers import ServiceId
+from gateway_ops.failpoints import failpoint
 from gateway_ops.tracing import (
     NO_TRACE,
     OFF,
@@ -175,7 +177,22 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                 trace = self.tracing.start_call(
                     "consumer call", traceparent_of(context.invocation_metadata())
                 )
-            return await self._call(method, body, context, labels, trace)
+            # the call, once it passed the checks: a bug past that point is recorded
+            # against it
+            seen: list[Outgoing] = []
+            try:
+                return await self._call(method, body, context, labels, trace, seen)
+            except (grpc.aio.AbortError, asyncio.CancelledError):
+                raise
+            except Exception:  # a bug: a clear refusal and a record, never a traceback
+                log.exception("consumer_internal_error")
+                err = GatewayError("internal error in the consumer's server", code=Code.INTERNAL)
+                trace.outcome(err.code.value)
+                if not seen:
+                    return await self._abort(context, err, "", labels)
+                refusal = consumer_refusal(err, seen[-1], self.node.clock())
+                await self.node.log_failure(refusal.record.fields())
+                return await self._abort(context, err, seen[-1].header.message_id, labels)
         finally:
             self.in_flight -= 1
             trace.finish()
@@ -189,6 +206,7 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         context: grpc.aio.ServicerContext[Any, Any],
         labels: CallLabels,
         trace: CallTrace,
+        seen: list[Outgoing],
     ) -> bytes:
         node = self.node
         started = time.perf_counter()
@@ -209,6 +227,7 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             self._label(labels, out.progress, method)
             return await self._refuse(context, out, labels)
         trace.end(checks)
+        seen.append(out)
         facts = out.facts
         labels.client = facts.client or UNKNOWN
         labels.known_service(out.remote.services[out.header.service], method)
@@ -221,11 +240,13 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             out, link = await self._route(out)
         except GatewayError as err:
             return await self._refuse(context, consumer_refusal(err, out, node.clock()), labels)
+        seen.append(out)
         try:
             with trace.step("log commit"):
                 await node.log.append(out.record.fields(), out.evidence)
         except GatewayError as err:
             return await self._abort(context, err, message_id, labels)
+        failpoint("consumer-logged", message_id)
 
         remaining = context.time_remaining()
         wait = min(remaining if remaining is not None else 1e9, node.limits.deadline_seconds)

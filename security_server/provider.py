@@ -62,6 +62,7 @@ from gateway.exchange import (
 from gateway.fair_share import FairShare
 from gateway.records import LogRecord
 from gateway.v1 import exchange_pb2 as pb
+from gateway_ops.failpoints import failpoint
 from gateway_ops.tracing import OFF, TRACEPARENT, CallTrace, Tracing, current_call
 from security_server.metrics import CallLabels, ServerMetrics, backend_code
 from security_server.node import Node
@@ -384,17 +385,33 @@ class ProviderService:
         labels = CallLabels()
         trace = self.tracing.start_call("provider call", frame.traceparent)
         self.in_flight += 1
+        # the request, once accepted: a bug past that point is recorded against it
+        seen: list[Accepted] = []
         try:
-            answer = await self._process(frame, stream, started, labels, trace)
+            answer = await self._process(frame, stream, started, labels, trace, seen)
         except Exception:  # never let one message take the stream down
             log.exception("provider_internal_error")
             trace.outcome(Code.INTERNAL.value)
-            answer = pb.Frame(
-                correlation_id=frame.correlation_id,
-                refusal=pb.Refusal(
-                    code=Code.INTERNAL.value, message="internal error in the provider's server"
-                ),
-            )
+            labels.code = Code.INTERNAL.value
+            err = GatewayError("internal error in the provider's server", code=Code.INTERNAL)
+            now = self.node.clock()
+            if seen:
+                record = refuse_accepted(seen[0], err, now).record
+            else:  # who the frame claims to be from (never trusted)
+                claims = (
+                    Claims.read(frame.request.header) if frame.HasField("request") else Claims()
+                )
+                record = LogRecord(
+                    kind=RecordKind.REFUSAL,
+                    role=Role.PROVIDER,
+                    logged_at=now,
+                    facts=claims.facts(stream.name),
+                    status="refused",
+                    error_code=err.code.value,
+                    error_message=err.message,
+                )
+            await self.node.log_failure(record.fields())
+            answer = self._refusal(frame, err, record.facts.message_id, started, 0)
         finally:
             self.in_flight -= 1
             trace.finish()
@@ -411,6 +428,7 @@ class ProviderService:
         started: float,
         labels: CallLabels,
         trace: CallTrace,
+        seen: list[Accepted],
     ) -> pb.Frame:
         node = self.node
         env = frame.request
@@ -452,6 +470,8 @@ class ProviderService:
                 await node.log.append(accepted.record.fields(), accepted.evidence)
         except GatewayError as err:
             return self._refusal(frame, err, header.message_id, started, 0)
+        seen.append(accepted)
+        failpoint("provider-logged", header.message_id)
 
         wait = min(
             frame.timeout_ms / 1000 if frame.timeout_ms else 1e9, node.limits.deadline_seconds

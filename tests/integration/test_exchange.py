@@ -30,7 +30,8 @@ PERSON = population.GetPersonRequest(national_id="1.234.567-8").SerializeToStrin
 
 @pytest.fixture(scope="module")
 def runner(make_runner: Callable[..., Runner]) -> Runner:
-    return make_runner(extra_agreements=timed_agreements())
+    # failpoints armed: they fire only for calls whose message id asks for one
+    return make_runner(extra_agreements=timed_agreements(), env={"GATEWAY_FAILPOINTS": "1"})
 
 
 @pytest.fixture
@@ -102,6 +103,49 @@ async def test_both_logs_hold_matching_records(runner: Runner, msp: grpc.aio.Cha
     assert provider[0]["subject_ref"] == consumer[0]["subject_ref"]
     for row in (*consumer, *provider):
         assert b"1.234.567-8" not in bytes(row["header"] or b"")
+
+
+@pytest.mark.parametrize(
+    ("failpoint", "server", "side"),
+    [("consumer-logged", MSP, "consumer's"), ("provider-logged", DNIC, "provider's")],
+)
+async def test_an_internal_error_is_a_clear_refusal_recorded_against_its_request(
+    runner: Runner, msp: grpc.aio.Channel, failpoint: str, server: str, side: str
+) -> None:
+    """A bug in a server (injected once the request's record is durable, on the consumer
+    before it sends, on the provider before its backend is called) reaches the caller as
+    internal_error with the message id and no detail of the bug, leaves a refusal record
+    after the request's in that server's log, is in its process log with its traceback,
+    and the server goes on serving."""
+    message_id = f"fail-{failpoint}-{uuid.uuid4().hex}"
+    outcome = await call_raw(
+        msp,
+        GET_PERSON,
+        PERSON,
+        routing_metadata(
+            client=CLINICS,
+            service=POPULATION,
+            purpose="healthcare-identification",
+            message_id=message_id,
+        ),
+    )
+    assert (outcome.code, outcome.error) == (grpc.StatusCode.INTERNAL, "internal_error"), outcome
+    assert f"internal error in the {side} server" in outcome.details, outcome.details
+    assert "failpoint" not in outcome.details and "Traceback" not in outcome.details
+    assert outcome.message_id == message_id
+    rows = log_rows(runner.log_db(server), message_id)
+    assert [(r["kind"], r["error_code"]) for r in rows] == [
+        ("request", None),
+        ("refusal", "internal_error"),
+    ]
+    assert "InjectedError" in runner.tail(runner.server_names[server])
+    again = await call_raw(
+        msp,
+        GET_PERSON,
+        PERSON,
+        routing_metadata(client=CLINICS, service=POPULATION, purpose="healthcare-identification"),
+    )
+    assert again.ok, again
 
 
 async def test_backend_error_status_is_passed_through(msp: grpc.aio.Channel) -> None:
