@@ -141,6 +141,9 @@ admin_log = sa.Table(
     sa.Column("members", sa.Text, nullable=False),
     sa.Column("prev_hash", sa.LargeBinary, nullable=False),
     sa.Column("hash", sa.LargeBinary, nullable=False),
+    # an agreement's history, and the four-eyes check of every approval (who approved it
+    # already), read the entries about one target: without it, each scanned the whole log
+    sa.Index("ix_admin_log_target", "target"),
 )
 # one row (id 1): the head of the admin log, locked by every change
 admin_head = sa.Table(
