@@ -266,8 +266,10 @@ def server_json(row: Any, renewals: list[Any] | None = None) -> dict[str, Any]:
     }
 
 
-def _check_auth_certificate(pem: str, now: datetime) -> bytes:
-    """The DER of a submitted authentication certificate, or `InvalidRequest` saying why not."""
+def _check_auth_certificate(pem: str, now: datetime, server: SecurityServerId) -> bytes:
+    """The DER of a submitted authentication certificate of `server`, or `InvalidRequest`
+    saying why not: a usable key, valid now, and the profile of a server's TLS certificate
+    naming that server (the first certificate of a server as much as a renewal's)."""
     try:
         cert = x509.load_pem_x509_certificate(pem.encode("ascii"))
         cert.signature_hash_algorithm  # noqa: B018 - raises for an unknown signature algorithm
@@ -289,6 +291,9 @@ def _check_auth_certificate(pem: str, now: datetime) -> bytes:
             f"auth_certificate is not valid now: it is valid from {format_time(not_before)} "
             f"until {format_time(not_after)}"
         )
+    problems = check_certificate(Profile.server(server), cert, None, now=now)
+    if problems:
+        raise InvalidRequest(f"auth_certificate for {server}: {'; '.join(problems)}")
     return cert.public_bytes(serialization.Encoding.DER)
 
 
@@ -515,7 +520,7 @@ class Governance:
                 raise Forbidden(f"a token of {actor.server} cannot register {server}")
         else:
             _require_admin(actor, server.owner, f"register security servers of {server.owner}")
-        der = _check_auth_certificate(auth_certificate_pem, self.clock())
+        der = _check_auth_certificate(auth_certificate_pem, self.clock(), server)
         return await self._register_server(
             actor, server, address, der, subsystems_hosted, approved=False, reason=""
         )
@@ -644,12 +649,7 @@ class Governance:
         else:
             _require_admin(actor, server.owner, f"renew security servers of {server.owner}")
         now = self.clock()
-        der = _check_auth_certificate(pem, now)
-        problems = check_certificate(
-            Profile.server(server), x509.load_der_x509_certificate(der), None, now=now
-        )
-        if problems:
-            raise InvalidRequest(f"auth_certificate for {server}: {'; '.join(problems)}")
+        der = _check_auth_certificate(pem, now, server)
         sha = hashlib.sha256(der).hexdigest()
         state = ServerStatus.APPROVED if actor.role is Role.REGISTRY_ADMIN else ServerStatus.PENDING
         async with self.store.change() as ch:

@@ -371,7 +371,7 @@ async def test_a_registry_admin_approves_a_pending_server_from_the_home_page(
     world: World, tmp_path: Path
 ) -> None:
     certificate = issue(
-        common_name="BPS ss1",
+        common_name="UY/GOV/BPS/ss1",
         issuer=load_issued(tmp_path / "pki", "ca"),
         now=world.clock(),
         days=30,

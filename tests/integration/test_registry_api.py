@@ -200,10 +200,11 @@ def _new_subsystem(api: Api) -> tuple[str, Any]:
 
 
 def _server_body(api: Api) -> dict[str, Any]:
+    server = f"{MSP}/ss-new{api.unique()}"
     return {
-        "id": f"{MSP}/ss-new{api.unique()}",
+        "id": server,
         "address": "127.0.0.1:9",
-        "auth_certificate": pem(api.runner),
+        "auth_certificate": pem(api.runner, server),
         "subsystems": [CLINICS],
     }
 

@@ -640,7 +640,8 @@ async def test_a_submitted_server_enters_the_configuration_only_once_approved(
     assert server in {s.id for s in (await registry.store.content()).servers}
     with pytest.raises(Conflict, match="approved, not pending"):
         await registry.gov.approve_server(REGISTRY, server, "again")
-    with pytest.raises(Conflict, match="already registered for UY/GOV/MSP/ss2"):
+    # another server's certificate: it names ss2, and peers would verify ss3's name
+    with pytest.raises(InvalidRequest, match="its common name is 'UY/GOV/MSP/ss2', not"):
         await registry.gov.submit_server(
             MSP_ADMIN,
             server=SecurityServerId.parse("UY/GOV/MSP/ss3"),
