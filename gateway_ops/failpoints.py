@@ -2,17 +2,18 @@
 backstops do with a bug (a clear refusal to the caller, a record in the message log, the
 server going on), which no well-formed or malformed input can reach.
 
-Off unless the environment variable `GATEWAY_FAILPOINTS` is set (to anything) when the
-process starts; never set it in production. Even then a failpoint fires only for a call
-whose message id starts with `fail-<name>-`, so that a test topology serves every other
-call as usual.
+Off unless the environment variable `GATEWAY_FAILPOINTS` is `1` when the process starts
+(any other value leaves them off); never set it in production: a caller could then choose
+a message id that fails its call. Even then a failpoint fires only for a call whose
+message id starts with `fail-<name>-`, so that a test topology serves every other call as
+usual.
 """
 
 from __future__ import annotations
 
 import os
 
-ARMED = bool(os.environ.get("GATEWAY_FAILPOINTS"))
+ARMED = os.environ.get("GATEWAY_FAILPOINTS") == "1"
 
 
 class InjectedError(Exception):

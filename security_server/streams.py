@@ -93,6 +93,11 @@ SERVER_CLOSE_WAIT_SECONDS = 10.0
 # how long a consumer goes on with a stream whose provider's last OCSP answer (held from an
 # earlier exchange) is not fresh, waiting for the fresh one the provider sends first
 STAPLE_WAIT_SECONDS = 10.0
+# an OCSP answer is a few kilobytes (with its responder's certificate); a staple sent alone
+# is a newer answer its sender fetched, at most one per ocsp.refresh_seconds: a peer gets
+# STAPLES_AHEAD of them plus one per limits.stream_check_seconds the stream has lasted
+MAX_STAPLE_BYTES = 64 * 1024
+STAPLES_AHEAD = 8
 
 
 class PeerGone(Exception):
@@ -148,13 +153,14 @@ async def _watch(
     every: float,
     started: float,
     limit: float,
-    push: Callable[[], Awaitable[None]],
+    push: Callable[[], None],
 ) -> GatewayError:
     """Wait until `check` raises or the stream outlives `limit` seconds; the error. Every
-    `every` seconds, from the start, `push` sends what the peer must have again (our newest
-    OCSP answer)."""
+    `every` seconds, from the start, `push` has what the peer must have again (our newest
+    OCSP answer) sent, without waiting for it: a peer that stops reading blocks writes, and
+    must not stop the checks."""
     while True:
-        await push()
+        push()
         await asyncio.sleep(every)
         if time.monotonic() - started > limit:
             return too_long(time.monotonic() - started, limit)
@@ -191,20 +197,34 @@ class Staples:
     `limits.stream_check_seconds`, so a stream outliving an answer's freshness, or a
     certificate revoked meanwhile, ends as a new call would be refused."""
 
-    __slots__ = ("_own", "_sent")
+    __slots__ = ("_own", "_sending", "_sent", "_write")
 
-    def __init__(self, own: Callable[[], bytes]) -> None:
+    def __init__(self, own: Callable[[], bytes], write: Callable[[bytes], Awaitable[None]]) -> None:
         self._own = own
+        self._write = write  # sends a staple alone; never raises for a call that ended
         self._sent = b""
+        self._sending: asyncio.Task[None] | None = None
 
     def due(self) -> bytes:
-        """Our answer, when the peer has not been sent it yet on this stream (b"" else);
-        once returned it counts as sent."""
+        """Our answer, to go with a message being sent, when the peer has not been sent it
+        yet on this stream (b"" else); once returned it counts as sent."""
         staple = self._own()
         if not staple or staple == self._sent:
             return b""
         self._sent = staple
         return staple
+
+    def push(self) -> None:
+        """Send our answer alone when it is due, in the background, one at a time."""
+        if self._sending is not None and not self._sending.done():
+            return  # the last one is still under way (the peer is not reading)
+        staple = self.due()
+        if staple:
+            self._sending = asyncio.ensure_future(self._write(staple))
+
+    def cancel(self) -> None:
+        if self._sending is not None:
+            self._sending.cancel()
 
 
 class Outlet:
@@ -280,6 +300,46 @@ def incoming(data: pb.StreamData, received: Chain, limits: LimitsSection) -> byt
     return data.body
 
 
+class PeerStaples:
+    """The staples a peer sends on one stream: each within MAX_STAPLE_BYTES, and those sent
+    alone within their budget (STAPLES_AHEAD); the latest is what the watcher checks."""
+
+    __slots__ = ("_alone", "_every", "_started", "latest")
+
+    def __init__(self, latest: bytes, every: float) -> None:
+        self.latest = latest
+        self._every = every
+        self._started = time.monotonic()
+        self._alone = 0
+
+    def take(self, message: pb.StreamMessage) -> bool:
+        """Keep a message's staple; whether the message was a staple alone."""
+        staple = message.ocsp_staple
+        if staple:
+            if len(staple) > MAX_STAPLE_BYTES:
+                raise StreamError(
+                    TrustError(
+                        f"a stapled OCSP answer of {len(staple)} bytes, more than the "
+                        f"{MAX_STAPLE_BYTES} accepted",
+                        code=Code.CERTIFICATE_STATUS_INVALID,
+                    )
+                )
+            self.latest = staple
+        if message.WhichOneof("kind") is not None or not staple:
+            return False
+        self._alone += 1
+        allowed = STAPLES_AHEAD + (time.monotonic() - self._started) / self._every
+        if self._alone > allowed:
+            raise StreamError(
+                TrustError(
+                    f"{self._alone} OCSP answers sent alone in "
+                    f"{time.monotonic() - self._started:.1f} s: more than a peer fetches",
+                    code=Code.MALFORMED_ENVELOPE,
+                )
+            )
+        return True
+
+
 # ---- consumer ----------------------------------------------------------------------------
 
 
@@ -310,6 +370,12 @@ class ConsumerStreams:
         )
         try:
             await self._open(method, kind, requests, context, trace)
+        except (grpc.aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception:  # a bug before the stream's own backstop: a clear refusal
+            log.exception("stream_failed", code=Code.INTERNAL.value)
+            trace.outcome(Code.INTERNAL.value)
+            await abort(context, Code.INTERNAL, "internal error in the consumer's server", None)
         finally:
             trace.finish()
 
@@ -396,11 +462,18 @@ class ConsumerStreams:
         requests_ended, request_closed = asyncio.Event(), asyncio.Event()
         # the provider's close was checked and logged: the stream has its answer
         answered = asyncio.Event()
-        peer_staple = [link.peer_staple]
-        staples = Staples(link.staple)
+        theirs = PeerStaples(link.peer_staple, limits.stream_check_seconds)
         # our writes to the provider: the caller's messages, our close and our staples take
         # turns, and none follows the end of our direction
         turn, writes_done = asyncio.Lock(), [False]
+
+        async def write_staple(staple: bytes) -> None:
+            async with turn:
+                if not writes_done[0]:
+                    with contextlib.suppress(*ENDED):
+                        await rpc.write(pb.StreamMessage(ocsp_staple=staple))
+
+        staples = Staples(link.staple, write_staple)
         to_caller = Outlet(context.write)
         # the provider leg: the provider's spans are its children
         leg = trace.start("provider leg", SpanKind.CLIENT)
@@ -425,14 +498,6 @@ class ConsumerStreams:
             async def to_provider(message: pb.StreamMessage) -> None:
                 async with turn:
                     await rpc.write(message)
-
-            async def push() -> None:
-                staple = staples.due()
-                if staple:
-                    async with turn:
-                        if not writes_done[0]:
-                            with contextlib.suppress(*ENDED):
-                                await rpc.write(pb.StreamMessage(ocsp_staple=staple))
 
             async def forward_requests() -> None:
                 # past the provider's end of its stream, what it sent says how the call ends
@@ -463,14 +528,14 @@ class ConsumerStreams:
 
             async def forward_responses() -> None:
                 async for message in rpc:
-                    if message.ocsp_staple:
-                        peer_staple[0] = message.ocsp_staple
+                    if theirs.take(message):
+                        continue  # a newer answer about the provider's certificate: kept
                     which = message.WhichOneof("kind")
                     if which == "data":
                         await to_caller.write(incoming(message.data, received, limits))
                     elif which == "close":
                         ended = await self._closed(
-                            out, message.close, sent, received, peer_staple[0]
+                            out, message.close, sent, received, theirs.latest
                         )
                         answered.set()
                         # our own close, when the caller's messages have ended, is logged
@@ -492,8 +557,6 @@ class ConsumerStreams:
                         return
                     elif which == "refusal":
                         raise provider_refusal(message.refusal.code, message.refusal.message)
-                    elif which is None and message.ocsp_staple:
-                        continue  # a newer answer about the provider's certificate: kept
                     else:
                         raise TrustError(
                             "the provider sent a stream message that is neither data, a close "
@@ -505,7 +568,7 @@ class ConsumerStreams:
             await _first(
                 forward_requests(),
                 forward_responses(),
-                self._watch(out, peer_staple, push),
+                self._watch(out, theirs, staples.push),
                 outlet=to_caller,
             )
         except StreamError as exc:
@@ -546,28 +609,28 @@ class ConsumerStreams:
             log.exception("stream_failed", code=gone.code.value, message_id=out.header.message_id)
             await node.log_failure(consumer_refusal(gone, out, node.clock()).record.fields())
         finally:
+            staples.cancel()
             trace.end(leg, None if labels.code == OK else labels.code)
             if rpc is not None:
                 rpc.cancel()
 
-    async def _watch(
-        self, out: Outgoing, peer_staple: list[bytes], push: Callable[[], Awaitable[None]]
-    ) -> None:
+    async def _watch(self, out: Outgoing, theirs: PeerStaples, push: Callable[[], None]) -> None:
         node = self.node
         opened = time.monotonic()
 
         def check() -> None:
             now = node.clock()
             check_still_agreed(out.header, node, now, consumer=True)
-            # the provider's latest answer, as for a new call; one held from an earlier
-            # exchange may be stale at the start: the provider sends a fresh one first
+            # the provider's latest answer, as for a new call; at the start, one held from an
+            # earlier exchange may be stale, or none held yet: the provider sends a fresh one
+            # first (any other fault of an answer ends the stream at once)
             try:
-                node.status.peer_server(peer_staple[0], out.provider, out.remote, now)
+                node.status.peer_server(theirs.latest, out.provider, out.remote, now)
             except TrustError as err:
-                if (
-                    err.code is Code.PEER_CERTIFICATE_REVOKED
-                    or time.monotonic() - opened > STAPLE_WAIT_SECONDS
-                ):
+                waiting = (
+                    err.code is Code.CERTIFICATE_STATUS_STALE or not theirs.latest
+                ) and time.monotonic() - opened <= STAPLE_WAIT_SECONDS
+                if not waiting:
                     raise
 
         err = await _watch(
@@ -735,6 +798,11 @@ class ProviderStreams:
         self.clients.opening += 1
         try:
             await self._open(messages, peer, context)
+        except (grpc.aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception:  # a bug before the stream's own backstop: a clear refusal
+            log.exception("stream_failed", code=Code.INTERNAL.value)
+            await abort(context, Code.INTERNAL, "internal error in the provider's server", None)
         finally:
             self.clients.opening -= 1
 
@@ -870,7 +938,13 @@ class ProviderStreams:
             str(header.service), header.method, wait, trace.traceparent(call_span)
         )
         outlet = Outlet(context.write)
-        staples = Staples(lambda: node.own_status.staple(node.auth_sha256))
+        theirs = PeerStaples(peer.staple, limits.stream_check_seconds)
+
+        async def write_staple(staple: bytes) -> None:
+            with contextlib.suppress(PeerGone):
+                await outlet.write(pb.StreamMessage(ocsp_staple=staple))
+
+        staples = Staples(lambda: node.own_status.staple(node.auth_sha256), write_staple)
         request_done = asyncio.Event()
         # our close was logged and handed to gRPC: the stream has its answer
         answered = asyncio.Event()
@@ -881,8 +955,10 @@ class ProviderStreams:
                 message = await context.read()
                 if message is grpc.aio.EOF:  # type: ignore[attr-defined]
                     raise incomplete(REQUEST, "the consumer's stream ended")
-                if message.ocsp_staple:
-                    peer.staple = message.ocsp_staple
+                alone = theirs.take(message)
+                peer.staple = theirs.latest
+                if alone:
+                    continue  # a newer answer about the consumer's certificate: kept
                 which = message.WhichOneof("kind")
                 if which == "data":
                     body = incoming(message.data, received, limits)
@@ -891,8 +967,6 @@ class ProviderStreams:
                             await backend.write(body)
                         except ENDED:
                             backend_writable[0] = False  # the backend has ended: keep checking
-                elif which is None and message.ocsp_staple:
-                    continue  # a newer answer about the consumer's certificate: kept
                 elif which == "close":
                     await self._request_closed(accepted, message.close, received, peer)
                     request_done.set()
@@ -933,16 +1007,11 @@ class ProviderStreams:
             await self._answer(accepted, sent, received, status, details, outlet, staples)
             answered.set()
 
-        async def push() -> None:
-            staple = staples.due()
-            if staple:
-                await outlet.write(pb.StreamMessage(ocsp_staple=staple))
-
         try:
             await _first(
                 forward_requests(),
                 forward_responses(),
-                self._watch(accepted, peer, push),
+                self._watch(accepted, peer, staples.push),
                 outlet=outlet,
             )
         except StreamError as exc:
@@ -969,14 +1038,13 @@ class ProviderStreams:
             log.exception("stream_failed", code=gone.code.value, message_id=header.message_id)
             await node.log_failure(refuse_accepted(accepted, gone, node.clock()).record.fields())
         finally:
+            staples.cancel()
             backend.cancel()
             trace.end(call_span, None if labels.code == OK else labels.code)
             if self.service.metrics is not None:
                 self.service.metrics.call("provider", labels, time.perf_counter() - started)
 
-    async def _watch(
-        self, accepted: Accepted, peer: Peer, push: Callable[[], Awaitable[None]]
-    ) -> None:
+    async def _watch(self, accepted: Accepted, peer: Peer, push: Callable[[], None]) -> None:
         node = self.node
 
         def check() -> None:

@@ -602,6 +602,69 @@ async def test_a_stream_whose_consumer_stops_stapling_ends_when_its_answer_goes_
     ]
 
 
+async def test_a_consumer_that_stops_reading_cannot_keep_its_stale_stream_open(
+    short_ocsp: Runner,
+) -> None:
+    """The same consumer, with no deadline on its stream, fills every window on the way and
+    then stops reading, so that ss-dnic's writes block: ss-dnic's watcher goes on checking
+    regardless (its own newer answers wait in the background) and ends the stream with
+    certificate_status_stale once the consumer's answer is older than the freshness."""
+    runner = short_ocsp
+    keys = Pki.of(runner)
+    message_id = f"stalled-stream-{uuid.uuid4().hex}"
+    consumer = StreamingConsumer(
+        runner.providers[DNIC], DNIC, keys.ca_pem, keys.auth_cert, keys.auth_key, timeout=60
+    )
+    opened = stream_open(
+        keys.signer,
+        message_id=message_id,
+        client=CLINICS,
+        service=POPULATION,
+        method=CHAT,
+        purpose=PURPOSE,
+        sender=MSP,
+        kind="bidi",
+        created_at=datetime.now(UTC),
+        signer_ocsp=keys.sign_status(),
+    )
+    opened.timeout_ms = 0  # no deadline: only the server's own checks can end it
+    staple = keys.auth_status()
+    await consumer.send(pb.StreamMessage(open=opened, ocsp_staple=staple))
+    chain = Chain(REQUEST, opened.request.header)
+    big = population_pb2.EchoMessage(payload=bytes(60_000)).SerializeToString()
+
+    async def flood() -> None:  # until its writes block: nothing is read back
+        for _ in range(10_000):
+            seq, link = chain.extend(big)
+            await consumer.send(stream_data(seq, big, link))
+
+    flooding = asyncio.create_task(flood())
+    try:
+        deadline = time.monotonic() + OCSP_FRESHNESS + 20
+        rows: list[tuple[Any, ...]] = []
+        while time.monotonic() < deadline:
+            rows = [
+                tuple(r)
+                for r in query(
+                    runner,
+                    DNIC,
+                    "SELECT kind, error_code FROM message_log WHERE message_id = ?",
+                    message_id,
+                )
+            ]
+            if len(rows) > 1:
+                break
+            await asyncio.sleep(0.2)
+        ended_at = datetime.now(UTC)
+    finally:
+        flooding.cancel()
+        await consumer.close()
+    assert rows == [("request", None), ("refusal", "certificate_status_stale")], rows
+    age = (ended_at - produced_at(staple)).total_seconds()
+    assert age <= OCSP_FRESHNESS + 6, age
+    assert chain.count > 10  # it was flooding, and blocked, before the end
+
+
 async def test_revoked_signing_certificate(short_ocsp: Runner) -> None:
     """After `gateway pki revoke` of ss-msp's signing certificate, ss-msp refuses its own
     calls with signer_certificate_revoked within freshness + refresh seconds, and ss-dnic
