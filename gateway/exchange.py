@@ -97,7 +97,7 @@ class Federated(Protocol):
     def require(self, instance: str, now: datetime) -> GlobalConfiguration: ...
     def ended(self, instance: str, now: datetime) -> bool: ...
     def server_by_certificate(
-        self, fingerprint: str, now: datetime
+        self, fingerprint: str, now: datetime, claimed: str | None = None
     ) -> tuple[GlobalConfiguration, SecurityServer] | None: ...
 
 
@@ -646,7 +646,7 @@ def registered_peer(
     federation is active and allowed here). The server must belong to the instance of the
     configuration that registers it. When ours lists a federation with the instance the
     peer's certificate names as ended, the refusal says so."""
-    found = federated.server_by_certificate(peer.fingerprint or "", now)
+    found = federated.server_by_certificate(peer.fingerprint or "", now, peer.claimed_instance)
     if found is None:
         claimed_by_peer = peer.claimed_instance
         if claimed_by_peer is not None and federated.ended(claimed_by_peer, now):

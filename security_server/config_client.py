@@ -102,6 +102,17 @@ def update_from_message(message: pb.PartsUpdate, max_bytes: int) -> Update:
 HELD = "held.json"
 
 
+def _read_floor(path: Path) -> int:
+    """The newest version a client installed (0: none yet, or the file unreadable)."""
+    try:
+        return max(0, int(path.read_text().strip()))
+    except FileNotFoundError:
+        return 0
+    except (OSError, ValueError) as exc:
+        log.warning("configuration_floor_unreadable", path=str(path), error=str(exc))
+        return 0
+
+
 def _write_atomically(path: Path, content: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open_private(tmp) as f:
@@ -162,6 +173,11 @@ class ConfigurationClient:
         # the configuration in parts is kept in this folder (the directory, then one file
         # per part, named by its SHA-256)
         self.parts_dir = cache_file.with_name(cache_file.stem + "-parts")
+        # the newest version ever installed, kept apart from the copies (which a restart may
+        # find unusable, and then loads nothing): none older is installed again, whoever
+        # answers in the registry's place (its channel is not encrypted) with an older one
+        self.floor_file = cache_file.with_name(cache_file.stem + "-version")
+        self.floor = _read_floor(self.floor_file)
         self.clock = clock
         self.current: GlobalConfiguration | None = None
         self.available = asyncio.Event()
@@ -205,6 +221,8 @@ class ConfigurationClient:
                 log.warning("configuration_cache_rejected", error=exc.message)
                 return
             else:
+                if self._older_than_installed(held.config):
+                    return
                 self.held = held
                 self._install(held.config, None, persist=False)
                 return
@@ -221,9 +239,21 @@ class ConfigurationClient:
             log.warning("configuration_cache_unreadable", path=str(self.cache_file), error=str(exc))
             return
         try:
-            self._install(verify_configuration(signed, self.anchor), signed, persist=False)
+            config = verify_configuration(signed, self.anchor)
         except ConfigurationError as exc:
             log.warning("configuration_cache_rejected", error=exc.message)
+            return
+        if not self._older_than_installed(config):
+            self._install(config, signed, persist=False)
+
+    def _older_than_installed(self, config: GlobalConfiguration) -> bool:
+        """Whether a copy on disk is older than a version installed before (someone put it
+        there): then it is not loaded, and the registry's next answer installs the current
+        one."""
+        if config.version >= self.floor:
+            return False
+        log.warning("configuration_cache_older", version=config.version, installed=self.floor)
+        return True
 
     def accept(self, signed: SignedConfiguration) -> bool:
         """Verify and install a configuration from the registry; False when it is not newer."""
@@ -246,11 +276,10 @@ class ConfigurationClient:
 
     def _newer(self, config: GlobalConfiguration) -> bool:
         current = self.current
-        if current is not None and config.version <= current.version:
-            if config.version < current.version:
-                log.warning(
-                    "configuration_rollback_refused", offered=config.version, held=current.version
-                )
+        held = max(self.floor, current.version if current is not None else 0)
+        if config.version < held or (current is not None and config.version <= held):
+            if config.version < held:
+                log.warning("configuration_rollback_refused", offered=config.version, held=held)
             return False
         return True
 
@@ -259,6 +288,10 @@ class ConfigurationClient:
     ) -> None:
         if persist and signed is not None:
             self._persist(signed)
+        if config.version > self.floor:
+            self.floor_file.parent.mkdir(parents=True, exist_ok=True)
+            _write_atomically(self.floor_file, f"{config.version}\n".encode())
+            self.floor = config.version
         self.current = config
         self.available.set()
         log.info("configuration_installed", instance=config.instance, version=config.version)

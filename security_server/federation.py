@@ -181,15 +181,18 @@ class Federations:
                 yield client.current
 
     def server_by_certificate(
-        self, fingerprint: str, now: datetime
+        self, fingerprint: str, now: datetime, claimed: str | None = None
     ) -> tuple[GlobalConfiguration, SecurityServer] | None:
         """The security server registered with this TLS certificate, in our instance or in a
-        federated one, with the configuration that registers it."""
+        federated one, with the configuration that registers it. Ours is looked at first,
+        then the one of the instance the certificate names (`claimed`, its common name's):
+        another instance listing a third one's server certificate (public in that one's
+        configuration) under a server of its own cannot take that server's connections."""
         own = self.own.require(now)
         server = own.servers_by_auth_sha256.get(fingerprint)
         if server is not None:
             return own, server
-        for config in self.configurations():
+        for config in sorted(self.configurations(), key=lambda c: c.instance != claimed):
             server = config.servers_by_auth_sha256.get(fingerprint)
             if server is not None:
                 return self.require(config.instance, now), server

@@ -137,7 +137,7 @@ class OwnInstanceOnly:
         return False
 
     def server_by_certificate(
-        self, fingerprint: str, now: datetime
+        self, fingerprint: str, now: datetime, claimed: str | None = None
     ) -> tuple[GlobalConfiguration, SecurityServer] | None:
         config = self.own.require(now)
         server = config.servers_by_auth_sha256.get(fingerprint)

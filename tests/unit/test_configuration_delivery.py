@@ -356,12 +356,11 @@ async def test_parts_replace_the_whole_document_on_disk_and_an_older_one_is_neve
             subsystems=lambda: hosted[0],
         )
 
-    first = client()
-    assert first.accept(
-        sign_configuration(
-            build_content(**{**world.content_args, "version": 41}), world.config_signer
-        )
+    old = sign_configuration(
+        build_content(**{**world.content_args, "version": 41}), world.config_signer
     )
+    first = client()
+    assert first.accept(old)
     assert cache.exists()
     snapshot, _, _ = parts_messages(world)
     assert await first.receive_parts(pb.PartsUpdate.FromString(snapshot), hosted[0])
@@ -376,6 +375,14 @@ async def test_parts_replace_the_whole_document_on_disk_and_an_older_one_is_neve
         restarted.load_cached()
     assert restarted.current is None
     assert any(x["event"] == "configuration_cache_rejected" for x in logged)
+    # whoever sits on the registry's unencrypted channel answers with version 41, signed
+    # and not expired: the newest version installed is kept apart from the copies, and
+    # none older is installed again (found by a second red-team review)
+    with capture_logs() as logged:
+        assert not restarted.accept(old)
+    assert restarted.current is None
+    assert [x["held"] for x in logged if x["event"] == "configuration_rollback_refused"] == [42]
+    assert (tmp_path / "configuration-version").read_text() == "42\n"
 
 
 def test_an_updates_parts_are_bounded_in_all_before_any_signature_is_checked() -> None:
@@ -395,3 +402,28 @@ def test_an_updates_parts_are_bounded_in_all_before_any_signature_is_checked() -
     for numbers in ((1, 1), (4096,)):
         with pytest.raises(ConfigurationError, match="bucket numbers must be distinct"):
             update_from_message(update(*numbers), 10_000)
+
+
+def test_a_copy_on_disk_older_than_a_version_installed_is_not_loaded(
+    world: World, tmp_path: Path
+) -> None:
+    """Someone who can write to the state folder puts back an older copy (an old backup's,
+    say): the newest version installed is known apart from it, and it is not loaded."""
+    cache = tmp_path / "configuration.json"
+    first = ConfigurationClient(anchor=world.anchor, cache_file=cache, clock=lambda: world.now)
+    old = sign_configuration(
+        build_content(**{**world.content_args, "version": 41}), world.config_signer
+    )
+    assert first.accept(old)
+    saved = cache.read_bytes()
+    assert first.accept(
+        sign_configuration(
+            build_content(**{**world.content_args, "version": 43}), world.config_signer
+        )
+    )
+    cache.write_bytes(saved)  # version 41 again
+    again = ConfigurationClient(anchor=world.anchor, cache_file=cache, clock=lambda: world.now)
+    with capture_logs() as logged:
+        again.load_cached()
+    assert again.current is None
+    assert [x["installed"] for x in logged if x["event"] == "configuration_cache_older"] == [43]

@@ -11,21 +11,24 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from gateway.configuration import (
     Anchor,
     Federation,
     GlobalConfiguration,
     Member,
+    SecurityServer,
     build_content,
     parse_content,
     sign_configuration,
 )
 from gateway.errors import Code, ConfigurationError, GatewayError
 from gateway.exchange import Claims, Peer, registered_peer
-from gateway.identifiers import MemberId
+from gateway.identifiers import MemberId, SecurityServerId
 from gateway.records import Facts, claimed
 from gateway.signing import EcdsaSigner
+from security_server.certificate_status import der_sha256
 from security_server.config_client import ConfigurationClient
 from security_server.federation import Federations
 from security_server.provider import ProviderService
@@ -53,7 +56,9 @@ class _Found:
         self.found = found
         self.own = own
 
-    def server_by_certificate(self, fingerprint: str, now: datetime) -> Any:
+    def server_by_certificate(
+        self, fingerprint: str, now: datetime, claimed: str | None = None
+    ) -> Any:
         return self.found
 
     def ended(self, instance: str, now: datetime) -> bool:
@@ -152,6 +157,77 @@ def test_a_federation_ended_by_the_other_instance_is_refused_as_ended(
     assert "AR ended its federation with instance UY" in info.value.message
     federations.clients["AR"].current = dataclasses.replace(theirs, federations={})
     assert federations.require("AR", world.now).instance == "AR"
+
+
+def test_an_instance_listing_a_third_ones_server_certificate_does_not_take_its_peers(
+    world: World, issue: IssueCert, tmp_path: Path
+) -> None:
+    """AR copies the TLS certificate of BR's server, public in BR's configuration, under a
+    server of its own. A peer presenting that certificate names BR's server: it is taken as
+    BR's, whichever federated configuration is looked at first (AR's would otherwise have
+    it refused as peer_member_mismatch: a way for AR to cut BR off from UY)."""
+    br_server = SecurityServerId.parse("BR/GOV/SUS/ss1")
+    stolen = issue(str(br_server), kind="auth").certificate
+    der = stolen.public_bytes(serialization.Encoding.DER)
+    anchors = {
+        instance: Anchor(
+            instance=instance,
+            signing_certificates=(
+                issue(f"{instance} configuration", kind="config").certificate_der,
+            ),
+            addresses=(f"registry.{instance.lower()}:7000",),
+        )
+        for instance in ("AR", "BR")
+    }
+    ours = parse_content(
+        build_content(
+            **{
+                **world.content_args,
+                "federations": [
+                    Federation(anchor=a, active=True, since=world.now - timedelta(days=2))
+                    for a in anchors.values()
+                ],
+            }
+        )
+    )
+
+    def instance_config(instance: str, member: str, server: str) -> GlobalConfiguration:
+        return parse_content(
+            build_content(
+                **{
+                    **world.content_args,
+                    "instance": instance,
+                    "members": [Member(id=MemberId.parse(member), name=member)],
+                    "servers": [
+                        SecurityServer(
+                            id=SecurityServerId.parse(server),
+                            address="10.0.0.1:7443",
+                            auth_certificate=der,
+                            subsystems=(),
+                        )
+                    ],
+                    "services": [],
+                    "agreements": [],
+                    "federations": [],
+                }
+            )
+        )
+
+    federations = Federations(
+        _client(world, tmp_path, ours),
+        allowed=frozenset({"AR", "BR"}),
+        state_dir=tmp_path,
+        clock=lambda: world.now,
+    )
+    # AR's looked at first
+    federations.clients["AR"] = _client(
+        world, tmp_path, instance_config("AR", "AR/GOB/MINSAL", "AR/GOB/MINSAL/ss9")
+    )
+    federations.clients["BR"] = _client(
+        world, tmp_path, instance_config("BR", "BR/GOV/SUS", str(br_server))
+    )
+    config, server = registered_peer(federations, Peer(stolen, der_sha256(stolen)), world.now)
+    assert (config.instance, server.id) == ("BR", br_server)
 
 
 def test_the_configuration_client_keeps_its_last_good_copy(world: World, tmp_path: Path) -> None:
