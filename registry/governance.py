@@ -1229,6 +1229,24 @@ class Governance:
                     f"instance {anchor.instance} is already federated (since {row.since}); "
                     "end that federation first to import a new anchor"
                 )
+            # one instance's signing key in another's anchor would let the first sign
+            # configurations as the second: refused, whatever the anchor's instance says
+            others = await ch.conn.execute(
+                sa.select(federations.c.instance, federations.c.anchor).where(
+                    federations.c.instance != anchor.instance,
+                    federations.c.state == FederationState.ACTIVE,
+                )
+            )
+            for other in others:
+                shared = set(anchor.signing_certificates) & set(
+                    Anchor.from_json(json.loads(other.anchor)).signing_certificates
+                )
+                if shared:
+                    raise Conflict(
+                        f"the anchor's configuration-signing certificate is instance "
+                        f"{other.instance}'s too: each instance signs with its own key (check "
+                        "the anchor's fingerprints with its registry's operators)"
+                    )
             values = {
                 "anchor": stored,
                 "state": FederationState.ACTIVE,

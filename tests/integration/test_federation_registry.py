@@ -132,6 +132,10 @@ def pki_folder(folder: Path, instance: str) -> Path:
     return folder / ("pki" if instance == "UY" else f"pki-{instance.lower()}")
 
 
+# the anchor's field holding its configuration-signing certificates
+CERTIFICATES = "configuration_signing_certificates"
+
+
 def anchor_of(pkis: Path, instance: str) -> dict[str, Any]:
     """The anchor.json `gateway pki init` wrote for `instance`."""
     doc: dict[str, Any] = json.loads((pki_folder(pkis, instance) / "anchor.json").read_text())
@@ -192,6 +196,20 @@ async def test_only_a_registry_administrator_federates_and_ends(
     assert reg.published.calls == published + 1
     listed = await reg.gov.list_federations(SERVER)  # any token may read them
     assert [(f["instance"], f["state"]) for f in listed] == [("AR", "active")]
+
+
+async def test_an_anchor_carrying_another_federated_instances_key_is_refused(
+    registry: Registry, pkis: Path
+) -> None:
+    """An anchor naming CL with AR's configuration-signing certificate (a mistake, or AR
+    asking to sign as CL) is refused while AR is federated: AR's registry could otherwise
+    sign configurations as CL. (A hardening a red-team review asked for.)"""
+    await registry.gov.federate(REGISTRY, anchor_of(pkis, "AR"), "Convenio UY-AR 2026")
+    ar = anchor_of(pkis, "AR")
+    posing = {**anchor_of(pkis, "CL"), CERTIFICATES: ar[CERTIFICATES]}
+    with pytest.raises(Conflict, match="is instance AR's too"):
+        await registry.gov.federate(REGISTRY, posing, "Convenio UY-CL")
+    await registry.gov.federate(REGISTRY, anchor_of(pkis, "CL"), "Convenio UY-CL")
 
 
 async def test_federation_lifecycle_is_logged_and_published(registry: Registry, pkis: Path) -> None:
