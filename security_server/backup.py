@@ -408,11 +408,13 @@ def _places(
     return allowed
 
 
-def _allowed(manifest: dict[str, Any], contents: dict[str, bytes]) -> Callable[[Path], bool]:
+def _allowed(
+    manifest: dict[str, Any], contents: dict[str, bytes]
+) -> tuple[Callable[[Path], bool], Path]:
     """Whether a path may be written: the backup's settings file, the files its settings
     name, the message log and what lies in the state folder; nothing else, whatever the
     manifest says. Those places come from the settings file in the backup: the manifest's
-    MAC, checked before, is what keeps them the server's."""
+    MAC, checked before, is what keeps them the server's. And the state folder."""
     settings_path = Path(manifest["settings"])
     (entry,) = [e for e in manifest["files"] if e["path"] == str(settings_path)] or [None]
     if entry is None or not settings_path.is_absolute():
@@ -423,7 +425,15 @@ def _allowed(manifest: dict[str, Any], contents: dict[str, bytes]) -> Callable[[
     except Exception as exc:  # whatever a damaged settings file shows
         raise BackupError(f"the backup's settings file cannot be read: {exc}") from None
     _, log_file = _log_location(settings, settings_path)
-    return _places(settings, settings_path, log_file)
+    return _places(settings, settings_path, log_file), _absolute(settings.server.state_dir)
+
+
+def _through_link(path: Path, state: Path) -> Path | None:
+    """Where a path in the state folder really leads, when a symbolic link inside the
+    folder takes it out (the server's own user can make one: a restore run as root would
+    write through it); None when it stays inside."""
+    real, root = Path(os.path.realpath(path.parent)), Path(os.path.realpath(state))
+    return None if real == root or root in real.parents else real
 
 
 def _hash_at(path: Path, chain: str, seq: int) -> str | None:
@@ -451,7 +461,7 @@ def restore(
     module's description)."""
     manifest, contents = _read(source, key)
     log_entry = next((e for e in manifest["files"] if e["name"] == LOG_MEMBER), None)
-    allowed = _allowed(manifest, contents)
+    allowed, state = _allowed(manifest, contents)
     wanted = {c: (int(h[0]), str(h[1])) for c, h in manifest["log"]["chains"].items()}
     # path, content, mode, owner, is the log
     plan: list[tuple[Path, bytes, int, tuple[int, int], bool]] = []
@@ -466,6 +476,12 @@ def restore(
             raise BackupError(
                 f"the backup names {entry['path']}, which is neither its settings file, a file "
                 "they name, the message log nor in the state folder: nothing was restored"
+            )
+        elsewhere = _through_link(path, state) if state in path.parents else None
+        if elsewhere is not None:
+            raise BackupError(
+                f"{path} would be written in {elsewhere}: a symbolic link in the state folder "
+                "leads out of it; remove the link, then restore (nothing was restored)"
             )
         if entry["name"] == LOG_MEMBER:
             if path.exists():

@@ -427,3 +427,21 @@ def test_damage_only_the_zip_can_tell_is_a_clear_error(tmp_path: Path) -> None:
     stored.write_bytes(bytes(raw))
     with pytest.raises(BackupError, match=r"is damaged: files/\d+/sign\.key cannot be read"):
         restore(stored, key=KEY)
+
+
+def test_a_link_in_the_state_folder_does_not_lead_a_restore_out_of_it(tmp_path: Path) -> None:
+    """The server's own user replaces a folder of the state folder with a link to a folder
+    of root's: a restore run as root would write the backup's file there, with the owner
+    the manifest says. It is refused before anything is written."""
+    config = make_server(tmp_path / "server")
+    take(config, tmp_path / "backup.zip")
+    state = tmp_path / "server" / "state"
+    roots = tmp_path / "roots-folder"
+    roots.mkdir()
+    shutil.rmtree(state / "ocsp")
+    (state / "ocsp").symlink_to(roots)
+    (tmp_path / "server" / "keys" / "auth.key").unlink()
+    with pytest.raises(BackupError, match="a symbolic link in the state folder leads out"):
+        restore(tmp_path / "backup.zip", key=KEY)
+    assert list(roots.iterdir()) == []
+    assert not (tmp_path / "server" / "keys" / "auth.key").exists()
