@@ -207,6 +207,12 @@ class Refusal:
         return self.record.facts.message_id
 
 
+def refusal_record(err: GatewayError, role: Role, facts: Facts, now: datetime) -> LogRecord:
+    """The record of a refusal known only by what the peer claims (`facts`, never trusted):
+    a peer refused before its first frame is read, or a bug before a request is accepted."""
+    return _refusal(err, role, facts, now).record
+
+
 def _refusal(
     err: GatewayError,
     role: Role,

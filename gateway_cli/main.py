@@ -27,9 +27,12 @@ import sys
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.errors import ConfigFileError, GatewayError
+
+if TYPE_CHECKING:
+    from gateway_ops.backupfile import BackupKey
 
 # `gateway audit verify`'s defaults for a token's time: the server's defaults for the TSA
 # failure period (600 s), stamping interval (1 s) and TSA timeout (5 s), plus clock skew
@@ -355,20 +358,28 @@ def _backup_key(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _backup_key_of(ns: argparse.Namespace) -> BackupKey | None:
+    """The backup key `--key` names, or None once the reason is printed."""
+    from gateway_ops.backupfile import BackupFileError, load_key
+
+    try:
+        return load_key(ns.key)
+    except BackupFileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+
+
 def _server_backup(ns: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
-    from gateway_ops.backupfile import BackupFileError, load_key
     from gateway_ops.runtime import run
     from security_server.backup import BackupError, Summary, backup, restore
 
     def shown(path: str) -> None:
         print(f"  {path}", file=sys.stderr)
 
-    try:
-        key = load_key(ns.key)
-    except BackupFileError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    key = _backup_key_of(ns)
+    if key is None:
         return 2
 
     async def main() -> Summary:
@@ -403,16 +414,13 @@ def _registry_backup(ns: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
     from gateway.settings import database_url
-    from gateway_ops.backupfile import BackupFileError, load_key
     from gateway_ops.runtime import read_settings, run
     from registry.backup import BackupError, backup, restore
     from registry.main import RegistrySettings
     from registry.store import RegistryStore
 
-    try:
-        key = load_key(ns.key)
-    except BackupFileError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    key = _backup_key_of(ns)
+    if key is None:
         return 2
     settings = read_settings(RegistrySettings, ns.config)
     url = database_url(settings.database, base=ns.config.resolve().parent)

@@ -46,7 +46,7 @@ import grpc
 import structlog
 from opentelemetry.trace import SpanKind
 
-from gateway.audit import RecordKind, Role
+from gateway.audit import Role
 from gateway.errors import Code, GatewayError, UnavailableError, bound_message
 from gateway.exchange import (
     Accepted,
@@ -56,11 +56,11 @@ from gateway.exchange import (
     accept_request,
     answer,
     backend_failure,
+    refusal_record,
     refuse_accepted,
     registered_peer,
 )
 from gateway.fair_share import FairShare
-from gateway.records import LogRecord
 from gateway.v1 import exchange_pb2 as pb
 from gateway_ops.failpoints import failpoint
 from gateway_ops.tracing import OFF, TRACEPARENT, CallTrace, Tracing, current_call
@@ -269,15 +269,7 @@ class ProviderService:
             # who the peer claims to call as, from its first frame (never trusted)
             claims = await self._first_claims(messages)
             await node.log_failure(
-                LogRecord(
-                    kind=RecordKind.REFUSAL,
-                    role=Role.PROVIDER,
-                    logged_at=now,
-                    facts=claims.facts(stream.name),
-                    status="refused",
-                    error_code=err.code.value,
-                    error_message=err.message,
-                ).fields()
+                refusal_record(err, Role.PROVIDER, claims.facts(stream.name), now).fields()
             )
             await abort(context, err.code, err.message, None)
             return
@@ -401,15 +393,7 @@ class ProviderService:
                 claims = (
                     Claims.read(frame.request.header) if frame.HasField("request") else Claims()
                 )
-                record = LogRecord(
-                    kind=RecordKind.REFUSAL,
-                    role=Role.PROVIDER,
-                    logged_at=now,
-                    facts=claims.facts(stream.name),
-                    status="refused",
-                    error_code=err.code.value,
-                    error_message=err.message,
-                )
+                record = refusal_record(err, Role.PROVIDER, claims.facts(stream.name), now)
             await self.node.log_failure(record.fields())
             answer = self._refusal(frame, err, record.facts.message_id, started, 0)
         finally:

@@ -31,7 +31,7 @@ import grpc
 import structlog
 from opentelemetry.trace import SpanKind
 
-from gateway.audit import RecordKind, Role
+from gateway.audit import Role
 from gateway.configuration import GlobalConfiguration
 from gateway.envelope import RequestHeader, StreamClose
 from gateway.errors import Code, GatewayError, TrustError, UnavailableError, bound_message
@@ -47,6 +47,7 @@ from gateway.exchange import (
     check_still_agreed,
     consumer_refusal,
     provider_refusal,
+    refusal_record,
     refuse_accepted,
     registered_peer,
     start_call,
@@ -812,14 +813,8 @@ class ProviderStreams:
         """Log and refuse a stream before any request of it was read (no message id)."""
         node = self.node
         await node.log_failure(
-            LogRecord(
-                kind=RecordKind.REFUSAL,
-                role=Role.PROVIDER,
-                logged_at=node.clock(),
-                facts=Facts(message_id=None, peer=peer.name),
-                status="refused",
-                error_code=err.code.value,
-                error_message=err.message,
+            refusal_record(
+                err, Role.PROVIDER, Facts(message_id=None, peer=peer.name), node.clock()
             ).fields()
         )
         await abort(context, err.code, err.message, None)

@@ -540,24 +540,14 @@ def chat_message(n: int) -> bytes:
     return population_pb2.EchoMessage(payload=f"message {n}".encode()).SerializeToString()
 
 
-async def test_a_stream_whose_consumer_stops_stapling_ends_when_its_answer_goes_stale(
-    short_ocsp: Runner,
-) -> None:
-    """A consumer server (an attacker holding ss-msp's keys, say, whose certificate is then
-    revoked) opens a Chat stream with a fresh staple, then goes on talking without ever
-    sending a newer one: ss-dnic ends the stream with certificate_status_stale once that
-    answer is older than ocsp.freshness_seconds, as it would refuse a new call, instead of
-    serving it to limits.max_stream_seconds (an hour by default)."""
-    runner = short_ocsp
+async def open_chat(
+    runner: Runner, message_id: str, *, timeout: float, deadline_ms: int
+) -> tuple[StreamingConsumer, Chain, bytes]:
+    """ss-msp's keys opening a Chat stream straight to ss-dnic's provider, stapled with a
+    fresh answer: the stream, its request chain, and that answer."""
     keys = Pki.of(runner)
-    message_id = f"stale-stream-{uuid.uuid4().hex}"
     consumer = StreamingConsumer(
-        runner.providers[DNIC],
-        DNIC,
-        keys.ca_pem,
-        keys.auth_cert,
-        keys.auth_key,
-        timeout=OCSP_FRESHNESS + 30,
+        runner.providers[DNIC], DNIC, keys.ca_pem, keys.auth_cert, keys.auth_key, timeout=timeout
     )
     opened = stream_open(
         keys.signer,
@@ -571,9 +561,25 @@ async def test_a_stream_whose_consumer_stops_stapling_ends_when_its_answer_goes_
         created_at=datetime.now(UTC),
         signer_ocsp=keys.sign_status(),
     )
+    opened.timeout_ms = deadline_ms
     staple = keys.auth_status()
     await consumer.send(pb.StreamMessage(open=opened, ocsp_staple=staple))
-    chain = Chain(REQUEST, opened.request.header)
+    return consumer, Chain(REQUEST, opened.request.header), staple
+
+
+async def test_a_stream_whose_consumer_stops_stapling_ends_when_its_answer_goes_stale(
+    short_ocsp: Runner,
+) -> None:
+    """A consumer server (an attacker holding ss-msp's keys, say, whose certificate is then
+    revoked) opens a Chat stream with a fresh staple, then goes on talking without ever
+    sending a newer one: ss-dnic ends the stream with certificate_status_stale once that
+    answer is older than ocsp.freshness_seconds, as it would refuse a new call, instead of
+    serving it to limits.max_stream_seconds (an hour by default)."""
+    runner = short_ocsp
+    message_id = f"stale-stream-{uuid.uuid4().hex}"
+    consumer, chain, staple = await open_chat(
+        runner, message_id, timeout=OCSP_FRESHNESS + 30, deadline_ms=10_000
+    )
 
     async def talk() -> None:
         for n in range(1, 1000):
@@ -610,27 +616,9 @@ async def test_a_consumer_that_stops_reading_cannot_keep_its_stale_stream_open(
     regardless (its own newer answers wait in the background) and ends the stream with
     certificate_status_stale once the consumer's answer is older than the freshness."""
     runner = short_ocsp
-    keys = Pki.of(runner)
     message_id = f"stalled-stream-{uuid.uuid4().hex}"
-    consumer = StreamingConsumer(
-        runner.providers[DNIC], DNIC, keys.ca_pem, keys.auth_cert, keys.auth_key, timeout=60
-    )
-    opened = stream_open(
-        keys.signer,
-        message_id=message_id,
-        client=CLINICS,
-        service=POPULATION,
-        method=CHAT,
-        purpose=PURPOSE,
-        sender=MSP,
-        kind="bidi",
-        created_at=datetime.now(UTC),
-        signer_ocsp=keys.sign_status(),
-    )
-    opened.timeout_ms = 0  # no deadline: only the server's own checks can end it
-    staple = keys.auth_status()
-    await consumer.send(pb.StreamMessage(open=opened, ocsp_staple=staple))
-    chain = Chain(REQUEST, opened.request.header)
+    # no deadline: only the server's own checks can end it
+    consumer, chain, staple = await open_chat(runner, message_id, timeout=60, deadline_ms=0)
     big = population_pb2.EchoMessage(payload=bytes(60_000)).SerializeToString()
 
     async def flood() -> None:  # until its writes block: nothing is read back

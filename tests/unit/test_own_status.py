@@ -62,6 +62,17 @@ def answer(status: ocsp.OCSPCertStatus) -> bytes:
     )
 
 
+def own_status(url: str, folder: Path) -> OwnStatus:
+    """A server's own status, fetched from `url` and kept in `folder`/ocsp."""
+    return OwnStatus(
+        settings=OcspSection(url=url),
+        certificates=[SERVER],
+        folder=folder / "ocsp",
+        config=lambda: Configuration(Trust()),  # type: ignore[arg-type, return-value]
+        clock=lambda: datetime.now(UTC),
+    )
+
+
 @pytest.fixture
 async def responder() -> AsyncIterator[tuple[str, list[bytes]]]:
     """An OCSP responder (or whoever answers in its place) giving the answers queued."""
@@ -88,13 +99,7 @@ async def test_a_newer_answer_is_taken_an_older_one_replayed_over_it_is_not(
     responder: tuple[str, list[bytes]], tmp_path: Path
 ) -> None:
     url, queued = responder
-    status = OwnStatus(
-        settings=OcspSection(url=url),
-        certificates=[SERVER],
-        folder=tmp_path / "ocsp",
-        config=lambda: Configuration(Trust()),  # type: ignore[arg-type, return-value]
-        clock=lambda: datetime.now(UTC),
-    )
+    status = own_status(url, tmp_path)
     good = answer(ocsp.OCSPCertStatus.GOOD)  # held first, and captured by the attacker
     await asyncio.sleep(1.1)  # answers are dated to the second
     revoked = answer(ocsp.OCSPCertStatus.REVOKED)
@@ -109,11 +114,5 @@ async def test_a_newer_answer_is_taken_an_older_one_replayed_over_it_is_not(
     assert status.staple(sha) == revoked
     assert (tmp_path / "ocsp" / f"{sha}.der").read_bytes() == revoked
     # and a server starting again from its folder holds the revoked one
-    again = OwnStatus(
-        settings=OcspSection(url=url),
-        certificates=[SERVER],
-        folder=tmp_path / "ocsp",
-        config=lambda: Configuration(Trust()),  # type: ignore[arg-type, return-value]
-        clock=lambda: datetime.now(UTC),
-    )
+    again = own_status(url, tmp_path)
     assert again.staple(sha) == revoked
