@@ -26,6 +26,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from structlog.testing import capture_logs
 
 from certs.pki import init_pki, issue, load_issued
 from gateway.agreements import AgreementState, LegalBasis, LegalBasisKind
@@ -447,9 +448,13 @@ async def test_posts_without_this_sessions_csrf_token_are_refused(world: World) 
     registry = await signed_in(world, "root@registry", Role.REGISTRY_ADMIN)
     other = await signed_in(world, "carla@msp", Role.MEMBER_ADMIN, MSP)
     path = f"/console/agreements/{world.other}/reject"
-    for form in ({"reason": "x"}, {"csrf": "0" * 64, "reason": "x"}, {"csrf": await other.csrf()}):
-        refused = await registry.post(path, {"reason": "x", **form}, status=403)
-        assert "valid mark of this session" in await refused.text()
+    forms = ({"reason": "x"}, {"csrf": "0" * 64, "reason": "x"}, {"csrf": await other.csrf()})
+    with capture_logs() as logged:
+        for form in forms:
+            refused = await registry.post(path, {"reason": "x", **form}, status=403)
+            assert "valid mark of this session" in await refused.text()
+    # what an operator alerts on: each refusal in the registry's log
+    assert [x["event"] for x in logged].count("console_csrf_refused") == len(forms)
     await registry.post("/console/sign-out", {}, status=403)
     assert SESSION_COOKIE in registry.cookies
     assert await world.state(world.other) == AgreementState.REQUESTED.value

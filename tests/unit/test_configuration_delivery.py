@@ -427,3 +427,14 @@ def test_a_copy_on_disk_older_than_a_version_installed_is_not_loaded(
         again.load_cached()
     assert again.current is None
     assert [x["installed"] for x in logged if x["event"] == "configuration_cache_older"] == [43]
+
+
+def test_no_configuration_yet_is_configuration_unavailable(world: World, tmp_path: Path) -> None:
+    """Before the registry was ever reached (the endpoints open only once a configuration
+    is held; a check that runs earlier gets this code)."""
+    client = ConfigurationClient(
+        anchor=world.anchor, cache_file=tmp_path / "configuration.json", clock=lambda: world.now
+    )
+    with pytest.raises(ConfigurationError) as unavailable:
+        client.require(world.now)
+    assert unavailable.value.code is Code.CONFIGURATION_UNAVAILABLE

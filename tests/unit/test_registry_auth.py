@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from gateway.identifiers import MemberId, SecurityServerId
 from gateway_ops.auth import (
     AuthError,
+    OidcSettings,
     Principal,
     Role,
     TokenIssuer,
@@ -403,3 +404,40 @@ def test_load_or_create_token_key_refuses_other_key_types(tmp_path: Path) -> Non
     )
     with pytest.raises(ValueError, match="must be an EC P-256 key"):
         load_or_create_token_key(path)
+
+
+@pytest.mark.parametrize(
+    ("jwks_url", "accepted"),
+    [
+        ("https://idp.example/jwks", True),
+        ("http://127.0.0.1:7080/.well-known/jwks.json", True),
+        ("http://[::1]/jwks", True),
+        # keys fetched over plain http off the host could be replaced by anyone on the path,
+        # and tokens forged with them
+        ("http://idp.example/jwks", False),
+        ("http://127.0.0.1.evil.example/jwks", False),
+        ("ftp://idp.example/jwks", False),
+    ],
+)
+def test_token_keys_are_fetched_over_https_except_on_loopback(
+    jwks_url: str, accepted: bool
+) -> None:
+    def settings() -> OidcSettings:
+        return OidcSettings(jwks_url=jwks_url, issuer="https://idp.example", audience="gw")
+
+    if accepted:
+        assert settings().jwks_url == jwks_url
+    else:
+        with pytest.raises(ValueError, match="must be an https URL"):
+            settings()
+
+
+@pytest.mark.parametrize("algorithm", ["none", "NONE", "HS256", "hs512"])
+def test_symmetric_and_unsigned_token_algorithms_are_refused_in_settings(algorithm: str) -> None:
+    with pytest.raises(ValueError, match="is not accepted"):
+        OidcSettings(
+            jwks_url="https://idp.example/jwks",
+            issuer="https://idp.example",
+            audience="gw",
+            algorithms=("RS256", algorithm),
+        )

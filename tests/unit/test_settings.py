@@ -9,6 +9,7 @@ import pytest
 
 from gateway.errors import ConfigFileError
 from gateway.settings import database_url, load_settings
+from security_server.node import load_subject_secret
 from security_server.settings import ServerSettings
 
 BASE = Path("/etc/gateway")
@@ -78,3 +79,31 @@ def test_database_url_forms() -> None:
     """A path becomes a SQLite URL; postgresql:// gets the asyncpg driver."""
     assert database_url("log.db", base=BASE) == "sqlite+aiosqlite:////etc/gateway/log.db"
     assert database_url("postgresql://u@h/db", base=BASE) == "postgresql+asyncpg://u@h/db"
+
+
+@pytest.mark.parametrize(
+    ("section", "values", "named"),
+    [
+        # every staple would be stale before the next one is fetched
+        ("ocsp", {"refresh_seconds": 600, "freshness_seconds": 600}, "ocsp.refresh_seconds"),
+        ("limits", {"max_configuration_bytes": 1024 * 1024 - 1}, "limits.max_configuration_bytes"),
+        ("limits", {"stream_check_seconds": 0}, "limits.stream_check_seconds"),
+    ],
+)
+def test_settings_that_would_fail_silently_are_refused_by_name(
+    section: str, values: dict[str, Any], named: str
+) -> None:
+    doc = minimal()
+    doc[section] = values
+    with pytest.raises(ConfigFileError, match=named.replace(".", r"\.")):
+        load_settings(ServerSettings, doc, base=BASE, env={})
+
+
+def test_a_short_subject_key_is_refused(tmp_path: Path) -> None:
+    """A pseudonym key of fewer than 16 bytes would make subjects' pseudonyms guessable."""
+    short = tmp_path / "subject.key"
+    short.write_bytes(b"x" * 15)
+    with pytest.raises(ConfigFileError, match=r"server\.subject_key: .* holds 15 bytes"):
+        load_subject_secret(tmp_path, short)
+    short.write_bytes(b"x" * 16)
+    assert load_subject_secret(tmp_path, short) == b"x" * 16

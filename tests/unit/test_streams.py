@@ -38,6 +38,7 @@ from gateway.streams import (
     sign_close,
     unframe_messages,
 )
+from security_server.streams import OpenStreams
 from tests.unit.exchange_harness import (
     CLINICS,
     GET_PERSON,
@@ -507,3 +508,29 @@ def test_a_chain_keeps_its_messages_framed_up_to_its_cap() -> None:
 def test_a_cut_framing_is_refused(framed: bytes) -> None:
     with pytest.raises(ValueError, match="cut short"):
         unframe_messages(framed)
+
+
+# ---- the bounds on open streams (security_server.streams.OpenStreams) --------------------
+
+
+def test_streams_are_bounded_per_client_and_in_all_counting_those_still_opening() -> None:
+    """limits.max_streams_per_client per client, limits.max_streams in all: on a provider,
+    streams whose open has not arrived count too, so that a peer opening streams and sending
+    nothing cannot hold more than the total (each refused before anything is read)."""
+    streams = OpenStreams()
+    streams.take("UY/GOV/MSP/clinics", 2, 3)
+    streams.take("UY/GOV/MSP/clinics", 2, 3)
+    with pytest.raises(GatewayError, match="max_streams_per_client") as per_client:
+        streams.take("UY/GOV/MSP/clinics", 2, 3)
+    assert per_client.value.code is Code.TOO_MANY_STREAMS
+    streams.opening += 1  # a peer's stream with no open yet
+    with pytest.raises(GatewayError, match=r"limits\.max_streams\)") as in_all:
+        streams.take("UY/GOV/BPS/benefits", 2, 3)
+    assert in_all.value.code is Code.TOO_MANY_STREAMS
+    with pytest.raises(GatewayError, match=r"has 3 streaming calls open"):
+        streams.check_total(3)
+    streams.opening -= 1
+    streams.give("UY/GOV/MSP/clinics")
+    streams.take("UY/GOV/BPS/benefits", 2, 3)
+    assert streams.open == {"UY/GOV/MSP/clinics": 1, "UY/GOV/BPS/benefits": 1}
+    assert streams.total == 2
