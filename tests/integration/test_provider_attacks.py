@@ -10,8 +10,11 @@ and checks the code the caller gets and ss-msp's message log.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import sqlite3
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -43,6 +46,8 @@ from .conftest import DNIC, MSP, query_log
 # older than the consumer's ocsp.freshness_seconds (600 s by default), nextUpdate not passed
 STALE_AGE = timedelta(seconds=900)
 ANA = population_pb2.Person(given_name="Ana", family_name="Pereira").SerializeToString()
+# limits.deadline_seconds of ss-msp in this module's topology
+DEADLINE = 3.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +140,10 @@ class Topology:
 
 @pytest.fixture(scope="module")
 def topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
-    runner = Runner(tmp_path_factory.mktemp("provider-attacks"))
+    # a call with no deadline of its caller's waits DEADLINE seconds for its answer
+    runner = Runner(
+        tmp_path_factory.mktemp("provider-attacks"), limits={"deadline_seconds": DEADLINE}
+    )
     provider: MaliciousProvider | None = None
     try:
         runner.prepare()
@@ -426,6 +434,27 @@ async def test_revoked_signer_staple(topology: Topology) -> None:
         topology, lambda frame: topology.respond(frame, signer_ocsp=revoked)
     )
     assert_refused(topology, message_id, outcome, "signer_certificate_revoked")
+
+
+async def test_a_provider_that_never_answers_is_given_up_at_the_deadline(
+    topology: Topology,
+) -> None:
+    """A caller with no deadline of its own, and a provider that holds the request without
+    answering: ss-msp gives up after limits.deadline_seconds with deadline_exceeded, logged
+    after the request, rather than holding the caller (and a slot) for ever."""
+    answered = threading.Event()
+
+    def hold(frame: pb.Frame) -> Reply:
+        time.sleep(DEADLINE + 2)  # then hang up: the next call opens a new stream
+        answered.set()
+        return Reply(frame=None)
+
+    started = time.monotonic()
+    message_id, outcome = await attack(topology, hold)
+    waited = time.monotonic() - started
+    assert_refused(topology, message_id, outcome, "deadline_exceeded")
+    assert DEADLINE - 0.2 <= waited < DEADLINE + 1.5, waited
+    await asyncio.to_thread(answered.wait, DEADLINE + 5)
 
 
 # keep last: ss-msp sends nothing more to this provider until the stream is replaced
