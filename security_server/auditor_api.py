@@ -45,7 +45,14 @@ from gateway_ops.auth import Role as TokenRole
 from security_server.evidence import NotStampedYet, export_records, zip_bytes
 from security_server.floods import RefusalCounter, TokenBuckets, retry_after
 from security_server.message_log import MessageLog
-from security_server.search import KINDS, CursorError, Query, Searcher, decode_cursor
+from security_server.search import (
+    KINDS,
+    CursorError,
+    Query,
+    Searcher,
+    SearchTooLongError,
+    decode_cursor,
+)
 
 log = structlog.get_logger("security_server.auditor_api")
 
@@ -366,7 +373,10 @@ class AuditorApi:
                 request, principal, 400, "bad_request", str(exc), logged_message=exc.logged
             )
         logged = {"evidence": message_id}
-        found, _ = await self.searcher.search(query)
+        try:
+            found, _ = await self.searcher.search(query)
+        except SearchTooLongError as exc:
+            return _error(503, "search_too_long", str(exc))
         if not any(r["kind"] in ("request", "response") for r in found):
             return await self._refuse(
                 request,
@@ -381,7 +391,7 @@ class AuditorApi:
         # the bundle is made before the request's record, so that the record says how it
         # ended (it is still written before anything is answered)
         try:
-            async with self.log.engine.connect() as conn:
+            async with self.searcher.connection() as conn:
                 files = await export_records(
                     conn,
                     message_id,
@@ -429,7 +439,10 @@ class AuditorApi:
                 "log_unavailable",
                 "this query cannot be logged, so it is not answered; retry later",
             )
-        results, cursor = await self.searcher.search(query)
+        try:
+            results, cursor = await self.searcher.search(query)
+        except SearchTooLongError as exc:
+            return _error(503, "search_too_long", str(exc))
         log.info(
             "audit_query",
             subject=principal.subject,

@@ -29,12 +29,15 @@ goes to the provider inside the request frame (see `gateway_ops.tracing`).
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 import uuid
 from typing import Any
 
 import grpc
 import structlog
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 from opentelemetry.trace import SpanKind
 
 from gateway.errors import Code, GatewayError, UnavailableError, bound_message
@@ -320,9 +323,10 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
 
     @staticmethod
     def _tls_names(context: grpc.aio.ServicerContext[Any, Any]) -> tuple[str, ...]:
-        """The common names of the caller's TLS certificate (from the local CA)."""
-        names = context.auth_context().get("x509_common_name") or []
-        return tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
+        """The common names of the caller's TLS certificate (from the local CA), every one
+        of them, as the certificate holds them (see `certificate_common_names`)."""
+        pems = list(context.auth_context().get("x509_pem_cert") or [])
+        return certificate_common_names(bytes(pems[0])) if pems else ()
 
     @staticmethod
     def _label(labels: CallLabels, progress: Progress, method: str) -> None:
@@ -362,3 +366,18 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
 
 
 _STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+
+
+@functools.lru_cache(maxsize=1024)
+def certificate_common_names(pem: bytes) -> tuple[str, ...]:
+    """Every common name in a certificate's subject, whole. gRPC's own `x509_common_name`
+    gives only the first, cut at a NUL byte: a certificate naming `clinics` then `billing`
+    (which some tools read as `billing`), or `clinics` followed by a NUL and `.billing`,
+    passed for `clinics`. The caller's check wants exactly one name, equal to the client it
+    calls as. A certificate that cannot be read has none."""
+    try:
+        subject = x509.load_pem_x509_certificate(pem).subject
+        attributes = subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    except ValueError:
+        return ()
+    return tuple(str(a.value) for a in attributes)

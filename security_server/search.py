@@ -18,17 +18,19 @@ retention period only.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import contextlib
 import json
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
 from cryptography import x509
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from gateway.audit import GENESIS, ChainedRecord, RecordKind, record_hash
 from gateway.errors import GatewayError
@@ -144,12 +146,48 @@ def _where(q: Query) -> list[Any]:
     return conditions
 
 
+# auditor searches (and evidence exports) at once on one log; the others wait. A search
+# that matches nothing in a large log reads all of it: many at once held every connection
+# of the log's pool (5, then 10 more) and stalled the data path's writer, which shares it
+# (found by a red-team review: 60 searches of one token held a write for 28 s)
+SEARCHES_AT_ONCE = 2
+# longest one statement of a search may run on PostgreSQL
+SEARCH_STATEMENT_SECONDS = 15
+
+
+class SearchTooLongError(Exception):
+    """A search's statement ran past SEARCH_STATEMENT_SECONDS (PostgreSQL) and was stopped."""
+
+
 class Searcher:
     """Runs auditor searches over one log (every chain), with a cache of signing certificates."""
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self._certificates: dict[str, x509.Certificate | None] = {}
+        self._slots = asyncio.Semaphore(SEARCHES_AT_ONCE)
+        self.running = 0  # searches holding a connection now (for tests and metrics)
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[AsyncConnection]:
+        """A connection for one search or export: one of SEARCHES_AT_ONCE, its statements
+        bounded in time on PostgreSQL (`SearchTooLongError` past it)."""
+        async with self._slots, self.engine.connect() as conn:
+            self.running += 1
+            try:
+                if conn.dialect.name == "postgresql":
+                    milliseconds = int(SEARCH_STATEMENT_SECONDS * 1000)
+                    await conn.execute(sa.text(f"SET LOCAL statement_timeout = {milliseconds}"))
+                yield conn
+            except sa.exc.DBAPIError as exc:
+                if "statement timeout" in str(exc.orig):
+                    raise SearchTooLongError(
+                        f"the search ran for more than {SEARCH_STATEMENT_SECONDS} s and was "
+                        "stopped: narrow it (since and until, a message id or a subject)"
+                    ) from None
+                raise
+            finally:
+                self.running -= 1
 
     async def search(self, q: Query) -> tuple[list[dict[str, Any]], str | None]:
         """One page of results, as JSON-ready dicts, and the cursor of the next page (or None)."""
@@ -160,7 +198,7 @@ class Searcher:
             .order_by(c.logged_at, c.chain, c.seq)
             .limit(q.limit + 1)
         )
-        async with self.engine.connect() as conn:
+        async with self.connection() as conn:
             rows = (await conn.execute(statement)).all()
             more = len(rows) > q.limit
             records = [row_to_record(r) for r in rows[: q.limit]]

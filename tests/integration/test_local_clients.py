@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
 import pytest
-from cryptography.hazmat.primitives import serialization
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from certs.pki import Issued, issue, load_issued
 from gateway_demo.client import Outcome, call_raw, routing_metadata
@@ -70,6 +73,48 @@ async def test_a_certificate_naming_another_subsystem_is_refused_and_logged(runn
     )
     rows = log_rows(runner.log_db(MSP), outcome.message_id or "")
     assert [(r["kind"], r["error_code"]) for r in rows] == [("refusal", "client_not_authenticated")]
+
+
+def certificate_naming(names: list[str], ca: Issued) -> tuple[bytes, bytes]:
+    """A client certificate of the local CA whose subject holds these common names."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, n) for n in names]))
+        .issuer_name(ca.certificate.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca.key, hashes.SHA256())
+    )
+    return pem(Issued(key=key, certificate=certificate))
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        # gRPC shows only the first common name: another after it went unseen
+        ["UY/GOV/MSP/clinics", "UY/GOV/MSP/billing"],
+        # and cuts a name at a NUL byte: what followed went unseen
+        ["UY/GOV/MSP/clinics\x00.billing"],
+        ["UY/GOV/MSP/billing", "UY/GOV/MSP/clinics"],
+    ],
+)
+async def test_a_certificate_with_more_than_the_clients_name_is_refused(
+    runner: Runner, names: list[str]
+) -> None:
+    """(Found by a red-team review.) Exactly one common name, the client's, whole."""
+    folder = runner.local_tls(MSP)
+    assert folder is not None
+    outcome = await call_with(runner, *certificate_naming(names, load_issued(folder, "ca")))
+    assert (outcome.code, outcome.error) == (
+        grpc.StatusCode.UNAUTHENTICATED,
+        "client_not_authenticated",
+    ), (names, outcome)
 
 
 async def test_no_client_certificate_fails_the_handshake(runner: Runner) -> None:

@@ -22,8 +22,10 @@ from gateway.audit import ChainBrokenError, FieldValue, RecordKind, Role
 from gateway.errors import UnavailableError
 from gateway.records import record
 from gateway.settings import database_url
+from security_server import search
 from security_server.audit import verify_log
 from security_server.message_log import PROBE_TIMEOUT_SECONDS, MessageLog
+from security_server.search import SEARCHES_AT_ONCE, Searcher, SearchTooLongError
 from tests.tamper import reset_postgres_log, tamper
 
 POSTGRES = os.environ.get("GATEWAY_TEST_POSTGRES_URL")
@@ -340,3 +342,38 @@ async def test_an_evidence_bundle_covers_one_exchange_in_one_scope(url: str) -> 
                 assert "exchanges" not in str(failed.value)  # it stops at the missing evidence
     finally:
         await engine.dispose()
+
+
+async def test_auditor_searches_hold_at_most_their_share_of_the_logs_connections(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Many searches at once (one token's burst) hold at most SEARCHES_AT_ONCE connections,
+    so the data path's writes go on meanwhile; on PostgreSQL a statement past its time is
+    stopped with SearchTooLongError. (A red-team review held a write for 28 s with 60
+    searches on a 3-million-record PostgreSQL log.)"""
+    log = await MessageLog.open(url)
+    searcher = Searcher(log.engine)
+    most = [0]
+
+    async def slow_search() -> None:
+        async with searcher.connection() as conn:
+            most[0] = max(most[0], searcher.running)
+            await conn.execute(sa.text("SELECT 1"))
+            await asyncio.sleep(0.1)
+
+    try:
+        searches = [asyncio.create_task(slow_search()) for _ in range(20)]
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        await log.append(fields(1))  # while the searches queue
+        written_in = time.monotonic() - started
+        await asyncio.gather(*searches)
+        assert most[0] == SEARCHES_AT_ONCE
+        assert written_in < 0.5, written_in
+        if log.engine.dialect.name == "postgresql":
+            monkeypatch.setattr(search, "SEARCH_STATEMENT_SECONDS", 0.2)
+            with pytest.raises(SearchTooLongError, match="narrow it"):
+                async with searcher.connection() as conn:
+                    await conn.execute(sa.text("SELECT pg_sleep(2)"))
+    finally:
+        await log.close()
