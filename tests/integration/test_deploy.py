@@ -191,6 +191,15 @@ def test_the_compose_file_is_valid_and_its_containers_locked_down() -> None:
         for port in services[name].get("ports", []):
             # docker-compose v1 prints a port as HOST_IP:PUBLISHED:TARGET
             assert str(port).startswith("127.0.0.1:"), (name, port)
+    # a consumer endpoint takes the client it calls as from what the caller says: each
+    # agency's backend shares a network with its own server only
+    networks = {name: set(s.get("networks") or ()) for name, s in services.items()}
+    for backend, own, other in (
+        ("vaccination", "ss-msp", "ss-dnic"),
+        ("population", "ss-dnic", "ss-msp"),
+    ):
+        assert networks[backend] & networks[own], (backend, networks)
+        assert not networks[backend] & networks[other], (backend, networks)
 
 
 # ---- Kubernetes ----------------------------------------------------------------------------
