@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
@@ -68,6 +69,8 @@ ROLE_CLAIM, MEMBER_CLAIM, SERVER_CLAIM = "gateway_role", "gateway_member", "gate
 REQUIRED_CLAIMS = ("exp", "iat", "sub")
 
 _MIN_REFETCH_INTERVAL = timedelta(seconds=10)
+# the oldest key set still trusted when refreshing it fails
+_MAX_KEY_AGE = timedelta(hours=1)
 _FETCH_TIMEOUT_SECONDS = 10.0
 _MAX_JWKS_BYTES = 1 << 20
 # Members of a JWK that only a private or symmetric key has: never published by a sane issuer.
@@ -235,8 +238,11 @@ class TokenIssuer:
         server: SecurityServerId | None = None,
         now: datetime,
         ttl: timedelta,
+        audience: str | None = None,
     ) -> str:
-        """A signed token for `subject`; ValueError when the scope does not fit the role."""
+        """A signed token for `subject`; ValueError when the scope does not fit the role.
+        `audience`: another than the registry's own, for a token good at one place only
+        (`auditor_api_audience`)."""
         if not subject:
             raise ValueError("cannot issue a token: the subject is empty")
         if ttl <= timedelta(0):
@@ -249,7 +255,7 @@ class TokenIssuer:
         issued_at = _timestamp(now)
         claims: dict[str, Any] = {
             "iss": self.issuer,
-            "aud": self.audience,
+            "aud": audience or self.audience,
             "sub": subject,
             "iat": issued_at,
             "nbf": issued_at,
@@ -329,14 +335,27 @@ class _Trust:
     member_claim: str
     server_claim: str
     instance_wide_auditors: bool = False
+    # audiences accepted besides `audience` (a security server's own: auditor_api_audience)
+    also: tuple[str, ...] = ()
+
+
+def auditor_api_audience(server: SecurityServerId | str) -> str:
+    """The audience of a token the registry's console forwards to one security server's
+    auditor API: good there only, never at the registry (whose tokens have its own audience)
+    nor at another server, which a server receiving it could otherwise replay it to."""
+    return f"gateway-auditor-api:{server}"
 
 
 class _KeySet:
     """The signing keys an OIDC provider publishes at its JWKS URL, fetched and cached.
 
     Refetched when older than `refresh`, or when a token names a key id not in the set; at
-    most one attempt every 10 seconds (measured with the `now` of the calls). When a
-    refresh fails, the keys already fetched stay in use.
+    most one attempt every 10 seconds (measured with the `now` of the calls). A token
+    naming a key held is checked at once, its set refreshed beside it when due: a slow or
+    unreachable endpoint never holds it up (found by a red-team review: every sign-in
+    waited behind a refetch that any caller could start with an unknown key id). When a
+    refresh fails, the keys already fetched stay in use, for _MAX_KEY_AGE at most: a key the
+    provider removed is not trusted for ever because its endpoint no longer answers.
     """
 
     def __init__(self, settings: OidcSettings, *, refresh: timedelta) -> None:
@@ -348,12 +367,21 @@ class _KeySet:
         self._failure: str | None = None
         self._lock = asyncio.Lock()
         self._session: aiohttp.ClientSession | None = None
+        self._refreshing: asyncio.Task[None] | None = None
 
     async def key(self, kid: str | None, alg: str, now: datetime) -> jwt.PyJWK:
         """The key that must have signed a token with this `kid` and `alg`."""
-        async with self._lock:
-            if self._needs_fetch(kid, now) and self._may_attempt(now):
-                await self._fetch(now)
+        if self._fetched_at is not None and abs(now - self._fetched_at) > _MAX_KEY_AGE:
+            self._keys = ()  # too old to trust: fetched again, or none at all
+        if self._needs_fetch(kid, now) and self._may_attempt(now):
+            if self._find(kid):
+                self._attempted_at = now
+                if self._refreshing is None or self._refreshing.done():
+                    self._refreshing = asyncio.ensure_future(self._locked_fetch(now))
+            else:
+                async with self._lock:  # one fetch for the requests waiting on it
+                    if self._needs_fetch(kid, now) and self._may_attempt(now):
+                        await self._fetch(now)
         issuer = self._settings.issuer
         found = self._find(kid)
         if not found:
@@ -377,6 +405,10 @@ class _KeySet:
             raise AuthError(
                 f"token algorithm {alg!r} does not suit key {kid!r} of issuer {issuer!r}"
             ) from None
+
+    async def _locked_fetch(self, now: datetime) -> None:
+        async with self._lock:
+            await self._fetch(now)
 
     def _find(self, kid: str | None) -> list[dict[str, Any]]:
         if kid is None:
@@ -467,6 +499,10 @@ class _KeySet:
         return None
 
     async def close(self) -> None:
+        if self._refreshing is not None:
+            self._refreshing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refreshing
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -491,7 +527,10 @@ class TokenVerifier:
         oidc: OidcSettings | None = None,
         leeway_seconds: float = 30.0,
         jwks_refresh_seconds: float = 300.0,
+        also_audiences: tuple[str, ...] = (),
     ) -> None:
+        """`also_audiences`: what the OIDC provider's tokens may name besides its
+        audience (a security server's `auditor_api_audience`)."""
         if not (0 <= leeway_seconds < math.inf):
             raise ValueError(f"leeway_seconds must be a finite number >= 0, not {leeway_seconds}")
         if not (0 < jwks_refresh_seconds < math.inf):
@@ -525,6 +564,7 @@ class TokenVerifier:
                 member_claim=oidc.member_claim,
                 server_claim=oidc.server_claim,
                 instance_wide_auditors=oidc.instance_wide_auditors,
+                also=also_audiences,
             )
             self._keys = _KeySet(oidc, refresh=timedelta(seconds=jwks_refresh_seconds))
         self._leeway = timedelta(seconds=leeway_seconds)
@@ -622,7 +662,7 @@ def _decode(
             token,
             key,
             algorithms=[alg],
-            audience=trust.audience,
+            audience=[trust.audience, *trust.also],
             issuer=trust.issuer,
             options={
                 "require": list(REQUIRED_CLAIMS),

@@ -26,7 +26,7 @@ from gateway.identifiers import SecurityServerId
 from gateway.replay import ReplayGuard
 from gateway.settings import database_url
 from gateway.signing import EcdsaSigner, load_private_key
-from gateway_ops.auth import OidcSettings, TokenVerifier
+from gateway_ops.auth import OidcSettings, TokenVerifier, auditor_api_audience
 from gateway_ops.readiness import Readiness
 from gateway_ops.server import Ops, server_tls
 from gateway_ops.tracing import Tracing
@@ -118,7 +118,9 @@ def auditor_token_verifier(settings: ServerSettings, server_id: SecurityServerId
         )
     except ValueError as exc:
         raise ConfigFileError(f"auditor: {exc}") from None
-    return TokenVerifier(issuer=None, oidc=trust)
+    # besides the auditors' own tokens, those the registry's console forwards to this server
+    # only (good nowhere else)
+    return TokenVerifier(issuer=None, oidc=trust, also_audiences=(auditor_api_audience(server_id),))
 
 
 def _ready_when(

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import hashlib
 import hmac
 import json
@@ -76,6 +77,7 @@ from gateway_ops.auth import (
     Role,
     TokenIssuer,
     TokenVerifier,
+    auditor_api_audience,
 )
 from registry.api import refuse_unstorable
 from registry.console.charts import Bar, Series, bars, stacked_columns
@@ -107,6 +109,8 @@ SESSION_SECONDS = 900.0
 # active agreements ending within this many days are shown on the home page
 EXPIRING_DAYS = 30
 MAX_TOKEN_CHARS = 16_384
+# the largest answer of the provider's token endpoint read (an ID token and a few fields)
+MAX_TOKEN_RESPONSE_BYTES = 1 << 20
 MAX_REASON_CHARS = 2000
 # the auditor API of a security server (security_server.auditor_api), its filters, and the
 # most records one page reads from each server
@@ -171,8 +175,10 @@ class _Refusal(Exception):
 
 
 def _same(given: str, expected: str) -> bool:
-    """Constant-time comparison of two texts, whatever characters `given` holds."""
-    return hmac.compare_digest(given.encode(), expected.encode())
+    """Constant-time comparison of two texts, whatever characters `given` holds (a cookie's
+    bytes that are not UTF-8 reach here as lone surrogates: a 500 for anyone, before)."""
+    encode = functools.partial(str.encode, encoding="utf-8", errors="surrogatepass")
+    return hmac.compare_digest(encode(given), encode(expected))
 
 
 def _set_cookie(
@@ -578,7 +584,11 @@ class Console:
         return f"{body}.{mac}"
 
     def _unseal(self, key: bytes, value: str) -> dict[str, Any] | None:
-        """What `_seal` sealed with `key`, if it is intact and its `exp` has not passed."""
+        """What `_seal` sealed with `key`, if it is intact and its `exp` has not passed. A
+        sealed value is ASCII (base64url and hex): bytes of a cookie that are not UTF-8
+        reach here as lone surrogates, and are no seal (they failed with a 500, before)."""
+        if not value.isascii():
+            return None
         body, _, mac = value.partition(".")
         good = hmac.new(key, body.encode(), hashlib.sha256).hexdigest()
         if not _same(mac, good):
@@ -598,14 +608,18 @@ class Console:
             issuer=str(doc["iss"]),
         )
 
-    def _forward_token(self, actor: Principal) -> str:
-        """A token of a minute for the servers' auditor APIs, standing for the auditor."""
+    def _forward_token(self, actor: Principal, server: str) -> str:
+        """A token of a minute for one server's auditor API, standing for the auditor: its
+        audience is that server's (`auditor_api_audience`), so the server cannot replay it
+        at the registry, at this console or at another server (found by a red-team
+        review: with the registry's own audience it could)."""
         return self.issuer.issue(
             subject=actor.subject,
             role=actor.role,
             member=actor.member,
             now=self.clock(),
             ttl=timedelta(seconds=FORWARD_SECONDS),
+            audience=auditor_api_audience(server),
         )
 
     async def oidc_start(self, request: web.Request) -> web.StreamResponse:
@@ -683,8 +697,12 @@ class Console:
                     "client_id": self.oidc.client_id,
                     "code_verifier": str(sealed["verifier"]),
                 },
+                # a redirect would send the code and its verifier wherever it points
+                allow_redirects=False,
             ) as answer:
-                doc = await answer.json(content_type=None)
+                if (answer.content_length or 0) > MAX_TOKEN_RESPONSE_BYTES:
+                    return refuse("the provider's token answer is too large")
+                doc = json.loads(await answer.content.read(MAX_TOKEN_RESPONSE_BYTES))
                 if answer.status != 200:
                     return refuse(f"the provider refused the code ({answer.status})")
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
@@ -955,8 +973,9 @@ class Console:
         servers that could not answer, with why."""
         found: list[tuple[str, dict[str, Any]]] = []
         failed: dict[str, str] = {}
-        headers = {"Authorization": f"Bearer {self._forward_token(request[PRINCIPAL])}"}
         for server in servers if servers is not None else sorted(self.auditor_apis):
+            token = self._forward_token(request[PRINCIPAL], server)
+            headers = {"Authorization": f"Bearer {token}"}
             url = self.auditor_apis[server].rstrip("/") + AUDIT_PATH
             query = {k: v for k, v in params.items() if v}
             taken, after = 0, None
@@ -965,7 +984,9 @@ class Console:
                 if after:
                     page["after"] = after
                 try:
-                    async with self._client().get(url, params=page, headers=headers) as answer:
+                    async with self._client().get(
+                        url, params=page, headers=headers, allow_redirects=False
+                    ) as answer:
                         doc = await answer.json(content_type=None)
                         if answer.status != 200:
                             failed[server] = str(doc.get("message", answer.status))[:300]
@@ -1086,7 +1107,9 @@ class Console:
         url = f"{self.auditor_apis[server].rstrip('/')}{EVIDENCE_PATH}{quote(message_id, safe='')}"
         try:
             async with self._client().get(
-                url, headers={"Authorization": f"Bearer {self._forward_token(actor)}"}
+                url,
+                headers={"Authorization": f"Bearer {self._forward_token(actor, server)}"},
+                allow_redirects=False,
             ) as answer:
                 body = await answer.read()
                 if answer.status != 200:

@@ -10,6 +10,7 @@ API), and every page in each of the three languages with no string left untransl
 
 from __future__ import annotations
 
+import asyncio
 import html
 import re
 import shutil
@@ -725,3 +726,21 @@ def test_every_language_translates_every_string() -> None:
             assert re.findall(r"\{\w+\}", value) == re.findall(r"\{\w+\}", TEXT["en"][key]), key
             if language != "en" and key not in the_same_everywhere:
                 assert value != TEXT["en"][key], (language, key, value)
+
+
+@pytest.mark.parametrize("cookie", [b"gateway_console=abc.\xff\xfe", b"gateway_console=\xff"])
+async def test_a_cookie_that_is_not_utf8_is_no_session_not_a_failure(
+    world: World, cookie: bytes
+) -> None:
+    """A cookie's bytes that are not UTF-8 (planted, or damaged) are a missing session: the
+    browser is sent to sign in, instead of a 500 for anyone (found by a red-team review).
+    Sent on a raw connection: an HTTP client would encode the header as UTF-8."""
+    url = world.client.make_url("/console/")
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    try:
+        writer.write(b"GET /console/ HTTP/1.1\r\nHost: x\r\nCookie: " + cookie + b"\r\n\r\n")
+        await writer.drain()
+        status_line = await asyncio.wait_for(reader.readline(), 10)
+    finally:
+        writer.close()
+    assert status_line.split()[1] in (b"302", b"303"), status_line

@@ -2,11 +2,15 @@
 
 The server's key list and HTTP status can be changed between calls, and it counts its
 requests, so the tests see when the verifier fetches, caches and refetches. The JWKS
-refetch limit is measured with the `now` given to `verify`, so no test sleeps.
+refetch limit is measured with the `now` given to `verify`, so no test sleeps longer than a
+background refresh takes.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -19,7 +23,15 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import RSAAlgorithm
 
 from gateway.identifiers import MemberId, SecurityServerId
-from gateway_ops.auth import AuthError, OidcSettings, Principal, Role, TokenIssuer, TokenVerifier
+from gateway_ops.auth import (
+    AuthError,
+    OidcSettings,
+    Principal,
+    Role,
+    TokenIssuer,
+    TokenVerifier,
+    auditor_api_audience,
+)
 
 NOW = datetime(2025, 6, 1, 12, 0, 0, tzinfo=UTC)
 OIDC_ISSUER = "https://idp.gov.example/realms/gateway"
@@ -32,7 +44,9 @@ class JwksEndpoint:
     def __init__(self) -> None:
         self.keys: list[dict[str, Any]] = []
         self.status = 200
+        self.delay = 0.0  # seconds before each answer (cut short when it stops)
         self.hits = 0
+        self._stopping = asyncio.Event()
         self.url = ""
         self._runner: web.AppRunner | None = None
 
@@ -46,12 +60,16 @@ class JwksEndpoint:
         self.url = f"http://{host}:{port}/jwks"
 
     async def stop(self) -> None:
+        self._stopping.set()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
 
     async def _serve(self, request: web.Request) -> web.Response:
         self.hits += 1
+        if self.delay:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.delay)
         return web.json_response({"keys": self.keys}, status=self.status)
 
 
@@ -247,3 +265,81 @@ async def test_fetched_keys_kept_when_refresh_fails(
     stale = NOW + timedelta(minutes=6)
     principal = await verifier.verify(oidc_token(key_a, "key-a", at=stale), now=stale)
     assert principal.role is Role.MEMBER_ADMIN
+
+
+async def test_a_slow_endpoint_holds_up_no_token_of_a_known_key(
+    endpoint: JwksEndpoint, verifier: TokenVerifier, key_a: rsa.RSAPrivateKey
+) -> None:
+    """The key set is due for a refresh and the endpoint answers in 30 s: a token of a key
+    held is checked at once with the set held, the refresh going on beside it (every
+    sign-in used to wait behind it, and any caller could start one with an unknown kid)."""
+    await verifier.verify(oidc_token(key_a, "key-a"), now=NOW)
+    endpoint.delay = 30
+    later = NOW + timedelta(minutes=6)
+    started = time.monotonic()
+    principal = await verifier.verify(oidc_token(key_a, "key-a", at=later), now=later)
+    assert principal.role is Role.MEMBER_ADMIN
+    with pytest.raises(AuthError, match="'nope' is not among the keys"):
+        await verifier.verify(oidc_token(key_a, "nope", at=later), now=later)
+    assert time.monotonic() - started < 2
+    await asyncio.sleep(0.2)
+    assert endpoint.hits == 2  # the refresh under way, once
+
+
+async def test_keys_are_not_trusted_for_ever_when_refreshing_them_fails(
+    endpoint: JwksEndpoint, verifier: TokenVerifier, key_a: rsa.RSAPrivateKey
+) -> None:
+    """A key the provider removed, with its endpoint unreachable or failing since (or
+    blocked by whoever sits on the way), is trusted an hour at most."""
+    await verifier.verify(oidc_token(key_a, "key-a"), now=NOW)
+    endpoint.status = 500
+    within = NOW + timedelta(minutes=59)
+    assert (await verifier.verify(oidc_token(key_a, "key-a", at=within), now=within)).subject
+    await asyncio.sleep(0.1)  # the failed refresh beside it
+    past = NOW + timedelta(minutes=61)
+    with pytest.raises(AuthError, match=r"cannot fetch the keys .* answered HTTP 500"):
+        await verifier.verify(oidc_token(key_a, "key-a", at=past), now=past)
+
+
+async def test_a_token_forwarded_to_one_auditor_api_is_good_there_only(
+    endpoint: JwksEndpoint,
+) -> None:
+    """The registry's console forwards an auditor's token to each server's auditor API with
+    that server's audience: the server accepts it, another server and the registry itself
+    do not (with the registry's own audience, a server receiving it could replay it at the
+    admin API, the console and every other server; found by a red-team review)."""
+    registry = TokenIssuer(
+        ec.generate_private_key(ec.SECP256R1()), issuer="gateway-registry:UY", audience="gw:UY"
+    )
+    endpoint.keys = list(registry.jwks()["keys"])
+    forwarded = registry.issue(
+        subject="carla@auditoria",
+        role=Role.AUDITOR,
+        now=NOW,
+        ttl=timedelta(minutes=1),
+        audience=auditor_api_audience("UY/GOV/MSP/ss1"),
+    )
+
+    def server(name: str) -> TokenVerifier:
+        trust = OidcSettings(
+            jwks_url=endpoint.url,
+            issuer=registry.issuer,
+            audience=registry.audience,
+            algorithms=("ES256",),
+            instance_wide_auditors=True,
+        )
+        return TokenVerifier(issuer=None, oidc=trust, also_audiences=(auditor_api_audience(name),))
+
+    msp, dnic = server("UY/GOV/MSP/ss1"), server("UY/GOV/DNIC/ss1")
+    try:
+        assert (await msp.verify(forwarded, now=NOW)).role is Role.AUDITOR
+        with pytest.raises(AuthError, match="token audience is not"):
+            await dnic.verify(forwarded, now=NOW)
+        with pytest.raises(AuthError, match="token audience is not"):
+            await TokenVerifier(issuer=registry).verify(forwarded, now=NOW)
+        # the auditors' own tokens (the registry's audience) are taken by every server
+        own = registry.issue(subject="carla", role=Role.AUDITOR, now=NOW, ttl=timedelta(minutes=1))
+        assert (await dnic.verify(own, now=NOW)).subject == "carla"
+    finally:
+        await msp.close()
+        await dnic.close()
