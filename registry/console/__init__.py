@@ -351,6 +351,17 @@ class Console:
                 return self._to_sign_in(expired=True)
         elif not public:
             return self._to_sign_in(expired=False)
+        # an audit page queries every server in the auditor's name (and those queries are
+        # logged as theirs): never on behalf of another site's page, such as an image on a
+        # sibling subdomain, which SameSite=Strict lets through (found by a red-team review)
+        if request.path.startswith(f"{PATH}/audit") and request.headers.get("Sec-Fetch-Site") in (
+            "same-site",
+            "cross-site",
+        ):
+            raise Forbidden(
+                "audit pages open from this console's own pages only; this request came "
+                "from another site's page"
+            )
         if request.method == "POST" and request.path != f"{PATH}/sign-in":
             form = await request.post()
             session = request.get(SESSION)

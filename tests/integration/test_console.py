@@ -185,8 +185,10 @@ class Browser:
         jar = keep_cookies(response, self.cookies)
         self.last_set.update(dict.fromkeys(jar, jar))
 
-    async def get(self, path: str, status: int = 200) -> str:
-        response = await self.world.client.get(path, headers=self._headers(), allow_redirects=False)
+    async def get(self, path: str, status: int = 200, headers: dict[str, str] | None = None) -> str:
+        response = await self.world.client.get(
+            path, headers={**self._headers(), **(headers or {})}, allow_redirects=False
+        )
         self._keep(response)
         body = await response.text()
         assert response.status == status, (path, response.status, body[:2000])
@@ -744,3 +746,19 @@ async def test_a_cookie_that_is_not_utf8_is_no_session_not_a_failure(
     finally:
         writer.close()
     assert status_line.split()[1] in (b"302", b"303"), status_line
+
+
+@pytest.mark.parametrize("site", ["same-site", "cross-site"])
+async def test_audit_pages_are_not_opened_on_behalf_of_another_sites_page(
+    world: World, site: str
+) -> None:
+    """A page of a sibling subdomain (same site: SameSite=Strict sends the cookie) cannot
+    make an auditor's browser query every server in the auditor's name: the browser says
+    where the request came from (Sec-Fetch-Site), and only the console's own pages, or the
+    address bar, open an audit page."""
+    auditor = await signed_in(world, "audit@registry", Role.AUDITOR)
+    for path in ("/console/audit?client=x", "/console/audit/subject?subject=1"):
+        refused = await auditor.get(path, status=403, headers={"Sec-Fetch-Site": site})
+        assert "another site" in refused
+    await auditor.get("/console/audit", headers={"Sec-Fetch-Site": "same-origin"})
+    await auditor.get("/console/audit", headers={"Sec-Fetch-Site": "none"})
