@@ -95,9 +95,11 @@ from registry.governance import (
 log = structlog.get_logger("registry.console")
 
 HERE = Path(__file__).resolve().parent
-SESSION_COOKIE = "gateway_console"
-SIGNIN_COOKIE = "gateway_console_signin"
-OIDC_COOKIE = "gateway_console_oidc"
+# `__Host-` cookies: Secure, on "/", no Domain; a browser takes them only from this very host,
+# so no sibling subdomain can plant one (a session of its own, the OIDC state of its own)
+SESSION_COOKIE = "__Host-gateway_console"
+SIGNIN_COOKIE = "__Host-gateway_console_signin"
+OIDC_COOKIE = "__Host-gateway_console_oidc"
 # how long a browser may take at the provider before coming back
 OIDC_SECONDS = 600.0
 # the life of the token the auditor pages send to the servers' auditor APIs
@@ -187,10 +189,11 @@ def _set_cookie(
     value: str,
     seconds: float,
     *,
-    path: str = PATH,
+    path: str = "/",
     samesite: str = "Strict",
 ) -> None:
-    """Every console cookie: HttpOnly and Secure, for `seconds`, on the console's paths."""
+    """Every console cookie: HttpOnly and Secure, for `seconds`, on "/" (which a `__Host-`
+    cookie must name; the API never reads cookies)."""
     response.set_cookie(
         name,
         value,
@@ -200,6 +203,11 @@ def _set_cookie(
         httponly=True,
         samesite=samesite,
     )
+
+
+def _drop_cookie(response: web.StreamResponse, name: str) -> None:
+    """Remove a console cookie: with Secure, or a browser ignores it for a `__Host-` one."""
+    response.del_cookie(name, path="/", secure=True, httponly=True)
 
 
 def _see_other(location: str) -> web.Response:
@@ -385,7 +393,7 @@ class Console:
     def _to_sign_in(self, *, expired: bool) -> web.Response:
         redirect = _see_other(f"{PATH}/sign-in" + ("?expired=1" if expired else ""))
         if expired:
-            redirect.del_cookie(SESSION_COOKIE, path=PATH)
+            _drop_cookie(redirect, SESSION_COOKIE)
         return redirect
 
     # ---- helpers -----------------------------------------------------------------------
@@ -584,7 +592,7 @@ class Console:
         )
         response = _see_other(f"{PATH}/")
         _set_cookie(response, SESSION_COOKIE, session, int(seconds))
-        response.del_cookie(SIGNIN_COOKIE, path=PATH)
+        _drop_cookie(response, SIGNIN_COOKIE)
         return response
 
     # ---- OpenID Connect: authorization code with PKCE ----------------------------------
@@ -668,9 +676,7 @@ class Console:
             },
         )
         # Lax, not Strict: it must come back with the provider's (cross-site) redirect
-        _set_cookie(
-            response, OIDC_COOKIE, sealed, int(OIDC_SECONDS), path=f"{PATH}/oidc", samesite="Lax"
-        )
+        _set_cookie(response, OIDC_COOKIE, sealed, int(OIDC_SECONDS), samesite="Lax")
         return response
 
     async def oidc_callback(self, request: web.Request) -> web.StreamResponse:
@@ -686,7 +692,7 @@ class Console:
             response = self._sign_in_form(
                 request, error=self._t(request, "signin.refused", reason=reason)
             )
-            response.del_cookie(OIDC_COOKIE, path=f"{PATH}/oidc")
+            _drop_cookie(response, OIDC_COOKIE)
             return response
 
         if sealed is None:
@@ -731,7 +737,7 @@ class Console:
         if principal.role is Role.SECURITY_SERVER:
             return refuse("security-server tokens do not open the console")
         response = self._start_session(principal, token, how="oidc")
-        response.del_cookie(OIDC_COOKIE, path=f"{PATH}/oidc")
+        _drop_cookie(response, OIDC_COOKIE)
         return response
 
     async def sign_out(self, request: web.Request) -> web.StreamResponse:
@@ -742,7 +748,7 @@ class Console:
                 str(doc["jti"]), float(doc["exp"]), self.clock().timestamp()
             )
         response = _see_other(f"{PATH}/sign-in?signed-out=1")
-        response.del_cookie(SESSION_COOKIE, path=PATH)
+        _drop_cookie(response, SESSION_COOKIE)
         return response
 
     # ---- pages -------------------------------------------------------------------------

@@ -242,7 +242,9 @@ async def test_sign_in_gives_a_short_hardened_session_cookie(world: World) -> No
     assert signed.headers["Location"] == "/console/"
     cookie = browser.last_set[SESSION_COOKIE][SESSION_COOKIE]
     assert cookie["httponly"] and cookie["secure"]
-    assert cookie["samesite"] == "Strict" and cookie["path"] == "/console"
+    # a `__Host-` cookie (Secure, on "/", no Domain): no sibling subdomain can plant one
+    assert cookie["samesite"] == "Strict" and cookie["path"] == "/" and not cookie["domain"]
+    assert SESSION_COOKIE.startswith("__Host-")
     assert 0 < int(cookie["max-age"]) <= SESSION_SECONDS
     home = await browser.get("/console/")
     assert "carla@msp" in home and "administrator of UY/GOV/MSP" in visible_text(home)
@@ -730,7 +732,9 @@ def test_every_language_translates_every_string() -> None:
                 assert value != TEXT["en"][key], (language, key, value)
 
 
-@pytest.mark.parametrize("cookie", [b"gateway_console=abc.\xff\xfe", b"gateway_console=\xff"])
+@pytest.mark.parametrize(
+    "cookie", [b"__Host-gateway_console=abc.\xff\xfe", b"__Host-gateway_console=\xff"]
+)
 async def test_a_cookie_that_is_not_utf8_is_no_session_not_a_failure(
     world: World, cookie: bytes
 ) -> None:

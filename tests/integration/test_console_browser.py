@@ -179,7 +179,8 @@ def test_approve_from_the_home_page_see_the_call_allowed_then_revoke(
 
     msp = Session(browser, links["MSP"], "msp-admin")
     # the session is in an HttpOnly cookie
-    cookie = next(c for c in msp.context.cookies() if c["name"] == "gateway_console")
+    # (a `__Host-` cookie: only this host may set it, no sibling subdomain)
+    cookie = next(c for c in msp.context.cookies() if c["name"] == "__Host-gateway_console")
     assert cookie["httpOnly"] and cookie["secure"] and cookie["sameSite"] == "Strict"
     msp.check("home")
     msp.page.get_by_role("link", name=agreement).first.click()

@@ -144,7 +144,7 @@ class Setup:
         jar = self.keep(started)
         cookie = jar[OIDC_COOKIE]
         assert cookie["httponly"] and cookie["secure"] and cookie["samesite"] == "Lax"
-        assert cookie["path"] == "/console/oidc"
+        assert cookie["path"] == "/" and OIDC_COOKIE.startswith("__Host-")
         location = started.headers["Location"]
         assert location.startswith(self.provider.url + "/authorize?")
         back = await self.http.get(location, allow_redirects=False)
