@@ -997,6 +997,11 @@ def _fuzzed_operations() -> list[Any]:
     return params
 
 
+# the longest request line aiohttp reads (a longer one is refused with 400 before the API
+# sees it; hypothesis once generated a query of 8,190 bytes of repeated `limit=false`)
+MAX_LINE = 8190 - len("GET  HTTP/1.1")
+
+
 @pytest.mark.parametrize(("method", "path", "mode"), _fuzzed_operations())
 def test_no_generated_request_gets_a_server_error(
     fuzz_schema: schemathesis.BaseSchema,
@@ -1013,6 +1018,8 @@ def test_no_generated_request_gets_a_server_error(
     @given(case=operation.as_strategy(generation_mode=mode))
     def run(case: schemathesis.Case[Any]) -> None:
         response = case.call_and_validate(headers=auth, checks=[not_a_server_error])
+        if response.status_code == 400 and len(response.request.url or "") > MAX_LINE:
+            return  # refused by aiohttp's HTTP parser, before the API: its own plain text
         if response.status_code >= 400:
             assert set(response.json()) == {"error", "message"}
 
