@@ -978,11 +978,13 @@ def answer(
     response_bytes = response.encode()
     signer = accepted.signer
     signature = signer.sign(response_bytes)
+    # our newest answer about the signer (the backend may have taken long)
+    staple = node.own_status.staple(signer.certificate_sha256)
     own_sha, evidence = node.evidence(
         signer.certificate,
         signer.certificate_der,
         signer.certificate_sha256,
-        accepted.own_staple,
+        staple,
         body,
         response.body_sha256,
         accepted.config,
@@ -993,7 +995,7 @@ def answer(
             body=body,
             signature=signature,
             signer_certificate=signer.certificate_der,
-            signer_ocsp=accepted.own_staple,
+            signer_ocsp=staple,
         ),
         response=response,
         record=LogRecord(

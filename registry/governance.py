@@ -28,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -295,6 +295,16 @@ def _check_auth_certificate(pem: str, now: datetime, server: SecurityServerId) -
     if problems:
         raise InvalidRequest(f"auth_certificate for {server}: {'; '.join(problems)}")
     return cert.public_bytes(serialization.Encoding.DER)
+
+
+def _signing_keys(certificates: Iterable[bytes]) -> set[bytes]:
+    """The public keys (SubjectPublicKeyInfo, DER) of configuration-signing certificates."""
+    return {
+        x509.load_der_x509_certificate(der)
+        .public_key()
+        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        for der in certificates
+    }
 
 
 def federation_json(row: Any) -> dict[str, Any]:
@@ -1238,10 +1248,9 @@ class Governance:
                 )
             )
             for other in others:
-                shared = set(anchor.signing_certificates) & set(
-                    Anchor.from_json(json.loads(other.anchor)).signing_certificates
-                )
-                if shared:
+                # by key, not by certificate: another certificate of the same key signs alike
+                theirs = Anchor.from_json(json.loads(other.anchor)).signing_certificates
+                if _signing_keys(anchor.signing_certificates) & _signing_keys(theirs):
                     raise Conflict(
                         f"the anchor's configuration-signing certificate is instance "
                         f"{other.instance}'s too: each instance signs with its own key (check "

@@ -397,6 +397,8 @@ class AuditorApi:
                     message_id,
                     member=str(principal.member) if principal.member else None,
                 )
+        except SearchTooLongError as exc:
+            return _error(503, "search_too_long", str(exc))
         except AuditError as exc:
             # several exchanges under one id (no bundle for any), or not time-stamped yet
             kind = "not_stamped_yet" if isinstance(exc, NotStampedYet) else "ambiguous"

@@ -95,10 +95,12 @@ SERVER_CLOSE_WAIT_SECONDS = 10.0
 # earlier exchange) is not fresh, waiting for the fresh one the provider sends first
 STAPLE_WAIT_SECONDS = 10.0
 # an OCSP answer is a few kilobytes (with its responder's certificate); a staple sent alone
-# is a newer answer its sender fetched, at most one per ocsp.refresh_seconds: a peer gets
-# STAPLES_AHEAD of them plus one per limits.stream_check_seconds the stream has lasted
+# is a newer answer its sender fetched (every ocsp.refresh_seconds, its own setting): a
+# peer may send STAPLES_AHEAD of them plus one per STAPLE_ALONE_SECONDS the stream has
+# lasted, a rate no setting of either side exceeds in practice
 MAX_STAPLE_BYTES = 64 * 1024
 STAPLES_AHEAD = 8
+STAPLE_ALONE_SECONDS = 0.5
 
 
 class PeerGone(Exception):
@@ -233,12 +235,15 @@ class Outlet:
     the jobs of a stream are cancelled, `settle` stops further writes and waits for the one
     under way, so that a refusal written next does not meet a half-done write."""
 
-    __slots__ = ("_idle", "_turn", "_write", "stopped")
+    __slots__ = ("_broken", "_idle", "_turn", "_write", "stopped")
 
     def __init__(self, write: Callable[[Any], Awaitable[None]]) -> None:
         self._write = write
         self._idle = asyncio.Event()
         self._idle.set()
+        # a write was cancelled under way: gRPC's send may still be pending, and another
+        # write would fail (GRPC_CALL_ERROR_TOO_MANY_OPERATIONS); `settle` then says so
+        self._broken = False
         # the stream's messages and the staples pushed beside them take turns
         self._turn = asyncio.Lock()
         self.stopped = False
@@ -253,15 +258,21 @@ class Outlet:
             self._idle.clear()
             try:
                 await self._write(message)
+            except asyncio.CancelledError:
+                self._broken = True
+                raise
             except (grpc.aio.BaseError, grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
                 raise PeerGone(str(exc)) from exc
             finally:
-                self._idle.set()
+                if not self._broken:
+                    self._idle.set()
 
     async def settle(self, timeout: float) -> bool:
         """Take no more writes, and wait up to `timeout` seconds for the one under way;
         whether none is left."""
         self.stopped = True
+        if self._broken:
+            return False
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), timeout)
         return self._idle.is_set()
@@ -305,11 +316,10 @@ class PeerStaples:
     """The staples a peer sends on one stream: each within MAX_STAPLE_BYTES, and those sent
     alone within their budget (STAPLES_AHEAD); the latest is what the watcher checks."""
 
-    __slots__ = ("_alone", "_every", "_started", "latest")
+    __slots__ = ("_alone", "_started", "latest")
 
-    def __init__(self, latest: bytes, every: float) -> None:
+    def __init__(self, latest: bytes) -> None:
         self.latest = latest
-        self._every = every
         self._started = time.monotonic()
         self._alone = 0
 
@@ -329,7 +339,7 @@ class PeerStaples:
         if message.WhichOneof("kind") is not None or not staple:
             return False
         self._alone += 1
-        allowed = STAPLES_AHEAD + (time.monotonic() - self._started) / self._every
+        allowed = STAPLES_AHEAD + (time.monotonic() - self._started) / STAPLE_ALONE_SECONDS
         if self._alone > allowed:
             raise StreamError(
                 TrustError(
@@ -463,16 +473,17 @@ class ConsumerStreams:
         requests_ended, request_closed = asyncio.Event(), asyncio.Event()
         # the provider's close was checked and logged: the stream has its answer
         answered = asyncio.Event()
-        theirs = PeerStaples(link.peer_staple, limits.stream_check_seconds)
+        theirs = PeerStaples(link.peer_staple)
         # our writes to the provider: the caller's messages, our close and our staples take
-        # turns, and none follows the end of our direction
-        turn, writes_done = asyncio.Lock(), [False]
+        # turns. Our direction is never half-closed: after our close, newer answers about our
+        # certificate still go to the provider, which checks them as long as the stream lasts
+        # (a server-streaming call outlives an answer's freshness)
+        turn = asyncio.Lock()
 
         async def write_staple(staple: bytes) -> None:
             async with turn:
-                if not writes_done[0]:
-                    with contextlib.suppress(*ENDED):
-                        await rpc.write(pb.StreamMessage(ocsp_staple=staple))
+                with contextlib.suppress(*ENDED):
+                    await rpc.write(pb.StreamMessage(ocsp_staple=staple))
 
         staples = Staples(link.staple, write_staple)
         to_caller = Outlet(context.write)
@@ -523,9 +534,6 @@ class ConsumerStreams:
                 own = node.config.require(now)
                 await _log_own_close(node, signed, signer, staple, sent, out.record, own)
                 await to_provider(pb.StreamMessage(close=_close_envelope(signed, signer, staple)))
-                async with turn:
-                    writes_done[0] = True
-                    await rpc.done_writing()
 
             async def forward_responses() -> None:
                 async for message in rpc:
@@ -933,7 +941,7 @@ class ProviderStreams:
             str(header.service), header.method, wait, trace.traceparent(call_span)
         )
         outlet = Outlet(context.write)
-        theirs = PeerStaples(peer.staple, limits.stream_check_seconds)
+        theirs = PeerStaples(peer.staple)
 
         async def write_staple(staple: bytes) -> None:
             with contextlib.suppress(PeerGone):
@@ -944,6 +952,21 @@ class ProviderStreams:
         # our close was logged and handed to gRPC: the stream has its answer
         answered = asyncio.Event()
         backend_writable = [True]
+
+        async def after_close() -> None:
+            # the request direction is closed: only newer answers about the consumer's
+            # certificate may follow, checked for as long as the stream lasts; the answer
+            # ends the stream
+            while True:
+                message = await context.read()
+                if message is grpc.aio.EOF:  # type: ignore[attr-defined]
+                    await asyncio.Future()
+                if not theirs.take(message):
+                    raise TrustError(
+                        "the consumer sent a stream message after its close",
+                        code=Code.MALFORMED_ENVELOPE,
+                    )
+                peer.staple = theirs.latest
 
         async def forward_requests() -> None:
             while True:
@@ -968,7 +991,7 @@ class ProviderStreams:
                     if backend_writable[0]:
                         with contextlib.suppress(*ENDED):
                             await backend.done_writing()
-                    await asyncio.Future()  # done: the answer ends the stream
+                    await after_close()
                 else:
                     raise TrustError(
                         "the consumer sent a stream message that is neither data nor a close",
@@ -1100,10 +1123,11 @@ class ProviderStreams:
             grpc_status=status,
             grpc_message=details,
         )
-        await _log_own_close(
-            node, signed, signer, accepted.own_staple, sent, accepted.record, accepted.config
-        )
-        message = pb.StreamMessage(close=_close_envelope(signed, signer, accepted.own_staple))
+        # our newest answer about the signer: the one the stream began with may be stale
+        # by now (a stream may outlive an answer's freshness)
+        staple = node.own_status.staple(signer.certificate_sha256)
+        await _log_own_close(node, signed, signer, staple, sent, accepted.record, accepted.config)
+        message = pb.StreamMessage(close=_close_envelope(signed, signer, staple))
         message.ocsp_staple = staples.due()
         await outlet.write(message)
 
@@ -1133,7 +1157,7 @@ class ProviderStreams:
     async def _refusal(
         write: Callable[[Any], Awaitable[None]], err: GatewayError, message_id: str | None
     ) -> None:
-        with contextlib.suppress(*ENDED):
+        try:
             await write(
                 pb.StreamMessage(
                     refusal=pb.Refusal(
@@ -1143,6 +1167,11 @@ class ProviderStreams:
                     )
                 )
             )
+        except ENDED:
+            pass
+        except Exception as exc:  # the call in a state gRPC will not write in: it ends
+            # without the message (the refusal is in the log already)
+            log.info("refusal_not_sent", code=err.code.value, error=repr(exc)[:300])
 
 
 _STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}

@@ -717,9 +717,12 @@ class Console:
                 # a redirect would send the code and its verifier wherever it points
                 allow_redirects=False,
             ) as answer:
-                if (answer.content_length or 0) > MAX_TOKEN_RESPONSE_BYTES:
-                    return refuse("the provider's token answer is too large")
-                doc = json.loads(await answer.content.read(MAX_TOKEN_RESPONSE_BYTES))
+                body = bytearray()
+                async for chunk in answer.content.iter_chunked(64 * 1024):
+                    body += chunk
+                    if len(body) > MAX_TOKEN_RESPONSE_BYTES:
+                        return refuse("the provider's token answer is too large")
+                doc = json.loads(body)
                 if answer.status != 200:
                     return refuse(f"the provider refused the code ({answer.status})")
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:

@@ -653,6 +653,37 @@ async def test_a_consumer_that_stops_reading_cannot_keep_its_stale_stream_open(
     assert chain.count > 10  # it was flooding, and blocked, before the end
 
 
+async def test_a_server_streaming_call_outlives_the_freshness_of_the_answers_it_began_with(
+    short_ocsp: Runner,
+) -> None:
+    """A download through both servers that lasts twice ocsp.freshness_seconds: after its
+    one request message and close, ss-msp's side still sends its newer answers (its side
+    is not half-closed), so ss-dnic's checks of them pass; ss-dnic's close carries its
+    newest answer about its signer, not the one the stream began with; and the call ends OK
+    with every message (found by a review: it was ended certificate_status_stale)."""
+    runner = short_ocsp
+    # 24 MB: more than the flow-control windows on the way hold, so that ss-dnic's side
+    # stays open while the caller reads slowly
+    count, size = 400, 60_000
+    async with runner.consumer_channel(MSP) as channel:
+        call = channel.unary_stream(
+            "/demo.population.v1.PopulationRegistry/Download",
+            request_serializer=population_pb2.DownloadRequest.SerializeToString,
+            response_deserializer=population_pb2.EchoMessage.FromString,
+        )(
+            population_pb2.DownloadRequest(count=count, size=size),
+            metadata=routing_metadata(client=CLINICS, service=POPULATION, purpose=PURPOSE),
+            timeout=60,
+        )
+        started, received = time.monotonic(), 0
+        async for _ in call:
+            received += 1
+            await asyncio.sleep(2 * OCSP_FRESHNESS / count)  # a slow reader
+        assert received == count
+        assert time.monotonic() - started >= 2 * OCSP_FRESHNESS
+        assert await call.code() == grpc.StatusCode.OK, await call.details()
+
+
 async def test_revoked_signing_certificate(short_ocsp: Runner) -> None:
     """After `gateway pki revoke` of ss-msp's signing certificate, ss-msp refuses its own
     calls with signer_certificate_revoked within freshness + refresh seconds, and ss-dnic

@@ -60,7 +60,7 @@ def test_an_answer_goes_once_with_a_message_and_again_only_when_newer() -> None:
 
 
 def test_a_peer_sending_answers_alone_past_its_budget_ends_the_stream() -> None:
-    theirs = PeerStaples(b"", every=60.0)
+    theirs = PeerStaples(b"")
     alone = pb.StreamMessage(ocsp_staple=b"an answer")
     for _ in range(STAPLES_AHEAD):
         assert theirs.take(alone)
@@ -69,12 +69,12 @@ def test_a_peer_sending_answers_alone_past_its_budget_ends_the_stream() -> None:
     assert ended.value.error.code is Code.MALFORMED_ENVELOPE
     # a staple with data is kept, and not counted
     data = pb.StreamMessage(data=pb.StreamData(seq=1, body=b"x"), ocsp_staple=b"newest")
-    fresh = PeerStaples(b"", every=60.0)
+    fresh = PeerStaples(b"")
     assert not fresh.take(data) and fresh.latest == b"newest"
 
 
 def test_an_oversized_answer_ends_the_stream() -> None:
-    theirs = PeerStaples(b"held", every=1.0)
+    theirs = PeerStaples(b"held")
     with pytest.raises(StreamError) as ended:
         theirs.take(pb.StreamMessage(ocsp_staple=bytes(MAX_STAPLE_BYTES + 1)))
     assert ended.value.error.code is Code.CERTIFICATE_STATUS_INVALID
