@@ -253,3 +253,35 @@ async def test_sender_delivers_moves_on_and_survives_an_absent_registry(
     assert await absent.send_once() is False
     await absent.close()
     assert asyncio.get_running_loop().time() - started < 3 * settings.timeout_seconds
+
+
+async def test_an_unchanged_head_is_sent_again_at_each_heartbeat_and_the_last_at_shutdown(
+    registry: Registry,
+) -> None:
+    """A server whose log does not move still checkpoints every heartbeat_seconds (so that
+    a silent server shows as a gap at the registry), and a head that moved since the last
+    round is sent when the server stops (`close`)."""
+    server = grpc.aio.server()
+    service = ConfigurationService(publisher=None, instance="UY", checkpoints=registry.book)  # type: ignore[arg-type]
+    server.add_generic_rpc_handlers((service.handler(),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    log = FakeLog("main", (6, b"\x06" * 32))
+    sender = CheckpointSender(
+        message_log=cast(MessageLog, log),
+        server=MSP_SERVER,
+        signer=registry.keys[MSP_SERVER],
+        addresses=[f"127.0.0.1:{port}"],
+        settings=CheckpointsSection(interval_seconds=0.1, heartbeat_seconds=0.2, timeout_seconds=2),
+        clock=lambda: datetime.now(UTC),
+    )
+    try:
+        assert await sender.send_once() is True
+        assert await sender.send_once() is False  # unchanged, heartbeat not due yet
+        await asyncio.sleep(0.25)
+        assert await sender.send_once() is True  # unchanged, heartbeat due: sent again
+        log.durable = (7, b"\x07" * 32)
+    finally:
+        await sender.close()  # the head moved since the last round: sent as the server stops
+        await server.stop(None)
+    assert [seq for _, seq, _ in await registry.rows()] == [6, 6, 7]
