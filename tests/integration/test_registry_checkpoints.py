@@ -171,14 +171,20 @@ async def test_member_scoped_listing_shows_only_that_members_servers(registry: R
     assert everything["next"] is not None and len(everything["checkpoints"]) == 1
 
 
-async def test_grpc_refusals_carry_their_status(registry: Registry) -> None:
-    """Over gRPC: accepted gets a receipt time; unknown server PERMISSION_DENIED; going back
-    FAILED_PRECONDITION."""
+async def checkpoint_service(registry: Registry) -> tuple[grpc.aio.Server, int]:
+    """The registry's checkpoint endpoint, alone on a loopback port (started)."""
     server = grpc.aio.server()
     service = ConfigurationService(publisher=None, instance="UY", checkpoints=registry.book)  # type: ignore[arg-type]
     server.add_generic_rpc_handlers((service.handler(),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
+    return server, port
+
+
+async def test_grpc_refusals_carry_their_status(registry: Registry) -> None:
+    """Over gRPC: accepted gets a receipt time; unknown server PERMISSION_DENIED; going back
+    FAILED_PRECONDITION."""
+    server, port = await checkpoint_service(registry)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             call = channel.unary_unary(
@@ -219,11 +225,7 @@ async def test_sender_delivers_moves_on_and_survives_an_absent_registry(
 ) -> None:
     """The server's sender gets a moved head accepted, skips an unchanged one, reports a
     refused (rewound) head without raising, and returns promptly when no registry answers."""
-    server = grpc.aio.server()
-    service = ConfigurationService(publisher=None, instance="UY", checkpoints=registry.book)  # type: ignore[arg-type]
-    server.add_generic_rpc_handlers((service.handler(),))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
+    server, port = await checkpoint_service(registry)
     log = FakeLog("main", (6, b"\x06" * 32))
     settings = CheckpointsSection(interval_seconds=1, heartbeat_seconds=60, timeout_seconds=2)
 
@@ -261,11 +263,7 @@ async def test_an_unchanged_head_is_sent_again_at_each_heartbeat_and_the_last_at
     """A server whose log does not move still checkpoints every heartbeat_seconds (so that
     a silent server shows as a gap at the registry), and a head that moved since the last
     round is sent when the server stops (`close`)."""
-    server = grpc.aio.server()
-    service = ConfigurationService(publisher=None, instance="UY", checkpoints=registry.book)  # type: ignore[arg-type]
-    server.add_generic_rpc_handlers((service.handler(),))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
+    server, port = await checkpoint_service(registry)
     log = FakeLog("main", (6, b"\x06" * 32))
     sender = CheckpointSender(
         message_log=cast(MessageLog, log),
