@@ -32,6 +32,7 @@ import asyncio
 import functools
 import time
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 import grpc
@@ -40,7 +41,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 from opentelemetry.trace import SpanKind
 
-from gateway.errors import Code, GatewayError, UnavailableError, bound_message
+from gateway.errors import Code, GatewayError, TrustError, UnavailableError, bound_message
 from gateway.exchange import (
     Call,
     Outgoing,
@@ -120,6 +121,8 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         self.refusals = RefusalCounter() if refusals is None else refusals
         self._handlers: dict[str, Any] = {}
         self.in_flight = 0
+        # message ids callers chose, claimed by the calls under way (see `claim_id`)
+        self.claimed_ids: set[str] = set()
         self.streams = ConsumerStreams(self)
 
     def _stream_kind(self, method: str, metadata: Any) -> str | None:
@@ -181,10 +184,11 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                     "consumer call", traceparent_of(context.invocation_metadata())
                 )
             # the call, once it passed the checks: a bug past that point is recorded
-            # against it
+            # against it; and the caller's own message id it claimed (released at its end)
             seen: list[Outgoing] = []
+            claims: list[str] = []
             try:
-                return await self._call(method, body, context, labels, trace, seen)
+                return await self._call(method, body, context, labels, trace, seen, claims)
             except (grpc.aio.AbortError, asyncio.CancelledError):
                 raise
             except Exception:  # a bug: a clear refusal and a record, never a traceback
@@ -197,6 +201,7 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                 await self.node.log_failure(refusal.record.fields())
                 return await self._abort(context, err, seen[-1].header.message_id, labels)
         finally:
+            self.claimed_ids.difference_update(claims)
             self.in_flight -= 1
             trace.finish()
             if self.metrics is not None:
@@ -210,6 +215,7 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         labels: CallLabels,
         trace: CallTrace,
         seen: list[Outgoing],
+        claims: list[str],
     ) -> bytes:
         node = self.node
         started = time.perf_counter()
@@ -240,6 +246,8 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         )
         message_id = out.header.message_id
         try:
+            if await self.claim_id(metadata, out):
+                claims.append(message_id)
             out, link = await self._route(out)
         except GatewayError as err:
             return await self._refuse(context, consumer_refusal(err, out, node.clock()), labels)
@@ -303,6 +311,38 @@ class ConsumerService(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             )
         context.set_trailing_metadata(trailing)
         return bytes(incoming.envelope.body)
+
+    async def claim_id(self, metadata: Mapping[str, str], out: Outgoing) -> bool:
+        """A message id the caller chose names one exchange of this server's log: refused
+        (`replayed_message`) when a call under way holds it, or when the log holds a
+        request under it from another client or to another service; claimed for this call
+        otherwise (True: released at its end, when its request is in the log or it was
+        refused). Without this, a backend of one subsystem could log a request under
+        another's id and make that exchange's evidence ambiguous (found by a red-team
+        review). The same client and service may try again under an id whose request the
+        provider refused, as the README promises (the provider refuses an id it accepted).
+        An id this server generated needs no check (False)."""
+        if not metadata.get("gateway-id"):
+            return False
+        message_id = out.header.message_id
+        used = message_id in self.claimed_ids
+        if not used:
+            self.claimed_ids.add(message_id)  # before the look-up: a twin waits for nothing
+            try:
+                logged = await self.node.log.exchanges_under(message_id, "consumer")
+            except BaseException:
+                self.claimed_ids.discard(message_id)
+                raise
+            used = bool(logged - {(str(out.header.client), str(out.header.service))})
+            if used:
+                self.claimed_ids.discard(message_id)
+        if used:
+            raise TrustError(
+                f"message id {message_id} names another exchange on this server: send "
+                "each call with a new id",
+                code=Code.REPLAYED_MESSAGE,
+            )
+        return True
 
     async def _route(self, out: Outgoing) -> tuple[Outgoing, PeerLink]:
         """The server hosting the service that has answered fastest lately and can be

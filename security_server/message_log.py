@@ -650,6 +650,28 @@ class MessageLog:
             )
             return {r.message_id for r in rows}
 
+    async def exchanges_under(self, message_id: str, role: str) -> set[tuple[str, str]]:
+        """The (client, service) of the requests this log holds under `message_id` in `role`
+        (its index on message_id); `UnavailableError(LOG_UNAVAILABLE)` when it cannot be
+        read."""
+        try:
+            async with self.engine.connect() as conn:
+                found = await conn.execute(
+                    sa.select(message_log.c.client, message_log.c.service)
+                    .where(
+                        message_log.c.message_id == message_id,
+                        message_log.c.role == role,
+                        message_log.c.kind == "request",
+                    )
+                    .distinct()
+                )
+                return {(str(r.client), str(r.service)) for r in found}
+        except sa.exc.SQLAlchemyError as exc:
+            raise UnavailableError(
+                f"the message log cannot be read ({failure_reason(exc)}); retry later",
+                code=Code.LOG_UNAVAILABLE,
+            ) from None
+
     async def records(self, *, message_id: str | None = None) -> list[ChainedRecord]:
         """Records of every chain (this process's and other replicas'), oldest first."""
         query = sa.select(message_log).order_by(

@@ -432,8 +432,16 @@ class ConsumerStreams:
             await service._refuse(context, consumer_refusal(err, out, node.clock()), labels)
             return
         try:
+            claimed = await service.claim_id(metadata, out)
+        except GatewayError as err:
+            self.clients.give(client)
+            await service._refuse(context, consumer_refusal(err, out, node.clock()), labels)
+            return
+        try:
             await self._call(out, requests, context, labels, trace)
         finally:
+            if claimed:
+                service.claimed_ids.discard(out.header.message_id)
             trace.outcome(labels.code)
             self.clients.give(client)
             if service.metrics is not None:

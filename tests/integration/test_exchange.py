@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable
 
@@ -287,17 +288,55 @@ async def test_malformed_message_id_is_refused(msp: grpc.aio.Channel) -> None:
     assert outcome.error == "malformed_identifier"
 
 
-async def test_caller_reusing_a_message_id_is_refused_by_the_provider(
-    msp: grpc.aio.Channel,
+async def test_a_callers_message_id_names_one_exchange_of_its_server(
+    runner: Runner, msp: grpc.aio.Channel
 ) -> None:
-    """The provider refuses a second message with an id it has already accepted."""
+    """A message id the caller chose, used again for the same exchange, is refused by the
+    provider, which accepted it; two calls with one new id at once: the consumer's server
+    lets one through. (Another client's or service's reuse of an id is refused by the
+    consumer's server itself: test_message_log_store.) A call refused before its request
+    was logged leaves the id free."""
+    message_id = uuid.uuid4().hex
     metadata = routing_metadata(
         client=CLINICS,
         service=POPULATION,
         purpose="healthcare-identification",
-        message_id=uuid.uuid4().hex,
+        message_id=message_id,
     )
     first = await call_raw(msp, GET_PERSON, PERSON, metadata)
     second = await call_raw(msp, GET_PERSON, PERSON, metadata)
     assert first.ok
     assert (second.code, second.error) == (grpc.StatusCode.ALREADY_EXISTS, "replayed_message")
+    provider = [(r["kind"], r["error_code"]) for r in log_rows(runner.log_db(DNIC), message_id)]
+    assert provider == [("request", None), ("response", None), ("refusal", "replayed_message")]
+
+    twin = routing_metadata(
+        client=CLINICS,
+        service=POPULATION,
+        purpose="healthcare-identification",
+        message_id=uuid.uuid4().hex,
+    )
+    together = await asyncio.gather(*(call_raw(msp, GET_PERSON, PERSON, twin) for _ in range(2)))
+    assert sorted(o.error or "ok" for o in together) == ["ok", "replayed_message"], together
+
+    # refused before its request was logged (a purpose not agreed): the id is free
+    free = uuid.uuid4().hex
+    refused = await call_raw(
+        msp,
+        GET_PERSON,
+        PERSON,
+        routing_metadata(client=CLINICS, service=POPULATION, purpose="marketing", message_id=free),
+    )
+    assert refused.error == "purpose_not_covered", refused
+    again = await call_raw(
+        msp,
+        GET_PERSON,
+        PERSON,
+        routing_metadata(
+            client=CLINICS,
+            service=POPULATION,
+            purpose="healthcare-identification",
+            message_id=free,
+        ),
+    )
+    assert again.ok, again

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import sqlite3
 import time
@@ -10,7 +11,8 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 import sqlalchemy as sa
@@ -19,11 +21,12 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from structlog.testing import capture_logs
 
 from gateway.audit import ChainBrokenError, FieldValue, RecordKind, Role
-from gateway.errors import UnavailableError
+from gateway.errors import Code, TrustError, UnavailableError
 from gateway.records import record
 from gateway.settings import database_url
 from security_server import search
 from security_server.audit import verify_log
+from security_server.consumer import ConsumerService
 from security_server.message_log import PROBE_TIMEOUT_SECONDS, MessageLog
 from security_server.search import SEARCHES_AT_ONCE, Searcher, SearchTooLongError
 from tests.tamper import reset_postgres_log, tamper
@@ -375,5 +378,42 @@ async def test_auditor_searches_hold_at_most_their_share_of_the_logs_connections
             with pytest.raises(SearchTooLongError, match="narrow it"):
                 async with searcher.connection() as conn:
                     await conn.execute(sa.text("SELECT pg_sleep(2)"))
+    finally:
+        await log.close()
+
+
+async def test_a_callers_message_id_of_another_exchange_is_refused_by_its_server(
+    url: str,
+) -> None:
+    """The consumer's check of a message id its caller chose (ConsumerService.claim_id)
+    against a real log: the id of another client's or service's request is refused; the
+    same client and service may try again (the provider decides); twins under way are
+    refused; a released id is free again."""
+    log = await MessageLog.open(url)
+    await log.append(fields(1))  # m-1: UY/GOV/MSP/clinics -> population
+    # what claim_id reads of the consumer's service: its claims and its node's log
+    service = cast(
+        ConsumerService, SimpleNamespace(claimed_ids=set(), node=SimpleNamespace(log=log))
+    )
+
+    def call(client: str, service_id: str) -> Any:
+        return SimpleNamespace(
+            header=SimpleNamespace(message_id="m-1", client=client, service=service_id)
+        )
+
+    claim = functools.partial(ConsumerService.claim_id, service, {"gateway-id": "m-1"})
+    population = "UY/GOV/DNIC/identity/population/v1"
+    try:
+        with pytest.raises(TrustError, match="names another exchange") as other_client:
+            await claim(call("UY/GOV/MSP/billing", population))
+        assert other_client.value.code is Code.REPLAYED_MESSAGE
+        with pytest.raises(TrustError, match="names another exchange"):
+            await claim(call("UY/GOV/MSP/clinics", "UY/GOV/MSP/clinics/vaccination/v1"))
+        assert await claim(call("UY/GOV/MSP/clinics", population)) is True
+        with pytest.raises(TrustError):  # its twin, while it is under way
+            await claim(call("UY/GOV/MSP/clinics", population))
+        service.claimed_ids.discard("m-1")
+        assert await claim(call("UY/GOV/MSP/clinics", population)) is True
+        assert await ConsumerService.claim_id(service, {}, call("x", "y")) is False  # ours
     finally:
         await log.close()

@@ -199,6 +199,30 @@ async def test_bidirectional_chat_answers_each_message_as_it_comes(msp: Any) -> 
     assert await call.code() == grpc.StatusCode.OK
 
 
+async def test_a_streams_message_id_chosen_by_its_caller_is_not_used_again(
+    runner: Runner, msp: Any
+) -> None:
+    """As for unary calls: a second stream under an id its caller chose is refused
+    (replayed_message): the provider accepted that id once, and logs one request under it."""
+    message_id = new_id()
+    for attempt in range(2):
+        call = msp.stream_stream(
+            CHAT,
+            request_serializer=population.EchoMessage.SerializeToString,
+            response_deserializer=population.EchoMessage.FromString,
+        )(metadata=metadata(message_id), timeout=10)
+        await call.write(population.EchoMessage(payload=b"hello"))
+        await call.done_writing()
+        if attempt == 0:
+            assert (await call.read()).payload == b"hello"
+            assert await call.code() == grpc.StatusCode.OK
+        else:
+            assert await call.code() == grpc.StatusCode.ALREADY_EXISTS
+            assert refused_with_metadata(await call.trailing_metadata(), "replayed_message")
+    assert kinds(runner, MSP, message_id)[-1] == ("refusal", "replayed_message")
+    assert [k for k, _ in kinds(runner, DNIC, message_id)].count("request") == 1
+
+
 async def test_a_stream_outside_any_agreement_is_refused_before_it_opens(
     runner: Runner, msp: Any
 ) -> None:
@@ -498,6 +522,10 @@ async def upload(channel: Any, payloads: list[bytes], message_id: str) -> Any:
         request_serializer=population.EchoMessage.SerializeToString,
         response_deserializer=population.UploadSummary.FromString,
     )(messages(), metadata=metadata(message_id), timeout=30)
+
+
+def refused_with_metadata(trailing: Any, code: str) -> bool:
+    return trailing_of(trailing).get("gateway-error") == code
 
 
 def refused_with(error: grpc.aio.AioRpcError, code: str) -> bool:
