@@ -11,19 +11,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from datetime import datetime
-from typing import Any
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from gateway.envelope import StreamClose, decode_request, sha256_hex
 from gateway.identifiers import SecurityServerId
 from gateway.signing import EcdsaSigner
-from gateway.streams import Chain
+from gateway.streams import REQUEST, Chain
 from gateway.v1 import exchange_pb2 as pb
-from tests.integration.attacker import build_request, peer_channel
+from tests.integration.attacker import build_request, fetch_ocsp, peer_channel
+
+from .clinics import signer_of
+from .conftest import CLINICS, DNIC, MSP, POPULATION
+
+if TYPE_CHECKING:
+    from gateway_demo.runner import Runner
 
 STREAM_METHOD = "/gateway.v1.Exchange/Stream"
+CHAT = "/demo.population.v1.PopulationRegistry/Chat"
+PURPOSE = "healthcare-identification"
 
 
 def stream_open(
@@ -139,3 +148,55 @@ class StreamingConsumer:
     async def close(self) -> None:
         self.call.cancel()
         await self.channel.close(None)
+
+
+@dataclass
+class OpenedChat:
+    """A Chat stream opened by `open_chat`: the stream, ss-msp's member signer and the OCSP
+    answer stapled to the open's envelope, the signed request header, the chain of the
+    request direction, and the answer about ss-msp's TLS certificate stapled to the open."""
+
+    consumer: StreamingConsumer
+    signer: EcdsaSigner
+    signer_ocsp: bytes
+    header: bytes
+    chain: Chain
+    staple: bytes
+
+
+async def open_chat(
+    runner: Runner, message_id: str, *, timeout: float = 20.0, deadline_ms: int = 10_000
+) -> OpenedChat:
+    """ss-msp's keys opening a bidirectional Chat stream straight to ss-dnic's provider
+    endpoint, correctly, with fresh OCSP answers; `deadline_ms` is the open's deadline (0:
+    none)."""
+    pki = runner.pki
+    ca = (pki / "ca.crt").read_bytes()
+    auth = (pki / "auth" / "UY_GOV_MSP_ss1.crt").read_bytes()
+    signer = signer_of(pki, "UY_GOV_MSP")
+    signer_ocsp = fetch_ocsp(runner.ocsp_url, (pki / "sign" / "UY_GOV_MSP.crt").read_bytes(), ca)
+    consumer = StreamingConsumer(
+        runner.providers[DNIC],
+        DNIC,
+        ca,
+        auth,
+        (pki / "auth" / "UY_GOV_MSP_ss1.key").read_bytes(),
+        timeout=timeout,
+    )
+    opened = stream_open(
+        signer,
+        message_id=message_id,
+        client=CLINICS,
+        service=POPULATION,
+        method=CHAT,
+        purpose=PURPOSE,
+        sender=MSP,
+        kind="bidi",
+        created_at=datetime.now(UTC),
+        signer_ocsp=signer_ocsp,
+    )
+    opened.timeout_ms = deadline_ms
+    staple = fetch_ocsp(runner.ocsp_url, auth, ca)
+    await consumer.send(pb.StreamMessage(open=opened, ocsp_staple=staple))
+    header = opened.request.header
+    return OpenedChat(consumer, signer, signer_ocsp, header, Chain(REQUEST, header), staple)

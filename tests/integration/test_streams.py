@@ -30,7 +30,7 @@ import grpc
 import pytest
 
 from gateway.envelope import decode_close, decode_request
-from gateway.signing import EcdsaSigner, load_certificate, load_private_key
+from gateway.signing import EcdsaSigner
 from gateway.streams import REQUEST, RESPONSE, Chain
 from gateway.v1 import exchange_pb2 as pb
 from gateway_demo.bench_streams import peak_kib, reset_peak, transfer
@@ -40,9 +40,10 @@ from gateway_demo.revocation import AdminApi, active_agreement
 from gateway_demo.runner import Runner
 from tests.integration.attacker import fetch_ocsp
 
+from .clinics import signer_of
 from .conftest import CLINICS, DNIC, MSP, POPULATION, audit_verify, log_rows, run_gateway
 from .malicious_provider import MaliciousProvider
-from .stream_peer import StreamingConsumer, data, signed_close, stream_open
+from .stream_peer import StreamingConsumer, data, open_chat, signed_close
 
 EXPORT = "/demo.population.v1.PopulationRegistry/ExportPeople"
 DOWNLOAD = "/demo.population.v1.PopulationRegistry/Download"
@@ -392,41 +393,11 @@ class Peer:
         return (await self.consumer.refusal()).code
 
 
-def _signer(pki: Path, stem: str) -> EcdsaSigner:
-    return EcdsaSigner(
-        load_private_key((pki / "sign" / f"{stem}.key").read_bytes()),
-        load_certificate((pki / "sign" / f"{stem}.crt").read_bytes()),
-    )
-
-
 async def open_peer(runner: Runner, message_id: str) -> Peer:
     """ss-msp's keys, speaking to ss-dnic's provider endpoint directly: a bidirectional
     Chat stream, correctly opened."""
-    pki = runner.pki
-    ca = (pki / "ca.crt").read_bytes()
-    auth = (pki / "auth" / "UY_GOV_MSP_ss1.crt").read_bytes()
-    signer = _signer(pki, "UY_GOV_MSP")
-    ocsp = fetch_ocsp(runner.ocsp_url, (pki / "sign" / "UY_GOV_MSP.crt").read_bytes(), ca)
-    consumer = StreamingConsumer(
-        runner.providers[DNIC], DNIC, ca, auth, (pki / "auth" / "UY_GOV_MSP_ss1.key").read_bytes()
-    )
-    opened = stream_open(
-        signer,
-        message_id=message_id,
-        client=CLINICS,
-        service=POPULATION,
-        method=CHAT,
-        purpose=PURPOSE,
-        sender=MSP,
-        kind="bidi",
-        created_at=datetime.now(UTC),
-        signer_ocsp=ocsp,
-    )
-    await consumer.send(
-        pb.StreamMessage(open=opened, ocsp_staple=fetch_ocsp(runner.ocsp_url, auth, ca))
-    )
-    header = opened.request.header
-    return Peer(runner, signer, ocsp, consumer, header, Chain(REQUEST, header))
+    chat = await open_chat(runner, message_id)
+    return Peer(runner, chat.signer, chat.signer_ocsp, chat.consumer, chat.header, chat.chain)
 
 
 def _message(n: int) -> bytes:
@@ -469,7 +440,7 @@ async def _close_miscounted(peer: Peer) -> None:
 
 
 async def _close_signed_by_another_member(peer: Peer) -> None:
-    other = _signer(peer.runner.pki, "UY_GOV_DNIC")
+    other = signer_of(peer.runner.pki, "UY_GOV_DNIC")
     await peer.consumer.send(
         signed_close(other, peer.ocsp, peer.header, peer.chain, MSP, datetime.now(UTC))
     )
@@ -787,7 +758,7 @@ def fake_dnic(runner: Runner) -> Iterator[MaliciousProvider]:
 
 def _answers(runner: Runner, how: str) -> Callable[[pb.StreamOpen], Iterator[pb.StreamMessage]]:
     pki = runner.pki
-    signer = _signer(pki, "UY_GOV_DNIC")
+    signer = signer_of(pki, "UY_GOV_DNIC")
     ca = (pki / "ca.crt").read_bytes()
     ocsp = fetch_ocsp(runner.ocsp_url, (pki / "sign" / "UY_GOV_DNIC.crt").read_bytes(), ca)
     staple = fetch_ocsp(runner.ocsp_url, (pki / "auth" / "UY_GOV_DNIC_ss1.crt").read_bytes(), ca)

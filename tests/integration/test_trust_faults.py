@@ -36,7 +36,6 @@ from cryptography.x509 import ocsp
 
 from gateway.envelope import decode_request
 from gateway.signing import EcdsaSigner, load_certificate, load_private_key
-from gateway.streams import REQUEST, Chain
 from gateway.v1 import exchange_pb2 as pb
 from gateway_demo.client import Outcome, call_raw, routing_metadata
 from gateway_demo.generated import population_pb2
@@ -50,7 +49,7 @@ from tests.integration.attacker import (
 
 from .clinics import signed_request
 from .conftest import CLINICS, DNIC, GET_PERSON, MSP, POPULATION, audit_verify, run_gateway
-from .stream_peer import StreamingConsumer, stream_open
+from .stream_peer import CHAT, open_chat
 from .stream_peer import data as stream_data
 
 PURPOSE = "healthcare-identification"
@@ -533,38 +532,8 @@ async def test_stale_and_missing_staples_are_refused_by_the_provider(short_ocsp:
         assert (outcome := await person(channel)).ok, outcome
 
 
-CHAT = "/demo.population.v1.PopulationRegistry/Chat"
-
-
 def chat_message(n: int) -> bytes:
     return population_pb2.EchoMessage(payload=f"message {n}".encode()).SerializeToString()
-
-
-async def open_chat(
-    runner: Runner, message_id: str, *, timeout: float, deadline_ms: int
-) -> tuple[StreamingConsumer, Chain, bytes]:
-    """ss-msp's keys opening a Chat stream straight to ss-dnic's provider, stapled with a
-    fresh answer: the stream, its request chain, and that answer."""
-    keys = Pki.of(runner)
-    consumer = StreamingConsumer(
-        runner.providers[DNIC], DNIC, keys.ca_pem, keys.auth_cert, keys.auth_key, timeout=timeout
-    )
-    opened = stream_open(
-        keys.signer,
-        message_id=message_id,
-        client=CLINICS,
-        service=POPULATION,
-        method=CHAT,
-        purpose=PURPOSE,
-        sender=MSP,
-        kind="bidi",
-        created_at=datetime.now(UTC),
-        signer_ocsp=keys.sign_status(),
-    )
-    opened.timeout_ms = deadline_ms
-    staple = keys.auth_status()
-    await consumer.send(pb.StreamMessage(open=opened, ocsp_staple=staple))
-    return consumer, Chain(REQUEST, opened.request.header), staple
 
 
 async def test_a_stream_whose_consumer_stops_stapling_ends_when_its_answer_goes_stale(
@@ -577,9 +546,8 @@ async def test_a_stream_whose_consumer_stops_stapling_ends_when_its_answer_goes_
     serving it to limits.max_stream_seconds (an hour by default)."""
     runner = short_ocsp
     message_id = f"stale-stream-{uuid.uuid4().hex}"
-    consumer, chain, staple = await open_chat(
-        runner, message_id, timeout=OCSP_FRESHNESS + 30, deadline_ms=10_000
-    )
+    chat = await open_chat(runner, message_id, timeout=OCSP_FRESHNESS + 30)
+    consumer, chain, staple = chat.consumer, chat.chain, chat.staple
 
     async def talk() -> None:
         for n in range(1, 1000):
@@ -618,7 +586,8 @@ async def test_a_consumer_that_stops_reading_cannot_keep_its_stale_stream_open(
     runner = short_ocsp
     message_id = f"stalled-stream-{uuid.uuid4().hex}"
     # no deadline: only the server's own checks can end it
-    consumer, chain, staple = await open_chat(runner, message_id, timeout=60, deadline_ms=0)
+    chat = await open_chat(runner, message_id, timeout=60, deadline_ms=0)
+    consumer, chain, staple = chat.consumer, chat.chain, chat.staple
     big = population_pb2.EchoMessage(payload=bytes(60_000)).SerializeToString()
 
     async def flood() -> None:  # until its writes block: nothing is read back
