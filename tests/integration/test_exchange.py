@@ -13,6 +13,7 @@ from gateway_demo.client import call_raw, routing_metadata
 from gateway_demo.generated import population_pb2 as population
 from gateway_demo.runner import Runner
 
+from .clinics import get_person
 from .conftest import (
     CLINICS,
     DNIC,
@@ -119,17 +120,7 @@ async def test_an_internal_error_is_a_clear_refusal_recorded_against_its_request
     after the request's in that server's log, is in its process log with its traceback,
     and the server goes on serving."""
     message_id = f"fail-{failpoint}-{uuid.uuid4().hex}"
-    outcome = await call_raw(
-        msp,
-        GET_PERSON,
-        PERSON,
-        routing_metadata(
-            client=CLINICS,
-            service=POPULATION,
-            purpose="healthcare-identification",
-            message_id=message_id,
-        ),
-    )
+    outcome = await get_person(msp, message_id=message_id)
     assert (outcome.code, outcome.error) == (grpc.StatusCode.INTERNAL, "internal_error"), outcome
     assert f"internal error in the {side} server" in outcome.details, outcome.details
     assert "failpoint" not in outcome.details and "Traceback" not in outcome.details
@@ -140,12 +131,7 @@ async def test_an_internal_error_is_a_clear_refusal_recorded_against_its_request
         ("refusal", "internal_error"),
     ]
     assert "InjectedError" in runner.tail(runner.server_names[server])
-    again = await call_raw(
-        msp,
-        GET_PERSON,
-        PERSON,
-        routing_metadata(client=CLINICS, service=POPULATION, purpose="healthcare-identification"),
-    )
+    again = await get_person(msp)
     assert again.ok, again
 
 
@@ -297,46 +283,20 @@ async def test_a_callers_message_id_names_one_exchange_of_its_server(
     consumer's server itself: test_message_log_store.) A call refused before its request
     was logged leaves the id free."""
     message_id = uuid.uuid4().hex
-    metadata = routing_metadata(
-        client=CLINICS,
-        service=POPULATION,
-        purpose="healthcare-identification",
-        message_id=message_id,
-    )
-    first = await call_raw(msp, GET_PERSON, PERSON, metadata)
-    second = await call_raw(msp, GET_PERSON, PERSON, metadata)
+    first = await get_person(msp, message_id=message_id)
+    second = await get_person(msp, message_id=message_id)
     assert first.ok
     assert (second.code, second.error) == (grpc.StatusCode.ALREADY_EXISTS, "replayed_message")
     provider = [(r["kind"], r["error_code"]) for r in log_rows(runner.log_db(DNIC), message_id)]
     assert provider == [("request", None), ("response", None), ("refusal", "replayed_message")]
 
-    twin = routing_metadata(
-        client=CLINICS,
-        service=POPULATION,
-        purpose="healthcare-identification",
-        message_id=uuid.uuid4().hex,
-    )
-    together = await asyncio.gather(*(call_raw(msp, GET_PERSON, PERSON, twin) for _ in range(2)))
+    twin = uuid.uuid4().hex
+    together = await asyncio.gather(*(get_person(msp, message_id=twin) for _ in range(2)))
     assert sorted(o.error or "ok" for o in together) == ["ok", "replayed_message"], together
 
     # refused before its request was logged (a purpose not agreed): the id is free
     free = uuid.uuid4().hex
-    refused = await call_raw(
-        msp,
-        GET_PERSON,
-        PERSON,
-        routing_metadata(client=CLINICS, service=POPULATION, purpose="marketing", message_id=free),
-    )
+    refused = await get_person(msp, purpose="marketing", message_id=free)
     assert refused.error == "purpose_not_covered", refused
-    again = await call_raw(
-        msp,
-        GET_PERSON,
-        PERSON,
-        routing_metadata(
-            client=CLINICS,
-            service=POPULATION,
-            purpose="healthcare-identification",
-            message_id=free,
-        ),
-    )
+    again = await get_person(msp, message_id=free)
     assert again.ok, again
