@@ -320,12 +320,15 @@ def sqlite_snapshot(source: Path, target: Path) -> None:
         raise BackupError(f"cannot copy the message log {source}: {exc}") from None
 
 
-def _digest(stream: IO[bytes]) -> tuple[int, str]:
-    """The size and SHA-256 (hex) of what a stream holds, read a chunk at a time."""
+def _digest(stream: IO[bytes], copy_to: IO[bytes] | None = None) -> tuple[int, str]:
+    """The size and SHA-256 (hex) of what a stream holds, read a chunk at a time (and
+    written to `copy_to` as it is read, when given)."""
     digest, size = hashlib.sha256(), 0
     while chunk := stream.read(CHUNK):
         digest.update(chunk)
         size += len(chunk)
+        if copy_to is not None:
+            copy_to.write(chunk)
     return size, digest.hexdigest()
 
 
@@ -545,16 +548,12 @@ def restore(
             # read again from the zip, which may have changed since it was checked: what is
             # written is checked as it is copied, and never takes the log's place otherwise
             assert log_entry is not None
-            digest, size = hashlib.sha256(), 0
             try:
                 with zipfile.ZipFile(source) as zf, zf.open(LOG_MEMBER) as member:
-                    while chunk := member.read(CHUNK):
-                        digest.update(chunk)
-                        size += len(chunk)
-                        out.write(chunk)
+                    size, digest = _digest(member, copy_to=out)
             except ZIP_ERRORS as exc:
                 raise BackupError(f"cannot read the message log from {source}: {exc}") from None
-            if size != log_entry["size"] or digest.hexdigest() != log_entry["sha256"]:
+            if size != log_entry["size"] or digest != log_entry["sha256"]:
                 raise BackupError(
                     f"the message log in {source} changed while it was restored; it was not written"
                 )
