@@ -974,16 +974,13 @@ class ProviderStreams:
                         "the consumer sent a stream message after its close",
                         code=Code.MALFORMED_ENVELOPE,
                     )
-                peer.staple = theirs.latest
 
         async def forward_requests() -> None:
             while True:
                 message = await context.read()
                 if message is grpc.aio.EOF:  # type: ignore[attr-defined]
                     raise incomplete(REQUEST, "the consumer's stream ended")
-                alone = theirs.take(message)
-                peer.staple = theirs.latest
-                if alone:
+                if theirs.take(message):
                     continue  # a newer answer about the consumer's certificate: kept
                 which = message.WhichOneof("kind")
                 if which == "data":
@@ -1037,7 +1034,7 @@ class ProviderStreams:
             await _first(
                 forward_requests(),
                 forward_responses(),
-                self._watch(accepted, peer, staples.push),
+                self._watch(accepted, peer, theirs, staples.push),
                 outlet=outlet,
             )
         except StreamError as exc:
@@ -1070,7 +1067,9 @@ class ProviderStreams:
             if self.service.metrics is not None:
                 self.service.metrics.call("provider", labels, time.perf_counter() - started)
 
-    async def _watch(self, accepted: Accepted, peer: Peer, push: Callable[[], None]) -> None:
+    async def _watch(
+        self, accepted: Accepted, peer: Peer, theirs: PeerStaples, push: Callable[[], None]
+    ) -> None:
         node = self.node
 
         def check() -> None:
@@ -1083,7 +1082,7 @@ class ProviderStreams:
             check_still_agreed(accepted.header, node, now)
             # and the consumer's latest answer about its TLS certificate, as for a new call
             assert peer.certificate is not None  # a registered peer presented one
-            node.status.peer(peer.staple, peer.certificate, peer_config, now)
+            node.status.peer(theirs.latest, peer.certificate, peer_config, now)
 
         err = await _watch(
             check,
