@@ -30,6 +30,7 @@ from gateway.exchange import Envelope
 from gateway.identifiers import SecurityServerId, server_dns_name
 from gateway.signing import certificate_fingerprint, load_certificate
 from gateway.v1 import exchange_pb2 as pb
+from security_server.call_writes import PeerGone, write
 from security_server.status import ERROR_KEY
 
 log = structlog.get_logger("security_server.peers")
@@ -203,10 +204,10 @@ class PeerLink:
                 staple = self.staple()
                 if staple != stapled:
                     stapled = staple
-                    await call.write(pb.Frames(frames=frames, ocsp_staple=staple))
+                    await write(call, pb.Frames(frames=frames, ocsp_staple=staple))
                 else:
-                    await call.write(pb.Frames(frames=frames))
-        except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError):
+                    await write(call, pb.Frames(frames=frames))
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError, PeerGone):
             # the reader sees the stream's end and fails every waiting call
             call.cancel()
 

@@ -71,6 +71,7 @@ from gateway.streams import (
 )
 from gateway.v1 import exchange_pb2 as pb
 from gateway_ops.tracing import OK, CallTrace, traceparent_of
+from security_server.call_writes import PeerGone, write
 from security_server.metrics import CallLabels, backend_code
 from security_server.node import Node
 from security_server.peers import envelope_of, error_from_rpc, peer_certificate, signed_envelope
@@ -101,10 +102,6 @@ STAPLE_WAIT_SECONDS = 10.0
 MAX_STAPLE_BYTES = 64 * 1024
 STAPLES_AHEAD = 8
 STAPLE_ALONE_SECONDS = 0.5
-
-
-class PeerGone(Exception):
-    """A write to a call that has ended: the other side went away."""
 
 
 # what writing to (or ending) a gRPC call raises once the call has ended
@@ -491,7 +488,7 @@ class ConsumerStreams:
         async def write_staple(staple: bytes) -> None:
             async with turn:
                 with contextlib.suppress(*ENDED):
-                    await rpc.write(pb.StreamMessage(ocsp_staple=staple))
+                    await write(rpc, pb.StreamMessage(ocsp_staple=staple))
 
         staples = Staples(link.staple, write_staple)
         to_caller = Outlet(context.write)
@@ -504,7 +501,8 @@ class ConsumerStreams:
                 request_serializer=pb.StreamMessage.SerializeToString,
                 response_deserializer=pb.StreamMessage.FromString,
             )(None, timeout=wait)
-            await rpc.write(
+            await write(
+                rpc,
                 pb.StreamMessage(
                     open=pb.StreamOpen(
                         request=signed_envelope(out.envelope),
@@ -512,12 +510,12 @@ class ConsumerStreams:
                         traceparent=trace.traceparent(leg).encode(),
                     ),
                     ocsp_staple=staples.due(),
-                )
+                ),
             )
 
             async def to_provider(message: pb.StreamMessage) -> None:
                 async with turn:
-                    await rpc.write(message)
+                    await write(rpc, message)
 
             async def forward_requests() -> None:
                 # past the provider's end of its stream, what it sent says how the call ends
@@ -987,7 +985,7 @@ class ProviderStreams:
                     body = incoming(message.data, received, limits)
                     if backend_writable[0]:
                         try:
-                            await backend.write(body)
+                            await write(backend, body)
                         except ENDED:
                             backend_writable[0] = False  # the backend has ended: keep checking
                 elif which == "close":

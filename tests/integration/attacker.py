@@ -9,6 +9,7 @@ never checks anything itself; the tests decide what the provider should have don
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import urllib.request
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -23,6 +24,7 @@ from gateway.identifiers import SecurityServerId, ServiceId, SubsystemId, server
 from gateway.ocsp import build_request as ocsp_request
 from gateway.signing import Signer
 from gateway.v1 import exchange_pb2 as pb
+from security_server.call_writes import PeerGone, write
 
 EXCHANGE_METHOD = "/gateway.v1.Exchange/Exchange"
 ERROR_KEY = "gateway-error"
@@ -74,7 +76,8 @@ class AttackStream:
         """Write `frame` and return the next frame the provider sends, or the stream's error."""
         call = self._call
         try:
-            await call.write(pb.Frames(frames=[frame], ocsp_staple=self.staple))
+            with contextlib.suppress(PeerGone):  # ended: what the provider said is read next
+                await write(call, pb.Frames(frames=[frame], ocsp_staple=self.staple))
             self.staple = b""
             if self._buffered:
                 return self._buffered.pop(0)

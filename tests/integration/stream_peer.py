@@ -22,6 +22,7 @@ from gateway.identifiers import SecurityServerId
 from gateway.signing import EcdsaSigner
 from gateway.streams import REQUEST, Chain
 from gateway.v1 import exchange_pb2 as pb
+from security_server.call_writes import PeerGone, write
 from tests.integration.attacker import build_request, fetch_ocsp, peer_channel
 
 from .clinics import signer_of
@@ -129,8 +130,8 @@ class StreamingConsumer:
     async def send(self, message: pb.StreamMessage) -> None:
         """Write a message; nothing happens once the provider has ended the stream (what it
         sent before ending, a refusal say, is still there to read)."""
-        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
-            await self.call.write(message)
+        with contextlib.suppress(PeerGone, grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            await write(self.call, message)  # as a consumer server writes (grpc/grpc#36066)
 
     async def read(self, timeout: float = 10.0) -> pb.StreamMessage | None:
         """The provider's next message; None once its stream ended."""

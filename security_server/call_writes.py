@@ -1,0 +1,47 @@
+"""Writes on our side of a gRPC call whose messages we send (a stream to a provider, to a
+backend), that leave what the other side said readable once it has ended the call.
+
+grpc.aio (1.85, grpc/grpc#36066) marks a call INTERNAL ("Internal error from Core") when
+a write fails because the server has already ended the call. From then on the call's
+`read` raises that error instead of returning the messages the server sent before its
+status, and the status itself is lost. A provider refusing a stream (its refusal is a
+message) while the consumer's caller is still sending would reach the caller as an
+internal error, and a backend's own status, ending a bidirectional call early, would be
+logged as INTERNAL. These writes go to gRPC's Core directly, as `write` does, but a
+failed one raises `PeerGone` and leaves the call as Core has it: the server's messages,
+then its status."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from grpc._cython import cygrpc  # type: ignore[attr-defined]
+
+
+class PeerGone(Exception):
+    """A write to a call that has ended: the other side went away."""
+
+
+async def write(call: Any, message: Any) -> None:
+    """Send `message` on `call` (a `grpc.aio` stream-request call); `PeerGone` when the
+    call has ended, without changing what reading the call gives."""
+    if call.done():
+        raise PeerGone("the call has ended")
+    core = getattr(call, "_cython_call", None)
+    sent = getattr(call, "_metadata_sent", None)
+    if core is None or sent is None or not sent.is_set():
+        # gRPC's own write: the call's start is still under way (or gRPC's insides have
+        # changed, and its own handling is all there is)
+        await call.write(message)
+        return
+    serialize = getattr(call, "_request_serializer", None)
+    data = message if serialize is None else serialize(message)
+    try:
+        await core.send_serialized_message(data)
+    except cygrpc.InternalError as exc:  # Core refused the write: the call has ended
+        raise PeerGone(str(exc)) from exc
+    except asyncio.CancelledError:
+        if not call.cancelled():
+            call.cancel()
+        raise

@@ -1,0 +1,94 @@
+"""A write to a call the server has ended leaves what the server said readable
+(security_server.call_writes, the way around grpc/grpc#36066): a provider's refusal and a
+backend's own status, ending a stream while the other side still sends, are not turned
+into gRPC's "Internal error from Core".
+
+A real grpc.aio server and channel on loopback: the bug lives in gRPC's client call."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+import pytest
+
+from security_server.call_writes import PeerGone, write
+
+
+async def _after_the_server_ended(
+    send: Callable[[Any, bytes], Awaitable[None]],
+) -> tuple[bool, list[bytes], grpc.StatusCode, str]:
+    """A bidirectional call whose server reads one message, answers with a refusal and
+    aborts with its own status; once that status has reached the client, the client sends
+    again with `send`, then reads: (whether the send failed, messages read, status, details)."""
+    ended = asyncio.Event()
+
+    async def handler(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        await context.read()
+        await context.write(b"refused: federation_ended")
+        ended.set()
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, "the federation has ended")
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers(
+        [
+            grpc.method_handlers_generic_handler(
+                "test.Ends", {"Call": grpc.stream_stream_rpc_method_handler(handler)}
+            )
+        ]
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        call: Any = channel.stream_stream("/test.Ends/Call", None, None)(None, timeout=10)
+        await write(call, b"hello")
+        await ended.wait()
+        await asyncio.sleep(0.2)  # the trailers and the stream's reset reach the client
+        failed = False
+        try:
+            await send(call, b"still there?")
+        except (PeerGone, grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            failed = True
+        read: list[bytes] = []
+        try:
+            while (message := await call.read()) is not grpc.aio.EOF:  # type: ignore[attr-defined]
+                read.append(message)
+        except grpc.aio.AioRpcError:
+            pass
+        return failed, read, await call.code(), await call.details()
+    finally:
+        await channel.close(None)
+        await server.stop(None)
+
+
+def test_a_write_after_the_server_ended_the_call_keeps_its_messages_and_status() -> None:
+    failed, read, code, details = asyncio.run(_after_the_server_ended(write))
+    assert failed  # PeerGone: the caller learns the call has ended
+    assert read == [b"refused: federation_ended"]
+    assert (code, details) == (grpc.StatusCode.PERMISSION_DENIED, "the federation has ended")
+
+
+def test_grpcs_own_write_loses_them_which_is_why_call_writes_exists() -> None:
+    """The control: with grpc.aio's `write`, the same call reads as INTERNAL. Skipped once a
+    gRPC release fixes #36066 (then `call_writes` can go)."""
+
+    async def grpcs_write(call: Any, message: bytes) -> None:
+        await call.write(message)
+
+    failed, read, code, details = asyncio.run(_after_the_server_ended(grpcs_write))
+    if code is grpc.StatusCode.PERMISSION_DENIED:
+        pytest.skip("this gRPC release keeps the server's status: grpc/grpc#36066 is fixed")
+    assert failed
+    assert (read, code) == ([], grpc.StatusCode.INTERNAL), details
+
+
+def test_a_write_to_a_call_already_done_is_refused_without_sending() -> None:
+    class Done:
+        def done(self) -> bool:
+            return True
+
+    with pytest.raises(PeerGone):
+        asyncio.run(write(Done(), b"late"))
