@@ -25,17 +25,20 @@ class PeerGone(Exception):
 
 async def write(call: Any, message: Any) -> None:
     """Send `message` on `call` (a `grpc.aio` stream-request call); `PeerGone` when the
-    call has ended, without changing what reading the call gives."""
+    call has ended, before or during the write, without changing what reading the call
+    gives."""
+    core = getattr(call, "_cython_call", None)
+    started = getattr(call, "_metadata_sent", None)
+    if core is None or started is None or not hasattr(call, "_request_serializer"):
+        await call.write(message)  # gRPC's insides have changed: its own write is all there is
+        return
+    if getattr(call, "_done_writing_flag", False):
+        raise asyncio.InvalidStateError("the call's messages were closed")
+    if not started.is_set():  # the call's start is still under way (its metadata)
+        await started.wait()
     if call.done():
         raise PeerGone("the call has ended")
-    core = getattr(call, "_cython_call", None)
-    sent = getattr(call, "_metadata_sent", None)
-    if core is None or sent is None or not sent.is_set():
-        # gRPC's own write: the call's start is still under way (or gRPC's insides have
-        # changed, and its own handling is all there is)
-        await call.write(message)
-        return
-    serialize = getattr(call, "_request_serializer", None)
+    serialize = call._request_serializer
     data = message if serialize is None else serialize(message)
     try:
         await core.send_serialized_message(data)

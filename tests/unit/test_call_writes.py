@@ -8,6 +8,7 @@ A real grpc.aio server and channel on loopback: the bug lives in gRPC's client c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -85,10 +86,35 @@ def test_grpcs_own_write_loses_them_which_is_why_call_writes_exists() -> None:
     assert (read, code) == ([], grpc.StatusCode.INTERNAL), details
 
 
-def test_a_write_to_a_call_already_done_is_refused_without_sending() -> None:
-    class Done:
-        def done(self) -> bool:
-            return True
+def test_the_first_write_to_a_call_refused_at_once_keeps_the_refusal() -> None:
+    """A server that refuses a call before reading anything (a consumer server refusing a
+    replayed message id): the caller's first write raises PeerGone, and the call says why."""
 
-    with pytest.raises(PeerGone):
-        asyncio.run(write(Done(), b"late"))
+    async def refuse(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        await context.abort(grpc.StatusCode.ALREADY_EXISTS, "replayed_message")
+
+    async def run() -> tuple[grpc.StatusCode, str]:
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers(
+            [
+                grpc.method_handlers_generic_handler(
+                    "test.Refuses", {"Call": grpc.stream_stream_rpc_method_handler(refuse)}
+                )
+            ]
+        )
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        try:
+            call: Any = channel.stream_stream("/test.Refuses/Call", None, None)(None, timeout=10)
+            with contextlib.suppress(grpc.aio.AioRpcError):  # refused already: as well
+                await call.wait_for_connection()
+            await asyncio.sleep(0.2)  # the refusal reaches the client
+            with pytest.raises(PeerGone):
+                await write(call, b"hello")
+            return await call.code(), await call.details()
+        finally:
+            await channel.close(None)
+            await server.stop(None)
+
+    assert asyncio.run(run()) == (grpc.StatusCode.ALREADY_EXISTS, "replayed_message")
