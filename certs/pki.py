@@ -18,8 +18,10 @@ where <SERVER> and <MEMBER> are identifiers with '/' replaced by '_'.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -155,6 +157,10 @@ def issue(
     return Issued(key=key, certificate=builder.sign(signing_key, hashes.SHA256()))
 
 
+# the longest validity `gateway pki sign` gives (ten years)
+MAX_DAYS = 3650
+
+
 def certify(
     public_key: ec.EllipticCurvePublicKey,
     subject_name: x509.Name,
@@ -189,10 +195,26 @@ def sign_request(
     ca: Issued, request: x509.CertificateSigningRequest, *, now: datetime, days: int
 ) -> x509.Certificate:
     """The development CA's answer to a request (`gateway pki sign`): checked against the
-    profile its common name asks for, `ValueError` listing every problem otherwise."""
+    profile its common name asks for, `ValueError` listing every problem otherwise. The
+    CA decides what it certifies: the profile's extensions and a subject of the
+    request's organisation and common name only; the extra host names a request asks for
+    are checked (never another server's verified name, a wildcard or a network)."""
+    if not 1 <= days <= MAX_DAYS:
+        raise ValueError(f"a validity of {days} days is outside 1 to {MAX_DAYS}")
     names = request.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     if len(names) != 1:
         raise ValueError("the request must name exactly one common name")
+    organisations = request.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
+    if len(organisations) > 1:
+        raise ValueError("the request must name at most one organisation")
+    others = {a.oid for a in request.subject} - {NameOID.COMMON_NAME, NameOID.ORGANIZATION_NAME}
+    if others:
+        shown = ", ".join(a.rfc4514_string() for a in request.subject if a.oid in others)
+        raise ValueError(f"the request's subject names more than an organisation: {shown}")
+    profile = Profile.named(str(names[0].value))
+    problems = check_request(profile, request)
+    if problems:
+        raise ValueError("; ".join(problems))
     hosts: tuple[str, ...] = ()
     try:
         alternative = request.extensions.get_extension_for_class(x509.SubjectAlternativeName)
@@ -201,16 +223,13 @@ def sign_request(
         )
     except x509.ExtensionNotFound:
         pass
-    profile = Profile.named(str(names[0].value))
     profile = Profile(
         profile.kind, profile.identity, tuple(h for h in hosts if h not in profile.dns_names)
     )
-    problems = check_request(profile, request)
-    if problems:
-        raise ValueError("; ".join(problems))
     public_key = request.public_key()
     assert isinstance(public_key, ec.EllipticCurvePublicKey)  # checked above
-    return certify(public_key, request.subject, profile, ca, now=now, days=days)
+    organisation = str(organisations[0].value) if organisations else ""
+    return certify(public_key, subject(profile, organisation), profile, ca, now=now, days=days)
 
 
 def write_pair(folder: Path, stem: str, issued: Issued) -> tuple[Path, Path]:
@@ -231,13 +250,21 @@ def write_pair(folder: Path, stem: str, issued: Issued) -> tuple[Path, Path]:
 
 
 def write_atomically(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write `data` to `path` with `mode`: into a new file beside it, created exclusively
+    (so never through a link, nor into a file someone left there with another mode), then
+    renamed over `path` (which replaces a link at `path` instead of writing through it)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def load_issued(folder: Path, stem: str) -> Issued:

@@ -10,7 +10,9 @@ problem with its own message. The development CA signs requests through the same
 
 - **auth**, a security server's TLS certificate: the subject's common name is the server
   id; a DNS name `server_dns_name(server)` (the name peers verify) among its subject
-  alternative names, with any extra host names; extended key usages serverAuth and
+  alternative names, with any extra host names (each a host name or an address: never a
+  wildcard, a network, or another name under `SERVER_NAME_DOMAIN`, which peers would
+  take for another server); extended key usages serverAuth and
   clientAuth (it serves and calls); key usage digitalSignature; not a CA.
 - **sign**, a member's signing certificate: the common name is the member id; key usages
   digitalSignature and nonRepudiation (`content_commitment`), which is what makes it a
@@ -24,18 +26,19 @@ Building blocks only: no files, no clock (`now` is passed in).
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gateway.errors import IdentifierError
-from gateway.identifiers import MemberId, SecurityServerId, server_dns_name
+from gateway.identifiers import SERVER_NAME_DOMAIN, MemberId, SecurityServerId, server_dns_name
 
 AUTH = "auth"
 SIGN = "sign"
@@ -137,6 +140,15 @@ def subject(profile: Profile, organisation: str) -> x509.Name:
     )
 
 
+def check_hosts(profile: Profile) -> list[str]:
+    """What is wrong with the extra host names or addresses asked for `profile` (empty:
+    nothing): what a CA refuses to put in a server's TLS certificate."""
+    if profile.kind != AUTH or not profile.dns_names:
+        return []
+    names = x509.SubjectAlternativeName(general_names(profile.dns_names))
+    return _alternative_name_problems(names, profile.dns_names[0])
+
+
 def make_request(
     profile: Profile, key: ec.EllipticCurvePrivateKey, organisation: str
 ) -> x509.CertificateSigningRequest:
@@ -203,26 +215,86 @@ def _extension_problems(profile: Profile, extensions: x509.Extensions) -> list[s
                 problems.append(f"its extended key usage lacks {what}")
         try:
             alternative = extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-            dns = alternative.get_values_for_type(x509.DNSName)
         except x509.ExtensionNotFound:
-            dns = []
+            alternative = x509.SubjectAlternativeName([])
+        dns = alternative.get_values_for_type(x509.DNSName)
         expected = profile.dns_names[0] if profile.dns_names else "(none: no server id)"
         if expected not in dns:
             problems.append(
                 f"its subject alternative names lack the DNS name {expected}, which peers "
                 "verify for this server"
             )
+        problems += _alternative_name_problems(alternative, expected)
     return problems
+
+
+# a host name: letters, digits and hyphens in dot-separated labels of 1 to 63 characters
+_HOST_NAME = re.compile(
+    r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+)
+
+
+def _alternative_name_problems(alternative: x509.SubjectAlternativeName, own: str) -> list[str]:
+    """What a server's TLS certificate must not name besides its own verified name `own`:
+    a wildcard, another name under `SERVER_NAME_DOMAIN` (peers would take its holder for
+    another security server), anything that is not a host name, or a network."""
+    problems = []
+    for name in alternative:
+        if isinstance(name, x509.DNSName):
+            host = name.value
+            if host.lower() == own:
+                continue
+            if "*" in host:
+                problems.append(
+                    f"its subject alternative name {host!r} is a wildcard: a server's "
+                    "certificate names that server only"
+                )
+            elif host.lower().rstrip(".").endswith(SERVER_NAME_DOMAIN):
+                problems.append(
+                    f"its subject alternative name {host!r} is another security server's "
+                    f"verified name (names under {SERVER_NAME_DOMAIN} are each one server's)"
+                )
+            elif not _HOST_NAME.fullmatch(host):
+                problems.append(f"its subject alternative name {host!r} is not a host name")
+        elif isinstance(name, x509.IPAddress) and not isinstance(
+            name.value, ipaddress.IPv4Address | ipaddress.IPv6Address
+        ):
+            problems.append(
+                f"its subject alternative address {name.value} is a network, not an address"
+            )
+    return problems
+
+
+def _readable(
+    what: x509.Certificate | x509.CertificateSigningRequest,
+) -> tuple[object, x509.Extensions | None, list[str]]:
+    """The public key and extensions of `what`, and what kept either from being read (a
+    key of an unknown kind, an extension given twice): hostile input is a problem to list,
+    not a crash."""
+    problems = []
+    try:
+        public_key: object = what.public_key()
+    except (UnsupportedAlgorithm, ValueError) as exc:
+        public_key = None
+        problems.append(f"its key cannot be read: {exc}")
+    try:
+        extensions: x509.Extensions | None = what.extensions
+    except (x509.DuplicateExtension, ValueError) as exc:
+        extensions = None
+        problems.append(f"its extensions cannot be read: {exc}")
+    return public_key, extensions, problems
 
 
 def check_request(profile: Profile, request: x509.CertificateSigningRequest) -> list[str]:
     """What is wrong with a request for `profile` (empty: nothing)."""
-    problems = []
-    if not request.is_signature_valid:
-        problems.append("its signature does not verify with its own key")
-    problems += _key_problems(request.public_key())
+    public_key, extensions, problems = _readable(request)
+    if public_key is not None:
+        if not request.is_signature_valid:
+            problems.append("its signature does not verify with its own key")
+        problems += _key_problems(public_key)
     problems += _name_problems(profile, request.subject)
-    problems += _extension_problems(profile, request.extensions)
+    if extensions is not None:
+        problems += _extension_problems(profile, extensions)
     return problems
 
 
@@ -237,13 +309,14 @@ def check_certificate(
     """What is wrong with a certificate a CA returned for `profile` (empty: nothing): its
     key against `key`, its names, usages and validity at `now`, and, with `ca`, that the
     CA issued it."""
-    problems = []
-    public_key = certificate.public_key()
-    problems += _key_problems(public_key)
-    if key is not None and public_key != key.public_key():
-        problems.append("it is not the certificate of this key (the public keys differ)")
+    public_key, extensions, problems = _readable(certificate)
+    if public_key is not None:
+        problems += _key_problems(public_key)
+        if key is not None and public_key != key.public_key():
+            problems.append("it is not the certificate of this key (the public keys differ)")
     problems += _name_problems(profile, certificate.subject)
-    problems += _extension_problems(profile, certificate.extensions)
+    if extensions is not None:
+        problems += _extension_problems(profile, extensions)
     if now < certificate.not_valid_before_utc:
         problems.append(f"it is not valid before {certificate.not_valid_before_utc.isoformat()}")
     if now > certificate.not_valid_after_utc:

@@ -195,10 +195,15 @@ class SecurityServerId(_Identifier):
         return f"{self.owner}/{self.code}"
 
 
+# the domain of every security server's verified TLS name (`server_dns_name`): reserved,
+# no certificate names a host in it but the server it belongs to
+SERVER_NAME_DOMAIN = ".server.gateway.invalid"
+
+
 def server_dns_name(server: SecurityServerId) -> str:
     """The DNS name in a security server's authentication certificate.
 
     Identifiers contain '/' and may contain '.', so they cannot be host names; a digest of
     the identifier gives every server a unique name that TLS host-name checks can match.
     """
-    return f"s-{hashlib.sha256(str(server).encode()).hexdigest()[:40]}.server.gateway.invalid"
+    return f"s-{hashlib.sha256(str(server).encode()).hexdigest()[:40]}{SERVER_NAME_DOMAIN}"

@@ -78,22 +78,31 @@ def _pki_csr(ns: argparse.Namespace) -> int:
     from cryptography.hazmat.primitives.asymmetric import ec
 
     from certs.pki import slug, write_atomically
-    from gateway.certificate_profile import make_request
+    from gateway.certificate_profile import check_hosts, make_request
 
     profile = _profile(ns)
-    stem = ns.out / slug(profile.identity)
-    key_path, csr_path = stem.with_suffix(".key"), stem.with_suffix(".csr")
-    if key_path.exists():
+    # the whole id in the name: a server code may hold dots, which are no suffix
+    stem = slug(profile.identity)
+    key_path, csr_path = ns.out / f"{stem}.key", ns.out / f"{stem}.csr"
+    if key_path.exists() or key_path.is_symlink():
         print(f"pki csr: {key_path} exists; a key is never overwritten (move it away first)")
         return 1
-    ns.out.mkdir(parents=True, exist_ok=True)
+    problems = check_hosts(profile)
+    if problems:
+        print(f"pki csr: refused: {'; '.join(problems)}")
+        return 1
     key = ec.generate_private_key(ec.SECP256R1())
     request = make_request(profile, key, ns.organisation)
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    write_atomically(key_path, pem, 0o600)
-    write_atomically(csr_path, request.public_bytes(serialization.Encoding.PEM), 0o644)
+    try:
+        ns.out.mkdir(parents=True, exist_ok=True)
+        write_atomically(key_path, pem, 0o600)
+        write_atomically(csr_path, request.public_bytes(serialization.Encoding.PEM), 0o644)
+    except OSError as exc:
+        print(f"pki csr: cannot write into {ns.out}: {exc}")
+        return 1
     what = "authentication (TLS)" if profile.kind == "auth" else "signing"
     print(f"{what} key for {profile.identity}: {key_path} (0600, keep it here)")
     print(f"certificate request: {csr_path} (send it to your CA)")
@@ -112,29 +121,37 @@ def _pki_sign(ns: argparse.Namespace) -> int:
         print(f"pki sign: cannot read the request {ns.csr}: {exc}")
         return 1
     try:
-        certificate = sign_request(
-            load_issued(ns.dir, "ca"), request, now=datetime.now(UTC), days=ns.days
-        )
+        ca = load_issued(ns.dir, "ca")
+    except (OSError, ValueError, TypeError) as exc:
+        print(f"pki sign: cannot read the CA's certificate and key in {ns.dir}: {exc}")
+        return 1
+    try:
+        certificate = sign_request(ca, request, now=datetime.now(UTC), days=ns.days)
     except ValueError as exc:
         print(f"pki sign: refused: {exc}")
         return 1
     pem = certificate.public_bytes(serialization.Encoding.PEM)
-    # the CA's register of what it issued: its OCSP responder answers "good" only for these
-    (ns.dir / "issued").mkdir(exist_ok=True)
-    write_atomically(ns.dir / "issued" / f"{certificate.serial_number:x}.crt", pem, 0o644)
-    write_atomically(ns.out, pem, 0o644)
+    try:
+        write_atomically(ns.out, pem, 0o644)
+        # the CA's register of what it issued: its OCSP responder answers "good" only for
+        # these (written once the certificate reached its file: one nobody received is not
+        # registered)
+        (ns.dir / "issued").mkdir(exist_ok=True)
+        write_atomically(ns.dir / "issued" / f"{certificate.serial_number:x}.crt", pem, 0o644)
+    except OSError as exc:
+        print(f"pki sign: cannot write the certificate: {exc}")
+        return 1
     print(f"certificate for {request.subject.rfc4514_string()} written to {ns.out}")
     return 0
 
 
 def _pki_import(ns: argparse.Namespace) -> int:
-    import shutil
-
     from cryptography import x509
+    from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from certs.pki import slug
+    from certs.pki import slug, write_atomically
     from gateway.certificate_profile import check_certificate
 
     profile = _profile(ns)
@@ -142,7 +159,10 @@ def _pki_import(ns: argparse.Namespace) -> int:
         certificate = x509.load_pem_x509_certificate(ns.certificate.read_bytes())
         key = serialization.load_pem_private_key(ns.key.read_bytes(), password=None)
         ca = x509.load_pem_x509_certificate(ns.ca.read_bytes()) if ns.ca else None
-    except (OSError, ValueError) as exc:
+    except TypeError:
+        print(f"pki import: the key {ns.key} is encrypted; give it unencrypted (mode 0600)")
+        return 1
+    except (OSError, ValueError, UnsupportedAlgorithm) as exc:
         print(f"pki import: cannot read the certificate, key or CA: {exc}")
         return 1
     if not isinstance(key, ec.EllipticCurvePrivateKey):
@@ -155,20 +175,50 @@ def _pki_import(ns: argparse.Namespace) -> int:
             print(f"  - {problem}")
         return 1
     folder = ns.dir / ("auth" if profile.kind == "auth" else "sign")
-    folder.mkdir(parents=True, exist_ok=True)
     crt, key_file = (
         folder / f"{slug(profile.identity)}.crt",
         folder / f"{slug(profile.identity)}.key",
     )
-    if crt.exists() and crt.read_bytes() != ns.certificate.read_bytes() and not ns.replace:
-        print(f"pki import: {crt} exists; give --replace to install this one instead")
+    # what is installed is what was checked: the certificate alone (nothing that followed
+    # it in the file), the key in PKCS#8
+    pem = certificate.public_bytes(serialization.Encoding.PEM)
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    for path in (crt, key_file):
+        if path.is_symlink():
+            print(f"pki import: {path} is a link; files are installed only in place of files")
+            return 1
+    installed = _installed_public_key(key_file)
+    same_key = installed is not None and installed == key.public_key()
+    if not ns.replace:
+        if crt.exists() and crt.read_bytes() != pem:
+            print(f"pki import: {crt} exists; give --replace to install this one instead")
+            return 1
+        if key_file.exists() and not same_key:
+            print(f"pki import: {key_file} holds another key; give --replace to install this one")
+            return 1
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not same_key:
+            write_atomically(key_file, key_pem, 0o600)
+        write_atomically(crt, pem, 0o644)
+    except OSError as exc:
+        print(f"pki import: cannot install into {folder}: {exc}")
         return 1
-    if ns.key.resolve() != key_file.resolve():
-        shutil.copyfile(ns.key, key_file)
-        key_file.chmod(0o600)
-    shutil.copyfile(ns.certificate, crt)
     print(f"certificate for {profile.identity} checked and installed: {crt}, {key_file}")
     return 0
+
+
+def _installed_public_key(path: Path) -> Any:
+    """The public key of the private key installed at `path` (None: none, or unreadable)."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        return serialization.load_pem_private_key(path.read_bytes(), password=None).public_key()
+    except (OSError, ValueError, TypeError, UnsupportedAlgorithm):
+        return None
 
 
 def _pki_revoke(ns: argparse.Namespace) -> int:
