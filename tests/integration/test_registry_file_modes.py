@@ -1,0 +1,169 @@
+"""The registry's private files are its owner's only (README, *File modes*; `api.token_key`).
+
+- What `gateway registry` commands create (its SQLite database and the folder made for it,
+  its token-signing key and the folder made for it, a backup) is owner-only even when the
+  command is started with umask 000: every `gateway` command sets umask 077 itself.
+- At start-up, `gateway registry serve` tightens its SQLite file and token key when an
+  earlier run (or an operator) left them wider, logging `file_mode_tightened` with each.
+
+The commands run as `gateway` runs them: the first through `main` in a child process (it
+sets the process's umask for good), the second through the command's own function in this
+process, stopped by SIGTERM as a supervisor stops it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from structlog.testing import capture_logs
+
+from certs.pki import init_pki
+from gateway.identifiers import MemberId
+from gateway_cli.main import build_parser
+from gateway_ops.backupfile import create_key
+from gateway_ops.runtime import read_settings
+from registry.main import RegistrySettings
+
+
+def _mode(path: Path) -> str:
+    return oct(path.lstat().st_mode & 0o777)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("pki")
+    init_pki(
+        folder,
+        instance="UY",
+        members=[MemberId.parse("UY/GOV/DNIC")],
+        servers=[],
+        registry_addresses=["127.0.0.1:7000"],
+        now=datetime.now(UTC),
+    )
+    return folder
+
+
+def registry_config(folder: Path, pki: Path) -> Path:
+    """A registry's settings: its database and token key in folders that do not exist yet."""
+    config = folder / "registry.toml"
+    config.write_text(
+        f"""instance = "UY"
+listen = "127.0.0.1:0"
+database = "state/registry.db"
+signing_certificate = "{pki / "configuration-signing.crt"}"
+signing_key = "{pki / "configuration-signing.key"}"
+[api]
+listen = "127.0.0.1:0"
+token_key = "keys/registry-token.key"
+[ops]
+listen = "127.0.0.1:0"
+""",
+        encoding="utf-8",
+    )
+    return config
+
+
+def test_what_registry_commands_create_is_owner_only_whatever_umask_they_start_with(
+    tmp_path: Path, pki: Path
+) -> None:
+    """Started with umask 000 (everything would be 0666/0777): `gateway registry token`
+    creates the token-signing key 0600 in a new folder 0700, and `gateway registry backup`
+    creates the SQLite database 0600 in a new folder 0700 and writes the backup 0600."""
+    config = registry_config(tmp_path, pki)
+    key = tmp_path / "backup.key"
+    create_key(key)
+    backup = tmp_path / "registry-backup.zip"
+    token = ["registry", "token", "--config", str(config), "--role", "auditor", "--subject", "a"]
+    backup_args = ["registry", "backup", "--config", str(config), "--key", str(key)]
+    commands = [token, [*backup_args, "--out", str(backup)]]
+    # one child runs both through `main`, one after the other, as two `gateway` commands
+    # would (the interpreter's start-up is most of the time)
+    script = (
+        "import sys\n"
+        "from gateway_cli.main import main\n"
+        f"for args in {commands!r}:\n"
+        "    if main(args) != 0:\n"
+        "        sys.exit(f'failed: {args}')\n"
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", script], umask=0, capture_output=True, text=True, timeout=30
+    )
+    assert child.returncode == 0, child.stderr
+    assert zipfile.ZipFile(backup).testzip() is None
+    found = {
+        path.relative_to(tmp_path).as_posix(): _mode(path)
+        for path in tmp_path.rglob("*")
+        if path not in (config, key)
+    }
+    assert found == {
+        "keys": "0o700",
+        "keys/registry-token.key": "0o600",
+        "state": "0o700",
+        "state/registry.db": "0o600",
+        "registry-backup.zip": "0o600",
+    }
+
+
+def test_registry_serve_tightens_its_database_and_token_key_left_wider(
+    tmp_path: Path, pki: Path
+) -> None:
+    """A registry database and token key left 0644 (umask 022) are 0600 once `gateway
+    registry serve` has started, each path logged as `file_mode_tightened` (with the mode it
+    had), before the registry says it is ready."""
+    config = registry_config(tmp_path, pki)
+    settings = read_settings(RegistrySettings, config)
+    database = tmp_path / "state" / "registry.db"
+    token_key = settings.token_key_path(tmp_path)
+    old = os.umask(0o022)
+    try:
+        database.parent.mkdir()
+        database.write_bytes(b"")  # an empty file is an empty SQLite database
+        token_key.parent.mkdir()
+        token_key.write_bytes(
+            ec.generate_private_key(ec.SECP256R1()).private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        assert _mode(database) == _mode(token_key) == "0o644"
+        ready = tmp_path / "ready.json"
+        ns = build_parser("registry").parse_args(
+            ["registry", "serve", "--config", str(config), "--ready-file", str(ready)]
+        )
+        seen: dict[str, str] = {}
+
+        def stop_once_ready() -> None:
+            # what a supervisor does: wait for the ready file, then SIGTERM
+            deadline = time.monotonic() + 20
+            while not ready.exists() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            seen.update(database=_mode(database), token_key=_mode(token_key))
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        stopper = threading.Thread(target=stop_once_ready)
+        with capture_logs() as logs:
+            stopper.start()
+            try:
+                assert ns.func(ns) == 0
+            finally:
+                stopper.join()
+    finally:
+        os.umask(old)
+    assert ready.exists(), "the registry never said it was ready"
+    assert seen == {"database": "0o600", "token_key": "0o600"}  # while it served
+    tightened = [(e["path"], e["was"]) for e in logs if e["event"] == "file_mode_tightened"]
+    assert tightened == [(str(database), "0o644"), (str(token_key), "0o644")]
+    events = [e["event"] for e in logs]
+    assert events.index("file_mode_tightened") < events.index("registry_started")
