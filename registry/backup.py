@@ -26,10 +26,13 @@ holds a registry is refused: restore never merges.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import io
 import json
 import math
+import os
+import tempfile
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -106,8 +109,32 @@ async def backup(
 ) -> Summary:
     """Write a consistent backup of the store to `out` (replaced atomically), its manifest
     authenticated with `key`."""
+    # a new file, created exclusively with mode 0600: not one left beside `out` (whose mode
+    # it would keep) nor a link's target
+    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        summary = await _write_backup(
+            store, tmp, key=key, instance=instance, now=now, progress=progress
+        )
+        os.replace(tmp_name, out)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+    return summary
+
+
+async def _write_backup(
+    store: RegistryStore,
+    tmp: Path,
+    *,
+    key: BackupKey,
+    instance: str,
+    now: datetime,
+    progress: Callable[[str, int], None],
+) -> Summary:
     tables: dict[str, dict[str, Any]] = {}
-    tmp = out.with_name(out.name + ".tmp")
     async with store.engine.connect() as conn:
         if store.is_postgres:
             # one snapshot for every table
@@ -140,7 +167,6 @@ async def backup(
                     "tables": tables,
                 }
                 write_manifest(archive, manifest, key)
-    tmp.replace(out)
     return await _summary(store, {k: v["rows"] for k, v in tables.items()}, revision)
 
 

@@ -6,18 +6,16 @@
 - At start-up, `gateway registry serve` tightens its SQLite file and token key when an
   earlier run (or an operator) left them wider, logging `file_mode_tightened` with each.
 
-The commands run as `gateway` runs them: the first through `main` in a child process (it
-sets the process's umask for good), the second through the command's own function in this
-process, stopped by SIGTERM as a supervisor stops it.
+The commands run as `gateway` runs them, in child processes (`main` sets the process's
+umask for good), the server stopped by SIGTERM as a supervisor stops it.
 """
 
 from __future__ import annotations
 
-import os
+import json
 import signal
 import subprocess
 import sys
-import threading
 import time
 import zipfile
 from datetime import UTC, datetime
@@ -26,11 +24,9 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from structlog.testing import capture_logs
 
 from certs.pki import init_pki
 from gateway.identifiers import MemberId
-from gateway_cli.main import build_parser
 from gateway_ops.backupfile import create_key
 from gateway_ops.runtime import read_settings
 from registry.main import RegistrySettings
@@ -125,45 +121,64 @@ def test_registry_serve_tightens_its_database_and_token_key_left_wider(
     settings = read_settings(RegistrySettings, config)
     database = tmp_path / "state" / "registry.db"
     token_key = settings.token_key_path(tmp_path)
-    old = os.umask(0o022)
-    try:
-        database.parent.mkdir()
-        database.write_bytes(b"")  # an empty file is an empty SQLite database
-        token_key.parent.mkdir()
-        token_key.write_bytes(
-            ec.generate_private_key(ec.SECP256R1()).private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
+    database.parent.mkdir()
+    database.write_bytes(b"")  # an empty file is an empty SQLite database
+    database.chmod(0o644)
+    token_key.parent.mkdir()
+    token_key.write_bytes(
+        ec.generate_private_key(ec.SECP256R1()).private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
         )
-        assert _mode(database) == _mode(token_key) == "0o644"
-        ready = tmp_path / "ready.json"
-        ns = build_parser("registry").parse_args(
-            ["registry", "serve", "--config", str(config), "--ready-file", str(ready)]
-        )
-        seen: dict[str, str] = {}
-
-        def stop_once_ready() -> None:
-            # what a supervisor does: wait for the ready file, then SIGTERM
-            deadline = time.monotonic() + 20
-            while not ready.exists() and time.monotonic() < deadline:
-                time.sleep(0.02)
-            seen.update(database=_mode(database), token_key=_mode(token_key))
-            os.kill(os.getpid(), signal.SIGTERM)
-
-        stopper = threading.Thread(target=stop_once_ready)
-        with capture_logs() as logs:
-            stopper.start()
-            try:
-                assert ns.func(ns) == 0
-            finally:
-                stopper.join()
-    finally:
-        os.umask(old)
-    assert ready.exists(), "the registry never said it was ready"
+    )
+    token_key.chmod(0o644)
+    ready = tmp_path / "ready.json"
+    command = [
+        sys.executable, "-m", "gateway_cli.main", "registry", "serve",
+        "--config", str(config), "--ready-file", str(ready),
+    ]  # fmt: skip
+    with subprocess.Popen(command, stderr=subprocess.PIPE, text=True, umask=0o022) as child:
+        try:
+            deadline = time.monotonic() + 30
+            while not ready.exists() and child.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert ready.exists(), "the registry never said it was ready"
+            seen = {"database": _mode(database), "token_key": _mode(token_key)}
+        finally:
+            child.send_signal(signal.SIGTERM)  # what a supervisor does
+            _, stderr = child.communicate(timeout=30)
     assert seen == {"database": "0o600", "token_key": "0o600"}  # while it served
-    tightened = [(e["path"], e["was"]) for e in logs if e["event"] == "file_mode_tightened"]
-    assert tightened == [(str(database), "0o644"), (str(token_key), "0o644")]
-    events = [e["event"] for e in logs]
-    assert events.index("file_mode_tightened") < events.index("registry_started")
+    events = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    tightened = [(e["path"], e["was"]) for e in events if e["event"] == "file_mode_tightened"]
+    assert tightened == [(str(database), "0o644"), (str(token_key), "0o644")], stderr
+    names = [e["event"] for e in events]
+    assert names.index("file_mode_tightened") < names.index("registry_started")
+
+
+def test_a_registry_backup_is_owner_only_whatever_was_left_beside_it(
+    tmp_path: Path, pki: Path
+) -> None:
+    """A `<out>.tmp` left 0644 beside the backup (an earlier version's temporary name), or
+    a link planted there, changes nothing: the backup is a new file, 0600."""
+    config = registry_config(tmp_path, pki)
+    key = tmp_path / "backup.key"
+    create_key(key)
+    backup = tmp_path / "registry-backup.zip"
+    left = tmp_path / "registry-backup.zip.tmp"
+    left.write_bytes(b"")
+    left.chmod(0o644)
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "gateway_cli.main", "registry", "backup",
+            "--config", str(config), "--out", str(backup), "--key", str(key),
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert _mode(backup) == "0o600"
+    assert zipfile.ZipFile(backup).testzip() is None
+    assert left.read_bytes() == b""  # not written through
+    assert not list(tmp_path.glob(".registry-backup.zip.*.tmp"))  # nothing left behind
