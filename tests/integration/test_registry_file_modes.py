@@ -168,15 +168,11 @@ def test_a_registry_backup_is_owner_only_whatever_was_left_beside_it(
     left = tmp_path / "registry-backup.zip.tmp"
     left.write_bytes(b"")
     left.chmod(0o644)
-    done = subprocess.run(
-        [
-            sys.executable, "-m", "gateway_cli.main", "registry", "backup",
-            "--config", str(config), "--out", str(backup), "--key", str(key),
-        ],  # fmt: skip
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    command = [
+        sys.executable, "-m", "gateway_cli.main", "registry", "backup",
+        "--config", str(config), "--out", str(backup), "--key", str(key),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
     assert _mode(backup) == "0o600"
     assert zipfile.ZipFile(backup).testzip() is None
