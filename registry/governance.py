@@ -35,7 +35,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -266,10 +266,13 @@ def server_json(row: Any, renewals: list[Any] | None = None) -> dict[str, Any]:
     }
 
 
-def _check_auth_certificate(pem: str, now: datetime, server: SecurityServerId) -> bytes:
+def _check_auth_certificate(
+    pem: str, now: datetime, server: SecurityServerId, cas: tuple[x509.Certificate, ...]
+) -> bytes:
     """The DER of a submitted authentication certificate of `server`, or `InvalidRequest`
-    saying why not: a usable key, valid now, and the profile of a server's TLS certificate
-    naming that server (the first certificate of a server as much as a renewal's)."""
+    saying why not: a usable key, valid now, the profile of a server's TLS certificate
+    naming that server (the first certificate of a server as much as a renewal's), and,
+    when `cas` are given, issued by one of them (peers would refuse any other)."""
     try:
         cert = x509.load_pem_x509_certificate(pem.encode("ascii"))
         cert.signature_hash_algorithm  # noqa: B018 - raises for an unknown signature algorithm
@@ -292,9 +295,19 @@ def _check_auth_certificate(pem: str, now: datetime, server: SecurityServerId) -
             f"until {format_time(not_after)}"
         )
     problems = check_certificate(Profile.server(server), cert, None, now=now)
+    if cas and not any(_issued_by(cert, ca) for ca in cas):
+        problems.append("it was not issued by any of the instance's CAs")
     if problems:
         raise InvalidRequest(f"auth_certificate for {server}: {'; '.join(problems)}")
     return cert.public_bytes(serialization.Encoding.DER)
+
+
+def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+        return False
+    return True
 
 
 def _signing_keys(certificates: Iterable[bytes]) -> set[bytes]:
@@ -421,12 +434,17 @@ class Governance:
         policy: Policy,
         clock: Callable[[], datetime],
         on_change: Callable[[], Awaitable[object]],
+        ca_certificates: tuple[bytes, ...] = (),
     ) -> None:
+        """`ca_certificates`: the DER of the instance's CAs (its settings' `ca_certificates`,
+        what the configuration publishes); a server's TLS certificate must be issued by
+        one of them (none given: not checked, as in tests of the workflow alone)."""
         self.store = store
         self.instance = instance
         self.policy = policy
         self.clock = clock
         self.on_change = on_change
+        self.cas = tuple(x509.load_der_x509_certificate(der) for der in ca_certificates)
 
     def _check_instance(self, instance: str, what: str) -> None:
         if instance != self.instance:
@@ -530,7 +548,7 @@ class Governance:
                 raise Forbidden(f"a token of {actor.server} cannot register {server}")
         else:
             _require_admin(actor, server.owner, f"register security servers of {server.owner}")
-        der = _check_auth_certificate(auth_certificate_pem, self.clock(), server)
+        der = _check_auth_certificate(auth_certificate_pem, self.clock(), server, self.cas)
         return await self._register_server(
             actor, server, address, der, subsystems_hosted, approved=False, reason=""
         )
@@ -659,7 +677,7 @@ class Governance:
         else:
             _require_admin(actor, server.owner, f"renew security servers of {server.owner}")
         now = self.clock()
-        der = _check_auth_certificate(pem, now, server)
+        der = _check_auth_certificate(pem, now, server, self.cas)
         sha = hashlib.sha256(der).hexdigest()
         state = ServerStatus.APPROVED if actor.role is Role.REGISTRY_ADMIN else ServerStatus.PENDING
         async with self.store.change() as ch:

@@ -419,6 +419,7 @@ async def serve(
             policy=Policy(registry_approval_required=settings.policy.registry_approval_required),
             clock=clock,
             on_change=publish_after_change,
+            ca_certificates=cas,
         )
 
         async def import_topology() -> None:

@@ -31,10 +31,10 @@ from cryptography.x509 import load_pem_x509_certificate
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from certs.pki import init_pki, issue, load_issued
+from certs.pki import Issued, init_pki, issue, load_issued
 from gateway.agreements import AgreementState, LegalBasis, LegalBasisKind
 from gateway.configuration import SignedConfiguration
-from gateway.identifiers import MemberId, SecurityServerId, ServiceId, SubsystemId
+from gateway.identifiers import MemberId, SecurityServerId, ServiceId, SubsystemId, server_dns_name
 from gateway.settings import database_url
 from gateway.timeutil import format_time
 from gateway.workflow import Action, Policy
@@ -662,6 +662,68 @@ async def test_a_submitted_server_enters_the_configuration_only_once_approved(
         )
     steps = [(r.action, r.to_state) for r in await log_entries(registry, str(server))]
     assert steps == [("register_server", "pending"), ("approve_server", "approved")]
+
+
+async def test_a_server_certificate_of_another_ca_or_naming_another_server_is_refused(
+    registry: Registry, topology_file: Path
+) -> None:
+    """With the instance's CAs given (as `registry serve` gives its settings'), a server's
+    first certificate and a renewal must come from one of them: peers would refuse any
+    other, so the registry says so at once. A certificate of the right CA that also names
+    another server's verified name, which would let its holder pass for that server, is
+    refused as well."""
+    ca = load_issued(topology_file.parent / "pki", "ca")
+    gov = Governance(
+        registry.store,
+        instance="UY",
+        policy=Policy(),
+        clock=registry.clock,
+        on_change=registry.published,
+        ca_certificates=(ca.certificate.public_bytes(serialization.Encoding.DER),),
+    )
+    stranger = issue(common_name="another CA", issuer=None, now=START, days=30, kind="ca")
+
+    def pem_of(server: SecurityServerId, issuer: Issued, hosts: tuple[str, ...] = ()) -> str:
+        made = issue(
+            common_name=str(server),
+            issuer=issuer,
+            now=START - timedelta(days=1),
+            days=30,
+            kind="auth",
+            hosts=hosts,
+        )
+        return made.certificate.public_bytes(serialization.Encoding.PEM).decode()
+
+    new = SecurityServerId.parse("UY/GOV/MSP/ss5")
+    with pytest.raises(InvalidRequest, match="not issued by any of the instance's CAs"):
+        await gov.submit_server(
+            MSP_ADMIN,
+            server=new,
+            address="127.0.0.1:7995",
+            auth_certificate_pem=pem_of(new, stranger),
+            subsystems_hosted=(CLINICS,),
+        )
+    with pytest.raises(InvalidRequest, match="another security server's verified name"):
+        await gov.submit_server(
+            MSP_ADMIN,
+            server=new,
+            address="127.0.0.1:7995",
+            auth_certificate_pem=pem_of(
+                new, ca, (server_dns_name(SecurityServerId.parse("UY/GOV/DNIC/ss1")),)
+            ),
+            subsystems_hosted=(CLINICS,),
+        )
+    current = SecurityServerId.parse("UY/GOV/MSP/ss1")
+    with pytest.raises(InvalidRequest, match="not issued by any of the instance's CAs"):
+        await gov.submit_auth_certificate(MSP_ADMIN, current, pem_of(current, stranger), "")
+    submitted = await gov.submit_server(
+        MSP_ADMIN,
+        server=new,
+        address="127.0.0.1:7995",
+        auth_certificate_pem=pem_of(new, ca),
+        subsystems_hosted=(CLINICS,),
+    )
+    assert submitted["status"] == "pending"
 
 
 async def test_renewal_publishes_both_certificates_then_only_the_successor(
