@@ -737,6 +737,12 @@ class Console:
         claims = jwt.decode(token, options={"verify_signature": False})
         if not _same(str(claims.get("nonce", "")), str(sealed["nonce"])):
             return refuse("the ID token is not for this sign-in (nonce)")
+        # OpenID Connect Core 3.1.3.7: a token of several audiences says which party it was
+        # issued to (azp), and that party must be this console
+        audiences = claims.get("aud")
+        several = isinstance(audiences, list) and len(audiences) > 1
+        if ("azp" in claims or several) and claims.get("azp") != self.oidc.client_id:
+            return refuse("the ID token was issued to another client (azp)")
         if principal.role is Role.SECURITY_SERVER:
             return refuse("security-server tokens do not open the console")
         response = self._start_session(principal, token, how="oidc")

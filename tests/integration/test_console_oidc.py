@@ -225,6 +225,13 @@ async def test_sign_in_through_the_provider_with_pkce(setup: Setup) -> None:
     assert SESSION_COOKIE not in setup.cookies
 
 
+async def test_a_token_of_several_audiences_issued_to_the_console_signs_in(setup: Setup) -> None:
+    setup.provider.claims = {**setup.provider.claims, "aud": [CLIENT, "app"], "azp": CLIENT}
+    signed = await setup.callback(await setup.to_provider())
+    assert signed.headers["Location"] == "/console/"
+    assert SESSION_COOKIE in setup.cookies
+
+
 async def test_another_sign_ins_answer_is_refused(setup: Setup) -> None:
     """An attacker's own callback URL (their code and state) pushed on a victim, whose
     browser holds a sign-in of its own: the state differs, nothing is exchanged."""
@@ -266,7 +273,17 @@ async def test_a_wrong_verifier_is_refused_by_the_provider(setup: Setup) -> None
     assert stolen.status == 400 and setup.provider.refusals == ["invalid_grant"]
 
 
-@pytest.mark.parametrize("case", ["provider-error", "wrong-nonce", "security-server", "expired"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "provider-error",
+        "wrong-nonce",
+        "security-server",
+        "expired",
+        "issued-to-another-client",
+        "several-audiences-no-azp",
+    ],
+)
 async def test_refused_sign_ins(setup: Setup, case: str) -> None:
     back = await setup.to_provider()
     expected = {
@@ -274,6 +291,8 @@ async def test_refused_sign_ins(setup: Setup, case: str) -> None:
         "wrong-nonce": "not for this sign-in (nonce)",
         "security-server": "security-server tokens do not open the console",
         "expired": "did not start here",
+        "issued-to-another-client": "issued to another client (azp)",
+        "several-audiences-no-azp": "issued to another client (azp)",
     }[case]
     if case == "provider-error":
         state = parse_qs(urlsplit(back).query)["state"][0]
@@ -287,6 +306,10 @@ async def test_refused_sign_ins(setup: Setup, case: str) -> None:
             "gateway_member": "UY/GOV/MSP",
             "gateway_server": "UY/GOV/MSP/ss1",
         }
+    elif case == "issued-to-another-client":  # our audience among others, for another app
+        setup.provider.claims = {**setup.provider.claims, "aud": [CLIENT, "app"], "azp": "app"}
+    elif case == "several-audiences-no-azp":
+        setup.provider.claims = {**setup.provider.claims, "aud": [CLIENT, "app"]}
     else:  # back after the sealed cookie's ten minutes
         setup.skew += timedelta(seconds=601)
     answer = await setup.callback(back, status=400)
