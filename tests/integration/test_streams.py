@@ -620,9 +620,11 @@ async def test_the_callers_deadline_ends_the_stream_on_both_servers(
         CHAT,
         request_serializer=population.EchoMessage.SerializeToString,
         response_deserializer=population.EchoMessage.FromString,
-    )(None, metadata=metadata(message_id), timeout=1.5)
+        # long enough for the stream to open through both servers and echo once on a slow,
+        # loaded machine (the deadline must end an open stream, not one still opening)
+    )(None, metadata=metadata(message_id), timeout=4)
     await call.write(population.EchoMessage(payload=b"hi"))
-    await call.read()
+    assert (await call.read()).payload == b"hi"
     assert await call.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     await recorded_not_closed(runner, message_id, (MSP, DNIC))
 
