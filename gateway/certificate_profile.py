@@ -145,8 +145,16 @@ def check_hosts(profile: Profile) -> list[str]:
     nothing): what a CA refuses to put in a server's TLS certificate."""
     if profile.kind != AUTH or not profile.dns_names:
         return []
-    names = x509.SubjectAlternativeName(general_names(profile.dns_names))
-    return _alternative_name_problems(names, profile.dns_names[0])
+    own = profile.dns_names[0]
+    problems = []
+    for host in profile.hosts:
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            problem = _host_problem(host, own)
+            if problem:
+                problems.append(f"--host {problem}")
+    return problems
 
 
 def make_request(
@@ -234,33 +242,44 @@ _HOST_NAME = re.compile(
 )
 
 
+def _host_problem(host: str, own: str) -> str | None:
+    """What is wrong with `host` as a name a server's TLS certificate carries besides its
+    own verified name `own` (None: nothing)."""
+    if host.lower() == own:
+        return None
+    if "*" in host:
+        return f"{host!r} is a wildcard: a server's certificate names that server only"
+    if host.lower().rstrip(".").endswith(SERVER_NAME_DOMAIN):
+        return (
+            f"{host!r} is another security server's verified name (names under "
+            f"{SERVER_NAME_DOMAIN} are each one server's)"
+        )
+    # a host name, in ASCII (IDNA A-labels), whose last label is not a number
+    if not _HOST_NAME.fullmatch(host) or host.rsplit(".", 1)[-1].isdigit():
+        return f"{host!r} is not a host name (give international names as IDNA A-labels)"
+    return None
+
+
 def _alternative_name_problems(alternative: x509.SubjectAlternativeName, own: str) -> list[str]:
     """What a server's TLS certificate must not name besides its own verified name `own`:
     a wildcard, another name under `SERVER_NAME_DOMAIN` (peers would take its holder for
-    another security server), anything that is not a host name, or a network."""
+    another security server), anything that is not a host name or an address (a network,
+    a URI, an e-mail address, a directory name)."""
     problems = []
     for name in alternative:
         if isinstance(name, x509.DNSName):
-            host = name.value
-            if host.lower() == own:
-                continue
-            if "*" in host:
+            problem = _host_problem(name.value, own)
+            if problem:
+                problems.append(f"its subject alternative name {problem}")
+        elif isinstance(name, x509.IPAddress):
+            if not isinstance(name.value, ipaddress.IPv4Address | ipaddress.IPv6Address):
                 problems.append(
-                    f"its subject alternative name {host!r} is a wildcard: a server's "
-                    "certificate names that server only"
+                    f"its subject alternative address {name.value} is a network, not an address"
                 )
-            elif host.lower().rstrip(".").endswith(SERVER_NAME_DOMAIN):
-                problems.append(
-                    f"its subject alternative name {host!r} is another security server's "
-                    f"verified name (names under {SERVER_NAME_DOMAIN} are each one server's)"
-                )
-            elif not _HOST_NAME.fullmatch(host):
-                problems.append(f"its subject alternative name {host!r} is not a host name")
-        elif isinstance(name, x509.IPAddress) and not isinstance(
-            name.value, ipaddress.IPv4Address | ipaddress.IPv6Address
-        ):
+        else:
             problems.append(
-                f"its subject alternative address {name.value} is a network, not an address"
+                f"its subject alternative names include a {type(name).__name__}: a server's "
+                "certificate names host names and addresses only"
             )
     return problems
 

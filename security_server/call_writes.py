@@ -34,8 +34,10 @@ async def write(call: Any, message: Any) -> None:
         return
     if getattr(call, "_done_writing_flag", False):
         raise asyncio.InvalidStateError("the call's messages were closed")
+    if call.done():
+        raise PeerGone("the call has ended")
     if not started.is_set():  # the call's start is still under way (its metadata)
-        await started.wait()
+        await _started_or_ended(call, started)
     if call.done():
         raise PeerGone("the call has ended")
     serialize = call._request_serializer
@@ -48,3 +50,21 @@ async def write(call: Any, message: Any) -> None:
         if not call.cancelled():
             call.cancel()
         raise
+
+
+async def _started_or_ended(call: Any, started: asyncio.Event) -> None:
+    """Wait until the call's start was sent or the call ended (a call cancelled before it
+    started never sends it)."""
+    ended = asyncio.get_running_loop().create_future()
+
+    def end(_: object) -> None:
+        if not ended.done():
+            ended.set_result(None)
+
+    call.add_done_callback(end)
+    waiting = asyncio.ensure_future(started.wait())
+    try:
+        await asyncio.wait((waiting, ended), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiting.cancel()
+        ended.cancel()

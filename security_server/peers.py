@@ -207,7 +207,9 @@ class PeerLink:
                     await write(call, pb.Frames(frames=frames, ocsp_staple=staple))
                 else:
                     await write(call, pb.Frames(frames=frames))
-        except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError, PeerGone):
+        except PeerGone:
+            pass  # Core refused the write: the call has ended, and the reader reads how
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError):
             # the reader sees the stream's end and fails every waiting call
             call.cancel()
 

@@ -501,17 +501,20 @@ class ConsumerStreams:
                 request_serializer=pb.StreamMessage.SerializeToString,
                 response_deserializer=pb.StreamMessage.FromString,
             )(None, timeout=wait)
-            await write(
-                rpc,
-                pb.StreamMessage(
-                    open=pb.StreamOpen(
-                        request=signed_envelope(out.envelope),
-                        timeout_ms=int(wait * 1000),
-                        traceparent=trace.traceparent(leg).encode(),
+            # the provider's stream may end under the open (its server gone, the deadline
+            # spent): what it says is read below, in forward_responses
+            with contextlib.suppress(PeerGone):
+                await write(
+                    rpc,
+                    pb.StreamMessage(
+                        open=pb.StreamOpen(
+                            request=signed_envelope(out.envelope),
+                            timeout_ms=int(wait * 1000),
+                            traceparent=trace.traceparent(leg).encode(),
+                        ),
+                        ocsp_staple=staples.due(),
                     ),
-                    ocsp_staple=staples.due(),
-                ),
-            )
+                )
 
             async def to_provider(message: pb.StreamMessage) -> None:
                 async with turn:

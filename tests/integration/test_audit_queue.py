@@ -108,6 +108,7 @@ async def test_a_query_past_the_audit_queue_gets_503_log_unavailable_and_the_wai
         # an exchange's record: the writer takes it and waits for the lock in its transaction
         data = asyncio.ensure_future(log.append(exchange(2)))
         waiting.append(data)
+        await asyncio.sleep(0)  # the append has queued its record
         await wait_for(lambda: log.queued == 0, "the writer to take the exchange's record")
         async with aiohttp.ClientSession() as session:
             queries = [asyncio.ensure_future(query(session, url, token, 1)) for _ in range(3)]

@@ -34,7 +34,7 @@ pytestmark = pytest.mark.slow
 DRAIN_SECONDS = 3.0
 # what the server may take past the drain deadline to close its log and send the final
 # checkpoint, and a test process's polling
-AFTER_DRAIN_SECONDS = 1.5
+AFTER_DRAIN_SECONDS = 3.0
 SLOW_CALL_SECONDS = 1.5
 # a server still running this long after SIGTERM is killed, and the test fails
 GIVE_UP_SECONDS = DRAIN_SECONDS + 7.0
@@ -207,8 +207,9 @@ def check_drain_signalled(seen: dict[str, Any]) -> None:
     answers = seen["answers"]
     assert answers, "no /readyz answer after SIGTERM"
     assert "stopping_after" in seen, f"/readyz never named stopping: {answers[:3]}"
-    assert seen["stopping_after"] < 0.5, seen["stopping_after"]
-    assert seen["told_after"] < 0.5, seen["told_after"]
+    # at once: well within the drain (a loaded 2-core machine takes its time)
+    assert seen["stopping_after"] < 2.0, seen["stopping_after"]
+    assert seen["told_after"] < 2.0, seen["told_after"]
     # from the first answer naming stopping (the signal takes a moment to arrive) to the end
     first = next(i for i, (_, body) in enumerate(answers) if "stopping" in body.get("failed", {}))
     assert all(
@@ -265,6 +266,7 @@ def test_a_call_stuck_in_the_backend_holds_the_drain_no_longer_than_drain_second
     finally:
         backend.release.set()  # the stuck request's thread returns
         restart_dnic(runner)
+        backend.release.clear()  # delays are delays again, whichever test comes next
     print_times(seen)
     check_drain_signalled(seen)
     # the call in flight had its drain_seconds, then the server went

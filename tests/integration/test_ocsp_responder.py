@@ -205,7 +205,7 @@ def test_revocation_register(pki: Path) -> None:
             reason=x509.ReasonFlags.unspecified,
             at=first,
         )
-    assert not (pki / "revoked.json.tmp").exists()
+    assert not list(pki.glob(".revoked.json.*.tmp"))  # no temporary file left behind
 
 
 # ---- HTTP (RFC 6960 Appendix A.1) -------------------------------------------------------

@@ -168,13 +168,17 @@ def test_a_registry_backup_is_owner_only_whatever_was_left_beside_it(
     left = tmp_path / "registry-backup.zip.tmp"
     left.write_bytes(b"")
     left.chmod(0o644)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"someone else's file")
+    backup.symlink_to(victim)  # a link where the backup goes: replaced, not written through
     command = [
         sys.executable, "-m", "gateway_cli.main", "registry", "backup",
         "--config", str(config), "--out", str(backup), "--key", str(key),
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert _mode(backup) == "0o600"
+    assert not backup.is_symlink() and _mode(backup) == "0o600"
+    assert victim.read_bytes() == b"someone else's file"
     assert zipfile.ZipFile(backup).testzip() is None
     assert left.read_bytes() == b""  # not written through
     assert not list(tmp_path.glob(".registry-backup.zip.*.tmp"))  # nothing left behind

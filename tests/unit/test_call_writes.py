@@ -8,7 +8,8 @@ A real grpc.aio server and channel on loopback: the bug lives in gRPC's client c
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import socket
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -47,12 +48,8 @@ async def _after_the_server_ended(
         call: Any = channel.stream_stream("/test.Ends/Call", None, None)(None, timeout=10)
         await write(call, b"hello")
         await ended.wait()
-        await asyncio.sleep(0.2)  # the trailers and the stream's reset reach the client
-        failed = False
-        try:
-            await send(call, b"still there?")
-        except (PeerGone, grpc.aio.AioRpcError, asyncio.InvalidStateError):
-            failed = True
+        # sends go on until one fails: the trailers and the stream's reset reach the client
+        failed = await _until_refused(send, call)
         read: list[bytes] = []
         try:
             while (message := await call.read()) is not grpc.aio.EOF:  # type: ignore[attr-defined]
@@ -63,6 +60,18 @@ async def _after_the_server_ended(
     finally:
         await channel.close(None)
         await server.stop(None)
+
+
+async def _until_refused(send: Callable[[Any, bytes], Awaitable[None]], call: Any) -> bool:
+    """Send on `call` until a send fails (True), for 10 s at most (False)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            await send(call, b"still there?")
+        except (PeerGone, grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            return True
+        await asyncio.sleep(0.01)
+    return False
 
 
 def test_a_write_after_the_server_ended_the_call_keeps_its_messages_and_status() -> None:
@@ -107,14 +116,36 @@ def test_the_first_write_to_a_call_refused_at_once_keeps_the_refusal() -> None:
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
         try:
             call: Any = channel.stream_stream("/test.Refuses/Call", None, None)(None, timeout=10)
-            with contextlib.suppress(grpc.aio.AioRpcError):  # refused already: as well
-                await call.wait_for_connection()
-            await asyncio.sleep(0.2)  # the refusal reaches the client
-            with pytest.raises(PeerGone):
-                await write(call, b"hello")
+            # from the first write on, before or after the refusal arrived: PeerGone at last
+            assert await _until_refused(write, call)
             return await call.code(), await call.details()
         finally:
             await channel.close(None)
             await server.stop(None)
 
     assert asyncio.run(run()) == (grpc.StatusCode.ALREADY_EXISTS, "replayed_message")
+
+
+def test_a_write_waiting_for_a_call_to_start_ends_when_the_call_is_cancelled() -> None:
+    """A call that cannot start (nothing listens; it waits to be ready) is cancelled while a
+    write waits for its start: the write ends with PeerGone, it does not wait forever."""
+
+    async def run() -> None:
+        with socket.socket() as closed:
+            closed.bind(("127.0.0.1", 0))
+            port = closed.getsockname()[1]  # nothing listens there once closed
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        try:
+            call: Any = channel.stream_stream("/test.Never/Call", None, None)(
+                None, timeout=30, wait_for_ready=True
+            )
+            writing = asyncio.ensure_future(write(call, b"hello"))
+            await asyncio.sleep(0.2)
+            assert not writing.done()  # waiting for the call's start
+            call.cancel()
+            with pytest.raises(PeerGone):
+                await asyncio.wait_for(writing, 5)
+        finally:
+            await channel.close(None)
+
+    asyncio.run(run())

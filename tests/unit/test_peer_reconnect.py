@@ -44,7 +44,7 @@ OUTAGE_SECONDS = 10.0
 MAX_GAP_SECONDS = 2.6
 # from the provider's return to a call answered: the wait above, then a connection and
 # a stream opened
-RECONNECT_SECONDS = 2.8
+RECONNECT_SECONDS = 3.5
 # how often a call arrives at the consumer during the outage
 POKE_SECONDS = 0.2
 LOCAL = grpc.LocalConnectionType.LOCAL_TCP
