@@ -31,6 +31,12 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.errors import ConfigFileError, GatewayError
 
+# gRPC's C core prints a line for every refused TLS handshake (an unknown CA, no
+# certificate): one client could write gigabytes a day into a server's log. Its errors
+# still print; the gateway counts refusals itself (README, *Floods*). An operator may set
+# GRPC_VERBOSITY otherwise; it is read when grpc is first imported, after this.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 if TYPE_CHECKING:
     from gateway_ops.backupfile import BackupKey
 

@@ -16,19 +16,26 @@ import contextlib
 import json
 import re
 import signal
+import socket
 import sqlite3
+import ssl
 import statistics
 import sys
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.identifiers import SecurityServerId, server_dns_name
@@ -379,3 +386,63 @@ async def test_counts_are_written_at_a_clean_stop(runner: Runner) -> None:
     assert counted(aggregates["auditor"]) == 30
     assert counted(aggregates["consumer"]) + len(singles) == 60
     assert len(singles) <= REFUSAL_BURST + 5
+
+
+def _stranger(folder: Path) -> tuple[Path, Path]:
+    """A self-signed certificate and key no CA of the instance knows."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "UY/GOV/EVIL/ss1")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(hours=1))
+        .not_valid_after(now + timedelta(hours=1))
+        .sign(key, hashes.SHA256())
+    )
+    crt, pem = folder / "stranger.crt", folder / "stranger.key"
+    crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    pem.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return crt, pem
+
+
+def _refused_handshakes(address: str, crt: Path, key: Path, count: int) -> None:
+    host, port = address.rsplit(":", 1)
+    for i in range(count):
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        context.set_alpn_protocols(["h2"])
+        if i % 2 == 0:  # half with an unknown CA's certificate, half with none
+            context.load_cert_chain(crt, key)
+        with (
+            contextlib.suppress(OSError, ssl.SSLError),
+            socket.create_connection((host, int(port)), timeout=5) as raw,
+            context.wrap_socket(raw) as tls,
+        ):
+            tls.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            tls.recv(16)
+
+
+async def test_refused_tls_handshakes_are_not_logged_one_by_one(
+    runner: Runner, tmp_path: Path
+) -> None:
+    """TLS handshakes refused at the provider endpoint (a certificate of an unknown CA, or
+    none) write no line each to the server's log: gRPC's core would print one per
+    handshake, 3.7 GB a day from one client thread (red-team review)."""
+    crt, key = _stranger(tmp_path)
+    log = runner.processes[runner.server_names[DNIC]].log_path
+    before = log.read_text(errors="replace").count("Handshake failed")
+    await asyncio.to_thread(_refused_handshakes, runner.providers[DNIC], crt, key, 100)
+    await asyncio.sleep(0.5)
+    lines = log.read_text(errors="replace").count("Handshake failed") - before
+    assert lines <= 5, f"{lines} log lines for 100 refused handshakes"
