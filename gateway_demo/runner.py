@@ -262,6 +262,8 @@ class Runner:
                 "signing_key": str(self.pki / "configuration-signing.key"),
                 "validity_seconds": self.validity_seconds,
                 "refresh_seconds": self.refresh_seconds,
+                # every process of a demo runs on loopback: one source address for all
+                "configuration_calls_per_address": 0,
                 "api": {
                     "listen": api,
                     "token_key": str(self.pki / "registry-token.key"),

@@ -36,6 +36,7 @@ from gateway.workflow import Policy
 from gateway_ops.auth import OidcSettings, TokenIssuer, TokenVerifier, load_or_create_token_key
 from gateway_ops.readiness import failure_reason
 from gateway_ops.server import Ops, OpsSettings, server_tls
+from gateway_ops.sources import OpenCalls, source_of
 from registry.api import AdminApi
 from registry.checkpoints import CheckpointBook, CheckpointRefused
 from registry.governance import AdminError, Governance
@@ -112,6 +113,11 @@ class RegistrySettings:
     # largest configuration message sent to a security server, in bytes (gzip-compressed
     # content, signature and certificate); servers take up to limits.max_configuration_bytes
     max_message_bytes: int = MAX_CONFIGURATION_BYTES
+    # configuration service calls (Fetch, Watch, WatchParts, Checkpoint) one source address
+    # (an IPv4 address, an IPv6 /64) may have open at once, until each is answered and sent
+    # (0: no limit). A server keeps one watch open; an answer its caller does not read
+    # holds a copy of the configuration in the registry's memory
+    configuration_calls_per_address: int = 8
     api: ApiSettings = field(default_factory=ApiSettings)
     policy: PolicySettings = field(default_factory=PolicySettings)
     ops: OpsSettings = field(default_factory=OpsSettings)
@@ -175,11 +181,20 @@ def _serialised(message: bytes) -> bytes:
 
 class ConfigurationService:
     def __init__(
-        self, publisher: Publisher, instance: str, checkpoints: CheckpointBook | None = None
+        self,
+        publisher: Publisher,
+        instance: str,
+        checkpoints: CheckpointBook | None = None,
+        *,
+        calls_per_address: int = 8,
+        on_refused: Callable[[], None] = lambda: None,
     ) -> None:
         self.publisher = publisher
         self.instance = instance
         self.checkpoints = checkpoints
+        # the service answers anyone: what one source may hold open is bounded
+        self.calls = OpenCalls(calls_per_address)
+        self._on_refused = on_refused
         # Watch and WatchParts streams open now (a metric)
         self.watchers = 0
         # the current version's whole document, serialised once for every Fetch and watcher
@@ -200,6 +215,23 @@ class ConfigurationService:
             )
         return self._message
 
+    async def _admit(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """Count the call against its source until it ends (its answer sent, or the call
+        cancelled), or refuse it (RESOURCE_EXHAUSTED) when the source has its limit open:
+        an answer its caller never reads stays in memory until then."""
+        source = source_of(context.peer())
+        if not self.calls.take(source):
+            self._on_refused()
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"at most {self.calls.per_source} configuration calls from one address at once",
+            )
+
+        def ended(_: object) -> None:
+            self.calls.give(source)
+
+        context.add_done_callback(ended)  # type: ignore[arg-type]
+
     async def _check_instance(
         self, instance: str, context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
@@ -212,12 +244,14 @@ class ConfigurationService:
     async def fetch(
         self, request: pb.FetchRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> bytes:
+        await self._admit(context)
         await self._check_instance(request.instance, context)
         return (await self._current())[1]
 
     async def watch(
         self, request: pb.WatchRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[bytes]:
+        await self._admit(context)
         await self._check_instance(request.instance, context)
         self.watchers += 1
         try:
@@ -235,6 +269,7 @@ class ConfigurationService:
     ) -> AsyncIterator[bytes]:
         """A snapshot of what the watcher needs, then each version's changes (see
         gateway/config_parts.py)."""
+        await self._admit(context)
         await self._check_instance(request.instance, context)
         if len(request.subsystems) > MAX_WATCHED_SUBSYSTEMS:
             await context.abort(
@@ -290,6 +325,7 @@ class ConfigurationService:
     async def checkpoint(
         self, request: pb.SignedCheckpoint, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.CheckpointReceipt:
+        await self._admit(context)
         if self.checkpoints is None:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this registry keeps no checkpoints")
         assert self.checkpoints is not None
@@ -488,9 +524,19 @@ async def serve(
         api_bound = runner.addresses[0][1]
         scheme = "https" if settings.api.tls_certificate is not None else "http"
         server = grpc.aio.server(
-            options=[("grpc.max_send_message_length", settings.max_message_bytes)]
+            options=[
+                ("grpc.max_send_message_length", settings.max_message_bytes),
+                # calls one connection may open at once (HTTP/2 streams)
+                ("grpc.max_concurrent_streams", max(8, settings.configuration_calls_per_address)),
+            ]
         )
-        configuration = ConfigurationService(publisher, settings.instance, checkpoints)
+        configuration = ConfigurationService(
+            publisher,
+            settings.instance,
+            checkpoints,
+            calls_per_address=settings.configuration_calls_per_address,
+            on_refused=metrics.calls_refused.inc if metrics is not None else lambda: None,
+        )
         if metrics is not None:
             metrics.watchers.set_function(lambda: configuration.watchers)
         server.add_generic_rpc_handlers((configuration.handler(),))

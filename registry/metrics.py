@@ -43,6 +43,12 @@ class RegistryMetrics:
             "Watch streams open (security servers and federated servers following)",
             registry=registry,
         )
+        self.calls_refused = Counter(
+            "gateway_registry_configuration_calls_refused_total",
+            "Configuration service calls refused: their source address had "
+            "configuration_calls_per_address open already",
+            registry=registry,
+        )
 
     def published(self, version: int, seconds: float, states: dict[str, int]) -> None:
         self.version.set(version)

@@ -56,6 +56,7 @@ from gateway.exchange import (
 )
 from gateway.identifiers import ServiceId
 from gateway_ops.failpoints import failpoint
+from gateway_ops.sources import peer_host
 from gateway_ops.tracing import (
     NO_TRACE,
     OFF,
@@ -65,7 +66,7 @@ from gateway_ops.tracing import (
     traceparent_of,
 )
 from security_server.endpoint_limits import backstop
-from security_server.floods import RefusalCounter, TokenBuckets, peer_host
+from security_server.floods import RefusalCounter, TokenBuckets
 from security_server.metrics import UNKNOWN, CallLabels, ServerMetrics, backend_code
 from security_server.node import Node
 from security_server.peers import (

@@ -33,23 +33,6 @@ OTHER_SOURCES = "other"
 _DIGEST_HEX = 16
 
 
-def peer_host(peer: str | None) -> str:
-    """The address part of a gRPC peer ("ipv4:127.0.0.1:5000", "ipv6:[::1]:5000") or of an
-    HTTP remote: one source whatever port each connection uses; at most 64 characters."""
-    if not peer:
-        return "unknown"
-    scheme, sep, rest = peer.partition(":")
-    if sep and scheme in ("ipv4", "ipv6", "unix", "unix-abstract"):
-        peer = rest
-        if scheme.startswith("unix"):
-            return "unix"
-    if peer.startswith("["):
-        return (peer[1 : peer.find("]")] if "]" in peer else peer)[:64]
-    if peer.count(":") == 1:
-        return peer.rsplit(":", 1)[0][:64]
-    return peer[:64]
-
-
 @dataclass(slots=True)
 class _Bucket:
     tokens: float

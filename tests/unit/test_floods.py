@@ -9,13 +9,13 @@ import pytest
 
 from gateway.audit import FieldValue, Role
 from gateway.errors import Code, UnavailableError
+from gateway_ops.sources import OpenCalls, peer_host, source_of
 from security_server.floods import (
     OTHER_SOURCES,
     AggregateFlusher,
     CountedEndpoint,
     RefusalCounter,
     TokenBuckets,
-    peer_host,
     retry_after,
 )
 
@@ -144,3 +144,32 @@ async def test_flusher_writes_one_record_per_count_and_keeps_what_it_could_not_w
     )
     assert str(r["error_message"]).startswith("count=10; ")
     assert r["client"] is None
+
+
+@pytest.mark.parametrize(
+    ("peer", "source"),
+    [
+        ("ipv4:10.1.2.3:5000", "10.1.2.3"),
+        ("ipv6:[2001:db8:1:2:3:4:5:6]:5000", "2001:db8:1:2::/64"),
+        ("ipv6:[2001:db8:1:2:ffff::9]:6000", "2001:db8:1:2::/64"),  # the same /64
+        ("ipv6:[::ffff:10.1.2.3]:5000", "10.1.2.3"),
+        ("unix:/run/x.sock", "unix"),
+        (None, "unknown"),
+    ],
+)
+def test_a_source_is_an_ipv4_address_or_an_ipv6_64(peer: str | None, source: str) -> None:
+    assert source_of(peer) == source
+
+
+def test_open_calls_are_bounded_per_source_and_given_back() -> None:
+    calls = OpenCalls(2)
+    assert calls.take("a") and calls.take("a")
+    assert not calls.take("a")  # its limit: nothing counted
+    assert calls.take("b")
+    calls.give("a")
+    assert calls.take("a") and calls.held("a") == 2
+    calls.give("a")
+    calls.give("a")
+    assert calls.held("a") == 0
+    unlimited = OpenCalls(0)
+    assert all(unlimited.take("a") for _ in range(1000))
