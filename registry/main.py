@@ -20,7 +20,6 @@ from typing import Any
 
 import grpc
 import structlog
-from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
@@ -33,6 +32,7 @@ from gateway.signing import EcdsaSigner, load_certificate, load_private_key
 from gateway.timeutil import format_time
 from gateway.v1 import configuration_pb2 as pb
 from gateway.workflow import Policy
+from gateway_ops import http_sites
 from gateway_ops.auth import OidcSettings, TokenIssuer, TokenVerifier, load_or_create_token_key
 from gateway_ops.readiness import failure_reason
 from gateway_ops.server import Ops, OpsSettings, server_tls
@@ -511,17 +511,15 @@ async def serve(
                 oidc=settings.api.oidc,
             )
             app.add_subapp("/console", console.app())
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
         api_host, api_port = settings.api.listen.rsplit(":", 1)
-        site = web.TCPSite(
-            runner,
+        # bounds on what one source holds of the API (its connections, a request head that
+        # never ends): the process's descriptors serve the configuration service too
+        runner, api_bound, _ = await http_sites.serve(
+            app,
             api_host,
             int(api_port),
             ssl_context=server_tls(settings.api.tls_certificate, settings.api.tls_key, "api"),
         )
-        await site.start()
-        api_bound = runner.addresses[0][1]
         scheme = "https" if settings.api.tls_certificate is not None else "http"
         server = grpc.aio.server(
             options=[

@@ -40,6 +40,7 @@ from multidict import MultiDict
 from gateway.audit import RecordKind, Role
 from gateway.errors import AuditError, GatewayError
 from gateway.records import record
+from gateway_ops import http_sites
 from gateway_ops.auth import AuthError, Principal, TokenVerifier
 from gateway_ops.auth import Role as TokenRole
 from security_server.evidence import NotStampedYet, export_records, zip_bytes
@@ -458,8 +459,8 @@ class AuditorApi:
 async def start(api: AuditorApi, listen: str, ssl_context: Any = None) -> tuple[web.AppRunner, int]:
     """Serve the API on host:port; return the runner (to clean up) and the bound port."""
     host, _, port = listen.rpartition(":")
-    runner = web.AppRunner(api.app(), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, host or "127.0.0.1", int(port), ssl_context=ssl_context)
-    await site.start()
-    return runner, int(runner.addresses[0][1])
+    # bounds on what one source holds (its connections, a request head that never ends)
+    runner, bound, _ = await http_sites.serve(
+        api.app(), host or "127.0.0.1", int(port), ssl_context=ssl_context
+    )
+    return runner, bound

@@ -327,7 +327,8 @@ async def test_auditor_api_flood_writes_a_handful_of_records_and_spares_exchange
         r for r in written_since(runner, MSP, seq) if r["kind"] not in ("request", "response")
     ]
     report("auditor API flood", flood, len(others))
-    assert flood.sent >= 1000, flood
+    # far past what is logged one by one (a loaded 2-core machine sends fewer than 1,000)
+    assert flood.sent >= 500, flood
     assert sum(counted(r) for r in found) == flood.sent
     assert others == found and len(found) <= 3 * (FLOOD_WALL / AGGREGATE_SECONDS + 3)
     for r in found:
@@ -352,7 +353,8 @@ async def test_consumer_flood_of_junk_calls_is_counted_and_spares_exchanges(
     ]
     found = await aggregated(runner, MSP, seq, "consumer", flood.sent - len(singles))
     report("consumer endpoint flood", flood, len(found) + len(singles))
-    assert flood.sent >= 1000, flood
+    # far past what is logged one by one (a loaded 2-core machine sends fewer than 1,000)
+    assert flood.sent >= 500, flood
     assert sum(counted(r) for r in found) + len(singles) == flood.sent
     assert len(singles) <= REFUSAL_BURST + 5 * (FLOOD_WALL + 2)
     assert {r["error_code"] for r in found} == {"missing_metadata", "client_not_served"}

@@ -1,0 +1,96 @@
+"""What one source can hold of an API served through gateway_ops.http_sites (the registry's
+admin API and console, the servers' auditor APIs): a red-team review held 400 of the
+registry's connections with half a request head each, and took it down with 1,100.
+
+A real aiohttp application on loopback, real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+
+import aiohttp
+from aiohttp import web
+
+from gateway_ops.http_sites import ConnectionGuard, serve
+
+
+async def _hello(_: web.Request) -> web.Response:
+    return web.Response(text="hello")
+
+
+async def _served(guard: ConnectionGuard) -> tuple[web.AppRunner, int]:
+    app = web.Application()
+    app.router.add_get("/", _hello)
+    runner, port, _ = await serve(app, "127.0.0.1", 0, guard=guard)
+    return runner, port
+
+
+def _half_a_head(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    with contextlib.suppress(OSError):  # a connection the server closed at once
+        sock.sendall(b"POST /console/sign-in HTTP/1.1\r\nHost: r\r\n")  # and nothing more
+    return sock
+
+
+async def _closed_by_the_server(sock: socket.socket, within: float) -> bool:
+    """Whether the server closes `sock` within `within` seconds (reads give b"")."""
+    sock.setblocking(False)
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            if sock.recv(1024) == b"":
+                return True
+        except BlockingIOError:
+            pass
+        except OSError:
+            return True
+        await asyncio.sleep(0.02)
+    return False
+
+
+async def test_a_first_request_head_that_never_ends_is_closed() -> None:
+    guard = ConnectionGuard(per_source=10, head_seconds=0.5)
+    runner, port = await _served(guard)
+    try:
+        slow = await asyncio.to_thread(_half_a_head, port)
+        assert await _closed_by_the_server(slow, 3.0)
+        slow.close()
+        assert guard.refused == 1
+        # a whole request is answered, and its connection stays open past the head's time
+        async with aiohttp.ClientSession() as http:
+            for _ in range(2):
+                async with http.get(f"http://127.0.0.1:{port}/") as answer:
+                    assert await answer.text() == "hello"
+                await asyncio.sleep(0.7)
+        assert guard.refused == 1
+    finally:
+        await runner.cleanup()
+
+
+async def test_one_source_holds_at_most_its_connections() -> None:
+    guard = ConnectionGuard(per_source=3, head_seconds=30)
+    runner, port = await _served(guard)
+    held: list[socket.socket] = []
+    try:
+        held = [await asyncio.to_thread(_half_a_head, port) for _ in range(3)]
+        await asyncio.sleep(0.2)
+        fourth = await asyncio.to_thread(_half_a_head, port)
+        assert await _closed_by_the_server(fourth, 3.0)  # closed at once, nothing read
+        fourth.close()
+        assert not await _closed_by_the_server(held[0], 0.3)  # the three are kept
+        for sock in held:
+            sock.close()
+        held = []
+        await asyncio.sleep(0.3)  # their places are given back
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{port}/") as answer,
+        ):
+            assert await answer.text() == "hello"
+    finally:
+        for sock in held:
+            sock.close()
+        await runner.cleanup()
