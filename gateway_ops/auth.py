@@ -98,6 +98,10 @@ class Principal:
     issuer: str
 
 
+# the longest message an AuthError carries
+MAX_AUTH_MESSAGE_CHARS = 300
+
+
 class AuthError(GatewayError):
     """Authentication failed: missing, malformed, expired, wrongly signed or unacceptable token.
 
@@ -105,6 +109,13 @@ class AuthError(GatewayError):
     """
 
     code = Code.CLIENT_NOT_AUTHENTICATED
+
+    def __init__(self, message: str, *, code: Code | None = None) -> None:
+        # a refused token's own text (issuer, key id, algorithm) is the caller's to choose:
+        # what an error repeats of it, to the caller and into the log, is cut short
+        if len(message) > MAX_AUTH_MESSAGE_CHARS:
+            message = message[: MAX_AUTH_MESSAGE_CHARS - 6] + " [cut]"
+        super().__init__(message, code=code)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -363,6 +363,21 @@ async def test_untrusted_issuer_refused(
     assert await refused(verifier, token) == "token issuer 'https://evil.example' is not trusted"
 
 
+async def test_what_a_refusal_repeats_of_a_tokens_own_text_is_cut_short(
+    key: ec.EllipticCurvePrivateKey, issuer: TokenIssuer, verifier: TokenVerifier
+) -> None:
+    """An issuer, key id or algorithm of thousands of characters is the caller's text: the
+    refusal (answered, and logged) repeats at most 300 characters of it (red-team review:
+    5 KB of log per request)."""
+    for token in (
+        jwt.encode(claims(iss="x" * 5000), key, algorithm="ES256", headers={"kid": issuer.key_id}),
+        jwt.encode(claims(), key, algorithm="ES256", headers={"kid": "k" * 5000}),
+        b64json({"alg": "A" * 5000, "typ": "JWT"}) + "." + b64json(claims()) + ".c2ln",
+    ):
+        message = await refused(verifier, token)
+        assert len(message) <= 300 and message.endswith(" [cut]"), message[:80]
+
+
 @pytest.mark.parametrize(
     "token", ["", "garbage", "a.b.c", "....", "eyJhbGciOiJFUzI1NiJ9.bm90IGpzb24.c2ln"]
 )
