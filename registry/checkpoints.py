@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import math
+import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -51,12 +53,29 @@ class CheckpointRefused(Exception):
         self.message = message
 
 
+# a server's checkpoints refused for their signature: one warning per this many seconds
+BAD_SIGNATURE_LOG_SECONDS = 60.0
+
+
 class CheckpointBook:
     def __init__(self, store: RegistryStore, clock: Callable[[], datetime]) -> None:
         self.store = store
         self.clock = clock
         self._lock = asyncio.Lock()
         self.conflicts = 0
+        # bad signatures per approved server: logged at most once a BAD_SIGNATURE_LOG_SECONDS
+        # each, with how many came since (the service answers anyone: a forger would
+        # otherwise write a log line per checkpoint) - server -> (last logged, not logged)
+        self._bad: dict[str, tuple[float, int]] = {}
+
+    def _bad_signature(self, server: str) -> None:
+        now = time.monotonic()
+        logged, since = self._bad.get(server, (-math.inf, 0))
+        if now - logged < BAD_SIGNATURE_LOG_SECONDS:
+            self._bad[server] = (logged, since + 1)
+            return
+        log.warning("checkpoint_bad_signature", server=server, more_since_last=since)
+        self._bad[server] = (now, 0)
 
     async def _registered(self, server: str) -> list[x509.Certificate]:
         """The server's approved authentication certificates (several during a renewal)."""
@@ -97,7 +116,7 @@ class CheckpointBook:
             except GatewayError:
                 pass
         if checkpoint is None:
-            log.warning("checkpoint_bad_signature", server=str(claimed.server))
+            self._bad_signature(str(claimed.server))
             raise CheckpointRefused(
                 "bad_signature",
                 f"the checkpoint is not signed by the registered authentication certificate "

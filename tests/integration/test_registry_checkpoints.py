@@ -15,6 +15,7 @@ import grpc
 import pytest
 import sqlalchemy as sa
 from cryptography.hazmat.primitives.serialization import Encoding
+from structlog.testing import capture_logs
 
 from certs.pki import issue
 from gateway.checkpoint import Checkpoint, SignedCheckpoint, sign_checkpoint
@@ -133,6 +134,20 @@ async def test_checkpoint_signed_by_another_servers_key_is_refused(registry: Reg
     with pytest.raises(CheckpointRefused) as caught:
         await registry.book.receive(registry.signed(1, b"\x01" * 32, MSP_SERVER, str(DNIC_SERVER)))
     assert caught.value.kind == "bad_signature"
+    assert await registry.rows() == []
+
+
+async def test_forged_checkpoints_are_logged_once_a_minute_per_server(registry: Registry) -> None:
+    """Anyone may send checkpoints: 50 forged ones naming an approved server are each refused,
+    and logged as one warning, not 50 (red-team review: one line per forgery)."""
+    with capture_logs() as logs:
+        for _ in range(50):
+            with pytest.raises(CheckpointRefused):
+                await registry.book.receive(
+                    registry.signed(1, b"\x01" * 32, MSP_SERVER, str(DNIC_SERVER))
+                )
+    warned = [e for e in logs if e["event"] == "checkpoint_bad_signature"]
+    assert len(warned) == 1 and warned[0]["server"] == str(MSP_SERVER), warned
     assert await registry.rows() == []
 
 
