@@ -1153,9 +1153,12 @@ class Governance:
         query = sa.select(agreements).order_by(agreements.c.id)
         if state is not None:
             query = query.where(agreements.c.state == state.value)
-        scopes = [m for m in (member, None if _sees_everything(actor) else _scope(actor)) if m]
-        if not _sees_everything(actor) and not scopes:
-            return []
+        scopes = [member] if member else []
+        if not _sees_everything(actor):
+            own = _scope(actor)
+            if own is None:  # no member's agreements (a security-server token): none, even
+                return []  # when it names a member
+            scopes.append(own)
         for scope in scopes:
             query = query.where(
                 sa.or_(

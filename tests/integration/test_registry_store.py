@@ -919,6 +919,28 @@ async def test_a_backup_restores_into_an_empty_database_and_goes_on(
         read_backup(stored, BACKUP_KEY)
 
 
+async def test_a_security_server_token_lists_no_agreements_even_naming_a_member(
+    registry: Registry,
+) -> None:
+    """A security-server token reads the catalogue, never agreements: not even by naming a
+    member, which listed every agreement of that member, pending ones and their purposes
+    included (red-team review)."""
+    server = SecurityServerId.parse("UY/GOV/MSP/ss1")
+    token = Principal(
+        subject=str(server), role=Role.SECURITY_SERVER, member=MSP, server=server, issuer="test"
+    )
+    await registry.gov.request_agreement(
+        MSP_ADMIN, agreement_request("fraud-investigation", reason="confidential")
+    )
+    assert await registry.gov.list_agreements(token) == []
+    for member in (DNIC, MSP):
+        assert await registry.gov.list_agreements(token, member=member) == []
+    # a member's administrator still lists its own, and another member's only where shared
+    own = await registry.gov.list_agreements(MSP_ADMIN, member=MSP)
+    assert any("fraud-investigation" in json.dumps(a) for a in own)
+    assert await registry.gov.list_agreements(MSP_ADMIN, member=MemberId.parse("UY/GOV/BPS")) == []
+
+
 async def test_agreements_past_their_validity_are_marked_expired_by_the_sweep(
     registry: Registry,
 ) -> None:
