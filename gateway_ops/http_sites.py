@@ -2,16 +2,17 @@
 can hold: its open connections, a first request whose head never ends, an idle
 connection kept alive.
 
-aiohttp keeps an idle connection for an hour by default, and a connection whose first
-request head is still arriving for ever: a red-team review held 400 connections of the
+aiohttp keeps an idle connection, or one whose request head is still arriving, for an
+hour by default (its keep-alive timeout): a red-team review held 400 connections of the
 registry's API for 35 s with half a request head each, and with 1,100 took the whole
 registry down (its descriptors, shared with the configuration service, ran out). Here:
 
 - at most `CONNECTIONS_PER_SOURCE` connections per source (an IPv4 address or an IPv6
   /64, `gateway_ops.sources`); one more is closed at once;
 - a connection whose first request head is not complete within `REQUEST_HEAD_SECONDS`
-  is closed (after a request, aiohttp's keep-alive timeout closes a connection whose next
-  head does not come whole within `KEEPALIVE_SECONDS`);
+  is closed, and over TLS one whose handshake is not done by then (after a request,
+  aiohttp's keep-alive timeout closes a connection whose next head does not come whole
+  within `KEEPALIVE_SECONDS`);
 - an idle connection is closed after `KEEPALIVE_SECONDS`.
 """
 
@@ -152,6 +153,9 @@ class GuardedSite(web.TCPSite):
             backlog=self._backlog,
             reuse_address=self._reuse_address,
             reuse_port=self._reuse_port,
+            # a TLS handshake that does not end: the connection is not yet counted (the
+            # protocol sees it only once the handshake is done), so its time is bounded
+            ssl_handshake_timeout=self.guard.head_seconds if self._ssl_context else None,
         )
         if self._server.sockets:
             self._bound_port = self._server.sockets[0].getsockname()[1]

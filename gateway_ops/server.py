@@ -25,6 +25,7 @@ from prometheus_client import (
 )
 
 from gateway.errors import ConfigFileError
+from gateway_ops import http_sites
 from gateway_ops.readiness import Readiness
 
 log = structlog.get_logger("gateway.ops")
@@ -87,10 +88,9 @@ class Ops:
         if not settings.listen:
             return None
         host, _, port = settings.listen.rpartition(":")
-        self._runner = web.AppRunner(self.app(), access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, host, int(port)).start()
-        url = f"http://{host}:{self._runner.addresses[0][1]}"
+        # bounds on what one source holds: the process's descriptors serve its other ports
+        self._runner, bound, _ = await http_sites.serve(self.app(), host, int(port))
+        url = f"http://{host}:{bound}"
         log.info("ops_listening", process=self.process, url=url)
         return url
 

@@ -4,6 +4,7 @@ remote, and the calls each source has open at once."""
 from __future__ import annotations
 
 import ipaddress
+import urllib.parse
 
 
 def peer_host(peer: str | None) -> str:
@@ -13,7 +14,8 @@ def peer_host(peer: str | None) -> str:
         return "unknown"
     scheme, sep, rest = peer.partition(":")
     if sep and scheme in ("ipv4", "ipv6", "unix", "unix-abstract"):
-        peer = rest
+        # gRPC (1.85) writes an IPv6 peer's brackets percent-encoded: ipv6:%5B::1%5D:5000
+        peer = urllib.parse.unquote(rest)
         if scheme.startswith("unix"):
             return "unix"
     if peer.startswith("["):

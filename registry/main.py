@@ -164,6 +164,9 @@ def instance_anchor(settings: RegistrySettings, addresses: Sequence[str] = ()) -
 
 # most subsystems one WatchParts stream may name
 MAX_WATCHED_SUBSYSTEMS = 10_000
+# what a call refused for its source's open calls is told (servers tell it apart from a
+# configuration too large, both RESOURCE_EXHAUSTED)
+CALLS_PER_ADDRESS_REFUSED = "configuration calls from one address at once"
 
 
 def _directory(version: Version) -> pb.SignedConfiguration:
@@ -224,7 +227,7 @@ class ConfigurationService:
             self._on_refused()
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"at most {self.calls.per_source} configuration calls from one address at once",
+                f"at most {self.calls.per_source} {CALLS_PER_ADDRESS_REFUSED}",
             )
 
         def ended(_: object) -> None:
@@ -521,13 +524,15 @@ async def serve(
             ssl_context=server_tls(settings.api.tls_certificate, settings.api.tls_key, "api"),
         )
         scheme = "https" if settings.api.tls_certificate is not None else "http"
-        server = grpc.aio.server(
-            options=[
-                ("grpc.max_send_message_length", settings.max_message_bytes),
-                # calls one connection may open at once (HTTP/2 streams)
-                ("grpc.max_concurrent_streams", max(8, settings.configuration_calls_per_address)),
-            ]
-        )
+        options: list[tuple[str, Any]] = [
+            ("grpc.max_send_message_length", settings.max_message_bytes)
+        ]
+        if settings.configuration_calls_per_address:
+            # calls one connection may open at once (HTTP/2 streams); none with no limit
+            # (channels of one process may share a connection)
+            limit = max(8, settings.configuration_calls_per_address)
+            options.append(("grpc.max_concurrent_streams", limit))
+        server = grpc.aio.server(options=options)
         configuration = ConfigurationService(
             publisher,
             settings.instance,

@@ -371,7 +371,17 @@ class ConfigurationClient:
                     await self._watch_parts(address)
                     backoff = 0.2
                 except grpc.aio.AioRpcError as exc:
-                    if exc.code() is grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    detail = exc.details() or ""
+                    if "configuration calls from one address" in detail:
+                        # the registry's bound on calls per source address (servers behind
+                        # one NAT address share it)
+                        log.error(
+                            "registry_calls_per_address_refused",
+                            address=address,
+                            detail=detail[:300],
+                            hint="raise the registry's configuration_calls_per_address",
+                        )
+                    elif exc.code() is grpc.StatusCode.RESOURCE_EXHAUSTED:
                         log.error(
                             "configuration_too_large",
                             address=address,

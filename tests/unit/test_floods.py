@@ -153,6 +153,8 @@ async def test_flusher_writes_one_record_per_count_and_keeps_what_it_could_not_w
         ("ipv6:[2001:db8:1:2:3:4:5:6]:5000", "2001:db8:1:2::/64"),
         ("ipv6:[2001:db8:1:2:ffff::9]:6000", "2001:db8:1:2::/64"),  # the same /64
         ("ipv6:[::ffff:10.1.2.3]:5000", "10.1.2.3"),
+        ("ipv6:%5B2001:db8:1:2::7%5D:5000", "2001:db8:1:2::/64"),  # as gRPC 1.85 writes it
+        ("ipv6:%5B::1%5D:45414", "::/64"),
         ("unix:/run/x.sock", "unix"),
         (None, "unknown"),
     ],

@@ -9,10 +9,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import aiohttp
 from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from gateway_ops.http_sites import ConnectionGuard, serve
 
@@ -93,4 +100,48 @@ async def test_one_source_holds_at_most_its_connections() -> None:
     finally:
         for sock in held:
             sock.close()
+        await runner.cleanup()
+
+
+def _tls_context(folder: Path) -> ssl.SSLContext:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(hours=1))
+        .not_valid_after(now + timedelta(hours=1))
+        .sign(key, hashes.SHA256())
+    )
+    (folder / "api.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (folder / "api.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(folder / "api.crt", folder / "api.key")
+    return context
+
+
+async def test_a_tls_handshake_that_never_starts_is_closed(tmp_path: Path) -> None:
+    """Over TLS a connection reaches the guard only once its handshake is done: one that
+    never sends its ClientHello is closed after the head's time, not asyncio's 60 s."""
+    app = web.Application()
+    app.router.add_get("/", _hello)
+    guard = ConnectionGuard(per_source=10, head_seconds=0.5)
+    runner, port, _ = await serve(
+        app, "127.0.0.1", 0, ssl_context=_tls_context(tmp_path), guard=guard
+    )
+    try:
+        silent = await asyncio.to_thread(socket.create_connection, ("127.0.0.1", port), 5)
+        assert await _closed_by_the_server(silent, 3.0)
+        silent.close()
+    finally:
         await runner.cleanup()
