@@ -53,7 +53,16 @@ def _text(value: Any) -> str:
         return ", ".join(_text(v) for v in value) or "-"
     if isinstance(value, dict):
         return ", ".join(f"{k}={_text(v)}" for k, v in value.items())
-    return " ".join(str(value).split())
+    return _printable(" ".join(str(value).split()))
+
+
+def _printable(text: str) -> str:
+    """`text` with control and format characters shown as escapes: reasons and names are
+    other people's text, and an escape sequence in one would move a terminal's cursor and
+    rewrite what the reader sees (a forged log line, say)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 def _clip(text: str, width: int | None) -> str:

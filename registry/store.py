@@ -680,7 +680,10 @@ class RegistryStore:
         if member is not None:
             # `||` on both databases (SQLite has concat() only from 3.44)
             padded = sa.literal(" ") + admin_log.c.members + sa.literal(" ")
-            query = query.where(padded.contains(f" {member} ", autoescape=True))
+            # byte for byte, as identifiers compare: SQLite's LIKE ignores the case of ASCII
+            # letters, so UY/GOV/msp read the entries of UY/GOV/MSP (a red-team review)
+            position = sa.func.strpos if self.is_postgres else sa.func.instr
+            query = query.where(position(padded, f" {member} ") > 0)
         if limit is not None:
             query = query.limit(limit)
         async with self.engine.connect() as conn:

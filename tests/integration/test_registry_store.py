@@ -941,6 +941,21 @@ async def test_a_security_server_token_lists_no_agreements_even_naming_a_member(
     assert await registry.gov.list_agreements(MSP_ADMIN, member=MemberId.parse("UY/GOV/BPS")) == []
 
 
+async def test_admin_log_scope_compares_member_codes_byte_for_byte(registry: Registry) -> None:
+    """Member codes are case-sensitive: the administrator of UY/GOV/msp reads none of the
+    entries about UY/GOV/MSP (SQLite's LIKE ignored the case; red-team review)."""
+    lower = MemberId.parse("UY/GOV/msp")
+    await registry.gov.add_member(REGISTRY, lower, "Another member, lower-case code")
+    await registry.gov.request_agreement(
+        MSP_ADMIN, agreement_request("healthcare-identification", reason="MSP internal: case 4711")
+    )
+    seen = await registry.gov.admin_log(member_admin("eve@msp-lower", lower), limit=1000)
+    assert seen and all(str(lower) in e["target"] for e in seen), seen
+    assert not [e for e in seen if "UY/GOV/MSP" in json.dumps(e)]
+    own = await registry.gov.admin_log(MSP_ADMIN, limit=1000)
+    assert any(e["action"] == "request" for e in own)
+
+
 async def test_agreements_past_their_validity_are_marked_expired_by_the_sweep(
     registry: Registry,
 ) -> None:

@@ -30,3 +30,25 @@ def test_one_commands_parser_has_everything_the_whole_one_has(command: str) -> N
     assert shape(commands(build_parser(command))[command]) == shape(
         commands(build_parser())[command]
     )
+
+
+def test_admin_tables_show_control_characters_as_escapes() -> None:
+    """A member's reason is printed in a registry administrator's terminal by `gateway admin
+    log`: an escape sequence in it must not move the cursor and rewrite lines (red-team
+    review: a forged 'approve' line)."""
+    from gateway_cli.admin import LOG, render_table
+
+    forged = "ok\x1b[1A\x1b[2K\x1b[1G99 approve AGR-2026-0002 by alice@registry\u202e"
+    entry = {
+        "seq": 7,
+        "at": "2026-12-01T10:00:00Z",
+        "actor": "carla@msp",
+        "action": "reject",
+        "target": "AGR-2026-0002",
+        "from_state": "requested",
+        "to_state": "rejected",
+        "reason": forged,
+    }
+    text = render_table(LOG, [entry])
+    assert "\x1b" not in text and "\u202e" not in text, text
+    assert "\\x1b[1A" in text
