@@ -1062,6 +1062,11 @@ class Governance:
             raise (Conflict if exc.conflict else Forbidden)(
                 f"cannot {action.value} agreement {agreement_id}: {exc.message}"
             ) from None
+        client_instance = MemberId.parse(row.client_member).instance
+        if action in (Action.APPROVE, Action.RESUME) and client_instance != self.instance:
+            # a client of another instance: only while the federation with it is active (an
+            # agreement approved while it had ended would go live unseen if it came back)
+            await self._require_federated(ch.conn, client_instance, f"client {row.client}")
         if action is Action.APPROVE:
             # four eyes: each approval of one agreement by another person, whatever roles one
             # person holds (the admin log says who approved it before)

@@ -393,6 +393,15 @@ async def test_cross_border_agreements_need_an_active_federation(
     await gov.end_federation(REGISTRY, "AR", "the convention ended")
     with pytest.raises(Conflict, match="whose federation with UY ended at"):
         await gov.request_agreement(REGISTRY, agreement_for(AR_CLINICS, "third"))
+    # nor is one asked before the end approved, or a suspended one resumed (either would go
+    # live unseen if the federation came back; red-team review)
+    for who in (DNIC_ADMIN, REGISTRY):
+        with pytest.raises(Conflict, match="whose federation with UY ended at"):
+            await gov.act(who, by_provider["id"], Action.APPROVE, "convention checked")
+    with pytest.raises(Conflict, match="whose federation with UY ended at"):
+        await gov.act(DNIC_ADMIN, by_registry["id"], Action.RESUME, "audit done")
+    assert (await gov.get_agreement(REGISTRY, by_provider["id"]))["state"] == "requested"
+    assert (await gov.get_agreement(REGISTRY, by_registry["id"]))["state"] == "suspended"
     with pytest.raises(Conflict, match="CL, which UY does not federate with"):
         await gov.request_agreement(
             REGISTRY, agreement_for(SubsystemId.parse("CL/GOB/MINSAL/hospitales"))
