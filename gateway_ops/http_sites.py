@@ -8,7 +8,8 @@ registry's API for 35 s with half a request head each, and with 1,100 took the w
 registry down (its descriptors, shared with the configuration service, ran out). Here:
 
 - at most `CONNECTIONS_PER_SOURCE` connections per source (an IPv4 address or an IPv6
-  /64, `gateway_ops.sources`); one more is closed at once;
+  /64, `gateway_ops.sources`), and over all sources at most half the process's
+  descriptors; one more is closed at once;
 - a connection whose first request head is not complete within `REQUEST_HEAD_SECONDS`
   is closed, and over TLS one whose handshake is not done by then (after a request,
   aiohttp's keep-alive timeout closes a connection whose next head does not come whole
@@ -19,6 +20,7 @@ registry down (its descriptors, shared with the configuration service, ran out).
 from __future__ import annotations
 
 import asyncio
+import resource
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -34,6 +36,20 @@ REQUEST_HEAD_SECONDS = 10.0
 KEEPALIVE_SECONDS = 15.0
 
 
+def _half_the_descriptors() -> int:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(CONNECTIONS_PER_SOURCE, soft // 2) if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+class _Process:
+    """The HTTP connections open in this process, over every guarded site: at most half its
+    descriptors, so that many sources together cannot take the ones its gRPC services and
+    database connections need."""
+
+    open = 0
+    limit = _half_the_descriptors()
+
+
 class ConnectionGuard:
     """The bounds above, for the connections of one site; `refused` counts the
     connections closed for them."""
@@ -42,8 +58,11 @@ class ConnectionGuard:
         self,
         per_source: int = CONNECTIONS_PER_SOURCE,
         head_seconds: float = REQUEST_HEAD_SECONDS,
+        *,
+        process: type[_Process] = _Process,
     ) -> None:
         self.connections = OpenCalls(per_source)
+        self.process = process
         self.head_seconds = head_seconds
         self.refused = 0
         # connections whose first request has not begun: the handle that closes each
@@ -64,15 +83,17 @@ class ConnectionGuard:
         return await handler(request)
 
     def _opened(self, transport: asyncio.BaseTransport, source: str) -> bool:
-        if not self.connections.take(source):
+        if self.process.open >= self.process.limit or not self.connections.take(source):
             self.refused += 1
             return False
+        self.process.open += 1
         loop = asyncio.get_running_loop()
         self._clocks[transport] = loop.call_later(self.head_seconds, self._too_slow, transport)
         return True
 
     def _closed(self, transport: asyncio.BaseTransport, source: str) -> None:
         self.connections.give(source)
+        self.process.open -= 1
         clock = self._clocks.pop(transport, None)
         if clock is not None:
             clock.cancel()

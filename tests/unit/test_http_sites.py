@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from gateway_ops.http_sites import ConnectionGuard, serve
+from gateway_ops.http_sites import ConnectionGuard, _Process, serve
 
 
 async def _hello(_: web.Request) -> web.Response:
@@ -144,4 +144,36 @@ async def test_a_tls_handshake_that_never_starts_is_closed(tmp_path: Path) -> No
         assert await _closed_by_the_server(silent, 3.0)
         silent.close()
     finally:
+        await runner.cleanup()
+
+
+async def test_all_sources_together_hold_at_most_the_process_limit() -> None:
+    """However many sources: the process's guarded connections stay under its limit (half
+    its descriptors; 2 here), so its gRPC services and database keep theirs."""
+
+    class Process(_Process):
+        open = 0
+        limit = 2
+
+    guard = ConnectionGuard(per_source=100, head_seconds=30, process=Process)
+    runner, port = await _served(guard)
+    held: list[socket.socket] = []
+    try:
+        held = [await asyncio.to_thread(_half_a_head, port) for _ in range(2)]
+        await asyncio.sleep(0.2)
+        third = await asyncio.to_thread(_half_a_head, port)
+        assert await _closed_by_the_server(third, 3.0)
+        third.close()
+        assert Process.open == 2
+        for sock in held:
+            sock.close()
+        held = []
+        for _ in range(50):
+            if Process.open == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert Process.open == 0
+    finally:
+        for sock in held:
+            sock.close()
         await runner.cleanup()
