@@ -11,7 +11,10 @@ registry down (its descriptors, shared with the configuration service, ran out).
   /64, `gateway_ops.sources`), and over all sources at most half the process's
   descriptors; one more is closed at once;
 - a connection whose first request head is not complete within `REQUEST_HEAD_SECONDS`
-  is closed, and over TLS one whose handshake is not done by then (after a request,
+  is closed, and over TLS one whose handshake is not done by then (asyncio shows a TLS
+  connection to its protocol only once the handshake is done, so one still shaking
+  hands is timed but not yet counted against its source: counting it would take an
+  accept loop of our own) (after a request,
   aiohttp's keep-alive timeout closes a connection whose next head does not come whole
   within `KEEPALIVE_SECONDS`);
 - an idle connection is closed after `KEEPALIVE_SECONDS`.
