@@ -52,7 +52,7 @@ def _text(value: Any) -> str:
     if isinstance(value, list):
         return ", ".join(_text(v) for v in value) or "-"
     if isinstance(value, dict):
-        return ", ".join(f"{k}={_text(v)}" for k, v in value.items())
+        return ", ".join(f"{_printable(str(k))}={_text(v)}" for k, v in value.items())
     return _printable(" ".join(str(value).split()))
 
 

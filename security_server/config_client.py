@@ -372,7 +372,8 @@ class ConfigurationClient:
                     backoff = 0.2
                 except grpc.aio.AioRpcError as exc:
                     detail = exc.details() or ""
-                    if "configuration calls from one address" in detail:
+                    resource = exc.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+                    if resource and "configuration calls from one address" in detail:
                         # the registry's bound on calls per source address (servers behind
                         # one NAT address share it)
                         log.error(
@@ -381,7 +382,7 @@ class ConfigurationClient:
                             detail=detail[:300],
                             hint="raise the registry's configuration_calls_per_address",
                         )
-                    elif exc.code() is grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    elif resource:
                         log.error(
                             "configuration_too_large",
                             address=address,
