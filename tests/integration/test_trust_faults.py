@@ -632,9 +632,12 @@ async def test_a_server_streaming_call_outlives_the_freshness_of_the_answers_it_
     newest answer about its signer, not the one the stream began with; and the call ends OK
     with every message (found by a review: it was ended certificate_status_stale)."""
     runner = short_ocsp
-    # 24 MB: more than the flow-control windows on the way hold, so that ss-dnic's side
-    # stays open while the caller reads slowly
-    count, size = 400, 60_000
+    # 48 MB: more than the flow-control windows on the way hold, so that ss-dnic's side
+    # stays open while the caller reads slowly. A newer answer ss-dnic sends waits behind
+    # the windows' data: at 24 MB in 8 s that wait came near freshness - refresh (3 s here)
+    # and a loaded machine once ended the call stale; at 48 MB it is half as long (with
+    # production settings, an hour's freshness, no window waits that long)
+    count, size = 800, 60_000
     async with runner.consumer_channel(MSP) as channel:
         call = channel.unary_stream(
             "/demo.population.v1.PopulationRegistry/Download",
