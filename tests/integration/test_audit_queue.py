@@ -22,8 +22,6 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from structlog.testing import capture_logs
 
-from gateway.audit import FieldValue, RecordKind, Role
-from gateway.records import record
 from gateway.settings import database_url
 from gateway_ops.auth import Role as TokenRole
 from gateway_ops.auth import TokenIssuer, TokenVerifier
@@ -31,23 +29,10 @@ from security_server.auditor_api import AuditorApi, start
 from security_server.message_log import MessageLog
 from security_server.search import Searcher
 
+from .test_message_log_store import fields  # an exchange's request record
+
 AUDIT_QUEUE = 3
 ISSUER = "gateway-registry:UY"
-
-
-def exchange(i: int) -> dict[str, FieldValue]:
-    return record(
-        kind=RecordKind.REQUEST,
-        role=Role.CONSUMER,
-        logged_at=datetime.now(UTC),
-        message_id=f"m-{i}",
-        client="UY/GOV/MSP/clinics",
-        service="UY/GOV/DNIC/identity/population/v1",
-        purpose="healthcare-identification",
-        header=b"{}" + i.to_bytes(4, "big"),
-        signature=bytes(range(70)),
-        body_sha256="0" * 64,
-    )
 
 
 @pytest.fixture
@@ -99,14 +84,14 @@ async def test_a_query_past_the_audit_queue_gets_503_log_unavailable_and_the_wai
     its own `audit-query` record; the refused one is said in the server's log
     (`audit_query_not_logged`) and has no record."""
     log, url, token, path = served
-    await log.append(exchange(1))  # something to find
+    await log.append(fields(1))  # something to find
     # another writer takes SQLite's write lock (WAL: searches still read meanwhile)
     blocker = sqlite3.connect(path, timeout=0, isolation_level=None)
     waiting: list[asyncio.Future[Any]] = []
     try:
         blocker.execute("BEGIN IMMEDIATE")
         # an exchange's record: the writer takes it and waits for the lock in its transaction
-        data = asyncio.ensure_future(log.append(exchange(2)))
+        data = asyncio.ensure_future(log.append(fields(2)))
         waiting.append(data)
         await asyncio.sleep(0)  # the append has queued its record
         await wait_for(lambda: log.queued == 0, "the writer to take the exchange's record")

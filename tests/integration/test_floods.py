@@ -25,19 +25,16 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from certs.pki import issue, write_pair
 from gateway.identifiers import SecurityServerId, server_dns_name
 from gateway_demo.client import call_raw
 from gateway_demo.runner import Runner
@@ -391,30 +388,11 @@ async def test_counts_are_written_at_a_clean_stop(runner: Runner) -> None:
 
 
 def _stranger(folder: Path) -> tuple[Path, Path]:
-    """A self-signed certificate and key no CA of the instance knows."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "UY/GOV/EVIL/ss1")])
+    """A server certificate and key of a CA the instance does not know."""
     now = datetime.now(UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(hours=1))
-        .not_valid_after(now + timedelta(hours=1))
-        .sign(key, hashes.SHA256())
-    )
-    crt, pem = folder / "stranger.crt", folder / "stranger.key"
-    crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    pem.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return crt, pem
+    ca = issue(common_name="a stranger's CA", issuer=None, now=now, days=1, kind="ca")
+    server = issue(common_name="UY/GOV/EVIL/ss1", issuer=ca, now=now, days=1, kind="auth")
+    return write_pair(folder, "stranger", server)
 
 
 def _refused_handshakes(address: str, crt: Path, key: Path, count: int) -> None:

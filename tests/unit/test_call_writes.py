@@ -8,15 +8,38 @@ A real grpc.aio server and channel on loopback: the bug lives in gRPC's client c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
 import pytest
 
 from security_server.call_writes import PeerGone, write
+
+
+@contextlib.asynccontextmanager
+async def _one_call(handler: Callable[[Any, Any], Awaitable[None]]) -> AsyncIterator[Any]:
+    """A bidirectional call to a grpc.aio server on loopback whose only method is
+    `handler`."""
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers(
+        [
+            grpc.method_handlers_generic_handler(
+                "test.Service", {"Call": grpc.stream_stream_rpc_method_handler(handler)}
+            )
+        ]
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield channel.stream_stream("/test.Service/Call", None, None)(None, timeout=10)
+    finally:
+        await channel.close(None)
+        await server.stop(None)
 
 
 async def _after_the_server_ended(
@@ -33,19 +56,7 @@ async def _after_the_server_ended(
         ended.set()
         await context.abort(grpc.StatusCode.PERMISSION_DENIED, "the federation has ended")
 
-    server = grpc.aio.server()
-    server.add_generic_rpc_handlers(
-        [
-            grpc.method_handlers_generic_handler(
-                "test.Ends", {"Call": grpc.stream_stream_rpc_method_handler(handler)}
-            )
-        ]
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    try:
-        call: Any = channel.stream_stream("/test.Ends/Call", None, None)(None, timeout=10)
+    async with _one_call(handler) as call:
         await write(call, b"hello")
         await ended.wait()
         # sends go on until one fails: the trailers and the stream's reset reach the client
@@ -57,9 +68,6 @@ async def _after_the_server_ended(
         except grpc.aio.AioRpcError:
             pass
         return failed, read, await call.code(), await call.details()
-    finally:
-        await channel.close(None)
-        await server.stop(None)
 
 
 async def _until_refused(send: Callable[[Any, bytes], Awaitable[None]], call: Any) -> bool:
@@ -103,25 +111,10 @@ def test_the_first_write_to_a_call_refused_at_once_keeps_the_refusal() -> None:
         await context.abort(grpc.StatusCode.ALREADY_EXISTS, "replayed_message")
 
     async def run() -> tuple[grpc.StatusCode, str]:
-        server = grpc.aio.server()
-        server.add_generic_rpc_handlers(
-            [
-                grpc.method_handlers_generic_handler(
-                    "test.Refuses", {"Call": grpc.stream_stream_rpc_method_handler(refuse)}
-                )
-            ]
-        )
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-        try:
-            call: Any = channel.stream_stream("/test.Refuses/Call", None, None)(None, timeout=10)
+        async with _one_call(refuse) as call:
             # from the first write on, before or after the refusal arrived: PeerGone at last
             assert await _until_refused(write, call)
             return await call.code(), await call.details()
-        finally:
-            await channel.close(None)
-            await server.stop(None)
 
     assert asyncio.run(run()) == (grpc.StatusCode.ALREADY_EXISTS, "replayed_message")
 

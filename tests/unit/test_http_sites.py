@@ -11,18 +11,16 @@ import contextlib
 import socket
 import ssl
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
 import pytest
 from aiohttp import web
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
+from certs.pki import issue, write_pair
 from gateway_ops.http_sites import ConnectionGuard, _Process, serve
+from gateway_ops.server import server_tls
 
 
 async def _hello(_: web.Request) -> web.Response:
@@ -105,29 +103,17 @@ async def test_one_source_holds_at_most_its_connections() -> None:
 
 
 def _tls_context(folder: Path) -> ssl.SSLContext:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.now(UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(hours=1))
-        .not_valid_after(now + timedelta(hours=1))
-        .sign(key, hashes.SHA256())
+    """The context an API serves TLS with (`server_tls`), for a self-signed certificate."""
+    issued = issue(
+        common_name="localhost",
+        issuer=None,
+        now=datetime.now(UTC),
+        days=1,
+        kind="local-server",
+        hosts=("127.0.0.1",),
     )
-    (folder / "api.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (folder / "api.key").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(folder / "api.crt", folder / "api.key")
+    context = server_tls(*write_pair(folder, "api", issued), "api")
+    assert context is not None
     return context
 
 
